@@ -1,0 +1,33 @@
+"""`python -m zillatw check FILE`: validate a configuration without serving it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from zillatw.errors import ConfigError
+from zillatw.service import load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m zillatw")
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="validate a zilla.yaml and print its errors")
+    check.add_argument("file")
+    check.add_argument("-v", "--verbose", action="store_true", help="print the resolved configuration")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.file)
+    except ConfigError as e:
+        print(f"{args.file}: invalid configuration:\n{e}", file=sys.stderr)
+        return 1
+    if args.verbose:
+        sys.stdout.write(config.dump())
+    count = sum(len(ns.bindings) for ns in config.namespaces)
+    names = ", ".join(ns.name for ns in config.namespaces)
+    print(f"{args.file}: valid ({count} bindings in {names})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""Load zilla.yaml: parse, resolve `${{env.NAME}}`, validate, cross-check, and model it.
+
+Nothing here knows of sockets. Binding types are passed in (see zillatw.protocols), each
+giving its schema patch, the stream kinds it accepts and emits, and optional checks.
+An invalid file raises ConfigError listing every problem as `path: what was expected`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Protocol
+
+import jsonschema
+import yaml
+
+from zillatw.errors import ConfigError, did_you_mean
+from zillatw.schema import engine_schema
+
+_EXPRESSION = re.compile(r"\$\{\{\s*([a-zA-Z0-9_.\-#]+)\s*\}\}")
+
+
+class BindingType(Protocol):
+    """What config needs of a binding type's module (see zillatw.protocols)."""
+
+    SCHEMA_PATCH: Mapping[str, Any]
+    # kind -> (stream kind it accepts, stream kind it emits to its exits, or None)
+    STREAMS: Mapping[str, tuple[str, str | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    index: int
+    exit: str | None  # qualified "namespace:binding"
+    when: tuple[Mapping[str, Any], ...] = ()
+    guarded: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    with_: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BindingConfig:
+    namespace: str
+    name: str
+    type: str
+    kind: str
+    options: Mapping[str, Any]
+    # Zilla appends the binding-level `exit` as a last unconditional route.
+    routes: tuple[Route, ...]
+    exit: str | None
+    vault: str | None
+    telemetry: Mapping[str, Any]
+    base_dir: Path
+
+    @property
+    def qname(self) -> str:
+        return f"{self.namespace}:{self.name}"
+
+    def resolve_path(self, path: str) -> Path:
+        """Paths in options are relative to the config file's folder."""
+        return (self.base_dir / path).resolve()
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceConfig:
+    name: str
+    bindings: Mapping[str, BindingConfig]
+    telemetry: Mapping[str, Any]
+    guards: Mapping[str, Any] = field(default_factory=dict)
+    vaults: Mapping[str, Any] = field(default_factory=dict)
+    catalogs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    namespaces: tuple[NamespaceConfig, ...]
+    source: str
+    base_dir: Path
+    documents: tuple[Mapping[str, Any], ...] = field(repr=False, default=())
+
+    def binding(self, qname: str) -> BindingConfig:
+        namespace, _, name = qname.partition(":")
+        for ns in self.namespaces:
+            if ns.name == namespace and name in ns.bindings:
+                return ns.bindings[name]
+        raise KeyError(qname)
+
+    def bindings(self) -> Iterator[BindingConfig]:
+        for ns in self.namespaces:
+            yield from ns.bindings.values()
+
+    def dump(self) -> str:
+        """The resolved configuration as YAML (for `-v`)."""
+        return yaml.safe_dump_all([dict(d) for d in self.documents], sort_keys=False)
+
+
+# ---------------------------------------------------------------------------- loading
+
+def load(source: str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, Any]],
+         binding_types: Mapping[str, BindingType],
+         env: Mapping[str, str] | None = None,
+         base_dir: str | os.PathLike[str] | None = None) -> Config:
+    """Load a configuration from a file path, a dict, or a list of dicts (namespaces)."""
+    env = os.environ if env is None else env
+    if isinstance(source, Mapping):
+        documents, origin = [source], "<dict>"
+        folder = Path(base_dir or os.getcwd())
+    elif isinstance(source, list):
+        documents, origin = list(source), "<dict>"
+        folder = Path(base_dir or os.getcwd())
+    else:
+        path = Path(source)
+        origin, folder = str(path), Path(base_dir or path.resolve().parent)
+        documents = _read_yaml(path)
+
+    problems: list[str] = []
+    prefix_names = len(documents) > 1
+    resolved: list[Mapping[str, Any]] = []
+    for index, document in enumerate(documents):
+        where = f"documents[{index}]." if prefix_names else ""
+        if not isinstance(document, Mapping):
+            problems.append(f"{where or 'top level'}: expected a mapping with 'name' and 'bindings', "
+                            f"got {_type_name(document)}")
+            continue
+        document = _resolve(document, env, where.rstrip("."), problems)
+        resolved.append(document)
+    if problems:
+        raise ConfigError(problems)
+
+    validator = jsonschema.Draft202012Validator(engine_schema({t: m.SCHEMA_PATCH for t, m in binding_types.items()}))
+    for index, document in enumerate(resolved):
+        where = f"{document.get('name', f'documents[{index}]')}: " if prefix_names else ""
+        for error in sorted(validator.iter_errors(document), key=lambda e: list(map(str, e.absolute_path))):
+            problems.append(where + _describe(error, document))
+    if problems:
+        raise ConfigError(problems)
+
+    config = _model(resolved, origin, folder)
+    problems.extend(_cross_check(config, binding_types, prefix_names))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _read_yaml(path: Path) -> list[Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration ({e.strerror or e})") from None
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    if not documents:
+        raise ConfigError(f"{path}: the configuration is empty (expected at least 'name' and 'bindings')")
+    return documents
+
+
+def _resolve(value: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
+    """Replace `${{env.NAME}}` expressions in every string."""
+    if isinstance(value, Mapping):
+        return {k: _resolve(v, env, _join(path, k), problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve(v, env, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${{" not in value:
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        expression = match.group(1)
+        scope, _, name = expression.partition(".")
+        if scope != "env":
+            problems.append(f"{path}: the resolver '{scope}' in '${{{{{expression}}}}}' is not supported "
+                            "(zillatw resolves ${{env.NAME}})")
+            return ""
+        if name not in env:
+            problems.append(f"{path}: environment variable {name} is not set (used as '${{{{env.{name}}}}}')")
+            return ""
+        return env[name]
+
+    return _EXPRESSION.sub(substitute, value)
+
+
+# ---------------------------------------------------------------------------- schema errors
+
+def _join(path: str, key: Any) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else str(key)
+
+
+def _path_of(error: jsonschema.ValidationError) -> str:
+    path = ""
+    for key in error.absolute_path:
+        path = _join(path, key)
+    return path or "top level"
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "nothing"}.get(type(value), type(value).__name__)
+
+
+def _binding_of(error: jsonschema.ValidationError, document: Mapping[str, Any]) -> str:
+    """'a ws server binding' for errors under bindings.<name>, else ''."""
+    path = list(error.absolute_path)
+    if len(path) >= 2 and path[0] == "bindings":
+        binding = document.get("bindings", {}).get(path[1], {})
+        if isinstance(binding, Mapping) and "type" in binding:
+            article = "an" if str(binding.get("type"))[:1] in "aeiou" else "a"
+            return f"{article} {binding.get('type')} {binding.get('kind', '')}".rstrip() + " binding"
+    return ""
+
+
+def _describe(error: jsonschema.ValidationError, document: Mapping[str, Any]) -> str:
+    path, schema, value = _path_of(error), error.schema, error.instance
+    kind = error.validator
+    if kind == "additionalProperties" and isinstance(value, Mapping):
+        allowed = list(schema.get("properties", {}))
+        extra = [k for k in value if k not in allowed]
+        if len(extra) == 1 and not allowed:
+            return f"{_join(path, extra[0])}: not allowed here"
+        names = ", ".join(f"'{k}'" for k in extra)
+        hint = did_you_mean(extra[0], allowed) if len(extra) == 1 else ""
+        return f"{path}: unknown key {names}{hint} (expected one of: {', '.join(allowed)})"
+    if kind == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else error.message
+        return f"{path}: missing required key '{missing}'"
+    if kind == "enum":
+        options = schema["enum"]
+        if path.endswith(".type") and path.startswith("bindings."):
+            return (f"{path}: unknown binding type '{value}'{did_you_mean(value, options)} "
+                    f"(zillatw serves: {', '.join(options)})")
+        if path.endswith(".kind") and (where := _binding_of(error, document)):
+            return (f"{path}: {where.rsplit(' ', 2)[0]} binding cannot be of kind '{value}' "
+                    f"(expected {' or '.join(options)})")
+        return f"{path}: expected one of {', '.join(map(str, options))}, got '{value}'{did_you_mean(value, options)}"
+    if kind == "not" and schema == {"not": {}}:
+        where = _binding_of(error, document)
+        return f"{path}: not allowed" + (f" for {where}" if where else " here")
+    if kind == "type":
+        expected = schema["type"]
+        expected = " or ".join(expected) if isinstance(expected, list) else expected
+        return f"{path}: expected {'an' if expected[0] in 'aeiou' else 'a'} {expected}, got {_type_name(value)}"
+    if kind == "pattern":
+        if schema["pattern"] == r"^[a-zA-Z]+[a-zA-Z0-9\._\-]*$":
+            return f"{path}: '{value}' is not a valid name (a letter first, then letters, digits, '.', '_' or '-')"
+        return f"{path}: '{value}' does not match {schema['pattern']}"
+    if kind in ("anyOf", "oneOf") and "x-expect" in schema:
+        deeper = [e for e in error.context if e.path]  # e.g. one bad item of a list
+        if deeper:
+            return _describe(max(deeper, key=jsonschema.exceptions.relevance), document)
+        return f"{path}: expected {schema['x-expect']}, got {_type_name(value)} {value!r}"
+    if kind in ("anyOf", "oneOf") and error.context:
+        best = jsonschema.exceptions.best_match(error.context)
+        return _describe(best, document)
+    if kind in ("minimum", "maximum", "minItems", "maxItems", "exclusiveMinimum"):
+        return f"{path}: {error.message}"
+    if error.validator == "propertyNames":
+        return f"{path}: {error.message}"
+    return f"{path}: {error.message}"
+
+
+# ---------------------------------------------------------------------------- model
+
+def _qualify(reference: str, namespace: str) -> str:
+    return reference if ":" in reference else f"{namespace}:{reference}"
+
+
+def _model(documents: list[Mapping[str, Any]], origin: str, folder: Path) -> Config:
+    namespaces = []
+    for document in documents:
+        ns = document["name"]
+        bindings = {}
+        for name, raw in (document.get("bindings") or {}).items():
+            routes = []
+            for index, r in enumerate(raw.get("routes") or []):
+                routes.append(Route(
+                    index=index,
+                    exit=_qualify(r["exit"], ns) if r.get("exit") else None,
+                    when=tuple(MappingProxyType(dict(w)) for w in r.get("when") or ()),
+                    guarded=MappingProxyType({g: tuple(roles) for g, roles in (r.get("guarded") or {}).items()}),
+                    with_=r.get("with"),
+                ))
+            exit_ = _qualify(raw["exit"], ns) if raw.get("exit") else None
+            if exit_:
+                routes.append(Route(index=len(routes), exit=exit_))
+            bindings[name] = BindingConfig(
+                namespace=ns, name=name, type=raw["type"], kind=raw["kind"],
+                options=MappingProxyType(dict(raw.get("options") or {})),
+                routes=tuple(routes), exit=exit_, vault=raw.get("vault"),
+                telemetry=MappingProxyType(dict(raw.get("telemetry") or {})), base_dir=folder)
+        namespaces.append(NamespaceConfig(
+            name=ns, bindings=MappingProxyType(bindings),
+            telemetry=MappingProxyType(dict(document.get("telemetry") or {})),
+            guards=MappingProxyType(dict(document.get("guards") or {})),
+            vaults=MappingProxyType(dict(document.get("vaults") or {})),
+            catalogs=MappingProxyType(dict(document.get("catalogs") or {}))))
+    return Config(tuple(namespaces), origin, folder, tuple(documents))
+
+
+# ---------------------------------------------------------------------------- cross-checks
+
+# What zillatw implements so far; other names pass the schema but are refused by name here,
+# so that a guard or vault is never silently ignored.
+SUPPORTED_EXPORTERS = ("stdout",)
+SUPPORTED_GUARDS: tuple[str, ...] = ()
+SUPPORTED_VAULTS: tuple[str, ...] = ()
+SUPPORTED_CATALOGS: tuple[str, ...] = ()
+
+
+def _cross_check(config: Config, types: Mapping[str, BindingType], prefix: bool) -> Iterable[str]:
+    names = [ns.name for ns in config.namespaces]
+    if len(set(names)) != len(names):
+        yield f"name: namespace '{next(n for n in names if names.count(n) > 1)}' is defined twice"
+    everything = {b.qname: b for b in config.bindings()}
+    for ns in config.namespaces:
+        where = f"{ns.name}: " if prefix else ""
+        for section, supported in (("guards", SUPPORTED_GUARDS), ("vaults", SUPPORTED_VAULTS),
+                                   ("catalogs", SUPPORTED_CATALOGS)):
+            for name, item in getattr(ns, section).items():
+                if item["type"] not in supported:
+                    yield (f"{where}{section}.{name}.type: {section[:-1]} type '{item['type']}' is not supported "
+                           f"by this zillatw yet" + (f" (supported: {', '.join(supported)})" if supported else ""))
+        for name, exporter in (ns.telemetry.get("exporters") or {}).items():
+            if exporter["type"] not in SUPPORTED_EXPORTERS:
+                yield (f"{where}telemetry.exporters.{name}.type: exporter type '{exporter['type']}' is not "
+                       f"supported by this zillatw yet (supported: {', '.join(SUPPORTED_EXPORTERS)})")
+        for binding in ns.bindings.values():
+            base = f"{where}bindings.{binding.name}"
+            module = types[binding.type]
+            emits = module.STREAMS.get(binding.kind, (None, None))[1]
+            if binding.vault and binding.vault not in ns.vaults:
+                yield f"{base}.vault: no vault named '{binding.vault}'{did_you_mean(binding.vault, ns.vaults)}"
+            has_binding_exit = binding.exit is not None
+            for route in binding.routes:
+                is_binding_exit = has_binding_exit and route is binding.routes[-1]
+                rpath = f"{base}.exit" if is_binding_exit else f"{base}.routes[{route.index}]"
+                if route.exit is not None:
+                    epath = rpath if is_binding_exit else f"{rpath}.exit"
+                    yield from _check_exit(epath, route.exit, binding, everything, types, emits, ns.name)
+                for guard in route.guarded:
+                    if guard not in ns.guards:
+                        yield f"{rpath}.guarded: no guard named '{guard}'{did_you_mean(guard, ns.guards)}"
+            check = getattr(module, "check", None)
+            if check is not None:
+                for subpath, message in check(binding):
+                    yield f"{base}.{subpath}: {message}"
+    yield from _check_cycles(everything, prefix)
+
+
+_STREAM_WORDS = {"bytes": "connections", "http": "HTTP requests", "messages": "WebSocket messages"}
+
+
+def _check_exit(path: str, exit_: str, binding: BindingConfig, everything: Mapping[str, BindingConfig],
+                types: Mapping[str, BindingType], emits: str | None, namespace: str) -> Iterable[str]:
+    target = everything.get(exit_)
+    if target is None:
+        local = [q.partition(":")[2] for q in everything if q.startswith(namespace + ":")]
+        shown = exit_.partition(":")[2] if exit_.startswith(namespace + ":") else exit_
+        yield f"{path}: no binding named '{shown}'{did_you_mean(shown, local)}"
+        return
+    accepts = types[target.type].STREAMS.get(target.kind, (None, None))[0]
+    if emits is not None and accepts != emits:
+        fitting = sorted(q.partition(":")[2] for q, b in everything.items()
+                         if types[b.type].STREAMS.get(b.kind, (None,))[0] == emits)
+        words = _STREAM_WORDS.get(emits, emits)
+        yield (f"{path}: '{target.name}' is a {target.type} {target.kind}, which cannot take the {words} a "
+               f"{binding.type} {binding.kind} hands on" + (f" (bindings that can: {', '.join(fitting)})" if fitting else ""))
+
+
+def _check_cycles(everything: Mapping[str, BindingConfig], prefix: bool) -> Iterable[str]:
+    """A chain of exits that comes back to itself would never reach an application."""
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+
+    def visit(qname: str, trail: list[str]) -> str | None:
+        if state.get(qname) == 2 or qname not in everything:
+            return None
+        if state.get(qname) == 1:
+            loop = trail[trail.index(qname):] + [qname]
+            return " -> ".join(q.partition(":")[2] for q in loop)
+        state[qname] = 1
+        for route in everything[qname].routes:
+            if route.exit and (found := visit(route.exit, trail + [qname])):
+                return found
+        state[qname] = 2
+        return None
+
+    for qname in everything:
+        if (loop := visit(qname, [])) is not None:
+            first = everything[qname]
+            where = f"{first.namespace}: " if prefix else ""
+            yield f"{where}bindings.{first.name}: exits form a loop ({loop})"
+            return

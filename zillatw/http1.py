@@ -1,0 +1,133 @@
+"""Sans-IO HTTP/1.1 request head parsing (RFC 9112 §2-5), bytes in, Request or HttpError out.
+
+Only the head is parsed: zillatw's http server routes requests and hands the connection over
+(a WebSocket upgrade) or answers with an error, so bodies never reach it. Limits are Zilla's:
+an 8 KiB header block (431), and a request line capped likewise (414).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_VERSION = re.compile(rb"^HTTP/(\d)\.(\d)$")
+
+REASONS = {
+    101: "Switching Protocols", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+    404: "Not Found", 408: "Request Timeout", 414: "URI Too Long", 426: "Upgrade Required",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
+    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
+}
+
+
+class HttpError(Exception):
+    """The request cannot be served; `reason` tells the client what was wrong."""
+
+    def __init__(self, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()):
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    target: str
+    version: tuple[int, int]
+    # header names lower-cased; duplicates joined with ", " as Zilla does
+    headers: dict[str, str] = field(default_factory=dict)
+    raw_head: bytes = b""
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name)
+
+
+def render_response(status: int, reason: str = "", headers: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """An HTTP/1.1 error response that closes the connection, with a short plain-text body."""
+    body = (reason + "\n").encode() if reason else b""
+    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    lines += ["Connection: close", f"Content-Length: {len(body)}"]
+    if body:
+        lines.append("Content-Type: text/plain; charset=utf-8")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class RequestHeadParser:
+    """Feed bytes until a Request comes out; `rest` then holds the bytes that followed it."""
+
+    def __init__(self, max_request_line: int = 8192, max_header_bytes: int = 8192, max_headers: int = 100):
+        self.max_request_line = max_request_line
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
+        self.rest = b""
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> Request | None:
+        self._buffer += data
+        buffer = self._buffer
+        # RFC 9112 §2.2: ignore empty lines before the request line.
+        while buffer[:2] == b"\r\n" or buffer[:1] == b"\n":
+            del buffer[: 2 if buffer[:1] == b"\r" else 1]
+        line_end = buffer.find(b"\n")
+        if line_end < 0:
+            if len(buffer) > self.max_request_line:
+                raise HttpError(414, f"request line longer than {self.max_request_line} bytes")
+            return None
+        if line_end > self.max_request_line:
+            raise HttpError(414, f"request line longer than {self.max_request_line} bytes")
+        head_end = buffer.find(b"\r\n\r\n", line_end - 1)
+        end_length = 4
+        bare = buffer.find(b"\n\n", line_end)
+        if bare >= 0 and (head_end < 0 or bare < head_end):
+            head_end, end_length = bare, 2
+        if head_end < 0:
+            if len(buffer) - line_end > self.max_header_bytes:
+                raise HttpError(431, f"request headers larger than {self.max_header_bytes} bytes")
+            return None
+        if head_end - line_end > self.max_header_bytes:
+            raise HttpError(431, f"request headers larger than {self.max_header_bytes} bytes")
+        raw_head = bytes(buffer[: head_end + end_length])
+        self.rest = bytes(buffer[head_end + end_length:])
+        buffer.clear()
+        return self._parse(raw_head)
+
+    def _parse(self, raw_head: bytes) -> Request:
+        lines = raw_head.split(b"\n")
+        request_line = lines[0].rstrip(b"\r")
+        parts = request_line.split(b" ")
+        if len(parts) != 3 or not all(parts):
+            raise HttpError(400, "malformed request line (expected 'METHOD target HTTP/1.1')")
+        method, target, version = parts
+        if not _TOKEN.match(method):
+            raise HttpError(400, "malformed request method")
+        match = _VERSION.match(version)
+        if not match:
+            raise HttpError(400, f"malformed HTTP version {version.decode('latin-1')!r}")
+        major, minor = int(match.group(1)), int(match.group(2))
+        if major != 1:
+            raise HttpError(505, f"HTTP version {major}.{minor} is not supported (expected HTTP/1.1)")
+        method_text = method.decode("ascii")
+        if method_text not in KNOWN_METHODS:
+            raise HttpError(501, f"method {method_text} is not implemented")
+        headers: dict[str, str] = {}
+        count = 0
+        for line in lines[1:]:
+            line = line.rstrip(b"\r")
+            if not line:
+                continue
+            if line[:1] in b" \t":
+                raise HttpError(400, "obsolete header line folding is not allowed")
+            name, colon, value = line.partition(b":")
+            if not colon or not _TOKEN.match(name):
+                raise HttpError(400, f"malformed header line {line[:40].decode('latin-1')!r}")
+            count += 1
+            if count > self.max_headers:
+                raise HttpError(431, f"more than {self.max_headers} request headers")
+            key = name.decode("ascii").lower()
+            text = value.strip(b" \t").decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        return Request(method_text, target.decode("latin-1"), (major, minor), headers, raw_head)

@@ -1,0 +1,179 @@
+"""fan server: every connection routed here joins one group per fan binding. The group opens
+one stream to the exit (echo, for reflect); what comes back goes to every member, the
+sender included.
+
+Members' messages are forwarded whole, so two members' fragments never interleave. A member
+whose socket cannot keep up is not allowed to hold the others back: once its transport has
+paused us, at most `max_lag` more bytes are queued for it, then it is closed with 1013.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
+
+from zillatw.config import BindingConfig
+from zillatw.schema import FORBIDDEN
+from zillatw.stream import CONTINUATION, IStreamEnd, IStreamExit, StreamInfo
+
+MAX_LAG = 4 * 1024 * 1024
+
+SCHEMA_PATCH = {
+    "required": ["exit"],
+    "properties": {
+        "kind": {"enum": ["server"]},
+        "options": FORBIDDEN, "routes": FORBIDDEN, "vault": FORBIDDEN, "catalog": FORBIDDEN,
+    },
+}
+STREAMS = {"server": ("messages", "messages")}
+
+
+@implementer(IStreamEnd)
+class FanMember:
+    """A member's stream end: receives what its connection sends, delivers the group's."""
+
+    __slots__ = ("group", "peer", "_parts", "_opcode", "_paused", "_lag", "__weakref__")
+
+    def __init__(self, group: "FanGroup", peer: IStreamEnd):
+        self.group = group
+        self.peer = peer
+        self._parts: list[bytes] = []
+        self._opcode = 0
+        self._paused = False
+        self._lag = 0
+
+    # from the member's connection
+    def stream_data(self, opcode: int, payload: bytes, fin: bool) -> None:
+        if opcode != CONTINUATION:
+            self._opcode = opcode
+            if fin:
+                self.group.publish(opcode, payload)
+                return
+            self._parts = [payload]
+            return
+        self._parts.append(payload)
+        if fin:
+            parts, self._parts = self._parts, []
+            self.group.publish(self._opcode, b"".join(parts))
+
+    def stream_end(self, code: int, reason: str) -> None:
+        self.group.leave(self)
+
+    # to the member's connection
+    def deliver(self, opcode: int, payload: bytes, fin: bool) -> None:
+        if self._paused:
+            self._lag += len(payload)
+            if self._lag > self.group.server.max_lag:
+                self.group.evict(self)
+                return
+        self.peer.stream_data(opcode, payload, fin)
+
+    # the member's socket is full / drained
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._lag = 0
+
+    def stopProducing(self) -> None:
+        self.group.leave(self)
+
+
+@implementer(IStreamEnd)
+class FanGroup:
+    """The group's stream end toward the exit: what the exit sends is fanned out."""
+
+    def __init__(self, server: "FanServer"):
+        self.server = server
+        self.members: dict[FanMember, None] = {}  # insertion order, O(1) leave
+        self.upstream: IStreamEnd | None = None
+        self.waiting: list[Deferred] | None = None
+
+    def publish(self, opcode: int, payload: bytes) -> None:
+        if self.upstream is not None:
+            self.upstream.stream_data(opcode, payload, True)
+
+    def leave(self, member: FanMember) -> None:
+        self.members.pop(member, None)
+
+    def evict(self, member: FanMember) -> None:
+        self.leave(member)
+        member.peer.stream_end(1013, "fan member too slow: messages were not read in time")
+
+    # from the exit
+    def stream_data(self, opcode: int, payload: bytes, fin: bool) -> None:
+        for member in list(self.members):
+            member.deliver(opcode, payload, fin)
+
+    def stream_end(self, code: int, reason: str) -> None:
+        members, self.members = self.members, {}
+        self.upstream = None
+        if self.server.group is self:
+            self.server.group = None
+        for member in members:
+            member.peer.stream_end(code, reason)
+
+    def pauseProducing(self) -> None:
+        for member in self.members:
+            member.peer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        for member in self.members:
+            member.peer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.stream_end(1001, "fan group's exit went away")
+
+
+@implementer(IStreamExit)
+class FanServer:
+    def __init__(self, name: str, exit_: Any, max_lag: int = MAX_LAG):
+        self.name = name
+        self.exit = exit_
+        self.max_lag = max_lag
+        self.group: FanGroup | None = None
+
+    def open(self, info: StreamInfo, peer: IStreamEnd) -> FanMember | Deferred:
+        group = self.group
+        if group is None:
+            group = self.group = FanGroup(self)
+            opened = self.exit.open(info, group)  # StreamRefused propagates to this member
+            if isinstance(opened, Deferred):
+                group.waiting = []
+                opened.addCallbacks(lambda upstream: self._ready(group, upstream),
+                                    lambda failure: self._failed(group, failure))
+            else:
+                group.upstream = opened
+        member = FanMember(group, peer)
+        if group.waiting is not None:
+            waiter: Deferred = Deferred()
+            group.waiting.append(waiter)
+            return waiter.addCallback(lambda _: self._join(group, member))
+        return self._join(group, member)
+
+    def _join(self, group: FanGroup, member: FanMember) -> FanMember:
+        group.members[member] = None
+        return member
+
+    def _ready(self, group: FanGroup, upstream: IStreamEnd) -> None:
+        group.upstream = upstream
+        waiting, group.waiting = group.waiting or [], None
+        for waiter in waiting:
+            waiter.callback(None)
+
+    def _failed(self, group: FanGroup, failure: Any) -> None:
+        if self.group is group:
+            self.group = None
+        waiting, group.waiting = group.waiting or [], None
+        for waiter in waiting:
+            waiter.errback(failure)
+
+    def members(self) -> int:
+        return len(self.group.members) if self.group else 0
+
+
+def build(binding: BindingConfig, graph: Any) -> FanServer:
+    return FanServer(binding.name, graph.binding(binding.exit))

@@ -1,0 +1,191 @@
+"""http server: reads an HTTP/1.1 request head, routes it on its headers (with Zilla's
+pseudo-headers :method :scheme :authority :path), and hands the connection to the exit
+(a ws server) or answers with an error and closes. After an upgrade the exit's protocol
+receives the socket's bytes directly: this binding adds no call per message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from twisted.internet.interfaces import IAddress, ISSLTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+
+from zillatw.config import BindingConfig, Route
+from zillatw.http1 import HttpError, Request, RequestHeadParser, render_response
+from zillatw.matching import Matcher, matcher
+from zillatw.schema import FORBIDDEN, route_schema
+from zillatw.telemetry import Events, next_trace_id
+
+HEAD_TIMEOUT = 10.0  # seconds for a client to send its request head (slowloris)
+
+SCHEMA_PATCH = {
+    "properties": {
+        "kind": {"enum": ["server", "client"]},
+        "vault": FORBIDDEN, "catalog": FORBIDDEN,
+        "options": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "versions": {"type": "array", "items": {"enum": ["http/1.1", "h2"]}},
+                "access-control": {"type": "object"},
+                "authorization": {"type": "object"},
+                "overrides": {"type": "object", "additionalProperties": {"type": "string"}},
+                "requests": {"type": "array"},
+            },
+        },
+        "routes": {"type": "array", "items": route_schema(condition={
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"headers": {"type": "object", "additionalProperties": {"type": "string"}}},
+        })},
+    },
+}
+STREAMS = {"server": ("bytes", "http")}
+NOT_YET = {"authorization": "the jwt guard", "requests": "request validation"}
+
+
+def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
+    if binding.kind != "server":
+        yield "kind", "http client bindings are not supported by this zillatw yet (expected server)"
+        return
+    for key, feature in NOT_YET.items():
+        if key in binding.options:
+            yield f"options.{key}", f"not supported by this zillatw yet ({feature})"
+    policy = (binding.options.get("access-control") or {}).get("policy", "same-origin")
+    if policy != "same-origin":
+        yield "options.access-control.policy", f"'{policy}' is not supported yet (expected same-origin)"
+    if "h2" in binding.options.get("versions", ["http/1.1"]) and "http/1.1" not in binding.options["versions"]:
+        yield "options.versions", "zillatw serves http/1.1 only (WebSocket over h2 is not supported)"
+    if not binding.routes:
+        yield "routes", "an http server needs 'exit' or routes with an exit"
+
+
+def pseudo_headers(request: Request, secure: bool) -> dict[str, str]:
+    """Zilla's view of a request: pseudo-headers plus the lower-cased headers."""
+    scheme = "https" if secure else "http"
+    headers = dict(request.headers)
+    host = headers.get("host")
+    if host is not None:
+        bracket = host.rfind("]")
+        if host.rfind(":") <= bracket:  # no port given: add the scheme's default
+            host = f"{host}:{443 if secure else 80}"
+        headers[":authority"] = host
+    headers[":method"] = request.method
+    headers[":scheme"] = scheme
+    headers[":path"] = request.target
+    return headers
+
+
+class HttpServer(Factory):
+    """The http server binding: routes and limits, and the factory of its connections."""
+
+    noisy = False
+
+    def __init__(self, name: str, routes: list[tuple[Route, Any]], namespace: str = "default",
+                 events: Events | None = None, head_timeout: float = HEAD_TIMEOUT,
+                 max_header_bytes: int = 8192, reactor: Any = None):
+        self.name = name
+        self.namespace = namespace
+        self.events = events or Events()
+        self.head_timeout = head_timeout
+        self.max_header_bytes = max_header_bytes
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        # (alternatives: each a list of (header, matcher) that must all match, exit)
+        self._routes: list[tuple[list[list[tuple[str, Matcher]]], Any]] = []
+        for route, exit_ in routes:
+            alternatives = [[(name.lower(), matcher(pattern, named_groups=True, query_tail=name == ":path"))
+                             for name, pattern in (w.get("headers") or {}).items()] for w in route.when]
+            self._routes.append((alternatives, exit_))
+
+    def route(self, headers: dict[str, str]) -> Any | None:
+        for alternatives, exit_ in self._routes:
+            if not alternatives or any(all(match(headers.get(name)) for name, match in conditions)
+                                       for conditions in alternatives):
+                return exit_
+        return None
+
+    def buildProtocol(self, addr: IAddress) -> "HttpServerProtocol":
+        protocol = HttpServerProtocol()
+        protocol.factory = self
+        return protocol
+
+
+class HttpServerProtocol(Protocol):
+    """One connection until its request head is read; then an error or a handover."""
+
+    factory: HttpServer
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        self.trace_id = next_trace_id()
+        self._parser = RequestHeadParser(max_header_bytes=factory.max_header_bytes)
+        self._timeout = factory.reactor.callLater(factory.head_timeout, self._head_timed_out)
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            request = self._parser.feed(data)
+        except HttpError as e:
+            self._refuse(e.status, e.reason, e.headers)
+            return
+        if request is not None:
+            self._cancel_timeout()
+            self._dispatch(request)
+
+    def _dispatch(self, request: Request) -> None:
+        factory = self.factory
+        secure = ISSLTransport.providedBy(self.transport)
+        headers = pseudo_headers(request, secure)
+        exit_ = factory.route(headers)
+        if exit_ is None:
+            self._refuse(404, f"no route for {request.method} {request.target}")
+            return
+        try:
+            taken = exit_.accept_request(request, headers, self.transport, trace_id=self.trace_id)
+        except HttpError as e:
+            self._refuse(e.status, e.reason, e.headers)
+            return
+        factory.events.emit(factory.namespace, factory.name, self.trace_id, "BINDING_HTTP_REQUEST_ACCEPTED",
+                            f"- {request.method} {headers[':scheme']}://{headers.get(':authority', '')}{request.target}")
+        # The exit's protocol takes the socket: Twisted calls our dataReceived and
+        # connectionLost, so bind theirs in our place and replay what we have read.
+        self.dataReceived = taken.dataReceived  # type: ignore[method-assign]
+        self.connectionLost = taken.connectionLost  # type: ignore[method-assign]
+        taken.makeConnection(self.transport)
+        taken.dataReceived(request.raw_head + self._parser.rest)
+        self._parser = None
+
+    def _refuse(self, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        self._cancel_timeout()
+        factory = self.factory
+        factory.events.emit(factory.namespace, factory.name, self.trace_id, "BINDING_HTTP_REQUEST_REJECTED",
+                            f"- {status} {reason}")
+        self.dataReceived = _discard  # type: ignore[method-assign]
+        self.transport.write(render_response(status, reason, headers))
+        self.transport.loseConnection()
+
+    def _head_timed_out(self) -> None:
+        self._timeout = None
+        self._refuse(408, f"request head not received within {self.factory.head_timeout:g} s")
+
+    def _cancel_timeout(self) -> None:
+        if self._timeout is not None:
+            if self._timeout.active():
+                self._timeout.cancel()
+            self._timeout = None
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._cancel_timeout()
+
+
+def _discard(data: bytes) -> None:
+    """Bytes after an error response are ignored while the socket closes."""
+
+
+def build(binding: BindingConfig, graph: Any) -> HttpServer:
+    routes = [(route, graph.binding(route.exit)) for route in binding.routes]
+    return HttpServer(binding.name, routes, namespace=binding.namespace, events=graph.events(binding.namespace))

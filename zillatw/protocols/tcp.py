@@ -1,0 +1,200 @@
+"""tcp server: listens on host and ports (or any Twisted server endpoint string) and hands
+each accepted connection to the exit its routes choose.
+
+Routes match `port` (the listening port the client reached), `cidr` (the client's address;
+Zilla's code tests the local address, but restricting clients is what a cidr route is for)
+and `authority` (the listener's configured host). No matching route: the socket is closed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory
+from twisted.internet.protocol import Factory, Protocol
+
+from zillatw.config import BindingConfig, Route
+from zillatw.matching import matcher
+from zillatw.schema import FORBIDDEN, PORT_SPEC, route_schema
+
+MAX_PORTS = 1024
+
+SCHEMA_PATCH = {
+    "properties": {
+        "kind": {"enum": ["server", "client"]},
+        "vault": FORBIDDEN, "catalog": FORBIDDEN,
+        "options": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "host": {"type": "string"},
+                "port": PORT_SPEC,
+                "backlog": {"type": "integer", "minimum": 0},
+                # zillatw: any Twisted server endpoint string, e.g. "unix:/run/zilla.sock" or "systemd:domain=INET:index=0"
+                "endpoint": {"type": "string"},
+            },
+        },
+        "routes": {"type": "array", "items": route_schema(condition={
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "authority": {"type": "string"},
+                "cidr": {"type": "string", "pattern": r"^[0-9a-fA-F:.]+/(\d{1,3})$"},
+                "port": PORT_SPEC,
+            },
+        })},
+    },
+}
+STREAMS = {"server": (None, "bytes")}
+
+
+def parse_ports(spec: Any) -> list[int]:
+    """7114, "7114", "7000-7010" or a list of those -> the ports, in order, without repeats."""
+    items = spec if isinstance(spec, list) else [spec]
+    ports: list[int] = []
+    for item in items:
+        low, _, high = str(item).partition("-")
+        first, last = int(low), int(high or low)
+        if first > last:
+            raise ValueError(f"range '{item}' ends before it starts")
+        if last > 65535:
+            raise ValueError(f"port {last} is above 65535")
+        ports.extend(p for p in range(first, last + 1) if p not in ports)
+        if len(ports) > MAX_PORTS:
+            raise ValueError(f"more than {MAX_PORTS} ports")
+    return ports
+
+
+def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
+    if binding.kind != "server":
+        yield "kind", "tcp client bindings are not supported by this zillatw yet (expected server)"
+        return
+    options = binding.options
+    if "endpoint" in options:
+        if "host" in options or "port" in options:
+            yield "options.endpoint", "give either 'endpoint' or 'host' and 'port', not both"
+        try:
+            from twisted.internet import reactor
+            endpoints.serverFromString(reactor, options["endpoint"])
+        except (ValueError, TypeError, KeyError) as e:
+            yield "options.endpoint", f"not a Twisted server endpoint string ({e})"
+    else:
+        for key in ("host", "port"):
+            if key not in options:
+                yield "options", f"missing required key '{key}' (or give 'endpoint')"
+        if "port" in options:
+            try:
+                parse_ports(options["port"])
+            except ValueError as e:
+                yield "options.port", str(e)
+    if not binding.routes:
+        yield "routes", "a tcp server needs 'exit' or routes with an exit"
+    for route in binding.routes:
+        for index, condition in enumerate(route.when):
+            where = f"routes[{route.index}].when[{index}]"
+            if "port" in condition:
+                try:
+                    parse_ports(condition["port"])
+                except ValueError as e:
+                    yield f"{where}.port", str(e)
+            if "cidr" in condition:
+                try:
+                    ipaddress.ip_network(condition["cidr"], strict=False)
+                except ValueError as e:
+                    yield f"{where}.cidr", str(e)
+
+
+class _Condition:
+    __slots__ = ("ports", "network", "authority")
+
+    def __init__(self, when: dict[str, Any]):
+        self.ports = frozenset(parse_ports(when["port"])) if "port" in when else None
+        self.network = ipaddress.ip_network(when["cidr"], strict=False) if "cidr" in when else None
+        self.authority = matcher(when.get("authority"))
+
+    def matches(self, port: int | None, client_host: str | None, host: str | None) -> bool:
+        if self.ports is not None and port not in self.ports:
+            return False
+        if self.network is not None:
+            try:
+                if client_host is None or ipaddress.ip_address(client_host) not in self.network:
+                    return False
+            except ValueError:
+                return False
+        return self.authority(host)
+
+
+class TcpServer:
+    """A tcp server binding: its routes, and the listeners it opens."""
+
+    def __init__(self, name: str, routes: Iterable[tuple[Route, Any]], host: str | None = None,
+                 ports: Iterable[int] = (), endpoint: str | None = None, backlog: int = 50):
+        self.name = name
+        self.host = host
+        self.ports = list(ports)
+        self.endpoint = endpoint
+        self.backlog = backlog or 50
+        # (conditions, exit factory) in route order; an empty condition list matches all
+        self._routes = [([_Condition(dict(w)) for w in route.when], exit_) for route, exit_ in routes]
+        self.listening: list[IListeningPort] = []
+
+    def route(self, port: int | None, client: IAddress | None) -> IProtocolFactory | None:
+        client_host = getattr(client, "host", None)
+        for conditions, exit_ in self._routes:
+            if not conditions or any(c.matches(port, client_host, self.host) for c in conditions):
+                return exit_
+        return None
+
+    def endpoints(self, reactor: Any) -> list[tuple[int | None, Any]]:
+        if self.endpoint is not None:
+            return [(None, endpoints.serverFromString(reactor, self.endpoint))]
+        interface = self.host or ""
+        kind = endpoints.TCP6ServerEndpoint if ":" in interface else endpoints.TCP4ServerEndpoint
+        return [(port, kind(reactor, port, backlog=self.backlog, interface=interface)) for port in self.ports]
+
+    @defer.inlineCallbacks
+    def listen(self, reactor: Any) -> Any:
+        """Listen on every port; on a failure, close what was opened and fail."""
+        try:
+            for port, endpoint in self.endpoints(reactor):
+                factory = ListenerFactory(self, port)
+                listening = yield endpoint.listen(factory)
+                factory.local_port = getattr(listening.getHost(), "port", port)
+                self.listening.append(listening)
+        except Exception:
+            yield self.stop()
+            raise
+        return self.listening
+
+    def stop(self) -> defer.Deferred:
+        ports, self.listening = self.listening, []
+        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+
+    def bound_ports(self) -> list[int]:
+        return [p.getHost().port for p in self.listening if hasattr(p.getHost(), "port")]
+
+
+class ListenerFactory(Factory):
+    """The factory of one listening socket: knows its port, asks the binding for the exit."""
+
+    noisy = False
+
+    def __init__(self, server: TcpServer, local_port: int | None):
+        self.server = server
+        self.local_port = local_port
+
+    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+        exit_ = self.server.route(self.local_port, addr)
+        return exit_.buildProtocol(addr) if exit_ is not None else None
+
+
+def build(binding: BindingConfig, graph: Any) -> TcpServer:
+    options = binding.options
+    routes = [(route, graph.binding(route.exit)) for route in binding.routes]
+    return TcpServer(
+        binding.name, routes, host=options.get("host"),
+        ports=parse_ports(options["port"]) if "port" in options else (),
+        endpoint=options.get("endpoint"), backlog=options.get("backlog", 50))

@@ -1,0 +1,126 @@
+"""The JSON Schema of zilla.yaml: Zilla's engine schema, narrowed per binding type.
+
+As in Zilla, the engine schema knows the shape common to every binding and each binding
+type brings a patch (its module's SCHEMA_PATCH) that narrows kinds, options and routes.
+`x-expect` is ours: the phrase an error shows when an anyOf/oneOf does not match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+NAME_PATTERN = r"^[a-zA-Z]+[a-zA-Z0-9\._\-]*$"
+KINDS = ["client", "server", "proxy", "remote_client", "remote_server", "cache_client", "cache_server"]
+EXPORTER_TYPES = ["stdout", "prometheus", "otlp", "syslog", "aws-cloudwatch"]
+
+NAME = {"type": "string", "pattern": NAME_PATTERN}
+# A key a binding type forbids. (A bare `false` schema would lose the key from error paths.)
+FORBIDDEN = {"not": {}}
+
+PORT = {"type": "integer", "minimum": 0, "maximum": 65535}
+PORT_SPEC = {
+    "x-expect": "a port number, a string 'N' or 'N-M', or a list of those",
+    "anyOf": [
+        PORT,
+        {"type": "string", "pattern": r"^\d+(-\d+)?$"},
+        {
+            "type": "array",
+            "minItems": 1,
+            "items": {"anyOf": [PORT, {"type": "string", "pattern": r"^\d+(-\d+)?$"}],
+                      "x-expect": "a port number or a string 'N' or 'N-M'"},
+        },
+    ],
+}
+
+
+def named_map(value_schema: Mapping[str, Any]) -> dict[str, Any]:
+    """A map whose keys are Zilla names."""
+    return {"type": "object", "propertyNames": NAME, "additionalProperties": value_schema}
+
+
+def route_schema(condition: Mapping[str, Any] | bool = True,
+                 with_: Mapping[str, Any] | bool = False,
+                 exit_required: bool = True) -> dict[str, Any]:
+    """A binding's `routes[]` item, with the type's condition (`when[]` item) schema."""
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["exit"] if exit_required else [],
+        "properties": {
+            "exit": {"type": "string"},
+            "when": {"type": "array", "items": condition},
+            "with": with_ if with_ is not False else FORBIDDEN,
+            "guarded": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "string"}}},
+        },
+    }
+
+
+def _typed_section() -> dict[str, Any]:
+    return named_map({
+        "type": "object",
+        "required": ["type"],
+        "properties": {"type": {"type": "string"}, "options": {"type": "object"}},
+    })
+
+
+def engine_schema(patches: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The whole zilla.yaml schema, given each binding type's schema patch."""
+    binding = {
+        "type": "object",
+        "required": ["type", "kind"],
+        "additionalProperties": False,
+        "properties": {
+            "type": {"type": "string", "enum": sorted(patches)},
+            "kind": {"type": "string", "enum": KINDS},
+            "vault": {"type": "string"},
+            "options": {"type": "object"},
+            "routes": {"type": "array", "items": route_schema(exit_required=False)},
+            "exit": {"type": "string"},
+            "telemetry": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "metrics": {"type": "array", "items": {"type": "string"}},
+                    "attributes": {"type": "object"},
+                },
+            },
+            "catalog": {"type": "object"},
+            "entry": {"type": "string"},
+        },
+        "allOf": [
+            {"if": {"properties": {"type": {"const": name}}, "required": ["type"]}, "then": patch}
+            for name, patch in sorted(patches.items())
+        ],
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "required": ["name"],
+        "additionalProperties": False,
+        "properties": {
+            "name": NAME,
+            "bindings": named_map(binding),
+            "guards": _typed_section(),
+            "vaults": _typed_section(),
+            "catalogs": _typed_section(),
+            "stores": _typed_section(),
+            "telemetry": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "attributes": {"type": "object"},
+                    "metrics": {"type": "array", "items": {"type": "string"}},
+                    "exporters": named_map({
+                        "type": "object",
+                        "required": ["type"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "type": {"type": "string", "enum": EXPORTER_TYPES},
+                            "options": {"type": "object"},
+                        },
+                    }),
+                },
+            },
+        },
+    }

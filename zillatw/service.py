@@ -1,0 +1,81 @@
+"""The gateway as a Twisted service: build the binding graph, listen, stop listening."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from zillatw.config import Config, load
+from zillatw.graph import BindingGraph
+from zillatw.protocols import binding_types
+from zillatw.protocols.tcp import TcpServer
+from zillatw.telemetry import Events
+
+Source = str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, Any]] | Config
+
+
+def load_config(source: Source, env: Mapping[str, str] | None = None) -> Config:
+    """Load and validate a zilla.yaml (path, dict or list of dicts); raises ConfigError."""
+    if isinstance(source, Config):
+        return source
+    return load(source, binding_types(), env=env)
+
+
+class Gateway(Service):
+    """Serves one configuration. `listening` fires once every listener is up."""
+
+    log = Logger()
+
+    def __init__(self, config: Config, reactor: Any = None, event_stream: TextIO | None = None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.config = config
+        self.reactor = reactor
+        self.events = {ns.name: Events.from_telemetry(ns.telemetry, event_stream) for ns in config.namespaces}
+        self.graph = BindingGraph(config, binding_types(), self.events)
+        self.graph.build_all()
+        self.listening: defer.Deferred = defer.Deferred()
+
+    def binding(self, name: str) -> Any:
+        """A built binding by `name` (first namespace) or `namespace:name`."""
+        qname = name if ":" in name else f"{self.config.namespaces[0].name}:{name}"
+        return self.graph.binding(qname)
+
+    def servers(self) -> list[TcpServer]:
+        return [self.graph.binding(b.qname) for b in self.graph.servers("tcp")]
+
+    def ports(self, name: str | None = None) -> list[int]:
+        """Ports the tcp server `name` (or every one) listens on; useful with port 0."""
+        servers = [self.binding(name)] if name else self.servers()
+        return [port for server in servers for port in server.bound_ports()]
+
+    def startService(self) -> None:
+        super().startService()
+        d = defer.gatherResults([server.listen(self.reactor) for server in self.servers()], consumeErrors=True)
+        d.addCallbacks(self._started, self._failed)
+
+    def _started(self, _: Any) -> None:
+        for ns in self.config.namespaces:
+            self.events[ns.name].emit(ns.name, "engine", 0, "ENGINE_STARTED", "Engine Started.")
+        self.listening.callback(self.ports())
+
+    def _failed(self, failure: Any) -> None:
+        error = failure.value.subFailure.value if hasattr(failure.value, "subFailure") else failure.value
+        self.log.error("zillatw: cannot listen: {error}", error=error)
+        self.listening.errback(error)
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return defer.gatherResults([server.stop() for server in self.servers()])
+
+
+def build_gateway(source: Source, reactor: Any = None, env: Mapping[str, str] | None = None,
+                  event_stream: TextIO | None = None) -> Gateway:
+    """Embedding API: a Gateway service for a path, dict or Config. Start it with
+    `gateway.startService()` (or attach it to an Application); ConfigError if invalid."""
+    return Gateway(load_config(source, env), reactor, event_stream)

@@ -1,0 +1,78 @@
+"""The stream by which one binding hands a WebSocket connection to the binding it exits to.
+
+A stream has two ends, each an IStreamEnd held by the other side. Data flows as message
+fragments with their opcode (TEXT or BINARY on a message's first fragment, CONTINUATION
+after) and FIN, so message boundaries survive end to end. A close carries a code and reason.
+
+Flow control is Twisted's push-producer contract, end to end: each end is the producer of
+what it sends to its peer. When a binding cannot take more (its socket's buffer is full), it
+calls `peer.pauseProducing()`; the peer stops sending until `resumeProducing()`. Nothing
+buffers without bound, and no call returns a Deferred: one method call per fragment.
+
+Opening: `exit.open(info, peer) -> IStreamEnd`, or a Deferred of one when the exit has to
+wait (a proxy waiting for its upstream). Refusal is `raise StreamRefused(status, reason)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import Attribute, Interface
+
+CONTINUATION, TEXT, BINARY = 0x0, 0x1, 0x2
+
+# Close codes carried on stream_end that have no wire form of their own.
+NO_STATUS = 1005      # the peer's close frame had no code
+ABNORMAL = 1006       # the connection ended without a close frame
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """What a ws server learned from the handshake; a ws client reuses it upstream."""
+    protocol: str | None = None
+    scheme: str | None = None
+    authority: str | None = None
+    path: str | None = None
+    identity: str | None = None
+
+
+class StreamRefused(Exception):
+    """An exit declines a stream; the HTTP status is what the client's handshake gets."""
+
+    def __init__(self, status: int = 404, reason: str = "Not Found"):
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+
+
+class IStreamEnd(IPushProducer):
+    """One end of a stream; calls on it carry data *to* the binding that owns it."""
+
+    def stream_data(opcode: int, payload: bytes, fin: bool) -> None:
+        """A message fragment: opcode is TEXT/BINARY on a first fragment, CONTINUATION after."""
+
+    def stream_end(code: int, reason: str) -> None:
+        """The other side closed with `code` (NO_STATUS, ABNORMAL, or a wire close code)."""
+
+
+class IStreamExit(Interface):
+    """A binding that accepts streams (echo, fan, ws client)."""
+
+    def open(info: StreamInfo, peer: IStreamEnd) -> "IStreamEnd | Deferred[IStreamEnd]":
+        """Accept a stream from `peer`; raise StreamRefused to decline it."""
+
+
+class IHttpExit(Interface):
+    """A binding that takes over an HTTP request's connection (the ws server)."""
+
+    def accept_request(request: Any, transport: Any) -> Any:
+        """Return the protocol that takes the connection, or an HttpResponse refusing it."""
+
+
+class IBytesExit(Interface):
+    """A binding that takes a byte stream: a Twisted IProtocolFactory (http server)."""
+
+    name = Attribute("the binding's name")
