@@ -63,6 +63,19 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
         yield "routes", "an http server needs 'exit' or routes with an exit"
 
 
+# Header values that HTTP defines as case-insensitive tokens (RFC 6455 §4.2.1: `Upgrade:
+# WebSocket` is a valid upgrade, and Autobahn clients send it). Zilla matches every value
+# case-sensitively, so its `upgrade: websocket` route would refuse them; we do not.
+CASELESS_HEADERS = frozenset({"upgrade", "connection"})
+
+
+def _header_matcher(name: str, pattern: str) -> Matcher:
+    if name in CASELESS_HEADERS:
+        match = matcher(pattern.lower(), named_groups=True)
+        return lambda value: value is not None and match(value.lower())
+    return matcher(pattern, named_groups=True, query_tail=name == ":path")
+
+
 def pseudo_headers(request: Request, secure: bool) -> dict[str, str]:
     """Zilla's view of a request: pseudo-headers plus the lower-cased headers."""
     scheme = "https" if secure else "http"
@@ -98,7 +111,7 @@ class HttpServer(Factory):
         # (alternatives: each a list of (header, matcher) that must all match, exit)
         self._routes: list[tuple[list[list[tuple[str, Matcher]]], Any]] = []
         for route, exit_ in routes:
-            alternatives = [[(name.lower(), matcher(pattern, named_groups=True, query_tail=name == ":path"))
+            alternatives = [[(name.lower(), _header_matcher(name.lower(), pattern))
                              for name, pattern in (w.get("headers") or {}).items()] for w in route.when]
             self._routes.append((alternatives, exit_))
 

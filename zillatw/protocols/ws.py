@@ -67,6 +67,19 @@ STREAMS = {"server": ("http", "messages")}
 _SENDABLE = frozenset([1000, 1001, 1002, 1003, *range(1007, 1015)]) | frozenset(range(3000, 5000))
 
 
+class ReactorTimer:
+    """Autobahn's timer interface on plain reactor calls. Autobahn batches its timers into
+    shared buckets whose reactor calls outlive cancelled timers; ours end with them."""
+
+    def __init__(self, reactor: Any = None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+
+    def call_later(self, delay: float, func: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.reactor.callLater(delay, func, *args, **kwargs)
+
+
 def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
     if binding.kind != "server":
         yield "kind", "ws client bindings are not supported by this zillatw yet (expected server)"
@@ -81,6 +94,7 @@ class WsServer(WebSocketServerFactory):
                  max_message_size: int = MAX_MESSAGE_SIZE, max_frame_size: int = 0,
                  permessage_deflate: bool = True):
         super().__init__()
+        self._batched_timer = ReactorTimer()
         self.name = name
         self.namespace = namespace
         self._routes = []
@@ -128,6 +142,10 @@ class WsServer(WebSocketServerFactory):
         return connection
 
 
+_TIMERS = ("openHandshakeTimeoutCall", "closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall",
+           "autoPingPendingCall", "autoPingTimeoutCall")
+
+
 def _accept_deflate(offers: list[Any]) -> Any:
     """Accept the first permessage-deflate offer (RFC 7692)."""
     for offer in offers:
@@ -146,6 +164,7 @@ class WsServerProtocol(WebSocketServerProtocol):
     peer: IStreamEnd | None = None
     _opcode = TEXT
     _last = b""
+    _peer_closing = False
 
     # ---- opening: the 101 goes out once the exit has accepted the stream
 
@@ -201,6 +220,30 @@ class WsServerProtocol(WebSocketServerProtocol):
                 peer.stream_end(NO_STATUS if code is None else code, reason or "")
             else:
                 peer.stream_end(ABNORMAL, reason or "")
+
+    # ---- closing. When the client's close frame arrives, Autobahn aborts the socket, which
+    # would discard a close frame of ours still in the write buffer (say, our 1002 for its
+    # invalid close code). The client is reading, so a graceful close is right then.
+
+    def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:
+        self._peer_closing = True
+        try:
+            return super().onCloseFrame(code, reasonRaw)
+        finally:
+            self._peer_closing = False
+
+    def dropConnection(self, abort: bool = False) -> None:
+        super().dropConnection(abort=abort and not self._peer_closing)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        super().connectionLost(reason)
+        # Autobahn leaves some of its timers running after the socket is gone.
+        for name in _TIMERS:
+            call = getattr(self, name, None)
+            if call is not None:
+                setattr(self, name, None)
+                if call.active():
+                    call.cancel()
 
     # ---- exit -> client (IStreamEnd)
 
