@@ -2,9 +2,12 @@
 one stream to the exit (echo, for reflect); what comes back goes to every member, the
 sender included.
 
-Members' messages are forwarded whole, so two members' fragments never interleave. A member
-whose socket cannot keep up is not allowed to hold the others back: once its transport has
-paused us, at most `max_lag` more bytes are queued for it, then it is closed with 1013.
+Members' messages are forwarded whole, so two members' fragments never interleave.
+
+Flow: the group goes at the pace of its fastest member. While every member's socket is full,
+the publishers are the ones too fast, so the group stops reading from all members. A member
+that falls behind the others is not allowed to hold them back: once its socket is full, at
+most `max_lag` more bytes are queued for it, then it is closed with 1013 (try again later).
 """
 
 from __future__ import annotations
@@ -72,11 +75,15 @@ class FanMember:
 
     # the member's socket is full / drained
     def pauseProducing(self) -> None:
-        self._paused = True
+        if not self._paused:
+            self._paused = True
+            self.group.congestion(+1)
 
     def resumeProducing(self) -> None:
-        self._paused = False
         self._lag = 0
+        if self._paused:
+            self._paused = False
+            self.group.congestion(-1)
 
     def stopProducing(self) -> None:
         self.group.leave(self)
@@ -91,13 +98,33 @@ class FanGroup:
         self.members: dict[FanMember, None] = {}  # insertion order, O(1) leave
         self.upstream: IStreamEnd | None = None
         self.waiting: list[Deferred] | None = None
+        self.congested = 0      # members whose socket is full
+        self.reading = True     # whether members' sockets are being read
+
+    def congestion(self, change: int) -> None:
+        self.congested += change
+        self._pace()
+
+    def _pace(self) -> None:
+        """Stop reading publishers while every member is congested; read again once one is not."""
+        all_congested = bool(self.members) and self.congested >= len(self.members)
+        if all_congested == self.reading:
+            self.reading = not all_congested
+            for member in self.members:
+                if all_congested:
+                    member.peer.pauseProducing()
+                else:
+                    member.peer.resumeProducing()
 
     def publish(self, opcode: int, payload: bytes) -> None:
         if self.upstream is not None:
             self.upstream.stream_data(opcode, payload, True)
 
     def leave(self, member: FanMember) -> None:
-        self.members.pop(member, None)
+        if self.members.pop(member, False) is None:
+            if member._paused:
+                self.congested -= 1
+            self._pace()
 
     def evict(self, member: FanMember) -> None:
         self.leave(member)
@@ -156,6 +183,7 @@ class FanServer:
 
     def _join(self, group: FanGroup, member: FanMember) -> FanMember:
         group.members[member] = None
+        group._pace()
         return member
 
     def _ready(self, group: FanGroup, upstream: IStreamEnd) -> None:

@@ -97,6 +97,7 @@ class WsServer(WebSocketServerFactory):
         self._batched_timer = ReactorTimer()
         self.name = name
         self.namespace = namespace
+        self.connections: set[WsServerProtocol] = set()  # open ones, for shutdown and stats
         self._routes = []
         for route, exit_ in routes:
             alternatives = [tuple(matcher(w.get(k)) for k in ("protocol", "scheme", "authority", "path"))
@@ -192,6 +193,9 @@ class WsServerProtocol(WebSocketServerProtocol):
     # ---- client -> exit: fragments as they complete. The last one waits for onMessageEnd,
     # which Autobahn calls only after its end-of-message UTF-8 and inflate checks.
 
+    def onOpen(self) -> None:
+        self.factory.connections.add(self)
+
     def onMessageBegin(self, isBinary: bool) -> None:
         self._opcode = BINARY if isBinary else TEXT
         self.message_data_total_length = 0  # Autobahn counts it against maxMessagePayloadSize
@@ -214,6 +218,7 @@ class WsServerProtocol(WebSocketServerProtocol):
             self.peer.stream_data(self._opcode, payload, True)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.connections.discard(self)
         peer, self.peer = self.peer, None
         if peer is not None:
             if wasClean:

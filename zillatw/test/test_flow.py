@@ -1,0 +1,123 @@
+"""Flow control and fan-out under load, measured in bytes buffered, not in time."""
+
+from __future__ import annotations
+
+import hashlib
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from zillatw.test.support import (chain, client_frame, close_ws, connect_raw, connect_ws, eventually,
+                                  parse_server_frames, split_response, start_gateway, upgrade_request)
+
+MESSAGE = 64 * 1024
+
+
+def buffered(transport) -> int:
+    """Bytes a Twisted TCP transport holds in user space, waiting for the socket."""
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+@defer.inlineCallbacks
+def raw_ws(port: int, protocols: str | None = None):
+    """A raw client past its handshake; returns (client, offset of the first frame byte)."""
+    client = yield connect_raw(port)
+    headers = {"Sec-WebSocket-Protocol": protocols} if protocols else None
+    client.transport.write(upgrade_request(headers=headers))
+    yield client.until(4)
+    while b"\r\n\r\n" not in client.data:
+        yield client.until(len(client.data) + 1)
+    status, _, rest = split_response(client.data)
+    assert "101" in status, status
+    return client, len(client.data) - len(rest)
+
+
+class EchoBackPressureTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_a_client_that_does_not_read_stops_being_read(self):
+        gateway, port = yield start_gateway(self, chain())
+        client, start = yield raw_ws(port)
+        client.transport.pauseProducing()  # the client stops reading its socket
+        count = 400  # 25 MiB: more than loopback's socket buffers hold
+        payloads = [bytes([i % 251]) * MESSAGE for i in range(count)]
+        client.transport.writeSequence([client_frame(0x2, p) for p in payloads])
+        server = yield self._server_connection(gateway)
+
+        # The gateway stops reading from a client it cannot write to, so what it holds stays
+        # near one socket read plus Twisted's 64 KiB write threshold.
+        yield eventually(lambda: server.transport not in reactor.getReaders(), timeout=10)
+        peak = buffered(server.transport)
+        self.assertLess(peak, 1024 * 1024)
+        self.assertGreater(buffered(client.transport), 0, "the sender was not held back")
+
+        # Nothing is lost once the client reads again.
+        client.transport.resumeProducing()
+        expected = start + count * (10 + MESSAGE)  # 64 KiB needs the 8-byte length form
+        yield client.until(expected)
+        frames = parse_server_frames(client.data[start:])
+        self.assertEqual(len(frames), count)
+        self.assertEqual(hashlib.sha256(b"".join(f[2] for f in frames)).digest(),
+                         hashlib.sha256(b"".join(payloads)).digest())
+        client.transport.loseConnection()
+        yield client.done
+
+    @defer.inlineCallbacks
+    def _server_connection(self, gateway):
+        ws = gateway.binding("ws0")
+        yield eventually(lambda: len(ws.connections) == 1)
+        return next(iter(ws.connections))
+
+
+class FanTests(unittest.TestCase):
+    def config(self):
+        return chain(apps={
+            "fan": {"type": "fan", "kind": "server", "exit": "echo"},
+            "echo": {"type": "echo", "kind": "server"},
+        }, ws_routes=[{"exit": "fan"}])
+
+    @defer.inlineCallbacks
+    def test_a_slow_member_is_closed_without_stalling_the_others(self):
+        gateway, port = yield start_gateway(self, self.config())
+        fan = gateway.binding("fan")
+        fan.max_lag = 1024 * 1024
+        fast = []
+        for _ in range(2):
+            fast.append((yield connect_ws(port)))
+        slow, _ = yield raw_ws(port)
+        slow.transport.pauseProducing()
+        yield eventually(lambda: fan.members() == 3)
+
+        count = 300  # ~19 MiB to every member
+        for index in range(count):
+            fast[0].sendMessage(index.to_bytes(4, "big") * (MESSAGE // 4), isBinary=True)
+        for client in fast:
+            for index in range(count):
+                binary, frames = yield client.messages.get()
+                self.assertEqual(b"".join(frames)[:4], index.to_bytes(4, "big"))
+        self.assertEqual(fan.members(), 2)
+        # The slow member was sent a close (1013) behind the data it did not read, and is
+        # dropped once the closing handshake times out. It sees that when it reads again.
+        ws = gateway.binding("ws0")
+        yield eventually(lambda: len(ws.connections) == 2)
+        slow.transport.resumeProducing()
+        yield slow.done
+        fast[1].sendMessage(b"still here")
+        for client in fast:
+            self.assertEqual((yield client.messages.get()), (False, [b"still here"]))
+            yield close_ws(client)
+        self.assertEqual(fan.members(), 0)
+
+    @defer.inlineCallbacks
+    def test_fragmented_messages_from_members_do_not_interleave(self):
+        gateway, port = yield start_gateway(self, self.config())
+        a = yield connect_ws(port)
+        b = yield connect_ws(port)
+        a.sendFrame(1, b"a1", fin=False)
+        b.sendMessage(b"b-whole")
+        a.sendFrame(0, b"a2", fin=True)
+        for client in (a, b):
+            first = yield client.messages.get()
+            second = yield client.messages.get()
+            self.assertEqual([b"".join(first[1]), b"".join(second[1])], [b"b-whole", b"a1a2"])
+        yield close_ws(a)
+        yield close_ws(b)
