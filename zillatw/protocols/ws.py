@@ -240,6 +240,11 @@ class WsServerProtocol(WebSocketServerProtocol):
     def dropConnection(self, abort: bool = False) -> None:
         super().dropConnection(abort=abort and not self._peer_closing)
 
+    def unregisterProducer(self) -> None:
+        # Autobahn unregisters on every drop, registered or not; not every transport allows that.
+        if getattr(self.transport, "producer", None) is not None:
+            self.transport.unregisterProducer()
+
     def connectionLost(self, reason: Failure | None = None) -> None:
         super().connectionLost(reason)
         # Autobahn leaves some of its timers running after the socket is gone.

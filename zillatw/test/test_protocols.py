@@ -1,0 +1,171 @@
+"""The http and ws bindings as plain Twisted protocols on StringTransport: bytes in, bytes out,
+no sockets. Also shows them used on their own, without a zilla.yaml."""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+from zope.interface import implementer
+
+from zillatw.config import Route
+from zillatw.protocols.echo import EchoEnd, EchoServer
+from zillatw.protocols.http import HttpServer
+from zillatw.protocols.ws import WsServer
+from zillatw.stream import IStreamExit, StreamRefused
+from zillatw.test.support import client_frame, parse_server_frames, split_response, upgrade_request
+
+
+@implementer(IStreamExit)
+class RefusingExit:
+    def open(self, info, peer):
+        raise StreamRefused(503, "Service Unavailable")
+
+
+@implementer(IStreamExit)
+class LaterExit:
+    """Accepts once the test says so, as a proxy does when its upstream answers."""
+
+    def __init__(self):
+        self.pending: list[tuple[Deferred, object]] = []
+        self.infos = []
+
+    def open(self, info, peer):
+        self.infos.append(info)
+        d: Deferred = Deferred()
+        self.pending.append((d, peer))
+        return d
+
+
+def gateway_chain(exit_, clock=None, when=()):
+    """http -> ws -> exit, built directly from the binding classes."""
+    ws = WsServer("ws", [(Route(0, "t:app", when=tuple(when)), exit_)])
+    return HttpServer("http", [(Route(0, "t:ws"), ws)], reactor=clock or Clock())
+
+
+def connect(factory):
+    transport = StringTransport()
+    protocol = factory.buildProtocol(None)
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+class HttpProtocolTests(unittest.SynchronousTestCase):
+    def test_request_head_fed_byte_by_byte(self):
+        protocol, transport = connect(gateway_chain(EchoServer()))
+        for byte in upgrade_request("/chat"):
+            protocol.dataReceived(bytes([byte]))
+        status, headers, _ = split_response(transport.value())
+        self.assertEqual(status, "HTTP/1.1 101 Switching Protocols")
+        self.assertEqual(headers["sec-websocket-accept"], "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+
+    def test_slow_request_head_times_out_with_408(self):
+        clock = Clock()
+        protocol, transport = connect(gateway_chain(EchoServer(), clock))
+        protocol.dataReceived(b"GET / HTTP/1.1\r\n")
+        clock.advance(9.9)
+        self.assertEqual(transport.value(), b"")
+        clock.advance(0.2)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 "))
+        self.assertTrue(transport.disconnecting)
+
+    def test_completed_head_cancels_the_timeout(self):
+        clock = Clock()
+        protocol, transport = connect(gateway_chain(EchoServer(), clock))
+        protocol.dataReceived(upgrade_request())
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_no_route_is_404_then_close(self):
+        http = HttpServer("http", [], reactor=Clock())
+        protocol, transport = connect(http)
+        protocol.dataReceived(upgrade_request())
+        status, headers, _ = split_response(transport.value())
+        self.assertEqual((status, headers["connection"]), ("HTTP/1.1 404 Not Found", "close"))
+        self.assertTrue(transport.disconnecting)
+        protocol.dataReceived(b"ignored after the error")
+
+    def test_authority_gets_the_default_port(self):
+        seen = []
+        ws = WsServer("ws", [(Route(0, "t:app", when=({"authority": "example.com:80"},)), EchoServer())])
+        ws.accept_request = lambda request, headers, transport, trace_id=0: seen.append(headers) or \
+            WsServer.accept_request(ws, request, headers, transport, trace_id)
+        protocol, transport = connect(HttpServer("http", [(Route(0, "t:ws"), ws)], reactor=Clock()))
+        protocol.dataReceived(upgrade_request(headers={"Host": "example.com"}))
+        self.assertEqual(seen[0][":authority"], "example.com:80")
+        self.assertIn(b" 101 ", transport.value())
+
+
+class WsProtocolTests(unittest.SynchronousTestCase):
+    def open_echo(self):
+        protocol, transport = connect(gateway_chain(EchoServer()))
+        protocol.dataReceived(upgrade_request())
+        _, _, rest = split_response(transport.value())
+        self.assertEqual(rest, b"")
+        transport.clear()
+        return protocol, transport
+
+    def test_echo_keeps_each_fragment_and_its_opcode(self):
+        protocol, transport = self.open_echo()
+        protocol.dataReceived(client_frame(0x1, b"ab", fin=False) + client_frame(0x9, b"ping")
+                              + client_frame(0x0, b"cd", fin=False) + client_frame(0x0, b"e"))
+        self.assertEqual(parse_server_frames(transport.value()),
+                         [(0x1, False, b"ab"), (0xA, True, b"ping"), (0x0, False, b"cd"), (0x0, True, b"e")])
+
+    def test_last_fragment_waits_for_utf8_check(self):
+        """A text message that ends mid-character is closed with 1007, and its last
+        fragment is never passed on."""
+        protocol, transport = self.open_echo()
+        protocol.dataReceived(client_frame(0x1, b"ok", fin=False) + client_frame(0x0, b"\xc3"))
+        frames = parse_server_frames(transport.value())
+        self.assertEqual(frames[0], (0x1, False, b"ok"))
+        self.assertEqual(frames[1][0], 0x8)
+        self.assertEqual(int.from_bytes(frames[1][2][:2], "big"), 1007)
+        self.assertEqual(len(frames), 2)
+
+    def test_exit_refusal_becomes_the_handshake_status(self):
+        protocol, transport = connect(gateway_chain(RefusingExit()))
+        protocol.dataReceived(upgrade_request())
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 503 "))
+
+    def test_101_waits_for_the_exit_to_accept(self):
+        exit_ = LaterExit()
+        protocol, transport = connect(gateway_chain(exit_))
+        protocol.dataReceived(upgrade_request("/later", {"Sec-WebSocket-Protocol": "p1, p2"})
+                              + client_frame(0x1, b"early"))
+        self.assertEqual(transport.value(), b"")
+        info = exit_.infos[0]
+        self.assertEqual((info.protocol, info.scheme, info.authority, info.path), ("p1", "http", "localhost:80", "/later"))
+        d, peer = exit_.pending[0]
+        d.callback(EchoEnd(peer))
+        status, headers, rest = split_response(transport.value())
+        self.assertEqual((status.split()[1], headers["sec-websocket-protocol"]), ("101", "p1"))
+        self.assertEqual(parse_server_frames(rest), [(0x1, True, b"early")])
+
+    def test_exit_refusing_later_is_the_handshake_status(self):
+        exit_ = LaterExit()
+        protocol, transport = connect(gateway_chain(exit_))
+        protocol.dataReceived(upgrade_request())
+        exit_.pending[0][0].errback(StreamRefused(502, "Bad Gateway"))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 502 "))
+
+    def test_exit_close_code_reaches_the_client(self):
+        exit_ = LaterExit()
+        protocol, transport = connect(gateway_chain(exit_))
+        protocol.dataReceived(upgrade_request())
+        d, peer = exit_.pending[0]
+        d.callback(EchoEnd(peer))
+        transport.clear()
+        peer.stream_end(1001, "going away")
+        self.assertEqual(parse_server_frames(transport.value()), [(0x8, True, b"\x03\xe9going away")])
+
+    def test_unsendable_codes_are_mapped(self):
+        exit_ = LaterExit()
+        protocol, transport = connect(gateway_chain(exit_))
+        protocol.dataReceived(upgrade_request())
+        d, peer = exit_.pending[0]
+        d.callback(EchoEnd(peer))
+        transport.clear()
+        peer.stream_end(1006, "")
+        frame = parse_server_frames(transport.value())[0]
+        self.assertEqual(int.from_bytes(frame[2][:2], "big"), 1011)
