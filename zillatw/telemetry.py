@@ -51,7 +51,9 @@ class Events:
 
 def _line_writer(stream: TextIO | None) -> Callable[[str], None]:
     def write(line: str) -> None:
-        out = stream or sys.stdout  # looked up late: twistd swaps stdout after start
+        # The process's own stdout: twistd replaces sys.stdout with its log, which would
+        # wrap each line in a log record.
+        out = stream or sys.__stdout__
         out.write(line + "\n")
         out.flush()
     return write

@@ -1,0 +1,83 @@
+"""`twistd -n zillaws -c FILE` as users run it, in a child process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+
+import yaml
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial import unittest
+
+from zillatw.test.support import CONF, close_ws, connect_ws, eventually
+
+ROOT = os.path.dirname(CONF)
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+ENV = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Collect(ProcessProtocol):
+    def __init__(self):
+        self.out = b""
+        self.ended: defer.Deferred = defer.Deferred()
+
+    def outReceived(self, data):
+        self.out += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self.ended.callback((reason.value.exitCode, getattr(reason.value, "signal", None)))
+
+
+class TwistdTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_invalid_config_exits_non_zero_naming_the_path(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("name: t\nbindings:\n  ws0:\n    type: ws\n    kind: server\n    exit: echo_sever\n"
+                    "  echo_server:\n    type: echo\n    kind: server\n")
+        out, err, code = yield getProcessOutputAndValue(
+            TWISTD[0], TWISTD[1:] + ["-n", "--pidfile=", "zillaws", "-c", path], env=ENV)
+        self.assertEqual(code, 1)
+        self.assertIn(b"bindings.ws0.exit: no binding named 'echo_sever' (did you mean 'echo_server'?)", out + err)
+
+    @defer.inlineCallbacks
+    def test_serves_ws_echo_example_then_stops_on_sigterm(self):
+        port = free_port()
+        with open(os.path.join(CONF, "ws.echo.yaml")) as f:
+            text = f.read().replace("7114", str(port))  # the example, on a port free here
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(text)
+        child = Collect()
+        process = reactor.spawnProcess(child, TWISTD[0], TWISTD + ["-n", "--pidfile=", "zillaws", "-v", "-c", path],
+                                       env=ENV, path=ROOT)
+        try:
+            yield eventually(lambda: b"ENGINE_STARTED" in child.out or child.ended.called, timeout=20)
+            self.assertIn(b"ENGINE_STARTED", child.out, child.out)
+            self.assertEqual(yaml.safe_load(child.out.split(b"---", 1)[-1].split(b"\n20")[0])["name"], "example")
+            client = yield connect_ws(port, protocols=["echo"])
+            client.sendMessage(b"via twistd")
+            self.assertEqual((yield client.messages.get()), (False, [b"via twistd"]))
+            yield close_ws(client)
+            # Event lines are Zilla's, on stdout as they are, not wrapped by twistd's log.
+            self.assertRegex(child.out, rb"(?m)^example:north_http_server \[[^]]+\] \[[0-9a-f]{16}d\] "
+                                        rb"BINDING_HTTP_REQUEST_ACCEPTED - GET http://127.0.0.1:\d+/$")
+        finally:
+            if not child.ended.called:
+                process.signalProcess(signal.SIGTERM)
+        code, signal_number = yield child.ended
+        # twistd shuts down cleanly, then re-raises SIGTERM so its exit status tells why.
+        self.assertIn(b"Main loop terminated.", child.out)
+        self.assertIn((code, signal_number), [(0, None), (None, signal.SIGTERM)])
