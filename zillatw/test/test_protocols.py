@@ -40,8 +40,9 @@ class LaterExit:
 
 def gateway_chain(exit_, clock=None, when=()):
     """http -> ws -> exit, built directly from the binding classes."""
-    ws = WsServer("ws", [(Route(0, "t:app", when=tuple(when)), exit_)])
-    return HttpServer("http", [(Route(0, "t:ws"), ws)], reactor=clock or Clock())
+    clock = clock or Clock()
+    ws = WsServer("ws", [(Route(0, "t:app", when=tuple(when)), exit_)], reactor=clock)
+    return HttpServer("http", [(Route(0, "t:ws"), ws)], reactor=clock)
 
 
 def connect(factory):
@@ -87,7 +88,8 @@ class HttpProtocolTests(unittest.SynchronousTestCase):
 
     def test_authority_gets_the_default_port(self):
         seen = []
-        ws = WsServer("ws", [(Route(0, "t:app", when=({"authority": "example.com:80"},)), EchoServer())])
+        ws = WsServer("ws", [(Route(0, "t:app", when=({"authority": "example.com:80"},)), EchoServer())],
+                      reactor=Clock())
         ws.accept_request = lambda request, headers, transport, trace_id=0: seen.append(headers) or \
             WsServer.accept_request(ws, request, headers, transport, trace_id)
         protocol, transport = connect(HttpServer("http", [(Route(0, "t:ws"), ws)], reactor=Clock()))

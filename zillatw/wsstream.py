@@ -1,0 +1,146 @@
+"""Relaying a WebSocket connection's messages to and from a stream peer, fragment by
+fragment, on top of Autobahn's protocol; shared by the ws server and ws client bindings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from zillatw.stream import ABNORMAL, BINARY, CONTINUATION, NO_STATUS, TEXT, IStreamEnd
+
+
+class ReactorTimer:
+    """Autobahn's timer interface on plain reactor calls. Autobahn batches its timers into
+    shared buckets whose reactor calls outlive cancelled timers; ours end with them."""
+
+    def __init__(self, reactor: Any = None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+
+    def call_later(self, delay: float, func: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.reactor.callLater(delay, func, *args, **kwargs)
+
+
+# Codes a close frame may carry (RFC 6455 §7.4); others are mapped before sending.
+_SENDABLE = frozenset([1000, 1001, 1002, 1003, *range(1007, 1015)]) | frozenset(range(3000, 5000))
+
+_TIMERS = ("openHandshakeTimeoutCall", "closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall",
+           "autoPingPendingCall", "autoPingTimeoutCall")
+
+
+
+@implementer(IStreamEnd)
+class StreamRelay:
+    """Mixed in before an Autobahn protocol class: its socket on one side, `peer` on the other."""
+
+    peer: IStreamEnd | None = None
+    _opcode = TEXT
+    _last = b""
+    _peer_closing = False
+
+    # ---- from the socket to the peer: fragments as they complete. The last one waits for onMessageEnd,
+    # which Autobahn calls only after its end-of-message UTF-8 and inflate checks.
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        self._opcode = BINARY if isBinary else TEXT
+        self.message_data_total_length = 0  # Autobahn counts it against maxMessagePayloadSize
+
+    def onMessageFrameEnd(self) -> None:
+        if self.failedByMe:
+            return
+        parts = self.frame_data
+        payload = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.frame_data = None
+        if self.current_frame.fin:
+            self._last = payload
+        elif self.peer is not None:
+            self.peer.stream_data(self._opcode, payload, False)
+            self._opcode = CONTINUATION
+
+    def onMessageEnd(self) -> None:
+        if not self.failedByMe and self.peer is not None:
+            payload, self._last = self._last, b""
+            self.peer.stream_data(self._opcode, payload, True)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        peer, self.peer = self.peer, None
+        if peer is not None:
+            if wasClean:
+                peer.stream_end(NO_STATUS if code is None else code, reason or "")
+            else:
+                peer.stream_end(ABNORMAL, reason or "")
+
+    # ---- closing. When the client's close frame arrives, Autobahn aborts the socket, which
+    # would discard a close frame of ours still in the write buffer (say, our 1002 for its
+    # invalid close code). The client is reading, so a graceful close is right then.
+
+    def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:
+        self._peer_closing = True
+        try:
+            return super().onCloseFrame(code, reasonRaw)
+        finally:
+            self._peer_closing = False
+
+    def dropConnection(self, abort: bool = False) -> None:
+        super().dropConnection(abort=abort and not self._peer_closing)
+
+    def unregisterProducer(self) -> None:
+        # Autobahn unregisters on every drop, registered or not; not every transport allows that.
+        if getattr(self.transport, "producer", None) is not None:
+            self.transport.unregisterProducer()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        super().connectionLost(reason)
+        # Autobahn leaves some of its timers running after the socket is gone.
+        for name in _TIMERS:
+            call = getattr(self, name, None)
+            if call is not None:
+                setattr(self, name, None)
+                if call.active():
+                    call.cancel()
+
+    # ---- from the peer to the socket (IStreamEnd)
+
+    def stream_data(self, opcode: int, payload: bytes, fin: bool) -> None:
+        if self.state != self.STATE_OPEN:
+            return
+        if self._perMessageCompress is None:
+            self.sendFrame(opcode, payload, fin)  # one frame per fragment, exactly
+        elif opcode != CONTINUATION and fin:
+            self.sendMessage(payload, opcode == BINARY)
+        else:
+            # Compressed fragments: the message keeps its boundaries; deflate's trailing
+            # flush adds one frame at the end.
+            if opcode != CONTINUATION:
+                self.beginMessage(isBinary=opcode == BINARY)
+                self.sendMessageFrame(payload)
+            elif payload:
+                self.sendMessageFrame(payload)
+            if fin:
+                self.endMessage()
+
+    def stream_end(self, code: int, reason: str) -> None:
+        if self.state != self.STATE_OPEN:
+            return
+        if code == NO_STATUS:
+            self.sendCloseFrame()
+            return
+        if code not in _SENDABLE:
+            code, reason = 1011, reason or "the stream's other side failed"
+        self.sendCloseFrame(code, reason.encode("utf-8")[:123])
+
+    def pauseProducing(self) -> None:
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.transport is not None:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """The exit is gone; its stream_end carries the close."""
+
+
