@@ -36,7 +36,7 @@ _TIMERS = ("openHandshakeTimeoutCall", "closeHandshakeTimeoutCall", "serverConne
 class StreamRelay:
     """Mixed in before an Autobahn protocol class: its socket on one side, `peer` on the other."""
 
-    peer: IStreamEnd | None = None
+    stream_peer: IStreamEnd | None = None
     _opcode = TEXT
     _last = b""
     _peer_closing = False
@@ -56,17 +56,17 @@ class StreamRelay:
         self.frame_data = None
         if self.current_frame.fin:
             self._last = payload
-        elif self.peer is not None:
-            self.peer.stream_data(self._opcode, payload, False)
+        elif self.stream_peer is not None:
+            self.stream_peer.stream_data(self._opcode, payload, False)
             self._opcode = CONTINUATION
 
     def onMessageEnd(self) -> None:
-        if not self.failedByMe and self.peer is not None:
+        if not self.failedByMe and self.stream_peer is not None:
             payload, self._last = self._last, b""
-            self.peer.stream_data(self._opcode, payload, True)
+            self.stream_peer.stream_data(self._opcode, payload, True)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        peer, self.peer = self.peer, None
+        peer, self.stream_peer = self.stream_peer, None
         if peer is not None:
             if wasClean:
                 peer.stream_end(NO_STATUS if code is None else code, reason or "")

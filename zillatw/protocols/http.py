@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from twisted.internet.defer import fail
 from twisted.internet.interfaces import IAddress, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
@@ -17,6 +18,7 @@ from zillatw.config import BindingConfig, Route
 from zillatw.http1 import HttpError, Request, RequestHeadParser, render_response
 from zillatw.matching import Matcher, matcher
 from zillatw.schema import FORBIDDEN, route_schema
+from zillatw.stream import StreamRefused
 from zillatw.telemetry import Events, next_trace_id
 
 HEAD_TIMEOUT = 10.0  # seconds for a client to send its request head (slowloris)
@@ -43,13 +45,17 @@ SCHEMA_PATCH = {
         })},
     },
 }
-STREAMS = {"server": ("bytes", "http")}
+STREAMS = {"server": ("bytes", "http"), "client": ("http", "bytes")}
 NOT_YET = {"authorization": "the jwt guard", "requests": "request validation"}
 
 
 def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
-    if binding.kind != "server":
-        yield "kind", "http client bindings are not supported by this zillatw yet (expected server)"
+    if binding.kind == "client":
+        for key in binding.options:
+            if key != "versions":
+                yield f"options.{key}", "not supported on an http client by this zillatw yet"
+        if not binding.routes:
+            yield "routes", "an http client needs 'exit' or routes with an exit"
         return
     for key, feature in NOT_YET.items():
         if key in binding.options:
@@ -92,6 +98,39 @@ def pseudo_headers(request: Request, secure: bool) -> dict[str, str]:
     return headers
 
 
+class HeaderRoutes:
+    """Routes on headers (pseudo-headers included): all of a `when` entry's must match."""
+
+    def __init__(self, routes: list[tuple[Route, Any]]):
+        self._routes: list[tuple[list[list[tuple[str, Matcher]]], Any]] = []
+        for route, exit_ in routes:
+            alternatives = [[(name.lower(), _header_matcher(name.lower(), pattern))
+                             for name, pattern in (w.get("headers") or {}).items()] for w in route.when]
+            self._routes.append((alternatives, exit_))
+
+    def route(self, headers: dict[str, str]) -> Any | None:
+        for alternatives, exit_ in self._routes:
+            if not alternatives or any(all(match(headers.get(name)) for name, match in conditions)
+                                       for conditions in alternatives):
+                return exit_
+        return None
+
+
+class HttpClient:
+    """The http client binding: picks the exit (tcp client) for an upstream request. The
+    upgrade request itself is written by the ws client's protocol."""
+
+    def __init__(self, name: str, routes: list[tuple[Route, Any]]):
+        self.name = name
+        self._routes = HeaderRoutes(routes)
+
+    def connect(self, factory: Any, headers: dict[str, str], timeout: float) -> Any:
+        exit_ = self._routes.route(headers)
+        if exit_ is None:
+            return fail(StreamRefused(502, f"http client {self.name} has no route for {headers.get(':authority')}"))
+        return exit_.connect(factory, headers.get(":authority"), timeout)
+
+
 class HttpServer(Factory):
     """The http server binding: routes and limits, and the factory of its connections."""
 
@@ -108,19 +147,7 @@ class HttpServer(Factory):
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
-        # (alternatives: each a list of (header, matcher) that must all match, exit)
-        self._routes: list[tuple[list[list[tuple[str, Matcher]]], Any]] = []
-        for route, exit_ in routes:
-            alternatives = [[(name.lower(), _header_matcher(name.lower(), pattern))
-                             for name, pattern in (w.get("headers") or {}).items()] for w in route.when]
-            self._routes.append((alternatives, exit_))
-
-    def route(self, headers: dict[str, str]) -> Any | None:
-        for alternatives, exit_ in self._routes:
-            if not alternatives or any(all(match(headers.get(name)) for name, match in conditions)
-                                       for conditions in alternatives):
-                return exit_
-        return None
+        self.route = HeaderRoutes(routes).route
 
     def buildProtocol(self, addr: IAddress) -> "HttpServerProtocol":
         protocol = HttpServerProtocol()
@@ -199,6 +226,8 @@ def _discard(data: bytes) -> None:
     """Bytes after an error response are ignored while the socket closes."""
 
 
-def build(binding: BindingConfig, graph: Any) -> HttpServer:
+def build(binding: BindingConfig, graph: Any) -> HttpServer | HttpClient:
     routes = [(route, graph.binding(route.exit)) for route in binding.routes]
+    if binding.kind == "client":
+        return HttpClient(binding.name, routes)
     return HttpServer(binding.name, routes, namespace=binding.namespace, events=graph.events(binding.namespace))

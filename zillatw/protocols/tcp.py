@@ -1,5 +1,6 @@
 """tcp server: listens on host and ports (or any Twisted server endpoint string) and hands
-each accepted connection to the exit its routes choose.
+each accepted connection to the exit its routes choose. tcp client: connects upstream, to
+options.host:port, or without them to the authority it is given, which its routes must allow.
 
 Routes match `port` (the listening port the client reached), `cidr` (the client's address;
 Zilla's code tests the local address, but restricting clients is what a cidr route is for)
@@ -19,6 +20,7 @@ from twisted.internet.protocol import Factory, Protocol
 from zillatw.config import BindingConfig, Route
 from zillatw.matching import matcher
 from zillatw.schema import FORBIDDEN, PORT_SPEC, route_schema
+from zillatw.stream import StreamRefused
 
 MAX_PORTS = 1024
 
@@ -37,7 +39,7 @@ SCHEMA_PATCH = {
                 "endpoint": {"type": "string"},
             },
         },
-        "routes": {"type": "array", "items": route_schema(condition={
+        "routes": {"type": "array", "items": route_schema(exit_required=False, condition={
             "type": "object",
             "additionalProperties": False,
             "properties": {
@@ -47,8 +49,10 @@ SCHEMA_PATCH = {
             },
         })},
     },
+    "if": {"properties": {"kind": {"const": "client"}}},
+    "then": {"properties": {"exit": FORBIDDEN}},
 }
-STREAMS = {"server": (None, "bytes")}
+STREAMS = {"server": (None, "bytes"), "client": ("bytes", None)}
 
 
 def parse_ports(spec: Any) -> list[int]:
@@ -69,8 +73,8 @@ def parse_ports(spec: Any) -> list[int]:
 
 
 def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
-    if binding.kind != "server":
-        yield "kind", "tcp client bindings are not supported by this zillatw yet (expected server)"
+    if binding.kind == "client":
+        yield from _check_client(binding)
         return
     options = binding.options
     if "endpoint" in options:
@@ -93,6 +97,8 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
     if not binding.routes:
         yield "routes", "a tcp server needs 'exit' or routes with an exit"
     for route in binding.routes:
+        if route.exit is None:
+            yield f"routes[{route.index}]", "missing required key 'exit'"
         for index, condition in enumerate(route.when):
             where = f"routes[{route.index}].when[{index}]"
             if "port" in condition:
@@ -105,6 +111,22 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
                     ipaddress.ip_network(condition["cidr"], strict=False)
                 except ValueError as e:
                     yield f"{where}.cidr", str(e)
+
+
+def _check_client(binding: BindingConfig) -> Iterator[tuple[str, str]]:
+    options = binding.options
+    if "endpoint" in options:
+        yield "options.endpoint", "a tcp client connects to host and port"
+    if "port" in options:
+        try:
+            if len(parse_ports(options["port"])) != 1:
+                yield "options.port", "a tcp client connects to one port"
+        except ValueError as e:
+            yield "options.port", str(e)
+    if "host" in options and "port" not in options:
+        yield "options", "missing required key 'port' (with 'host')"
+    if "host" not in options and not any(route.when for route in binding.routes):
+        yield "options", "missing 'host' and 'port' (or routes naming the destinations allowed)"
 
 
 class _Condition:
@@ -191,8 +213,48 @@ class ListenerFactory(Factory):
         return exit_.buildProtocol(addr) if exit_ is not None else None
 
 
-def build(binding: BindingConfig, graph: Any) -> TcpServer:
+class TcpClient:
+    """A tcp client binding: connects a protocol factory to the upstream."""
+
+    def __init__(self, name: str, host: str | None = None, port: int | None = None,
+                 conditions: Iterable[dict[str, Any]] = (), reactor: Any = None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.name = name
+        self.host = host
+        self.port = port
+        self.reactor = reactor
+        self._conditions = [_Condition(dict(c)) for c in conditions]
+
+    def destination(self, authority: str | None) -> tuple[str, int]:
+        """options.host:port, else the stream's authority if the routes allow it."""
+        if self.host is not None:
+            return self.host, self.port or 80
+        if not authority:
+            raise StreamRefused(502, f"tcp client {self.name} has no destination")
+        host, _, port = authority.rpartition(":") if authority.rfind(":") > authority.rfind("]") else (authority, "", "80")
+        host = host.strip("[]")
+        destination = (host, int(port))
+        if not any(c.matches(destination[1], host, host) for c in self._conditions):
+            raise StreamRefused(502, f"destination {authority} is not allowed by tcp client {self.name}'s routes")
+        return destination
+
+    def connect(self, factory: IProtocolFactory, authority: str | None, timeout: float) -> defer.Deferred:
+        """Connect `factory`'s protocol; fails with the endpoint's error (refused, timeout, DNS)."""
+        try:
+            host, port = self.destination(authority)
+        except StreamRefused:
+            return defer.fail()
+        endpoint = endpoints.HostnameEndpoint(self.reactor, host, port, timeout=timeout)
+        return endpoint.connect(factory)
+
+
+def build(binding: BindingConfig, graph: Any) -> TcpServer | TcpClient:
     options = binding.options
+    if binding.kind == "client":
+        return TcpClient(binding.name, options.get("host"),
+                         parse_ports(options["port"])[0] if "port" in options else None,
+                         [w for route in binding.routes for w in route.when])
     routes = [(route, graph.binding(route.exit)) for route in binding.routes]
     return TcpServer(
         binding.name, routes, host=options.get("host"),

@@ -1,5 +1,7 @@
 """ws server: validates the upgrade (RFC 6455), picks a route and subprotocol as Zilla does,
 opens a stream to the route's exit, and then relays message fragments both ways.
+ws client: opens an upstream WebSocket through its exit (http client -> tcp client) for each
+stream it is given, and relays fragments the same way.
 
 Framing, UTF-8 validation, close handshake and permessage-deflate are Autobahn's, which
 passes the Autobahn testsuite; this module adds routing and opening the stream to the exit,
@@ -8,25 +10,30 @@ and zillatw.wsstream relays the stream's fragments.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
+from autobahn.twisted.websocket import (WebSocketClientFactory, WebSocketClientProtocol, WebSocketServerFactory,
+                                       WebSocketServerProtocol)
+from autobahn.websocket.compress import (PerMessageDeflateOffer, PerMessageDeflateOfferAccept,
+                                         PerMessageDeflateResponse, PerMessageDeflateResponseAccept)
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet.defer import Deferred
+from twisted.internet import error
+from twisted.internet.defer import CancelledError, Deferred
+from zope.interface import implementer
 from twisted.python.failure import Failure
 
 from zillatw.config import BindingConfig, Route
 from zillatw.http1 import HttpError, Request
 from zillatw.matching import matcher
 from zillatw.schema import FORBIDDEN, route_schema
-from zillatw.stream import ABNORMAL, IStreamEnd, StreamInfo, StreamRefused
+from zillatw.stream import ABNORMAL, IStreamEnd, IStreamExit, StreamInfo, StreamRefused
 from zillatw.wsstream import ReactorTimer, StreamRelay
 from zillatw.wshandshake import check_upgrade, offered_protocols, select_route
 
 MAX_MESSAGE_SIZE = 1024 * 1024
 CLOSE_TIMEOUT = 2.0  # seconds to wait for the peer's close frame before dropping
+UPSTREAM_TIMEOUT = 10.0  # seconds for an upstream to connect and answer its handshake
+_FIELDS = ("protocol", "scheme", "authority", "path")
 
 SERVER_OPTIONS = {
     # zillatw's extension: Zilla's ws server takes no options.
@@ -55,19 +62,39 @@ SCHEMA_PATCH = {
     "else": {"properties": {"options": {
         "type": "object",
         "additionalProperties": False,
-        "properties": {"defaults": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {k: {"type": "string"} for k in ("protocol", "scheme", "authority", "path")},
-        }},
+        "properties": {
+            "defaults": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {k: {"type": "string"} for k in _FIELDS},
+            },
+            # zillatw's extensions
+            "timeout": {"type": "number", "exclusiveMinimum": 0},
+            "max-message-size": {"type": "integer", "minimum": 1},
+            "permessage-deflate": {"type": "boolean"},
+        },
     }}},
 }
-STREAMS = {"server": ("http", "messages")}
+STREAMS = {"server": ("http", "messages"), "client": ("messages", "http")}
 
 
-def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
-    if binding.kind != "server":
-        yield "kind", "ws client bindings are not supported by this zillatw yet (expected server)"
+class WsRoutes:
+    """Zilla's ws route resolution, shared by server and client."""
+
+    def __init__(self, routes: list[tuple[Route, Any]]):
+        self._routes = []
+        for route, exit_ in routes:
+            alternatives = [tuple(matcher(w.get(k)) for k in _FIELDS) for w in route.when]
+            self._routes.append((alternatives, exit_))
+
+    def resolve(self, protocol: str | None, scheme: str | None, authority: str | None,
+                path: str | None) -> tuple[int, Any] | None:
+        """The first route (index, exit) whose conditions match, as Zilla's resolve()."""
+        for index, (alternatives, exit_) in enumerate(self._routes):
+            if not alternatives or any(p(protocol) and s(scheme) and a(authority) and q(path)
+                                       for p, s, a, q in alternatives):
+                return index, exit_
+        return None
 
 
 class WsServer(WebSocketServerFactory):
@@ -83,11 +110,7 @@ class WsServer(WebSocketServerFactory):
         self.name = name
         self.namespace = namespace
         self.connections: set[WsServerProtocol] = set()  # open ones, for shutdown and stats
-        self._routes = []
-        for route, exit_ in routes:
-            alternatives = [tuple(matcher(w.get(k)) for k in ("protocol", "scheme", "authority", "path"))
-                            for w in route.when]
-            self._routes.append((alternatives, exit_))
+        self.resolve = WsRoutes(routes).resolve
         self.setProtocolOptions(
             echoCloseCodeReason=True,        # a client's close code comes back to it
             failByDrop=False,                # protocol errors get a close frame with the code
@@ -99,15 +122,6 @@ class WsServer(WebSocketServerFactory):
             requireMaskedClientFrames=True,
             perMessageCompressionAccept=_accept_deflate if permessage_deflate else (lambda offers: None),
         )
-
-    def resolve(self, protocol: str | None, scheme: str | None, authority: str | None,
-                path: str | None) -> tuple[int, Any] | None:
-        """The first route (index, exit) whose conditions match, as Zilla's resolve()."""
-        for index, (alternatives, exit_) in enumerate(self._routes):
-            if not alternatives or any(p(protocol) and s(scheme) and a(authority) and q(path)
-                                       for p, s, a, q in alternatives):
-                return index, exit_
-        return None
 
     def accept_request(self, request: Request, headers: dict[str, str], transport: Any,
                        trace_id: int = 0) -> "WsServerProtocol":
@@ -158,7 +172,7 @@ class WsServerProtocol(StreamRelay, WebSocketServerProtocol):
         if self.transport is None or self.state == self.STATE_CLOSED:
             peer.stream_end(ABNORMAL, "client went away during the handshake")
             return None
-        self.peer = peer
+        self.stream_peer = peer
         self.transport.registerProducer(peer, True)
         return self.info.protocol
 
@@ -174,9 +188,116 @@ class WsServerProtocol(StreamRelay, WebSocketServerProtocol):
         super().onClose(wasClean, code, reason)
 
 
-def build(binding: BindingConfig, graph: Any) -> WsServer:
+@implementer(IStreamExit)
+class WsClient:
+    """The ws client binding: opens an upstream WebSocket per stream. The stream opens (and
+    the downstream gets its 101) when the upstream has answered 101 with the same
+    subprotocol; an upstream that refuses or cannot be reached is a 502, a slow one a 504."""
+
+    def __init__(self, name: str, routes: list[tuple[Route, Any]], *, defaults: dict[str, str] | None = None,
+                 timeout: float = UPSTREAM_TIMEOUT, max_message_size: int = MAX_MESSAGE_SIZE,
+                 permessage_deflate: bool = True, reactor: Any = None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.name = name
+        self.resolve = WsRoutes(routes).resolve
+        self.defaults = StreamInfo(**{k: (defaults or {}).get(k) for k in _FIELDS})
+        self.timeout = timeout
+        self.max_message_size = max_message_size
+        self.permessage_deflate = permessage_deflate
+        self.reactor = reactor
+        self.timer = ReactorTimer(reactor)
+
+    def open(self, info: StreamInfo, peer: IStreamEnd) -> Deferred:
+        # Zilla: what a ws server learned is used as it is; defaults only for other streams.
+        if not any(getattr(info, k) is not None for k in _FIELDS):
+            info = StreamInfo(*(getattr(self.defaults, k) for k in _FIELDS), identity=info.identity)
+        found = self.resolve(info.protocol, info.scheme, info.authority, info.path)
+        if found is None:
+            raise StreamRefused(404, f"no route of ws client {self.name} for this stream")
+        authority = info.authority or "localhost"
+        factory = WebSocketClientFactory(f"ws://{authority}{info.path or '/'}",
+                                         protocols=[info.protocol] if info.protocol else [])
+        factory.protocol = WsClientProtocol
+        factory._batched_timer = self.timer
+        factory.setProtocolOptions(
+            echoCloseCodeReason=True, failByDrop=False, autoFragmentSize=0,
+            maxMessagePayloadSize=self.max_message_size,
+            openHandshakeTimeout=self.timeout, closeHandshakeTimeout=CLOSE_TIMEOUT,
+            perMessageCompressionOffers=[PerMessageDeflateOffer()] if self.permessage_deflate else [],
+            perMessageCompressionAccept=_accept_deflate_response)
+        opened: Deferred = Deferred()
+        factory.stream = (peer, info.protocol, opened)
+        headers = {":scheme": info.scheme or "http", ":authority": authority, ":path": info.path or "/"}
+        timeout = self.reactor.callLater(self.timeout, _upstream_timed_out, opened, self.timeout)
+        connecting = found[1].connect(factory, headers, self.timeout)
+        connecting.addErrback(_connect_failed, opened)
+
+        def settled(result: Any) -> Any:
+            if timeout.active():
+                timeout.cancel()
+            connecting.cancel()
+            return result
+
+        return opened.addBoth(settled)
+
+
+def _accept_deflate_response(response: Any) -> Any:
+    return PerMessageDeflateResponseAccept(response) if isinstance(response, PerMessageDeflateResponse) else None
+
+
+def _upstream_timed_out(opened: Deferred, seconds: float) -> None:
+    if not opened.called:
+        opened.errback(StreamRefused(504, f"upstream did not answer within {seconds:g} s"))
+
+
+def _connect_failed(failure: Failure, opened: Deferred) -> None:
+    if opened.called:
+        return
+    if failure.check(StreamRefused):
+        opened.errback(failure)
+    elif failure.check(error.TimeoutError):
+        opened.errback(StreamRefused(504, "upstream did not accept the connection in time"))
+    elif not failure.check(CancelledError):
+        opened.errback(StreamRefused(502, f"upstream unreachable: {failure.getErrorMessage()}"))
+
+
+class WsClientProtocol(StreamRelay, WebSocketClientProtocol):
+    """One upstream WebSocket connection, and the stream end the ws server writes to."""
+
+    def connectionMade(self) -> None:
+        self.peer_waiting, self.protocol_wanted, self.opened = self.factory.stream
+        super().connectionMade()
+
+    def onConnect(self, response: Any) -> None:
+        if response.protocol != self.protocol_wanted:  # both absent is fine
+            raise ConnectionDeny(502, f"upstream selected subprotocol {response.protocol!r}, "
+                                      f"expected {self.protocol_wanted!r}")
+
+    def onOpen(self) -> None:
+        peer, self.peer_waiting = self.peer_waiting, None
+        if self.opened.called:  # too late: the downstream already got its 504
+            self.sendCloseFrame(1001, b"downstream gave up")
+            return
+        self.stream_peer = peer
+        self.transport.registerProducer(peer, True)
+        self.opened.callback(self)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.opened.called:
+            status = 504 if self.wasOpenHandshakeTimeout else 502
+            self.opened.errback(StreamRefused(status, f"upstream refused the WebSocket handshake: {reason}"))
+        super().onClose(wasClean, code, reason)
+
+
+def build(binding: BindingConfig, graph: Any) -> WsServer | WsClient:
     options = binding.options
     routes = [(route, graph.binding(route.exit)) for route in binding.routes]
+    if binding.kind == "client":
+        return WsClient(binding.name, routes, defaults=dict(options.get("defaults") or {}),
+                        timeout=options.get("timeout", UPSTREAM_TIMEOUT),
+                        max_message_size=options.get("max-message-size", MAX_MESSAGE_SIZE),
+                        permessage_deflate=options.get("permessage-deflate", True))
     return WsServer(binding.name, routes, namespace=binding.namespace,
                     max_message_size=options.get("max-message-size", MAX_MESSAGE_SIZE),
                     max_frame_size=options.get("max-frame-size", 0),

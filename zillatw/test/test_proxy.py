@@ -1,0 +1,240 @@
+"""ws server -> ws client -> http client -> tcp client -> an upstream WebSocket server."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial import unittest
+
+from zillatw.protocols.ws import ReactorTimer
+from zillatw.test.support import chain, close_ws, connect_ws, eventually, start_gateway, wait
+
+MESSAGE = 512 * 1024
+
+
+def proxy_config(upstream_port: int, **client_options) -> dict:
+    ws_client = {"type": "ws", "kind": "client", "exit": "south_http_client"}
+    if client_options:
+        ws_client["options"] = client_options
+    return chain(ws_routes=[{"exit": "south_ws_client"}], apps={
+        "south_ws_client": ws_client,
+        "south_http_client": {"type": "http", "kind": "client", "exit": "south_tcp_client"},
+        "south_tcp_client": {"type": "tcp", "kind": "client",
+                             "options": {"host": "127.0.0.1", "port": upstream_port}},
+    })
+
+
+class Upstream(WebSocketServerProtocol):
+    """Echoes; `close:<code>` makes it close with that code, `drop` drops the TCP connection."""
+
+    def onConnect(self, request):
+        self.factory.requests.append(request)
+        if request.path == "/deny":
+            raise ConnectionDeny(404, "no such upstream path")
+        return self.factory.select(request.protocols)
+
+    def onOpen(self):
+        self.factory.connections.append(self)
+
+    def onMessage(self, payload, isBinary):
+        self.factory.received += len(payload)
+        if payload.startswith(b"close:"):
+            self.sendCloseFrame(int(payload[6:]), b"upstream says bye")
+        elif payload == b"drop":
+            self.transport.abortConnection()
+        elif self.factory.echo:
+            self.sendMessage(payload, isBinary)
+
+    def onClose(self, wasClean, code, reason):
+        self.factory.closes.append((code, reason))
+
+
+def start_upstream(case, select=lambda offered: offered[0] if offered else None, echo=True):
+    factory = WebSocketServerFactory()
+    factory.protocol = Upstream
+    factory._batched_timer = ReactorTimer()
+    factory.setProtocolOptions(echoCloseCodeReason=True, maxMessagePayloadSize=0, autoFragmentSize=0)
+    factory.requests, factory.closes, factory.connections = [], [], []
+    factory.select, factory.echo, factory.received = select, echo, 0
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    case.addCleanup(port.stopListening)
+    return factory, port.getHost().port
+
+
+class ProxyTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def proxy(self, **upstream_options):
+        self.upstream, upstream_port = start_upstream(self, **upstream_options)
+        self.gateway, self.port = yield start_gateway(self, proxy_config(upstream_port))
+
+    @defer.inlineCallbacks
+    def test_messages_flow_unchanged_both_ways(self):
+        yield self.proxy()
+        client = yield connect_ws(self.port, path="/chat?room=1", protocols=["echo", "other"])
+        self.assertEqual(client.websocket_protocol_in_use, "echo")
+        request = self.upstream.requests[0]
+        self.assertEqual((request.path, request.params, request.protocols), ("/chat", {"room": ["1"]}, ["echo"]))
+        self.assertEqual(request.host, "127.0.0.1")
+        for payload, binary in [(b"text", False), (b"\x00\x01", True), (b"", True), (b"y" * 300000, True)]:
+            client.sendMessage(payload, binary)
+            got, frames = yield client.messages.get()
+            self.assertEqual((got, b"".join(frames)), (binary, payload))
+        client.send_frames(1, [b"frag", b"mented"])
+        self.assertEqual(b"".join((yield client.messages.get())[1]), b"fragmented")
+        yield close_ws(client)
+
+    @defer.inlineCallbacks
+    def test_client_close_code_reaches_upstream(self):
+        yield self.proxy()
+        client = yield connect_ws(self.port, protocols=["echo"])
+        client.sendClose(4000, "bye")
+        was_clean, code, reason = yield client.closed
+        self.assertEqual((code, reason), (4000, "bye"))
+        yield eventually(lambda: self.upstream.closes)
+        self.assertEqual(self.upstream.closes[0], (4000, "bye"))
+
+    @defer.inlineCallbacks
+    def test_upstream_close_code_reaches_client(self):
+        yield self.proxy()
+        client = yield connect_ws(self.port, protocols=["echo"])
+        client.sendMessage(b"close:1001")
+        was_clean, code, reason = yield client.closed
+        self.assertEqual((was_clean, code, reason), (True, 1001, "upstream says bye"))
+
+    @defer.inlineCallbacks
+    def test_upstream_dropping_tcp_gives_1011(self):
+        yield self.proxy()
+        client = yield connect_ws(self.port, protocols=["echo"])
+        client.sendMessage(b"drop")
+        was_clean, code, reason = yield client.closed
+        self.assertEqual(code, 1011)
+
+    @defer.inlineCallbacks
+    def test_upstream_refusing_the_handshake_is_502(self):
+        yield self.proxy()
+        failure = yield self.assertFailure(connect_ws(self.port, path="/deny"), ConnectionError)
+        self.assertIn("502", str(failure))
+
+    @defer.inlineCallbacks
+    def test_upstream_choosing_another_subprotocol_is_502(self):
+        yield self.proxy(select=lambda offered: None)
+        failure = yield self.assertFailure(connect_ws(self.port, protocols=["echo"]), ConnectionError)
+        self.assertIn("502", str(failure))
+
+    @defer.inlineCallbacks
+    def test_upstream_unreachable_is_502(self):
+        port = reactor.listenTCP(0, Factory(), interface="127.0.0.1")
+        closed_port = port.getHost().port
+        yield port.stopListening()
+        gateway, gateway_port = yield start_gateway(self, proxy_config(closed_port))
+        failure = yield self.assertFailure(connect_ws(gateway_port), ConnectionError)
+        self.assertIn("502", str(failure))
+
+    @defer.inlineCallbacks
+    def test_upstream_too_slow_is_504(self):
+        class Silent(Protocol):
+            def connectionMade(self):
+                silent.append(self)
+
+        silent: list = []
+        port = reactor.listenTCP(0, Factory.forProtocol(Silent), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        gateway, gateway_port = yield start_gateway(self, proxy_config(port.getHost().port, timeout=0.3))
+        failure = yield self.assertFailure(connect_ws(gateway_port), ConnectionError)
+        self.assertIn("504", str(failure))
+        yield eventually(lambda: silent and not silent[0].transport.connected)
+
+    @defer.inlineCallbacks
+    def test_fast_producer_into_slow_consumer_stays_bounded(self):
+        """200 MB from a client into an upstream that reads slowly: the gateway holds at most
+        a few socket reads, because each side pauses the other's transport."""
+        yield self.proxy(echo=False)
+        client = yield connect_ws(self.port)
+        upstream = self.upstream.connections[0]
+        upstream.transport.pauseProducing()
+        total, sent, peak = 200 * 1024 * 1024, 0, 0
+        payload = b"p" * MESSAGE
+        server_side = next(iter(self.gateway.binding("ws0").connections))
+        upstream_side = server_side.stream_peer
+
+        def gateway_buffered() -> int:
+            return sum(len(t.dataBuffer) - t.offset + t._tempDataLen
+                       for t in (server_side.transport, upstream_side.transport))
+
+        turns = 0
+        while sent < total:
+            # write while the client's own buffer is small, like a producer that honours
+            # back-pressure, then let the reactor run
+            while sent < total and len(client.transport.dataBuffer) + client.transport._tempDataLen < 4 * MESSAGE:
+                client.sendMessage(payload, isBinary=True)
+                sent += MESSAGE
+            peak = max(peak, gateway_buffered())
+            turns += 1
+            if turns % 20 == 0:  # the slow consumer reads a little now and then
+                upstream.transport.resumeProducing()
+                yield wait(0.001)
+                upstream.transport.pauseProducing()
+            else:
+                yield wait(0)
+        upstream.transport.resumeProducing()
+        yield eventually(lambda: self.upstream.received == total, timeout=60)
+        self.assertLess(peak, 4 * 1024 * 1024)
+        yield close_ws(client)
+
+
+class WebsocketsUpstreamTests(unittest.TestCase):
+    """A `websockets` (asyncio) server upstream, in its own thread."""
+
+    def setUp(self):
+        self.closes: list = []
+        started = threading.Event()
+        self.loop = asyncio.new_event_loop()
+
+        async def handler(ws):
+            from websockets.exceptions import ConnectionClosed
+            try:
+                async for message in ws:
+                    await ws.send(message)
+            except ConnectionClosed:
+                pass  # a close code other than 1000 ends the loop this way
+            finally:
+                self.closes.append((ws.close_code, ws.close_reason))
+
+        async def serve():
+            from websockets.asyncio.server import serve as ws_serve
+            self.server = await ws_serve(handler, "127.0.0.1", 0, subprotocols=["chat"])
+            self.upstream_port = self.server.sockets[0].getsockname()[1]
+            started.set()
+
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(serve(), self.loop)
+        started.wait(10)
+
+    def tearDown(self):
+        async def stop():
+            self.server.close()
+            await self.server.wait_closed()
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    @defer.inlineCallbacks
+    def test_proxy_to_websockets_server(self):
+        gateway, port = yield start_gateway(self, proxy_config(self.upstream_port))
+        client = yield connect_ws(port, protocols=["chat"], compress=True)
+        self.assertEqual(client.websocket_protocol_in_use, "chat")
+        for payload, binary in [(b"hello", False), (bytes(range(256)) * 400, True)]:
+            client.sendMessage(payload, binary)
+            got, frames = yield client.messages.get()
+            self.assertEqual((got, b"".join(frames)), (binary, payload))
+        client.sendClose(4000, "bye")
+        was_clean, code, reason = yield client.closed
+        self.assertEqual((code, reason), (4000, "bye"))
+        yield eventually(lambda: self.closes)
+        self.assertEqual(self.closes[0], (4000, "bye"))
