@@ -60,7 +60,7 @@ def start_gateway(case: Any, config: Any) -> Any:
     gateway.startService()
     case.addCleanup(gateway.stopService)
     ports = yield gateway.listening
-    return gateway, ports[0]
+    return gateway, (ports[0] if ports else None)
 
 
 def wait(seconds: float) -> defer.Deferred:
