@@ -120,6 +120,16 @@ class EchoTests(unittest.TestCase):
         self.assertEqual(code, 1009)
 
     @defer.inlineCallbacks
+    def test_deflate_bomb_closes_1009_before_inflating_it(self):
+        """10 MB of zeros deflate to about 10 KB; the 1 MiB limit applies to what they inflate to."""
+        client = yield connect_ws(self.port, compress=True)
+        client.sendMessage(b"\0" * (10 * 1024 * 1024), isBinary=True)
+        self.assertLess(client.trafficStats.outgoingOctetsWebSocketLevel, 100 * 1024)
+        was_clean, code, _ = yield client.closed
+        self.assertEqual(code, 1009)
+        self.assertEqual(client.received, 0)
+
+    @defer.inlineCallbacks
     def test_websockets_library_client(self):
         """Interop with the `websockets` client (asyncio, in a thread) through the gateway."""
         from twisted.internet.threads import deferToThread
