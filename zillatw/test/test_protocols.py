@@ -151,23 +151,23 @@ class WsProtocolTests(unittest.SynchronousTestCase):
         exit_.pending[0][0].errback(StreamRefused(502, "Bad Gateway"))
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 502 "))
 
-    def test_exit_close_code_reaches_the_client(self):
+    def open_later(self):
+        """An open connection whose exit accepted late; -> (the ws end the exit holds, transport)."""
         exit_ = LaterExit()
         protocol, transport = connect(gateway_chain(exit_))
         protocol.dataReceived(upgrade_request())
         d, peer = exit_.pending[0]
         d.callback(EchoEnd(peer))
         transport.clear()
+        return peer, transport
+
+    def test_exit_close_code_reaches_the_client(self):
+        peer, transport = self.open_later()
         peer.stream_end(1001, "going away")
         self.assertEqual(parse_server_frames(transport.value()), [(0x8, True, b"\x03\xe9going away")])
 
     def test_unsendable_codes_are_mapped(self):
-        exit_ = LaterExit()
-        protocol, transport = connect(gateway_chain(exit_))
-        protocol.dataReceived(upgrade_request())
-        d, peer = exit_.pending[0]
-        d.callback(EchoEnd(peer))
-        transport.clear()
+        peer, transport = self.open_later()
         peer.stream_end(1006, "")
         frame = parse_server_frames(transport.value())[0]
         self.assertEqual(int.from_bytes(frame[2][:2], "big"), 1011)
