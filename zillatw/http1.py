@@ -85,7 +85,8 @@ class RequestHeadParser:
         if bare >= 0 and (head_end < 0 or bare < head_end):
             head_end, end_length = bare, 2
         if head_end < 0:
-            if len(buffer) - line_end > self.max_header_bytes:
+            # Up to 3 bytes of a still incomplete CRLF CRLF may follow a block of the limit.
+            if len(buffer) - line_end > self.max_header_bytes + 3:
                 raise HttpError(431, f"request headers larger than {self.max_header_bytes} bytes")
             return None
         if head_end - line_end > self.max_header_bytes:
