@@ -1,0 +1,434 @@
+#!/usr/bin/env python
+"""The proxy benchmark (issue 3): zillatw's proxy throughput next to nginx's, as ratios.
+
+    .venv/bin/python bench/proxy.py [--seconds N] [--warmup N] [--profile]
+
+One run measures, against the SAME upstream echo server (picows + uvloop, its own process):
+  direct       load generator -> upstream                       (context: the ceiling)
+  nginx        load generator -> nginx -> upstream              (Debian's nginx, worker_processes 1)
+  zillatw      load generator -> zillatw proxy -> upstream      (bench/proxy.yaml)
+  zillatw echo load generator -> zillatw echo                   (bench/echo.yaml; no upstream)
+at 64 B and 16 KiB binary messages, with 50 connections spread over 2 load-generator
+processes (picows + uvloop), each connection with 1 message in flight (send, wait for the
+whole echo, send again). After a warm-up, round trips completed in a fixed window are
+counted: msgs/s = round trips per second, MB/s = payload bytes per second each way
+(1 MB = 10^6 bytes). Goals: zillatw/nginx >= 1.0x at 16 KiB (MB/s), >= 0.5x at 64 B (msgs/s).
+
+Needs `pip install -e ".[bench]"`; gets nginx by running bench/install-nginx.sh.
+--profile also records zillatw's proxy with py-spy during the 64 B run and prints its
+hot spots (the flame graph goes to bench/profile-proxy-64B.svg).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import ctypes
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SIZES = (64, 16 * 1024)
+CONNECTIONS = 50
+PROCESSES = 2
+GOALS = {64: 0.5, 16 * 1024: 1.0}
+
+
+# ---------------------------------------------------------------- processes
+
+def _die_with_parent() -> None:
+    """Child processes get SIGTERM when this script dies, however it dies."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Procs:
+    """Every subprocess started here; stop() ends them all (terminate, then kill)."""
+
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, name: str, argv: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+        out = open(log, "wb")
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, preexec_fn=_die_with_parent)
+        out.close()
+        proc.bench_name, proc.bench_log = name, log
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 5
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.bench_name} exited ({proc.returncode}) before listening; "
+                             f"its log:\n{Path(proc.bench_log).read_text(errors='replace')[-3000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"{proc.bench_name} is not listening on {port} after {timeout:.0f} s")
+
+
+# ---------------------------------------------------------------- upstream echo server (own process)
+
+def run_upstream(port: int) -> None:
+    import uvloop
+    from picows import WSListener, WSMsgType, ws_create_server
+
+    class Echo(WSListener):
+        def on_ws_frame(self, transport, frame):
+            if frame.msg_type == WSMsgType.CLOSE:
+                transport.send_close(frame.get_close_code(), frame.get_close_message())
+                transport.disconnect()
+            elif frame.msg_type == WSMsgType.PING:
+                transport.send_pong(frame.get_payload_as_bytes())
+            elif frame.msg_type != WSMsgType.PONG:
+                # fragment by fragment, same opcode and fin: a proxy that relays fragments
+                # gets its fragments back
+                transport.send(frame.msg_type, frame.get_payload_as_memoryview(), frame.fin)
+
+    async def main():
+        server = await ws_create_server(lambda request: Echo(), "127.0.0.1", port,
+                                        max_frame_size=64 * 1024 * 1024)
+        await server.serve_forever()
+
+    uvloop.run(main())
+
+
+# ---------------------------------------------------------------- load generator (worker processes)
+
+def load_worker(url: str, conns: int, size: int, warmup: float, seconds: float,
+                barrier, results) -> None:
+    import logging
+
+    import uvloop
+    from picows import WSListener, WSMsgType, ws_connect
+    logging.getLogger("picows").setLevel(logging.CRITICAL)
+
+    payload = os.urandom(size)
+    state = {"phase": 0, "count": 0, "errors": 0, "closed": 0}  # phase: 0 warm-up, 1 window, 2 done
+
+    class Client(WSListener):
+        received = 0
+        lost = False
+
+        def on_ws_connected(self, transport):
+            self.transport = transport
+
+        def kick(self):
+            self.transport.send(WSMsgType.BINARY, payload)
+
+        def on_ws_frame(self, transport, frame):
+            if frame.msg_type == WSMsgType.CLOSE:
+                if state["phase"] < 2:
+                    self.lost = True  # closed on us mid-run
+                return
+            self.received += frame.payload_size
+            if not frame.fin:
+                return
+            if self.received != size:
+                state["errors"] += 1
+            self.received = 0
+            phase = state["phase"]
+            if phase == 1:
+                state["count"] += 1
+            if phase < 2:
+                transport.send(WSMsgType.BINARY, payload)
+
+        def on_ws_disconnected(self, transport):
+            if state["phase"] < 2:
+                self.lost = True
+
+    async def main():
+        clients = []
+        for _ in range(conns):
+            for attempt in range(5):
+                try:
+                    _, client = await ws_connect(Client, url, max_frame_size=64 * 1024 * 1024)
+                    break
+                except Exception:
+                    if attempt == 4:
+                        raise
+                    await asyncio.sleep(0.2)
+            clients.append(client)
+        await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
+        for client in clients:
+            client.kick()
+        await asyncio.sleep(warmup)
+        state["phase"] = 1
+        t0 = time.perf_counter()
+        await asyncio.sleep(seconds)
+        state["phase"] = 2
+        elapsed = time.perf_counter() - t0
+        count = state["count"]
+        state["closed"] = sum(client.lost for client in clients)
+        await asyncio.sleep(0.3)  # let the last round trips come back before closing
+        for client in clients:
+            client.transport.send_close()
+        await asyncio.sleep(0.1)
+        for client in clients:
+            client.transport.disconnect()
+        return count, elapsed
+
+    try:
+        count, elapsed = uvloop.run(main())
+        results.put((count, elapsed, state["errors"], state["closed"], None))
+    except BaseException as exc:  # report, do not hang the parent
+        results.put((0, 1.0, 0, 0, f"{type(exc).__name__}: {exc}"))
+
+
+def measure(url: str, size: int, warmup: float, seconds: float) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(PROCESSES), ctx.Queue()
+    share = [CONNECTIONS // PROCESSES + (i < CONNECTIONS % PROCESSES) for i in range(PROCESSES)]
+    workers = [ctx.Process(target=load_worker, daemon=True,
+                           args=(url, n, size, warmup, seconds, barrier, results)) for n in share]
+    for w in workers:
+        w.start()
+    try:
+        got = [results.get(timeout=warmup + seconds + 60) for _ in workers]
+    finally:
+        for w in workers:
+            w.join(5)
+            if w.is_alive():
+                w.kill()
+                w.join()
+    problems = [g[4] for g in got if g[4]]
+    if problems:
+        raise RuntimeError("; ".join(problems))
+    rate = sum(count / elapsed for count, elapsed, *_ in got)
+    return {"msgs": rate, "mbs": rate * size / 1e6,
+            "errors": sum(g[2] for g in got), "closed": sum(g[3] for g in got)}
+
+
+# ---------------------------------------------------------------- nginx, zillatw
+
+NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://127.0.0.1:{upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_read_timeout 3600s;
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+def install_nginx() -> str:
+    out = subprocess.run(["sh", str(HERE / "install-nginx.sh")], check=True,
+                         capture_output=True, text=True).stdout
+    return out.strip().splitlines()[-1]
+
+
+def start_nginx(procs: Procs, tmp: Path, upstream: int) -> int:
+    nginx = install_nginx()
+    prefix = tmp / "nginx"
+    prefix.mkdir()
+    port = free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(prefix=prefix, port=port, upstream=upstream))
+    proc = procs.start("nginx", [nginx, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
+                       tmp / "nginx.out")
+    wait_listening(port, proc)
+    return port
+
+
+def twistd() -> str:
+    local = Path(sys.executable).with_name("twistd")
+    return str(local) if local.exists() else (shutil.which("twistd") or "twistd")
+
+
+def start_zillatw(procs: Procs, tmp: Path, name: str, config: Path, upstream: int | None) -> tuple[int, subprocess.Popen]:
+    port = free_port()
+    env = dict(os.environ, ZILLATW_BENCH_PORT=str(port))
+    # With an editable install (pip install -e), twistd finds the zillaws plugin only when the
+    # repo root is on sys.path (twisted/plugins/zillaws.py is found by scanning sys.path).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    if upstream is not None:
+        env["ZILLATW_BENCH_UPSTREAM_PORT"] = str(upstream)
+    proc = procs.start(name, [twistd(), "-n", "--pidfile=", "zillaws", "-c", str(config)],
+                       tmp / f"{name.replace(' ', '-')}.log", env=env)
+    wait_listening(port, proc)
+    return port, proc
+
+
+# ---------------------------------------------------------------- profiling
+
+def start_profile(pid: int, seconds: float, out: Path, raw: Path) -> list[subprocess.Popen]:
+    pyspy = Path(sys.executable).with_name("py-spy")
+    pyspy = str(pyspy) if pyspy.exists() else (shutil.which("py-spy") or "")
+    if not pyspy:
+        print("py-spy not found: pip install -e '.[bench]'", file=sys.stderr)
+        return []
+    common = ["--pid", str(pid), "--duration", str(int(seconds)), "--rate", "250", "--nonblocking"]
+    return [subprocess.Popen([pyspy, "record", "-o", str(out), *common], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent),
+            subprocess.Popen([pyspy, "record", "-f", "raw", "-o", str(raw), *common],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)]
+
+
+def hot_spots(raw: Path, top: int = 20) -> str:
+    """Self and inclusive share of samples per function, from py-spy's collapsed stacks."""
+    own, incl, total = collections.Counter(), collections.Counter(), 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(n)
+        total += n
+        frames = [f.strip() for f in stack.split(";")]
+        own[frames[-1]] += n
+        for f in set(frames):
+            incl[f] += n
+    if not total:
+        return "(no samples)"
+    lines = [f"{total} samples. Self time (% of samples), top {top}:"]
+    lines += [f"  {100 * n / total:5.1f}%  {f}" for f, n in own.most_common(top)]
+    lines.append(f"Inclusive (% of samples with the function on the stack), top {top}:")
+    lines += [f"  {100 * n / total:5.1f}%  {f}" for f, n in incl.most_common(top)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- main
+
+def human(size: int) -> str:
+    return f"{size // 1024} KiB" if size >= 1024 else f"{size} B"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=5.0, help="measuring window per scenario (default 5)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds over all scenarios, interleaved; the median is reported (default 3)")
+    ap.add_argument("--warmup", type=float, default=1.0, help="warm-up before each window (default 1)")
+    ap.add_argument("--profile", action="store_true", help="py-spy zillatw's proxy during the 64 B run")
+    ap.add_argument("--upstream", type=int, help=argparse.SUPPRESS)  # internal: be the echo server
+    args = ap.parse_args()
+    if args.upstream:
+        run_upstream(args.upstream)
+        return 0
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    procs = Procs()
+    tmp = Path(tempfile.mkdtemp(prefix="zillatw-bench-"))
+    results: dict[tuple[str, int], dict] = {}
+    try:
+        up_port = free_port()
+        upstream = procs.start("upstream", [sys.executable, __file__, "--upstream", str(up_port)], tmp / "upstream.log")
+        wait_listening(up_port, upstream)
+        ports = {"direct": up_port, "nginx": start_nginx(procs, tmp, up_port)}
+        ports["zillatw"], zproxy = start_zillatw(procs, tmp, "zillatw", HERE / "proxy.yaml", up_port)
+        ports["zillatw echo"], _ = start_zillatw(procs, tmp, "zillatw echo", HERE / "echo.yaml", None)
+
+        runs: dict[tuple[str, int], list[dict]] = collections.defaultdict(list)
+        for rnd in range(args.rounds):
+            for size in SIZES:
+                for scenario, port in ports.items():
+                    spies = []
+                    if args.profile and rnd == 0 and scenario == "zillatw" and size == 64:
+                        spies = start_profile(zproxy.pid, args.warmup + args.seconds,
+                                              HERE / "profile-proxy-64B.svg", tmp / "profile.raw")
+                    print(f"  round {rnd + 1}/{args.rounds} {scenario:>12} {human(size):>6} ...",
+                          end="", flush=True, file=sys.stderr)
+                    r = measure(f"ws://127.0.0.1:{port}/", size, args.warmup, args.seconds)
+                    runs[scenario, size].append(r)
+                    print(f" {r['msgs']:10.0f} msgs/s {r['mbs']:8.2f} MB/s", file=sys.stderr)
+                    for spy in spies:
+                        spy.wait(30)
+        for key, rs in runs.items():
+            rates = sorted(r["msgs"] for r in rs)
+            rate = statistics.median(rates)
+            results[key] = {"msgs": rate, "mbs": rate * key[1] / 1e6, "min": rates[0], "max": rates[-1],
+                            "errors": sum(r["errors"] for r in rs), "closed": sum(r["closed"] for r in rs)}
+    finally:
+        procs.stop()
+
+    print()
+    print(f"zillatw proxy benchmark: {CONNECTIONS} connections over {PROCESSES} load processes, "
+          f"1 message in flight each, {args.seconds:g} s window after {args.warmup:g} s warm-up, "
+          f"median of {args.rounds} interleaved rounds; {os.cpu_count()} cores; "
+          f"{time.strftime('%Y-%m-%d %H:%M %Z')}")
+    print(f"{'scenario':<14}{'size':>8}{'msgs/s':>12}{'MB/s':>10}{'vs nginx':>10}{'vs direct':>11}"
+          f"{'msgs/s min-max':>18}")
+    for size in SIZES:
+        nginx, direct = results["nginx", size], results["direct", size]
+        for scenario in ports:
+            r = results[scenario, size]
+            vs_nginx = "" if scenario in ("direct", "nginx") else f"{r['msgs'] / nginx['msgs']:.2f}x"
+            note = "" if not (r["errors"] or r["closed"]) else f"  ({r['errors']} bad echoes, {r['closed']} closed)"
+            print(f"{scenario:<14}{human(size):>8}{r['msgs']:>12.0f}{r['mbs']:>10.2f}{vs_nginx:>10}"
+                  f"{r['msgs'] / direct['msgs']:>10.2f}x{r['min']:>9.0f}-{r['max']:<8.0f}{note}")
+    print()
+    for size in SIZES:
+        ratio = results["zillatw", size]["msgs"] / results["nginx", size]["msgs"]
+        met = ratio >= GOALS[size]
+        unit = "MB/s" if size >= 1024 else "msgs/s"
+        print(f"goal at {human(size)}: zillatw/nginx {unit} >= {GOALS[size]:.1f}x: "
+              f"{ratio:.2f}x -> {'met' if met else 'NOT met'}")
+    print(f"(zillatw echo, the gateway's own echo without an upstream, for the other path: "
+          + ", ".join(f"{results['zillatw echo', s]['msgs'] / results['nginx', s]['msgs']:.2f}x nginx at {human(s)}"
+                      for s in SIZES) + ")")
+    if args.profile:
+        raw = tmp / "profile.raw"
+        print()
+        print("py-spy, zillatw proxy under the 64 B load "
+              f"(flame graph: {(HERE / 'profile-proxy-64B.svg').relative_to(ROOT)}):")
+        print(hot_spots(raw) if raw.exists() else "(py-spy wrote no profile; it needs ptrace permission)")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
