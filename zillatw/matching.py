@@ -18,11 +18,14 @@ def wildcard(pattern: str, *, named_groups: bool = False, query_tail: bool = Fal
     `query_tail` lets a pattern not ending in `*` also match a trailing `?query` (http :path)."""
     parts = re.split(r"(\*|\{[a-zA-Z_][a-zA-Z0-9_]*\})", pattern) if named_groups else re.split(r"(\*)", pattern)
     regex = []
+    names: set[str] = set()
     for part in parts:
         if part == "*":
             regex.append(".*")
         elif named_groups and part.startswith("{") and part.endswith("}"):
-            regex.append(f"(?P<{part[1:-1]}>.+?)")
+            # A name used twice captures once (a regex cannot define a group name twice).
+            regex.append(".+?" if part in names else f"(?P<{part[1:-1]}>.+?)")
+            names.add(part)
         else:
             regex.append(re.escape(part))
     if query_tail and not pattern.endswith("*"):
