@@ -130,7 +130,9 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, 
     if problems:
         raise ConfigError(problems)
 
-    validator = jsonschema.Draft202012Validator(engine_schema({t: m.SCHEMA_PATCH for t, m in binding_types.items()}))
+    from zillatw.guards import guard_types  # guard modules bring their schema patches
+    validator = jsonschema.Draft202012Validator(engine_schema({t: m.SCHEMA_PATCH for t, m in binding_types.items()},
+                                                              {t: m.SCHEMA_PATCH for t, m in guard_types().items()}))
     for index, document in enumerate(resolved):
         where = f"{document.get('name', f'documents[{index}]')}: " if prefix_names else ""
         for error in sorted(validator.iter_errors(document), key=lambda e: list(map(str, e.absolute_path))):
@@ -309,7 +311,7 @@ def _model(documents: list[Mapping[str, Any]], origin: str, folder: Path) -> Con
 # What zillatw implements so far; other names pass the schema but are refused by name here,
 # so that a guard or vault is never silently ignored.
 SUPPORTED_EXPORTERS = ("stdout",)
-SUPPORTED_GUARDS: tuple[str, ...] = ()
+SUPPORTED_GUARDS: tuple[str, ...] = ("jwt",)
 SUPPORTED_VAULTS: tuple[str, ...] = ()
 SUPPORTED_CATALOGS: tuple[str, ...] = ()
 
@@ -327,6 +329,8 @@ def _cross_check(config: Config, types: Mapping[str, BindingType], prefix: bool)
                 if item["type"] not in supported:
                     yield (f"{where}{section}.{name}.type: {section[:-1]} type '{item['type']}' is not supported "
                            f"by this zillatw yet" + (f" (supported: {', '.join(supported)})" if supported else ""))
+                elif section == "guards":
+                    yield from _check_guard(f"{where}guards.{name}", name, item)
         for name, exporter in (ns.telemetry.get("exporters") or {}).items():
             if exporter["type"] not in SUPPORTED_EXPORTERS:
                 yield (f"{where}telemetry.exporters.{name}.type: exporter type '{exporter['type']}' is not "
@@ -351,7 +355,18 @@ def _cross_check(config: Config, types: Mapping[str, BindingType], prefix: bool)
             if check is not None:
                 for subpath, message in check(binding):
                     yield f"{base}.{subpath}: {message}"
+            for subpath, guard in getattr(module, "guard_references", lambda b: ())(binding):
+                if guard not in ns.guards:
+                    yield f"{base}.{subpath}: no guard named '{guard}'{did_you_mean(guard, ns.guards)}"
     yield from _check_cycles(everything, prefix)
+
+
+def _check_guard(path: str, name: str, guard: Mapping[str, Any]) -> Iterable[str]:
+    from zillatw.guards import guard_types
+    check = getattr(guard_types()[guard["type"]], "check", None)
+    if check is not None:
+        for subpath, message in check(name, guard.get("options") or {}):
+            yield f"{path}.{subpath}: {message}"
 
 
 _STREAM_WORDS = {"bytes": "connections", "http": "HTTP requests", "messages": "WebSocket messages"}

@@ -20,6 +20,7 @@ class BindingGraph:
         self._types = types
         self._built: dict[str, Any] = {}
         self._events = dict(events or {})
+        self._guards: dict[str, Any] = {}
 
     def events(self, namespace: str) -> Events:
         return self._events.get(namespace) or Events()
@@ -30,6 +31,17 @@ class BindingGraph:
         if built is None:
             config = self.config.binding(qname)
             built = self._built[qname] = self._types[config.type].build(config, self)
+        return built
+
+    def guard(self, qname: str) -> Any:
+        """The built guard for `namespace:name` (a guard of that namespace's `guards`)."""
+        built = self._guards.get(qname)
+        if built is None:
+            from zillatw.guards import build_guard
+            namespace, _, name = qname.partition(":")
+            config = next(ns for ns in self.config.namespaces if ns.name == namespace).guards[name]
+            built = self._guards[qname] = build_guard(config["type"], namespace, name,
+                                                      config.get("options") or {}, self)
         return built
 
     def build_all(self) -> dict[str, Any]:

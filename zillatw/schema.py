@@ -64,8 +64,18 @@ def _typed_section() -> dict[str, Any]:
     })
 
 
-def engine_schema(patches: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """The whole zilla.yaml schema, given each binding type's schema patch."""
+def _guard_section(patches: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    section = _typed_section()
+    section["additionalProperties"]["allOf"] = [
+        {"if": {"properties": {"type": {"const": name}}, "required": ["type"]}, "then": patch}
+        for name, patch in sorted(patches.items())
+    ]
+    return section
+
+
+def engine_schema(patches: Mapping[str, Mapping[str, Any]],
+                  guard_patches: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """The whole zilla.yaml schema, given each binding (and guard) type's schema patch."""
     binding = {
         "type": "object",
         "required": ["type", "kind"],
@@ -101,7 +111,7 @@ def engine_schema(patches: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         "properties": {
             "name": NAME,
             "bindings": named_map(binding),
-            "guards": _typed_section(),
+            "guards": _guard_section(guard_patches or {}),
             "vaults": _typed_section(),
             "catalogs": _typed_section(),
             "stores": _typed_section(),

@@ -1,0 +1,114 @@
+"""The http server's `options.authorization`: find a request's credentials (cookie, then
+header, then query parameter, as Zilla looks them up) and have the guard authorize them.
+
+    authorization:
+      my_jwt_guard:
+        credentials:
+          headers:
+            authorization: Bearer {credentials}
+          query:
+            access_token: "{credentials}"
+          cookies:
+            access_token: "{credentials}"
+
+`{credentials}` captures a run of non-space characters (in a query value, up to the next
+`&`); the rest of a pattern is literal and must match the whole value.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import unquote
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from zillatw.guards import Authorization, Rejected, Session
+
+log = Logger()
+PLACEHOLDER = "{credentials}"
+
+
+def credentials_pattern(pattern: str, capture: str = r"[^\s]+") -> re.Pattern[str]:
+    before, _, after = pattern.partition(PLACEHOLDER)
+    return re.compile(re.escape(before) + f"({capture})" + re.escape(after))
+
+
+def parse_cookies(header: str | None) -> dict[str, str]:
+    cookies: dict[str, str] = {}
+    for part in (header or "").split(";"):
+        name, eq, value = part.strip().partition("=")
+        if eq and name and name not in cookies:
+            cookies[name] = value.strip().strip('"')
+    return cookies
+
+
+def query_params(path: str) -> dict[str, str]:
+    params: dict[str, str] = {}
+    _, mark, query = path.partition("?")
+    if mark:
+        for part in query.split("&"):
+            name, _, value = part.partition("=")
+            params.setdefault(unquote(name), value)
+    return params
+
+
+class CredentialsFinder:
+    """Where a request carries its credentials, from `credentials` of an authorization."""
+
+    def __init__(self, credentials: Mapping[str, Mapping[str, str]]):
+        self.cookies = [(name, credentials_pattern(p)) for name, p in (credentials.get("cookies") or {}).items()]
+        self.headers = [(name.lower(), credentials_pattern(p))
+                        for name, p in (credentials.get("headers") or {}).items()]
+        self.query = [(name, credentials_pattern(p, r"[^&]+"))
+                      for name, p in (credentials.get("query") or {}).items()]
+
+    def find(self, headers: Mapping[str, str]) -> str | None:
+        if self.cookies:
+            cookies = parse_cookies(headers.get("cookie"))
+            for name, pattern in self.cookies:
+                if name in cookies and (match := pattern.fullmatch(cookies[name])):
+                    return match.group(1)
+        for name, pattern in self.headers:
+            value = headers.get(name)
+            if value is not None and (match := pattern.fullmatch(value)):
+                return match.group(1)
+        if self.query:
+            params = query_params(headers.get(":path", ""))
+            for name, pattern in self.query:
+                if name in params and (match := pattern.fullmatch(params[name])):
+                    return unquote(match.group(1))
+        return None
+
+
+class HttpAuthorization:
+    """One http server's authorization: its guard and where credentials are found."""
+
+    def __init__(self, guard: Any, credentials: Mapping[str, Mapping[str, str]]):
+        self.guard = guard
+        self.finder = CredentialsFinder(credentials)
+
+    def authorize(self, headers: Mapping[str, str], trace_id: int = 0) -> "Authorization | Deferred[Authorization]":
+        """What the request's credentials are worth; a Deferred while the guard fetches keys."""
+        credentials = self.finder.find(headers)
+        if credentials is None:
+            return Authorization(None, credentials_found=False)
+        try:
+            result = self.guard.authorize(credentials, trace_id)
+        except Rejected:
+            return Authorization(None, credentials_found=True)
+        if isinstance(result, Deferred):
+            return result.addCallbacks(_granted, _refused)
+        return _granted(result)
+
+
+def _granted(session: Session) -> Authorization:
+    return Authorization(session, credentials_found=True)
+
+
+def _refused(failure: Any) -> Authorization:
+    if not failure.check(Rejected):
+        log.failure("zillatw: guard failed while authorizing", failure)
+    return Authorization(None, credentials_found=True)
