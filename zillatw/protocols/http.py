@@ -6,18 +6,21 @@ receives the socket's bytes directly: this binding adds no call per message.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
-from twisted.internet.defer import fail
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IAddress, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from zillatw.config import BindingConfig, Route
+from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, permits
+from zillatw.httpauth import PLACEHOLDER, HttpAuthorization
 from zillatw.http1 import HttpError, Request, RequestHeadParser, render_response
 from zillatw.matching import Matcher, matcher
-from zillatw.schema import FORBIDDEN, route_schema
+from zillatw.schema import FORBIDDEN, NAME, route_schema
 from zillatw.stream import StreamRefused
 from zillatw.telemetry import Events, next_trace_id
 
@@ -33,7 +36,23 @@ SCHEMA_PATCH = {
             "properties": {
                 "versions": {"type": "array", "items": {"enum": ["http/1.1", "h2"]}},
                 "access-control": {"type": "object"},
-                "authorization": {"type": "object"},
+                "authorization": {
+                    "type": "object",
+                    "maxProperties": 1,
+                    "propertyNames": NAME,
+                    "additionalProperties": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["credentials"],
+                        "properties": {"credentials": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "minProperties": 1,
+                            "properties": {where: {"type": "object", "additionalProperties": {"type": "string"}}
+                                           for where in ("headers", "query", "cookies")},
+                        }},
+                    },
+                },
                 "overrides": {"type": "object", "additionalProperties": {"type": "string"}},
                 "requests": {"type": "array"},
             },
@@ -46,7 +65,7 @@ SCHEMA_PATCH = {
     },
 }
 STREAMS = {"server": ("bytes", "http"), "client": ("http", "bytes")}
-NOT_YET = {"authorization": "the jwt guard", "requests": "request validation"}
+NOT_YET = {"requests": "request validation"}
 
 
 def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
@@ -67,6 +86,18 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
         yield "options.versions", "zillatw serves http/1.1 only (WebSocket over h2 is not supported)"
     if not binding.routes:
         yield "routes", "an http server needs 'exit' or routes with an exit"
+    for guard, authorization in (binding.options.get("authorization") or {}).items():
+        for where, patterns in authorization["credentials"].items():
+            for name, pattern in patterns.items():
+                if pattern.count(PLACEHOLDER) != 1:
+                    yield (f"options.authorization.{guard}.credentials.{where}.{name}",
+                           f"'{pattern}' must contain {PLACEHOLDER} once")
+
+
+def guard_references(binding: BindingConfig) -> Iterator[tuple[str, str]]:
+    """The guards an http server's authorization names (config checks they exist)."""
+    for guard in binding.options.get("authorization") or {}:
+        yield f"options.authorization.{guard}", guard
 
 
 # Header values that HTTP defines as case-insensitive tokens (RFC 6455 §4.2.1: `Upgrade:
@@ -101,15 +132,19 @@ def pseudo_headers(request: Request, secure: bool) -> dict[str, str]:
 class HeaderRoutes:
     """Routes on headers (pseudo-headers included): all of a `when` entry's must match."""
 
-    def __init__(self, routes: list[tuple[Route, Any]]):
-        self._routes: list[tuple[list[list[tuple[str, Matcher]]], Any]] = []
+    def __init__(self, routes: list[tuple[Route, Any]], namespace: str = "default"):
+        self._routes: list[tuple[list[list[tuple[str, Matcher]]], Any, Any]] = []
+        self._namespace = namespace
         for route, exit_ in routes:
             alternatives = [[(name.lower(), _header_matcher(name.lower(), pattern))
                              for name, pattern in (w.get("headers") or {}).items()] for w in route.when]
-            self._routes.append((alternatives, exit_))
+            self._routes.append((alternatives, exit_, route.guarded))
 
-    def route(self, headers: dict[str, str]) -> Any | None:
-        for alternatives, exit_ in self._routes:
+    def route(self, headers: dict[str, str], session: Session | None = None) -> Any | None:
+        """The first route's exit whose headers match and whose guards the session satisfies."""
+        for alternatives, exit_, guarded in self._routes:
+            if guarded and not permits(guarded, session, self._namespace):
+                continue  # Zilla: a failing guard falls through to the next route
             if not alternatives or any(all(match(headers.get(name)) for name, match in conditions)
                                        for conditions in alternatives):
                 return exit_
@@ -138,7 +173,8 @@ class HttpServer(Factory):
 
     def __init__(self, name: str, routes: list[tuple[Route, Any]], namespace: str = "default",
                  events: Events | None = None, head_timeout: float = HEAD_TIMEOUT,
-                 max_header_bytes: int = 8192, reactor: Any = None):
+                 max_header_bytes: int = 8192, reactor: Any = None,
+                 authorization: HttpAuthorization | None = None):
         self.name = name
         self.namespace = namespace
         self.events = events or Events()
@@ -147,7 +183,8 @@ class HttpServer(Factory):
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
-        self.route = HeaderRoutes(routes).route
+        self.route = HeaderRoutes(routes, namespace).route
+        self.authorization = authorization
 
     def buildProtocol(self, addr: IAddress) -> "HttpServerProtocol":
         protocol = HttpServerProtocol()
@@ -159,6 +196,7 @@ class HttpServerProtocol(Protocol):
     """One connection until its request head is read; then an error or a handover."""
 
     factory: HttpServer
+    _gone = False
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -180,24 +218,76 @@ class HttpServerProtocol(Protocol):
         factory = self.factory
         secure = ISSLTransport.providedBy(self.transport)
         headers = pseudo_headers(request, secure)
-        exit_ = factory.route(headers)
+        if factory.authorization is None:
+            self._route(request, headers, NO_AUTHORIZATION)
+            return
+        authorization = factory.authorization.authorize(headers, self.trace_id)
+        if isinstance(authorization, Deferred):
+            # The guard is fetching keys: hold the connection (not the reactor) until then.
+            self.dataReceived = self._hold  # type: ignore[method-assign]
+            self.transport.pauseProducing()
+            authorization.addCallback(self._authorized, request, headers)
+        else:
+            self._route(request, headers, authorization)
+
+    def _hold(self, data: bytes) -> None:
+        self._parser.rest += data
+
+    def _authorized(self, authorization: Authorization, request: Request, headers: dict[str, str]) -> None:
+        if self._gone:
+            return
+        self.transport.resumeProducing()
+        self._route(request, headers, authorization)
+
+    def _route(self, request: Request, headers: dict[str, str], authorization: Authorization) -> None:
+        factory = self.factory
+        session = authorization.session
+        exit_ = factory.route(headers, session)
         if exit_ is None:
-            self._refuse(404, f"no route for {request.method} {request.target}")
+            status, text = authorization.refusal
+            self._refuse(status, f"no route for {request.method} {request.target}" if status == 404 else text,
+                         (("WWW-Authenticate", "Bearer"),) if status == 401 else ())
             return
         try:
-            taken = exit_.accept_request(request, headers, self.transport, trace_id=self.trace_id)
+            extra = {} if authorization is NO_AUTHORIZATION else {"authorization": authorization}
+            taken = exit_.accept_request(request, headers, self.transport, trace_id=self.trace_id, **extra)
         except HttpError as e:
             self._refuse(e.status, e.reason, e.headers)
             return
+        identity = session.identity if session is not None and session.identity is not None else "-"
         factory.events.emit(factory.namespace, factory.name, self.trace_id, "BINDING_HTTP_REQUEST_ACCEPTED",
-                            f"- {request.method} {headers[':scheme']}://{headers.get(':authority', '')}{request.target}")
+                            f"{identity} {request.method} {headers[':scheme']}://{headers.get(':authority', '')}"
+                            f"{request.target}")
         # The exit's protocol takes the socket: Twisted calls our dataReceived and
         # connectionLost, so bind theirs in our place and replay what we have read.
         self.dataReceived = taken.dataReceived  # type: ignore[method-assign]
         self.connectionLost = taken.connectionLost  # type: ignore[method-assign]
+        if session is not None and session.expires_at != math.inf:
+            self._expire_at(session.expires_at, taken)
         taken.makeConnection(self.transport)
         taken.dataReceived(request.raw_head + self._parser.rest)
         self._parser = None
+
+    def _expire_at(self, when: float, taken: Any) -> None:
+        """End the connection when its session expires: the exit's `session_expired()` (the
+        ws server closes with 1008), else abort as Zilla does. The one timer per connection
+        is cancelled when the connection ends."""
+        reactor = self.factory.reactor
+        call = reactor.callLater(max(0.0, when - reactor.seconds()), self._session_expired, taken)
+        lost = taken.connectionLost
+
+        def connectionLost(reason: Failure = None) -> None:
+            if call.active():
+                call.cancel()
+            lost(reason)
+        self.connectionLost = connectionLost  # type: ignore[method-assign]
+
+    def _session_expired(self, taken: Any) -> None:
+        expired = getattr(taken, "session_expired", None)
+        if expired is not None:
+            expired()
+        else:
+            self.transport.abortConnection()
 
     def _refuse(self, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
         self._cancel_timeout()
@@ -219,6 +309,7 @@ class HttpServerProtocol(Protocol):
             self._timeout = None
 
     def connectionLost(self, reason: Failure = None) -> None:
+        self._gone = True
         self._cancel_timeout()
 
 
@@ -230,4 +321,8 @@ def build(binding: BindingConfig, graph: Any) -> HttpServer | HttpClient:
     routes = [(route, graph.binding(route.exit)) for route in binding.routes]
     if binding.kind == "client":
         return HttpClient(binding.name, routes)
-    return HttpServer(binding.name, routes, namespace=binding.namespace, events=graph.events(binding.namespace))
+    authorization = None
+    for guard, config in (binding.options.get("authorization") or {}).items():
+        authorization = HttpAuthorization(graph.guard(f"{binding.namespace}:{guard}"), config["credentials"])
+    return HttpServer(binding.name, routes, namespace=binding.namespace, events=graph.events(binding.namespace),
+                      authorization=authorization)

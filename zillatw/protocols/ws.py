@@ -23,6 +23,7 @@ from zope.interface import implementer
 from twisted.python.failure import Failure
 
 from zillatw.config import BindingConfig, Route
+from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, permits
 from zillatw.http1 import HttpError, Request
 from zillatw.matching import matcher
 from zillatw.schema import FORBIDDEN, route_schema
@@ -81,16 +82,20 @@ STREAMS = {"server": ("http", "messages"), "client": ("messages", "http")}
 class WsRoutes:
     """Zilla's ws route resolution, shared by server and client."""
 
-    def __init__(self, routes: list[tuple[Route, Any]]):
+    def __init__(self, routes: list[tuple[Route, Any]], namespace: str = "default"):
         self._routes = []
+        self._namespace = namespace
         for route, exit_ in routes:
             alternatives = [tuple(matcher(w.get(k)) for k in _FIELDS) for w in route.when]
-            self._routes.append((alternatives, exit_))
+            self._routes.append((alternatives, exit_, route.guarded))
 
     def resolve(self, protocol: str | None, scheme: str | None, authority: str | None,
-                path: str | None) -> tuple[int, Any] | None:
-        """The first route (index, exit) whose conditions match, as Zilla's resolve()."""
-        for index, (alternatives, exit_) in enumerate(self._routes):
+                path: str | None, session: Session | None = None) -> tuple[int, Any] | None:
+        """The first route (index, exit) whose conditions match and whose guards the session
+        satisfies, as Zilla's resolve()."""
+        for index, (alternatives, exit_, guarded) in enumerate(self._routes):
+            if guarded and not permits(guarded, session, self._namespace):
+                continue
             if not alternatives or any(p(protocol) and s(scheme) and a(authority) and q(path)
                                        for p, s, a, q in alternatives):
                 return index, exit_
@@ -110,7 +115,7 @@ class WsServer(WebSocketServerFactory):
         self.name = name
         self.namespace = namespace
         self.connections: set[WsServerProtocol] = set()  # open ones, for shutdown and stats
-        self.resolve = WsRoutes(routes).resolve
+        self.resolve = WsRoutes(routes, namespace).resolve
         self.setProtocolOptions(
             echoCloseCodeReason=True,        # a client's close code comes back to it
             failByDrop=False,                # protocol errors get a close frame with the code
@@ -124,13 +129,17 @@ class WsServer(WebSocketServerFactory):
         )
 
     def accept_request(self, request: Request, headers: dict[str, str], transport: Any,
-                       trace_id: int = 0) -> "WsServerProtocol":
+                       trace_id: int = 0, authorization: Authorization = NO_AUTHORIZATION) -> "WsServerProtocol":
         """Check the upgrade and choose the route; the protocol returned takes the socket."""
         check_upgrade(request)
         scheme, authority, path = headers[":scheme"], headers.get(":authority"), headers[":path"]
+        session = authorization.session
         chosen = select_route(offered_protocols(headers.get("sec-websocket-protocol")),
-                              lambda protocol: self.resolve(protocol, scheme, authority, path))
+                              lambda protocol: self.resolve(protocol, scheme, authority, path, session))
         if chosen is None:
+            status, text = authorization.refusal  # 401/403 when unauthorized, as the http server
+            if status != 404:
+                raise HttpError(status, text, (("WWW-Authenticate", "Bearer"),) if status == 401 else ())
             raise HttpError(404, "no WebSocket route for this request"
                             + (" (offered subprotocols: " + headers["sec-websocket-protocol"] + ")"
                                if "sec-websocket-protocol" in headers else ""))
@@ -138,7 +147,8 @@ class WsServer(WebSocketServerFactory):
         connection = WsServerProtocol()
         connection.factory = self
         connection.stream_exit = exit_
-        connection.info = StreamInfo(protocol, scheme, authority, path)
+        connection.info = StreamInfo(protocol, scheme, authority, path,
+                                     session.identity if session is not None else None)
         return connection
 
 
@@ -186,6 +196,17 @@ class WsServerProtocol(StreamRelay, WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.factory.connections.discard(self)
         super().onClose(wasClean, code, reason)
+
+    def session_expired(self) -> None:
+        """The session's token expired (the http server's timer): close with 1008 and tell
+        the exit. Zilla aborts the TCP connection instead."""
+        if self.state == self.STATE_OPEN:
+            peer, self.stream_peer = self.stream_peer, None
+            self.sendCloseFrame(1008, b"token expired")
+            if peer is not None:
+                peer.stream_end(1008, "token expired")
+        elif self.state != self.STATE_CLOSED:
+            self.dropConnection(abort=True)
 
 
 @implementer(IStreamExit)
