@@ -312,7 +312,7 @@ def _model(documents: list[Mapping[str, Any]], origin: str, folder: Path) -> Con
 # so that a guard or vault is never silently ignored.
 SUPPORTED_EXPORTERS = ("stdout",)
 SUPPORTED_GUARDS: tuple[str, ...] = ("jwt",)
-SUPPORTED_VAULTS: tuple[str, ...] = ()
+SUPPORTED_VAULTS: tuple[str, ...] = ("filesystem",)
 SUPPORTED_CATALOGS: tuple[str, ...] = ()
 
 

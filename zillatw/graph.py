@@ -11,6 +11,7 @@ from types import ModuleType
 from typing import Any
 
 from zillatw.config import BindingConfig, Config
+from zillatw.errors import ConfigError
 from zillatw.telemetry import Events
 
 
@@ -21,6 +22,7 @@ class BindingGraph:
         self._built: dict[str, Any] = {}
         self._events = dict(events or {})
         self._guards: dict[str, Any] = {}
+        self._vaults: dict[str, Any] = {}
 
     def events(self, namespace: str) -> Events:
         return self._events.get(namespace) or Events()
@@ -44,9 +46,29 @@ class BindingGraph:
                                                       config.get("options") or {}, self)
         return built
 
+    def vault(self, namespace: str, name: str) -> Any:
+        """The opened vault `name` of a namespace, read once (ConfigError if it cannot be)."""
+        qname = f"{namespace}:{name}"
+        opened = self._vaults.get(qname)
+        if opened is None:
+            from zillatw.vault import open_vault
+            item = next(ns for ns in self.config.namespaces if ns.name == namespace).vaults[name]
+            where = f"{namespace}: " if len(self.config.namespaces) > 1 else ""
+            opened = self._vaults[qname] = open_vault(name, item.get("options"), self.config.base_dir, where)
+        return opened
+
     def build_all(self) -> dict[str, Any]:
-        for binding in self.config.bindings():
-            self.binding(binding.qname)
+        """Every vault and binding; their problems (unreadable stores, unknown aliases) together."""
+        problems: list[str] = []
+        steps = [(self.vault, (ns.name, name)) for ns in self.config.namespaces for name in ns.vaults]
+        steps += [(self.binding, (binding.qname,)) for binding in self.config.bindings()]
+        for step, args in steps:
+            try:
+                step(*args)
+            except ConfigError as e:  # a binding whose exit failed repeats the exit's problems
+                problems.extend(p for p in e.problems if p not in problems)
+        if problems:
+            raise ConfigError(problems)
         return dict(self._built)
 
     def servers(self, type_: str) -> list[BindingConfig]:

@@ -18,6 +18,7 @@ BINDING_TYPES = {
     "ws": "zillatw.protocols.ws",
     "echo": "zillatw.protocols.echo",
     "fan": "zillatw.protocols.fan",
+    "tls": "zillatw.protocols.tls",
 }
 
 

@@ -1,0 +1,190 @@
+"""The `filesystem` vault: keys, trusted certificates and signers read from files.
+
+    vaults:
+      my_servers:
+        type: filesystem
+        options:
+          keys:   { store: tls/localhost.p12, type: pkcs12, password: ${{env.KEYSTORE_PASSWORD}} }
+          trust:  { store: tls/truststore.p12 }
+          signers: { store: tls/ca.pem, type: pem }
+
+Bindings name entries by alias, as Zilla does (`keys: [localhost]`):
+- pkcs12 (the default): an entry's alias is its friendlyName (what `keytool -alias` and
+  `openssl pkcs12 -name` write). cryptography reads one private key per file, so a keys
+  store in PKCS#12 holds one key entry; the other certificates are its chain, or, in a
+  trust or signers store, entries of their own.
+- pem: `store` is a directory of `<alias>.pem` files, or one file whose alias is its name
+  without the extension. A file holds certificates (the first one is the entry's, the rest
+  its chain) and, in a keys store, the private key (encrypted if `password` is given).
+
+Everything is read at startup; a problem is a ConfigError naming the YAML key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import types as key_types
+from cryptography.hazmat.primitives.serialization import pkcs12
+
+from zillatw.errors import ConfigError, did_you_mean
+
+STORES = ("keys", "trust", "signers")
+STORE_TYPES = ("pkcs12", "pem")
+_STORE_KEYS = ("store", "type", "password")
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    """A private key with its certificate and the chain that goes with it."""
+    alias: str
+    key: key_types.PrivateKeyTypes
+    certificate: x509.Certificate
+    chain: tuple[x509.Certificate, ...] = ()
+
+
+@dataclass
+class FilesystemVault:
+    """The entries of one vault, by store and alias."""
+    name: str
+    keys: dict[str, KeyEntry] = field(default_factory=dict)
+    trust: dict[str, tuple[x509.Certificate, ...]] = field(default_factory=dict)
+    signers: dict[str, tuple[x509.Certificate, ...]] = field(default_factory=dict)
+
+    def certificates(self, store: str, alias: str) -> tuple[x509.Certificate, ...]:
+        """The certificates of a trust or signers entry (a PEM file may hold a bundle)."""
+        return self.trust[alias] if store == "trust" else self.signers[alias]
+
+    def aliases(self, store: str) -> list[str]:
+        return list(getattr(self, store))
+
+
+def open_vault(name: str, options: Mapping[str, Any] | None, base_dir: Path, where: str = "") -> FilesystemVault:
+    """Read a filesystem vault's stores; `where` prefixes error paths (a namespace)."""
+    vault = FilesystemVault(name)
+    problems: list[str] = []
+    base = f"{where}vaults.{name}.options"
+    options = options or {}
+    for key in options:
+        if key == "revocation":
+            if options[key] not in ("none", None):
+                problems.append(f"{base}.revocation: '{options[key]}' is not supported by this zillatw yet "
+                                "(certificates are not checked for revocation; expected none)")
+        elif key not in STORES:
+            problems.append(f"{base}: unknown key '{key}'{did_you_mean(key, STORES)} "
+                            f"(expected one of: {', '.join(STORES)}, revocation)")
+    for store in STORES:
+        if store in options:
+            problems.extend(_read_store(vault, store, options[store], base_dir, f"{base}.{store}"))
+    if problems:
+        raise ConfigError(problems)
+    return vault
+
+
+def _read_store(vault: FilesystemVault, store: str, spec: Any, base_dir: Path, path: str) -> Iterator[str]:
+    if not isinstance(spec, Mapping):
+        yield f"{path}: expected a mapping with 'store' (and 'type', 'password')"
+        return
+    for key in spec:
+        if key not in _STORE_KEYS:
+            yield f"{path}: unknown key '{key}'{did_you_mean(key, _STORE_KEYS)} (expected one of: {', '.join(_STORE_KEYS)})"
+    if not isinstance(spec.get("store"), str):
+        yield f"{path}.store: missing required key 'store' (a file path, relative to the configuration's folder)"
+        return
+    type_ = spec.get("type", "pkcs12")
+    if type_ not in STORE_TYPES:
+        yield (f"{path}.type: store type '{type_}' is not supported{did_you_mean(str(type_), STORE_TYPES)} "
+               f"(expected {' or '.join(STORE_TYPES)})")
+        return
+    password = spec.get("password")
+    if password is not None and not isinstance(password, str):
+        password = str(password)
+    location = (base_dir / spec["store"]).resolve()
+    try:
+        if type_ == "pkcs12":
+            entries = _read_pkcs12(location, password, store, spec["store"], path)
+        else:
+            entries = _read_pem(location, password, store, spec["store"], path)
+    except _StoreProblem as e:
+        yield str(e)
+        return
+    except OSError as e:
+        yield f"{path}.store: cannot read '{spec['store']}' ({e.strerror or e})"
+        return
+    if not entries:
+        yield f"{path}.store: '{spec['store']}' has no {'key' if store == 'keys' else 'certificate'} entries"
+    getattr(vault, store).update(entries)
+
+
+class _StoreProblem(Exception):
+    pass
+
+
+_PEM_KEY = re.compile(rb"-----BEGIN ([A-Z ]*)PRIVATE KEY-----.*?-----END \1PRIVATE KEY-----", re.DOTALL)
+
+
+def _public_der(public_key: Any) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _alias_of(certificate: x509.Certificate, friendly_name: bytes | None) -> str:
+    """A PKCS#12 entry's alias: its friendlyName; else the certificate's CN."""
+    if friendly_name:
+        return friendly_name.decode("utf-8", "replace")
+    names = certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(names[0].value) if names else certificate.subject.rfc4514_string()
+
+
+def _read_pkcs12(location: Path, password: str | None, store: str, shown: str, path: str) -> dict[str, Any]:
+    data = location.read_bytes()
+    try:
+        bundle = pkcs12.load_pkcs12(data, password.encode() if password is not None else None)
+    except ValueError:
+        # A DER SEQUENCE that does not open is, in practice, a PKCS#12 file with another password.
+        if data[:1] == b"\x30":
+            raise _StoreProblem(f"{path}.password: cannot open '{shown}': wrong password"
+                                + (" (none given)" if password is None else "")) from None
+        raise _StoreProblem(f"{path}.store: '{shown}' is not a PKCS#12 file (set type: pem for PEM files)") from None
+    others = [(c.certificate, c.friendly_name) for c in bundle.additional_certs]
+    if store == "keys":
+        if bundle.key is None or bundle.cert is None:
+            raise _StoreProblem(f"{path}.store: '{shown}' has no private key entry")
+        entry = bundle.cert
+        alias = _alias_of(entry.certificate, entry.friendly_name)
+        return {alias: KeyEntry(alias, bundle.key, entry.certificate, tuple(c for c, _ in others))}
+    everything = ([(bundle.cert.certificate, bundle.cert.friendly_name)] if bundle.cert else []) + others
+    return {_alias_of(c, name): (c,) for c, name in everything}
+
+
+def _read_pem(location: Path, password: str | None, store: str, shown: str, path: str) -> dict[str, Any]:
+    files = sorted(location.glob("*.pem")) if location.is_dir() else [location]
+    entries: dict[str, Any] = {}
+    for file in files:
+        data = file.read_bytes()
+        name = file.name if location.is_dir() else shown
+        try:
+            certificates = tuple(x509.load_pem_x509_certificates(data))
+        except ValueError:
+            raise _StoreProblem(f"{path}.store: '{name}' holds no PEM certificate") from None
+        alias = file.stem
+        if store != "keys":
+            entries[alias] = certificates
+            continue
+        block = _PEM_KEY.search(data)
+        if block is None:
+            raise _StoreProblem(f"{path}.store: '{name}' holds no private key (a keys entry needs one)")
+        try:
+            key = serialization.load_pem_private_key(block.group(0), password.encode() if password else None)
+        except (TypeError, ValueError) as e:
+            problem = "wrong password" if "password" in str(e).lower() or "decrypt" in str(e).lower() else str(e)
+            raise _StoreProblem(f"{path}.password: cannot read the private key in '{name}': {problem}") from None
+        if _public_der(key.public_key()) != _public_der(certificates[0].public_key()):
+            raise _StoreProblem(f"{path}.store: in '{name}', the private key does not match the first certificate")
+        entries[alias] = KeyEntry(alias, key, certificates[0], certificates[1:])
+    return entries
