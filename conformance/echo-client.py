@@ -2,14 +2,18 @@
 client connects to the gateway, whose ws client proxies to the fuzzingserver. What the
 fuzzingserver judges is therefore the gateway's ws client (and the relay behind it).
 
-    python conformance/echo-client.py ws://127.0.0.1:GATEWAY_PORT AGENT
+    python conformance/echo-client.py ws://127.0.0.1:FUZZINGSERVER_PORT AGENT 127.0.0.1:GATEWAY_PORT
+
+Requests name the fuzzingserver (its URL, so its Host header) but go to the gateway's socket,
+as to a proxy: the gateway's ws client forwards the authority it received, as Zilla's does,
+and wstest 0.8 refuses a Host whose port is not its own.
 """
 
 from __future__ import annotations
 
 import sys
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.compress import (PerMessageDeflateOffer, PerMessageDeflateResponse,
                                          PerMessageDeflateResponseAccept)
 from twisted.internet import defer, reactor
@@ -26,7 +30,7 @@ class Echo(WebSocketClientProtocol):
             self.factory.done.callback(None)
 
 
-def visit(url: str, echo: bool = True) -> defer.Deferred:
+def visit(url: str, via: tuple[str, int], echo: bool = True) -> defer.Deferred:
     factory = WebSocketClientFactory(url)
     factory.protocol = Echo
     factory.echo, factory.last, factory.done = echo, None, defer.Deferred()
@@ -36,24 +40,41 @@ def visit(url: str, echo: bool = True) -> defer.Deferred:
         perMessageCompressionOffers=[PerMessageDeflateOffer()],
         perMessageCompressionAccept=lambda r: PerMessageDeflateResponseAccept(r)
         if isinstance(r, PerMessageDeflateResponse) else None)
-    connector = connectWS(factory)
-    factory.clientConnectionFailed = lambda c, reason: factory.done.called or factory.done.callback(None)
-    return factory.done.addCallback(lambda _: (connector, factory.last))
+    factory.clientConnectionFailed = lambda c, reason: factory.done.called or factory.done.errback(reason)
+    reactor.connectTCP(via[0], via[1], factory)
+    return factory.done.addCallback(lambda _: factory.last)
 
 
 @defer.inlineCallbacks
-def main(base: str, agent: str):
-    _, count = yield visit(f"{base}/getCaseCount", echo=False)
+def main(base: str, agent: str, via: tuple[str, int]):
+    count = yield visit(f"{base}/getCaseCount", via, echo=False)
+    if count is None:
+        raise SystemExit("no case count: the gateway or the fuzzingserver refused getCaseCount")
     count = int(count)
     print(f"fuzzingserver has {count} cases", flush=True)
     for case in range(1, count + 1):
-        yield visit(f"{base}/runCase?case={case}&agent={agent}")
+        yield visit(f"{base}/runCase?case={case}&agent={agent}", via)
         if case % 50 == 0:
             print(f"  {case}/{count}", flush=True)
-    yield visit(f"{base}/updateReports?agent={agent}", echo=False)
-    reactor.stop()
+    yield visit(f"{base}/updateReports?agent={agent}", via, echo=False)
+
+
+def run(base: str, agent: str, via: str) -> int:
+    host, _, port = via.rpartition(":")
+    outcome = []
+
+    def finished(result):
+        outcome.append(result)
+        reactor.stop()
+
+    def failed(failure):
+        failure.printTraceback(file=sys.stderr)
+        finished(failure)
+
+    reactor.callWhenRunning(lambda: main(base, agent, (host, int(port))).addCallbacks(finished, failed))
+    reactor.run()
+    return 0 if outcome and outcome[0] is None else 1
 
 
 if __name__ == "__main__":
-    reactor.callWhenRunning(lambda: main(sys.argv[1], sys.argv[2]).addErrback(lambda f: (f.printTraceback(), reactor.stop())))
-    reactor.run()
+    sys.exit(run(*sys.argv[1:4]))

@@ -240,6 +240,7 @@ class WsClient:
         factory = WebSocketClientFactory(f"ws://{authority}{info.path or '/'}",
                                          protocols=[info.protocol] if info.protocol else [])
         factory.protocol = WsClientProtocol
+        factory.noisy = False  # one factory per upstream connection: no start/stop log lines
         factory._batched_timer = self.timer
         factory.setProtocolOptions(
             echoCloseCodeReason=True, failByDrop=False, autoFragmentSize=0,
