@@ -393,12 +393,11 @@ def _check_cycles(everything: Mapping[str, BindingConfig], prefix: bool) -> Iter
     """A chain of exits that comes back to itself would never reach an application."""
     state: dict[str, int] = {}  # 1 visiting, 2 done
 
-    def visit(qname: str, trail: list[str]) -> str | None:
+    def visit(qname: str, trail: list[str]) -> list[str] | None:
         if state.get(qname) == 2 or qname not in everything:
             return None
         if state.get(qname) == 1:
-            loop = trail[trail.index(qname):] + [qname]
-            return " -> ".join(q.partition(":")[2] for q in loop)
+            return trail[trail.index(qname):] + [qname]
         state[qname] = 1
         for route in everything[qname].routes:
             if route.exit and (found := visit(route.exit, trail + [qname])):
@@ -408,7 +407,7 @@ def _check_cycles(everything: Mapping[str, BindingConfig], prefix: bool) -> Iter
 
     for qname in everything:
         if (loop := visit(qname, [])) is not None:
-            first = everything[qname]
+            first = everything[loop[0]]  # a binding in the loop, not where the search began
             where = f"{first.namespace}: " if prefix else ""
-            yield f"{where}bindings.{first.name}: exits form a loop ({loop})"
+            yield f"{where}bindings.{first.name}: exits form a loop ({' -> '.join(q.partition(':')[2] for q in loop)})"
             return
