@@ -122,7 +122,7 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, 
     for index, document in enumerate(documents):
         where = f"documents[{index}]." if prefix_names else ""
         if not isinstance(document, Mapping):
-            problems.append(f"{where or 'top level'}: expected a mapping with 'name' and 'bindings', "
+            problems.append(f"{where.rstrip('.') or 'top level'}: expected a mapping with 'name' and 'bindings', "
                             f"got {_type_name(document)}")
             continue
         document = _resolve(document, env, where.rstrip("."), problems)
