@@ -385,8 +385,13 @@ def _check_exit(path: str, exit_: str, binding: BindingConfig, everything: Mappi
         fitting = sorted(q.partition(":")[2] for q, b in everything.items()
                          if types[b.type].STREAMS.get(b.kind, (None,))[0] == emits)
         words = _STREAM_WORDS.get(emits, emits)
-        yield (f"{path}: '{target.name}' is a {target.type} {target.kind}, which cannot take the {words} a "
-               f"{binding.type} {binding.kind} hands on" + (f" (bindings that can: {', '.join(fitting)})" if fitting else ""))
+        yield (f"{path}: '{target.name}' is {_a(target.type)} {target.kind}, which cannot take the {words} "
+               f"{_a(binding.type)} {binding.kind} hands on" + (f" (bindings that can: {', '.join(fitting)})" if fitting else ""))
+
+
+def _a(word: str) -> str:
+    """'an echo', 'a ws' (the same vowel rule as _binding_of's)."""
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
 
 
 def _check_cycles(everything: Mapping[str, BindingConfig], prefix: bool) -> Iterable[str]:
