@@ -19,7 +19,7 @@ import jsonschema
 import yaml
 
 from zillatw.errors import ConfigError, did_you_mean
-from zillatw.schema import engine_schema
+from zillatw.schema import KINDS, engine_schema
 
 _EXPRESSION = re.compile(r"\$\{\{\s*([a-zA-Z0-9_.\-#]+)\s*\}\}")
 
@@ -135,7 +135,13 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, 
                                                               {t: m.SCHEMA_PATCH for t, m in guard_types().items()}))
     for index, document in enumerate(resolved):
         where = f"{document.get('name', f'documents[{index}]')}: " if prefix_names else ""
-        for error in sorted(validator.iter_errors(document), key=lambda e: list(map(str, e.absolute_path))):
+        errors = sorted(validator.iter_errors(document), key=lambda e: list(map(str, e.absolute_path)))
+        enum_paths = [tuple(e.absolute_path) for e in errors if e.validator == "enum"]
+        for error in errors:
+            # A kind outside Zilla's fails the engine's enum and the type's narrower one: say it once.
+            if error.validator == "enum" and error.schema["enum"] == KINDS and \
+                    enum_paths.count(tuple(error.absolute_path)) > 1:
+                continue
             problems.append(where + _describe(error, document))
     if problems:
         raise ConfigError(problems)
