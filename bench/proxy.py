@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The proxy benchmark (issue 3): zillatw's proxy throughput next to nginx's, as ratios.
 
-    .venv/bin/python bench/proxy.py [--seconds N] [--warmup N] [--profile]
+    .venv/bin/python bench/proxy.py [--seconds N] [--rounds N] [--warmup N] [--profile] [--nginx-buffer SIZE]
 
 One run measures, against the SAME upstream echo server (picows + uvloop, its own process):
   direct       load generator -> upstream                       (context: the ceiling)
@@ -15,8 +15,10 @@ counted: msgs/s = round trips per second, MB/s = payload bytes per second each w
 (1 MB = 10^6 bytes). Goals: zillatw/nginx >= 1.0x at 16 KiB (MB/s), >= 0.5x at 64 B (msgs/s).
 
 Needs `pip install -e ".[bench]"`; gets nginx by running bench/install-nginx.sh.
---profile also records zillatw's proxy with py-spy during the 64 B run and prints its
-hot spots (the flame graph goes to bench/profile-proxy-64B.svg).
+--profile also records zillatw's proxy with py-spy in one more 64 B run (not counted) and
+prints its hot spots (the flame graph goes to bench/profile-proxy-64B.svg).
+--nginx-buffer 64k sets nginx's proxy_buffer_size/proxy_buffers (nginx relays an upgraded
+connection through one proxy_buffer_size buffer, 4 KiB by default, which caps its 16 KiB figure).
 """
 
 from __future__ import annotations
@@ -212,15 +214,45 @@ def load_worker(url: str, conns: int, size: int, warmup: float, seconds: float,
         results.put((0, 1.0, 0, 0, f"{type(exc).__name__}: {exc}"))
 
 
-def measure(url: str, size: int, warmup: float, seconds: float) -> dict:
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes, from /proc."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def family(pid: int) -> list[int]:
+    """pid and its children (nginx: master and worker)."""
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        kids = []
+    return [pid, *map(int, kids)]
+
+
+def measure(url: str, size: int, warmup: float, seconds: float, watch: dict[str, int]) -> dict:
+    """Runs the load; watch names processes (pid) whose CPU use in the window is reported, in %."""
     ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(PROCESSES), ctx.Queue()
+    barrier, results = ctx.Barrier(PROCESSES + 1), ctx.Queue()
     share = [CONNECTIONS // PROCESSES + (i < CONNECTIONS % PROCESSES) for i in range(PROCESSES)]
     workers = [ctx.Process(target=load_worker, daemon=True,
                            args=(url, n, size, warmup, seconds, barrier, results)) for n in share]
     for w in workers:
         w.start()
+    cpu = {}
     try:
+        barrier.wait(timeout=120)  # every connection is open; the warm-up starts
+        pids = {name: family(pid) for name, pid in watch.items()}
+        time.sleep(warmup)
+        t0, before = time.perf_counter(), {name: cpu_seconds(p) for name, p in pids.items()}
+        time.sleep(seconds)
+        elapsed = time.perf_counter() - t0
+        cpu = {name: 100 * (cpu_seconds(p) - before[name]) / elapsed for name, p in pids.items()}
         got = [results.get(timeout=warmup + seconds + 60) for _ in workers]
     finally:
         for w in workers:
@@ -232,7 +264,7 @@ def measure(url: str, size: int, warmup: float, seconds: float) -> dict:
     if problems:
         raise RuntimeError("; ".join(problems))
     rate = sum(count / elapsed for count, elapsed, *_ in got)
-    return {"msgs": rate, "mbs": rate * size / 1e6,
+    return {"msgs": rate, "mbs": rate * size / 1e6, "cpu": cpu,
             "errors": sum(g[2] for g in got), "closed": sum(g[3] for g in got)}
 
 
@@ -259,7 +291,7 @@ http {{
             proxy_set_header Upgrade $http_upgrade;
             proxy_set_header Connection "upgrade";
             proxy_read_timeout 3600s;
-            proxy_buffering off;
+            proxy_buffering off;{extra}
         }}
     }}
 }}
@@ -272,17 +304,21 @@ def install_nginx() -> str:
     return out.strip().splitlines()[-1]
 
 
-def start_nginx(procs: Procs, tmp: Path, upstream: int) -> int:
+def start_nginx(procs: Procs, tmp: Path, upstream: int, buffer: str | None) -> tuple[int, subprocess.Popen]:
     nginx = install_nginx()
     prefix = tmp / "nginx"
     prefix.mkdir()
     port = free_port()
     conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(prefix=prefix, port=port, upstream=upstream))
+    conf.write_text(NGINX_CONF.format(
+        prefix=prefix, port=port, upstream=upstream,
+        # nginx relays an upgraded connection through buffers of proxy_buffer_size (one page,
+        # 4 KiB, by default)
+        extra=f"\n            proxy_buffer_size {buffer};\n            proxy_buffers 8 {buffer};" if buffer else ""))
     proc = procs.start("nginx", [nginx, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
                        tmp / "nginx.out")
     wait_listening(port, proc)
-    return port
+    return port, proc
 
 
 def twistd() -> str:
@@ -334,14 +370,31 @@ def hot_spots(raw: Path, top: int = 20) -> str:
             incl[f] += n
     if not total:
         return "(no samples)"
-    lines = [f"{total} samples. Self time (% of samples), top {top}:"]
+    by_pkg = collections.Counter()
+    for f, n in own.items():
+        where = f[f.find("(") + 1:]
+        pkg = next((p for p in ("zillatw", "autobahn", "twisted", "txaio", "zope") if where.startswith(p + "/")),
+                   "other (stdlib, ...)")
+        by_pkg[pkg] += n
+    lines = [f"{total} samples. Self time by package: "
+             + ", ".join(f"{p} {100 * n / total:.1f}%" for p, n in by_pkg.most_common())]
+    lines.append(f"Self time (% of samples), top {top}:")
     lines += [f"  {100 * n / total:5.1f}%  {f}" for f, n in own.most_common(top)]
-    lines.append(f"Inclusive (% of samples with the function on the stack), top {top}:")
-    lines += [f"  {100 * n / total:5.1f}%  {f}" for f, n in incl.most_common(top)]
+    lines.append(f"Inclusive (% of samples with the function on the stack), top {top} below the reactor loop:")
+    skip = ("twistd", "twisted/scripts/", "twisted/application/", "twisted/internet/base.py")
+    inner = [(f, n) for f, n in incl.most_common() if not any(k in f for k in skip)]
+    lines += [f"  {100 * n / total:5.1f}%  {f}" for f, n in inner[:top]]
+    zil = [(f, n) for f, n in inner if "(zillatw/" in f]
+    lines.append("zillatw's own functions, inclusive:")
+    lines += [f"  {100 * n / total:5.1f}%  {f}" for f, n in zil[:top]]
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- main
+
+def cpu(result: dict, name: str) -> str:
+    return f"{result['cpu'][name]:.0f}%" if name in result["cpu"] else "-"
+
 
 def human(size: int) -> str:
     return f"{size // 1024} KiB" if size >= 1024 else f"{size} B"
@@ -353,7 +406,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds over all scenarios, interleaved; the median is reported (default 3)")
     ap.add_argument("--warmup", type=float, default=1.0, help="warm-up before each window (default 1)")
-    ap.add_argument("--profile", action="store_true", help="py-spy zillatw's proxy during the 64 B run")
+    ap.add_argument("--profile", action="store_true", help="after the rounds, py-spy zillatw's proxy in one more 64 B run")
+    ap.add_argument("--nginx-buffer", metavar="SIZE",
+                    help="set nginx's proxy_buffer_size (e.g. 64k); default: nginx's own (4k)")
     ap.add_argument("--upstream", type=int, help=argparse.SUPPRESS)  # internal: be the echo server
     args = ap.parse_args()
     if args.upstream:
@@ -368,29 +423,34 @@ def main() -> int:
         up_port = free_port()
         upstream = procs.start("upstream", [sys.executable, __file__, "--upstream", str(up_port)], tmp / "upstream.log")
         wait_listening(up_port, upstream)
-        ports = {"direct": up_port, "nginx": start_nginx(procs, tmp, up_port)}
+        ports, watch = {"direct": up_port}, {"direct": {"upstream": upstream.pid}}
+        ports["nginx"], nginx = start_nginx(procs, tmp, up_port, args.nginx_buffer)
         ports["zillatw"], zproxy = start_zillatw(procs, tmp, "zillatw", HERE / "proxy.yaml", up_port)
-        ports["zillatw echo"], _ = start_zillatw(procs, tmp, "zillatw echo", HERE / "echo.yaml", None)
+        ports["zillatw echo"], zecho = start_zillatw(procs, tmp, "zillatw echo", HERE / "echo.yaml", None)
+        for name, proc in (("nginx", nginx), ("zillatw", zproxy), ("zillatw echo", zecho)):
+            watch[name] = {"proxy": proc.pid, "upstream": upstream.pid}
 
         runs: dict[tuple[str, int], list[dict]] = collections.defaultdict(list)
         for rnd in range(args.rounds):
             for size in SIZES:
                 for scenario, port in ports.items():
-                    spies = []
-                    if args.profile and rnd == 0 and scenario == "zillatw" and size == 64:
-                        spies = start_profile(zproxy.pid, args.warmup + args.seconds,
-                                              HERE / "profile-proxy-64B.svg", tmp / "profile.raw")
                     print(f"  round {rnd + 1}/{args.rounds} {scenario:>12} {human(size):>6} ...",
                           end="", flush=True, file=sys.stderr)
-                    r = measure(f"ws://127.0.0.1:{port}/", size, args.warmup, args.seconds)
+                    r = measure(f"ws://127.0.0.1:{port}/", size, args.warmup, args.seconds, watch[scenario])
                     runs[scenario, size].append(r)
                     print(f" {r['msgs']:10.0f} msgs/s {r['mbs']:8.2f} MB/s", file=sys.stderr)
-                    for spy in spies:
-                        spy.wait(30)
+        if args.profile:  # an extra run, not counted: py-spy takes CPU from the rest
+            print("  profiling zillatw 64 B with py-spy ...", file=sys.stderr)
+            spies = start_profile(zproxy.pid, args.warmup + args.seconds,
+                                  HERE / "profile-proxy-64B.svg", tmp / "profile.raw")
+            measure(f"ws://127.0.0.1:{ports['zillatw']}/", 64, args.warmup, args.seconds, {})
+            for spy in spies:
+                spy.wait(30)
         for key, rs in runs.items():
             rates = sorted(r["msgs"] for r in rs)
             rate = statistics.median(rates)
             results[key] = {"msgs": rate, "mbs": rate * key[1] / 1e6, "min": rates[0], "max": rates[-1],
+                            "cpu": {k: statistics.median(r["cpu"].get(k, 0) for r in rs) for k in rs[0]["cpu"]},
                             "errors": sum(r["errors"] for r in rs), "closed": sum(r["closed"] for r in rs)}
     finally:
         procs.stop()
@@ -401,7 +461,7 @@ def main() -> int:
           f"median of {args.rounds} interleaved rounds; {os.cpu_count()} cores; "
           f"{time.strftime('%Y-%m-%d %H:%M %Z')}")
     print(f"{'scenario':<14}{'size':>8}{'msgs/s':>12}{'MB/s':>10}{'vs nginx':>10}{'vs direct':>11}"
-          f"{'msgs/s min-max':>18}")
+          f"{'msgs/s min-max':>18}{'proxy CPU':>11}{'upstream CPU':>14}")
     for size in SIZES:
         nginx, direct = results["nginx", size], results["direct", size]
         for scenario in ports:
@@ -409,7 +469,8 @@ def main() -> int:
             vs_nginx = "" if scenario in ("direct", "nginx") else f"{r['msgs'] / nginx['msgs']:.2f}x"
             note = "" if not (r["errors"] or r["closed"]) else f"  ({r['errors']} bad echoes, {r['closed']} closed)"
             print(f"{scenario:<14}{human(size):>8}{r['msgs']:>12.0f}{r['mbs']:>10.2f}{vs_nginx:>10}"
-                  f"{r['msgs'] / direct['msgs']:>10.2f}x{r['min']:>9.0f}-{r['max']:<8.0f}{note}")
+                  f"{r['msgs'] / direct['msgs']:>10.2f}x{r['min']:>9.0f}-{r['max']:<8.0f}"
+                  f"{cpu(r, 'proxy'):>11}{cpu(r, 'upstream'):>14}{note}")
     print()
     for size in SIZES:
         ratio = results["zillatw", size]["msgs"] / results["nginx", size]["msgs"]
@@ -417,7 +478,7 @@ def main() -> int:
         unit = "MB/s" if size >= 1024 else "msgs/s"
         print(f"goal at {human(size)}: zillatw/nginx {unit} >= {GOALS[size]:.1f}x: "
               f"{ratio:.2f}x -> {'met' if met else 'NOT met'}")
-    print(f"(zillatw echo, the gateway's own echo without an upstream, for the other path: "
+    print("(zillatw echo, the gateway's own echo without an upstream, for the other path: "
           + ", ".join(f"{results['zillatw echo', s]['msgs'] / results['nginx', s]['msgs']:.2f}x nginx at {human(s)}"
                       for s in SIZES) + ")")
     if args.profile:
