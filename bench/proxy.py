@@ -29,6 +29,7 @@ import collections
 import ctypes
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import socket
@@ -214,16 +215,19 @@ def load_worker(url: str, conns: int, size: int, warmup: float, seconds: float,
         results.put((0, 1.0, 0, 0, f"{type(exc).__name__}: {exc}"))
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of these processes, from /proc."""
-    total = 0
+def cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """CPU time these processes used, and time they spent runnable but waiting for a CPU
+    (all their threads; /proc/PID/task/*/schedstat, nanoseconds)."""
+    ran = waited = 0
     for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / os.sysconf("SC_CLK_TCK")
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                fields = (task / "schedstat").read_text().split()
+            except OSError:
+                continue
+            ran += int(fields[0])
+            waited += int(fields[1])
+    return ran / 1e9, waited / 1e9
 
 
 def family(pid: int) -> list[int]:
@@ -252,7 +256,10 @@ def measure(url: str, size: int, warmup: float, seconds: float, watch: dict[str,
         t0, before = time.perf_counter(), {name: cpu_seconds(p) for name, p in pids.items()}
         time.sleep(seconds)
         elapsed = time.perf_counter() - t0
-        cpu = {name: 100 * (cpu_seconds(p) - before[name]) / elapsed for name, p in pids.items()}
+        after = {name: cpu_seconds(p) for name, p in pids.items()}
+        for name in pids:
+            cpu[name] = 100 * (after[name][0] - before[name][0]) / elapsed
+            cpu[name + " wait"] = 100 * (after[name][1] - before[name][1]) / elapsed
         got = [results.get(timeout=warmup + seconds + 60) for _ in workers]
     finally:
         for w in workers:
@@ -364,7 +371,8 @@ def hot_spots(raw: Path, top: int = 20) -> str:
             continue
         n = int(n)
         total += n
-        frames = [f.strip() for f in stack.split(";")]
+        # "func (file.py:line)" -> "func (file.py)": one entry per function, whatever the line
+        frames = [re.sub(r":\d+\)$", ")", f.strip()) for f in stack.split(";")]
         own[frames[-1]] += n
         for f in set(frames):
             incl[f] += n
@@ -416,6 +424,7 @@ def main() -> int:
         return 0
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    load_before = os.getloadavg()[0]
     procs = Procs()
     tmp = Path(tempfile.mkdtemp(prefix="zillatw-bench-"))
     results: dict[tuple[str, int], dict] = {}
@@ -459,9 +468,10 @@ def main() -> int:
     print(f"zillatw proxy benchmark: {CONNECTIONS} connections over {PROCESSES} load processes, "
           f"1 message in flight each, {args.seconds:g} s window after {args.warmup:g} s warm-up, "
           f"median of {args.rounds} interleaved rounds; {os.cpu_count()} cores; "
-          f"{time.strftime('%Y-%m-%d %H:%M %Z')}")
+          f"{time.strftime('%Y-%m-%d %H:%M %Z')}; load average before {load_before:.2f}, "
+          f"after {os.getloadavg()[0]:.2f} (other work on the machine skews the figures)")
     print(f"{'scenario':<14}{'size':>8}{'msgs/s':>12}{'MB/s':>10}{'vs nginx':>10}{'vs direct':>11}"
-          f"{'msgs/s min-max':>18}{'proxy CPU':>11}{'upstream CPU':>14}")
+          f"{'msgs/s min-max':>18}{'proxy CPU':>11}{'(waiting)':>11}{'upstream CPU':>14}")
     for size in SIZES:
         nginx, direct = results["nginx", size], results["direct", size]
         for scenario in ports:
@@ -470,7 +480,7 @@ def main() -> int:
             note = "" if not (r["errors"] or r["closed"]) else f"  ({r['errors']} bad echoes, {r['closed']} closed)"
             print(f"{scenario:<14}{human(size):>8}{r['msgs']:>12.0f}{r['mbs']:>10.2f}{vs_nginx:>10}"
                   f"{r['msgs'] / direct['msgs']:>10.2f}x{r['min']:>9.0f}-{r['max']:<8.0f}"
-                  f"{cpu(r, 'proxy'):>11}{cpu(r, 'upstream'):>14}{note}")
+                  f"{cpu(r, 'proxy'):>11}{cpu(r, 'proxy wait'):>11}{cpu(r, 'upstream'):>14}{note}")
     print()
     for size in SIZES:
         ratio = results["zillatw", size]["msgs"] / results["nginx", size]["msgs"]
@@ -483,9 +493,12 @@ def main() -> int:
                       for s in SIZES) + ")")
     if args.profile:
         raw = tmp / "profile.raw"
+        if raw.exists():
+            shutil.copy(raw, HERE / "profile-proxy-64B.txt")
         print()
         print("py-spy, zillatw proxy under the 64 B load "
-              f"(flame graph: {(HERE / 'profile-proxy-64B.svg').relative_to(ROOT)}):")
+              f"(flame graph: bench/profile-proxy-64B.svg, collapsed stacks: bench/profile-proxy-64B.txt; "
+              "% of the samples in which zillatw was not idle in epoll):")
         print(hot_spots(raw) if raw.exists() else "(py-spy wrote no profile; it needs ptrace permission)")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
