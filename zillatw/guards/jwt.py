@@ -53,7 +53,10 @@ JWK = {
         "kid": {"type": "string"},
         "alg": {"type": "string"},
         "use": {"type": "string"},
-        **{k: {"type": "string"} for k in ("n", "e", "crv", "x", "y", "k")},
+        **{k: {"type": "string"} for k in ("n", "e", "crv", "x", "y", "k", "x5u", "x5t", "x5t#S256")},
+        # RFC 7517 metadata, allowed so that a JWK can be pasted as an identity provider gives it
+        "key_ops": {"type": "array", "items": {"type": "string"}},
+        "x5c": {"type": "array", "items": {"type": "string"}},
     },
 }
 SCHEMA_PATCH = {

@@ -1,0 +1,512 @@
+"""The jwt guard and the http server's authorization, end to end: keys and tokens minted at
+run time, every case through a real handshake over loopback."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import hmac
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import jwt
+import yaml
+from autobahn.twisted.websocket import WebSocketClientFactory
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.trial import unittest
+from twisted.web import resource, server
+
+from zillatw.errors import ConfigError
+from zillatw.guards import Rejected
+from zillatw.guards.jwt import JwtGuard
+from zillatw.protocols.ws import ReactorTimer
+from zillatw.service import load_config
+from zillatw.test.support import (CONF, RecordingClient, chain, client_frame, close_ws, eventually,
+                                  on_ephemeral_port, raw_exchange, split_response, start_gateway, upgrade_request)
+
+ISSUER = "https://auth.example.com"
+AUDIENCE = "https://api.example.com"
+ROLE = "echo:stream"
+CREDENTIALS = {
+    "headers": {"authorization": "Bearer {credentials}"},
+    "query": {"access_token": "{credentials}"},
+    "cookies": {"access_token": "{credentials}"},
+}
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class Signer:
+    """A private key, its public JWK (as configured) and tokens signed with it."""
+
+    def __init__(self, kind: str = "RSA", kid: str = "rsa-1"):
+        self.kid = kid
+        if kind == "RSA":
+            self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            self.alg = "RS256"
+            jwk = jwt.algorithms.RSAAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+        elif kind == "EC":
+            self.private = ec.generate_private_key(ec.SECP256R1())
+            self.alg = "ES256"
+            jwk = jwt.algorithms.ECAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+        elif kind == "OKP":
+            self.private = ed25519.Ed25519PrivateKey.generate()
+            self.alg = "EdDSA"
+            jwk = jwt.algorithms.OKPAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+        else:  # oct
+            self.private = os.urandom(32)
+            self.alg = "HS256"
+            jwk = {"kty": "oct", "k": b64(self.private)}
+        self.jwk = {**jwk, "kid": kid, "alg": self.alg}
+
+    def token(self, **claims: Any) -> str:
+        now = int(time.time())
+        payload = {"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "scope": f"{ROLE} other",
+                   "iat": now, "exp": now + 300}
+        payload.update(claims)
+        payload = {k: v for k, v in payload.items() if v is not None}
+        return jwt.encode(payload, self.private, algorithm=self.alg, headers={"kid": self.kid})
+
+
+def unsigned_token(header: dict[str, Any], payload: dict[str, Any], key: bytes | None = None) -> str:
+    """A token built by hand: `alg: none` (no key) or HS256 with the given bytes as secret."""
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}"
+    signature = b"" if key is None else hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64(signature)}"
+
+
+def guarded_config(keys: Any, roles: list[str] | None = None, guard_options: dict[str, Any] | None = None,
+                   ws_routes: list[dict[str, Any]] | None = None, apps: dict[str, Any] | None = None,
+                   http_guarded: bool = True) -> dict[str, Any]:
+    """tcp -> http (authorization by jwt0; route guarded by ROLE) -> ws -> echo."""
+    config = chain(ws_routes=ws_routes, apps=apps)
+    http = config["bindings"]["http0"]
+    http["options"] = {"authorization": {"jwt0": {"credentials": copy.deepcopy(CREDENTIALS)}}}
+    route: dict[str, Any] = {"when": [{"headers": {"upgrade": "websocket"}}], "exit": "ws0"}
+    if http_guarded:
+        route["guarded"] = {"jwt0": roles if roles is not None else [ROLE]}
+    http["routes"] = [route]
+    options = {"issuer": ISSUER, "audience": AUDIENCE, "keys": keys}
+    options.update(guard_options or {})
+    config["guards"] = {"jwt0": {"type": "jwt", "options": options}}
+    return config
+
+
+def connect(port: int, path: str = "/", headers: dict[str, str] | None = None) -> defer.Deferred:
+    """An open RecordingClient sending these handshake headers, or a failure."""
+    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}", headers=headers or {})
+    factory.protocol = RecordingClient
+    factory._batched_timer = ReactorTimer()
+    d = TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+    return d.addCallback(lambda client: client.opened)
+
+
+@defer.inlineCallbacks
+def status_of(port: int, path: str = "/", headers: dict[str, str] | None = None) -> Any:
+    """The status code (int) and headers a handshake gets, over a raw socket."""
+    data = yield raw_exchange(port, upgrade_request(path, headers) + client_frame(0x8, b"\x03\xe8"))
+    status, response_headers, _ = split_response(data)
+    return int(status.split(" ")[1]), response_headers
+
+
+def session_timers() -> list[Any]:
+    return [c for c in reactor.getDelayedCalls() if getattr(c.func, "__name__", "") == "_session_expired"]
+
+
+class JwtHandshakeTests(unittest.TestCase):
+    """One RSA key inline; the http route is guarded by ROLE."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.signer = Signer("RSA", "rsa-1")
+        self.gateway, self.port = yield start_gateway(self, guarded_config([self.signer.jwk]))
+
+    def events(self) -> str:
+        return self.gateway.events_text.getvalue()
+
+    @defer.inlineCallbacks
+    def _echoes(self, path: str = "/", headers: dict[str, str] | None = None):
+        client = yield connect(self.port, path, headers)
+        client.sendMessage(b"hello")
+        self.assertEqual((yield client.messages.get()), (False, [b"hello"]))
+        result = yield close_ws(client)
+        self.assertEqual(result[:2], (True, 1000))
+
+    @defer.inlineCallbacks
+    def _refused(self, expected: int, token: str | None = None, where: str = "header") -> Any:
+        headers, path = {}, "/"
+        if token is not None and where == "header":
+            headers["Authorization"] = f"Bearer {token}"
+        elif token is not None and where == "query":
+            path = f"/?access_token={token}"
+        status, response_headers = yield status_of(self.port, path, headers)
+        self.assertEqual(status, expected)
+        return response_headers
+
+    def test_good_token_in_header(self):
+        return self._echoes(headers={"Authorization": f"Bearer {self.signer.token()}"})
+
+    def test_good_token_in_query(self):
+        return self._echoes(path=f"/?x=1&access_token={self.signer.token()}")
+
+    def test_good_token_in_cookie(self):
+        return self._echoes(headers={"Cookie": f"theme=dark; access_token={self.signer.token()}"})
+
+    @defer.inlineCallbacks
+    def test_identity_and_events(self):
+        seen = []
+        echo = self.gateway.binding("echo")
+        original = echo.open
+        echo.open = lambda info, peer: seen.append(info) or original(info, peer)
+        token = self.signer.token(sub="bob")
+        yield self._echoes(headers={"Authorization": f"Bearer {token}"})
+        self.assertEqual([info.identity for info in seen], ["bob"])
+        self.assertIn("BINDING_HTTP_REQUEST_ACCEPTED bob GET http://127.0.0.1:", self.events())
+        self.assertNotIn(token, self.events())
+
+    @defer.inlineCallbacks
+    def test_missing_credentials_is_401(self):
+        headers = yield self._refused(401)
+        self.assertEqual(headers["www-authenticate"], "Bearer")
+        # a header that does not fit the pattern is no credentials either
+        status, _ = yield status_of(self.port, headers={"Authorization": f"Basic {self.signer.token()}"})
+        self.assertEqual(status, 401)
+
+    @defer.inlineCallbacks
+    def test_expired_is_403(self):
+        yield self._refused(403, self.signer.token(exp=int(time.time()) - 5))
+        self.assertIn("GUARD_JWT_AUTHORIZATION_FAILED JWT token authorization failed for identity (alice). "
+                      "token expired", self.events())
+
+    @defer.inlineCallbacks
+    def test_not_yet_valid_is_403(self):
+        yield self._refused(403, self.signer.token(nbf=int(time.time()) + 60), where="query")
+        self.assertIn("token not yet valid", self.events())
+
+    @defer.inlineCallbacks
+    def test_wrong_issuer_is_403(self):
+        yield self._refused(403, self.signer.token(iss="https://evil.example.com"))
+        self.assertIn("issuer does not match", self.events())
+
+    @defer.inlineCallbacks
+    def test_missing_issuer_is_403(self):
+        yield self._refused(403, self.signer.token(iss=None))
+        self.assertIn("missing claim 'iss'", self.events())
+
+    @defer.inlineCallbacks
+    def test_wrong_audience_is_403(self):
+        yield self._refused(403, self.signer.token(aud=["https://other.example.com"]))
+        self.assertIn("audience does not match", self.events())
+
+    @defer.inlineCallbacks
+    def test_audience_list_containing_ours_is_accepted(self):
+        token = self.signer.token(aud=["https://other.example.com", AUDIENCE])
+        yield self._echoes(headers={"Authorization": f"Bearer {token}"})
+
+    @defer.inlineCallbacks
+    def test_unknown_kid_is_403(self):
+        other = Signer("RSA", "rsa-2")
+        yield self._refused(403, other.token())
+        self.assertIn("unknown kid 'rsa-2'", self.events())
+
+    @defer.inlineCallbacks
+    def test_key_of_another_signer_under_our_kid_is_403(self):
+        other = Signer("RSA", "rsa-1")
+        yield self._refused(403, other.token())
+        self.assertIn("signature does not verify", self.events())
+
+    @defer.inlineCallbacks
+    def test_alg_none_is_403(self):
+        payload = {"iss": ISSUER, "aud": AUDIENCE, "sub": "mallory", "scope": ROLE, "exp": int(time.time()) + 60}
+        yield self._refused(403, unsigned_token({"alg": "none", "kid": "rsa-1", "typ": "JWT"}, payload))
+        self.assertIn("identity (mallory). alg 'none' is not the alg of key 'rsa-1'", self.events())
+
+    @defer.inlineCallbacks
+    def test_hs256_signed_with_the_rsa_public_pem_is_403(self):
+        pem = self.signer.private.public_key().public_bytes(serialization.Encoding.PEM,
+                                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+        payload = {"iss": ISSUER, "aud": AUDIENCE, "sub": "mallory", "scope": ROLE, "exp": int(time.time()) + 60}
+        yield self._refused(403, unsigned_token({"alg": "HS256", "kid": "rsa-1"}, payload, key=pem))
+        self.assertIn("alg 'HS256' is not the alg of key 'rsa-1' (RS256)", self.events())
+
+    @defer.inlineCallbacks
+    def test_tampered_payload_is_403(self):
+        header, payload, signature = self.signer.token(scope="reader").split(".")
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        claims["scope"] = ROLE
+        yield self._refused(403, ".".join([header, b64(json.dumps(claims).encode()), signature]))
+        self.assertIn("signature does not verify", self.events())
+
+    @defer.inlineCallbacks
+    def test_garbage_is_403(self):
+        yield self._refused(403, "not.a.token")
+        self.assertIn("identity (-). malformed token", self.events())
+
+    @defer.inlineCallbacks
+    def test_missing_role_is_404(self):
+        yield self._refused(404, self.signer.token(scope="other"))
+        yield self._refused(404, self.signer.token(scope=None))
+        self.assertNotIn("GUARD_JWT_AUTHORIZATION_FAILED", self.events())
+
+    @defer.inlineCallbacks
+    def test_expiry_closes_an_open_connection_with_1008(self):
+        exp = int(time.time()) + 2
+        client = yield connect(self.port, headers={"Authorization": f"Bearer {self.signer.token(exp=exp)}"})
+        client.sendMessage(b"still here")
+        self.assertEqual((yield client.messages.get()), (False, [b"still here"]))
+        self.assertEqual(len(session_timers()), 1)
+        was_clean, code, reason = yield client.closed
+        late = time.time() - exp
+        self.assertEqual((was_clean, code, reason), (True, 1008, "token expired"))
+        self.assertTrue(-0.01 <= late < 1.0, f"closed {late:.3f} s after exp")
+        self.assertEqual(session_timers(), [])
+
+    @defer.inlineCallbacks
+    def test_closing_before_expiry_cancels_the_timer(self):
+        client = yield connect(self.port, headers={"Authorization": f"Bearer {self.signer.token(exp=None)}"})
+        self.assertEqual(session_timers(), [])  # no exp: no timer at all
+        yield close_ws(client)
+        client = yield connect(self.port, headers={"Authorization": f"Bearer {self.signer.token()}"})
+        self.assertEqual(len(session_timers()), 1)
+        yield close_ws(client)
+        yield eventually(lambda: not session_timers())
+
+
+class KeyTypeTests(unittest.TestCase):
+    """EC, OKP (EdDSA) and HMAC keys beside RSA; a key verifies only its own alg."""
+
+    @defer.inlineCallbacks
+    def test_each_key_type_verifies_its_tokens(self):
+        signers = [Signer("RSA", "r"), Signer("EC", "e"), Signer("OKP", "o"), Signer("oct", "h")]
+        gateway, port = yield start_gateway(self, guarded_config([s.jwk for s in signers]))
+        for signer in signers:
+            client = yield connect(port, headers={"Authorization": f"Bearer {signer.token(sub=signer.kid)}"})
+            client.sendMessage(signer.alg.encode())
+            self.assertEqual((yield client.messages.get()), (False, [signer.alg.encode()]))
+            yield close_ws(client)
+        self.assertEqual(gateway.events_text.getvalue().count("BINDING_HTTP_REQUEST_ACCEPTED"), 4)
+        # An ES256 token under the RSA key's kid is refused before any signature check.
+        ec_key = signers[1]
+        ec_key.kid = "r"
+        status, _ = yield status_of(port, headers={"Authorization": f"Bearer {ec_key.token()}"})
+        self.assertEqual(status, 403)
+
+
+class RolesAndRoutesTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_dotted_roles_claim_list_and_identity_claim(self):
+        signer = Signer("EC", "k")
+        config = guarded_config([signer.jwk], roles=["admin", "user"],
+                                guard_options={"roles": "realm_access.roles", "identity": "email"})
+        gateway, port = yield start_gateway(self, config)
+        seen = []
+        echo = gateway.binding("echo")
+        original = echo.open
+        echo.open = lambda info, peer: seen.append(info.identity) or original(info, peer)
+        token = signer.token(realm_access={"roles": ["user", "admin"]}, email="a@example.com")
+        client = yield connect(port, headers={"Authorization": f"Bearer {token}"})
+        yield close_ws(client)
+        self.assertEqual(seen, ["a@example.com"])
+        # every role listed must be there
+        token = signer.token(realm_access={"roles": ["user"]})
+        self.assertEqual((yield status_of(port, headers={"Authorization": f"Bearer {token}"}))[0], 404)
+
+    @defer.inlineCallbacks
+    def test_guarded_ws_routes_fall_through_to_the_next(self):
+        """Routes guarded at the ws server: a token lacking `admin` falls through to the
+        `echo:stream` route; no token gets 401 at the ws server too."""
+        signer = Signer("OKP", "k")
+        ws_routes = [{"guarded": {"jwt0": ["admin"]}, "exit": "echo_admin"},
+                     {"guarded": {"jwt0": [ROLE]}, "exit": "echo"}]
+        apps = {"echo": {"type": "echo", "kind": "server"}, "echo_admin": {"type": "echo", "kind": "server"}}
+        config = guarded_config([signer.jwk], ws_routes=ws_routes, apps=apps, http_guarded=False)
+        gateway, port = yield start_gateway(self, config)
+        opened = []
+        for name in apps:
+            binding = gateway.binding(name)
+            binding.open = (lambda original, name: lambda info, peer: opened.append((name, info.identity))
+                            or original(info, peer))(binding.open, name)
+        for scope, sub in ((f"admin {ROLE}", "root"), (ROLE, "alice")):
+            client = yield connect(port, headers={"Cookie": f"access_token={signer.token(scope=scope, sub=sub)}"})
+            yield close_ws(client)
+        self.assertEqual(opened, [("echo_admin", "root"), ("echo", "alice")])
+        self.assertEqual((yield status_of(port))[0], 401)
+        self.assertEqual((yield status_of(port, "/?access_token=x.y.z"))[0], 403)
+        self.assertEqual((yield status_of(port, headers={"Cookie": f"access_token={signer.token(scope='x')}"}))[0],
+                         404)
+
+    @defer.inlineCallbacks
+    def test_unguarded_route_serves_without_credentials(self):
+        """As in Zilla, credentials are only needed by guarded routes; a later unguarded
+        route takes requests that have none (with no identity)."""
+        signer = Signer("EC", "k")
+        config = guarded_config([signer.jwk])
+        config["bindings"]["http0"]["routes"].append({"when": [{"headers": {":path": "/public*"}}], "exit": "ws0"})
+        gateway, port = yield start_gateway(self, config)
+        client = yield connect(port, "/public")
+        yield close_ws(client)
+        self.assertEqual((yield status_of(port, "/private"))[0], 401)
+        self.assertIn("BINDING_HTTP_REQUEST_ACCEPTED - GET", gateway.events_text.getvalue())
+
+
+class Jwks(resource.Resource):
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.keys: list[dict[str, Any]] = []
+        self.requests = 0
+
+    def render_GET(self, request):
+        self.requests += 1
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"keys": self.keys}).encode()
+
+
+class JwksUrlTests(unittest.TestCase):
+    """`keys` as a URL, served by a twisted.web server on loopback."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.jwks = Jwks()
+        site = server.Site(self.jwks)
+        site.noisy = False
+        self.listening = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(self.listening.stopListening)
+        url = f"http://127.0.0.1:{self.listening.getHost().port}/.well-known/jwks.json"
+        self.gateway, self.port = yield start_gateway(self, guarded_config(url))
+        self.keys = self.gateway.graph.guard("test:jwt0").keys
+
+    @defer.inlineCallbacks
+    def _status(self, signer: Signer) -> Any:
+        status, _ = yield status_of(self.port, headers={"Authorization": f"Bearer {signer.token()}"})
+        return status
+
+    @defer.inlineCallbacks
+    def test_rotation_picks_up_a_new_key(self):
+        old, new = Signer("RSA", "2026-01"), Signer("EC", "2026-02")
+        self.jwks.keys = [old.jwk]
+        self.assertEqual(self.jwks.requests, 0)  # fetched on first use
+        client = yield connect(self.port, headers={"Authorization": f"Bearer {old.token()}"})
+        yield close_ws(client)
+        self.assertEqual((yield self._status(old)), 101)
+        self.assertEqual(self.jwks.requests, 1)  # cached
+        self.keys.min_refresh = 0
+        self.jwks.keys = [new.jwk]
+        self.assertEqual((yield self._status(new)), 101)  # unknown kid: fetched again
+        self.assertEqual(self.jwks.requests, 2)
+        self.assertEqual((yield self._status(old)), 403)  # rotated out
+        self.assertEqual(self.jwks.requests, 3)
+
+    @defer.inlineCallbacks
+    def test_unknown_kids_refetch_at_most_once_per_interval(self):
+        known, unknown = Signer("EC", "a"), Signer("EC", "b")
+        self.jwks.keys = [known.jwk]
+        self.assertEqual((yield self._status(known)), 101)
+        self.keys.min_refresh = 60
+        self.assertEqual((yield self._status(unknown)), 403)
+        self.assertEqual(self.jwks.requests, 1)
+
+    @defer.inlineCallbacks
+    def test_concurrent_requests_share_one_fetch(self):
+        signer = Signer("EC", "a")
+        self.jwks.keys = [signer.jwk]
+        statuses = yield defer.gatherResults([self._status(signer) for _ in range(5)])
+        self.assertEqual(statuses, [101] * 5)
+        self.assertEqual(self.jwks.requests, 1)
+
+    @defer.inlineCallbacks
+    def test_unreachable_jwks_is_403_and_named(self):
+        yield self.listening.stopListening()
+        self.assertEqual((yield self._status(Signer("EC", "a"))), 403)
+        self.assertIn("unknown kid 'a' (JWKS fetch failed:", self.gateway.events_text.getvalue())
+
+
+class GuardUnitTests(unittest.TestCase):
+    def _guard(self, signer: Signer, **options: Any) -> JwtGuard:
+        return JwtGuard("ns", "g", {"issuer": ISSUER, "audience": AUDIENCE, "keys": [signer.jwk], **options})
+
+    def test_session(self):
+        signer = Signer("EC", "k")
+        exp = int(time.time()) + 100
+        session = self._guard(signer).authorize(signer.token(exp=exp, scope="a b  c"))
+        self.assertEqual((session.guard, session.identity, session.roles, session.expires_at),
+                         ("ns:g", "alice", frozenset({"a", "b", "c"}), float(exp)))
+
+    def test_leeway_accepts_a_just_expired_token_and_extends_the_session(self):
+        signer = Signer("EC", "k")
+        exp = int(time.time()) - 2
+        self.assertRaises(Rejected, self._guard(signer).authorize, signer.token(exp=exp))
+        session = self._guard(signer, leeway=30).authorize(signer.token(exp=exp))
+        self.assertEqual(session.expires_at, exp + 30)
+
+    def test_key_without_alg_never_verifies(self):
+        signer = Signer("EC", "k")
+        del signer.jwk["alg"]
+        rejected = self.assertRaises(Rejected, self._guard(signer).authorize, signer.token())
+        self.assertIn("unknown kid", rejected.reason)
+
+
+class ConfigTests(unittest.TestCase):
+    def _problems(self, config: dict[str, Any]) -> str:
+        with self.assertRaises(ConfigError) as caught:
+            load_config(config)
+        return str(caught.exception)
+
+    def test_errors_name_the_yaml_path(self):
+        signer = Signer("EC", "k")
+        config = guarded_config([signer.jwk, {**signer.jwk, "kid": "x", "alg": "RS256"}],
+                                guard_options={"leeway": -1})
+        config["bindings"]["http0"]["options"]["authorization"]["jwt0"]["credentials"]["query"]["t"] = "token"
+        problems = self._problems(config)
+        self.assertIn("guards.jwt0.options.leeway: -1 is less than the minimum of 0", problems)
+        config["guards"]["jwt0"]["options"]["leeway"] = 1
+        problems = self._problems(config)
+        self.assertIn("guards.jwt0.options.keys[1]: alg 'RS256' does not fit a key of kty 'EC'", problems)
+        self.assertIn("bindings.http0.options.authorization.jwt0.credentials.query.t: 'token' must contain "
+                      "{credentials} once", problems)
+
+    def test_unknown_guard_and_missing_issuer(self):
+        config = guarded_config("https://auth.example.com/jwks.json")
+        config["bindings"]["http0"]["options"]["authorization"] = {"jwt1": {"credentials": CREDENTIALS}}
+        del config["guards"]["jwt0"]["options"]["issuer"]
+        problems = self._problems(config)
+        self.assertIn("bindings.http0.options.authorization.jwt1: no guard named 'jwt1' (did you mean 'jwt0'?)",
+                      problems)
+        self.assertIn("guards.jwt0.options.issuer: required", problems)
+
+    def test_keys_url_must_be_http(self):
+        problems = self._problems(guarded_config("file:///etc/jwks.json"))
+        self.assertIn("guards.jwt0.options.keys: 'file:///etc/jwks.json' is not an http(s) URL", problems)
+
+
+class ExampleTests(unittest.TestCase):
+    """conf/ws.echo.jwt.yaml with a token from conf/jwt/mint-token.py."""
+
+    @defer.inlineCallbacks
+    def test_example_and_token_script(self):
+        with open(os.path.join(CONF, "ws.echo.jwt.yaml")) as f:
+            config = on_ephemeral_port(yaml.safe_load(f), "north_tcp_server")
+        gateway, port = yield start_gateway(self, config)
+        script = os.path.join(CONF, "jwt", "mint-token.py")
+        token = subprocess.run([sys.executable, script, "--sub", "carol", "--ttl", "60"], check=True,
+                               capture_output=True, text=True).stdout.strip()
+        client = yield connect(port, f"/?access_token={token}")
+        client.sendMessage(b"hi")
+        self.assertEqual((yield client.messages.get()), (False, [b"hi"]))
+        yield close_ws(client)
+        self.assertIn("BINDING_HTTP_REQUEST_ACCEPTED carol GET", gateway.events_text.getvalue())
+        self.assertEqual((yield status_of(port))[0], 401)
+        short = subprocess.run([sys.executable, script, "--scope", "other"], check=True,
+                               capture_output=True, text=True).stdout.strip()
+        self.assertEqual((yield status_of(port, f"/?access_token={short}"))[0], 404)
