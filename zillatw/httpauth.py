@@ -99,6 +99,9 @@ class HttpAuthorization:
             result = self.guard.authorize(credentials, trace_id)
         except Rejected:
             return Authorization(None, credentials_found=True)
+        except Exception:  # a guard's bug must refuse the request, not break the connection
+            log.failure("zillatw: guard failed while authorizing")
+            return Authorization(None, credentials_found=True)
         if isinstance(result, Deferred):
             return result.addCallbacks(_granted, _refused)
         return _granted(result)

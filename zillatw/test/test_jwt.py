@@ -29,8 +29,9 @@ from zillatw.guards import Rejected
 from zillatw.guards.jwt import JwtGuard
 from zillatw.protocols.ws import ReactorTimer
 from zillatw.service import load_config
-from zillatw.test.support import (CONF, RecordingClient, chain, client_frame, close_ws, eventually,
-                                  on_ephemeral_port, raw_exchange, split_response, start_gateway, upgrade_request)
+from zillatw.test.support import (CONF, RecordingClient, chain, client_frame, close_ws, connect_raw, eventually,
+                                  on_ephemeral_port, parse_server_frames, raw_exchange, split_response,
+                                  start_gateway, upgrade_request, wait)
 
 ISSUER = "https://auth.example.com"
 AUDIENCE = "https://api.example.com"
@@ -367,10 +368,16 @@ class Jwks(resource.Resource):
         self.keys: list[dict[str, Any]] = []
         self.requests = 0
 
+        self.delay = 0.0
+
     def render_GET(self, request):
         self.requests += 1
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps({"keys": self.keys}).encode()
+        body = json.dumps({"keys": self.keys}).encode()
+        if not self.delay:
+            return body
+        reactor.callLater(self.delay, lambda: (request.write(body), request.finish()))
+        return server.NOT_DONE_YET
 
 
 class JwksUrlTests(unittest.TestCase):
@@ -423,6 +430,26 @@ class JwksUrlTests(unittest.TestCase):
         self.jwks.keys = [signer.jwk]
         statuses = yield defer.gatherResults([self._status(signer) for _ in range(5)])
         self.assertEqual(statuses, [101] * 5)
+        self.assertEqual(self.jwks.requests, 1)
+
+    @defer.inlineCallbacks
+    def test_request_waits_for_the_fetch_and_keeps_its_bytes(self):
+        """While the JWKS is fetched the request waits (the reactor does not): bytes the
+        client sends meanwhile reach the WebSocket; a client that leaves meanwhile is no error."""
+        signer = Signer("EC", "a")
+        self.jwks.keys, self.jwks.delay = [signer.jwk], 0.3
+        leaving = yield connect_raw(self.port)
+        leaving.transport.write(upgrade_request(headers={"Authorization": f"Bearer {signer.token()}"}))
+        client = yield connect_raw(self.port)
+        client.transport.write(upgrade_request(headers={"Authorization": f"Bearer {signer.token()}"}))
+        yield wait(0.1)
+        leaving.transport.loseConnection()
+        self.assertEqual(client.data, b"")  # still fetching
+        client.transport.write(client_frame(0x1, b"sent while waiting") + client_frame(0x8, b"\x03\xe8"))
+        data = yield client.done
+        status, _, rest = split_response(data)
+        self.assertIn("101", status)
+        self.assertEqual([f[2] for f in parse_server_frames(rest)], [b"sent while waiting", b"\x03\xe8"])
         self.assertEqual(self.jwks.requests, 1)
 
     @defer.inlineCallbacks
