@@ -38,7 +38,6 @@ SCHEMA_PATCH = {
                 "access-control": {"type": "object"},
                 "authorization": {
                     "type": "object",
-                    "maxProperties": 1,
                     "propertyNames": NAME,
                     "additionalProperties": {
                         "type": "object",
@@ -86,7 +85,10 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
         yield "options.versions", "zillatw serves http/1.1 only (WebSocket over h2 is not supported)"
     if not binding.routes:
         yield "routes", "an http server needs 'exit' or routes with an exit"
-    for guard, authorization in (binding.options.get("authorization") or {}).items():
+    authorizations = binding.options.get("authorization") or {}
+    if len(authorizations) > 1:
+        yield "options.authorization", f"one guard only, got {len(authorizations)}: {', '.join(authorizations)}"
+    for guard, authorization in authorizations.items():
         for where, patterns in authorization["credentials"].items():
             for name, pattern in patterns.items():
                 if pattern.count(PLACEHOLDER) != 1:

@@ -512,6 +512,13 @@ class ConfigTests(unittest.TestCase):
                       problems)
         self.assertIn("guards.jwt0.options.issuer: required", problems)
 
+    def test_one_guard_per_http_server(self):
+        config = guarded_config("https://auth.example.com/jwks.json")
+        config["guards"]["jwt1"] = copy.deepcopy(config["guards"]["jwt0"])
+        config["bindings"]["http0"]["options"]["authorization"]["jwt1"] = {"credentials": CREDENTIALS}
+        self.assertIn("bindings.http0.options.authorization: one guard only, got 2: jwt0, jwt1",
+                      self._problems(config))
+
     def test_keys_url_must_be_http(self):
         problems = self._problems(guarded_config("file:///etc/jwks.json"))
         self.assertIn("guards.jwt0.options.keys: 'file:///etc/jwks.json' is not an http(s) URL", problems)
