@@ -188,6 +188,10 @@ def _reason_text(failure: Failure | None) -> str:
     return failure.getErrorMessage()
 
 
+def _state_of(connection: SSL.Connection) -> "_Handshake":
+    return connection.get_app_data().zillatw_handshake
+
+
 class _Handshake:
     """What the OpenSSL callbacks learn about one connection's handshake."""
 
@@ -275,12 +279,12 @@ class TlsServer:
     # ---- OpenSSL callbacks (exceptions must not escape: OpenSSL would get garbage)
 
     def serverConnectionForTLS(self, tls_protocol: TLSMemoryBIOProtocol) -> SSL.Connection:
-        connection = SSL.Connection(self._contexts[0][1], None)
-        connection.set_app_data(_Handshake(tls_protocol))
-        return connection
+        # Twisted makes the TLS protocol the connection's app data; our state rides on it.
+        tls_protocol.zillatw_handshake = _Handshake(tls_protocol)
+        return SSL.Connection(self._contexts[0][1], None)
 
     def _servername(self, connection: SSL.Connection) -> None:
-        state: _Handshake = connection.get_app_data()
+        state = _state_of(connection)
         raw = connection.get_servername()
         if raw is None:
             return  # no SNI (an IP address): the first key, as Zilla's key manager does
@@ -299,7 +303,7 @@ class TlsServer:
     def _select_alpn(self, connection: SSL.Connection, offered: list[bytes]) -> Any:
         """Zilla's choice: the first protocol the client offers that options.alpn lists and a
         route allows; none (the handshake goes on without ALPN) if there is no such one."""
-        state: _Handshake = connection.get_app_data()
+        state = _state_of(connection)
         port = getattr(state.transport.getHost(), "port", None)
         for protocol in offered:
             if protocol in self.alpn and self.routes.resolve(state.sni, protocol.decode("ascii", "replace"), port):
@@ -317,7 +321,7 @@ class TlsServer:
 
 def _verify_client(connection: SSL.Connection, certificate: Any, errno: int, depth: int, ok: int) -> bool:
     if not ok:
-        state: _Handshake = connection.get_app_data()
+        state = _state_of(connection)
         subject = certificate.to_cryptography().subject.rfc4514_string() if certificate is not None else "?"
         state.refuse("BINDING_TLS_PEER_NOT_VERIFIED", f"client certificate {subject}: {_verify_error(errno)}")
     return bool(ok)
@@ -336,7 +340,7 @@ class _DispatchFactory(Factory):
 @implementer(IHandshakeListener)
 class _Dispatch(Protocol):
     """Inside the TLS layer until the handshake is done; then the chosen exit's protocol
-    takes the connection (the TLS layer calls it directly from then on)."""
+    takes its place."""
 
     def __init__(self, server: TlsServer, addr: IAddress):
         self.server = server
@@ -348,7 +352,7 @@ class _Dispatch(Protocol):
         self._timer = self.server.reactor.callLater(self.server.handshake_timeout, self._timed_out)
 
     def _state(self) -> _Handshake:
-        return self.transport.getHandle().get_app_data()
+        return self.transport.zillatw_handshake
 
     def dataReceived(self, data: bytes) -> None:
         self._early.append(data)  # TLS 1.3 data that arrived with the client's Finished
@@ -365,8 +369,9 @@ class _Dispatch(Protocol):
         if protocol is None:
             self.transport.loseConnection()
             return
-        self.dataReceived = protocol.dataReceived  # type: ignore[method-assign]
-        self.connectionLost = protocol.connectionLost  # type: ignore[method-assign]
+        # The TLS layer calls its wrappedProtocol: make that the exit's, so it (and anything
+        # it hands the connection to, like the http server) is called directly from now on.
+        self.transport.wrappedProtocol = protocol
         protocol.makeConnection(self.transport)
         if self._early:
             protocol.dataReceived(b"".join(self._early))
@@ -421,7 +426,7 @@ class _Attempt:
     def clientConnectionForTLS(self, tls_protocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         connection = SSL.Connection(self.client.context, None)
         self.state = _Handshake(tls_protocol)
-        connection.set_app_data(self)
+        tls_protocol.zillatw_attempt = self  # Twisted makes the protocol the connection's app data
         name = self.server_name
         if name and self.client.send_sni and not _is_ip(name):
             connection.set_tlsext_host_name(name.encode("idna"))
@@ -473,7 +478,7 @@ def _is_ip(name: str) -> bool:
 
 def _verify_server(connection: SSL.Connection, certificate: Any, errno: int, depth: int, ok: int) -> bool:
     if not ok:
-        attempt: _Attempt = connection.get_app_data()
+        attempt: _Attempt = connection.get_app_data().zillatw_attempt
         if attempt.state is not None:
             subject = certificate.to_cryptography().subject.rfc4514_string() if certificate is not None else "?"
             attempt.state.refuse("BINDING_TLS_PEER_NOT_VERIFIED", f"certificate {subject}: {_verify_error(errno)}")
@@ -482,11 +487,12 @@ def _verify_server(connection: SSL.Connection, certificate: Any, errno: int, dep
 
 def _client_info(connection: SSL.Connection, where: int, ret: int) -> None:
     if where & SSL.SSL_CB_HANDSHAKE_DONE:
+        tls_protocol = connection.get_app_data()
         try:
-            connection.get_app_data().handshake_done(connection)
+            tls_protocol.zillatw_attempt.handshake_done(connection)
         except Exception:
             log.failure("tls client: checking the upstream's certificate")
-            connection.get_app_data().state.transport.abortConnection()
+            tls_protocol.abortConnection()
 
 
 class TlsClient:

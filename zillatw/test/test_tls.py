@@ -1,0 +1,578 @@
+"""tls server and client bindings and the filesystem vault, end to end over loopback: a CA,
+server and client certificates made at run time, real TLS handshakes (Twisted's and the
+stdlib's clients, openssl s_client) and real WebSocket clients."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketServerFactory
+from OpenSSL import SSL
+from twisted.internet import defer, reactor, ssl as tssl, threads
+from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.protocol import Protocol
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial import unittest
+
+from zillatw import ConfigError, build_gateway
+from zillatw.__main__ import main as check_main
+from zillatw.protocols.ws import ReactorTimer
+from zillatw.test import pki
+from zillatw.test.support import (CONF, RawClient, RecordingClient, close_ws, eventually, split_response,
+                                  start_gateway, upgrade_request)
+from zillatw.test.test_proxy import Upstream
+
+PASSWORD = "s3cret"
+
+
+class Pki:
+    """One CA with server certificates for localhost and two other names, a client
+    certificate, and a second CA nobody trusts (with its own client certificate)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.ca = pki.make_ca()
+        self.localhost = pki.issue(self.ca, "localhost", dns=["localhost"], ips=["127.0.0.1"])
+        self.alpha = pki.issue(self.ca, "alpha.test", dns=["alpha.test"])
+        self.beta = pki.issue(self.ca, "beta.test", dns=["beta.test", "*.beta.test"])
+        self.client = pki.issue(self.ca, "good client", client=True)
+        self.rogue_ca = pki.make_ca("rogue CA")
+        self.rogue_client = pki.issue(self.rogue_ca, "rogue client", client=True)
+        self.ca_pem = pki.write(folder / "ca.pem", self.ca.cert_pem())
+
+    def path(self, name: str) -> str:
+        return str(self.folder / name)
+
+
+def tls_chain(vault: dict[str, Any], tls_options: dict[str, Any], tls_routes: list[dict[str, Any]] | None = None,
+              http_routes: list[dict[str, Any]] | None = None, apps: dict[str, Any] | None = None) -> dict[str, Any]:
+    """tcp (port 0) -> tls (vault `server`) -> http -> ws -> echo."""
+    tls: dict[str, Any] = {"type": "tls", "kind": "server", "vault": "server", "options": tls_options}
+    if tls_routes is None:
+        tls["exit"] = "http0"
+    else:
+        tls["routes"] = tls_routes
+    bindings = {
+        "tcp0": {"type": "tcp", "kind": "server", "options": {"host": "127.0.0.1", "port": 0}, "exit": "tls0"},
+        "tls0": tls,
+        "http0": {"type": "http", "kind": "server",
+                  "routes": http_routes or [{"when": [{"headers": {"upgrade": "websocket"}}], "exit": "ws0"}]},
+        "ws0": {"type": "ws", "kind": "server", "exit": "echo"},
+        "echo": {"type": "echo", "kind": "server"},
+    }
+    bindings.update(apps or {})
+    return {"name": "test", "vaults": {"server": {"type": "filesystem", "options": vault}},
+            "bindings": bindings, "telemetry": {"exporters": {"stdout": {"type": "stdout"}}}}
+
+
+def client_tls(ca: pki.Issued | None = None, name: str = "localhost", client: pki.Issued | None = None,
+               alpn: list[str] | None = None) -> Any:
+    """Twisted client TLS options: trust `ca`, send SNI `name`, verify the name."""
+    trust = tssl.Certificate.loadPEM(ca.cert_pem()) if ca else None
+    own = tssl.PrivateCertificate.loadPEM(client.key_pem() + client.cert_pem()) if client else None
+    return tssl.optionsForClientTLS(name, trustRoot=trust, clientCertificate=own,
+                                    acceptableProtocols=[p.encode() for p in alpn] if alpn else None)
+
+
+def connect_wss(port: int, options: Any, host: str = "localhost", path: str = "/",
+                protocols: list[str] | None = None, tls: bool = True) -> defer.Deferred:
+    """An open RecordingClient over TLS (or plain TCP if tls is false); fails if refused."""
+    scheme = "wss" if tls else "ws"
+    factory = WebSocketClientFactory(f"{scheme}://{host}:{port}{path}", protocols=protocols or [])
+    factory.protocol = RecordingClient
+    factory._batched_timer = ReactorTimer()
+    factory.setProtocolOptions(autoFragmentSize=0, openHandshakeTimeout=5)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    if tls:
+        endpoint = wrapClientTLS(options, endpoint)
+    return endpoint.connect(factory).addCallback(lambda client: client.opened)
+
+
+def stdlib_handshake(port: int, server_name: str | None, cafile: str, alpn: list[str] | None = None,
+                     cert: tuple[str, str] | None = None) -> defer.Deferred:
+    """A blocking stdlib TLS handshake in a thread -> (version, cipher, peer subject CN, alpn)."""
+    def run() -> tuple[str, str, str, str | None]:
+        context = ssl.create_default_context(cafile=cafile)
+        context.check_hostname = False  # SNI tests send names the loopback address is not
+        if alpn:
+            context.set_alpn_protocols(alpn)
+        if cert:
+            context.load_cert_chain(*cert)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with context.wrap_socket(raw, server_hostname=server_name) as tls:
+                subject = dict(item[0] for item in tls.getpeercert()["subject"])
+                return tls.version(), tls.cipher()[0], subject["commonName"], tls.selected_alpn_protocol()
+    return threads.deferToThread(run)
+
+
+@defer.inlineCallbacks
+def raw_tls_exchange(port: int, options: Any, request: bytes) -> Any:
+    """Send bytes over TLS, return what came back until the server closed."""
+    client = yield connectProtocol(SSL4ClientEndpoint(reactor, "127.0.0.1", port, options), RawClient())
+    client.transport.write(request)
+    data = yield client.done
+    return data
+
+
+class TlsTestCase(unittest.TestCase):
+    def setUp(self) -> None:
+        self.folder = Path(self.mktemp())
+        self.folder.mkdir(parents=True)
+        self.pki = Pki(self.folder)
+
+    def keystore(self, name: str = "localhost.p12", alias: str = "localhost",
+                 issued: pki.Issued | None = None) -> str:
+        return pki.write(self.folder / name, (issued or self.pki.localhost).p12(alias, PASSWORD))
+
+    def pem_keys(self, entries: dict[str, pki.Issued]) -> str:
+        folder = self.folder / "keys"
+        for alias, issued in entries.items():
+            pki.write(folder / f"{alias}.pem", issued.pem())
+        return str(folder)
+
+
+class WssTests(TlsTestCase):
+    @defer.inlineCallbacks
+    def test_wss_echo_with_a_pkcs12_keystore_from_the_config_folder(self):
+        self.keystore("tls/localhost.p12")
+        os.environ["ZILLATW_TEST_KEYSTORE_PASSWORD"] = PASSWORD
+        self.addCleanup(os.environ.pop, "ZILLATW_TEST_KEYSTORE_PASSWORD")
+        config = tls_chain({"keys": {"store": "tls/localhost.p12", "type": "pkcs12",
+                                     "password": "${{env.ZILLATW_TEST_KEYSTORE_PASSWORD}}"}},
+                           {"keys": ["localhost"], "sni": ["localhost"]},
+                           http_routes=[{"when": [{"headers": {":scheme": "https", "upgrade": "websocket"}}],
+                                         "exit": "ws0"}])
+        path = self.folder / "zilla.yaml"
+        path.write_text(yaml.safe_dump(config))
+        gateway, port = yield start_gateway(self, str(path))
+        client = yield connect_wss(port, client_tls(self.pki.ca))
+        self.assertEqual(client.transport.getHandle().get_protocol_version_name(), "TLSv1.3")
+        for payload, binary in [(b"hello over TLS", False), (os.urandom(200_000), True)]:
+            client.sendMessage(payload, isBinary=binary)
+            got, frames = yield client.messages.get()
+            self.assertEqual((got, b"".join(frames)), (binary, payload))
+        result = yield close_ws(client)
+        self.assertEqual(result[:2], (True, 1000))
+        # the http server saw :scheme https (its only route asks for it)
+        self.assertIn(f"BINDING_HTTP_REQUEST_ACCEPTED - GET https://localhost:{port}/", gateway.events_text.getvalue())
+
+    @defer.inlineCallbacks
+    def test_plain_http_on_the_tls_port_fails_the_handshake(self):
+        config = tls_chain({"keys": {"store": self.keystore(), "password": PASSWORD}}, {"keys": ["localhost"]})
+        gateway, port = yield start_gateway(self, config)
+        client = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), RawClient())
+        client.transport.write(upgrade_request())
+        data = yield client.done
+        self.assertNotIn(b"HTTP/1.1", data)
+        yield eventually(lambda: "BINDING_TLS_" in gateway.events_text.getvalue())
+        self.assertRegex(gateway.events_text.getvalue(),
+                         r"test:tls0 .* BINDING_TLS_(HANDSHAKE_FAILED|PROTOCOL_REJECTED) - 127\.0\.0\.1 ")
+
+    @defer.inlineCallbacks
+    def test_handshake_timeout_closes_a_silent_client(self):
+        config = tls_chain({"keys": {"store": self.keystore(), "password": PASSWORD}},
+                           {"keys": ["localhost"], "handshake-timeout": 0.2})
+        gateway, port = yield start_gateway(self, config)
+        client = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), RawClient())
+        started = reactor.seconds()
+        yield client.done
+        self.assertLess(reactor.seconds() - started, 3)
+        self.assertIn("BINDING_TLS_HANDSHAKE_FAILED - 127.0.0.1 handshake not completed within 0.2 s",
+                      gateway.events_text.getvalue())
+
+    @defer.inlineCallbacks
+    def test_tls_12_minimum_and_modern_ciphers(self):
+        config = tls_chain({"keys": {"store": self.keystore(), "password": PASSWORD}}, {"keys": ["localhost"]})
+        gateway, port = yield start_gateway(self, config)
+
+        def handshake(maximum: Any, ciphers: str | None = None) -> Any:
+            def run():
+                context = ssl.create_default_context(cafile=self.pki.ca_pem)
+                context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+                context.maximum_version = maximum
+                if ciphers:
+                    context.set_ciphers(ciphers)
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                    with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                        return tls.version(), tls.cipher()[0]
+            return threads.deferToThread(run)
+
+        version, cipher = yield handshake(ssl.TLSVersion.TLSv1_2)
+        self.assertEqual(version, "TLSv1.2")
+        self.assertTrue(cipher.startswith("ECDHE-") and ("GCM" in cipher or "CHACHA20" in cipher), cipher)
+        # a CBC suite without forward secrecy, which OpenSSL's defaults would still allow
+        yield self.assertFailure(handshake(ssl.TLSVersion.TLSv1_2, "AES128-SHA"), ssl.SSLError)
+        yield self.assertFailure(handshake(ssl.TLSVersion.TLSv1_1, "DEFAULT:@SECLEVEL=0"), ssl.SSLError, OSError)
+
+    @defer.inlineCallbacks
+    def test_openssl_s_client_sees_tls_12_or_13_and_the_certificate(self):
+        config = tls_chain({"keys": {"store": self.keystore(), "password": PASSWORD}},
+                           {"keys": ["localhost"], "sni": ["localhost"]})
+        gateway, port = yield start_gateway(self, config)
+        out, err, code = yield getProcessOutputAndValue(
+            "openssl", ["s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost",
+                        "-CAfile", self.pki.ca_pem], env=os.environ, reactor=reactor)
+        text = out.decode()
+        sys.stdout.write("\n".join(line for line in text.splitlines()
+                                   if "Protocol" in line or "Cipher" in line or "subject=" in line
+                                   or "Verify return code" in line) + "\n")
+        self.assertEqual(code, 0, err)
+        self.assertRegex(text, r"Protocol\s*: TLSv1\.[23]")
+        self.assertRegex(text, r"subject=CN ?= ?localhost")
+        self.assertIn("Verify return code: 0 (ok)", text)
+
+    @defer.inlineCallbacks
+    def test_twisted_ssl_endpoint_string_on_the_tcp_binding(self):
+        key = pki.write(self.folder / "key.pem", self.pki.localhost.key_pem())
+        cert = pki.write(self.folder / "cert.pem", self.pki.localhost.cert_pem())
+        config = tls_chain({}, {}, http_routes=[
+            {"when": [{"headers": {":scheme": "https", "upgrade": "websocket"}}], "exit": "ws0"}])
+        del config["vaults"], config["bindings"]["tls0"]
+        config["bindings"]["tcp0"] = {"type": "tcp", "kind": "server", "exit": "http0", "options": {
+            "endpoint": f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"}}
+        gateway, port = yield start_gateway(self, config)
+        client = yield connect_wss(port, client_tls(self.pki.ca))
+        client.sendMessage(b"through ssl:")
+        got, frames = yield client.messages.get()
+        self.assertEqual(b"".join(frames), b"through ssl:")
+        yield close_ws(client)
+        self.assertIn("GET https://localhost:", gateway.events_text.getvalue())
+
+
+class SniAndAlpnTests(TlsTestCase):
+    @defer.inlineCallbacks
+    def test_sni_picks_the_certificate_among_several(self):
+        store = self.pem_keys({"alpha": self.pki.alpha, "beta": self.pki.beta})
+        config = tls_chain({"keys": {"store": store, "type": "pem"}}, {"keys": ["alpha", "beta"]})
+        gateway, port = yield start_gateway(self, config)
+        for name, expected in [("alpha.test", "alpha.test"), ("beta.test", "beta.test"),
+                               ("www.beta.test", "beta.test"), (None, "alpha.test"), ("other.test", "alpha.test")]:
+            version, cipher, subject, _ = yield stdlib_handshake(port, name, self.pki.ca_pem)
+            self.assertEqual(subject, expected, f"SNI {name}")
+        # and a WebSocket through the second key, its name verified by the client
+        client = yield connect_wss(port, client_tls(self.pki.ca, "beta.test"), host="beta.test")
+        client.sendMessage(b"beta")
+        self.assertEqual(b"".join((yield client.messages.get())[1]), b"beta")
+        yield close_ws(client)
+
+    @defer.inlineCallbacks
+    def test_sni_allow_list_refuses_other_names(self):
+        store = self.pem_keys({"alpha": self.pki.alpha, "beta": self.pki.beta})
+        config = tls_chain({"keys": {"store": store, "type": "pem"}},
+                           {"keys": ["alpha", "beta"], "sni": ["beta.test"]})
+        gateway, port = yield start_gateway(self, config)
+        _, _, subject, _ = yield stdlib_handshake(port, "beta.test", self.pki.ca_pem)
+        self.assertEqual(subject, "beta.test")
+        yield self.assertFailure(stdlib_handshake(port, "alpha.test", self.pki.ca_pem), ssl.SSLError, OSError)
+        yield eventually(lambda: "KEY_REJECTED" in gateway.events_text.getvalue())
+        self.assertIn("BINDING_TLS_KEY_REJECTED - 127.0.0.1 server name 'alpha.test' is not one of this server's sni",
+                      gateway.events_text.getvalue())
+
+    @defer.inlineCallbacks
+    def test_routes_by_authority_choose_the_exit(self):
+        store = self.pem_keys({"alpha": self.pki.alpha, "beta": self.pki.beta})
+        apps = {"http1": {"type": "http", "kind": "server", "routes": [
+            {"when": [{"headers": {":path": "/only-beta"}}], "exit": "ws0"}]}}
+        config = tls_chain({"keys": {"store": store, "type": "pem"}}, {"keys": ["alpha", "beta"]},
+                           tls_routes=[{"when": [{"authority": "*.beta.test"}, {"authority": "beta.test"}],
+                                        "exit": "http1"},
+                                       {"when": [{"authority": "alpha.test"}], "exit": "http0"}], apps=apps)
+        gateway, port = yield start_gateway(self, config)
+        # beta goes to http1, which serves /only-beta and nothing else
+        client = yield connect_wss(port, client_tls(self.pki.ca, "beta.test"), host="beta.test", path="/only-beta")
+        yield close_ws(client)
+        data = yield raw_tls_exchange(port, client_tls(self.pki.ca, "beta.test"), upgrade_request("/"))
+        self.assertEqual(split_response(data)[0], "HTTP/1.1 404 Not Found")
+        client = yield connect_wss(port, client_tls(self.pki.ca, "alpha.test"), host="alpha.test")
+        yield close_ws(client)
+        # no route for a connection without SNI: closed after the handshake, before any HTTP
+        data = yield raw_tls_exchange(port, tssl.CertificateOptions(verify=False), upgrade_request("/"))
+        self.assertEqual(data, b"")
+
+    @defer.inlineCallbacks
+    def test_alpn_selects_the_first_offered_protocol_the_server_allows(self):
+        config = tls_chain({"keys": {"store": self.keystore(), "password": PASSWORD}},
+                           {"keys": ["localhost"], "alpn": ["echo", "http/1.1"]},
+                           tls_routes=[{"when": [{"alpn": "http/1.1"}], "exit": "http0"}])
+        gateway, port = yield start_gateway(self, config)
+        for offered, selected in [(["x-other", "http/1.1", "echo"], "http/1.1"), (["x-other"], None), (None, None)]:
+            *_, alpn = yield stdlib_handshake(port, "localhost", self.pki.ca_pem, alpn=offered)
+            self.assertEqual(alpn, selected, f"offered {offered}")
+        # echo is configured but no route takes it: not selected, as in Zilla
+        *_, alpn = yield stdlib_handshake(port, "localhost", self.pki.ca_pem, alpn=["echo", "http/1.1"])
+        self.assertEqual(alpn, "http/1.1")
+        client = yield connect_wss(port, client_tls(self.pki.ca, alpn=["http/1.1"]))
+        self.assertEqual(client.transport.negotiatedProtocol, b"http/1.1")
+        client.sendMessage(b"alpn")
+        self.assertEqual(b"".join((yield client.messages.get())[1]), b"alpn")
+        yield close_ws(client)
+        # without ALPN the only route (alpn: http/1.1) does not match: closed after the handshake
+        data = yield raw_tls_exchange(port, client_tls(self.pki.ca), upgrade_request("/"))
+        self.assertEqual(data, b"")
+
+
+class MutualTlsTests(TlsTestCase):
+    @defer.inlineCallbacks
+    def serve(self, mutual: str | None = None) -> Any:
+        trust = pki.write(self.folder / "trust.p12", pki.truststore_p12({"clients": self.pki.ca.certificate}, PASSWORD))
+        options: dict[str, Any] = {"keys": ["localhost"], "trust": ["clients"]}
+        if mutual:
+            options["mutual"] = mutual
+        config = tls_chain({"keys": {"store": self.keystore(), "password": PASSWORD},
+                            "trust": {"store": trust, "password": PASSWORD}}, options)
+        self.gateway, self.port = yield start_gateway(self, config)
+
+    @defer.inlineCallbacks
+    def test_required_accepts_a_trusted_client_certificate(self):
+        yield self.serve()  # mutual defaults to required when trust is given
+        client = yield connect_wss(self.port, client_tls(self.pki.ca, client=self.pki.client))
+        client.sendMessage(b"mutual")
+        self.assertEqual(b"".join((yield client.messages.get())[1]), b"mutual")
+        yield close_ws(client)
+
+    @defer.inlineCallbacks
+    def test_required_refuses_no_certificate_and_an_untrusted_one(self):
+        yield self.serve("required")
+        yield self.assertFailure(connect_wss(self.port, client_tls(self.pki.ca)), Exception)
+        yield self.assertFailure(connect_wss(self.port, client_tls(self.pki.ca, client=self.pki.rogue_client)),
+                                 Exception)
+        events = self.gateway.events_text.getvalue()
+        yield eventually(lambda: self.gateway.events_text.getvalue().count("BINDING_TLS_PEER_NOT_VERIFIED") == 2)
+        events = self.gateway.events_text.getvalue()
+        self.assertIn("client certificate CN=rogue client: unable to get local issuer certificate", events)
+        self.assertNotIn("BINDING_HTTP_REQUEST_ACCEPTED", events)
+
+    @defer.inlineCallbacks
+    def test_requested_accepts_no_certificate_but_not_an_untrusted_one(self):
+        yield self.serve("requested")
+        client = yield connect_wss(self.port, client_tls(self.pki.ca))
+        yield close_ws(client)
+        client = yield connect_wss(self.port, client_tls(self.pki.ca, client=self.pki.client))
+        yield close_ws(client)
+        yield self.assertFailure(connect_wss(self.port, client_tls(self.pki.ca, client=self.pki.rogue_client)),
+                                 Exception)
+        yield eventually(lambda: "BINDING_TLS_PEER_NOT_VERIFIED" in self.gateway.events_text.getvalue())
+
+
+def start_wss_upstream(case: unittest.TestCase, issued: pki.Issued, client_ca: pki.Issued | None = None) -> Any:
+    """An Autobahn echo server over TLS (Twisted's own TLS), optionally requiring client certs."""
+    factory = WebSocketServerFactory()
+    factory.protocol = Upstream
+    factory._batched_timer = ReactorTimer()
+    factory.setProtocolOptions(echoCloseCodeReason=True, autoFragmentSize=0)
+    factory.requests, factory.closes, factory.connections = [], [], []
+    factory.select, factory.echo, factory.received = (lambda offered: offered[0] if offered else None), True, 0
+    own = tssl.PrivateCertificate.loadPEM(issued.key_pem() + issued.cert_pem())
+    if client_ca is not None:
+        options = own.options(tssl.Certificate.loadPEM(client_ca.cert_pem()))
+    else:
+        options = own.options()
+    port = reactor.listenSSL(0, factory, options, interface="127.0.0.1")
+    case.addCleanup(port.stopListening)
+    return factory, port.getHost().port
+
+
+class ProxyOverTlsTests(TlsTestCase):
+    def proxy_config(self, upstream_port: int, client_options: dict[str, Any], client_vault: dict[str, Any]) -> dict:
+        config = tls_chain({"keys": {"store": self.keystore(), "password": PASSWORD}}, {"keys": ["localhost"]})
+        config["vaults"]["clients"] = {"type": "filesystem", "options": client_vault}
+        config["bindings"].update({
+            "ws0": {"type": "ws", "kind": "server", "exit": "south_ws_client"},
+            "south_ws_client": {"type": "ws", "kind": "client", "exit": "south_http_client"},
+            "south_http_client": {"type": "http", "kind": "client", "exit": "south_tls_client"},
+            "south_tls_client": {"type": "tls", "kind": "client", "vault": "clients", "options": client_options,
+                                 "exit": "south_tcp_client"},
+            "south_tcp_client": {"type": "tcp", "kind": "client", "options": {"host": "127.0.0.1", "port": upstream_port}},
+        })
+        return config
+
+    def truststore(self) -> str:
+        return pki.write(self.folder / "truststore.p12", pki.truststore_p12({"backend": self.pki.ca.certificate}, PASSWORD))
+
+    @defer.inlineCallbacks
+    def test_wss_to_wss_upstream_with_verification(self):
+        upstream, upstream_port = start_wss_upstream(self, self.pki.localhost)
+        config = self.proxy_config(upstream_port, {"trust": ["backend"], "sni": ["localhost"]},
+                                   {"trust": {"store": self.truststore(), "password": PASSWORD}})
+        gateway, port = yield start_gateway(self, config)
+        client = yield connect_wss(port, client_tls(self.pki.ca), path="/chat", protocols=["echo"])
+        self.assertEqual(client.websocket_protocol_in_use, "echo")
+        for payload in (b"to the upstream and back", os.urandom(100_000)):
+            client.sendMessage(payload, isBinary=True)
+            self.assertEqual(b"".join((yield client.messages.get())[1]), payload)
+        self.assertEqual(upstream.requests[0].path, "/chat")
+        self.assertTrue(upstream.connections[0].transport.getHandle().get_protocol_version_name().startswith("TLSv1."))
+        yield close_ws(client)
+
+    @defer.inlineCallbacks
+    def test_upstream_name_mismatch_is_502(self):
+        upstream, upstream_port = start_wss_upstream(self, self.pki.localhost)
+        config = self.proxy_config(upstream_port, {"trust": ["backend"], "sni": ["backend.test"]},
+                                   {"trust": {"store": self.truststore(), "password": PASSWORD}})
+        gateway, port = yield start_gateway(self, config)
+        data = yield raw_tls_exchange(port, client_tls(self.pki.ca), upgrade_request("/", {"Host": "localhost"}))
+        status, headers, body = split_response(data)
+        self.assertEqual(status, "HTTP/1.1 502 Bad Gateway")
+        self.assertIn(b"backend.test", body)
+        self.assertEqual(upstream.requests, [])  # nothing was sent to an unverified upstream
+        self.assertIn("test:south_tls_client", gateway.events_text.getvalue())
+        self.assertIn("BINDING_TLS_PEER_NOT_VERIFIED - backend.test certificate of backend.test does not match",
+                      gateway.events_text.getvalue())
+
+    @defer.inlineCallbacks
+    def test_untrusted_upstream_is_502(self):
+        rogue_server = pki.issue(self.pki.rogue_ca, "localhost", dns=["localhost"])
+        upstream, upstream_port = start_wss_upstream(self, rogue_server)
+        config = self.proxy_config(upstream_port, {"trust": ["backend"]},
+                                   {"trust": {"store": self.truststore(), "password": PASSWORD}})
+        gateway, port = yield start_gateway(self, config)
+        data = yield raw_tls_exchange(port, client_tls(self.pki.ca), upgrade_request("/"))
+        self.assertEqual(split_response(data)[0], "HTTP/1.1 502 Bad Gateway")
+        self.assertEqual(upstream.requests, [])
+        self.assertIn("BINDING_TLS_PEER_NOT_VERIFIED - 127.0.0.1 certificate CN=localhost: "
+                      "unable to get local issuer certificate", gateway.events_text.getvalue())
+
+    @defer.inlineCallbacks
+    def test_client_certificate_for_an_upstream_that_requires_one(self):
+        upstream, upstream_port = start_wss_upstream(self, self.pki.localhost, client_ca=self.pki.ca)
+        client_keys = pki.write(self.folder / "client.pem", self.pki.client.pem(password=PASSWORD))
+        config = self.proxy_config(upstream_port, {"trust": ["backend"], "keys": ["client"], "sni": ["localhost"]},
+                                   {"trust": {"store": self.truststore(), "password": PASSWORD},
+                                    "keys": {"store": client_keys, "type": "pem", "password": PASSWORD}})
+        gateway, port = yield start_gateway(self, config)
+        client = yield connect_wss(port, client_tls(self.pki.ca))
+        client.sendMessage(b"with a client certificate")
+        self.assertEqual(b"".join((yield client.messages.get())[1]), b"with a client certificate")
+        peer = upstream.connections[0].transport.getPeerCertificate()
+        self.assertEqual(peer.get_subject().commonName, "good client")
+        yield close_ws(client)
+
+
+class VaultErrorTests(TlsTestCase):
+    def config(self, vault: dict[str, Any], tls_options: dict[str, Any] | None = None) -> dict[str, Any]:
+        return tls_chain(vault, tls_options or {"keys": ["localhost"]})
+
+    def assertProblems(self, config: Any, *expected: str) -> ConfigError:
+        error = self.assertRaises(ConfigError, build_gateway, config)
+        for problem in expected:
+            self.assertIn(problem, error.problems)
+        return error
+
+    def test_wrong_password(self):
+        store = self.keystore()
+        self.assertProblems(self.config({"keys": {"store": store, "password": "nope"}}),
+                            f"vaults.server.options.keys.password: cannot open '{store}': wrong password")
+
+    def test_missing_alias(self):
+        store = self.keystore()
+        self.assertProblems(self.config({"keys": {"store": store, "password": PASSWORD}},
+                                        {"keys": ["localhots"], "trust": ["ca"], "mutual": "required"}),
+                            "bindings.tls0.options.keys[0]: no key 'localhots' in vault 'server' "
+                            "(did you mean 'localhost'?) (it has: localhost)",
+                            "bindings.tls0.options.trust[0]: no certificate 'ca' in vault 'server' (it has: no trust store)")
+
+    def test_unreadable_file_relative_to_the_config_folder(self):
+        config = self.config({"keys": {"store": "tls/missing.p12", "password": PASSWORD}})
+        path = self.folder / "zilla.yaml"
+        path.write_text(yaml.safe_dump(config))
+        self.assertProblems(str(path), "vaults.server.options.keys.store: cannot read 'tls/missing.p12' "
+                                       "(No such file or directory)")
+
+    def test_not_a_keystore_and_pem_problems(self):
+        junk = pki.write(self.folder / "junk.p12", b"not a keystore")
+        other = pki.write(self.folder / "keys/other.pem", self.pki.alpha.cert_pem() + self.pki.beta.key_pem())
+        encrypted = pki.write(self.folder / "enc/localhost.pem", self.pki.localhost.pem(password=PASSWORD))
+        config = self.config({"keys": {"store": junk, "password": "x"},
+                              "trust": {"store": str(self.folder / "keys"), "type": "pem", "passwrd": "x"},
+                              "signers": {"store": encrypted, "type": "jks"}})
+        self.assertProblems(config,
+                            f"vaults.server.options.keys.store: '{junk}' is not a PKCS#12 file (set type: pem for PEM files)",
+                            "vaults.server.options.trust: unknown key 'passwrd' (did you mean 'password'?) "
+                            "(expected one of: store, type, password)",
+                            "vaults.server.options.signers.type: store type 'jks' is not supported (expected pkcs12 or pem)")
+        self.assertProblems(self.config({"keys": {"store": str(self.folder / "keys"), "type": "pem"}}),
+                            "vaults.server.options.keys.store: in 'other.pem', the private key does not match "
+                            "the first certificate")
+        self.assertProblems(self.config({"keys": {"store": encrypted, "type": "pem", "password": "wrong"}}),
+                            f"vaults.server.options.keys.password: cannot read the private key in '{encrypted}': "
+                            "wrong password")
+
+    def test_binding_checks_name_the_yaml_path(self):
+        config = self.config({"keys": {"store": self.keystore(), "password": PASSWORD}},
+                             {"keys": ["localhost"], "mutual": "required", "version": "TLSv1.1",
+                              "trustcacerts": True})
+        config["bindings"]["tls1"] = {"type": "tls", "kind": "server", "exit": "http0", "options": {"sni": ["x"]}}
+        config["bindings"]["tls2"] = {"type": "tls", "kind": "client", "vault": "nowhere", "exit": "tcp_out",
+                                      "options": {"trustcacerts": False}}
+        config["bindings"]["tcp_out"] = {"type": "tcp", "kind": "client", "options": {"host": "localhost", "port": 1}}
+        error = self.assertProblems(
+            config,
+            "bindings.tls0.options.version: 'TLSv1.1' is not supported (did you mean 'TLSv1.2'?) "
+            "(expected TLS, TLSv1.2, TLSv1.3; TLS 1.2 is the minimum)",
+            "bindings.tls0.options.mutual: 'required' needs 'trust' (the aliases of the client CAs)",
+            "bindings.tls0.options.trustcacerts: only for a tls client",
+            "bindings.tls1.vault: a tls server needs a vault (where its keys are)",
+            "bindings.tls1.options: a tls server needs 'keys' (aliases of its vault's keys) or 'signers'",
+            "bindings.tls2.vault: no vault named 'nowhere'",
+            "bindings.tls2.options.trustcacerts: false with no 'trust': no upstream certificate could be verified")
+        self.assertEqual(len(error.problems), 7, error.problems)
+
+    def test_an_invalid_vault_never_starts_a_listener_and_check_reports_it(self):
+        config = self.config({"keys": {"store": "tls/missing.p12"}})
+        path = self.folder / "zilla.yaml"
+        path.write_text(yaml.safe_dump(config))
+        self.assertRaises(ConfigError, build_gateway, str(path))
+        err = self.folder / "stderr"
+        with open(err, "w") as stream:
+            self.patch(sys, "stderr", stream)
+            self.assertEqual(check_main(["check", str(path)]), 1)
+        self.assertIn("vaults.server.options.keys.store: cannot read 'tls/missing.p12'", err.read_text())
+
+    def test_unsupported_vault_options_are_refused_by_name(self):
+        self.assertProblems(self.config({"keys": {"store": self.keystore(), "password": PASSWORD},
+                                         "revocation": "crl", "secrets": {}}),
+                            "vaults.server.options.revocation: 'crl' is not supported by this zillatw yet "
+                            "(certificates are not checked for revocation; expected none)",
+                            "vaults.server.options: unknown key 'secrets' (expected one of: keys, trust, signers, "
+                            "revocation)")
+
+
+class ConfExampleTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_ws_echo_tls_example_serves_wss_and_ws_from_one_config(self):
+        """conf/ws.echo.tls.yaml (spec §4.3) with the keystore its script generates, on free ports."""
+        folder = Path(self.mktemp())
+        (folder / "tls").mkdir(parents=True)
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable, [os.path.join(CONF, "tls", "generate-keystore.py"), str(folder / "tls")],
+            env={**os.environ, "KEYSTORE_PASSWORD": "generated"}, reactor=reactor)
+        self.assertEqual(code, 0, err)
+        wss_port, ws_port = free_port(), free_port()
+        text = Path(CONF, "ws.echo.tls.yaml").read_text()
+        text = text.replace("0.0.0.0", "127.0.0.1").replace("7143", str(wss_port)).replace("7114", str(ws_port))
+        (folder / "zilla.yaml").write_text(text)
+        os.environ["KEYSTORE_PASSWORD"] = "generated"
+        self.addCleanup(os.environ.pop, "KEYSTORE_PASSWORD")
+        gateway, _ = yield start_gateway(self, str(folder / "zilla.yaml"))
+        ca = pki.Issued(None, __import__("cryptography.x509", fromlist=["x"]).load_pem_x509_certificate(
+            (folder / "tls" / "localhost.crt").read_bytes()))
+        for port, tls in [(wss_port, True), (ws_port, False)]:
+            client = yield connect_wss(port, client_tls(ca), protocols=["echo"], tls=tls)
+            client.sendMessage(b"example")
+            self.assertEqual(b"".join((yield client.messages.get())[1]), b"example")
+            yield close_ws(client)
+        events = gateway.events_text.getvalue()
+        self.assertIn(f"GET https://localhost:{wss_port}/", events)
+        self.assertIn(f"GET http://localhost:{ws_port}/", events)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
