@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from zillatw.errors import ConfigError
+from zillatw.graph import BindingGraph
+from zillatw.protocols import binding_types
 from zillatw.service import load_config
 
 
@@ -18,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.file)
+        # Building the bindings (no sockets) also reads vault files and resolves their aliases.
+        BindingGraph(config, binding_types()).build_all()
     except ConfigError as e:
         print(f"{args.file}: invalid configuration:\n{e}", file=sys.stderr)
         return 1

@@ -81,7 +81,7 @@ log = Logger()
 def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
     options = binding.options
     if "version" in options and options["version"] not in VERSIONS:
-        yield "options.version", (f"'{options['version']}' is not supported{did_you_mean(options['version'], VERSIONS)} "
+        yield "options.version", (f"'{options['version']}' is not supported "
                                   f"(expected {', '.join(VERSIONS)}; TLS 1.2 is the minimum)")
     if "authorization" in options:
         yield "options.authorization", "not supported by this zillatw yet (the x509 guard)"
@@ -442,8 +442,10 @@ class _Attempt:
             try:
                 (verify_ip_address if _is_ip(name) else verify_hostname)(connection, name)
             except VerificationError as e:
+                certificate = connection.get_peer_certificate(as_cryptography=True)
+                names = ", ".join(_all_names(certificate)) if certificate is not None else "no certificate"
                 self.state.refuse("BINDING_TLS_PEER_NOT_VERIFIED",
-                                  f"certificate of {name} does not match the name: {_verification_text(e)}")
+                                  f"certificate does not match '{name}' (it is for: {names})")
                 self.state.done = False
                 self.state.transport.failVerification(Failure(e))
                 return
@@ -464,8 +466,13 @@ class _Attempt:
             self.state.transport.abortConnection()
 
 
-def _verification_text(error: VerificationError) -> str:
-    return "; ".join(str(getattr(e, "mismatched_id", e)) for e in error.errors) or str(error)
+def _all_names(certificate: x509.Certificate) -> list[str]:
+    """The names a certificate is valid for (its SAN DNS names and IP addresses)."""
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return [f"CN={a.value}" for a in certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+    return names.get_values_for_type(x509.DNSName) + [str(ip) for ip in names.get_values_for_type(x509.IPAddress)]
 
 
 def _is_ip(name: str) -> bool:
