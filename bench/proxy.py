@@ -505,4 +505,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # everything started has been stopped by main's finally
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
