@@ -89,6 +89,8 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
         yield "routes", f"a tls {binding.kind} needs 'exit' or routes with an exit"
     for route in binding.routes:
         for index, condition in enumerate(route.when):
+            if binding.kind == "client" and "alpn" in condition:
+                yield f"routes[{route.index}].when[{index}].alpn", "a tls client routes on authority and port"
             if "port" in condition:
                 try:
                     parse_ports(condition["port"])
@@ -475,6 +477,17 @@ def _all_names(certificate: x509.Certificate) -> list[str]:
     return names.get_values_for_type(x509.DNSName) + [str(ip) for ip in names.get_values_for_type(x509.IPAddress)]
 
 
+def _split_authority(authority: str | None) -> tuple[str | None, int | None]:
+    """'host:port', '[v6]:port' or 'host' -> (host, port or None)."""
+    if not authority:
+        return None, None
+    host, port = authority, None
+    if authority.rfind(":") > authority.rfind("]"):
+        host, _, digits = authority.rpartition(":")
+        port = int(digits) if digits.isdigit() else None
+    return host.strip("[]") or None, port
+
+
 def _is_ip(name: str) -> bool:
     try:
         ipaddress.ip_address(name.strip("[]"))
@@ -530,25 +543,20 @@ class TlsClient:
         context.set_info_callback(_client_info)
         self.context = context
 
-    def server_name(self, exit_: Any, authority: str | None) -> str | None:
-        """The name to send (SNI) and verify: options.sni, else the tcp client's host, else
-        the stream's authority."""
+    def server_name(self, exit_: Any, host: str | None) -> str | None:
+        """The name to send (SNI) and verify: options.sni, else the tcp client's configured
+        host, else the host of the stream's authority."""
         if self.sni:
             return self.sni[0]
-        host = getattr(exit_, "host", None)
-        if host is None and authority:
-            host = authority.rpartition(":")[0] if authority.rfind(":") > authority.rfind("]") else authority
-        return host.strip("[]") if host else None
+        return getattr(exit_, "host", None) or host
 
     def connect(self, factory: IProtocolFactory, authority: str | None, timeout: float) -> defer.Deferred:
-        port = None
-        if authority and authority.rfind(":") > authority.rfind("]"):
-            port = int(authority.rpartition(":")[2]) if authority.rpartition(":")[2].isdigit() else None
-        sni = self.sni[0] if self.sni else (authority.rpartition(":")[0] if port else authority)
-        exit_ = self.routes.resolve(sni, None, port)
+        host, port = _split_authority(authority)
+        # Routes choose the exit by the name the upstream is asked for, and the port.
+        exit_ = self.routes.resolve(self.sni[0] if self.sni else host, None, port)
         if exit_ is None:
             return defer.fail(StreamRefused(502, f"tls client {self.name} has no route for {authority}"))
-        attempt = _Attempt(self, self.server_name(exit_, authority))
+        attempt = _Attempt(self, self.server_name(exit_, host))
         tls_factory = TLSMemoryBIOFactory(attempt, True, factory)
         tls_factory.protocol = _ClientTLSProtocol
         tls_factory.attempt = attempt

@@ -210,6 +210,25 @@ class WssTests(TlsTestCase):
         # a CBC suite without forward secrecy, which OpenSSL's defaults would still allow
         yield self.assertFailure(handshake(ssl.TLSVersion.TLSv1_2, "AES128-SHA"), ssl.SSLError)
         yield self.assertFailure(handshake(ssl.TLSVersion.TLSv1_1, "DEFAULT:@SECLEVEL=0"), ssl.SSLError, OSError)
+        yield eventually(lambda: "BINDING_TLS_PROTOCOL_REJECTED" in gateway.events_text.getvalue())
+        self.assertRegex(gateway.events_text.getvalue(),
+                         r"test:tls0 .* BINDING_TLS_PROTOCOL_REJECTED - 127\.0\.0\.1 .*(unsupported protocol|version)")
+
+    @defer.inlineCallbacks
+    def test_version_tls13_refuses_tls12(self):
+        config = tls_chain({"keys": {"store": self.keystore(), "password": PASSWORD}},
+                           {"keys": ["localhost"], "version": "TLSv1.3"})
+        gateway, port = yield start_gateway(self, config)
+        version, *_ = yield stdlib_handshake(port, "localhost", self.pki.ca_pem)
+        self.assertEqual(version, "TLSv1.3")
+
+        def tls12():
+            context = ssl.create_default_context(cafile=self.pki.ca_pem)
+            context.maximum_version = ssl.TLSVersion.TLSv1_2
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                context.wrap_socket(raw, server_hostname="localhost").close()
+        yield self.assertFailure(threads.deferToThread(tls12), ssl.SSLError)
+        yield eventually(lambda: "BINDING_TLS_PROTOCOL_REJECTED" in gateway.events_text.getvalue())
 
     @defer.inlineCallbacks
     def test_openssl_s_client_sees_tls_12_or_13_and_the_certificate(self):
@@ -292,6 +311,32 @@ class SniAndAlpnTests(TlsTestCase):
         # no route for a connection without SNI: closed after the handshake, before any HTTP
         data = yield raw_tls_exchange(port, tssl.CertificateOptions(verify=False), upgrade_request("/"))
         self.assertEqual(data, b"")
+
+    @defer.inlineCallbacks
+    def test_signers_choose_the_keys_their_ca_issued(self):
+        rogue = pki.issue(self.pki.rogue_ca, "rogue.test", dns=["rogue.test"])
+        store = self.pem_keys({"rogue": rogue, "alpha": self.pki.alpha})
+        config = tls_chain({"keys": {"store": store, "type": "pem"},
+                            "signers": {"store": self.pki.ca_pem, "type": "pem"}}, {"signers": ["ca"]})
+        gateway, port = yield start_gateway(self, config)
+        for name in ("rogue.test", "alpha.test", None):
+            _, _, subject, _ = yield stdlib_handshake(port, name, self.pki.ca_pem)
+            self.assertEqual(subject, "alpha.test", f"SNI {name}")
+
+    @defer.inlineCallbacks
+    def test_routes_by_port(self):
+        config = tls_chain({"keys": {"store": self.keystore(), "password": PASSWORD}}, {"keys": ["localhost"]},
+                           tls_routes=[{"when": [{"port": 1}], "exit": "http0"}])
+        gateway, port = yield start_gateway(self, config)
+        data = yield raw_tls_exchange(port, client_tls(self.pki.ca), upgrade_request("/"))
+        self.assertEqual(data, b"")  # the listener's port is not 1
+        listening = free_port()
+        config["bindings"]["tcp0"]["options"]["port"] = listening
+        config["bindings"]["tls0"]["routes"][0]["when"][0]["port"] = [1, listening]
+        gateway, port = yield start_gateway(self, config)
+        self.assertEqual(port, listening)
+        client = yield connect_wss(port, client_tls(self.pki.ca))
+        yield close_ws(client)
 
     @defer.inlineCallbacks
     def test_alpn_selects_the_first_offered_protocol_the_server_allows(self):
@@ -510,7 +555,8 @@ class VaultErrorTests(TlsTestCase):
                              {"keys": ["localhost"], "mutual": "required", "version": "TLSv1.1",
                               "trustcacerts": True})
         config["bindings"]["tls1"] = {"type": "tls", "kind": "server", "exit": "http0", "options": {"sni": ["x"]}}
-        config["bindings"]["tls2"] = {"type": "tls", "kind": "client", "vault": "nowhere", "exit": "tcp_out",
+        config["bindings"]["tls2"] = {"type": "tls", "kind": "client", "vault": "nowhere",
+                                      "routes": [{"when": [{"alpn": "h2"}], "exit": "tcp_out"}],
                                       "options": {"trustcacerts": False}}
         config["bindings"]["tcp_out"] = {"type": "tcp", "kind": "client", "options": {"host": "localhost", "port": 1}}
         error = self.assertProblems(
@@ -522,8 +568,9 @@ class VaultErrorTests(TlsTestCase):
             "bindings.tls1.vault: a tls server needs a vault (where its keys are)",
             "bindings.tls1.options: a tls server needs 'keys' (aliases of its vault's keys) or 'signers'",
             "bindings.tls2.vault: no vault named 'nowhere'",
-            "bindings.tls2.options.trustcacerts: false with no 'trust': no upstream certificate could be verified")
-        self.assertEqual(len(error.problems), 7, error.problems)
+            "bindings.tls2.options.trustcacerts: false with no 'trust': no upstream certificate could be verified",
+            "bindings.tls2.routes[0].when[0].alpn: a tls client routes on authority and port")
+        self.assertEqual(len(error.problems), 8, error.problems)
 
     def test_an_invalid_vault_never_starts_a_listener_and_check_reports_it(self):
         config = self.config({"keys": {"store": "tls/missing.p12"}})
