@@ -97,6 +97,10 @@ class RequestHeadParser:
         return self._parse(raw_head)
 
     def _parse(self, raw_head: bytes) -> Request:
+        # RFC 9112 §2.2, RFC 9110 §5.5: a bare CR or a NUL makes the element invalid (and the
+        # target and subprotocol may be forwarded upstream).
+        if b"\0" in raw_head or b"\r" in raw_head.replace(b"\r\n", b""):
+            raise HttpError(400, "bare CR or NUL in the request head")
         lines = raw_head.split(b"\n")
         request_line = lines[0].rstrip(b"\r")
         parts = request_line.split(b" ")
