@@ -29,6 +29,7 @@ import collections
 import ctypes
 import multiprocessing
 import os
+import queue
 import re
 import shutil
 import signal
@@ -37,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -212,6 +214,7 @@ def load_worker(url: str, conns: int, size: int, warmup: float, seconds: float,
         count, elapsed = uvloop.run(main())
         results.put((count, elapsed, state["errors"], state["closed"], None))
     except BaseException as exc:  # report, do not hang the parent
+        barrier.abort()
         results.put((0, 1.0, 0, 0, f"{type(exc).__name__}: {exc}"))
 
 
@@ -249,8 +252,28 @@ def measure(url: str, size: int, warmup: float, seconds: float, watch: dict[str,
     for w in workers:
         w.start()
     cpu = {}
+    started = threading.Event()
+
+    def watchdog() -> None:  # a worker that dies before the start must not leave us waiting
+        while not started.wait(0.2):
+            if any(not w.is_alive() for w in workers):
+                barrier.abort()
+                return
+    threading.Thread(target=watchdog, daemon=True).start()
     try:
-        barrier.wait(timeout=120)  # every connection is open; the warm-up starts
+        try:
+            barrier.wait(timeout=120)  # every connection is open; the warm-up starts
+            started.set()
+        except threading.BrokenBarrierError:
+            started.set()
+            problems = []
+            while not results.empty() or not problems:
+                try:
+                    problems.append(results.get(timeout=5)[4])
+                except queue.Empty:
+                    break
+            raise RuntimeError(f"load generator against {url} failed: "
+                               + "; ".join(filter(None, problems))) from None
         pids = {name: family(pid) for name, pid in watch.items()}
         time.sleep(warmup)
         t0, before = time.perf_counter(), {name: cpu_seconds(p) for name, p in pids.items()}
