@@ -41,7 +41,7 @@ from zillatw.vault import FilesystemVault, KeyEntry
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds, Zilla's zilla.binding.tls.handshake.timeout
 # OpenSSL cipher string for TLS 1.2 (TLS 1.3's suites are all AEAD and stay OpenSSL's default).
-CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!SHA1:!SHA256:!SHA384"
+CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!DSS"
 # Zilla's `version` is a Java SSLContext name: the newest version it allows.
 VERSIONS = {"TLS": (SSL.TLS1_2_VERSION, 0), "TLSv1.2": (SSL.TLS1_2_VERSION, SSL.TLS1_2_VERSION),
             "TLSv1.3": (SSL.TLS1_3_VERSION, SSL.TLS1_3_VERSION)}
