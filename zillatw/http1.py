@@ -84,6 +84,9 @@ class RequestHeadParser:
         bare = buffer.find(b"\n\n", line_end)
         if bare >= 0 and (head_end < 0 or bare < head_end):
             head_end, end_length = bare, 2
+        mixed = buffer.find(b"\n\r\n", line_end)  # LF-terminated lines, then a CRLF blank line
+        if mixed >= 0 and (head_end < 0 or mixed < head_end):
+            head_end, end_length = mixed, 3
         if head_end < 0:
             # Up to 3 bytes of a still incomplete CRLF CRLF may follow a block of the limit.
             if len(buffer) - line_end > self.max_header_bytes + 3:
