@@ -106,6 +106,14 @@ class RequestHeadTests(unittest.SynchronousTestCase):
         self.assertEqual(request.headers, {"host": "x", "upgrade": "websocket"})
         self.assertEqual(parser.rest, b"rest")
 
+    def test_lf_lines_then_crlf_blank_line_end_the_head(self):
+        for data in (b"GET /a HTTP/1.1\nHost: x\n\r\nrest", b"GET /a HTTP/1.1\r\nHost: x\n\r\nrest"):
+            request, parser = feed_whole(data)
+            self.assertEqual((request.target, request.headers, parser.rest), ("/a", {"host": "x"}, b"rest"))
+            self.assertEqual(feed_bytewise(data)[0], request)
+        request, parser = feed_whole(b"GET /b HTTP/1.1\n\r\n")
+        self.assertEqual((request.target, request.headers, parser.rest), ("/b", {}, b""))
+
     def test_empty_lines_before_the_request_line_ignored(self):
         request, _ = feed_whole(b"\r\n\r\n\n" + UPGRADE)
         self.assertEqual(request.raw_head, UPGRADE)
@@ -177,7 +185,7 @@ class LimitTests(unittest.SynchronousTestCase):
         self.assertEqual(error_of(header_block(8189), feed_bytewise).status, 431)
 
     def test_header_limit_outcome_same_for_every_split(self):
-        for terminator in (b"\r\n\r\n", b"\n\n"):
+        for terminator in (b"\r\n\r\n", b"\n\n", b"\n\r\n"):
             for length in range(4, 12):  # blocks of 8 to 15 bytes around a limit of 12
                 data = b"GET / HTTP/1.1\r\nX: " + b"a" * length + terminator
                 try:
@@ -263,6 +271,15 @@ class MalformedTests(unittest.SynchronousTestCase):
     def test_malformed_header_line_quoted_up_to_40_bytes(self):
         error = error_of(b"GET / HTTP/1.1\r\n" + b"x" * 100 + b"\r\n\r\n")
         self.assertEqual(error.reason, f"malformed header line {'x' * 40!r}")
+
+    def test_bare_cr_is_400(self):
+        reason = "bare CR or NUL in the request head"
+        self.assertStatus(b"GET /a\rX-Injected:1 HTTP/1.1\r\nHost: x\r\n\r\n", 400, reason)
+        self.assertStatus(b"GET / HTTP/1.1\r\nSec-WebSocket-Protocol: chat\rX:1\r\n\r\n", 400, reason)
+        self.assertStatus(b"GET / HTTP/1.1\r\nHost: x\r\r\n\r\n", 400, reason)
+
+    def test_nul_is_400(self):
+        self.assertStatus(b"GET / HTTP/1.1\r\nX-A: a\x00b\r\n\r\n", 400, "bare CR or NUL in the request head")
 
     def test_http_error_carries_status_reason_and_no_headers(self):
         error = error_of(b"BREW / HTTP/1.1\r\n\r\n")
