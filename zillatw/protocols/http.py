@@ -54,6 +54,8 @@ SCHEMA_PATCH = {
                 },
                 "overrides": {"type": "object", "additionalProperties": {"type": "string"}},
                 "requests": {"type": "array"},
+                # zillatw's extension: seconds from accept to a complete request head (408)
+                "head-timeout": {"type": "number", "exclusiveMinimum": 0},
             },
         },
         "routes": {"type": "array", "items": route_schema(condition={
@@ -187,6 +189,20 @@ class HttpServer(Factory):
         self.reactor = reactor
         self.route = HeaderRoutes(routes, namespace).route
         self.authorization = authorization
+        self.pending: set[HttpServerProtocol] = set()  # connections still reading their head
+
+    def going_away(self) -> None:
+        """Shutdown: requests still being read get 503 and the connection closes."""
+        for protocol in list(self.pending):
+            protocol._gone = True  # a guard still fetching keys must not route it afterwards
+            protocol._refuse(503, "the gateway is shutting down")
+
+    def open_count(self) -> int:
+        return len(self.pending)
+
+    def drop_all(self) -> None:
+        for protocol in list(self.pending):
+            protocol.transport.abortConnection()
 
     def buildProtocol(self, addr: IAddress) -> "HttpServerProtocol":
         protocol = HttpServerProtocol()
@@ -204,7 +220,9 @@ class HttpServerProtocol(Protocol):
         factory = self.factory
         self.trace_id = next_trace_id()
         self._parser = RequestHeadParser(max_header_bytes=factory.max_header_bytes)
+        # One deadline from accept, never extended by bytes arriving (slowloris).
         self._timeout = factory.reactor.callLater(factory.head_timeout, self._head_timed_out)
+        factory.pending.add(self)
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -262,6 +280,7 @@ class HttpServerProtocol(Protocol):
                             f"{request.target}")
         # The exit's protocol takes the socket: Twisted calls our dataReceived and
         # connectionLost, so bind theirs in our place and replay what we have read.
+        factory.pending.discard(self)
         self.dataReceived = taken.dataReceived  # type: ignore[method-assign]
         self.connectionLost = taken.connectionLost  # type: ignore[method-assign]
         if session is not None and session.expires_at != math.inf:
@@ -294,6 +313,7 @@ class HttpServerProtocol(Protocol):
     def _refuse(self, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
         self._cancel_timeout()
         factory = self.factory
+        factory.pending.discard(self)
         factory.events.emit(factory.namespace, factory.name, self.trace_id, "BINDING_HTTP_REQUEST_REJECTED",
                             f"- {status} {reason}")
         self.dataReceived = _discard  # type: ignore[method-assign]
@@ -313,6 +333,7 @@ class HttpServerProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         self._gone = True
         self._cancel_timeout()
+        self.factory.pending.discard(self)
 
 
 def _discard(data: bytes) -> None:
@@ -327,4 +348,4 @@ def build(binding: BindingConfig, graph: Any) -> HttpServer | HttpClient:
     for guard, config in (binding.options.get("authorization") or {}).items():
         authorization = HttpAuthorization(graph.guard(f"{binding.namespace}:{guard}"), config["credentials"])
     return HttpServer(binding.name, routes, namespace=binding.namespace, events=graph.events(binding.namespace),
-                      authorization=authorization)
+                      head_timeout=binding.options.get("head-timeout", HEAD_TIMEOUT), authorization=authorization)

@@ -33,6 +33,9 @@ from zillatw.wshandshake import check_upgrade, offered_protocols, select_route
 
 MAX_MESSAGE_SIZE = 1024 * 1024
 CLOSE_TIMEOUT = 2.0  # seconds to wait for the peer's close frame before dropping
+PING_INTERVAL = 20.0  # seconds between server pings (keepalive), as the `websockets` library; 0: none
+PING_TIMEOUT = 20.0  # seconds a ping may go unanswered before the connection is dropped; 0: never
+GOING_AWAY = 1001  # the close code of a shutting-down gateway (RFC 6455 §7.4.1)
 UPSTREAM_TIMEOUT = 10.0  # seconds for an upstream to connect and answer its handshake
 _FIELDS = ("protocol", "scheme", "authority", "path")
 
@@ -44,6 +47,11 @@ SERVER_OPTIONS = {
         "max-message-size": {"type": "integer", "minimum": 1},
         "max-frame-size": {"type": "integer", "minimum": 1},
         "permessage-deflate": {"type": "boolean"},
+        "close-timeout": {"type": "number", "exclusiveMinimum": 0},
+        "ping-interval": {"type": "number", "minimum": 0},
+        "ping-timeout": {"type": "number", "minimum": 0},
+        "max-connections": {"type": "integer", "minimum": 1},
+        "allowed-origins": {"type": "array", "items": {"type": "string"}},
     },
 }
 SCHEMA_PATCH = {
@@ -109,12 +117,19 @@ class WsServer(WebSocketServerFactory):
 
     def __init__(self, name: str, routes: list[tuple[Route, Any]], *, namespace: str = "default",
                  max_message_size: int = MAX_MESSAGE_SIZE, max_frame_size: int = 0,
-                 permessage_deflate: bool = True, reactor: Any = None):
+                 permessage_deflate: bool = True, close_timeout: float = CLOSE_TIMEOUT,
+                 ping_interval: float = PING_INTERVAL, ping_timeout: float = PING_TIMEOUT,
+                 max_connections: int = 0, allowed_origins: list[str] | None = None, reactor: Any = None):
         super().__init__()
         self._batched_timer = ReactorTimer(reactor)
         self.name = name
         self.namespace = namespace
         self.connections: set[WsServerProtocol] = set()  # open ones, for shutdown and stats
+        self.handshaking: set[WsServerProtocol] = set()  # accepted, waiting for the exit (no 101 yet)
+        self.max_connections = max_connections  # open + handshaking; 0: no limit
+        # Origin patterns (lower-cased, `*` wildcards); None: every origin is allowed
+        self.allowed_origins = (None if allowed_origins is None
+                                else [matcher(pattern.lower()) for pattern in allowed_origins])
         self.resolve = WsRoutes(routes, namespace).resolve
         self.setProtocolOptions(
             echoCloseCodeReason=True,        # a client's close code comes back to it
@@ -122,7 +137,9 @@ class WsServer(WebSocketServerFactory):
             maxMessagePayloadSize=max_message_size,  # also bounds inflation (deflate bombs)
             maxFramePayloadSize=max_frame_size,
             openHandshakeTimeout=0,          # the http binding already timed the request head
-            closeHandshakeTimeout=CLOSE_TIMEOUT,
+            closeHandshakeTimeout=close_timeout,
+            autoPingInterval=ping_interval,  # Autobahn's keepalive, on our ReactorTimer: a
+            autoPingTimeout=ping_timeout,    # missed pong drops the socket (the peer sees 1006)
             autoFragmentSize=0,
             requireMaskedClientFrames=True,
             perMessageCompressionAccept=_accept_deflate if permessage_deflate else (lambda offers: None),
@@ -132,6 +149,12 @@ class WsServer(WebSocketServerFactory):
                        trace_id: int = 0, authorization: Authorization = NO_AUTHORIZATION) -> "WsServerProtocol":
         """Check the upgrade and choose the route; the protocol returned takes the socket."""
         check_upgrade(request)
+        origin = headers.get("origin")  # sent by browsers; other clients are not hijackable
+        if origin is not None and self.allowed_origins is not None \
+                and not any(allowed(origin.lower()) for allowed in self.allowed_origins):
+            raise HttpError(403, f"origin {origin} is not allowed")
+        if self.max_connections and len(self.connections) + len(self.handshaking) >= self.max_connections:
+            raise HttpError(503, f"too many WebSocket connections (limit {self.max_connections})")
         scheme, authority, path = headers[":scheme"], headers.get(":authority"), headers[":path"]
         session = authorization.session
         chosen = select_route(offered_protocols(headers.get("sec-websocket-protocol")),
@@ -149,7 +172,21 @@ class WsServer(WebSocketServerFactory):
         connection.stream_exit = exit_
         connection.info = StreamInfo(protocol, scheme, authority, path,
                                      session.identity if session is not None else None)
+        self.handshaking.add(connection)
         return connection
+
+    def going_away(self, reason: str = "going away") -> None:
+        """Shutdown: close every WebSocket with 1001 (and tell its exit, so a proxied
+        connection's upstream gets 1001 too); refuse the ones still opening with 503."""
+        for connection in list(self.handshaking) + list(self.connections):
+            connection.going_away(reason)
+
+    def open_count(self) -> int:
+        """WebSockets not yet closed: open or opening."""
+        return len(self.connections) + len(self.handshaking)
+
+    def drop_all(self) -> None:
+        _drop(list(self.handshaking) + list(self.connections))
 
 
 def _accept_deflate(offers: list[Any]) -> Any:
@@ -191,11 +228,22 @@ class WsServerProtocol(StreamRelay, WebSocketServerProtocol):
         raise ConnectionDeny(failure.value.status, failure.value.reason)
 
     def onOpen(self) -> None:
+        self.factory.handshaking.discard(self)
         self.factory.connections.add(self)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.handshaking.discard(self)
         self.factory.connections.discard(self)
         super().onClose(wasClean, code, reason)
+
+    def going_away(self, reason: str) -> None:
+        if self.state == self.STATE_OPEN:
+            peer, self.stream_peer = self.stream_peer, None
+            self.sendCloseFrame(GOING_AWAY, reason.encode("utf-8")[:123])
+            if peer is not None:
+                peer.stream_end(GOING_AWAY, reason)
+        elif self.state == self.STATE_CONNECTING and self.transport is not None:
+            self.failHandshake(f"service unavailable: {reason}", 503, [("Connection", "close")])
 
     def session_expired(self) -> None:
         """The session's token expired (the http server's timer): close with 1008 and tell
@@ -228,6 +276,13 @@ class WsClient:
         self.permessage_deflate = permessage_deflate
         self.reactor = reactor
         self.timer = ReactorTimer(reactor)
+        self.connections: set[WsClientProtocol] = set()  # upstream sockets not yet closed
+
+    def open_count(self) -> int:
+        return len(self.connections)
+
+    def drop_all(self) -> None:
+        _drop(list(self.connections))
 
     def open(self, info: StreamInfo, peer: IStreamEnd) -> Deferred:
         # Zilla: what a ws server learned is used as it is; defaults only for other streams.
@@ -250,6 +305,7 @@ class WsClient:
             perMessageCompressionAccept=_accept_deflate_response)
         opened: Deferred = Deferred()
         factory.stream = (peer, info.protocol, opened)
+        factory.tracked = self.connections
         headers = {":scheme": info.scheme or "http", ":authority": authority, ":path": info.path or "/"}
         timeout = self.reactor.callLater(self.timeout, _upstream_timed_out, opened, self.timeout)
         connecting = found[1].connect(factory, headers, self.timeout)
@@ -262,6 +318,12 @@ class WsClient:
             return result
 
         return opened.addBoth(settled)
+
+
+def _drop(protocols: list[Any]) -> None:
+    for protocol in protocols:
+        if protocol.transport is not None:
+            protocol.transport.abortConnection()
 
 
 def _accept_deflate_response(response: Any) -> Any:
@@ -289,7 +351,12 @@ class WsClientProtocol(StreamRelay, WebSocketClientProtocol):
 
     def connectionMade(self) -> None:
         self.peer_waiting, self.protocol_wanted, self.opened = self.factory.stream
+        self.factory.tracked.add(self)
         super().connectionMade()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.factory.tracked.discard(self)
+        super().connectionLost(reason)
 
     def onConnect(self, response: Any) -> None:
         if response.protocol != self.protocol_wanted:  # both absent is fine
@@ -323,4 +390,9 @@ def build(binding: BindingConfig, graph: Any) -> WsServer | WsClient:
     return WsServer(binding.name, routes, namespace=binding.namespace,
                     max_message_size=options.get("max-message-size", MAX_MESSAGE_SIZE),
                     max_frame_size=options.get("max-frame-size", 0),
-                    permessage_deflate=options.get("permessage-deflate", True))
+                    permessage_deflate=options.get("permessage-deflate", True),
+                    close_timeout=options.get("close-timeout", CLOSE_TIMEOUT),
+                    ping_interval=options.get("ping-interval", PING_INTERVAL),
+                    ping_timeout=options.get("ping-timeout", PING_TIMEOUT),
+                    max_connections=options.get("max-connections", 0),
+                    allowed_origins=options.get("allowed-origins"))
