@@ -451,6 +451,7 @@ def main() -> int:
     procs = Procs()
     tmp = Path(tempfile.mkdtemp(prefix="zillatw-bench-"))
     results: dict[tuple[str, int], dict] = {}
+    runs: dict[tuple[str, int], list[dict]] = collections.defaultdict(list)
     try:
         up_port = free_port()
         upstream = procs.start("upstream", [sys.executable, __file__, "--upstream", str(up_port)], tmp / "upstream.log")
@@ -462,7 +463,6 @@ def main() -> int:
         for name, proc in (("nginx", nginx), ("zillatw", zproxy), ("zillatw echo", zecho)):
             watch[name] = {"proxy": proc.pid, "upstream": upstream.pid}
 
-        runs: dict[tuple[str, int], list[dict]] = collections.defaultdict(list)
         for rnd in range(args.rounds):
             for size in SIZES:
                 for scenario, port in ports.items():
@@ -509,8 +509,10 @@ def main() -> int:
         ratio = results["zillatw", size]["msgs"] / results["nginx", size]["msgs"]
         met = ratio >= GOALS[size]
         unit = "MB/s" if size >= 1024 else "msgs/s"
+        per_round = ", ".join(f"{z['msgs'] / n['msgs']:.2f}x"
+                              for z, n in zip(runs["zillatw", size], runs["nginx", size]))
         print(f"goal at {human(size)}: zillatw/nginx {unit} >= {GOALS[size]:.1f}x: "
-              f"{ratio:.2f}x -> {'met' if met else 'NOT met'}")
+              f"{ratio:.2f}x -> {'met' if met else 'NOT met'}  (round by round: {per_round})")
     print("(zillatw echo, the gateway's own echo without an upstream, for the other path: "
           + ", ".join(f"{results['zillatw echo', s]['msgs'] / results['nginx', s]['msgs']:.2f}x nginx at {human(s)}"
                       for s in SIZES) + ")")
