@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import jwt as pyjwt
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
