@@ -316,7 +316,7 @@ def _model(documents: list[Mapping[str, Any]], origin: str, folder: Path) -> Con
 
 # What zillatw implements so far; other names pass the schema but are refused by name here,
 # so that a guard or vault is never silently ignored.
-SUPPORTED_EXPORTERS = ("stdout",)
+SUPPORTED_EXPORTERS = ("stdout", "prometheus")
 SUPPORTED_GUARDS: tuple[str, ...] = ("jwt",)
 SUPPORTED_VAULTS: tuple[str, ...] = ("filesystem",)
 SUPPORTED_CATALOGS: tuple[str, ...] = ()
@@ -341,6 +341,8 @@ def _cross_check(config: Config, types: Mapping[str, BindingType], prefix: bool)
             if exporter["type"] not in SUPPORTED_EXPORTERS:
                 yield (f"{where}telemetry.exporters.{name}.type: exporter type '{exporter['type']}' is not "
                        f"supported by this zillatw yet (supported: {', '.join(SUPPORTED_EXPORTERS)})")
+        from zillatw.metrics import check as check_telemetry  # metrics names, exporter options, globs
+        yield from check_telemetry(ns, where)
         for binding in ns.bindings.values():
             base = f"{where}bindings.{binding.name}"
             module = types[binding.type]

@@ -16,8 +16,10 @@ from zillatw.telemetry import Events
 
 
 class BindingGraph:
-    def __init__(self, config: Config, types: Mapping[str, ModuleType], events: Mapping[str, Events] | None = None):
+    def __init__(self, config: Config, types: Mapping[str, ModuleType], events: Mapping[str, Events] | None = None,
+                 telemetry: Any = None):
         self.config = config
+        self.telemetry = telemetry  # zillatw.metrics.Telemetry: meters bindings as they are built
         self._types = types
         self._built: dict[str, Any] = {}
         self._events = dict(events or {})
@@ -33,6 +35,8 @@ class BindingGraph:
         if built is None:
             config = self.config.binding(qname)
             built = self._built[qname] = self._types[config.type].build(config, self)
+            if self.telemetry is not None:
+                self.telemetry.instrument(config, built)
         return built
 
     def guard(self, qname: str) -> Any:

@@ -12,6 +12,7 @@ from twisted.logger import Logger
 
 from zillatw.config import Config, load
 from zillatw.graph import BindingGraph
+from zillatw.metrics import Telemetry
 from zillatw.protocols import binding_types
 from zillatw.protocols.tcp import TcpServer
 from zillatw.telemetry import Events
@@ -30,6 +31,9 @@ class Gateway(Service):
     """Serves one configuration. `listening` fires once every listener is up."""
 
     log = Logger()
+    # A file written once every listener (and metrics endpoint) listens, removed on stop:
+    # Zilla's /var/run/zilla/ready, for health checks. `twistd zillaws --ready-file PATH`.
+    ready_file: str | None = None
 
     def __init__(self, config: Config, reactor: Any = None, event_stream: TextIO | None = None):
         if reactor is None:
@@ -37,7 +41,8 @@ class Gateway(Service):
         self.config = config
         self.reactor = reactor
         self.events = {ns.name: Events.from_telemetry(ns.telemetry, event_stream) for ns in config.namespaces}
-        self.graph = BindingGraph(config, binding_types(), self.events)
+        self.telemetry = Telemetry(config, self.events)
+        self.graph = BindingGraph(config, binding_types(), self.events, self.telemetry)
         self.graph.build_all()
         self.listening: defer.Deferred = defer.Deferred()
 
@@ -54,15 +59,31 @@ class Gateway(Service):
         servers = [self.binding(name)] if name else self.servers()
         return [port for server in servers for port in server.bound_ports()]
 
+    def metrics_ports(self) -> list[int]:
+        """Ports the prometheus exporters listen on; useful with port 0."""
+        return self.telemetry.ports()
+
     def startService(self) -> None:
         super().startService()
-        d = defer.gatherResults([server.listen(self.reactor) for server in self.servers()], consumeErrors=True)
+        self._remove_ready_file()  # a stale one from a crashed run would lie until we listen
+        d = defer.gatherResults([server.listen(self.reactor) for server in self.servers()]
+                                + [self.telemetry.listen(self.reactor)], consumeErrors=True)
         d.addCallbacks(self._started, self._failed)
 
     def _started(self, _: Any) -> None:
         for ns in self.config.namespaces:
             self.events[ns.name].emit(ns.name, "engine", 0, "ENGINE_STARTED", "Engine Started.")
+        if self.ready_file and self.running:
+            with open(self.ready_file, "w") as ready:
+                ready.write(f"{os.getpid()}\n")
         self.listening.callback(self.ports())
+
+    def _remove_ready_file(self) -> None:
+        if self.ready_file:
+            try:
+                os.remove(self.ready_file)
+            except FileNotFoundError:
+                pass
 
     def _failed(self, failure: Any) -> None:
         error = failure.value.subFailure.value if hasattr(failure.value, "subFailure") else failure.value
@@ -71,7 +92,8 @@ class Gateway(Service):
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
-        return defer.gatherResults([server.stop() for server in self.servers()])
+        self._remove_ready_file()
+        return defer.gatherResults([server.stop() for server in self.servers()] + [self.telemetry.stop()])
 
 
 def build_gateway(source: Source, reactor: Any = None, env: Mapping[str, str] | None = None,

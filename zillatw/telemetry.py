@@ -48,6 +48,52 @@ class Events:
         for write in self._writers:
             write(line)
 
+    def binding(self, namespace: str, name: str, type_: str) -> "BindingEvents":
+        """The events of one binding, bound once at build time (see BindingEvents)."""
+        return BindingEvents(self, namespace, name, type_)
+
+
+class BindingEvents:
+    """One binding's events, for bindings to call without repeating who they are:
+
+        events = graph.events(ns).binding(ns, name, "ws")     # once, at build time
+        events.accepted(trace_id, "- GET ws://host/path echo")  # BINDING_WS_REQUEST_ACCEPTED
+        events.rejected(trace_id, 404, "no route")              # BINDING_WS_REQUEST_REJECTED - 404 no route
+        events.guard_failed(trace_id, "jwt", "alice expired")   # GUARD_JWT_AUTHORIZATION_FAILED
+        events.validation_failed(trace_id, "json", "line 1")    # MODEL_JSON_VALIDATION_FAILED
+        events.engine("ENGINE_RELOADED", "Engine Reloaded.")    # engine-wide, trace id 0
+
+    `enabled` is false when the namespace has no stdout exporter: test it before building
+    an expensive details string. Every call is one line, once per connection, never per message.
+    """
+
+    __slots__ = ("_events", "namespace", "name", "_prefix", "enabled")
+
+    def __init__(self, events: Events, namespace: str, name: str, type_: str):
+        self._events = events
+        self.namespace = namespace
+        self.name = name
+        self._prefix = f"BINDING_{type_.upper().replace('-', '_')}_"
+        self.enabled = events.enabled
+
+    def emit(self, trace_id: int, event: str, details: str = "-") -> None:
+        self._events.emit(self.namespace, self.name, trace_id, event, details)
+
+    def accepted(self, trace_id: int, details: str) -> None:
+        self.emit(trace_id, self._prefix + "REQUEST_ACCEPTED", details)
+
+    def rejected(self, trace_id: int, status: int, reason: str, identity: str | None = None) -> None:
+        self.emit(trace_id, self._prefix + "REQUEST_REJECTED", f"{identity or '-'} {status} {reason}")
+
+    def guard_failed(self, trace_id: int, guard_type: str, details: str) -> None:
+        self.emit(trace_id, f"GUARD_{guard_type.upper()}_AUTHORIZATION_FAILED", details)
+
+    def validation_failed(self, trace_id: int, model: str, details: str) -> None:
+        self.emit(trace_id, f"MODEL_{model.upper()}_VALIDATION_FAILED", details)
+
+    def engine(self, event: str, details: str = "-") -> None:
+        self._events.emit(self.namespace, "engine", 0, event, details)
+
 
 def _line_writer(stream: TextIO | None) -> Callable[[str], None]:
     def write(line: str) -> None:

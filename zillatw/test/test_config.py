@@ -345,8 +345,8 @@ class BindingSchemaTests(ConfigTestCase):
                             ["bindings.ws0.options.max-message-size: expected an integer, got a string"])
 
     def test_unsupported_exporter_refused_by_name(self):
-        self.assertProblems(changed(lambda c: c.update(telemetry={"exporters": {"p": {"type": "prometheus"}}})), [
-            "telemetry.exporters.p.type: exporter type 'prometheus' is not supported by this zillatw yet "
+        self.assertProblems(changed(lambda c: c.update(telemetry={"exporters": {"p": {"type": "otlp"}}})), [
+            "telemetry.exporters.p.type: exporter type 'otlp' is not supported by this zillatw yet "
             "(supported: " + ", ".join(config_module.SUPPORTED_EXPORTERS) + ")"])
 
     def test_unsupported_guard_vault_and_catalog_refused_by_name(self):

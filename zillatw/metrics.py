@@ -1,0 +1,514 @@
+"""Zilla's metrics (`telemetry.metrics`) and its `prometheus` exporter.
+
+The namespace's `telemetry.metrics` declares which metrics exist; a binding records those
+its own `telemetry.metrics` globs (e.g. `stream.*`) select. A binding without them records
+nothing and is not touched: no wrapper, no counter, no cost.
+
+A recording binding is instrumented once, when the graph builds it, by wrapping the points
+where its streams open, carry data and end (see `Telemetry.instrument`); each wrapper holds
+its binding's counters (plain integers), so the data path adds one call and one addition per
+read, write or message fragment, never a lookup. The prometheus exporter reads the counters
+when it is scraped, through a prometheus-client collector.
+
+What a "stream" is, per binding:
+- tcp, tls and http servers: a connection (an http server reads one request per
+  connection: the upgraded WebSocket's bytes are that request's body, as in Zilla);
+  data is bytes as read from and written to the connection.
+- ws server and client, echo, fan: a WebSocket stream; data is message payload bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
+from twisted.internet import defer, endpoints, error
+from twisted.internet.defer import Deferred
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.python.failure import Failure
+from zope.interface import directlyProvides, implementer, providedBy
+
+from zillatw.config import BindingConfig, Config
+from zillatw.errors import did_you_mean
+from zillatw.http1 import HttpError
+from zillatw.matching import matcher
+from zillatw.stream import ABNORMAL, IStreamEnd, StreamRefused
+from zillatw.telemetry import BindingEvents, Events
+
+# Zilla's metric names: kind, unit (the Prometheus suffix), and what zillatw records.
+STREAM_METRICS = {
+    "stream.active.received": ("gauge", ""),
+    "stream.active.sent": ("gauge", ""),
+    "stream.opens.received": ("counter", ""),
+    "stream.opens.sent": ("counter", ""),
+    "stream.data.received": ("counter", "bytes"),
+    "stream.data.sent": ("counter", "bytes"),
+    "stream.errors.received": ("counter", ""),
+    "stream.errors.sent": ("counter", ""),
+    "stream.closes.received": ("counter", ""),
+    "stream.closes.sent": ("counter", ""),
+}
+HTTP_METRICS = {"http.active.requests": ("gauge", "")}
+METRICS = {**STREAM_METRICS, **HTTP_METRICS}
+# Zilla's, not recorded by zillatw yet: refused by name when declared.
+NOT_YET = ("http.request.size", "http.response.size", "http.duration",
+           "grpc.active.requests", "grpc.duration", "grpc.request.size", "grpc.response.size",
+           "grpc.requests.per.rpc", "grpc.responses.per.rpc")
+
+_HELP = {
+    "active": "streams open", "opens": "streams opened", "data": "bytes",
+    "errors": "streams ended by an error", "closes": "streams closed", "requests": "requests in progress",
+}
+
+
+def prometheus_name(metric: str) -> str:
+    """Zilla's Prometheus name, without the `_total` prometheus-client adds to counters:
+    dots become underscores, byte units end in `_bytes`."""
+    unit = METRICS[metric][1]
+    return metric.replace(".", "_") + (f"_{unit}" if unit else "")
+
+
+def applies(binding: BindingConfig, metric: str) -> bool:
+    """Whether zillatw records `metric` on this kind of binding."""
+    if metric in HTTP_METRICS:
+        return binding.type == "http" and binding.kind == "server"
+    if binding.kind == "client" and binding.type in ("tcp", "http", "tls"):
+        return False  # their connections are the ws client's; not instrumented yet
+    return metric in STREAM_METRICS
+
+
+def selected(binding: BindingConfig, declared: Iterable[str]) -> tuple[str, ...]:
+    """The declared metrics the binding's `telemetry.metrics` globs select (Zilla's rule)."""
+    globs = [matcher(g) for g in binding.telemetry.get("metrics") or ()]
+    return tuple(m for m in declared if any(g(m) for g in globs) and applies(binding, m))
+
+
+# ---------------------------------------------------------------------------- config checks
+
+def check(namespace: Any, where: str) -> Iterator[str]:
+    """Problems in a namespace's telemetry (metrics names, prometheus options, binding globs)."""
+    telemetry = namespace.telemetry
+    declared = list(telemetry.get("metrics") or ())
+    if "attributes" in telemetry:
+        yield f"{where}telemetry.attributes: not supported by this zillatw yet"
+    for index, name in enumerate(declared):
+        if name in NOT_YET:
+            yield (f"{where}telemetry.metrics[{index}]: metric '{name}' is not recorded by this zillatw yet "
+                   f"(supported: {', '.join(METRICS)})")
+        elif name not in METRICS:
+            yield f"{where}telemetry.metrics[{index}]: unknown metric '{name}'{did_you_mean(name, METRICS)}"
+    for name, exporter in (telemetry.get("exporters") or {}).items():
+        if exporter["type"] == "prometheus":
+            yield from _check_prometheus(f"{where}telemetry.exporters.{name}.options", exporter.get("options"))
+    for binding in namespace.bindings.values():
+        base = f"{where}bindings.{binding.name}.telemetry"
+        if "attributes" in binding.telemetry:
+            yield f"{base}.attributes: not supported by this zillatw yet"
+        for index, glob in enumerate(binding.telemetry.get("metrics") or ()):
+            match = matcher(glob)
+            if not any(match(m) for m in declared):
+                yield (f"{base}.metrics[{index}]: '{glob}' selects none of the namespace's telemetry.metrics"
+                       + (f" ({', '.join(declared)})" if declared else " (there are none)"))
+
+
+def _check_prometheus(path: str, options: Any) -> Iterator[str]:
+    if not isinstance(options, Mapping) or "endpoints" not in options:
+        yield f"{path}: missing required key 'endpoints' (a list of {{scheme: http, port, path}})"
+        return
+    for key in options:
+        if key != "endpoints":
+            yield f"{path}.{key}: not allowed here (expected: endpoints)"
+    endpoints_ = options["endpoints"]
+    if not isinstance(endpoints_, list) or not endpoints_:
+        yield f"{path}.endpoints: expected a non-empty list of {{scheme: http, port, path}}"
+        return
+    for index, endpoint in enumerate(endpoints_):
+        at = f"{path}.endpoints[{index}]"
+        if not isinstance(endpoint, Mapping):
+            yield f"{at}: expected a mapping with scheme, port and path"
+            continue
+        for key in endpoint:
+            if key not in ("scheme", "port", "path"):
+                yield f"{at}.{key}: unknown key '{key}' (expected one of: scheme, port, path)"
+        if endpoint.get("scheme") != "http":
+            yield f"{at}.scheme: expected 'http', got {endpoint.get('scheme')!r}"
+        port = endpoint.get("port")
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+            yield f"{at}.port: expected a port number (0-65535), got {port!r}"
+        path_ = endpoint.get("path", "/metrics")
+        if not isinstance(path_, str) or not path_.startswith("/"):
+            yield f"{at}.path: expected a path starting with '/', got {path_!r}"
+
+
+# ---------------------------------------------------------------------------- counters
+
+class BindingMetrics:
+    """One binding's counters. Plain integers: the data path only adds to them."""
+
+    __slots__ = ("namespace", "binding", "names", "opens_received", "opens_sent", "data_received", "data_sent",
+                 "errors_received", "errors_sent", "closes_received", "closes_sent", "active")
+
+    def __init__(self, namespace: str, binding: str, names: tuple[str, ...]):
+        self.namespace = namespace
+        self.binding = binding
+        self.names = names
+        self.opens_received = self.opens_sent = self.data_received = self.data_sent = 0
+        self.errors_received = self.errors_sent = self.closes_received = self.closes_sent = 0
+        self.active = 0
+
+    def value(self, metric: str) -> int:
+        if metric in ("stream.active.received", "stream.active.sent", "http.active.requests"):
+            return self.active
+        return getattr(self, metric.partition(".")[2].replace(".", "_"))
+
+
+class _Collector:
+    """prometheus-client's view of every binding's counters, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.bindings: list[BindingMetrics] = []
+
+    def collect(self) -> Iterator[Any]:
+        for metric, (kind, _) in METRICS.items():
+            recording = [m for m in self.bindings if metric in m.names]
+            if not recording:
+                continue
+            family_type = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            what = _HELP[metric.split(".")[-1] if metric in HTTP_METRICS else metric.split(".")[1]]
+            family = family_type(prometheus_name(metric), f"Zilla's {metric}: {what}",
+                                 labels=["namespace", "binding"])
+            for m in recording:
+                family.add_metric([m.namespace, m.binding], m.value(metric))
+            yield family
+
+
+# ---------------------------------------------------------------------------- streams (messages)
+
+class _Stream:
+    """One metered stream's state: which directions have ended."""
+    __slots__ = ("m", "received_ended", "sent_ended")
+
+    def __init__(self, m: BindingMetrics):
+        self.m = m
+        self.received_ended = self.sent_ended = False
+
+    def end_received(self, code: int) -> None:
+        """The caller's side ended: the stream is over for this binding."""
+        if self.received_ended:
+            return
+        self.received_ended = True
+        m = self.m
+        m.active -= 1
+        if code == ABNORMAL:
+            m.errors_received += 1
+        else:
+            m.closes_received += 1
+        if not self.sent_ended:  # the reply ends with it
+            self.sent_ended = True
+            m.closes_sent += 1
+
+    def end_sent(self, code: int) -> None:
+        """The exit's side ended (it closes, or fails with 1006/1011)."""
+        if self.sent_ended:
+            return
+        self.sent_ended = True
+        if code in (ABNORMAL, 1011):
+            self.m.errors_sent += 1
+        else:
+            self.m.closes_sent += 1
+
+
+@implementer(IStreamEnd)
+class _ToExit:
+    """Wraps the exit's stream end: what the caller sends through it was received."""
+    __slots__ = ("_end", "_m", "_stream", "pauseProducing", "resumeProducing", "stopProducing")
+
+    def __init__(self, end: IStreamEnd, stream: _Stream):
+        self._end, self._m, self._stream = end, stream.m, stream
+        self.pauseProducing, self.resumeProducing = end.pauseProducing, end.resumeProducing
+        self.stopProducing = end.stopProducing
+
+    def stream_data(self, opcode: int, payload: bytes, fin: bool) -> None:
+        self._m.data_received += len(payload)
+        self._end.stream_data(opcode, payload, fin)
+
+    def stream_end(self, code: int, reason: str) -> None:
+        self._stream.end_received(code)
+        self._end.stream_end(code, reason)
+
+
+@implementer(IStreamEnd)
+class _ToPeer:
+    """Wraps the caller's stream end as the exit sees it: what the exit sends was sent."""
+    __slots__ = ("_end", "_m", "_stream", "pauseProducing", "resumeProducing", "stopProducing")
+
+    def __init__(self, end: IStreamEnd, stream: _Stream):
+        self._end, self._m, self._stream = end, stream.m, stream
+        self.pauseProducing, self.resumeProducing = end.pauseProducing, end.resumeProducing
+        self.stopProducing = end.stopProducing
+
+    def stream_data(self, opcode: int, payload: bytes, fin: bool) -> None:
+        self._m.data_sent += len(payload)
+        self._end.stream_data(opcode, payload, fin)
+
+    def stream_end(self, code: int, reason: str) -> None:
+        self._stream.end_sent(code)
+        self._end.stream_end(code, reason)
+
+
+def metered_open(open_: Any, m: BindingMetrics | None, count_received: bool = True,
+                 on_open: Any = None, on_refused: Any = None) -> Any:
+    """An exit's `open(info, peer)` that meters the stream for `m`'s binding (opens, data,
+    ends) and reports the outcome to on_open() / on_refused(StreamRefused)."""
+
+    def opened(end: IStreamEnd, stream: _Stream | None) -> IStreamEnd:
+        if on_open is not None:
+            on_open()
+        if stream is None:
+            return end
+        stream.m.opens_sent += 1
+        stream.m.active += 1
+        return _ToExit(end, stream)
+
+    def refused(refusal: StreamRefused) -> None:
+        if m is not None:
+            m.errors_sent += 1
+        if on_refused is not None:
+            on_refused(refusal)
+
+    def open(info: Any, peer: IStreamEnd) -> Any:
+        stream = None
+        if m is not None:
+            if count_received:
+                m.opens_received += 1
+            stream = _Stream(m)
+            peer = _ToPeer(peer, stream)
+        try:
+            end = open_(info, peer)
+        except StreamRefused as e:
+            refused(e)
+            raise
+        if isinstance(end, Deferred):
+            def failed(failure: Failure) -> Failure:
+                if failure.check(StreamRefused):
+                    refused(failure.value)
+                return failure
+            return end.addCallbacks(opened, failed, callbackArgs=(stream,))
+        return opened(end, stream)
+
+    return open
+
+
+def _ws_details(info: Any) -> str:
+    scheme = {"http": "ws", "https": "wss"}.get(info.scheme, info.scheme)
+    return f"{info.identity or '-'} GET {scheme}://{info.authority or ''}{info.path or ''} {info.protocol or '-'}"
+
+
+def _instrument_ws_server(server: Any, m: BindingMetrics | None, events: BindingEvents | None) -> None:
+    """A ws server: a stream is received with the upgrade request and sent (opened) when
+    its exit accepts it; events for both outcomes."""
+    accept = server.accept_request
+
+    def accept_request(request: Any, headers: Any, transport: Any, trace_id: int = 0, **kwargs: Any) -> Any:
+        if m is not None:
+            m.opens_received += 1
+        try:
+            connection = accept(request, headers, transport, trace_id=trace_id, **kwargs)
+        except HttpError as e:
+            if m is not None:
+                m.errors_sent += 1
+            if events is not None:
+                events.rejected(trace_id, e.status, e.reason)
+            raise
+        info = connection.info
+        on_open = on_refused = None
+        if events is not None:
+            def on_open() -> None:
+                events.accepted(trace_id, _ws_details(info))
+
+            def on_refused(refusal: StreamRefused) -> None:
+                events.rejected(trace_id, refusal.status, refusal.reason, info.identity)
+        exit_ = connection.stream_exit
+        connection.stream_exit = _Exit(metered_open(exit_.open, m, False, on_open, on_refused))
+        return connection
+
+    server.accept_request = accept_request
+
+
+class _Exit:
+    __slots__ = ("open",)
+
+    def __init__(self, open_: Any):
+        self.open = open_
+
+
+# ---------------------------------------------------------------------------- connections (bytes)
+
+class _MeteredConnection(ProtocolWrapper):
+    """A server connection (tcp, tls, http) counted as one stream of bytes."""
+
+    def __init__(self, m: BindingMetrics, wrapped: Any):
+        self.wrappedProtocol = wrapped
+        self.m = m
+
+    def makeConnection(self, transport: Any) -> None:
+        m = self.m
+        m.opens_received += 1
+        m.opens_sent += 1
+        m.active += 1
+        directlyProvides(self, providedBy(transport))
+        self.connected = 1
+        self.transport = transport
+        self.wrappedProtocol.makeConnection(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.m.data_received += len(data)
+        self.wrappedProtocol.dataReceived(data)
+
+    def write(self, data: bytes) -> None:
+        self.m.data_sent += len(data)
+        self.transport.write(data)
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        data = list(data)
+        self.m.data_sent += sum(map(len, data))
+        self.transport.writeSequence(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        m = self.m
+        m.active -= 1
+        if reason is None or reason.check(error.ConnectionDone):
+            m.closes_received += 1
+            m.closes_sent += 1
+        else:
+            m.errors_received += 1
+            m.closes_sent += 1
+        self.connected = 0
+        self.wrappedProtocol.connectionLost(reason)
+
+
+def _metered_build(build: Any, m: BindingMetrics) -> Any:
+    def buildProtocol(addr: Any) -> Any:
+        protocol = build(addr)
+        return None if protocol is None else _MeteredConnection(m, protocol)
+    return buildProtocol
+
+
+class _MeteredFactory:
+    """What a tcp server's route hands its listener: the exit, with connections metered."""
+
+    def __init__(self, exit_: Any, m: BindingMetrics):
+        self.exit = exit_
+        self.buildProtocol = _metered_build(exit_.buildProtocol, m)
+
+
+def _instrument_tcp_server(server: Any, m: BindingMetrics) -> None:
+    route = server.route
+    metered: dict[int, _MeteredFactory] = {}
+
+    def metered_route(port: Any, client: Any) -> Any:
+        exit_ = route(port, client)
+        if exit_ is None:
+            return None
+        factory = metered.get(id(exit_))
+        if factory is None:
+            factory = metered[id(exit_)] = _MeteredFactory(exit_, m)
+        return factory
+
+    server.route = metered_route
+
+
+# ---------------------------------------------------------------------------- the whole
+
+class Telemetry:
+    """Every namespace's metrics and the prometheus exporters that serve them."""
+
+    def __init__(self, config: Config, events: Mapping[str, Events] | None = None):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._collector = _Collector()
+        self.registry.register(self._collector)
+        self._events = dict(events or {})
+        self._declared = {ns.name: tuple(ns.telemetry.get("metrics") or ()) for ns in config.namespaces}
+        # port -> paths served there, from every namespace's prometheus exporters
+        self.endpoints: dict[int, set[str]] = {}
+        for ns in config.namespaces:
+            for exporter in (ns.telemetry.get("exporters") or {}).values():
+                if exporter["type"] == "prometheus":
+                    for endpoint in exporter["options"]["endpoints"]:
+                        self.endpoints.setdefault(endpoint["port"], set()).add(endpoint.get("path", "/metrics"))
+        self._listening: list[Any] = []
+
+    def metrics(self, binding: BindingConfig) -> BindingMetrics | None:
+        """The binding's counters, if it records any metric."""
+        names = selected(binding, self._declared.get(binding.namespace, ()))
+        if not names:
+            return None
+        m = BindingMetrics(binding.namespace, binding.name, names)
+        self._collector.bindings.append(m)
+        return m
+
+    def instrument(self, binding: BindingConfig, built: Any) -> None:
+        """Meter a built binding in place (its identity is unchanged), if it records metrics;
+        a ws server also reports its accepted/refused handshakes when events are on."""
+        events = self._events.get(binding.namespace)
+        binding_events = events.binding(binding.namespace, binding.name, binding.type) \
+            if events is not None and events.enabled else None
+        if hasattr(built, "accept_request"):  # ws server
+            m = self.metrics(binding)
+            if m is not None or binding_events is not None:
+                _instrument_ws_server(built, m, binding_events)
+            return
+        m = self.metrics(binding)
+        if m is None:
+            return
+        if hasattr(built, "open"):  # echo, fan, ws client
+            built.open = metered_open(built.open, m)
+        elif hasattr(built, "route") and hasattr(built, "listen"):  # tcp server
+            _instrument_tcp_server(built, m)
+        elif hasattr(built, "buildProtocol"):  # http server, tls server
+            built.buildProtocol = _metered_build(built.buildProtocol, m)
+
+    # ---- the prometheus exporters
+
+    def listen(self, reactor: Any) -> Deferred:
+        """Serve every prometheus endpoint; fires with the bound ports."""
+        from prometheus_client.twisted import MetricsResource
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        @defer.inlineCallbacks
+        def start() -> Any:
+            for port, paths in sorted(self.endpoints.items()):
+                root = Resource()
+                for path in sorted(paths):
+                    parent = root
+                    segments = [s.encode() for s in path.strip("/").split("/")]
+                    for segment in segments[:-1]:
+                        child = parent.children.get(segment)
+                        if child is None:
+                            child = Resource()
+                            parent.putChild(segment, child)
+                        parent = child
+                    parent.putChild(segments[-1], MetricsResource(self.registry))
+                site = Site(root)
+                site.noisy = False
+                site.log = lambda request: None  # no access log line per scrape
+                listening = yield endpoints.TCP4ServerEndpoint(reactor, port).listen(site)
+                self._listening.append(listening)
+            return self.ports()
+
+        d = start()
+
+        def failed(failure: Failure) -> Failure:
+            self.stop()
+            return failure
+        return d.addErrback(failed)
+
+    def ports(self) -> list[int]:
+        """The ports the prometheus exporters listen on (useful with port 0)."""
+        return [p.getHost().port for p in self._listening]
+
+    def stop(self) -> Deferred:
+        listening, self._listening = self._listening, []
+        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in listening])

@@ -1,0 +1,439 @@
+"""Metrics, the prometheus exporter, ws events and the readiness file: real loopback sockets,
+real WebSocket clients, /metrics fetched over HTTP."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import sys
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+from twisted.web.client import Agent, readBody
+
+from zillatw import ConfigError, build_gateway
+from zillatw.test.support import (CONF, chain, client_frame, close_ws, connect_raw, connect_ws, eventually,
+                                  parse_server_frames, raw_exchange, split_response, start_gateway,
+                                  upgrade_request)
+
+STREAM = ["stream.active.received", "stream.active.sent", "stream.opens.received", "stream.opens.sent",
+          "stream.data.received", "stream.data.sent", "stream.errors.received", "stream.errors.sent",
+          "stream.closes.received", "stream.closes.sent"]
+
+
+def metered(path: str = "/metrics", bindings: dict[str, list[str]] | None = None) -> dict:
+    """chain() with echo behind `protocol: echo`, every metric declared, a prometheus
+    exporter on port 0, and `telemetry.metrics` on the bindings given (default: all but tcp0)."""
+    config = chain([{"when": [{"protocol": "echo"}], "exit": "echo"}])
+    config["telemetry"] = {
+        "metrics": STREAM + ["http.active.requests"],
+        "exporters": {"stdout": {"type": "stdout"},
+                      "prom": {"type": "prometheus", "options": {"endpoints": [
+                          {"scheme": "http", "port": 0, "path": path}]}}},
+    }
+    if bindings is None:
+        bindings = {"http0": ["stream.*", "http.*"], "ws0": ["stream.*"], "echo": ["stream.*"]}
+    for name, globs in bindings.items():
+        config["bindings"][name]["telemetry"] = {"metrics": globs}
+    return config
+
+
+@defer.inlineCallbacks
+def get(port: int, path: str = "/metrics"):
+    response = yield Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode())
+    body = yield readBody(response)
+    return response.code, body.decode()
+
+
+@defer.inlineCallbacks
+def scrape(gateway, path: str = "/metrics"):
+    """{(sample name, binding): value} of every sample; all must be in namespace 'test'."""
+    code, text = yield get(gateway.metrics_ports()[0], path)
+    assert code == 200, (code, text)
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            assert sample.labels["namespace"] == "test", sample
+            assert set(sample.labels) == {"namespace", "binding"}, sample
+            samples[(sample.name, sample.labels["binding"])] = sample.value
+    return samples, text
+
+
+def of(samples: dict, binding: str) -> dict:
+    return {name: value for (name, b), value in samples.items() if b == binding}
+
+
+def value(gateway, name: str, binding: str):
+    return gateway.telemetry.registry.get_sample_value(name, {"namespace": "test", "binding": binding})
+
+
+class PrometheusTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_known_traffic_gives_exact_counters(self):
+        gateway, port = yield start_gateway(self, metered())
+        clients = []
+        for _ in range(3):
+            client = yield connect_ws(port, protocols=["echo"])
+            clients.append(client)
+        for client in clients:
+            for size in range(1, 11):  # 10 messages of 1..10 times 10 bytes: 550 bytes
+                client.sendMessage(b"m" * (10 * size), isBinary=True)
+            for size in range(1, 11):
+                _, frames = yield client.messages.get()
+                self.assertEqual(b"".join(frames), b"m" * (10 * size))
+        refused = yield raw_exchange(port, upgrade_request(headers={"Sec-WebSocket-Protocol": "nope"}))
+        self.assertTrue(refused.startswith(b"HTTP/1.1 404"), refused)
+
+        samples, _ = yield scrape(gateway)  # while the three are open
+        for binding in ("ws0", "echo"):
+            self.assertEqual((of(samples, binding)["stream_active_received"],
+                              of(samples, binding)["stream_active_sent"]), (3, 3), binding)
+        self.assertEqual(of(samples, "http0")["http_active_requests"], 3)
+
+        for client in clients:
+            result = yield close_ws(client)
+            self.assertEqual(result[:2], (True, 1000))
+        yield eventually(lambda: value(gateway, "http_active_requests", "http0") == 0
+                         and value(gateway, "stream_closes_received_total", "ws0") == 3)
+
+        samples, text = yield scrape(gateway)
+        self.assertEqual(of(samples, "ws0"), {
+            "stream_active_received": 0, "stream_active_sent": 0,
+            "stream_opens_received_total": 4,  # the refused handshake too
+            "stream_opens_sent_total": 3,
+            "stream_data_received_bytes_total": 1650, "stream_data_sent_bytes_total": 1650,
+            "stream_errors_received_total": 0, "stream_errors_sent_total": 1,
+            "stream_closes_received_total": 3, "stream_closes_sent_total": 3,
+        })
+        self.assertEqual(of(samples, "echo"), {
+            "stream_active_received": 0, "stream_active_sent": 0,
+            "stream_opens_received_total": 3, "stream_opens_sent_total": 3,
+            "stream_data_received_bytes_total": 1650, "stream_data_sent_bytes_total": 1650,
+            "stream_errors_received_total": 0, "stream_errors_sent_total": 0,
+            "stream_closes_received_total": 3, "stream_closes_sent_total": 3,
+        })
+        http0 = of(samples, "http0")
+        self.assertEqual({k: v for k, v in http0.items() if "data" not in k}, {
+            "http_active_requests": 0, "stream_active_received": 0, "stream_active_sent": 0,
+            "stream_opens_received_total": 4, "stream_opens_sent_total": 4,
+            "stream_errors_received_total": 0, "stream_errors_sent_total": 0,
+            "stream_closes_received_total": 4, "stream_closes_sent_total": 4,
+        })
+        # Wire bytes: 1650 of payload plus frame heads, masks and the handshakes.
+        self.assertGreater(http0["stream_data_received_bytes_total"], 1650 + 30 * 6)
+        self.assertGreater(http0["stream_data_sent_bytes_total"], 1650 + 30 * 2)
+        self.assertEqual(of(samples, "tcp0"), {}, "tcp0 has no telemetry.metrics: it records nothing")
+        # Zilla's Prometheus names and labels, as text.
+        self.assertIn('stream_opens_received_total{binding="ws0",namespace="test"} 4.0', text)
+        self.assertRegex(text, "# TYPE stream_data_received_bytes(_total)? counter")
+        self.assertIn("# TYPE stream_active_received gauge", text)
+        self.assertNotIn("_created", text)
+
+    @defer.inlineCallbacks
+    def test_connection_bytes_are_exact(self):
+        """tcp and http servers count bytes as read and written: what a raw client sent and got."""
+        gateway, port = yield start_gateway(self, metered(bindings={"tcp0": ["stream.data.*"],
+                                                                    "http0": ["stream.data.*", "stream.opens.*"]}))
+        raw = yield connect_raw(port)
+        sent = upgrade_request(headers={"Sec-WebSocket-Protocol": "echo"}) + client_frame(0x1, b"hello")
+        raw.transport.write(sent)
+        yield raw.until(1)
+        yield raw.until(raw.data.index(b"\r\n\r\n") + 4 + 2 + 5)
+        self.assertEqual(parse_server_frames(split_response(raw.data)[2]), [(0x1, True, b"hello")])
+        close = client_frame(0x8, (1000).to_bytes(2, "big"))
+        raw.transport.write(close)
+        received = yield raw.done
+        self.assertEqual(parse_server_frames(split_response(received)[2])[-1], (0x8, True, (1000).to_bytes(2, "big")))
+        yield eventually(lambda: value(gateway, "stream_data_received_bytes_total", "tcp0") == len(sent + close))
+        samples, _ = yield scrape(gateway)
+        for binding in ("tcp0", "http0"):
+            self.assertEqual(of(samples, binding)["stream_data_received_bytes_total"], len(sent + close))
+            self.assertEqual(of(samples, binding)["stream_data_sent_bytes_total"], len(received))
+        # Globs select: tcp0 records data only, http0 data and opens; nothing else of either.
+        self.assertEqual(sorted(of(samples, "tcp0")), ["stream_data_received_bytes_total",
+                                                       "stream_data_sent_bytes_total"])
+        self.assertEqual(sorted(of(samples, "http0")), ["stream_data_received_bytes_total",
+                                                        "stream_data_sent_bytes_total",
+                                                        "stream_opens_received_total", "stream_opens_sent_total"])
+        self.assertEqual(of(samples, "ws0"), {})
+        self.assertEqual(of(samples, "echo"), {})
+
+    @defer.inlineCallbacks
+    def test_globs_choose_what_each_binding_records(self):
+        gateway, port = yield start_gateway(self, metered(bindings={"ws0": ["stream.opens.*"],
+                                                                    "echo": ["stream.data.received"]}))
+        client = yield connect_ws(port, protocols=["echo"])
+        client.sendMessage(b"12345")
+        yield client.messages.get()
+        yield close_ws(client)
+        samples, _ = yield scrape(gateway)
+        self.assertEqual(of(samples, "ws0"), {"stream_opens_received_total": 1, "stream_opens_sent_total": 1})
+        self.assertEqual(of(samples, "echo"), {"stream_data_received_bytes_total": 5})
+        self.assertEqual(of(samples, "http0"), {})
+
+    @defer.inlineCallbacks
+    def test_binding_records_only_what_the_namespace_declares(self):
+        config = metered(bindings={"http0": ["stream.*"], "ws0": ["stream.*"], "echo": ["stream.*"]})
+        config["telemetry"]["metrics"] = ["stream.opens.received"]
+        gateway, port = yield start_gateway(self, config)
+        client = yield connect_ws(port, protocols=["echo"])
+        yield close_ws(client)
+        yield eventually(lambda: value(gateway, "stream_opens_received_total", "echo") == 1)
+        samples, _ = yield scrape(gateway)
+        self.assertEqual(samples, {("stream_opens_received_total", "http0"): 1,
+                                   ("stream_opens_received_total", "ws0"): 1,
+                                   ("stream_opens_received_total", "echo"): 1})
+
+    @defer.inlineCallbacks
+    def test_exit_refusal_and_abnormal_close_are_errors(self):
+        """An exit that refuses the stream (a ws client whose upstream is not there: 502) is
+        an error sent; a client that drops its socket is an error received."""
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+        from twisted.internet.protocol import Factory, Protocol
+        closed = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Protocol))
+        dead_port = closed.getHost().port
+        yield closed.stopListening()
+        config = metered(bindings={"ws0": ["stream.*"], "echo": ["stream.*"]})
+        config["bindings"]["ws0"]["routes"] = [{"when": [{"protocol": "echo"}], "exit": "echo"},
+                                               {"when": [{"path": "/up"}], "exit": "proxy"}]
+        config["bindings"].update({
+            "proxy": {"type": "ws", "kind": "client", "exit": "http1", "telemetry": {"metrics": ["stream.*"]}},
+            "http1": {"type": "http", "kind": "client", "exit": "tcp1"},
+            "tcp1": {"type": "tcp", "kind": "client", "options": {"host": "127.0.0.1", "port": dead_port}},
+        })
+        gateway, port = yield start_gateway(self, config)
+        refused = yield raw_exchange(port, upgrade_request("/up"))
+        self.assertTrue(refused.startswith(b"HTTP/1.1 502"), refused)
+        raw = yield connect_raw(port)
+        raw.transport.write(upgrade_request(headers={"Sec-WebSocket-Protocol": "echo"}))
+        yield raw.until(1)
+        yield eventually(lambda: value(gateway, "stream_active_received", "echo") == 1)
+        raw.transport.abortConnection()
+        yield raw.done
+        yield eventually(lambda: value(gateway, "stream_active_received", "echo") == 0)
+        samples, _ = yield scrape(gateway)
+        ws0, proxy, echo = of(samples, "ws0"), of(samples, "proxy"), of(samples, "echo")
+        self.assertEqual((ws0["stream_opens_received_total"], ws0["stream_opens_sent_total"],
+                          ws0["stream_errors_sent_total"], ws0["stream_errors_received_total"],
+                          ws0["stream_closes_received_total"]), (2, 1, 1, 1, 0))
+        self.assertEqual((proxy["stream_opens_received_total"], proxy["stream_opens_sent_total"],
+                          proxy["stream_errors_sent_total"]), (1, 0, 1))
+        self.assertEqual((echo["stream_opens_received_total"], echo["stream_errors_received_total"],
+                          echo["stream_active_received"]), (1, 1, 0))
+        events = gateway.events_text.getvalue()
+        self.assertRegex(events, r"test:ws0 \[[^]]+\] \[[0-9a-f]{16}d\] BINDING_WS_REQUEST_REJECTED - 502 "
+                                 r"upstream unreachable")
+
+    @defer.inlineCallbacks
+    def test_custom_path_only(self):
+        gateway, _ = yield start_gateway(self, metered(path="/ops/prom"))
+        code, text = yield get(gateway.metrics_ports()[0], "/ops/prom")
+        self.assertEqual(code, 200)
+        self.assertIn("stream_opens_received_total", text)
+        code, _ = yield get(gateway.metrics_ports()[0], "/metrics")
+        self.assertEqual(code, 404)
+
+    @defer.inlineCallbacks
+    def test_exporter_stops_with_the_gateway(self):
+        gateway = build_gateway(metered())
+        gateway.startService()
+        yield gateway.listening
+        port = gateway.metrics_ports()[0]
+        code, _ = yield get(port)
+        self.assertEqual(code, 200)
+        yield gateway.stopService()
+        self.assertEqual(gateway.metrics_ports(), [])
+        yield self.assertFailure(get(port), ConnectionRefusedError, Exception)
+
+
+class NoMetricsTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_bindings_without_metrics_are_not_wrapped(self):
+        gateway, port = yield start_gateway(self, chain())  # stdout exporter, no metrics
+        self.assertNotIn("open", vars(gateway.binding("echo")))
+        self.assertNotIn("buildProtocol", vars(gateway.binding("http0")))
+        self.assertNotIn("route", vars(gateway.binding("tcp0")))
+        self.assertEqual(gateway.metrics_ports(), [])
+        client = yield connect_ws(port)
+        client.sendMessage(b"still echoes")
+        self.assertEqual((yield client.messages.get()), (False, [b"still echoes"]))
+        yield close_ws(client)
+
+    @defer.inlineCallbacks
+    def test_no_telemetry_at_all_leaves_the_ws_server_untouched(self):
+        config = chain()
+        del config["telemetry"]
+        gateway, _ = yield start_gateway(self, config)
+        self.assertNotIn("accept_request", vars(gateway.binding("ws0")))
+
+
+class WsEventTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_ws_server_reports_accepted_and_rejected(self):
+        gateway, port = yield start_gateway(self, chain([{"when": [{"protocol": "echo"}], "exit": "echo"}]))
+        client = yield connect_ws(port, "/room?x=1", protocols=["echo"])
+        yield close_ws(client)
+        yield raw_exchange(port, upgrade_request(headers={"Sec-WebSocket-Protocol": "chat"}))
+        events = gateway.events_text.getvalue()
+        self.assertRegex(events, r"(?m)^test:ws0 \[[^]]+\] \[[0-9a-f]{16}d\] BINDING_WS_REQUEST_ACCEPTED "
+                                 r"- GET ws://127\.0\.0\.1:\d+/room\?x=1 echo$")
+        self.assertRegex(events, r"(?m)^test:ws0 .* BINDING_WS_REQUEST_REJECTED - 404 no WebSocket route "
+                                 r"for this request \(offered subprotocols: chat\)$")
+        # The http server's accept and the ws server's share the connection's trace id.
+        http_trace = next(line.split()[3] for line in events.splitlines() if "HTTP_REQUEST_ACCEPTED" in line)
+        ws_trace = next(line.split()[3] for line in events.splitlines() if "WS_REQUEST_ACCEPTED" in line)
+        self.assertEqual(http_trace, ws_trace)
+
+    def test_binding_events_helper(self):
+        import io
+
+        from zillatw.telemetry import Events
+        out = io.StringIO()
+        events = Events.from_telemetry({"exporters": {"s": {"type": "stdout"}}}, out).binding("ns", "b0", "ws")
+        events.accepted(1, "- GET ws://h/ echo")
+        events.rejected(2, 403, "origin x is not allowed")
+        events.guard_failed(3, "jwt", "alice token expired")
+        events.validation_failed(4, "json", "not an object")
+        events.engine("ENGINE_RELOADED", "Engine Reloaded.")
+        lines = [line.split(" ", 3)[0] + " " + line.split("] ", 2)[2] for line in out.getvalue().splitlines()]
+        self.assertEqual(lines, [
+            "ns:b0 BINDING_WS_REQUEST_ACCEPTED - GET ws://h/ echo",
+            "ns:b0 BINDING_WS_REQUEST_REJECTED - 403 origin x is not allowed",
+            "ns:b0 GUARD_JWT_AUTHORIZATION_FAILED alice token expired",
+            "ns:b0 MODEL_JSON_VALIDATION_FAILED not an object",
+            "ns:engine ENGINE_RELOADED Engine Reloaded.",
+        ])
+        silent = Events().binding("ns", "b0", "ws")
+        self.assertFalse(silent.enabled)
+        silent.accepted(1, "nothing written")
+
+
+class ConfigTests(unittest.TestCase):
+    def problems(self, change) -> list[str]:
+        config = metered()
+        change(config)
+        with self.assertRaises(ConfigError) as caught:
+            build_gateway(config)
+        return caught.exception.problems
+
+    def test_unknown_and_unsupported_metric_names(self):
+        def change(c):
+            c["telemetry"]["metrics"] = ["stream.opens.recieved", "http.duration", "stream.closes.sent"]
+        self.assertEqual(self.problems(change), [
+            "telemetry.metrics[0]: unknown metric 'stream.opens.recieved' (did you mean 'stream.opens.received'?)",
+            "telemetry.metrics[1]: metric 'http.duration' is not recorded by this zillatw yet (supported: "
+            + ", ".join(STREAM + ["http.active.requests"]) + ")",
+        ])
+
+    def test_glob_without_declared_metrics(self):
+        def change(c):
+            del c["telemetry"]["metrics"]
+            c["bindings"]["http0"].pop("telemetry")
+            c["bindings"]["echo"].pop("telemetry")
+        self.assertEqual(self.problems(change), [
+            "bindings.ws0.telemetry.metrics[0]: 'stream.*' selects none of the namespace's telemetry.metrics "
+            "(there are none)"])
+
+    def test_prometheus_options(self):
+        def change(c):
+            c["telemetry"]["exporters"]["prom"]["options"] = {"endpoints": [
+                {"scheme": "https", "port": 70000, "path": "metrics", "host": "x"}]}
+            c["telemetry"]["exporters"]["bare"] = {"type": "prometheus"}
+        self.assertEqual(self.problems(change), [
+            "telemetry.exporters.prom.options.endpoints[0].host: unknown key 'host' (expected one of: scheme, "
+            "port, path)",
+            "telemetry.exporters.prom.options.endpoints[0].scheme: expected 'http', got 'https'",
+            "telemetry.exporters.prom.options.endpoints[0].port: expected a port number (0-65535), got 70000",
+            "telemetry.exporters.prom.options.endpoints[0].path: expected a path starting with '/', got 'metrics'",
+            "telemetry.exporters.bare.options: missing required key 'endpoints' (a list of {scheme: http, "
+            "port, path})",
+        ])
+
+    def test_attributes_refused_by_name(self):
+        def change(c):
+            c["telemetry"]["attributes"] = {"service.namespace": "x"}
+            c["bindings"]["http0"]["telemetry"]["attributes"] = {"method": "${http.request.method}"}
+        self.assertEqual(self.problems(change), [
+            "telemetry.attributes: not supported by this zillatw yet",
+            "bindings.http0.telemetry.attributes: not supported by this zillatw yet"])
+
+
+class ReadyFileTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_written_when_listening_removed_on_stop(self):
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as stale:  # left by a crashed run: removed until listening
+            stale.write("stale\n")
+        gateway = build_gateway(metered())
+        gateway.ready_file = path
+        gateway.startService()
+        yield gateway.listening
+        with open(path) as ready:
+            self.assertEqual(ready.read(), f"{os.getpid()}\n")
+        yield gateway.stopService()
+        self.assertFalse(os.path.exists(path))
+
+    @defer.inlineCallbacks
+    def test_not_written_when_a_port_is_taken(self):
+        first = build_gateway(metered())
+        first.startService()
+        self.addCleanup(first.stopService)
+        yield first.listening
+        config = metered()
+        config["bindings"]["tcp0"]["options"]["port"] = first.ports()[0]
+        second = build_gateway(config)
+        second.ready_file = path = os.path.abspath(self.mktemp())
+        second.startService()
+        self.addCleanup(second.stopService)
+        yield self.assertFailure(second.listening, Exception)
+        self.assertFalse(os.path.exists(path))
+
+    @defer.inlineCallbacks
+    def test_twistd_ready_file_and_metrics(self):
+        from zillatw.test.test_tap import ENV, ROOT, TWISTD, Collect, free_port
+        port, metrics_port = free_port(), free_port()
+        with open(os.path.join(CONF, "ws.echo.yaml")) as f:
+            text = f.read().replace("7114", str(port))
+        text = text.replace("telemetry:\n", f"""telemetry:
+  metrics:
+    - stream.opens.received
+    - stream.data.received
+  exporters:
+    prometheus:
+      type: prometheus
+      options:
+        endpoints:
+          - scheme: http
+            port: {metrics_port}
+            path: /metrics
+""").replace("  exporters:\n    stdout_logs_exporter", "    stdout_logs_exporter")
+        text = text.replace("  north_echo_server:\n    type: echo\n    kind: server\n",
+                            "  north_echo_server:\n    type: echo\n    kind: server\n"
+                            "    telemetry:\n      metrics:\n        - stream.*\n")
+        config, ready = os.path.abspath(self.mktemp()), os.path.abspath(self.mktemp())
+        with open(config, "w") as f:
+            f.write(text)
+        child = Collect()
+        process = reactor.spawnProcess(child, TWISTD[0], TWISTD + ["-n", "--pidfile=", "zillaws", "-c", config,
+                                                                   "--ready-file", ready], env=ENV, path=ROOT)
+        try:
+            yield eventually(lambda: os.path.exists(ready) or child.ended.called, timeout=20)
+            self.assertTrue(os.path.exists(ready), child.out)
+            with open(ready) as f:
+                self.assertEqual(int(f.read()), process.pid)
+            client = yield connect_ws(port, protocols=["echo"])
+            client.sendMessage(b"0123456789")
+            yield client.messages.get()
+            yield close_ws(client)
+            code, body = yield get(metrics_port)
+            self.assertEqual(code, 200)
+            self.assertIn('stream_opens_received_total{binding="north_echo_server",namespace="example"} 1.0', body)
+            self.assertIn('stream_data_received_bytes_total{binding="north_echo_server",namespace="example"} 10.0',
+                          body)
+        finally:
+            if not child.ended.called:
+                process.signalProcess(signal.SIGTERM)
+        yield child.ended
+        self.assertFalse(os.path.exists(ready), "the ready file outlived the process")
