@@ -18,6 +18,7 @@ from zillatw.protocols.tcp import TcpServer
 from zillatw.telemetry import Events
 
 Source = str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, Any]] | Config
+DRAIN_TIMEOUT = 10.0  # seconds stopService waits for connections to close before dropping them
 
 
 def load_config(source: Source, env: Mapping[str, str] | None = None) -> Config:
@@ -35,15 +36,17 @@ class Gateway(Service):
     # Zilla's /var/run/zilla/ready, for health checks. `twistd zillaws --ready-file PATH`.
     ready_file: str | None = None
 
-    def __init__(self, config: Config, reactor: Any = None, event_stream: TextIO | None = None):
+    def __init__(self, config: Config, reactor: Any = None, event_stream: TextIO | None = None,
+                 drain_timeout: float = DRAIN_TIMEOUT):
         if reactor is None:
             from twisted.internet import reactor
         self.config = config
         self.reactor = reactor
+        self.drain_timeout = drain_timeout
         self.events = {ns.name: Events.from_telemetry(ns.telemetry, event_stream) for ns in config.namespaces}
         self.telemetry = Telemetry(config, self.events)
         self.graph = BindingGraph(config, binding_types(), self.events, self.telemetry)
-        self.graph.build_all()
+        self.bindings = self.graph.build_all()
         self.listening: defer.Deferred = defer.Deferred()
 
     def binding(self, name: str) -> Any:
@@ -91,13 +94,45 @@ class Gateway(Service):
         self.listening.errback(error)
 
     def stopService(self) -> defer.Deferred:
+        """Stop accepting, close every WebSocket with 1001 (requests still being read get
+        503), and fire once all connections are closed or `drain_timeout` has passed, when
+        the ones left are dropped."""
         super().stopService()
         self._remove_ready_file()
-        return defer.gatherResults([server.stop() for server in self.servers()] + [self.telemetry.stop()])
+        stopped = defer.gatherResults([server.stop() for server in self.servers()] + [self.telemetry.stop()],
+                                      consumeErrors=True)
+        stopped.addErrback(lambda failure: self.log.failure("zillatw: stopping a listener", failure))
+        return stopped.addCallback(lambda _: self._drain())
+
+    def _drain(self) -> defer.Deferred:
+        draining = [b for b in self.bindings.values() if hasattr(b, "open_count")]
+        for binding in draining:
+            if hasattr(binding, "going_away"):  # a ws client's upstreams get 1001 from their ws server
+                binding.going_away()
+        open_count = lambda: sum(binding.open_count() for binding in draining)  # noqa: E731
+        drained: defer.Deferred = defer.Deferred()
+        if open_count():
+            self.log.info("zillatw: closing {count} connections (waiting up to {seconds:g} s)",
+                          count=open_count(), seconds=self.drain_timeout)
+        deadline = self.reactor.seconds() + self.drain_timeout
+
+        def poll() -> None:
+            left = open_count()
+            if left and self.reactor.seconds() < deadline:
+                self.reactor.callLater(0.02, poll)
+                return
+            if left:
+                self.log.warn("zillatw: dropping {count} connections still open after {seconds:g} s",
+                              count=left, seconds=self.drain_timeout)
+                for binding in draining:
+                    binding.drop_all()
+            drained.callback(None)
+        poll()
+        return drained
 
 
 def build_gateway(source: Source, reactor: Any = None, env: Mapping[str, str] | None = None,
-                  event_stream: TextIO | None = None) -> Gateway:
+                  event_stream: TextIO | None = None, drain_timeout: float = DRAIN_TIMEOUT) -> Gateway:
     """Embedding API: a Gateway service for a path, dict or Config. Start it with
     `gateway.startService()` (or attach it to an Application); ConfigError if invalid."""
-    return Gateway(load_config(source, env), reactor, event_stream)
+    return Gateway(load_config(source, env), reactor, event_stream, drain_timeout)

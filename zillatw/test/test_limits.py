@@ -1,0 +1,293 @@
+"""Limits of the ws server (and the http server in front of it), end to end on loopback
+sockets: message and frame size, deflate bombs, slow request heads, keepalive pings,
+the closing-handshake timeout, the connection cap and the Origin allow-list."""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+import zlib
+
+from autobahn.websocket.compress_deflate import PerMessageDeflate
+from twisted.internet import defer, reactor
+from twisted.internet.task import LoopingCall
+from twisted.trial import unittest
+
+from zillatw import ConfigError, build_gateway
+from zillatw.test.support import (chain, client_frame, close_ws, connect_raw, connect_ws, eventually,
+                                  parse_server_frames, split_response, start_gateway, upgrade_request, wait)
+
+MiB = 1024 * 1024
+
+
+def close_code(frames: list[tuple[int, bool, bytes]]) -> int | None:
+    """The code of the first close frame among server frames."""
+    for opcode, _, payload in frames:
+        if opcode == 0x8:
+            return int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+    return None
+
+
+@defer.inlineCallbacks
+def raw_upgrade(port: int, headers: dict[str, str] | None = None) -> defer.Deferred:
+    """A raw client after its upgrade request's response head: (client, status line,
+    response headers, offset of the first byte after the head)."""
+    raw = yield connect_raw(port)
+    raw.transport.write(upgrade_request(headers=headers))
+    yield eventually(lambda: b"\r\n\r\n" in raw.data or raw.done.called)
+    status, response_headers, rest = split_response(raw.data)
+    return raw, status, response_headers, len(raw.data) - len(rest)
+
+
+def deflated_zeros(size: int) -> bytes:
+    """`size` zero bytes as one permessage-deflate message payload (RFC 7692 §7.2.1)."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    chunk, parts = bytes(MiB), []
+    for _ in range(size // MiB):
+        parts.append(compressor.compress(chunk))
+    parts.append(compressor.flush(zlib.Z_SYNC_FLUSH))
+    data = b"".join(parts)
+    assert data.endswith(b"\x00\x00\xff\xff")
+    return data[:-4]
+
+
+class MessageSizeTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_message_over_max_message_size_closes_1009_and_one_at_the_limit_passes(self):
+        _, port = yield start_gateway(self, chain(ws_options={"max-message-size": 1000}))
+        client = yield connect_ws(port)
+        client.sendMessage(b"x" * 1000, isBinary=True)
+        self.assertEqual(b"".join((yield client.messages.get())[1]), b"x" * 1000)
+        client.send_frames(2, [b"y" * 600, b"y" * 401])  # 1001 bytes in two frames of a message
+        was_clean, code, _ = yield client.closed
+        self.assertEqual((was_clean, code), (True, 1009))
+        self.assertEqual(client.received, 1)
+
+    @defer.inlineCallbacks
+    def test_frame_over_max_frame_size_closes_1009(self):
+        _, port = yield start_gateway(self, chain(ws_options={"max-frame-size": 100}))
+        client = yield connect_ws(port)
+        client.send_frames(2, [b"a" * 100, b"b" * 100])  # frames at the limit: fine
+        self.assertEqual((yield client.messages.get())[1], [b"a" * 100, b"b" * 100])
+        client.send_frames(2, [b"c" * 101])
+        _, code, _ = yield client.closed
+        self.assertEqual(code, 1009)
+
+    @defer.inlineCallbacks
+    def test_default_max_message_size_is_1_mib(self):
+        gateway, port = yield start_gateway(self, chain())
+        self.assertEqual(gateway.binding("ws0").maxMessagePayloadSize, MiB)
+        client = yield connect_ws(port)
+        client.sendMessage(b"z" * (MiB + 1), isBinary=True)
+        _, code, _ = yield client.closed
+        self.assertEqual(code, 1009)
+        self.assertEqual(client.received, 0)
+
+    @defer.inlineCallbacks
+    def test_deflate_bomb_closes_1009_without_inflating_past_the_cap(self):
+        """256 MiB of zeros deflate to about 250 KiB. The server inflates at most the 1 MiB
+        default limit of it: we count every byte its decompressor returns, and what Python
+        allocated at the peak while it handled the bomb."""
+        inflated: list[int] = []
+        original = PerMessageDeflate.decompress_message_data
+
+        def counting(self, data, max_output_len=None):
+            before = self._decompress_message_size  # counts output, also when it then refuses it
+            try:
+                return original(self, data, max_output_len=max_output_len)
+            finally:
+                inflated.append(self._decompress_message_size - before)
+        self.patch(PerMessageDeflate, "decompress_message_data", counting)
+        bomb = client_frame(0x2, deflated_zeros(256 * MiB), rsv=0b100)
+        self.assertLess(len(bomb), 300 * 1024)
+
+        _, port = yield start_gateway(self, chain())
+        raw, status, headers, start = yield raw_upgrade(port, {"Sec-WebSocket-Extensions": "permessage-deflate"})
+        self.assertIn("101", status)
+        self.assertTrue(headers["sec-websocket-extensions"].startswith("permessage-deflate"))
+        tracemalloc.start()
+        try:
+            raw.transport.write(bomb)
+            yield eventually(lambda: close_code(parse_server_frames(raw.data[start:])) is not None, timeout=10)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(close_code(parse_server_frames(raw.data[start:])), 1009)
+        self.assertGreater(sum(inflated), 0)
+        self.assertLessEqual(sum(inflated), MiB)
+        self.assertLess(peak, 8 * MiB)  # the bomb's buffers and one cap's worth, not 256 MiB
+        raw.transport.loseConnection()
+        yield raw.done
+
+
+class HandshakeTimeoutTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_a_request_head_dribbled_byte_by_byte_is_dropped_at_the_deadline(self):
+        config = chain()
+        config["bindings"]["http0"]["options"] = {"head-timeout": 0.5}
+        _, port = yield start_gateway(self, config)
+        request = upgrade_request()
+        raw = yield connect_raw(port)
+        began = time.monotonic()
+        sent = [0]
+
+        def dribble():  # a byte every 20 ms: the whole head would take about 3.5 s
+            if sent[0] < len(request) and raw.transport.connected:
+                raw.transport.write(request[sent[0]:sent[0] + 1])
+                sent[0] += 1
+        dribbling = LoopingCall(dribble)
+        dribbling.start(0.02)
+        try:
+            yield raw.done
+        finally:
+            dribbling.stop()
+        elapsed = time.monotonic() - began
+        self.assertTrue(raw.data.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), raw.data)
+        self.assertIn(b"Connection: close", raw.data)
+        self.assertLess(sent[0], len(request) // 2)  # the head was far from complete
+        self.assertGreaterEqual(elapsed, 0.45)
+        self.assertLess(elapsed, 1.5)  # each byte arriving did not push the deadline back
+
+    @defer.inlineCallbacks
+    def test_default_head_timeout_is_10_seconds(self):
+        gateway, _ = yield start_gateway(self, chain())
+        self.assertEqual(gateway.binding("http0").head_timeout, 10.0)
+
+    def test_limits_are_checked_as_configuration(self):
+        bad = chain(ws_options={"ping-interval": -1, "max-connections": 0, "allowed-origins": "https://a"})
+        bad["bindings"]["http0"]["options"] = {"head-timeout": 0}
+        with self.assertRaises(ConfigError) as raised:
+            build_gateway(bad)
+        problems = "\n".join(raised.exception.problems)
+        for path in ("bindings.ws0.options.ping-interval", "bindings.ws0.options.max-connections",
+                     "bindings.ws0.options.allowed-origins", "bindings.http0.options.head-timeout"):
+            self.assertIn(path, problems)
+
+
+class KeepaliveTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.gateway, self.port = yield start_gateway(self, chain(ws_options={"ping-interval": 0.2,
+                                                                              "ping-timeout": 0.3}))
+
+    @defer.inlineCallbacks
+    def test_a_peer_that_does_not_pong_is_dropped_and_its_timers_go_with_it(self):
+        raw, status, _, start = yield raw_upgrade(self.port)
+        self.assertIn("101", status)
+        server_side = next(iter(self.gateway.binding("ws0").connections))
+        began = time.monotonic()
+        yield raw.done  # never answering the server's ping
+        elapsed = time.monotonic() - began
+        frames = parse_server_frames(raw.data[start:])
+        self.assertEqual([opcode for opcode, _, _ in frames], [0x9])  # one ping, no close frame: dropped
+        self.assertGreaterEqual(elapsed, 0.4)
+        self.assertLess(elapsed, 2.0)
+        yield eventually(lambda: not self.gateway.binding("ws0").connections)
+        self.assertFalse(server_side.wasClean)
+        left = [call for call in reactor.getDelayedCalls() if getattr(call.func, "__self__", None) is server_side]
+        self.assertEqual(left, [])
+
+    @defer.inlineCallbacks
+    def test_a_peer_that_pongs_stays_connected(self):
+        client = yield connect_ws(self.port)  # Autobahn answers pings
+        yield wait(1.2)
+        server_side = next(iter(self.gateway.binding("ws0").connections))
+        self.assertGreaterEqual(server_side.autoPingPendingSeq, 3)
+        self.assertEqual(client.state, client.STATE_OPEN)
+        client.sendMessage(b"still here")
+        self.assertEqual((yield client.messages.get())[1], [b"still here"])
+        was_clean, code, _ = yield close_ws(client)
+        self.assertEqual((was_clean, code), (True, 1000))
+
+    @defer.inlineCallbacks
+    def test_pings_are_off_with_ping_interval_0(self):
+        gateway, port = yield start_gateway(self, chain(ws_options={"ping-interval": 0}))
+        raw, status, _, start = yield raw_upgrade(port)
+        yield wait(0.5)
+        self.assertEqual(parse_server_frames(raw.data[start:]), [])
+        server_side = next(iter(gateway.binding("ws0").connections))
+        self.assertEqual(server_side.autoPingPendingSeq, 0)
+        raw.transport.loseConnection()
+        yield raw.done
+
+
+class CloseTimeoutTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_a_peer_that_does_not_answer_our_close_is_dropped_after_close_timeout(self):
+        _, port = yield start_gateway(self, chain(ws_options={"close-timeout": 0.3, "max-message-size": 10}))
+        raw, status, _, start = yield raw_upgrade(port)
+        raw.transport.write(client_frame(0x2, b"x" * 11))  # too big: the server closes with 1009
+        began = time.monotonic()
+        yield raw.done  # and we do not answer its close frame
+        elapsed = time.monotonic() - began
+        self.assertEqual(close_code(parse_server_frames(raw.data[start:])), 1009)
+        self.assertGreaterEqual(elapsed, 0.25)
+        self.assertLess(elapsed, 1.5)  # the default of 2 s would be past this
+
+
+class ConnectionCapTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_upgrades_over_max_connections_get_503_until_one_closes(self):
+        gateway, port = yield start_gateway(self, chain(ws_options={"max-connections": 2}))
+        first = yield connect_ws(port)
+        second = yield connect_ws(port)
+        raw, status, headers, _ = yield raw_upgrade(port)
+        self.assertEqual(status, "HTTP/1.1 503 Service Unavailable")
+        self.assertEqual(headers["connection"], "close")
+        yield raw.done  # and the server closed the socket
+        self.assertIn(b"too many WebSocket connections (limit 2)", raw.data)
+        self.assertIn("BINDING_HTTP_REQUEST_REJECTED - 503", gateway.events_text.getvalue())
+        yield close_ws(first)
+        yield eventually(lambda: len(gateway.binding("ws0").connections) == 1)
+        third = yield connect_ws(port)  # a place is free again
+        third.sendMessage(b"in")
+        self.assertEqual((yield third.messages.get())[1], [b"in"])
+        yield close_ws(second)
+        yield close_ws(third)
+
+    @defer.inlineCallbacks
+    def test_no_cap_by_default(self):
+        gateway, port = yield start_gateway(self, chain())
+        self.assertEqual(gateway.binding("ws0").max_connections, 0)
+        clients = yield defer.gatherResults([connect_ws(port) for _ in range(20)])
+        self.assertEqual(len(gateway.binding("ws0").connections), 20)
+        yield defer.gatherResults([close_ws(client) for client in clients])
+
+
+class OriginTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.gateway, self.port = yield start_gateway(self, chain(ws_options={
+            "allowed-origins": ["https://app.example.com", "https://*.example.org", "http://localhost:*"]}))
+
+    @defer.inlineCallbacks
+    def status_for(self, origin: str | None) -> defer.Deferred:
+        raw, status, _, _ = yield raw_upgrade(self.port, {"Origin": origin} if origin else None)
+        raw.transport.loseConnection()
+        yield raw.done
+        return status
+
+    @defer.inlineCallbacks
+    def test_foreign_origins_get_403(self):
+        for origin in ("https://evil.example.net", "https://app.example.com.evil.net", "http://app.example.com",
+                       "https://example.org", "null"):
+            status = yield self.status_for(origin)
+            self.assertEqual(status, "HTTP/1.1 403 Forbidden", origin)
+        raw, _, _, _ = yield raw_upgrade(self.port, {"Origin": "https://evil.example.net"})
+        yield raw.done
+        self.assertIn(b"origin https://evil.example.net is not allowed", raw.data)
+
+    @defer.inlineCallbacks
+    def test_allowed_origins_and_clients_without_one_get_101(self):
+        for origin in ("https://app.example.com", "https://chat.example.org", "HTTPS://Chat.Example.ORG",
+                       "http://localhost:8080", None):
+            status = yield self.status_for(origin)
+            self.assertEqual(status, "HTTP/1.1 101 Switching Protocols", origin)
+
+    @defer.inlineCallbacks
+    def test_every_origin_is_allowed_without_a_list(self):
+        _, port = yield start_gateway(self, chain())
+        raw, status, _, _ = yield raw_upgrade(port, {"Origin": "https://anywhere.example.net"})
+        self.assertEqual(status, "HTTP/1.1 101 Switching Protocols")
+        raw.transport.loseConnection()
+        yield raw.done
