@@ -13,6 +13,7 @@ that speaks WebSocket.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -190,6 +191,23 @@ def _reason_text(failure: Failure | None) -> str:
     return failure.getErrorMessage()
 
 
+def _guarded(fallback: Any) -> Any:
+    """For OpenSSL callbacks: an exception in one would surface from the handshake as an
+    error Twisted does not expect, so log it, abort the connection and answer `fallback`."""
+    def decorate(callback: Any) -> Any:
+        @functools.wraps(callback)
+        def wrapper(*args: Any) -> Any:
+            try:
+                return callback(*args)
+            except Exception:
+                log.failure("tls: {callback} failed", callback=callback.__name__)
+                connection = next(a for a in args if isinstance(a, SSL.Connection))
+                connection.get_app_data().abortConnection()
+                return fallback
+        return wrapper
+    return decorate
+
+
 def _state_of(connection: SSL.Connection) -> "_Handshake":
     return connection.get_app_data().zillatw_handshake
 
@@ -278,13 +296,14 @@ class TlsServer:
             context.set_alpn_select_callback(self._select_alpn)
         return context
 
-    # ---- OpenSSL callbacks (exceptions must not escape: OpenSSL would get garbage)
+    # ---- OpenSSL callbacks
 
     def serverConnectionForTLS(self, tls_protocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         # Twisted makes the TLS protocol the connection's app data; our state rides on it.
         tls_protocol.zillatw_handshake = _Handshake(tls_protocol)
         return SSL.Connection(self._contexts[0][1], None)
 
+    @_guarded(None)
     def _servername(self, connection: SSL.Connection) -> None:
         state = _state_of(connection)
         raw = connection.get_servername()
@@ -302,6 +321,7 @@ class TlsServer:
                     connection.set_context(context)
                 return
 
+    @_guarded(SSL.NO_OVERLAPPING_PROTOCOLS)
     def _select_alpn(self, connection: SSL.Connection, offered: list[bytes]) -> Any:
         """Zilla's choice: the first protocol the client offers that options.alpn lists and a
         route allows; none (the handshake goes on without ALPN) if there is no such one."""
@@ -321,6 +341,7 @@ class TlsServer:
         self.events.emit(self.namespace, self.name, trace_id, event, f"- {details}")
 
 
+@_guarded(False)
 def _verify_client(connection: SSL.Connection, certificate: Any, errno: int, depth: int, ok: int) -> bool:
     if not ok:
         state = _state_of(connection)
@@ -496,6 +517,7 @@ def _is_ip(name: str) -> bool:
         return False
 
 
+@_guarded(False)
 def _verify_server(connection: SSL.Connection, certificate: Any, errno: int, depth: int, ok: int) -> bool:
     if not ok:
         attempt: _Attempt = connection.get_app_data().zillatw_attempt
@@ -505,14 +527,10 @@ def _verify_server(connection: SSL.Connection, certificate: Any, errno: int, dep
     return bool(ok)
 
 
+@_guarded(None)
 def _client_info(connection: SSL.Connection, where: int, ret: int) -> None:
     if where & SSL.SSL_CB_HANDSHAKE_DONE:
-        tls_protocol = connection.get_app_data()
-        try:
-            tls_protocol.zillatw_attempt.handshake_done(connection)
-        except Exception:
-            log.failure("tls client: checking the upstream's certificate")
-            tls_protocol.abortConnection()
+        connection.get_app_data().zillatw_attempt.handshake_done(connection)
 
 
 class TlsClient:
@@ -618,6 +636,13 @@ def build(binding: BindingConfig, graph: Any) -> TlsServer | TlsClient:
     if problems:
         raise ConfigError(problems)
     routes = [(route, graph.binding(route.exit)) for route in binding.routes]
+    # Both kinds pass bytes on, but a server's exit takes connections (a factory) and a
+    # client's makes them (connect): the stream kinds alone do not tell a tcp client apart.
+    needed, role = ("connect", "connect upstream") if binding.kind == "client" else ("buildProtocol", "take connections")
+    for route, exit_ in routes:
+        if not hasattr(exit_, needed):
+            path = f"{where}.exit" if binding.exit and route is binding.routes[-1] else f"{where}.routes[{route.index}].exit"
+            raise ConfigError(f"{path}: '{route.exit.partition(':')[2]}' cannot {role} for a tls {binding.kind}")
     events = graph.events(binding.namespace)
     version = options.get("version", "TLS")
     if binding.kind == "client":

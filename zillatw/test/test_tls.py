@@ -462,6 +462,21 @@ class ProxyOverTlsTests(TlsTestCase):
         yield eventually(lambda: upstream.closes)
 
     @defer.inlineCallbacks
+    def test_without_sni_the_tcp_clients_host_is_verified(self):
+        """host 127.0.0.1: no SNI is sent (RFC 6066 has none for addresses) and the
+        certificate must name the address, which the upstream's does (IP SAN)."""
+        upstream, upstream_port = start_wss_upstream(self, self.pki.localhost)
+        config = self.proxy_config(upstream_port, {"trust": ["backend"]},
+                                   {"trust": {"store": self.truststore(), "password": PASSWORD}})
+        gateway, port = yield start_gateway(self, config)
+        client = yield connect_wss(port, client_tls(self.pki.ca))
+        client.sendMessage(b"by address")
+        self.assertEqual(b"".join((yield client.messages.get())[1]), b"by address")
+        self.assertIsNone(upstream.connections[0].transport.getHandle().get_servername())
+        yield close_ws(client)
+        yield eventually(lambda: upstream.closes)
+
+    @defer.inlineCallbacks
     def test_upstream_name_mismatch_is_502(self):
         upstream, upstream_port = start_wss_upstream(self, self.pki.localhost)
         config = self.proxy_config(upstream_port, {"trust": ["backend"], "sni": ["backend.test"]},
@@ -578,6 +593,12 @@ class VaultErrorTests(TlsTestCase):
             "bindings.tls2.options.trustcacerts: false with no 'trust': no upstream certificate could be verified",
             "bindings.tls2.routes[0].when[0].alpn: a tls client routes on authority and port")
         self.assertEqual(len(error.problems), 8, error.problems)
+
+    def test_exits_that_cannot_carry_tls(self):
+        config = self.config({"keys": {"store": self.keystore(), "password": PASSWORD}})
+        config["bindings"]["tls0"]["exit"] = "tcp_out"
+        config["bindings"]["tcp_out"] = {"type": "tcp", "kind": "client", "options": {"host": "localhost", "port": 1}}
+        self.assertProblems(config, "bindings.tls0.exit: 'tcp_out' cannot take connections for a tls server")
 
     def test_an_invalid_vault_never_starts_a_listener_and_check_reports_it(self):
         config = self.config({"keys": {"store": "tls/missing.p12"}})
