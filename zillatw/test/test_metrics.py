@@ -227,6 +227,57 @@ class PrometheusTests(unittest.TestCase):
                                  r"upstream unreachable")
 
     @defer.inlineCallbacks
+    def test_fan_counts_each_delivery(self):
+        """ws.reflect: a fan's members' messages go once to its exit (echo) and back to every member."""
+        config = metered(bindings={"ws0": ["stream.*"], "echo": ["stream.*"]})
+        config["bindings"]["ws0"]["routes"] = [{"exit": "fan"}]
+        config["bindings"]["fan"] = {"type": "fan", "kind": "server", "exit": "echo",
+                                     "telemetry": {"metrics": ["stream.*"]}}
+        gateway, port = yield start_gateway(self, config)
+        a = yield connect_ws(port)
+        b = yield connect_ws(port)
+        a.sendMessage(b"hello")  # 5 bytes in, 10 out: to a and to b
+        self.assertEqual((yield a.messages.get()), (False, [b"hello"]))
+        self.assertEqual((yield b.messages.get()), (False, [b"hello"]))
+        samples, _ = yield scrape(gateway)
+        fan, echo, ws0 = of(samples, "fan"), of(samples, "echo"), of(samples, "ws0")
+        self.assertEqual((fan["stream_opens_received_total"], fan["stream_active_received"],
+                          fan["stream_data_received_bytes_total"], fan["stream_data_sent_bytes_total"]), (2, 2, 5, 10))
+        self.assertEqual((echo["stream_opens_received_total"], echo["stream_data_received_bytes_total"],
+                          echo["stream_data_sent_bytes_total"]), (1, 5, 5))  # the group's one stream
+        self.assertEqual((ws0["stream_data_received_bytes_total"], ws0["stream_data_sent_bytes_total"]), (5, 10))
+        yield close_ws(a)
+        yield close_ws(b)
+        yield eventually(lambda: value(gateway, "stream_active_received", "fan") == 0)
+        self.assertEqual(value(gateway, "stream_closes_received_total", "fan"), 2)
+
+    @defer.inlineCallbacks
+    def test_ws_client_streams(self):
+        """A proxy's ws client opens its stream when the upstream answers (a Deferred) and
+        counts what it relays; the upstream is another gateway, echoing."""
+        upstream, upstream_port = yield start_gateway(self, chain())
+        config = metered(bindings={"ws0": ["stream.*"]})
+        config["bindings"]["ws0"]["routes"] = [{"exit": "proxy"}]
+        config["bindings"].update({
+            "proxy": {"type": "ws", "kind": "client", "exit": "http1", "telemetry": {"metrics": ["stream.*"]}},
+            "http1": {"type": "http", "kind": "client", "exit": "tcp1"},
+            "tcp1": {"type": "tcp", "kind": "client", "options": {"host": "127.0.0.1", "port": upstream_port}},
+        })
+        gateway, port = yield start_gateway(self, config)
+        client = yield connect_ws(port)
+        client.sendMessage(b"through", isBinary=True)
+        self.assertEqual((yield client.messages.get()), (True, [b"through"]))
+        samples, _ = yield scrape(gateway)
+        proxy = of(samples, "proxy")
+        self.assertEqual((proxy["stream_opens_received_total"], proxy["stream_opens_sent_total"],
+                          proxy["stream_active_received"], proxy["stream_data_received_bytes_total"],
+                          proxy["stream_data_sent_bytes_total"]), (1, 1, 1, 7, 7))
+        yield close_ws(client, 4000)
+        yield eventually(lambda: value(gateway, "stream_active_received", "proxy") == 0)
+        self.assertEqual((value(gateway, "stream_closes_received_total", "proxy"),
+                          value(gateway, "stream_errors_received_total", "proxy")), (1, 0))
+
+    @defer.inlineCallbacks
     def test_custom_path_only(self):
         gateway, _ = yield start_gateway(self, metered(path="/ops/prom"))
         code, text = yield get(gateway.metrics_ports()[0], "/ops/prom")
