@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""Make the test keystore of conf/ws.echo.tls.yaml: a self-signed certificate for localhost
-(and 127.0.0.1), valid 30 days.
+"""Make the test keystores of conf/ws.echo.tls.yaml and conf/ws.proxy.tls.yaml: self-signed
+certificates for localhost (and 127.0.0.1) and for backend, valid 30 days.
 
     KEYSTORE_PASSWORD=changeit .venv/bin/python conf/tls/generate-keystore.py [FOLDER]
 
-writes into FOLDER (default: this script's folder):
-- localhost.p12: PKCS#12, the key entry's alias `localhost`, encrypted with $KEYSTORE_PASSWORD;
-- localhost.crt: the certificate in PEM, for clients to trust
+writes into FOLDER (default: this script's folder), each PKCS#12 file encrypted with
+$KEYSTORE_PASSWORD:
+- localhost.p12: the gateway's key, alias `localhost`;
+- truststore.p12: the backend's certificate, alias `backend` (what ws.proxy's tls client trusts);
+- backend.p12: the backend's key, alias `backend`, for a wss server to proxy to;
+- localhost.crt, backend.crt: the certificates in PEM, for clients to trust
   (`curl --cacert`, `openssl s_client -CAfile`, `ssl.create_default_context(cafile=...)`).
 
 Only for trying the example: the key is made on this machine and nobody else trusts it.
@@ -37,28 +40,38 @@ def main(argv: list[str]) -> int:
     folder = Path(argv[1]) if len(argv) > 1 else Path(__file__).resolve().parent
     folder.mkdir(parents=True, exist_ok=True)
 
+    localhost = _self_signed("localhost", ["localhost"], ["127.0.0.1"])
+    backend = _self_signed("backend", ["backend"], [])
+    encryption = serialization.BestAvailableEncryption(password.encode())
+    for name, (key, certificate) in (("localhost", localhost), ("backend", backend)):
+        (folder / f"{name}.p12").write_bytes(
+            pkcs12.serialize_key_and_certificates(name.encode(), key, certificate, None, encryption))
+        (folder / f"{name}.crt").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    # what ws.proxy's tls client trusts: the backend's certificate, alias backend
+    (folder / "truststore.p12").write_bytes(pkcs12.serialize_java_truststore(
+        [pkcs12.PKCS12Certificate(backend[1], b"backend")], encryption))
+    print(f"wrote localhost.p12, backend.p12 (aliases localhost, backend), truststore.p12 (alias backend), "
+          f"localhost.crt and backend.crt in {folder}")
+    return 0
+
+
+def _self_signed(name: str, dns: list[str], ips: list[str]) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.timezone.utc)
+    names = [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
     certificate = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
         .public_key(key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                       critical=False)
-        # a self-signed leaf: clients that trust this file accept it as its own CA
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        # a self-signed leaf: clients that trust this certificate accept it as its own CA
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(key, hashes.SHA256())
     )
-    keystore = pkcs12.serialize_key_and_certificates(
-        b"localhost", key, certificate, None, serialization.BestAvailableEncryption(password.encode()))
-    (folder / "localhost.p12").write_bytes(keystore)
-    (folder / "localhost.crt").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    print(f"wrote {folder / 'localhost.p12'} (alias localhost) and {folder / 'localhost.crt'}")
-    return 0
+    return key, certificate
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import pkcs12
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketServerFactory
 from OpenSSL import SSL
 from twisted.internet import defer, reactor, ssl as tssl, threads
@@ -621,31 +622,63 @@ class VaultErrorTests(TlsTestCase):
 
 
 class ConfExampleTests(unittest.TestCase):
+    """conf/ws.*.tls.yaml (spec §4.3, §4.4) with the keystores their script makes, on free ports."""
+
     @defer.inlineCallbacks
-    def test_ws_echo_tls_example_serves_wss_and_ws_from_one_config(self):
-        """conf/ws.echo.tls.yaml (spec §4.3) with the keystore its script generates, on free ports."""
-        folder = Path(self.mktemp())
-        (folder / "tls").mkdir(parents=True)
+    def setUp(self):
+        self.folder = Path(self.mktemp())
+        (self.folder / "tls").mkdir(parents=True)
         out, err, code = yield getProcessOutputAndValue(
-            sys.executable, [os.path.join(CONF, "tls", "generate-keystore.py"), str(folder / "tls")],
+            sys.executable, [os.path.join(CONF, "tls", "generate-keystore.py"), str(self.folder / "tls")],
             env={**os.environ, "KEYSTORE_PASSWORD": "generated"}, reactor=reactor)
         self.assertEqual(code, 0, err)
-        wss_port, ws_port = free_port(), free_port()
-        text = Path(CONF, "ws.echo.tls.yaml").read_text()
-        text = text.replace("0.0.0.0", "127.0.0.1").replace("7143", str(wss_port)).replace("7114", str(ws_port))
-        (folder / "zilla.yaml").write_text(text)
         os.environ["KEYSTORE_PASSWORD"] = "generated"
         self.addCleanup(os.environ.pop, "KEYSTORE_PASSWORD")
-        gateway, _ = yield start_gateway(self, str(folder / "zilla.yaml"))
-        ca = pki.Issued(None, x509.load_pem_x509_certificate((folder / "tls" / "localhost.crt").read_bytes()))
+
+    @defer.inlineCallbacks
+    def serve(self, name: str, replacements: dict[str, str]) -> Any:
+        """The example, unchanged but for listening on 127.0.0.1 and these replacements."""
+        text = Path(CONF, name).read_text().replace("0.0.0.0", "127.0.0.1")
+        for old, new in replacements.items():
+            self.assertIn(old, text)
+            text = text.replace(old, new)
+        (self.folder / "zilla.yaml").write_text(text)
+        gateway, _ = yield start_gateway(self, str(self.folder / "zilla.yaml"))
+        return gateway
+
+    def trusted(self, name: str) -> pki.Issued:
+        return pki.Issued(None, x509.load_pem_x509_certificate((self.folder / "tls" / f"{name}.crt").read_bytes()))
+
+    @defer.inlineCallbacks
+    def test_ws_echo_tls_serves_wss_and_ws_from_one_config(self):
+        wss_port, ws_port = free_port(), free_port()
+        gateway = yield self.serve("ws.echo.tls.yaml", {"7143": str(wss_port), "7114": str(ws_port)})
         for port, tls in [(wss_port, True), (ws_port, False)]:
-            client = yield connect_wss(port, client_tls(ca), protocols=["echo"], tls=tls)
+            client = yield connect_wss(port, client_tls(self.trusted("localhost")), protocols=["echo"], tls=tls)
             client.sendMessage(b"example")
             self.assertEqual(b"".join((yield client.messages.get())[1]), b"example")
             yield close_ws(client)
         events = gateway.events_text.getvalue()
         self.assertIn(f"GET https://localhost:{wss_port}/", events)
         self.assertIn(f"GET http://localhost:{ws_port}/", events)
+
+    @defer.inlineCallbacks
+    def test_ws_proxy_tls_reaches_a_backend_it_verifies_as_backend(self):
+        bundle = pkcs12.load_pkcs12((self.folder / "tls" / "backend.p12").read_bytes(), b"generated")
+        upstream, upstream_port = start_wss_upstream(self, pki.Issued(bundle.key, bundle.cert.certificate))
+        wss_port = free_port()
+        # the backend listens on 127.0.0.1; the tls client still sends and verifies `backend`
+        yield self.serve("ws.proxy.tls.yaml", {"- 7143": f"- {wss_port}", "port: 7143": f"port: {wss_port}",
+                                               "host: backend": "host: 127.0.0.1",
+                                               "port: 8443": f"port: {upstream_port}"})
+        client = yield connect_wss(wss_port, client_tls(self.trusted("localhost")), path="/chat",
+                                   protocols=["echo"])
+        client.sendMessage(b"to the backend")
+        self.assertEqual(b"".join((yield client.messages.get())[1]), b"to the backend")
+        self.assertEqual(upstream.requests[0].path, "/chat")
+        self.assertEqual(upstream.connections[0].transport.getHandle().get_servername(), b"backend")
+        yield close_ws(client)
+        yield eventually(lambda: upstream.closes)
 
 
 def free_port() -> int:
