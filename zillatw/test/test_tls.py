@@ -15,10 +15,8 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketServerFactory
-from OpenSSL import SSL
 from twisted.internet import defer, reactor, ssl as tssl, threads
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.protocol import Protocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
@@ -393,7 +391,6 @@ class MutualTlsTests(TlsTestCase):
         yield self.assertFailure(connect_wss(self.port, client_tls(self.pki.ca)), Exception)
         yield self.assertFailure(connect_wss(self.port, client_tls(self.pki.ca, client=self.pki.rogue_client)),
                                  Exception)
-        events = self.gateway.events_text.getvalue()
         yield eventually(lambda: self.gateway.events_text.getvalue().count("BINDING_TLS_PEER_NOT_VERIFIED") == 2)
         events = self.gateway.events_text.getvalue()
         self.assertIn("client certificate CN=rogue client: unable to get local issuer certificate", events)
@@ -556,7 +553,8 @@ class VaultErrorTests(TlsTestCase):
 
     def test_not_a_keystore_and_pem_problems(self):
         junk = pki.write(self.folder / "junk.p12", b"not a keystore")
-        other = pki.write(self.folder / "keys/other.pem", self.pki.alpha.cert_pem() + self.pki.beta.key_pem())
+        # a PEM entry whose key belongs to another certificate
+        pki.write(self.folder / "keys/other.pem", self.pki.alpha.cert_pem() + self.pki.beta.key_pem())
         encrypted = pki.write(self.folder / "enc/localhost.pem", self.pki.localhost.pem(password=PASSWORD))
         config = self.config({"keys": {"store": junk, "password": "x"},
                               "trust": {"store": str(self.folder / "keys"), "type": "pem", "passwrd": "x"},
