@@ -25,7 +25,6 @@ from typing import Any
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 from twisted.internet import defer, endpoints, error
 from twisted.internet.defer import Deferred
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
@@ -345,47 +344,62 @@ class _Exit:
 
 # ---------------------------------------------------------------------------- connections (bytes)
 
-class _MeteredConnection(ProtocolWrapper):
-    """A server connection (tcp, tls, http) counted as one stream of bytes."""
+class _MeteredConnection:
+    """A server connection (tcp, tls, http) counted as one stream of bytes. It stands in for
+    the binding's protocol toward the transport (reads are counted on the way in) and hands
+    that protocol the transport itself, its `write` counted in place: the layers above keep
+    the real transport (Autobahn wants the TLS protocol itself to find its channel id)."""
 
     def __init__(self, m: BindingMetrics, wrapped: Any):
         self.wrappedProtocol = wrapped
         self.m = m
+        directlyProvides(self, providedBy(wrapped))  # half-close, TLS handshake listeners
 
     def makeConnection(self, transport: Any) -> None:
         m = self.m
         m.opens_received += 1
         m.opens_sent += 1
         m.active += 1
-        directlyProvides(self, providedBy(transport))
-        self.connected = 1
+        if hasattr(type(transport), "writeSomeData"):
+            # A socket (tcp.Server): count what reaches it, whether through write() and the
+            # reactor's doWrite or written through at once (zillatw.writethrough).
+            send = transport.writeSomeData
+
+            def counted_send(data: Any) -> Any:
+                sent = send(data)
+                if type(sent) is int:  # else the exception of a lost connection
+                    m.data_sent += sent
+                return sent
+            transport.writeSomeData = counted_send
+        else:  # TLS, or another protocol's transport
+            write = transport.write
+
+            def counted_write(data: bytes) -> None:
+                m.data_sent += len(data)
+                write(data)
+            # writeSequence through counted_write: some transports' writeSequence calls
+            # their own write (TLS), which would count twice
+            transport.write = counted_write
+            transport.writeSequence = lambda data: counted_write(b"".join(data))
         self.transport = transport
-        self.wrappedProtocol.makeConnection(self)
+        self.wrappedProtocol.makeConnection(transport)
 
     def dataReceived(self, data: bytes) -> None:
         self.m.data_received += len(data)
         self.wrappedProtocol.dataReceived(data)
-
-    def write(self, data: bytes) -> None:
-        self.m.data_sent += len(data)
-        self.transport.write(data)
-
-    def writeSequence(self, data: Iterable[bytes]) -> None:
-        data = list(data)
-        self.m.data_sent += sum(map(len, data))
-        self.transport.writeSequence(data)
 
     def connectionLost(self, reason: Failure = None) -> None:
         m = self.m
         m.active -= 1
         if reason is None or reason.check(error.ConnectionDone):
             m.closes_received += 1
-            m.closes_sent += 1
         else:
             m.errors_received += 1
-            m.closes_sent += 1
-        self.connected = 0
+        m.closes_sent += 1
         self.wrappedProtocol.connectionLost(reason)
+
+    def __getattr__(self, name: str) -> Any:  # logPrefix, readConnectionLost, handshakeCompleted...
+        return getattr(self.wrappedProtocol, name)
 
 
 def _metered_build(build: Any, m: BindingMetrics) -> Any:

@@ -488,3 +488,43 @@ class ReadyFileTests(unittest.TestCase):
                 process.signalProcess(signal.SIGTERM)
         yield child.ended
         self.assertFalse(os.path.exists(ready), "the ready file outlived the process")
+
+
+class TlsMeteringTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_metered_tls_and_http_keep_the_https_scheme(self):
+        """tcp -> tls -> http, all three metered: the http server still sees a TLS transport
+        (its route asks for :scheme https), tcp counts the encrypted bytes, ws the payload."""
+        from pathlib import Path
+
+        from zillatw.test.test_tls import PASSWORD, Pki, client_tls, connect_wss, tls_chain
+        folder = Path(self.mktemp())
+        folder.mkdir(parents=True)
+        ca = Pki(folder)
+        store = str(folder / "localhost.p12")
+        with open(store, "wb") as f:
+            f.write(ca.localhost.p12("localhost", PASSWORD))
+        config = tls_chain({"keys": {"store": store, "password": PASSWORD}}, {"keys": ["localhost"]},
+                           http_routes=[{"when": [{"headers": {":scheme": "https", "upgrade": "websocket"}}],
+                                         "exit": "ws0"}])
+        config["telemetry"] = copy.deepcopy(metered()["telemetry"])
+        for name in ("tcp0", "tls0", "http0", "ws0"):
+            config["bindings"][name]["telemetry"] = {"metrics": ["stream.*"]}
+        gateway, port = yield start_gateway(self, config)
+        client = yield connect_wss(port, client_tls(ca.ca))
+        client.sendMessage(b"x" * 1000, isBinary=True)
+        self.assertEqual((yield client.messages.get()), (True, [b"x" * 1000]))
+        samples, _ = yield scrape(gateway)
+        tcp0, tls0, http0, ws0 = (of(samples, b) for b in ("tcp0", "tls0", "http0", "ws0"))
+        self.assertEqual([m["stream_opens_received_total"] for m in (tcp0, tls0, http0, ws0)], [1, 1, 1, 1])
+        self.assertEqual(ws0["stream_data_received_bytes_total"], 1000)
+        self.assertEqual(tcp0["stream_data_received_bytes_total"], tls0["stream_data_received_bytes_total"])
+        # TLS records and the handshake cost more than the plaintext the http server read
+        self.assertGreater(tls0["stream_data_received_bytes_total"], http0["stream_data_received_bytes_total"] + 500)
+        self.assertGreater(http0["stream_data_received_bytes_total"], 1000)
+        self.assertGreater(http0["stream_data_sent_bytes_total"], 1000)  # 101 and the echo, in plaintext
+        self.assertGreater(tls0["stream_data_sent_bytes_total"], http0["stream_data_sent_bytes_total"] + 500)
+        self.assertEqual(tcp0["stream_data_sent_bytes_total"], tls0["stream_data_sent_bytes_total"])
+        yield close_ws(client)
+        self.assertIn(f"BINDING_HTTP_REQUEST_ACCEPTED - GET https://localhost:{port}/", gateway.events_text.getvalue())
+        self.assertIn(f"BINDING_WS_REQUEST_ACCEPTED - GET wss://localhost:{port}/ -", gateway.events_text.getvalue())
