@@ -278,6 +278,27 @@ class PrometheusTests(unittest.TestCase):
                           value(gateway, "stream_errors_received_total", "proxy")), (1, 0))
 
     @defer.inlineCallbacks
+    def test_two_namespaces_one_endpoint(self):
+        """Every namespace's metrics are served by the exporter, told apart by `namespace`."""
+        other = chain()
+        other["name"] = "other"
+        other["telemetry"] = {"metrics": ["stream.opens.received"]}
+        other["bindings"]["echo"]["telemetry"] = {"metrics": ["stream.*"]}
+        gateway, _ = yield start_gateway(self, [metered(), other])
+        test_port, other_port = gateway.ports()
+        client = yield connect_ws(test_port, protocols=["echo"])
+        yield close_ws(client)
+        for _ in range(2):
+            client = yield connect_ws(other_port)
+            yield close_ws(client)
+        code, text = yield get(gateway.metrics_ports()[0])
+        self.assertEqual(code, 200)
+        opens = {(s.labels["namespace"], s.labels["binding"]): s.value
+                 for family in text_string_to_metric_families(text) for s in family.samples
+                 if s.name == "stream_opens_received_total"}
+        self.assertEqual(opens, {("test", "http0"): 1, ("test", "ws0"): 1, ("test", "echo"): 1, ("other", "echo"): 2})
+
+    @defer.inlineCallbacks
     def test_custom_path_only(self):
         gateway, _ = yield start_gateway(self, metered(path="/ops/prom"))
         code, text = yield get(gateway.metrics_ports()[0], "/ops/prom")
@@ -445,24 +466,8 @@ class ReadyFileTests(unittest.TestCase):
     def test_twistd_ready_file_and_metrics(self):
         from zillatw.test.test_tap import ENV, ROOT, TWISTD, Collect, free_port
         port, metrics_port = free_port(), free_port()
-        with open(os.path.join(CONF, "ws.echo.yaml")) as f:
-            text = f.read().replace("7114", str(port))
-        text = text.replace("telemetry:\n", f"""telemetry:
-  metrics:
-    - stream.opens.received
-    - stream.data.received
-  exporters:
-    prometheus:
-      type: prometheus
-      options:
-        endpoints:
-          - scheme: http
-            port: {metrics_port}
-            path: /metrics
-""").replace("  exporters:\n    stdout_logs_exporter", "    stdout_logs_exporter")
-        text = text.replace("  north_echo_server:\n    type: echo\n    kind: server\n",
-                            "  north_echo_server:\n    type: echo\n    kind: server\n"
-                            "    telemetry:\n      metrics:\n        - stream.*\n")
+        with open(os.path.join(CONF, "ws.echo.metrics.yaml")) as f:  # on ports free here
+            text = f.read().replace("7114", str(port)).replace("7190", str(metrics_port))
         config, ready = os.path.abspath(self.mktemp()), os.path.abspath(self.mktemp())
         with open(config, "w") as f:
             f.write(text)
@@ -483,6 +488,7 @@ class ReadyFileTests(unittest.TestCase):
             self.assertIn('stream_opens_received_total{binding="north_echo_server",namespace="example"} 1.0', body)
             self.assertIn('stream_data_received_bytes_total{binding="north_echo_server",namespace="example"} 10.0',
                           body)
+            self.assertIn('stream_opens_received_total{binding="north_tcp_server",namespace="example"} 1.0', body)
         finally:
             if not child.ended.called:
                 process.signalProcess(signal.SIGTERM)
