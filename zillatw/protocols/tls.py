@@ -112,6 +112,8 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
     else:
         if "mutual" in options:
             yield "options.mutual", "only for a tls server (a client with 'keys' presents them when asked)"
+        if "handshake-timeout" in options:
+            yield "options.handshake-timeout", "only for a tls server (the ws client's timeout bounds the upstream's)"
         if options.get("trustcacerts") is False and not options.get("trust"):
             yield "options.trustcacerts", "false with no 'trust': no upstream certificate could be verified"
         for key in ("keys", "trust", "signers"):

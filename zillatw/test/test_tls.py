@@ -163,6 +163,28 @@ class WssTests(TlsTestCase):
         self.assertIn(f"BINDING_HTTP_REQUEST_ACCEPTED - GET https://localhost:{port}/", gateway.events_text.getvalue())
 
     @defer.inlineCallbacks
+    def test_websockets_client_with_an_ssl_context(self):
+        """Another client implementation: `websockets` (asyncio) in a thread, stdlib ssl."""
+        config = tls_chain({"keys": {"store": self.keystore(), "password": PASSWORD}}, {"keys": ["localhost"]})
+        gateway, port = yield start_gateway(self, config)
+
+        def run() -> tuple[str, str]:
+            import asyncio
+            from websockets.asyncio.client import connect
+
+            async def talk() -> tuple[str, str]:
+                context = ssl.create_default_context(cafile=self.pki.ca_pem)
+                async with connect(f"wss://localhost:{port}/", ssl=context) as ws:
+                    await ws.send("hello from websockets")
+                    reply = await ws.recv()
+                    return reply, ws.transport.get_extra_info("ssl_object").version()
+            return asyncio.run(talk())
+
+        reply, version = yield threads.deferToThread(run)
+        self.assertEqual(reply, "hello from websockets")
+        self.assertIn(version, ("TLSv1.2", "TLSv1.3"))
+
+    @defer.inlineCallbacks
     def test_plain_http_on_the_tls_port_fails_the_handshake(self):
         config = tls_chain({"keys": {"store": self.keystore(), "password": PASSWORD}}, {"keys": ["localhost"]})
         gateway, port = yield start_gateway(self, config)
@@ -408,7 +430,8 @@ class MutualTlsTests(TlsTestCase):
         yield eventually(lambda: "BINDING_TLS_PEER_NOT_VERIFIED" in self.gateway.events_text.getvalue())
 
 
-def start_wss_upstream(case: unittest.TestCase, issued: pki.Issued, client_ca: pki.Issued | None = None) -> Any:
+def start_wss_upstream(case: unittest.TestCase, issued: pki.Issued, client_ca: pki.Issued | None = None,
+                       alpn: list[bytes] | None = None) -> Any:
     """An Autobahn echo server over TLS (Twisted's own TLS), optionally requiring client certs."""
     factory = WebSocketServerFactory()
     factory.protocol = Upstream
@@ -421,6 +444,9 @@ def start_wss_upstream(case: unittest.TestCase, issued: pki.Issued, client_ca: p
         options = own.options(tssl.Certificate.loadPEM(client_ca.cert_pem()))
     else:
         options = own.options()
+    if alpn:
+        options = tssl.CertificateOptions(privateKey=own.privateKey.original, certificate=own.original,
+                                          acceptableProtocols=alpn)
     port = reactor.listenSSL(0, factory, options, interface="127.0.0.1")
     case.addCleanup(port.stopListening)
     return factory, port.getHost().port
@@ -456,6 +482,19 @@ class ProxyOverTlsTests(TlsTestCase):
             self.assertEqual(b"".join((yield client.messages.get())[1]), payload)
         self.assertEqual(upstream.requests[0].path, "/chat")
         self.assertTrue(upstream.connections[0].transport.getHandle().get_protocol_version_name().startswith("TLSv1."))
+        yield close_ws(client)
+        yield eventually(lambda: upstream.closes)
+
+    @defer.inlineCallbacks
+    def test_alpn_offered_to_the_upstream(self):
+        upstream, upstream_port = start_wss_upstream(self, self.pki.localhost, alpn=[b"x-other", b"http/1.1"])
+        config = self.proxy_config(upstream_port, {"trust": ["backend"], "sni": ["localhost"], "alpn": ["http/1.1"]},
+                                   {"trust": {"store": self.truststore(), "password": PASSWORD}})
+        gateway, port = yield start_gateway(self, config)
+        client = yield connect_wss(port, client_tls(self.pki.ca))
+        client.sendMessage(b"alpn upstream")
+        self.assertEqual(b"".join((yield client.messages.get())[1]), b"alpn upstream")
+        self.assertEqual(upstream.connections[0].transport.negotiatedProtocol, b"http/1.1")
         yield close_ws(client)
         yield eventually(lambda: upstream.closes)
 
@@ -578,7 +617,7 @@ class VaultErrorTests(TlsTestCase):
         config["bindings"]["tls1"] = {"type": "tls", "kind": "server", "exit": "http0", "options": {"sni": ["x"]}}
         config["bindings"]["tls2"] = {"type": "tls", "kind": "client", "vault": "nowhere",
                                       "routes": [{"when": [{"alpn": "h2"}], "exit": "tcp_out"}],
-                                      "options": {"trustcacerts": False}}
+                                      "options": {"trustcacerts": False, "handshake-timeout": 1}}
         config["bindings"]["tcp_out"] = {"type": "tcp", "kind": "client", "options": {"host": "localhost", "port": 1}}
         error = self.assertProblems(
             config,
@@ -590,8 +629,10 @@ class VaultErrorTests(TlsTestCase):
             "bindings.tls1.options: a tls server needs 'keys' (aliases of its vault's keys) or 'signers'",
             "bindings.tls2.vault: no vault named 'nowhere'",
             "bindings.tls2.options.trustcacerts: false with no 'trust': no upstream certificate could be verified",
-            "bindings.tls2.routes[0].when[0].alpn: a tls client routes on authority and port")
-        self.assertEqual(len(error.problems), 8, error.problems)
+            "bindings.tls2.routes[0].when[0].alpn: a tls client routes on authority and port",
+            "bindings.tls2.options.handshake-timeout: only for a tls server (the ws client's timeout bounds "
+            "the upstream's)")
+        self.assertEqual(len(error.problems), 9, error.problems)
 
     def test_exits_that_cannot_carry_tls(self):
         config = self.config({"keys": {"store": self.keystore(), "password": PASSWORD}})
