@@ -530,6 +530,23 @@ class ProxyOverTlsTests(TlsTestCase):
                       gateway.events_text.getvalue())
 
     @defer.inlineCallbacks
+    def test_hostname_verification_false_still_checks_the_chain(self):
+        upstream, upstream_port = start_wss_upstream(self, self.pki.localhost)
+        config = self.proxy_config(upstream_port, {"trust": ["backend"], "sni": ["backend.test"],
+                                                   "hostname-verification": False},
+                                   {"trust": {"store": self.truststore(), "password": PASSWORD}})
+        gateway, port = yield start_gateway(self, config)
+        client = yield connect_wss(port, client_tls(self.pki.ca))  # the name does not match: allowed
+        yield close_ws(client)
+        yield eventually(lambda: upstream.closes)
+        rogue, rogue_port = start_wss_upstream(self, pki.issue(self.pki.rogue_ca, "backend.test", dns=["backend.test"]))
+        config["bindings"]["south_tcp_client"]["options"]["port"] = rogue_port
+        gateway, port = yield start_gateway(self, config)
+        data = yield raw_tls_exchange(port, client_tls(self.pki.ca), upgrade_request("/"))
+        self.assertIn("unable to get local issuer certificate", split_response(data)[0])
+        self.assertEqual(rogue.requests, [])
+
+    @defer.inlineCallbacks
     def test_untrusted_upstream_is_502(self):
         rogue_server = pki.issue(self.pki.rogue_ca, "localhost", dns=["localhost"])
         upstream, upstream_port = start_wss_upstream(self, rogue_server)
