@@ -104,11 +104,16 @@ def check(namespace: Any, where: str) -> Iterator[str]:
         base = f"{where}bindings.{binding.name}.telemetry"
         if "attributes" in binding.telemetry:
             yield f"{base}.attributes: not supported by this zillatw yet"
-        for index, glob in enumerate(binding.telemetry.get("metrics") or ()):
+        globs = binding.telemetry.get("metrics") or ()
+        for index, glob in enumerate(globs):
             match = matcher(glob)
             if not any(match(m) for m in declared):
                 yield (f"{base}.metrics[{index}]: '{glob}' selects none of the namespace's telemetry.metrics"
                        + (f" ({', '.join(declared)})" if declared else " (there are none)"))
+        chosen = [m for m in declared if any(matcher(g)(m) for g in globs)]
+        if chosen and not selected(binding, declared):
+            yield (f"{base}.metrics: {'an' if binding.type[:1] in 'aeiou' else 'a'} {binding.type} {binding.kind} "
+                   f"records none of {', '.join(chosen)} in this zillatw yet")
 
 
 def _check_prometheus(path: str, options: Any) -> Iterator[str]:

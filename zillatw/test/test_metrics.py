@@ -408,6 +408,16 @@ class ConfigTests(unittest.TestCase):
             "bindings.ws0.telemetry.metrics[0]: 'stream.*' selects none of the namespace's telemetry.metrics "
             "(there are none)"])
 
+    def test_binding_that_records_nothing_it_selects(self):
+        def change(c):
+            c["bindings"]["ws0"]["telemetry"] = {"metrics": ["http.*"]}
+            c["bindings"]["client0"] = {"type": "tcp", "kind": "client", "options": {"host": "x", "port": 1},
+                                        "telemetry": {"metrics": ["stream.*"]}}
+        self.assertEqual(self.problems(change), [
+            "bindings.ws0.telemetry.metrics: a ws server records none of http.active.requests in this zillatw yet",
+            "bindings.client0.telemetry.metrics: a tcp client records none of " + ", ".join(STREAM)
+            + " in this zillatw yet"])
+
     def test_prometheus_options(self):
         def change(c):
             c["telemetry"]["exporters"]["prom"]["options"] = {"endpoints": [
