@@ -12,7 +12,8 @@ cases=("$@")
 agent=${ZILLATW_AGENT:-zillatw}
 wstest=$(bash "$here/install-wstest.sh")
 
-work=$here/reports/$agent
+# ZILLATW_REPORTS: another folder for the reports, so that runs side by side do not collide
+work=${ZILLATW_REPORTS:-$here/reports}/$agent
 rm -rf "$work"
 mkdir -p "$work"
 python3 - "$work/spec.json" "$url" "$agent" "$work" "${cases[@]}" <<'PY'

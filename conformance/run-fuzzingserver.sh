@@ -15,7 +15,8 @@ agent=${ZILLATW_AGENT:-zillatw-client}
 python=${PYTHON:-python3}
 wstest=$(bash "$here/install-wstest.sh")
 
-work=$here/reports/$agent
+# ZILLATW_REPORTS: another folder for the reports, so that runs side by side do not collide
+work=${ZILLATW_REPORTS:-$here/reports}/$agent
 rm -rf "$work"
 mkdir -p "$work"
 "$python" - "$work/spec.json" "ws://127.0.0.1:$port" "$work" "${cases[@]}" <<'PY'
