@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import os
 import signal
-import sys
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor
