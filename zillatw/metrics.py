@@ -19,10 +19,12 @@ What a "stream" is, per binding:
 
 from __future__ import annotations
 
+import bisect
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from twisted.internet import defer, endpoints, error
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -48,17 +50,20 @@ STREAM_METRICS = {
     "stream.closes.received": ("counter", ""),
     "stream.closes.sent": ("counter", ""),
 }
-HTTP_METRICS = {"http.active.requests": ("gauge", "")}
+HTTP_METRICS = {"http.active.requests": ("gauge", ""), "http.duration": ("histogram", "milliseconds")}
 METRICS = {**STREAM_METRICS, **HTTP_METRICS}
 # Zilla's, not recorded by zillatw yet: refused by name when declared.
-NOT_YET = ("http.request.size", "http.response.size", "http.duration",
+NOT_YET = ("http.request.size", "http.response.size",
            "grpc.active.requests", "grpc.duration", "grpc.request.size", "grpc.response.size",
            "grpc.requests.per.rpc", "grpc.responses.per.rpc")
 
 _HELP = {
     "active": "streams open", "opens": "streams opened", "data": "bytes",
     "errors": "streams ended by an error", "closes": "streams closed", "requests": "requests in progress",
+    "duration": "from a request's first byte until its response ends (an upgraded one's WebSocket closes)",
 }
+# http.duration's buckets, in milliseconds (upper bounds; +Inf follows)
+DURATION_BUCKETS = (1, 5, 10, 50, 100, 500, 1_000, 5_000, 10_000, 60_000, 300_000, 3_600_000, 86_400_000)
 
 
 def prometheus_name(metric: str) -> str:
@@ -151,7 +156,8 @@ class BindingMetrics:
     """One binding's counters. Plain integers: the data path only adds to them."""
 
     __slots__ = ("namespace", "binding", "names", "opens_received", "opens_sent", "data_received", "data_sent",
-                 "errors_received", "errors_sent", "closes_received", "closes_sent", "active")
+                 "errors_received", "errors_sent", "closes_received", "closes_sent", "active",
+                 "durations", "duration_sum", "timed")
 
     def __init__(self, namespace: str, binding: str, names: tuple[str, ...]):
         self.namespace = namespace
@@ -160,6 +166,20 @@ class BindingMetrics:
         self.opens_received = self.opens_sent = self.data_received = self.data_sent = 0
         self.errors_received = self.errors_sent = self.closes_received = self.closes_sent = 0
         self.active = 0
+        self.timed = "http.duration" in names
+        self.durations = [0] * (len(DURATION_BUCKETS) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.duration_sum = 0.0
+
+    def observe_duration(self, milliseconds: float) -> None:
+        self.durations[bisect.bisect_left(DURATION_BUCKETS, milliseconds)] += 1
+        self.duration_sum += milliseconds
+
+    def histogram(self) -> list[tuple[str, int]]:
+        buckets, total = [], 0
+        for bound, count in zip([*map(str, map(float, DURATION_BUCKETS)), "+Inf"], self.durations):
+            total += count
+            buckets.append((bound, total))
+        return buckets
 
     def value(self, metric: str) -> int:
         if metric in ("stream.active.received", "stream.active.sent", "http.active.requests"):
@@ -178,12 +198,16 @@ class _Collector:
             recording = [m for m in self.bindings if metric in m.names]
             if not recording:
                 continue
-            family_type = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            family_type = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily,
+                           "histogram": HistogramMetricFamily}[kind]
             what = _HELP[metric.split(".")[-1] if metric in HTTP_METRICS else metric.split(".")[1]]
             family = family_type(prometheus_name(metric), f"Zilla's {metric}: {what}",
                                  labels=["namespace", "binding"])
             for m in recording:
-                family.add_metric([m.namespace, m.binding], m.value(metric))
+                if kind == "histogram":
+                    family.add_metric([m.namespace, m.binding], m.histogram(), m.duration_sum)
+                else:
+                    family.add_metric([m.namespace, m.binding], m.value(metric))
             yield family
 
 
@@ -365,6 +389,8 @@ class _MeteredConnection:
         m.opens_received += 1
         m.opens_sent += 1
         m.active += 1
+        if m.timed:
+            self.started = time.monotonic()
         if hasattr(type(transport), "writeSomeData"):
             # A socket (tcp.Server): count what reaches it, whether through write() and the
             # reactor's doWrite or written through at once (zillatw.writethrough).
@@ -401,6 +427,8 @@ class _MeteredConnection:
         else:
             m.errors_received += 1
         m.closes_sent += 1
+        if m.timed:
+            m.observe_duration((time.monotonic() - self.started) * 1000)
         self.wrappedProtocol.connectionLost(reason)
 
     def __getattr__(self, name: str) -> Any:  # logPrefix, readConnectionLost, handshakeCompleted...

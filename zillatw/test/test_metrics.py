@@ -27,7 +27,7 @@ def metered(path: str = "/metrics", bindings: dict[str, list[str]] | None = None
     exporter on port 0, and `telemetry.metrics` on the bindings given (default: all but tcp0)."""
     config = chain([{"when": [{"protocol": "echo"}], "exit": "echo"}])
     config["telemetry"] = {
-        "metrics": STREAM + ["http.active.requests"],
+        "metrics": STREAM + ["http.active.requests", "http.duration"],
         "exporters": {"stdout": {"type": "stdout"},
                       "prom": {"type": "prometheus", "options": {"endpoints": [
                           {"scheme": "http", "port": 0, "path": path}]}}},
@@ -55,8 +55,9 @@ def scrape(gateway, path: str = "/metrics"):
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             assert sample.labels["namespace"] == "test", sample
-            assert set(sample.labels) == {"namespace", "binding"}, sample
-            samples[(sample.name, sample.labels["binding"])] = sample.value
+            assert set(sample.labels) - {"le"} == {"namespace", "binding"}, sample
+            name = sample.name + (f'{{le="{sample.labels["le"]}"}}' if "le" in sample.labels else "")
+            samples[(name, sample.labels["binding"])] = sample.value
     return samples, text
 
 
@@ -114,7 +115,7 @@ class PrometheusTests(unittest.TestCase):
             "stream_closes_received_total": 3, "stream_closes_sent_total": 3,
         })
         http0 = of(samples, "http0")
-        self.assertEqual({k: v for k, v in http0.items() if "data" not in k}, {
+        self.assertEqual({k: v for k, v in http0.items() if "data" not in k and "duration" not in k}, {
             "http_active_requests": 0, "stream_active_received": 0, "stream_active_sent": 0,
             "stream_opens_received_total": 4, "stream_opens_sent_total": 4,
             "stream_errors_received_total": 0, "stream_errors_sent_total": 0,
@@ -124,6 +125,12 @@ class PrometheusTests(unittest.TestCase):
         self.assertGreater(http0["stream_data_received_bytes_total"], 1650 + 30 * 6)
         self.assertGreater(http0["stream_data_sent_bytes_total"], 1650 + 30 * 2)
         self.assertEqual(of(samples, "tcp0"), {}, "tcp0 has no telemetry.metrics: it records nothing")
+        # http.duration: one observation per request (connection), in milliseconds
+        self.assertEqual((http0["http_duration_milliseconds_count"], http0['http_duration_milliseconds_bucket{le="+Inf"}']),
+                         (4, 4))
+        self.assertEqual(http0['http_duration_milliseconds_bucket{le="86400000.0"}'], 4)
+        self.assertGreater(http0["http_duration_milliseconds_sum"], 0)
+        self.assertLess(http0["http_duration_milliseconds_sum"], 4 * 60_000)
         # Zilla's Prometheus names and labels, as text.
         self.assertIn('stream_opens_received_total{binding="ws0",namespace="test"} 4.0', text)
         self.assertRegex(text, "# TYPE stream_data_received_bytes(_total)? counter")
@@ -298,6 +305,33 @@ class PrometheusTests(unittest.TestCase):
         self.assertEqual(opens, {("test", "http0"): 1, ("test", "ws0"): 1, ("test", "echo"): 1, ("other", "echo"): 2})
 
     @defer.inlineCallbacks
+    def test_http_duration_lasts_until_the_websocket_closes(self):
+        from zillatw.test.support import wait
+        gateway, port = yield start_gateway(self, metered(bindings={"http0": ["http.duration"]}))
+        client = yield connect_ws(port, protocols=["echo"])
+        yield wait(0.15)
+        yield close_ws(client)
+        yield eventually(lambda: value(gateway, "http_duration_milliseconds_count", "http0") == 1)
+        samples, text = yield scrape(gateway)
+        http0 = of(samples, "http0")
+        self.assertEqual(http0['http_duration_milliseconds_bucket{le="100.0"}'], 0)
+        self.assertEqual(http0['http_duration_milliseconds_bucket{le="+Inf"}'], 1)
+        self.assertGreaterEqual(http0["http_duration_milliseconds_sum"], 150)
+        self.assertIn("# TYPE http_duration_milliseconds histogram", text)
+        self.assertEqual(len(http0), 2 + 14)  # _count, _sum and 13 buckets and +Inf
+
+    def test_duration_buckets(self):
+        from zillatw.metrics import DURATION_BUCKETS, BindingMetrics
+        m = BindingMetrics("ns", "b", ("http.duration",))
+        for ms in (0.2, 1, 1.5, 7, 99_999_999):
+            m.observe_duration(ms)
+        buckets = dict(m.histogram())
+        self.assertEqual(len(buckets), len(DURATION_BUCKETS) + 1)
+        self.assertEqual((buckets["1.0"], buckets["5.0"], buckets["10.0"], buckets["86400000.0"], buckets["+Inf"]),
+                         (2, 3, 4, 4, 5))  # cumulative; a bound is inclusive
+        self.assertEqual(m.duration_sum, 0.2 + 1 + 1.5 + 7 + 99_999_999)
+
+    @defer.inlineCallbacks
     def test_custom_path_only(self):
         gateway, _ = yield start_gateway(self, metered(path="/ops/prom"))
         code, text = yield get(gateway.metrics_ports()[0], "/ops/prom")
@@ -391,11 +425,11 @@ class ConfigTests(unittest.TestCase):
 
     def test_unknown_and_unsupported_metric_names(self):
         def change(c):
-            c["telemetry"]["metrics"] = ["stream.opens.recieved", "http.duration", "stream.closes.sent"]
+            c["telemetry"]["metrics"] = ["stream.opens.recieved", "http.request.size", "stream.closes.sent"]
         self.assertEqual(self.problems(change), [
             "telemetry.metrics[0]: unknown metric 'stream.opens.recieved' (did you mean 'stream.opens.received'?)",
-            "telemetry.metrics[1]: metric 'http.duration' is not recorded by this zillatw yet (supported: "
-            + ", ".join(STREAM + ["http.active.requests"]) + ")",
+            "telemetry.metrics[1]: metric 'http.request.size' is not recorded by this zillatw yet (supported: "
+            + ", ".join(STREAM + ["http.active.requests", "http.duration"]) + ")",
         ])
 
     def test_glob_without_declared_metrics(self):
@@ -413,7 +447,8 @@ class ConfigTests(unittest.TestCase):
             c["bindings"]["client0"] = {"type": "tcp", "kind": "client", "options": {"host": "x", "port": 1},
                                         "telemetry": {"metrics": ["stream.*"]}}
         self.assertEqual(self.problems(change), [
-            "bindings.ws0.telemetry.metrics: a ws server records none of http.active.requests in this zillatw yet",
+            "bindings.ws0.telemetry.metrics: a ws server records none of http.active.requests, http.duration in "
+            "this zillatw yet",
             "bindings.client0.telemetry.metrics: a tcp client records none of " + ", ".join(STREAM)
             + " in this zillatw yet"])
 
