@@ -130,9 +130,11 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, 
     if problems:
         raise ConfigError(problems)
 
-    from zillatw.guards import guard_types  # guard modules bring their schema patches
+    from zillatw.catalogs import catalog_types  # guard and catalog modules bring their schema patches
+    from zillatw.guards import guard_types
     validator = jsonschema.Draft202012Validator(engine_schema({t: m.SCHEMA_PATCH for t, m in binding_types.items()},
-                                                              {t: m.SCHEMA_PATCH for t, m in guard_types().items()}))
+                                                              {t: m.SCHEMA_PATCH for t, m in guard_types().items()},
+                                                              {t: m.SCHEMA_PATCH for t, m in catalog_types().items()}))
     for index, document in enumerate(resolved):
         where = f"{document.get('name', f'documents[{index}]')}: " if prefix_names else ""
         errors = sorted(validator.iter_errors(document), key=lambda e: list(map(str, e.absolute_path)))
@@ -319,7 +321,8 @@ def _model(documents: list[Mapping[str, Any]], origin: str, folder: Path) -> Con
 SUPPORTED_EXPORTERS = ("stdout", "prometheus")
 SUPPORTED_GUARDS: tuple[str, ...] = ("jwt",)
 SUPPORTED_VAULTS: tuple[str, ...] = ("filesystem",)
-SUPPORTED_CATALOGS: tuple[str, ...] = ()
+SUPPORTED_CATALOGS: tuple[str, ...] = ("inline", "apicurio-registry", "apicurio", "schema-registry",
+                                        "confluent-schema-registry", "karapace-schema-registry")
 
 
 def _cross_check(config: Config, types: Mapping[str, BindingType], prefix: bool) -> Iterable[str]:
@@ -337,6 +340,8 @@ def _cross_check(config: Config, types: Mapping[str, BindingType], prefix: bool)
                            f"by this zillatw yet" + (f" (supported: {', '.join(supported)})" if supported else ""))
                 elif section == "guards":
                     yield from _check_guard(f"{where}guards.{name}", name, item)
+                elif section == "catalogs":
+                    yield from _check_catalog(f"{where}catalogs.{name}", name, item)
         for name, exporter in (ns.telemetry.get("exporters") or {}).items():
             if exporter["type"] not in SUPPORTED_EXPORTERS:
                 yield (f"{where}telemetry.exporters.{name}.type: exporter type '{exporter['type']}' is not "
@@ -366,6 +371,8 @@ def _cross_check(config: Config, types: Mapping[str, BindingType], prefix: bool)
             for subpath, guard in getattr(module, "guard_references", lambda b: ())(binding):
                 if guard not in ns.guards:
                     yield f"{base}.{subpath}: no guard named '{guard}'{did_you_mean(guard, ns.guards)}"
+            for subpath, message in getattr(module, "check_models", lambda b, n: ())(binding, ns):
+                yield f"{base}.{subpath}: {message}"  # models and the catalogs they name
     yield from _check_cycles(everything, prefix)
 
 
@@ -374,6 +381,14 @@ def _check_guard(path: str, name: str, guard: Mapping[str, Any]) -> Iterable[str
     check = getattr(guard_types()[guard["type"]], "check", None)
     if check is not None:
         for subpath, message in check(name, guard.get("options") or {}):
+            yield f"{path}.{subpath}: {message}"
+
+
+def _check_catalog(path: str, name: str, catalog: Mapping[str, Any]) -> Iterable[str]:
+    from zillatw.catalogs import catalog_types
+    check = getattr(catalog_types()[catalog["type"]], "check", None)
+    if check is not None:
+        for subpath, message in check(name, catalog.get("options") or {}):
             yield f"{path}.{subpath}: {message}"
 
 

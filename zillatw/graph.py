@@ -25,6 +25,7 @@ class BindingGraph:
         self._events = dict(events or {})
         self._guards: dict[str, Any] = {}
         self._vaults: dict[str, Any] = {}
+        self._catalogs: dict[str, Any] = {}
 
     def events(self, namespace: str) -> Events:
         return self._events.get(namespace) or Events()
@@ -60,6 +61,16 @@ class BindingGraph:
             where = f"{namespace}: " if len(self.config.namespaces) > 1 else ""
             opened = self._vaults[qname] = open_vault(name, item.get("options"), self.config.base_dir, where)
         return opened
+
+    def catalog(self, namespace: str, name: str) -> Any:
+        """The built catalog `name` of a namespace (zillatw.catalogs), shared by its users."""
+        qname = f"{namespace}:{name}"
+        built = self._catalogs.get(qname)
+        if built is None:
+            from zillatw.catalogs import build_catalog
+            item = next(ns for ns in self.config.namespaces if ns.name == namespace).catalogs[name]
+            built = self._catalogs[qname] = build_catalog(item["type"], namespace, name, item.get("options") or {}, self)
+        return built
 
     def build_all(self) -> dict[str, Any]:
         """Every vault and binding; their problems (unreadable stores, unknown aliases) together."""

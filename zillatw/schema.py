@@ -74,8 +74,9 @@ def _guard_section(patches: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def engine_schema(patches: Mapping[str, Mapping[str, Any]],
-                  guard_patches: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
-    """The whole zilla.yaml schema, given each binding (and guard) type's schema patch."""
+                  guard_patches: Mapping[str, Mapping[str, Any]] | None = None,
+                  catalog_patches: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """The whole zilla.yaml schema, given each binding (guard, catalog) type's schema patch."""
     binding = {
         "type": "object",
         "required": ["type", "kind"],
@@ -113,7 +114,7 @@ def engine_schema(patches: Mapping[str, Mapping[str, Any]],
             "bindings": named_map(binding),
             "guards": _guard_section(guard_patches or {}),
             "vaults": _typed_section(),
-            "catalogs": _typed_section(),
+            "catalogs": _guard_section(catalog_patches or {}),
             "stores": _typed_section(),
             "telemetry": {
                 "type": "object",

@@ -28,6 +28,7 @@ from zillatw.http1 import HttpError, Request
 from zillatw.matching import matcher
 from zillatw.schema import FORBIDDEN, route_schema
 from zillatw.stream import ABNORMAL, IStreamEnd, IStreamExit, StreamInfo, StreamRefused
+from zillatw.validation import MESSAGES, check_models, validating_routes  # noqa: F401 - check_models: config's hook
 from zillatw.wsstream import ReactorTimer, StreamRelay
 from zillatw.wshandshake import check_upgrade, offered_protocols, select_route
 
@@ -52,6 +53,7 @@ SERVER_OPTIONS = {
         "ping-timeout": {"type": "number", "minimum": 0},
         "max-connections": {"type": "integer", "minimum": 1},
         "allowed-origins": {"type": "array", "items": {"type": "string"}},
+        "messages": MESSAGES,  # validation rules, see zillatw.validation
     },
 }
 SCHEMA_PATCH = {
@@ -387,6 +389,7 @@ def build(binding: BindingConfig, graph: Any) -> WsServer | WsClient:
                         timeout=options.get("timeout", UPSTREAM_TIMEOUT),
                         max_message_size=options.get("max-message-size", MAX_MESSAGE_SIZE),
                         permessage_deflate=options.get("permessage-deflate", True))
+    routes = validating_routes(binding, graph, routes, options.get("max-message-size", MAX_MESSAGE_SIZE))
     return WsServer(binding.name, routes, namespace=binding.namespace,
                     max_message_size=options.get("max-message-size", MAX_MESSAGE_SIZE),
                     max_frame_size=options.get("max-frame-size", 0),

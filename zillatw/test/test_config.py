@@ -353,7 +353,7 @@ class BindingSchemaTests(ConfigTestCase):
         def change(c):
             c["guards"] = {"my_guard": {"type": "oauth2-introspection"}}
             c["vaults"] = {"my_vault": {"type": "hashicorp-vault"}}
-            c["catalogs"] = {"my_catalog": {"type": "apicurio-registry"}}
+            c["catalogs"] = {"my_catalog": {"type": "aws-glue"}}
 
         def supported(names):
             return f" (supported: {', '.join(names)})" if names else ""
@@ -362,7 +362,7 @@ class BindingSchemaTests(ConfigTestCase):
             + supported(config_module.SUPPORTED_GUARDS),
             "vaults.my_vault.type: vault type 'hashicorp-vault' is not supported by this zillatw yet"
             + supported(config_module.SUPPORTED_VAULTS),
-            "catalogs.my_catalog.type: catalog type 'apicurio-registry' is not supported by this zillatw yet"
+            "catalogs.my_catalog.type: catalog type 'aws-glue' is not supported by this zillatw yet"
             + supported(config_module.SUPPORTED_CATALOGS),
         ])
 
