@@ -106,8 +106,12 @@ def _json(text: str) -> Check:
 
 def _avro(text: str) -> Check:
     from fastavro import parse_schema, schemaless_reader
+    from fastavro.schema import UnknownType
     try:
         schema = parse_schema(json.loads(text))
+    except UnknownType as e:
+        name = e.name.get("type") if isinstance(e.name, dict) else e.name
+        raise SchemaError(f"not a valid Avro schema (unknown type {str(name)[:80]!r})") from None
     except ValueError as e:
         raise SchemaError(f"not a valid Avro schema ({_first_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - fastavro raises assorted types for bad schemas

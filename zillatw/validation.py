@@ -38,6 +38,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from zillatw.catalogs import Schema, Unavailable
@@ -49,6 +50,8 @@ from zillatw.telemetry import next_trace_id
 INVALID_CLOSE = 1007      # RFC 6455: data inconsistent with the message's type
 SERVER_FAILED = 1011      # the client's view of a server message that was invalid
 EVENT_INTERVAL = 1.0      # seconds between two validation events of one connection
+
+log = Logger()
 
 SCHEMA_REF = {
     "type": "object",
@@ -267,13 +270,15 @@ class ValidatingExit:
                 continue
             handle = spec.handle
             value = handle.current()
+            # The client gets a short reason; the catalog's event has the registry's answer.
             if value is None:
-                raise StreamRefused(503, f"schema unavailable: catalog {spec.catalog.name} {handle.describe}"
-                                         f" ({handle.error or 'not fetched'})")
+                raise StreamRefused(503, "schema unavailable")
             try:
                 spec.compiled(value)
             except SchemaError as e:
-                raise StreamRefused(503, f"catalog {spec.catalog.name} {handle.describe}: {e}") from None
+                log.error("zillatw: catalog {catalog} {schema}: {error}", catalog=spec.catalog.name,
+                          schema=handle.describe, error=e)
+                raise StreamRefused(503, "schema unavailable") from None
         stream = ValidatedStream(rule, peer, self, info)
         opened = self.exit.open(info, stream.server_end)
         if isinstance(opened, Deferred):
