@@ -138,14 +138,14 @@ def run_upstream(port: int) -> None:
 # ---------------------------------------------------------------- load generator (worker processes)
 
 def load_worker(url: str, conns: int, size: int, warmup: float, seconds: float,
-                barrier, results) -> None:
+                barrier, results, payload: bytes | None = None) -> None:
     import logging
 
     import uvloop
     from picows import WSListener, WSMsgType, ws_connect
     logging.getLogger("picows").setLevel(logging.CRITICAL)
 
-    payload = os.urandom(size)
+    payload = os.urandom(size) if payload is None else payload  # bench/validation.py sends JSON
     state = {"phase": 0, "count": 0, "errors": 0, "closed": 0}  # phase: 0 warm-up, 1 window, 2 done
 
     class Client(WSListener):
@@ -242,13 +242,14 @@ def family(pid: int) -> list[int]:
     return [pid, *map(int, kids)]
 
 
-def measure(url: str, size: int, warmup: float, seconds: float, watch: dict[str, int]) -> dict:
+def measure(url: str, size: int, warmup: float, seconds: float, watch: dict[str, int],
+            payload: bytes | None = None) -> dict:
     """Runs the load; watch names processes (pid) whose CPU use in the window is reported, in %."""
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(PROCESSES + 1), ctx.Queue()
     share = [CONNECTIONS // PROCESSES + (i < CONNECTIONS % PROCESSES) for i in range(PROCESSES)]
     workers = [ctx.Process(target=load_worker, daemon=True,
-                           args=(url, n, size, warmup, seconds, barrier, results)) for n in share]
+                           args=(url, n, size, warmup, seconds, barrier, results, payload)) for n in share]
     for w in workers:
         w.start()
     cpu = {}

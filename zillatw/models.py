@@ -5,10 +5,12 @@ A model compiles a schema's text once into a check: `check(payload) -> None` whe
 is valid, else a short reason. Compiled checks are cached by schema text, so streams sharing
 a schema share its check and a registry refresh that returns the same text costs nothing.
 
-- json: the payload is parsed with the standard library's `json` (NaN and Infinity, which
-  JSON does not have, are refused), then checked with jsonschema-rs (a Rust implementation of
-  every draft from 4 to 2020-12, which passes the JSON-Schema-Test-Suite): ~2 µs for a 200-byte
+- json: the payload is parsed with orjson (strict RFC 8259: UTF-8, no NaN or Infinity, no
+  trailing commas; ~1 µs for 200 bytes against ~4 µs for the standard library's `json`,
+  which is the fallback), then checked with jsonschema-rs, a Rust implementation of every
+  draft from 4 to 2020-12 that passes the JSON-Schema-Test-Suite: ~0.5 µs for a 200-byte
   message, against ~5 µs for fastjsonschema (drafts 4-7 only) and ~80 µs for `jsonschema`.
+  orjson reads integers beyond 64 bits as floats (so `maximum` on such numbers is approximate).
   A schema's `$ref` to another document is refused: nothing is fetched while checking.
 - avro: the payload is one Avro binary datum of the schema (fastavro), read to its last byte.
 - string: the payload decodes in `encoding` (utf_8, the default, or utf_16).
@@ -75,6 +77,11 @@ def _no_remote(uri: str) -> Any:
 def _json(text: str) -> Check:
     import jsonschema_rs
     try:
+        from orjson import loads
+    except ImportError:  # pragma: no cover - orjson is a dependency; this keeps embedders going
+        loads = json.JSONDecoder(parse_constant=_no_constant).decode  # type: ignore[assignment]
+        loads = _text(loads)
+    try:
         schema = json.loads(text)
     except ValueError as e:
         raise SchemaError(f"the schema is not JSON ({e})") from None
@@ -82,11 +89,11 @@ def _json(text: str) -> Check:
         validator = jsonschema_rs.validator_for(schema, retriever=_no_remote)
     except (jsonschema_rs.ValidationError, jsonschema_rs.ReferencingError, ValueError, TypeError) as e:
         raise SchemaError(f"not a valid JSON Schema ({_first_line(e)})") from None
-    loads, is_valid = json.loads, validator.is_valid
+    is_valid = validator.is_valid
 
     def check(payload: bytes) -> str | None:
         try:
-            document = loads(payload, parse_constant=_no_constant)
+            document = loads(payload)
         except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
             return f"not JSON ({_first_line(e)})"
         except RecursionError:
@@ -129,6 +136,10 @@ def _avro(text: str) -> Check:
             return f"{len(payload) - stream.tell()} bytes after the Avro datum"
         return None
     return check
+
+
+def _text(decode: Callable[[str], Any]) -> Callable[[bytes], Any]:
+    return lambda payload: decode(payload.decode("utf-8"))
 
 
 def _first_line(error: BaseException) -> str:
