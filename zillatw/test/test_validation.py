@@ -208,6 +208,15 @@ class InlineTests(ValidationCase):
         self.assertTrue(reason.startswith("invalid message: not JSON"), reason)
 
     @defer.inlineCallbacks
+    def test_json_is_strict(self):
+        for payload in (b'{"id": NaN, "status": "x"}', b'{"id": 1, "status": "x",}', b'{"id": 1, "status": "x"} {}'):
+            client = yield connect_ws(self.port, "/orders")
+            client.sendMessage(payload)
+            _, code, reason = yield client.closed
+            self.assertEqual(code, 1007, payload)
+            self.assertTrue(reason.startswith("invalid message: not JSON"), reason)
+
+    @defer.inlineCallbacks
     def test_drop_policy_drops_and_reports(self):
         client = yield connect_ws(self.port, "/drop")
         client.sendMessage(INVALID_JSON)
@@ -321,6 +330,29 @@ class ConfluentTests(ValidationCase):
         client.sendMessage(framing.frame(2, INVALID_AVRO), isBinary=True)
         _, code, _ = yield client.closed
         self.assertEqual(code, 1007)
+
+    @defer.inlineCallbacks
+    def test_messages_behind_one_whose_schema_is_fetched_wait_in_order(self):
+        self.registry.hold = defer.Deferred()
+        client = yield connect_ws(self.port, protocols=["framed"])
+        framed = [Framing(4).frame(2, avro({"sensor": f"s{i}", "value": float(i)})) for i in range(5)]
+        for message in framed[:3]:
+            client.sendMessage(message, isBinary=True)
+        client.send_frames(2, [framed[3][:4], framed[3][4:]])  # fragmented, queued whole
+        client.sendMessage(framed[4], isBinary=True)
+        yield eventually(lambda: self.registry.requests)
+        yield wait(0.05)
+        self.assertEqual(client.received, 0)  # all held while schema id 2 is fetched
+        hold, self.registry.hold = self.registry.hold, None
+        hold.callback(None)
+        got = []
+        for _ in framed:
+            binary, frames = yield client.messages.get()
+            got.append(frames)
+        self.assertEqual([b"".join(f) for f in got], framed)
+        self.assertEqual(got[3], [framed[3][:4], framed[3][4:]])
+        self.assertEqual(self.registry.requests, ["/contexts/.tenant1/schemas/ids/2"])
+        yield close_ws(client)
 
     @defer.inlineCallbacks
     def test_framed_message_with_an_unknown_id_or_no_frame(self):
@@ -469,6 +501,28 @@ class RegistryAvailabilityTests(ValidationCase):
         yield wait(0.05)
         yield self.assertEchoed(client, b'{"id": 5}', False)  # valid under version 2 only
         yield close_ws(client)
+
+
+class ProxiedTests(ValidationCase):
+    """A ws client exit opens later (a Deferred, once the upstream has answered 101)."""
+
+    @defer.inlineCallbacks
+    def test_validated_through_a_proxy(self):
+        from zillatw.test.test_proxy import proxy_config, start_upstream
+        upstream, upstream_port = start_upstream(self)
+        c = proxy_config(upstream_port)
+        c["bindings"]["ws0"]["options"] = {"messages": [{"content": cataloged("json", subject="order"),
+                                                         "server-content": cataloged("json", subject="order")}]}
+        c["catalogs"] = {"cat": inline(order=ORDER_TEXT)}
+        self.gateway, self.port = yield start_gateway(self, c)
+        client = yield connect_ws(self.port, "/orders")
+        yield self.assertEchoed(client, VALID_JSON, False)
+        client.sendMessage(INVALID_JSON)
+        _, code, _ = yield client.closed
+        self.assertEqual(code, 1007)
+        yield eventually(lambda: upstream.closes)
+        self.assertEqual(upstream.closes[0][0], 1007)  # the upstream was told why
+        self.assertEqual(upstream.received, len(VALID_JSON))  # and never saw the invalid message
 
 
 class ConfigTests(unittest.TestCase):
