@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory
@@ -23,6 +23,9 @@ from zillatw.schema import FORBIDDEN, PORT_SPEC, route_schema
 from zillatw.stream import StreamRefused
 
 MAX_PORTS = 1024
+# Listening sockets a supervisor opened for this worker process (zillatw.workers), by address
+# ((host, port) as configured): listen() adopts them instead of binding its own.
+INHERITED: dict[tuple[str, int], Any] = {}
 
 SCHEMA_PATCH = {
     "properties": {
@@ -161,7 +164,17 @@ class TcpServer:
         self.backlog = backlog or 50
         # (conditions, exit factory) in route order; an empty condition list matches all
         self._routes = [([_Condition(dict(w)) for w in route.when], exit_) for route, exit_ in routes]
-        self.listening: list[IListeningPort] = []
+        self.listeners: list[Listener] = []
+
+    @property
+    def listening(self) -> list[IListeningPort]:
+        return [listener.port for listener in self.listeners]
+
+    def addresses(self) -> list[Any]:
+        """What each listener is bound to, as configured: (host, port), or the endpoint string."""
+        if self.endpoint is not None:
+            return [self.endpoint]
+        return [(self.host or "", port) for port in self.ports]
 
     def route(self, port: int | None, client: IAddress | None) -> IProtocolFactory | None:
         client_host = getattr(client, "host", None)
@@ -175,28 +188,49 @@ class TcpServer:
             return [(None, endpoints.serverFromString(reactor, self.endpoint))]
         interface = self.host or ""
         kind = endpoints.TCP6ServerEndpoint if ":" in interface else endpoints.TCP4ServerEndpoint
-        return [(port, kind(reactor, port, backlog=self.backlog, interface=interface)) for port in self.ports]
+        return [(port, INHERITED.get((interface, port)) or kind(reactor, port, backlog=self.backlog, interface=interface))
+                for port in self.ports]
 
     @defer.inlineCallbacks
-    def listen(self, reactor: Any) -> Any:
-        """Listen on every port; on a failure, close what was opened and fail."""
+    def listen(self, reactor: Any, skip: Iterable[Any] = ()) -> Any:
+        """Listen on every address but those in `skip` (kept from a previous configuration, see
+        hand_over); on a failure, close what was opened and fail."""
+        skip = set(skip)
         try:
-            for port, endpoint in self.endpoints(reactor):
+            for address, (port, endpoint) in zip(self.addresses(), self.endpoints(reactor)):
+                if address in skip:
+                    continue
                 factory = ListenerFactory(self, port)
                 listening = yield endpoint.listen(factory)
                 factory.local_port = getattr(listening.getHost(), "port", port)
-                self.listening.append(listening)
+                self.listeners.append(Listener(address, listening, factory))
         except Exception:
             yield self.stop()
             raise
         return self.listening
 
+    def hand_over(self, kept: Iterable[Listener]) -> None:
+        """Take over listeners of the previous configuration's tcp server (a reload): the same
+        sockets, whose new connections this binding's routes take from now on. Connections
+        they accepted before keep the protocols they were built with."""
+        for listener in kept:
+            listener.factory.server = self
+            self.listeners.append(listener)
+        order = self.addresses()
+        self.listeners.sort(key=lambda listener: order.index(listener.address))
+
     def stop(self) -> defer.Deferred:
-        ports, self.listening = self.listening, []
-        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+        listeners, self.listeners = self.listeners, []
+        return defer.gatherResults([defer.maybeDeferred(listener.port.stopListening) for listener in listeners])
 
     def bound_ports(self) -> list[int]:
         return [p.getHost().port for p in self.listening if hasattr(p.getHost(), "port")]
+
+
+class Listener(NamedTuple):
+    address: Any                 # as TcpServer.addresses() gives it
+    port: IListeningPort
+    factory: "ListenerFactory"
 
 
 class ListenerFactory(Factory):

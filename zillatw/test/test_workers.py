@@ -1,0 +1,219 @@
+"""`twistd zillaws -w N`: a supervisor and N workers on the same listening sockets."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import yaml
+from twisted.internet import defer, reactor
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial import unittest
+
+from zillatw.test.support import chain, close_ws, connect_ws, eventually, wait
+from zillatw.test.test_tap import ENV, ROOT, TWISTD, Collect, free_port
+
+
+def server_pid(client, pids):
+    """Which of `pids` holds the server end of a client's TCP connection: the socket whose
+    local and remote addresses are the client's, reversed (/proc/net/tcp), by its inode."""
+    local, remote = client.transport.getHost(), client.transport.getPeer()
+    wanted = (f"0100007F:{remote.port:04X}", f"0100007F:{local.port:04X}")
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    inodes = {row[9] for row in rows if (row[1], row[2]) == wanted}
+    assert len(inodes) == 1, (wanted, inodes)
+    link = f"socket:[{inodes.pop()}]"
+    owners = set()
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == link:
+                    owners.add(pid)
+            except OSError:
+                pass
+    assert len(owners) == 1, (link, owners)
+    return owners.pop()
+
+
+def worker_pids(out):
+    """{worker index: pid} of the latest start of each, from the supervisor's log."""
+    return {int(index): int(pid) for index, pid in re.findall(rb"worker (\d+) started \(pid (\d+)\)", out)}
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is not serving
+        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class WorkerTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def start(self, workers=2, *args):
+        self.port = free_port()
+        config = chain()
+        config["bindings"]["tcp0"]["options"]["port"] = self.port
+        self.path = os.path.abspath(self.mktemp())
+        with open(self.path, "w") as f:
+            yaml.safe_dump(config, f)
+        child = Collect()
+        process = reactor.spawnProcess(child, TWISTD[0], TWISTD + ["-n", "--pidfile=", "zillaws", "-c", self.path,
+                                                                   "-w", str(workers), *args], env=ENV, path=ROOT)
+
+        def kill_all():
+            for pid in worker_pids(child.out).values():
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            if not child.ended.called:
+                process.signalProcess(signal.SIGKILL)
+        self.addCleanup(kill_all)
+        yield eventually(lambda: child.out.count(b"listening") >= workers or child.ended.called, timeout=30)
+        self.assertEqual(child.out.count(b"ENGINE_STARTED"), workers, child.out)
+        return child, process
+
+    @defer.inlineCallbacks
+    def test_both_workers_serve_a_killed_one_is_restarted_sigterm_stops_all(self):
+        child, process = yield self.start(2)
+        pids = worker_pids(child.out)
+        self.assertEqual(sorted(pids), [1, 2])
+        self.assertNotIn(process.pid, pids.values())
+        # Connections land on both workers (the kernel wakes both; whichever accepts first).
+        clients, served = [], {}
+        for _ in range(200):
+            client = yield connect_ws(self.port)
+            clients.append(client)
+            served.setdefault(server_pid(client, pids.values()), []).append(client)
+            if len(served) == 2:
+                break
+        self.assertEqual(set(served), set(pids.values()))
+        for client in served.values():
+            client[0].sendMessage(b"which worker?")
+            self.assertEqual((yield client[0].messages.get()), (False, [b"which worker?"]))
+
+        # A worker killed outright is started again; its connections are lost, the other's stay.
+        killed = pids[1]
+        os.kill(killed, signal.SIGKILL)
+        yield eventually(lambda: worker_pids(child.out)[1] != killed, timeout=10)
+        self.assertIn(b"worker 1 (pid %d) exited (signal 9); starting it again in 0.5 s" % killed, child.out)
+        yield eventually(lambda: child.out.count(b"listening") >= 3, timeout=20)
+        restarted = worker_pids(child.out)[1]
+        self.assertTrue(alive(restarted))
+        for client in served[killed]:
+            yield client.closed
+        survivor = served[pids[2]][0]
+        survivor.sendMessage(b"still here")
+        self.assertEqual((yield survivor.messages.get()), (False, [b"still here"]))
+        new = {}
+        for _ in range(200):  # the restarted one serves too
+            client = yield connect_ws(self.port)
+            clients.append(client)
+            new.setdefault(server_pid(client, [restarted, pids[2]]), client)
+            if restarted in new:
+                break
+        self.assertIn(restarted, new)
+
+        # SIGTERM: every worker drains (1001), then the supervisor exits 0.
+        open_clients = [c for c in clients if not c.closed.called]
+        process.signalProcess(signal.SIGTERM)
+        results = yield defer.gatherResults([c.closed for c in open_clients])
+        self.assertEqual({r[1] for r in results}, {1001})
+        self.assertEqual((yield child.ended), (0, None), child.out)
+        self.assertFalse(alive(restarted) or alive(pids[2]))
+        yield self.assertFailure(connect_ws(self.port), ConnectionRefusedError)
+
+    @defer.inlineCallbacks
+    def test_a_worker_that_keeps_dying_is_restarted_with_a_backoff(self):
+        child, process = yield self.start(2)
+        delays = []
+        for _ in range(3):
+            pid = worker_pids(child.out)[2]
+            os.kill(pid, signal.SIGKILL)
+            yield eventually(lambda: worker_pids(child.out)[2] != pid and alive(worker_pids(child.out)[2]),
+                             timeout=20)
+            delays.append(float(re.findall(rb"worker 2 \(pid \d+\) exited \(signal 9\); starting it again in "
+                                           rb"([\d.]+) s", child.out)[-1]))
+        self.assertEqual(delays, [0.5, 1.0, 2.0])
+        process.signalProcess(signal.SIGTERM)
+        self.assertEqual((yield child.ended), (0, None))
+
+    @defer.inlineCallbacks
+    def test_sighup_reaches_every_worker(self):
+        child, process = yield self.start(2, "--no-watch")
+        config = chain(ws_routes=[{"when": [{"path": "/b"}], "exit": "echo"}])
+        config["bindings"]["tcp0"]["options"]["port"] = self.port
+        with open(self.path, "w") as f:
+            yaml.safe_dump(config, f)
+        process.signalProcess(signal.SIGHUP)
+        yield eventually(lambda: child.out.count(b"CONFIG_RELOADED") == 2, timeout=10)
+        self.assertTrue(alive(process.pid))
+        client = yield connect_ws(self.port, "/b")
+        yield close_ws(client)
+        process.signalProcess(signal.SIGTERM)
+        self.assertEqual((yield child.ended), (0, None))
+
+    @defer.inlineCallbacks
+    def test_a_reload_cannot_move_the_supervisors_sockets(self):
+        child, process = yield self.start(2, "--no-watch")
+        config = chain(ws_routes=[{"when": [{"path": "/b"}], "exit": "echo"}])
+        config["bindings"]["tcp0"]["options"]["port"] = free_port()
+        with open(self.path, "w") as f:
+            yaml.safe_dump(config, f)
+        process.signalProcess(signal.SIGHUP)
+        yield eventually(lambda: child.out.count(b"CONFIG_RELOAD_FAILED") == 2, timeout=10)
+        self.assertIn(b"a reload cannot add or remove listener addresses", child.out)
+        client = yield connect_ws(self.port, "/")  # the old configuration, on the old port
+        yield close_ws(client)
+        process.signalProcess(signal.SIGTERM)
+        self.assertEqual((yield child.ended), (0, None))
+
+    @defer.inlineCallbacks
+    def test_what_workers_cannot_share_is_refused_at_start(self):
+        config = chain()
+        config["telemetry"]["exporters"]["prom"] = {"type": "prometheus",
+                                                    "options": {"endpoints": [{"scheme": "http", "port": 0}]}}
+        config["bindings"]["tcp0"]["options"] = {"endpoint": "tcp:0:interface=127.0.0.1"}
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            yaml.safe_dump(config, f)
+        out, err, code = yield getProcessOutputAndValue(
+            TWISTD[0], TWISTD[1:] + ["-n", "--pidfile=", "zillaws", "-c", path, "-w", "2"], env=ENV)
+        self.assertEqual(code, 1)
+        self.assertIn(b"cannot run workers:\n  bindings.tcp0.options.endpoint: with -w, tcp servers listen on host and "
+                      b"port\n  telemetry.exporters: prometheus exporters are not served with -w yet", out + err)
+        self.assertNotIn(b"worker 1 started", out + err)
+
+    @defer.inlineCallbacks
+    def test_a_second_sigterm_ends_workers_and_supervisor_at_once(self):
+        child, process = yield self.start(2, "--drain-timeout", "60")
+        pids = list(worker_pids(child.out).values())
+        from zillatw.test.support import connect_raw, upgrade_request
+        raw = yield connect_raw(self.port)  # a peer that never answers the close: the drain would wait
+        raw.transport.write(upgrade_request())
+        yield eventually(lambda: b"\r\n\r\n" in raw.data)
+        began = time.monotonic()
+        process.signalProcess(signal.SIGTERM)
+        yield wait(0.5)
+        self.assertFalse(child.ended.called)
+        process.signalProcess(signal.SIGTERM)
+        code, number = yield child.ended
+        self.assertEqual((code, number), (None, signal.SIGTERM))
+        yield eventually(lambda: not any(alive(pid) for pid in pids), timeout=5)
+        self.assertLess(time.monotonic() - began, 10)
+        raw.transport.loseConnection()
+
+    @defer.inlineCallbacks
+    def test_ready_file_once_every_worker_listens(self):
+        ready = os.path.abspath(self.mktemp())
+        child, process = yield self.start(2, "--ready-file", ready)
+        yield eventually(lambda: os.path.exists(ready), timeout=10)
+        with open(ready) as f:
+            self.assertEqual(int(f.read()), process.pid)
+        process.signalProcess(signal.SIGTERM)
+        yield child.ended
+        self.assertFalse(os.path.exists(ready))
