@@ -35,6 +35,11 @@ class Gateway(Service):
     # A file written once every listener (and metrics endpoint) listens, removed on stop:
     # Zilla's /var/run/zilla/ready, for health checks. `twistd zillaws --ready-file PATH`.
     ready_file: str | None = None
+    # Seconds between looks at the configuration file for changes (zillatw.reload), or None
+    # not to watch; `twistd zillaws` watches (every 1 s) unless --no-watch.
+    watch_interval: float | None = None
+    source: str | None = None  # the configuration file's absolute path, if read from one
+    env: Mapping[str, str] | None = None
 
     def __init__(self, config: Config, reactor: Any = None, event_stream: TextIO | None = None,
                  drain_timeout: float = DRAIN_TIMEOUT):
@@ -43,6 +48,10 @@ class Gateway(Service):
         self.config = config
         self.reactor = reactor
         self.drain_timeout = drain_timeout
+        self.event_stream = event_stream
+        self.reloading = False
+        self.retired: list[dict[str, Any]] = []  # bindings of previous configurations still in use
+        self._watcher: Any = None
         self.events = {ns.name: Events.from_telemetry(ns.telemetry, event_stream) for ns in config.namespaces}
         self.telemetry = Telemetry(config, self.events)
         self.graph = BindingGraph(config, binding_types(), self.events, self.telemetry)
@@ -69,9 +78,32 @@ class Gateway(Service):
     def startService(self) -> None:
         super().startService()
         self._remove_ready_file()  # a stale one from a crashed run would lie until we listen
+        for binding in self.bindings.values():
+            if hasattr(binding, "start_service"):  # e.g. a fan's Redis connections
+                binding.start_service()
         d = defer.gatherResults([server.listen(self.reactor) for server in self.servers()]
                                 + [self.telemetry.listen(self.reactor)], consumeErrors=True)
         d.addCallbacks(self._started, self._failed)
+        if self.watch_interval and self.source:
+            from zillatw.reload import ConfigWatcher
+            self._watcher = ConfigWatcher(self, self.watch_interval)
+            self._watcher.start()
+
+    def reload(self) -> defer.Deferred:
+        """Read the configuration file again and serve it if it is valid (see zillatw.reload);
+        fires with whether it did."""
+        from zillatw.reload import reload
+        return reload(self)
+
+    def prune_retired(self) -> None:
+        """Let go of previous configurations' bindings once their last connection closed."""
+        def idle(bindings: dict[str, Any]) -> bool:
+            return not any(b.open_count() for b in bindings.values() if hasattr(b, "open_count"))
+        for bindings in [b for b in self.retired if idle(b)]:
+            self.retired.remove(bindings)
+            for binding in bindings.values():
+                if hasattr(binding, "stop_service"):
+                    binding.stop_service()
 
     def _started(self, _: Any) -> None:
         for ns in self.config.namespaces:
@@ -99,13 +131,21 @@ class Gateway(Service):
         the ones left are dropped."""
         super().stopService()
         self._remove_ready_file()
+        if self._watcher is not None:
+            self._watcher.stop()
         stopped = defer.gatherResults([server.stop() for server in self.servers()] + [self.telemetry.stop()],
                                       consumeErrors=True)
         stopped.addErrback(lambda failure: self.log.failure("zillatw: stopping a listener", failure))
-        return stopped.addCallback(lambda _: self._drain())
+        return stopped.addCallback(lambda _: self._drain()).addCallback(lambda _: self._stop_bindings())
+
+    def _stop_bindings(self) -> defer.Deferred:
+        """Once the connections are closed: what bindings hold besides them (a fan's Redis)."""
+        stopping = [binding.stop_service() for binding in self.bindings.values() if hasattr(binding, "stop_service")]
+        return defer.gatherResults([d for d in stopping if d is not None], consumeErrors=True)
 
     def _drain(self) -> defer.Deferred:
-        draining = [b for b in self.bindings.values() if hasattr(b, "open_count")]
+        everything = [b for bindings in [self.bindings, *self.retired] for b in bindings.values()]
+        draining = [b for b in everything if hasattr(b, "open_count")]
         for binding in draining:
             if hasattr(binding, "going_away"):  # a ws client's upstreams get 1001 from their ws server
                 binding.going_away()
@@ -126,6 +166,7 @@ class Gateway(Service):
                               count=left, seconds=self.drain_timeout)
                 for binding in draining:
                     binding.drop_all()
+            self.prune_retired()
             drained.callback(None)
         poll()
         return drained
@@ -135,4 +176,7 @@ def build_gateway(source: Source, reactor: Any = None, env: Mapping[str, str] | 
                   event_stream: TextIO | None = None, drain_timeout: float = DRAIN_TIMEOUT) -> Gateway:
     """Embedding API: a Gateway service for a path, dict or Config. Start it with
     `gateway.startService()` (or attach it to an Application); ConfigError if invalid."""
-    return Gateway(load_config(source, env), reactor, event_stream, drain_timeout)
+    gateway = Gateway(load_config(source, env), reactor, event_stream, drain_timeout)
+    if isinstance(source, (str, os.PathLike)):
+        gateway.source, gateway.env = os.path.abspath(source), env
+    return gateway
