@@ -85,7 +85,7 @@ class Schema:
 
     def ensure(self) -> Deferred:
         """Fires (never fails) once the handle holds a schema or a fetch has failed."""
-        if self.value is not None and (self._fetch is None or self._waiting is None):
+        if self.value is not None:  # a refresh in flight does not hold anyone up
             self.current()
             return succeed(self.value)
         if self._fetch is None:

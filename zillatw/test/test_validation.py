@@ -445,6 +445,26 @@ class RegistryAvailabilityTests(ValidationCase):
                       "subject order with version latest", self.events())
 
     @defer.inlineCallbacks
+    def test_a_failed_fetch_is_retried_after_a_backoff_not_per_connection(self):
+        registry = yield start_registry(self)
+        registry.subjects.clear()  # every lookup is a 404
+        yield self.start({"cat": {"type": "schema-registry", "options": {"url": registry.url}}},
+                         [{"content": cataloged("json", subject="order")}])
+        for _ in range(3):
+            status = yield self.refused_status()
+            self.assertEqual(status, "HTTP/1.1 503 schema unavailable")
+        self.assertEqual(len(registry.requests), 1)
+        self.assertEqual(self.events().count("UNRETRIEVABLE_SCHEMA_SUBJECT_VERSION"), 1)  # once per outage
+        registry.subjects["order"] = [1]
+        yield wait(1.1)
+        client = yield connect_ws(self.port)
+        yield self.assertEchoed(client, VALID_JSON, False)
+        self.assertEqual(len(registry.requests), 2)
+        self.assertIn("CATALOG_SCHEMA_REGISTRY_RETRIEVED_SCHEMA_SUBJECT_VERSION Successfully fetched schema for "
+                      "subject order with version latest.", self.events())
+        yield close_ws(client)
+
+    @defer.inlineCallbacks
     def test_registry_down_with_cache_keeps_serving_the_cached_schema(self):
         registry = yield start_registry(self)
         yield self.start({"cat": {"type": "schema-registry", "options": {"url": registry.url, "max-age": 0.2}}},
