@@ -208,6 +208,15 @@ class InlineTests(ValidationCase):
         self.assertTrue(reason.startswith("invalid message: not JSON"), reason)
 
     @defer.inlineCallbacks
+    def test_compressed_messages_are_checked_after_inflating(self):
+        client = yield connect_ws(self.port, "/orders", compress=True)
+        self.assertEqual(len(client.websocket_extensions_in_use), 1)
+        yield self.assertEchoed(client, VALID_JSON, False)
+        client.sendMessage(INVALID_JSON)
+        _, code, _ = yield client.closed
+        self.assertEqual(code, 1007)
+
+    @defer.inlineCallbacks
     def test_json_is_strict(self):
         for payload in (b'{"id": NaN, "status": "x"}', b'{"id": 1, "status": "x",}', b'{"id": 1, "status": "x"} {}'):
             client = yield connect_ws(self.port, "/orders")
