@@ -18,7 +18,6 @@ change of their contents; `install_sighup` reloads on SIGHUP.
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 from collections.abc import Mapping
 from pathlib import Path
@@ -208,7 +207,3 @@ def install_sighup(reactor: Any, gateway: Any) -> None:
         reactor.callFromThread(reload, gateway)
 
     reactor.callWhenRunning(signal.signal, signal.SIGHUP, received)
-
-
-def is_file_source(source: Any) -> bool:
-    return isinstance(source, (str, os.PathLike))

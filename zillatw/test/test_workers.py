@@ -13,7 +13,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
-from zillatw.test.support import chain, close_ws, connect_ws, eventually, wait
+from zillatw.test.support import chain, close_ws, connect_raw, connect_ws, eventually, upgrade_request, wait
 from zillatw.test.test_tap import ENV, ROOT, TWISTD, Collect, free_port
 
 
@@ -192,7 +192,6 @@ class WorkerTests(unittest.TestCase):
     def test_a_second_sigterm_ends_workers_and_supervisor_at_once(self):
         child, process = yield self.start(2, "--drain-timeout", "60")
         pids = list(worker_pids(child.out).values())
-        from zillatw.test.support import connect_raw, upgrade_request
         raw = yield connect_raw(self.port)  # a peer that never answers the close: the drain would wait
         raw.transport.write(upgrade_request())
         yield eventually(lambda: b"\r\n\r\n" in raw.data)
