@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import signal
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,9 @@ def _switch(gateway: Any, new: Any) -> Any:
     gateway.retired.append(retired)
     gateway.prune_retired()
     log.info("zillatw: {source}: configuration reloaded", source=new.config.source)
+    if getattr(gateway, "verbose", False):  # as at startup with -v, and as Zilla prints a reloaded configuration
+        sys.stdout.write(new.config.dump())
+        sys.stdout.flush()
     _emit(gateway, "CONFIG_RELOADED", str(new.config.source))
     return True
 

@@ -212,14 +212,17 @@ class TwistdReloadTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_sighup_reloads(self):
         port = free_port()
-        path, child, process = yield self.start_twistd(routed(["/a"], port=port), "--no-watch")
+        path, child, process = yield self.start_twistd(routed(["/a"], port=port), "--no-watch", "-v")
         old = yield connect_ws(port, "/a")
         write(path, routed(["/a", "/b"], port=port))
         yield wait(1.5)  # not watched: nothing happens
         self.assertNotIn(b"CONFIG_RELOADED", child.out)
+        self.assertIn(b"path: /a", child.out)
+        self.assertNotIn(b"path: /b", child.out)
         process.signalProcess(signal.SIGHUP)
         yield eventually(lambda: b"CONFIG_RELOADED" in child.out, timeout=10)
         self.assertIn(b"SIGHUP received", child.out)
+        self.assertIn(b"path: /b", child.out)  # -v prints the reloaded configuration
         new = yield connect_ws(port, "/b")
         for client in (old, new):
             client.sendMessage(b"hup")
