@@ -8,6 +8,12 @@ Flow: the group goes at the pace of its fastest member. While every member's soc
 the publishers are the ones too fast, so the group stops reading from all members. A member
 that falls behind the others is not allowed to hold them back: once its socket is full, at
 most `max_lag` more bytes are queued for it, then it is closed with 1013 (try again later).
+
+Scale-out (ours): with `options.redis` the group spans every gateway on the same Redis
+channel. What the exit sends back is delivered to the local members at once and published
+once to Redis; what other gateways publish is delivered to the local members (see
+zillatw.fanredis). While Redis cannot take what we publish, or while every local member is
+congested, the group stops reading its members (and the subscription).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from zillatw.config import BindingConfig
+from zillatw.fanredis import MAX_DELAY, RedisCollector, RedisLink, parse_url
 from zillatw.schema import FORBIDDEN
 from zillatw.stream import CONTINUATION, IStreamEnd, IStreamExit, StreamInfo
 
@@ -27,7 +34,24 @@ SCHEMA_PATCH = {
     "required": ["exit"],
     "properties": {
         "kind": {"enum": ["server"]},
-        "options": FORBIDDEN, "routes": FORBIDDEN, "vault": FORBIDDEN, "catalog": FORBIDDEN,
+        # ours: the group across gateways, through Redis pub/sub
+        "options": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "redis": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["url"],
+                    "properties": {
+                        "url": {"type": "string"},             # redis://[[user]:password@]host[:port][/db]
+                        "channel": {"type": "string", "minLength": 1},  # default zillatw:fan:<ns>:<binding>
+                        "max-reconnect-delay": {"type": "number", "exclusiveMinimum": 0},
+                    },
+                },
+            },
+        },
+        "routes": FORBIDDEN, "vault": FORBIDDEN, "catalog": FORBIDDEN,
     },
 }
 STREAMS = {"server": ("messages", "messages")}
@@ -100,14 +124,22 @@ class FanGroup:
         self.waiting: list[Deferred] | None = None
         self.congested = 0      # members whose socket is full
         self.reading = True     # whether members' sockets are being read
+        self._opcode = 0        # a fragmented message from the exit, to publish whole
+        self._parts: list[bytes] = []
 
     def congestion(self, change: int) -> None:
         self.congested += change
         self._pace()
 
     def _pace(self) -> None:
-        """Stop reading publishers while every member is congested; read again once one is not."""
+        """Stop reading publishers while every member is congested (or Redis cannot take what
+        we publish); read again once one is not."""
         all_congested = bool(self.members) and self.congested >= len(self.members)
+        redis = self.server.redis
+        if redis is not None:
+            if all_congested == redis.receiving:
+                redis.pause_receiving(all_congested)
+            all_congested = all_congested or redis.full
         if all_congested == self.reading:
             self.reading = not all_congested
             for member in self.members:
@@ -134,6 +166,23 @@ class FanGroup:
     def stream_data(self, opcode: int, payload: bytes, fin: bool) -> None:
         for member in list(self.members):
             member.deliver(opcode, payload, fin)
+        redis = self.server.redis
+        if redis is not None:  # published whole, once
+            if opcode != CONTINUATION:
+                if fin:
+                    redis.publish(opcode, payload)
+                    return
+                self._opcode, self._parts = opcode, [payload]
+                return
+            self._parts.append(payload)
+            if fin:
+                parts, self._parts = self._parts, []
+                redis.publish(self._opcode, b"".join(parts))
+
+    def remote(self, opcode: int, payload: bytes) -> None:
+        """A message another gateway's group published: to the local members only."""
+        for member in list(self.members):
+            member.deliver(opcode, payload, True)
 
     def stream_end(self, code: int, reason: str) -> None:
         members, self.members = self.members, {}
@@ -157,11 +206,32 @@ class FanGroup:
 
 @implementer(IStreamExit)
 class FanServer:
-    def __init__(self, name: str, exit_: Any, max_lag: int = MAX_LAG):
+    def __init__(self, name: str, exit_: Any, max_lag: int = MAX_LAG, redis: RedisLink | None = None):
         self.name = name
         self.exit = exit_
         self.max_lag = max_lag
         self.group: FanGroup | None = None
+        self.redis = redis
+        if redis is not None:
+            redis.deliver = self._remote
+            redis.on_full = self._redis_full
+
+    def _remote(self, opcode: int, payload: bytes) -> None:
+        group = self.group
+        if group is not None and group.waiting is None:
+            group.remote(opcode, payload)
+
+    def _redis_full(self, full: bool) -> None:
+        if self.group is not None:
+            self.group._pace()
+
+    # the gateway's startService/stopService
+    def start_service(self) -> None:
+        if self.redis is not None:
+            self.redis.start()
+
+    def stop_service(self) -> Deferred | None:
+        return self.redis.stop() if self.redis is not None else None
 
     def open(self, info: StreamInfo, peer: IStreamEnd) -> FanMember | Deferred:
         group = self.group
@@ -203,5 +273,32 @@ class FanServer:
         return len(self.group.members) if self.group else 0
 
 
+def check(binding: BindingConfig) -> Any:
+    redis = binding.options.get("redis")
+    if redis is not None:
+        try:
+            parse_url(redis["url"])
+        except ValueError as e:
+            yield "options.redis.url", str(e)
+
+
+def default_channel(binding: BindingConfig) -> str:
+    return f"zillatw:fan:{binding.namespace}:{binding.name}"
+
+
 def build(binding: BindingConfig, graph: Any) -> FanServer:
-    return FanServer(binding.name, graph.binding(binding.exit))
+    redis = None
+    options = binding.options.get("redis")
+    if options is not None:
+        events = graph.events(binding.namespace)
+        redis = RedisLink(options["url"], options.get("channel") or default_channel(binding),
+                          options.get("max-reconnect-delay", MAX_DELAY),
+                          events.binding(binding.namespace, binding.name, "fan") if events.enabled else None)
+        telemetry = getattr(graph, "telemetry", None)
+        if telemetry is not None:  # its prometheus exporter serves the link's counters
+            collector = getattr(telemetry, "fan_redis", None)
+            if collector is None:
+                collector = telemetry.fan_redis = RedisCollector()
+                telemetry.registry.register(collector)
+            collector.links.append((binding.namespace, binding.name, redis))
+    return FanServer(binding.name, graph.binding(binding.exit), redis=redis)

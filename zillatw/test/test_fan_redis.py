@@ -1,0 +1,305 @@
+"""Fan groups across gateways through a real redis-server (Debian's, unpacked by
+scripts/install-redis.sh, or $ZILLATW_REDIS_SERVER), real sockets and WebSocket clients."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+import yaml
+from twisted.internet import defer, task
+from twisted.trial import unittest
+
+from zillatw.fanredis import RedisLink, parse_url
+from zillatw.test.support import CONF, close_ws, connect_ws, eventually, on_ephemeral_port, start_gateway, wait
+from zillatw.test.test_metrics import get
+
+ROOT = os.path.dirname(CONF)
+
+
+_binary: list[str] = []
+
+
+def redis_server_binary() -> str:
+    """$ZILLATW_REDIS_SERVER, else what scripts/install-redis.sh prints (it unpacks Debian's
+    redis-server into build/redis/ once; later runs just print the path)."""
+    if not _binary:
+        explicit = os.environ.get("ZILLATW_REDIS_SERVER")
+        if explicit:
+            _binary.append(explicit)
+        else:
+            out = subprocess.run(["sh", os.path.join(ROOT, "scripts", "install-redis.sh")], check=True,
+                                 capture_output=True, text=True, stdin=subprocess.DEVNULL).stdout
+            _binary.append(out.strip().splitlines()[-1])
+    return _binary[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server on a loopback port, no persistence; stop() and start() again on the same port."""
+
+    def __init__(self) -> None:
+        self.binary = redis_server_binary()
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--daemonize", "no", "--loglevel", "warning"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"redis-server exited ({self.proc.returncode})"
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        raise AssertionError(f"redis-server not answering on {self.port}")
+
+    def crash(self) -> None:
+        """SIGKILL: no goodbye to its clients beyond the kernel's."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+def reflect(redis_url: str, **redis_options) -> dict:
+    """conf/ws.reflect.redis.yaml on an ephemeral port, on this Redis."""
+    with open(os.path.join(CONF, "ws.reflect.redis.yaml")) as f:
+        config = on_ephemeral_port(yaml.safe_load(f), "north_tcp_server")
+    config["bindings"]["north_fan_server"]["options"]["redis"] = {"url": redis_url, **redis_options}
+    return config
+
+
+class TwoGateways(unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.redis = RedisServer()
+        self.redis.start()
+        self.addCleanup(self.redis.crash)
+        self.a, self.port_a = yield start_gateway(self, self.config())
+        self.b, self.port_b = yield start_gateway(self, self.config())
+        yield eventually(lambda: self.link(self.a).up and self.link(self.b).up)
+
+    def config(self) -> dict:
+        return reflect(self.redis.url, **{"max-reconnect-delay": 0.2})
+
+    def link(self, gateway) -> RedisLink:
+        return gateway.binding("north_fan_server").redis
+
+    @defer.inlineCallbacks
+    def clients(self, port, count):
+        made = []
+        for _ in range(count):
+            client = yield connect_ws(port, protocols=["echo"])
+            self.addCleanup(close_ws, client)
+            made.append(client)
+        return made
+
+    @defer.inlineCallbacks
+    def receive(self, client, count):
+        """The next `count` messages' payloads."""
+        got = []
+        for _ in range(count):
+            binary, frames = yield client.messages.get()
+            got.append(b"".join(frames))
+        return got
+
+    @defer.inlineCallbacks
+    def nothing_more(self, *clients):
+        yield wait(0.3)
+        for client in clients:
+            self.assertEqual(client.messages.pending, [], "a message arrived twice or from nowhere")
+
+
+class ScaleOutTests(TwoGateways):
+    @defer.inlineCallbacks
+    def test_every_client_on_both_gateways_gets_every_message_once_in_order(self):
+        a1, a2 = yield self.clients(self.port_a, 2)
+        b1, b2 = yield self.clients(self.port_b, 2)
+        count = 1000
+        # two publishers at once, one per gateway: their messages interleave, each keeps its order
+        for i in range(count):
+            a1.sendMessage(b"a1 %d" % i)
+            b1.sendMessage(b"b1 %d" % i)
+        for client in (a1, a2, b1, b2):
+            got = yield self.receive(client, 2 * count)
+            for publisher in (b"a1", b"b1"):
+                self.assertEqual([m for m in got if m.startswith(publisher + b" ")],
+                                 [b"%s %d" % (publisher, i) for i in range(count)])
+        yield self.nothing_more(a1, a2, b1, b2)
+        # each gateway published its own members' messages once and skipped them on receipt
+        a, b = self.link(self.a), self.link(self.b)
+        self.assertEqual((a.published, a.received, b.published, b.received), (count, count, count, count))
+        self.assertEqual((a.dropped, b.dropped), (0, 0))
+
+    @defer.inlineCallbacks
+    def test_binary_fragmented_and_empty_messages_cross_whole(self):
+        a1, = yield self.clients(self.port_a, 1)
+        b1, = yield self.clients(self.port_b, 1)
+        a1.send_frames(2, [b"\x00\xff", b"", b"\x01" * 70000])  # fragmented, binary, > 64 KiB
+        a1.sendMessage(b"", isBinary=False)
+        for client in (a1, b1):
+            binary, frames = yield client.messages.get()
+            self.assertEqual((binary, b"".join(frames)), (True, b"\x00\xff" + b"\x01" * 70000))
+            binary, frames = yield client.messages.get()
+            self.assertEqual((binary, b"".join(frames)), (False, b""))
+        yield self.nothing_more(a1, b1)
+
+    @defer.inlineCallbacks
+    def test_two_workers_on_one_host_with_one_channel_do_not_duplicate(self):
+        """Both gateways have the same configuration, so the same channel, on one host: each
+        still delivers a message once, because each binding has its own instance id."""
+        a, b = self.link(self.a), self.link(self.b)
+        self.assertEqual(a.channel, b.channel)
+        self.assertEqual(a.channel, b"zillatw:fan:example:north_fan_server")
+        self.assertNotEqual(a.instance, b.instance)
+        # a third worker joins the same channel
+        c_gateway, port_c = yield start_gateway(self, self.config())
+        yield eventually(lambda: self.link(c_gateway).up)
+        clients = {}
+        for name, port in (("a", self.port_a), ("b", self.port_b), ("c", port_c)):
+            clients[name] = yield self.clients(port, 2)
+        for name, (sender, _) in clients.items():
+            for i in range(50):
+                sender.sendMessage(b"%s %d" % (name.encode(), i))
+        everyone = [client for pair in clients.values() for client in pair]
+        for client in everyone:
+            got = yield self.receive(client, 150)
+            self.assertEqual(sorted(got), sorted(b"%s %d" % (n, i) for n in (b"a", b"b", b"c") for i in range(50)))
+        yield self.nothing_more(*everyone)
+
+
+class RedisOutageTests(TwoGateways):
+    def config(self) -> dict:
+        config = super().config()
+        config["telemetry"]["exporters"]["prometheus0"] = {
+            "type": "prometheus", "options": {"endpoints": [{"scheme": "http", "port": 0}]}}
+        return config
+
+    @defer.inlineCallbacks
+    def test_redis_restart_mid_stream(self):
+        a1, a2 = yield self.clients(self.port_a, 2)
+        b1, = yield self.clients(self.port_b, 1)
+        sent = []
+
+        def send():
+            sent.append(len(sent))
+            a1.sendMessage(b"%d" % sent[-1])
+        sending = task.LoopingCall(send)
+        sending.start(0.002)
+        self.addCleanup(lambda: sending.running and sending.stop())
+        yield eventually(lambda: b1.received >= 100)
+
+        before = b1.received
+        self.redis.crash()  # mid-stream
+        yield eventually(lambda: not self.link(self.a).up and not self.link(self.b).up)
+        # local members keep talking while Redis is down
+        during = len(sent)
+        yield eventually(lambda: a2.received >= during + 100)
+        self.assertGreater(self.link(self.a).dropped, 0)
+        for gateway in (self.a, self.b):
+            self.assertIn("BINDING_FAN_REDIS_DISCONNECTED - redis://127.0.0.1", gateway.events_text.getvalue())
+
+        self.redis.start()  # same port: both gateways reconnect and subscribe again
+        yield eventually(lambda: self.link(self.a).up and self.link(self.b).up)
+        after = len(sent)
+        yield eventually(lambda: len(sent) >= after + 100)
+        sending.stop()
+        total = len(sent)
+        last = b"%d" % (total - 1)
+        yield eventually(lambda: b1.messages.pending and b"".join(b1.messages.pending[-1][1]) == last)
+
+        # local members: everything, once, in order
+        for client in (a1, a2):
+            got = yield self.receive(client, total)
+            self.assertEqual(got, [b"%d" % i for i in range(total)])
+        # the remote member: in order, never twice; all but what was published while Redis was
+        # down (not promised), and everything published once both were back
+        remote = [int(m) for m in (yield self.receive(b1, len(b1.messages.pending)))]
+        self.assertEqual(remote, sorted(set(remote)))
+        self.assertEqual(remote[:before], list(range(before)))
+        self.assertEqual(remote[-(total - after):], list(range(after, total)))
+        self.assertLessEqual(len(remote), total - self.link(self.a).dropped)
+        yield self.nothing_more(a1, a2, b1)
+
+        for gateway in (self.a, self.b):
+            events = gateway.events_text.getvalue()
+            self.assertEqual(events.count("BINDING_FAN_REDIS_CONNECTED"), 2, events)
+            self.assertEqual(self.link(gateway).disconnects, 1)
+            code, text = yield get(gateway.metrics_ports()[0])
+            self.assertEqual(code, 200)
+            self.assertIn('zillatw_fan_redis_disconnects_total{binding="north_fan_server",namespace="example"} 1.0',
+                          text)
+            self.assertIn('zillatw_fan_redis_connected{binding="north_fan_server",namespace="example"} 1.0', text)
+
+    @defer.inlineCallbacks
+    def test_a_gateway_starts_while_redis_is_down_and_joins_when_it_is_up(self):
+        self.redis.crash()
+        yield eventually(lambda: not self.link(self.a).up)
+        c_gateway, port_c = yield start_gateway(self, self.config())
+        c1, c2 = yield self.clients(port_c, 2)
+        c1.sendMessage(b"alone")  # served locally though Redis was never reachable
+        for client in (c1, c2):
+            self.assertEqual((yield self.receive(client, 1)), [b"alone"])
+        yield eventually(lambda: "BINDING_FAN_REDIS_DISCONNECTED" in c_gateway.events_text.getvalue())
+        self.assertFalse(self.link(c_gateway).up)
+        self.redis.start()
+        yield eventually(lambda: all(self.link(g).up for g in (self.a, self.b, c_gateway)))
+        a1, = yield self.clients(self.port_a, 1)
+        a1.sendMessage(b"together")
+        for client in (c1, c2, a1):
+            self.assertEqual((yield self.receive(client, 1)), [b"together"])
+        yield self.nothing_more(c1, c2, a1)
+
+
+class ConfigTests(unittest.TestCase):
+    def test_urls(self):
+        self.assertEqual(parse_url("redis://u:p%40ss@example.com:6380/2"),
+                         {"host": "example.com", "port": 6380, "username": "u", "password": "p@ss"})
+        self.assertEqual(parse_url("redis://:secret@localhost")["password"], "secret")
+        self.assertEqual(parse_url("redis://localhost")["port"], 6379)
+        for bad in ("rediss://localhost", "http://localhost", "redis://", "redis://h:99999", "redis://h/x"):
+            self.assertRaises(ValueError, parse_url, bad)
+
+    def test_options_are_checked(self):
+        from zillatw import ConfigError, build_gateway
+        config = reflect("rediss://localhost:6379")
+        with self.assertRaises(ConfigError) as caught:
+            build_gateway(config)
+        self.assertIn("bindings.north_fan_server.options.redis.url: expected a redis://host:port URL", str(caught.exception))
+        config = copy.deepcopy(config)
+        config["bindings"]["north_fan_server"]["options"] = {"redis": {"channel": "x"}}
+        with self.assertRaises(ConfigError) as caught:
+            build_gateway(config)
+        self.assertIn("bindings.north_fan_server.options.redis: missing required key 'url'", str(caught.exception))
+
+    def test_without_redis_the_fan_stays_in_process(self):
+        from zillatw import build_gateway
+        config = reflect("redis://localhost")
+        del config["bindings"]["north_fan_server"]["options"]
+        self.assertIsNone(build_gateway(config).binding("north_fan_server").redis)
+
+    def test_the_redis_binary_is_there(self):
+        binary = redis_server_binary()
+        version = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
+        self.assertIn("Redis server v=", version)
+        self.assertTrue(shutil.which(binary) or os.access(binary, os.X_OK))
