@@ -19,8 +19,8 @@ from zillatw.config import load
 from zillatw.errors import ConfigError
 from zillatw.models import compile_schema
 from zillatw.protocols import binding_types
-from zillatw.test.support import (chain, close_ws, connect_ws, eventually, raw_exchange, split_response,
-                                  start_gateway, upgrade_request, wait)
+from zillatw.test.support import (CONF, chain, close_ws, connect_ws, eventually, on_ephemeral_port, raw_exchange,
+                                  split_response, start_gateway, upgrade_request, wait)
 
 ORDER = {"type": "object", "properties": {"id": {"type": "integer"}, "status": {"type": "string"}},
          "required": ["id", "status"], "additionalProperties": False}
@@ -552,6 +552,23 @@ class ProxiedTests(ValidationCase):
         yield eventually(lambda: upstream.closes)
         self.assertEqual(upstream.closes[0][0], 1007)  # the upstream was told why
         self.assertEqual(upstream.received, len(VALID_JSON))  # and never saw the invalid message
+
+
+class ExampleTests(ValidationCase):
+    @defer.inlineCallbacks
+    def test_conf_ws_echo_validation(self):
+        import os
+
+        import yaml
+        with open(os.path.join(CONF, "ws.echo.validation.yaml")) as f:
+            example = on_ephemeral_port(yaml.safe_load(f), "north_tcp_server")
+        self.gateway, self.port = yield start_gateway(self, example)
+        client = yield connect_ws(self.port, protocols=["echo"])
+        yield self.assertEchoed(client, VALID_JSON, False)
+        client.sendMessage(b'{"id": 1}')
+        _, code, reason = yield client.closed
+        self.assertEqual((code, reason), (1007, 'invalid message: $: "status" is a required property'))
+        self.assertIn("example:north_ws_server", self.events())
 
 
 class ConfigTests(unittest.TestCase):
