@@ -175,9 +175,20 @@ class ValidationCase(unittest.TestCase):
 class InlineTests(ValidationCase):
     @defer.inlineCallbacks
     def setUp(self):
-        yield self.start({"cat": inline(order=ORDER_TEXT)},
+        yield self.start({"cat": inline(order=ORDER_TEXT, reading=READING_TEXT)},
                          [{"path": "/drop*", "content": cataloged("json", subject="order"), "invalid": "drop"},
-                          {"path": "/orders*", "content": cataloged("json", subject="order")}])
+                          {"path": "/orders*", "content": cataloged("json", subject="order")},
+                          {"path": "/readings", "content": cataloged("avro", subject="reading")}])
+
+    @defer.inlineCallbacks
+    def test_avro(self):
+        client = yield connect_ws(self.port, "/readings")
+        yield self.assertEchoed(client, VALID_AVRO, True)
+        client.sendMessage(INVALID_AVRO, isBinary=True)
+        _, code, reason = yield client.closed
+        self.assertEqual((code, reason), (1007, "invalid message: Avro datum ends early"))
+        self.assertIn("MODEL_AVRO_VALIDATION_FAILED - /readings client message closes the connection: Avro datum "
+                      "ends early", self.events())
 
     @defer.inlineCallbacks
     def test_valid_json_passes_text_and_binary(self):
