@@ -346,8 +346,8 @@ class ValidatedStream:
             details += f" ({self._suppressed} more since the last event)"
             self._suppressed = 0
         self._event_at = now
-        if not self._trace_id:
-            self._trace_id = next_trace_id()
+        if not self._trace_id:  # the upgrade request's (the ws server keeps it), so lines tie together
+            self._trace_id = getattr(self.client, "trace_id", 0) or next_trace_id()
         events.validation_failed(self._trace_id, model, f"- {self.info.path or '/'} {details}")
 
 

@@ -172,6 +172,7 @@ class WsServer(WebSocketServerFactory):
         connection = WsServerProtocol()
         connection.factory = self
         connection.stream_exit = exit_
+        connection.trace_id = trace_id  # the request's, for this connection's later events (validation)
         connection.info = StreamInfo(protocol, scheme, authority, path,
                                      session.identity if session is not None else None)
         self.handshaking.add(connection)

@@ -207,8 +207,11 @@ class InlineTests(ValidationCase):
         self.assertEqual((was_clean, code), (True, 1007))
         self.assertEqual(reason, 'invalid message: $.id: "one" is not of type "integer"')
         self.assertEqual(client.received, 1)  # the invalid one never came back
-        self.assertRegex(self.events(), r"test:ws0 .* MODEL_JSON_VALIDATION_FAILED - /orders client message closes "
-                                        r"the connection: \$\.id: \"one\" is not of type \"integer\"")
+        failed = re.search(r"test:ws0 \[.*?\] \[(\w+)\] MODEL_JSON_VALIDATION_FAILED - /orders client message closes "
+                           r"the connection: \$\.id: \"one\" is not of type \"integer\"", self.events())
+        self.assertIsNotNone(failed, self.events())
+        accepted = re.search(r"test:http0 \[.*?\] \[(\w+)\] BINDING_HTTP_REQUEST_ACCEPTED", self.events())
+        self.assertEqual(failed.group(1), accepted.group(1))  # the upgrade request's trace id
 
     @defer.inlineCallbacks
     def test_not_json_closes_1007(self):
