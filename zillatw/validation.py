@@ -130,7 +130,7 @@ def check_models(binding: Any, namespace: Any) -> Iterator[tuple[str, str]]:
                     yield f"{where}.catalog", f"model '{name}' takes no catalog"
                 continue
             if "encoding" in model:
-                yield f"{where}.encoding", f"only for model 'string'"
+                yield f"{where}.encoding", "only for model 'string'"
             if len(catalogs) != 1 or any(len(refs) != 1 for refs in catalogs.values()):
                 yield (f"{where}.catalog", f"model '{name}' needs one catalog with one schema "
                        "(e.g. my_catalog: [{subject: my_subject}])")

@@ -20,7 +20,11 @@ from twisted.internet.defer import Deferred
 
 from zillatw.catalogs import Resolved
 from zillatw.catalogs.registry import MAX_AGE, Framing, RegistryCatalog, RegistryError
-from zillatw.catalogs.registry import check_reference, schema_text  # noqa: F401 - the module's interface
+from zillatw.catalogs import registry
+
+# A model's reference to this catalog, checked with the configuration; schemas come at run time.
+check_reference = registry.check_reference
+schema_text = registry.schema_text
 
 SCHEMA_PATCH = {
     "required": ["options"],
