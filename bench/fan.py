@@ -1,0 +1,288 @@
+#!/usr/bin/env python
+"""The fan benchmark (issue 8): fan delivery rate to 100 members, in-process next to Redis-backed.
+
+    .venv/bin/python bench/fan.py [--seconds N] [--rounds N] [--warmup N] [--size BYTES] [--publishers N] [--window N]
+
+Scenarios, each with 100 WebSocket members (picows + uvloop, spread over 2 load processes):
+  in-process        one gateway, bench/fan.yaml (tcp -> http -> ws -> fan -> echo)
+  redis, 1 gateway  one gateway, bench/fan.redis.yaml: the same group published to Redis
+  redis, 2 gateways two gateways (twistd processes) on one Redis, 50 members each
+Some members publish (4 by default, spread over the gateways), each keeping `window`
+messages in flight: a publisher sends again once one of its messages has reached an
+observer member on the *other* gateway (the same one with one gateway), so the slowest
+path paces the load and no member falls behind far enough to be evicted. Every member
+counts what it receives in the window and checks each publisher's sequence (a gap or a
+repeat is counted as an error). Delivery rate = messages received per second summed over
+all 100 members; publish rate = that / 100.
+
+Processes started here (twistd, redis-server from scripts/install-redis.sh, the load
+generators) are ended when it ends. Reuses bench/proxy.py's process handling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import multiprocessing
+import os
+import queue
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+# bench/proxy.py's process handling and CPU accounting
+from proxy import HERE, ROOT, Procs, cpu_seconds, family, free_port, human, start_zillatw, wait_listening
+
+MEMBERS = 100
+PROCESSES = 2
+HEAD = struct.Struct("!HI")  # publisher id, sequence number
+
+
+# ---------------------------------------------------------------- load generator (worker processes)
+
+def fan_worker(members: list[tuple[str, str, int]], size: int, window: int, warmup: float, seconds: float,
+               barrier, results) -> None:
+    """members: (url, role, publisher) with role "pub" (publishes), "obs" (paces that
+    publisher) or "rcv" (only receives)."""
+    import asyncio
+    import logging
+
+    import uvloop
+    from picows import WSListener, WSMsgType, ws_connect
+    logging.getLogger("picows").setLevel(logging.CRITICAL)
+
+    padding = os.urandom(max(0, size - HEAD.size))
+    state = {"phase": 0, "count": 0, "errors": 0, "closed": 0}
+    publishers: dict[int, "Member"] = {}
+    sent: dict[int, int] = collections.defaultdict(int)
+
+    class Member(WSListener):
+        def __init__(self, role: str, publisher: int):
+            self.role, self.publisher = role, publisher
+            self.last: dict[int, int] = {}
+            self.lost = False
+
+        def on_ws_connected(self, transport):
+            self.transport = transport
+
+        def send_next(self):
+            seq = sent[self.publisher]
+            sent[self.publisher] = seq + 1
+            self.transport.send(WSMsgType.BINARY, HEAD.pack(self.publisher, seq) + padding)
+
+        def on_ws_frame(self, transport, frame):
+            if frame.msg_type == WSMsgType.CLOSE:
+                if state["phase"] < 2:
+                    self.lost = True
+                return
+            if frame.msg_type != WSMsgType.BINARY:
+                return
+            publisher, seq = HEAD.unpack_from(frame.get_payload_as_bytes())
+            if self.last.get(publisher, -1) + 1 != seq:
+                state["errors"] += 1
+            self.last[publisher] = seq
+            if state["phase"] == 1:
+                state["count"] += 1
+            if self.role == "obs" and publisher == self.publisher and state["phase"] < 2:
+                pub = publishers[publisher]
+                while sent[publisher] - seq - 1 < window:
+                    pub.send_next()
+
+        def on_ws_disconnected(self, transport):
+            if state["phase"] < 2:
+                self.lost = True
+
+    async def main():
+        clients = []
+        for url, role, publisher in members:
+            for attempt in range(5):
+                try:
+                    _, client = await ws_connect(lambda: Member(role, publisher), url)
+                    break
+                except Exception:
+                    if attempt == 4:
+                        raise
+                    await asyncio.sleep(0.2)
+            clients.append(client)
+            if role == "pub":
+                publishers[publisher] = client
+        await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
+        await asyncio.sleep(0.2)  # every worker's members have joined before anyone publishes
+        for client in publishers.values():
+            for _ in range(window):
+                client.send_next()
+        await asyncio.sleep(warmup)
+        state["phase"] = 1
+        t0 = time.perf_counter()
+        await asyncio.sleep(seconds)
+        state["phase"] = 2
+        elapsed = time.perf_counter() - t0
+        count = state["count"]
+        state["closed"] = sum(client.lost for client in clients)
+        await asyncio.sleep(0.3)
+        for client in clients:
+            client.transport.send_close()
+        await asyncio.sleep(0.1)
+        for client in clients:
+            client.transport.disconnect()
+        return count, elapsed
+
+    try:
+        count, elapsed = uvloop.run(main())
+        results.put((count, elapsed, state["errors"], state["closed"], None))
+    except BaseException as exc:
+        barrier.abort()
+        results.put((0, 1.0, 0, 0, f"{type(exc).__name__}: {exc}"))
+
+
+def plan(urls: list[str], publishers: int) -> list[list[tuple[str, str, int]]]:
+    """100 members over the gateways (round robin) and PROCESSES workers; the first worker
+    holds the publishers and their observers (on the next gateway)."""
+    g = len(urls)
+    first = [(urls[p % g], "pub", p) for p in range(publishers)]
+    first += [(urls[(p + 1) % g], "obs", p) for p in range(publishers)]
+    receivers = [(urls[i % g], "rcv", -1) for i in range(MEMBERS - len(first))]
+    workers = [first]
+    per_worker = MEMBERS // PROCESSES
+    take = max(0, per_worker - len(first))
+    workers[0] = first + receivers[:take]
+    rest = receivers[take:]
+    for w in range(1, PROCESSES):
+        share = len(rest) // (PROCESSES - w)
+        workers.append(rest[:share])
+        rest = rest[share:]
+    return workers
+
+
+def measure(urls: list[str], size: int, publishers: int, window: int, warmup: float, seconds: float,
+            watch: dict[str, list[int]]) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(PROCESSES + 1), ctx.Queue()
+    workers = [ctx.Process(target=fan_worker, daemon=True,
+                           args=(members, size, window, warmup, seconds, barrier, results))
+               for members in plan(urls, publishers)]
+    for w in workers:
+        w.start()
+    cpu: dict[str, float] = {}
+    try:
+        try:
+            barrier.wait(timeout=120)
+        except threading.BrokenBarrierError:
+            problems = []
+            while True:
+                try:
+                    problems.append(results.get(timeout=5)[4])
+                except queue.Empty:
+                    break
+            raise RuntimeError("load generator failed: " + "; ".join(filter(None, problems))) from None
+        pids = {name: [p for pid in pid_list for p in family(pid)] for name, pid_list in watch.items()}
+        pids["load"] = [w.pid for w in workers]
+        time.sleep(0.2 + warmup)
+        t0, before = time.perf_counter(), {name: cpu_seconds(p) for name, p in pids.items()}
+        time.sleep(seconds)
+        elapsed = time.perf_counter() - t0
+        after = {name: cpu_seconds(p) for name, p in pids.items()}
+        for name in pids:
+            cpu[name] = 100 * (after[name][0] - before[name][0]) / elapsed
+        got = [results.get(timeout=warmup + seconds + 60) for _ in workers]
+    finally:
+        for w in workers:
+            w.join(5)
+            if w.is_alive():
+                w.kill()
+                w.join()
+    problems = [g[4] for g in got if g[4]]
+    if problems:
+        raise RuntimeError("; ".join(problems))
+    rate = sum(count / elapsed for count, elapsed, *_ in got)
+    return {"rate": rate, "cpu": cpu, "errors": sum(g[2] for g in got), "closed": sum(g[3] for g in got)}
+
+
+# ---------------------------------------------------------------- main
+
+def start_redis(procs: Procs, tmp: Path) -> tuple[int, subprocess.Popen]:
+    binary = subprocess.run(["sh", str(ROOT / "scripts" / "install-redis.sh")], check=True, capture_output=True,
+                            text=True, stdin=subprocess.DEVNULL).stdout.strip().splitlines()[-1]
+    port = free_port()
+    proc = procs.start("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no", "--daemonize", "no"], tmp / "redis.log")
+    wait_listening(port, proc)
+    return port, proc
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=5.0, help="measuring window per scenario (default 5)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported (default 3)")
+    ap.add_argument("--warmup", type=float, default=1.0, help="warm-up before each window (default 1)")
+    ap.add_argument("--size", type=int, default=64, help="message size in bytes (default 64)")
+    ap.add_argument("--publishers", type=int, default=4, help="members that publish (default 4)")
+    ap.add_argument("--window", type=int, default=16, help="messages in flight per publisher (default 16)")
+    args = ap.parse_args()
+
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    load_before = os.getloadavg()[0]
+    procs = Procs()
+    tmp = Path(tempfile.mkdtemp(prefix="zillatw-bench-fan-"))
+    runs: dict[str, list[dict]] = collections.defaultdict(list)
+    try:
+        redis_port, redis = start_redis(procs, tmp)
+        os.environ["ZILLATW_BENCH_REDIS_PORT"] = str(redis_port)  # start_zillatw passes os.environ on
+        port, inproc = start_zillatw(procs, tmp, "in-process", HERE / "fan.yaml", None)
+        os.environ["ZILLATW_BENCH_CHANNEL"] = "bench-fan-1"  # one channel per scenario
+        port1, redis1 = start_zillatw(procs, tmp, "redis 1", HERE / "fan.redis.yaml", None)
+        os.environ["ZILLATW_BENCH_CHANNEL"] = "bench-fan-2"
+        port2a, redis2a = start_zillatw(procs, tmp, "redis 2a", HERE / "fan.redis.yaml", None)
+        port2b, redis2b = start_zillatw(procs, tmp, "redis 2b", HERE / "fan.redis.yaml", None)
+        scenarios = {
+            "in-process": ([port], {"gateways": [inproc.pid]}),
+            "redis, 1 gateway": ([port1], {"gateways": [redis1.pid], "redis": [redis.pid]}),
+            "redis, 2 gateways": ([port2a, port2b], {"gateways": [redis2a.pid, redis2b.pid], "redis": [redis.pid]}),
+        }
+        time.sleep(1)  # the Redis-backed gateways connect and subscribe
+        for rnd in range(args.rounds):
+            for name, (ports, watch) in scenarios.items():
+                print(f"  round {rnd + 1}/{args.rounds} {name:>18} ...", end="", flush=True, file=sys.stderr)
+                r = measure([f"ws://127.0.0.1:{p}/" for p in ports], args.size, args.publishers, args.window,
+                            args.warmup, args.seconds, watch)
+                runs[name].append(r)
+                print(f" {r['rate']:10.0f} deliveries/s", file=sys.stderr)
+    finally:
+        procs.stop()
+
+    print()
+    print(f"zillatw fan benchmark: {MEMBERS} members over {PROCESSES} load processes, {args.publishers} publishers "
+          f"with {args.window} messages in flight each, {human(args.size)} binary messages, {args.seconds:g} s window "
+          f"after {args.warmup:g} s warm-up, median of {args.rounds} interleaved rounds; {os.cpu_count()} cores; "
+          f"{time.strftime('%Y-%m-%d %H:%M %Z')}; load average before {load_before:.2f}, after {os.getloadavg()[0]:.2f}")
+    print(f"{'scenario':<20}{'deliveries/s':>14}{'publishes/s':>13}{'vs in-process':>15}{'min-max':>18}"
+          f"{'gateway CPU':>13}{'redis CPU':>11}{'load CPU':>10}{'errors':>8}")
+    base = statistics.median(r["rate"] for r in runs["in-process"])
+    for name, rs in runs.items():
+        rates = sorted(r["rate"] for r in rs)
+        rate = statistics.median(rates)
+        gw = statistics.median(r["cpu"].get("gateways", 0) for r in rs)
+        rd = statistics.median(r["cpu"]["redis"] for r in rs) if "redis" in rs[0]["cpu"] else None
+        load = statistics.median(r["cpu"]["load"] for r in rs)
+        errors = sum(r["errors"] + r["closed"] for r in rs)
+        print(f"{name:<20}{rate:>14.0f}{rate / MEMBERS:>13.0f}{rate / base:>14.2f}x{rates[0]:>9.0f}-{rates[-1]:<8.0f}"
+              f"{gw:>12.0f}%{(f'{rd:.0f}%' if rd is not None else '-'):>11}{load:>9.0f}%{errors:>8}")
+    print("(CPU: % of one core; gateway: all gateway processes together; load: the load generators; errors: sequence gaps or repeats seen by "
+          "members, plus members closed mid-run)")
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
