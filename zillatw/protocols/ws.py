@@ -206,6 +206,7 @@ class WsServerProtocol(StreamRelay, WebSocketServerProtocol):
     factory: WsServer
     stream_exit: Any
     info: StreamInfo
+    masked_in, masked_out = True, False  # RFC 6455 §5.1
 
     # ---- opening: the 101 goes out once the exit has accepted the stream
 
@@ -351,6 +352,8 @@ def _connect_failed(failure: Failure, opened: Deferred) -> None:
 
 class WsClientProtocol(StreamRelay, WebSocketClientProtocol):
     """One upstream WebSocket connection, and the stream end the ws server writes to."""
+
+    masked_in, masked_out = False, True  # RFC 6455 §5.1
 
     def connectionMade(self) -> None:
         self.peer_waiting, self.protocol_wanted, self.opened = self.factory.stream
