@@ -6,12 +6,13 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 
 import yaml
-from twisted.internet import defer, task
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from zillatw.fanredis import RedisLink, parse_url
@@ -303,3 +304,62 @@ class ConfigTests(unittest.TestCase):
         version = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
         self.assertIn("Redis server v=", version)
         self.assertTrue(shutil.which(binary) or os.access(binary, os.X_OK))
+
+
+class WorkerTests(unittest.TestCase):
+    """`twistd zillaws -w 2`: two worker processes on one host, one configuration (so one
+    channel) and one Redis form one group."""
+
+    @defer.inlineCallbacks
+    def test_workers_of_one_host_form_one_group_without_duplicates(self):
+        from zillatw.test.test_tap import ENV, ROOT as REPO, TWISTD, Collect
+        from zillatw.test.test_workers import alive, server_pid, worker_pids
+        redis = RedisServer()
+        redis.start()
+        self.addCleanup(redis.crash)
+        config = reflect(redis.url)
+        port = config["bindings"]["north_tcp_server"]["options"]["port"] = free_port()
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            yaml.safe_dump(config, f)
+        child = Collect()
+        process = reactor.spawnProcess(child, TWISTD[0], TWISTD + ["-n", "--pidfile=", "zillaws", "-c", path,
+                                                                   "-w", "2"], env=ENV, path=REPO)
+
+        def kill_all():
+            for pid in worker_pids(child.out).values():
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            if not child.ended.called:
+                process.signalProcess(signal.SIGKILL)
+        self.addCleanup(kill_all)
+        yield eventually(lambda: child.out.count(b"BINDING_FAN_REDIS_CONNECTED") >= 2 or child.ended.called,
+                         timeout=30)
+        self.assertEqual(child.out.count(b"BINDING_FAN_REDIS_CONNECTED"), 2, child.out)
+        pids = list(worker_pids(child.out).values())
+
+        served: dict[int, list] = {}
+        clients = []
+        for _ in range(200):  # until both workers serve two clients each
+            client = yield connect_ws(port, protocols=["echo"])
+            clients.append(client)
+            served.setdefault(server_pid(client, pids), []).append(client)
+            if len(served) == 2 and all(len(c) >= 2 for c in served.values()):
+                break
+        self.assertEqual(set(served), set(pids))
+        senders = [members[0] for members in served.values()]
+        for index, sender in enumerate(senders):
+            for i in range(100):
+                sender.sendMessage(b"w%d %d" % (index, i))
+        for client in clients:
+            got = []
+            for _ in range(200):
+                got.append(b"".join((yield client.messages.get())[1]))
+            for index in range(2):
+                self.assertEqual([m for m in got if m.startswith(b"w%d " % index)],
+                                 [b"w%d %d" % (index, i) for i in range(100)])
+        yield wait(0.3)
+        for client in clients:
+            self.assertEqual(client.messages.pending, [])
+        process.signalProcess(signal.SIGTERM)
+        self.assertEqual((yield child.ended), (0, None), child.out)
