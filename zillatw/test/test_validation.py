@@ -652,3 +652,34 @@ class ConfigTests(unittest.TestCase):
         with self.assertRaises(Exception) as caught:
             compile_schema("json", json.dumps({"$ref": "http://127.0.0.1:9/other.json"}))
         self.assertIn("not fetched while validating", str(caught.exception))
+
+
+class FlowTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_back_pressure_passes_through_the_filter(self):
+        """As test_flow's echo test, with every message checked: a client that does not read
+        stops being read, and nothing is lost once it reads again."""
+        import hashlib
+
+        from zillatw.test.support import client_frame, parse_server_frames
+        from zillatw.test.test_flow import MESSAGE, buffered, raw_ws
+        gateway, port = yield start_gateway(self, config({}, [{"content": "string", "server-content": "string"}]))
+        client, start = yield raw_ws(port)
+        client.transport.pauseProducing()
+        count = 400
+        payloads = [bytes([65 + i % 26]) * MESSAGE for i in range(count)]
+        client.transport.writeSequence([client_frame(0x2, p) for p in payloads])
+        ws = gateway.binding("ws0")
+        yield eventually(lambda: len(ws.connections) == 1)
+        server = next(iter(ws.connections))
+        yield eventually(lambda: server.transport not in reactor.getReaders(), timeout=10)
+        self.assertLess(buffered(server.transport), 1024 * 1024)
+        self.assertGreater(buffered(client.transport), 0, "the sender was not held back")
+        client.transport.resumeProducing()
+        yield client.until(start + count * (10 + MESSAGE))
+        frames = parse_server_frames(client.data[start:])
+        self.assertEqual(len(frames), count)
+        self.assertEqual(hashlib.sha256(b"".join(f[2] for f in frames)).digest(),
+                         hashlib.sha256(b"".join(payloads)).digest())
+        client.transport.loseConnection()
+        yield client.done
