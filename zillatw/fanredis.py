@@ -5,7 +5,7 @@ PUBLISHes what the group's exit sends back (with an echo exit: every member's me
 one SUBSCRIBEd to the channel, whose messages go to this gateway's members.
 
 Exactly once, no echo storm: a gateway delivers its own group's messages to its own members
-at once, then publishes each once, prefixed with its instance id (8 random bytes per
+at once, then publishes each once, prefixed with `zw`, a version byte, its instance id (8 random bytes per
 binding per process, so two workers on one host differ) and the opcode. On receipt a
 gateway skips messages carrying its own id and delivers the others to its local members
 only; it never publishes what it received. Per-publisher order is kept: a member's
@@ -38,7 +38,10 @@ from zope.interface import implementer
 
 from zillatw.telemetry import BindingEvents
 
+MAGIC = b"zw\x01"         # ours, version 1: magic, instance id, opcode, payload
 ID_SIZE = 8
+HEAD_SIZE = len(MAGIC) + ID_SIZE + 1
+TEXT, BINARY = 0x1, 0x2
 DEFAULT_PORT = 6379
 INITIAL_DELAY = 0.1       # seconds before the first reconnection attempt
 MAX_DELAY = 10.0          # default `max-reconnect-delay`
@@ -153,7 +156,8 @@ class RedisLink:
         self.events = events
         self.reactor = reactor
         self.instance = os.urandom(ID_SIZE)
-        self._prefixes = {opcode: self.instance + bytes([opcode]) for opcode in range(16)}
+        self._own = MAGIC + self.instance
+        self._prefixes = {opcode: self._own + bytes([opcode]) for opcode in range(16)}
         self.deliver: Callable[[int, bytes], None] = lambda opcode, payload: None
         self.on_full: Callable[[bool], None] = lambda full: None
         self.publisher: _Publisher | None = None
@@ -165,7 +169,7 @@ class RedisLink:
         self._stopping = False
         self._factories: list[_Factory] = []
         # counters, read by metrics (see `samples`)
-        self.published = self.received = self.dropped = self.disconnects = self.connects = 0
+        self.published = self.received = self.dropped = self.disconnects = self.connects = self.foreign = 0
 
     # ---- lifecycle (the gateway's startService / stopService)
 
@@ -200,10 +204,14 @@ class RedisLink:
         publisher.publish(self.channel, self._prefixes[opcode] + payload).addErrback(_ignore)
 
     def _received(self, message: bytes) -> None:
-        if message[:ID_SIZE] == self.instance or len(message) <= ID_SIZE:
+        if message.startswith(self._own):
             return  # ours, delivered locally when published
+        opcode = message[HEAD_SIZE - 1] if len(message) >= HEAD_SIZE else 0
+        if not message.startswith(MAGIC) or opcode not in (TEXT, BINARY):
+            self.foreign += 1  # not a zillatw fan's message: never handed to members
+            return
         self.received += 1
-        self.deliver(message[ID_SIZE], message[ID_SIZE + 1:])
+        self.deliver(opcode, message[HEAD_SIZE:])
 
     def pause_receiving(self, paused: bool) -> None:
         """Stop reading the subscription while no local member can take more (Redis then
@@ -288,6 +296,8 @@ class RedisLink:
                "messages received from other gateways through Redis", self.received)
         yield ("zillatw_fan_redis_messages_dropped", "counter",
                "messages not published because Redis was down (local members got them)", self.dropped)
+        yield ("zillatw_fan_redis_messages_foreign", "counter",
+               "messages on the channel not from a zillatw fan, ignored", self.foreign)
 
 
 def _ignore(failure: Any) -> None:

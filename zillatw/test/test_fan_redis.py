@@ -166,6 +166,22 @@ class ScaleOutTests(TwoGateways):
         yield self.nothing_more(a1, b1)
 
     @defer.inlineCallbacks
+    def test_what_others_publish_on_the_channel_is_not_handed_to_members(self):
+        a1, = yield self.clients(self.port_a, 1)
+        link = self.link(self.a)
+        with socket.create_connection(("127.0.0.1", self.redis.port)) as raw:
+            for junk in (b"hello", b"zw\x01" + b"12345678" + b"\x09ping?", b"zw\x01short", b""):
+                raw.sendall(b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
+                            % (len(link.channel), link.channel, len(junk), junk))
+                self.assertEqual(raw.recv(16), b":2\r\n")  # both gateways are subscribed
+        yield eventually(lambda: link.foreign == 4)
+        b1, = yield self.clients(self.port_b, 1)
+        b1.sendMessage(b"real")
+        self.assertEqual((yield self.receive(a1, 1)), [b"real"])
+        self.assertEqual(link.received, 1)
+        yield self.nothing_more(a1)
+
+    @defer.inlineCallbacks
     def test_two_workers_on_one_host_with_one_channel_do_not_duplicate(self):
         """Both gateways have the same configuration, so the same channel, on one host: each
         still delivers a message once, because each binding has its own instance id."""
