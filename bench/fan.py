@@ -278,7 +278,7 @@ def main() -> int:
           f"after {args.warmup:g} s warm-up, median of {args.rounds} interleaved rounds; {os.cpu_count()} cores; "
           f"{time.strftime('%Y-%m-%d %H:%M %Z')}; load average before {load_before:.2f}, after {os.getloadavg()[0]:.2f}")
     print(f"{'scenario':<20}{'deliveries/s':>14}{'publishes/s':>13}{'vs in-process':>15}{'min-max':>18}"
-          f"{'gateway CPU':>13}{'redis CPU':>11}{'load CPU':>10}{'gaps':>6}{'evicted':>9}")
+          f"{'gateway CPU':>13}{'µs/delivery':>13}{'redis CPU':>11}{'load CPU':>10}{'gaps':>6}{'evicted':>9}")
     base = statistics.median(r["rate"] for r in runs["in-process"])
     for name, rs in runs.items():
         rates = sorted(r["rate"] for r in rs)
@@ -288,8 +288,8 @@ def main() -> int:
         load = statistics.median(r["cpu"]["load"] for r in rs)
         gaps, closed = sum(r["errors"] for r in rs), sum(r["closed"] for r in rs)
         print(f"{name:<20}{rate:>14.0f}{rate / MEMBERS:>13.0f}{rate / base:>14.2f}x{rates[0]:>9.0f}-{rates[-1]:<8.0f}"
-              f"{gw:>12.0f}%{(f'{rd:.0f}%' if rd is not None else '-'):>11}{load:>9.0f}%{gaps:>6}{closed:>9}")
-    print("(CPU: % of one core; gateway: all gateway processes together; load: the load generators; gaps: a publisher's sequence broken (a "
+              f"{gw:>12.0f}%{gw * 1e4 / rate:>13.2f}{(f'{rd:.0f}%' if rd is not None else '-'):>11}{load:>9.0f}%{gaps:>6}{closed:>9}")
+    print("(CPU: % of one core; gateway: all gateway processes together; µs/delivery: gateway CPU per message delivered to a member; load: the load generators; gaps: a publisher's sequence broken (a "
           "message missing, repeated or out of order) as seen by a member, summed over rounds; evicted: members "
           "closed mid-run (1013: fell 4 MiB behind))")
     import shutil
