@@ -379,3 +379,66 @@ class WorkerTests(unittest.TestCase):
             self.assertEqual(client.messages.pending, [])
         process.signalProcess(signal.SIGTERM)
         self.assertEqual((yield child.ended), (0, None), child.out)
+
+
+class FakePeer:
+    """A member's connection, as the fan sees it."""
+
+    def __init__(self):
+        self.paused = False
+        self.got = []
+
+    def stream_data(self, opcode, payload, fin):
+        self.got.append((opcode, payload, fin))
+
+    def stream_end(self, code, reason):
+        self.got.append(("end", code))
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+
+
+class FlowTests(unittest.TestCase):
+    """The group's pacing with a Redis link (no Redis needed: the link is never started)."""
+
+    def setUp(self):
+        from zillatw.protocols.echo import EchoServer
+        from zillatw.protocols.fan import FanServer
+        from zillatw.stream import StreamInfo
+        self.link = RedisLink("redis://127.0.0.1:1", "c")
+        self.server = FanServer("fan", EchoServer(), redis=self.link)
+        self.peers = [FakePeer(), FakePeer()]
+        self.members = [self.server.open(StreamInfo(), peer) for peer in self.peers]
+
+    def test_redis_not_keeping_up_pauses_every_member_until_it_does(self):
+        self.link._set_full(True)
+        self.assertEqual([p.paused for p in self.peers], [True, True])
+        self.link._set_full(False)
+        self.assertEqual([p.paused for p in self.peers], [False, False])
+
+    def test_all_members_congested_pauses_the_subscription(self):
+        self.members[0].pauseProducing()
+        self.assertTrue(self.link.receiving)
+        self.members[1].pauseProducing()
+        self.assertFalse(self.link.receiving)
+        self.members[0].resumeProducing()
+        self.assertTrue(self.link.receiving)
+
+    def test_while_redis_is_down_members_still_get_each_other_and_nothing_is_queued(self):
+        self.members[0].stream_data(1, b"hi", True)
+        self.members[1].stream_data(2, b"a", False)
+        self.members[1].stream_data(0, b"b", True)
+        for peer in self.peers:
+            self.assertEqual(peer.got, [(1, b"hi", True), (2, b"ab", True)])
+        self.assertEqual((self.link.dropped, self.link.published), (2, 0))
+
+    def test_messages_from_other_gateways_reach_local_members_only_once(self):
+        other = RedisLink("redis://127.0.0.1:1", "c")
+        self.link._received(other._prefixes[1] + b"remote")
+        self.link._received(self.link._prefixes[1] + b"mine")  # our own, back from Redis
+        for peer in self.peers:
+            self.assertEqual(peer.got, [(1, b"remote", True)])
+        self.assertEqual(self.link.received, 1)
