@@ -136,9 +136,16 @@ class _Factory(txredisapi.RedisFactory):
         self.link._down("cannot connect")  # a failed attempt (reported once per outage)
         return super().retryDelay(attempt)
 
-    def connectionError(self, why: str) -> None:  # e.g. AUTH refused: txredisapi stops trying
+    def connectionError(self, why: str) -> None:  # e.g. AUTH refused
         self.link._down(why)
         super().connectionError(why)
+
+    def stopTrying(self) -> defer.Deferred:
+        """txredisapi gives up for good when AUTH is refused; we keep retrying with the
+        backoff (a password or ACL fixed on the Redis side then just works)."""
+        if self.link._stopping:
+            return super().stopTrying()
+        return defer.succeed(None)
 
 
 class RedisLink:
@@ -234,12 +241,26 @@ class RedisLink:
     def _ready(self, protocol: Any) -> None:
         if self._stopping:
             return
-        if isinstance(protocol, _Publisher):
-            self.publisher = protocol
-            protocol.transport.registerProducer(_PublisherFlow(self), True)
-            self._check_up()
+        if isinstance(protocol, _Publisher):  # a PING proves it may publish (no NOAUTH)
+            protocol.ping().addCallbacks(lambda _: self._publishing(protocol),
+                                         lambda failure: self._refused(protocol, failure))
         else:
-            protocol.subscribe([self.channel]).addCallbacks(lambda _: self._subscribed(protocol), _ignore)
+            protocol.subscribe([self.channel]).addCallbacks(lambda _: self._subscribed(protocol),
+                                                            lambda failure: self._refused(protocol, failure))
+
+    def _refused(self, protocol: Any, failure: Any) -> None:
+        """Redis answered with an error (NOAUTH, an ACL refusing the channel): drop the
+        connection and try again after the backoff."""
+        if not self._stopping and protocol.connected:
+            self._down(f"refused: {failure.getErrorMessage()}")
+            protocol.transport.loseConnection()
+
+    def _publishing(self, protocol: _Publisher) -> None:
+        if self._stopping or not protocol.connected:
+            return
+        self.publisher = protocol
+        protocol.transport.registerProducer(_PublisherFlow(self), True)
+        self._check_up()
 
     def _subscribed(self, protocol: _Subscriber) -> None:
         if self._stopping or not protocol.connected:

@@ -48,9 +48,10 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server on a loopback port, no persistence; stop() and start() again on the same port."""
 
-    def __init__(self) -> None:
+    def __init__(self, *args: str) -> None:
         self.binary = redis_server_binary()
         self.port = free_port()
+        self.args = list(args)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -60,7 +61,7 @@ class RedisServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--daemonize", "no", "--loglevel", "warning"],
+             "--daemonize", "no", "--loglevel", "warning", *self.args],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -68,7 +69,7 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                         return
             except OSError:
                 time.sleep(0.02)
@@ -286,6 +287,37 @@ class RedisOutageTests(TwoGateways):
         for client in (c1, c2, a1):
             self.assertEqual((yield self.receive(client, 1)), [b"together"])
         yield self.nothing_more(c1, c2, a1)
+
+
+class AuthTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_a_refused_password_is_retried_until_redis_takes_it(self):
+        redis = RedisServer("--requirepass", "old")
+        redis.start()
+        self.addCleanup(redis.crash)
+        gateway, port = yield start_gateway(self, reflect(f"redis://:new%21@127.0.0.1:{redis.port}",
+                                                          **{"max-reconnect-delay": 0.2}))
+        link = gateway.binding("north_fan_server").redis
+        yield eventually(lambda: "could not auth: WRONGPASS" in gateway.events_text.getvalue())
+        yield wait(0.5)
+        self.assertFalse(link.up)
+        with socket.create_connection(("127.0.0.1", redis.port)) as raw:  # the password changes
+            raw.sendall(b"AUTH old\r\nCONFIG SET requirepass new!\r\n")
+            reply = b""
+            while reply.count(b"\r\n") < 2:
+                reply += raw.recv(64)
+            self.assertEqual(reply, b"+OK\r\n+OK\r\n")
+        yield eventually(lambda: link.up)
+        self.assertIn("BINDING_FAN_REDIS_CONNECTED", gateway.events_text.getvalue())
+
+    @defer.inlineCallbacks
+    def test_no_password_where_one_is_required_is_reported(self):
+        redis = RedisServer("--requirepass", "secret")
+        redis.start()
+        self.addCleanup(redis.crash)
+        gateway, port = yield start_gateway(self, reflect(redis.url, **{"max-reconnect-delay": 0.2}))
+        yield eventually(lambda: "refused: NOAUTH" in gateway.events_text.getvalue())
+        self.assertFalse(gateway.binding("north_fan_server").redis.up)
 
 
 class ConfigTests(unittest.TestCase):
