@@ -184,10 +184,10 @@ class RedisLink:
         if self._factories:
             return
         self._stopping = False
+        from twisted.internet import reactor as default_reactor
         for protocol in (_Publisher, _Subscriber):
             factory = _Factory(self, protocol, self.parts)
             self._factories.append(factory)
-            from twisted.internet import reactor as default_reactor
             endpoint = HostnameEndpoint(self.reactor or default_reactor, self.parts["host"], self.parts["port"],
                                         timeout=CONNECT_TIMEOUT)
             factory.startConnecting(endpoint)
@@ -207,8 +207,13 @@ class RedisLink:
         if publisher is None:
             self.dropped += 1
             return
+        try:
+            sent = publisher.publish(self.channel, self._prefixes[opcode] + payload)
+        except txredisapi.ConnectionError:  # lost in this very turn, before we were told
+            self.dropped += 1
+            return
         self.published += 1
-        publisher.publish(self.channel, self._prefixes[opcode] + payload).addErrback(_ignore)
+        sent.addErrback(_ignore)
 
     def _received(self, message: bytes) -> None:
         if message.startswith(self._own):
