@@ -7,6 +7,7 @@ import sys
 from twisted.python import usage
 
 from zillatw.errors import ConfigError
+from zillatw.reactor import install as install_reactor
 from zillatw.service import DRAIN_TIMEOUT, Gateway, build_gateway
 from zillatw.shutdown import install_when_running
 
@@ -25,6 +26,7 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> Gateway:
+    install_reactor()  # zillatw's epoll reactor, unless `twistd -r` installed one
     try:
         gateway = build_gateway(options["config"], drain_timeout=options["drain-timeout"])
     except ConfigError as e:
