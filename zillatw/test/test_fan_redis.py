@@ -289,6 +289,49 @@ class RedisOutageTests(TwoGateways):
         yield self.nothing_more(c1, c2, a1)
 
 
+class ReloadTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_members_before_and_after_a_reload_stay_one_group(self):
+        """A reload builds a new fan (a new group): through Redis the old one's members and
+        the new one's still get each other's messages, once; the old link goes with its
+        last member."""
+        redis = RedisServer()
+        redis.start()
+        self.addCleanup(redis.crash)
+        config = reflect(redis.url)
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            yaml.safe_dump(config, f)
+        gateway, port = yield start_gateway(self, path)
+        old = gateway.binding("north_fan_server").redis
+        yield eventually(lambda: old.up)
+        before = yield connect_ws(port, protocols=["echo"])
+        config["bindings"]["north_ws_server"]["options"] = {"max-message-size": 4096}
+        with open(path, "w") as f:
+            yaml.safe_dump(config, f)
+        reloaded = yield gateway.reload()
+        self.assertTrue(reloaded, gateway.events_text.getvalue())
+        new = gateway.binding("north_fan_server").redis
+        self.assertIsNot(new, old)
+        yield eventually(lambda: new.up)
+        after = yield connect_ws(port, protocols=["echo"])
+        before.sendMessage(b"from before")
+        after.sendMessage(b"from after")
+        for client in (before, after):
+            got = []
+            for _ in range(2):
+                got.append(b"".join((yield client.messages.get())[1]))
+            self.assertEqual(sorted(got), [b"from after", b"from before"])
+        yield wait(0.3)
+        self.assertEqual((before.messages.pending, after.messages.pending), ([], []))
+        yield close_ws(before)
+        # the retired bindings go once their last connection has (the config watcher prunes them
+        # every interval; here by hand)
+        yield eventually(lambda: gateway.prune_retired() or (old._stopping and not old.up))
+        self.assertTrue(new.up)
+        yield close_ws(after)
+
+
 class AuthTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_a_refused_password_is_retried_until_redis_takes_it(self):
