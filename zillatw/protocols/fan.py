@@ -253,7 +253,10 @@ class FanServer:
 
     def _join(self, group: FanGroup, member: FanMember) -> FanMember:
         group.members[member] = None
+        reading = group.reading
         group._pace()
+        if not reading and not group.reading:  # still held back (Redis full): so is the newcomer
+            member.peer.pauseProducing()
         return member
 
     def _ready(self, group: FanGroup, upstream: IStreamEnd) -> None:

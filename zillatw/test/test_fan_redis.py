@@ -491,8 +491,12 @@ class FlowTests(unittest.TestCase):
     def test_redis_not_keeping_up_pauses_every_member_until_it_does(self):
         self.link._set_full(True)
         self.assertEqual([p.paused for p in self.peers], [True, True])
+        from zillatw.stream import StreamInfo
+        late = FakePeer()
+        self.server.open(StreamInfo(), late)  # joins while Redis is full: held back too
+        self.assertTrue(late.paused)
         self.link._set_full(False)
-        self.assertEqual([p.paused for p in self.peers], [False, False])
+        self.assertEqual([p.paused for p in self.peers + [late]], [False, False, False])
 
     def test_all_members_congested_pauses_the_subscription(self):
         self.members[0].pauseProducing()
