@@ -8,6 +8,7 @@ from twisted.python import usage
 
 from zillatw.errors import ConfigError
 from zillatw.reactor import install as install_reactor
+from zillatw.reload import WATCH_INTERVAL, install_sighup
 from zillatw.service import DRAIN_TIMEOUT, Gateway, build_gateway
 from zillatw.shutdown import install_when_running
 
@@ -23,6 +24,10 @@ class Options(usage.Options):
         ["drain-timeout", None, DRAIN_TIMEOUT, "on SIGTERM/SIGINT, seconds to wait for connections to close "
                                                "after sending 1001 (a second signal exits at once)", float])
     optFlags = [["verbose", "v", "print the resolved configuration before serving"]]
+    # Hot reload and workers: zillatw.reload, zillatw.workers.
+    optParameters += [["workers", "w", 1, "worker processes accepting on the same sockets (a supervisor restarts them)", int],
+                      ["listen-fds", None, None, "(set by the supervisor of -w for its workers)"]]
+    optFlags += [["no-watch", None, "do not poll the configuration file for changes (SIGHUP still reloads)"]]
 
 
 def makeService(options: Options) -> Gateway:
@@ -36,5 +41,14 @@ def makeService(options: Options) -> Gateway:
         sys.stdout.write(gateway.config.dump())
         sys.stdout.flush()
     from twisted.internet import reactor
-    install_when_running(reactor)
+    graceful = install_when_running(reactor)
+    if options["workers"] > 1:
+        from zillatw.workers import make_supervisor
+        return make_supervisor(reactor, gateway, options, graceful)
+    if options["listen-fds"] is not None:
+        from zillatw.workers import become_worker
+        become_worker(reactor, options["listen-fds"], gateway)
+    gateway.watch_interval = None if options["no-watch"] else WATCH_INTERVAL
+    gateway.verbose = options["verbose"]  # print a reloaded configuration too
+    install_sighup(reactor, gateway)
     return gateway
