@@ -35,7 +35,9 @@ def raw_ws(port: int, protocols: str | None = None):
 class EchoBackPressureTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_a_client_that_does_not_read_stops_being_read(self):
-        gateway, port = yield start_gateway(self, chain())
+        # no keepalive pings: this client neither reads nor answers them while it is paused,
+        # and a slow machine can take longer than the ping interval here
+        gateway, port = yield start_gateway(self, chain(ws_options={"ping-interval": 0}))
         client, start = yield raw_ws(port)
         client.transport.pauseProducing()  # the client stops reading its socket
         count = 400  # 25 MiB: more than loopback's socket buffers hold
