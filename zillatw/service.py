@@ -83,7 +83,10 @@ class Gateway(Service):
                 binding.start_service()
         d = defer.gatherResults([server.listen(self.reactor) for server in self.servers()]
                                 + [self.telemetry.listen(self.reactor)], consumeErrors=True)
-        d.addCallbacks(self._started, self._failed)
+        # Announce (event, ready file, `listening`) once the reactor runs: twistd starts
+        # services before reactor.run(), and the drain-on-SIGTERM handlers (zillatw.shutdown)
+        # are installed only then, so whoever acts on "started" may send SIGTERM at once.
+        d.addCallbacks(lambda _: self.reactor.callWhenRunning(self._started, None), self._failed)
         if self.watch_interval and self.source:
             from zillatw.reload import ConfigWatcher
             self._watcher = ConfigWatcher(self, self.watch_interval)
