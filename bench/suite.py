@@ -135,8 +135,10 @@ HANDSHAKE = ("GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n
 
 
 def idle_worker(port: int, n: int, opened, release, results) -> None:
-    """Opens n WebSocket connections (raw asyncio streams: the handshake, then nothing), reports,
-    holds them until `release` is set, then resets them (SO_LINGER 0: no TIME_WAIT)."""
+    """Opens n WebSocket connections (raw asyncio streams: the handshake, then nothing but
+    answering the server's keepalive pings, as zillatw and websockets drop a peer that does not),
+    reports, holds them until `release` is set, reports how many are still open, then resets them
+    (SO_LINGER 0: no TIME_WAIT)."""
     import asyncio
     import socket
     import struct
@@ -146,6 +148,24 @@ def idle_worker(port: int, n: int, opened, release, results) -> None:
     async def main():
         writers, errors = [], []
         gate = asyncio.Semaphore(IDLE_CONCURRENCY)
+        lost = []
+
+        async def keepalive(reader, writer):
+            """Answers pings (a masked pong, mask 0); anything else from the server is skipped."""
+            try:
+                while True:
+                    b0, b1 = await reader.readexactly(2)
+                    length = b1 & 0x7F
+                    if length >= 126:
+                        length = int.from_bytes(await reader.readexactly(2 if length == 126 else 8), "big")
+                    payload = await reader.readexactly(length)
+                    if b0 & 0x0F == 0x9 and length < 126:
+                        writer.write(bytes((0x8A, 0x80 | length)) + b"\0\0\0\0" + payload)
+                    elif b0 & 0x0F == 0x8:
+                        break
+            except (OSError, asyncio.IncompleteReadError):
+                pass
+            lost.append(1)
 
         async def one():
             async with gate:
@@ -157,17 +177,22 @@ def idle_worker(port: int, n: int, opened, release, results) -> None:
                         if not head.startswith(b"HTTP/1.1 101"):
                             raise RuntimeError(head.split(b"\r\n")[0].decode(errors="replace"))
                         writers.append(writer)
+                        tasks.append(asyncio.ensure_future(keepalive(reader, writer)))
                         return
                     except Exception as exc:
                         if attempt == 4:
                             errors.append(f"{type(exc).__name__}: {exc}")
                         await asyncio.sleep(0.2)
 
+        tasks = []
         t0 = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(n)))
         results.put((len(writers), time.perf_counter() - t0, errors[:3]))
         opened.release()
         await asyncio.get_running_loop().run_in_executor(None, release.wait, 600)
+        results.put(len(writers) - len(lost))  # still open
+        for task in tasks:
+            task.cancel()
         for writer in writers:
             try:
                 writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
@@ -189,7 +214,7 @@ def rss_kib(pids: list[int]) -> int:
     return total
 
 
-def open_idle(port: int, count: int, procs_n: int, hold) -> tuple[int, float, list[str]]:
+def open_idle(port: int, count: int, procs_n: int, hold) -> tuple[int, float, list[str], int]:
     """Opens `count` idle connections over procs_n processes; calls hold() while they are open."""
     ctx = multiprocessing.get_context("spawn")
     opened, release, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
@@ -204,6 +229,8 @@ def open_idle(port: int, count: int, procs_n: int, hold) -> tuple[int, float, li
         for _ in workers:
             opened.acquire(timeout=10)
         hold()
+        release.set()
+        still = sum(results.get(timeout=30) for _ in workers)  # connections still open at the release
     finally:
         release.set()
         for w in workers:
@@ -211,7 +238,7 @@ def open_idle(port: int, count: int, procs_n: int, hold) -> tuple[int, float, li
             if w.is_alive():
                 w.kill()
                 w.join()
-    return sum(g[0] for g in got), max(g[1] for g in got), [e for g in got for e in g[2]]
+    return sum(g[0] for g in got), max(g[1] for g in got), [e for g in got for e in g[2]], still
 
 
 def measure_idle(tmp: Path, name: str) -> dict:
@@ -229,12 +256,12 @@ def measure_idle(tmp: Path, name: str) -> dict:
             sample["after"] = rss_kib(pids)
             sample["alive"] = server.poll() is None
 
-        opened, seconds, errors = open_idle(port, IDLE_CONNECTIONS, IDLE_PROCESSES, hold)
+        opened, seconds, errors, still = open_idle(port, IDLE_CONNECTIONS, IDLE_PROCESSES, hold)
     finally:
         procs.stop()
     after = sample.get("after", before)
     return {"opened": opened, "seconds": seconds, "errors": errors, "before": before, "after": after,
-            "per_conn": (after - before) / max(1, opened), "alive": sample.get("alive", False)}
+            "per_conn": (after - before) / max(1, opened), "alive": sample.get("alive", False), "still": still}
 
 
 # ---------------------------------------------------------------- main
@@ -397,7 +424,8 @@ def main() -> int:
         mine = idle.get("zillatw echo")
         for name, r in idle.items():
             ratio = f"{mine['per_conn'] / r['per_conn']:.2f}x" if mine and name != "zillatw echo" and r["per_conn"] > 0 else ""
-            note = ("" if r["alive"] else "  (server died)") + (f"  errors: {'; '.join(r['errors'])}" if r["errors"] else "")
+            note = ("" if r["alive"] else "  (server died)") + (
+                f"  ({r['opened'] - r['still']} closed by the server while held)" if r["still"] != r["opened"] else "") + (f"  errors: {'; '.join(r['errors'])}" if r["errors"] else "")
             print(f"{name:<15}{r['opened']:>7}{r['seconds']:>8.1f}s{r['before'] / 1024:>10.1f}Mi{r['after'] / 1024:>9.1f}Mi"
                   f"{r['per_conn']:>10.2f}{r['min']:>8.2f}-{r['max']:<5.2f}{ratio:>14}{note}")
         print()
