@@ -232,6 +232,7 @@ class WsServerProtocol(StreamRelay, WebSocketServerProtocol):
         raise ConnectionDeny(failure.value.status, failure.value.reason)
 
     def onOpen(self) -> None:
+        self.shed_handshake_state()
         self.factory.handshaking.discard(self)
         self.factory.connections.add(self)
 
@@ -370,6 +371,7 @@ class WsClientProtocol(StreamRelay, WebSocketClientProtocol):
                                       f"expected {self.protocol_wanted!r}")
 
     def onOpen(self) -> None:
+        self.shed_handshake_state()
         peer, self.peer_waiting = self.peer_waiting, None
         if self.opened.called:  # too late: the downstream already got its 504
             self.sendCloseFrame(1001, b"downstream gave up")

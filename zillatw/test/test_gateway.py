@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import yaml
 from twisted.internet import defer
@@ -28,6 +29,20 @@ class EchoTests(unittest.TestCase):
             self.assertEqual((got_binary, b"".join(frames)), (binary, payload))
         result = yield close_ws(client)
         self.assertEqual(result[:2], (True, 1000))
+
+    @defer.inlineCallbacks
+    def test_an_open_connection_lets_go_of_its_handshake_state(self):
+        # idle connections are most of a gateway's memory (bench/suite.py measures it)
+        client = yield connect_ws(self.port, path="/some/path?with=query")
+        (server,) = self.gateway.binding("ws0").connections
+        self.assertEqual([server.http_headers, server.http_request_data, server.http_response_data,
+                          server._wskey], [None] * 4)
+        self.assertLess(sys.getsizeof(server.send_queue), 100)
+        client.sendMessage(b"still works", isBinary=True)
+        self.assertEqual((yield client.messages.get()), (True, [b"still works"]))
+        server.sendMessage(b"chopped", isBinary=True, sync=True)  # Autobahn's delayed-write queue
+        self.assertEqual((yield client.messages.get()), (True, [b"chopped"]))
+        yield close_ws(client)
 
     @defer.inlineCallbacks
     def test_fragments_keep_their_boundaries(self):
