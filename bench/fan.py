@@ -26,18 +26,17 @@ import argparse
 import collections
 import multiprocessing
 import os
-import queue
 import statistics
 import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 # bench/proxy.py's process handling and CPU accounting
-from proxy import HERE, ROOT, Procs, cpu_seconds, family, free_port, human, start_zillatw, wait_listening
+from proxy import (HERE, ROOT, Procs, family, free_port, human, run_window, start_zillatw,
+                   wait_listening)
 
 MEMBERS = 100
 PROCESSES = 2
@@ -182,36 +181,11 @@ def measure(urls: list[str], size: int, publishers: int, window: int, warmup: fl
     workers = [ctx.Process(target=fan_worker, daemon=True,
                            args=(members, index, acked, size, window, warmup, seconds, barrier, results))
                for index, members in enumerate(plan(urls, publishers))]
-    for w in workers:
-        w.start()
-    cpu: dict[str, float] = {}
-    try:
-        try:
-            barrier.wait(timeout=120)
-        except threading.BrokenBarrierError:
-            problems = []
-            while True:
-                try:
-                    problems.append(results.get(timeout=5)[4])
-                except queue.Empty:
-                    break
-            raise RuntimeError("load generator failed: " + "; ".join(filter(None, problems))) from None
-        pids = {name: [p for pid in pid_list for p in family(pid)] for name, pid_list in watch.items()}
-        pids["load"] = [w.pid for w in workers]
-        time.sleep(0.2 + warmup)
-        t0, before = time.perf_counter(), {name: cpu_seconds(p) for name, p in pids.items()}
-        time.sleep(seconds)
-        elapsed = time.perf_counter() - t0
-        after = {name: cpu_seconds(p) for name, p in pids.items()}
-        for name in pids:
-            cpu[name] = 100 * (after[name][0] - before[name][0]) / elapsed
-        got = [results.get(timeout=warmup + seconds + 60) for _ in workers]
-    finally:
-        for w in workers:
-            w.join(5)
-            if w.is_alive():
-                w.kill()
-                w.join()
+    got, cpu, _ = run_window(
+        workers, barrier, results,
+        lambda: {**{name: [p for pid in pids for p in family(pid)] for name, pids in watch.items()},
+                 "load": [w.pid for w in workers]},
+        0.2 + warmup, seconds, "fan load generator")
     problems = [g[4] for g in got if g[4]]
     if problems:
         raise RuntimeError("; ".join(problems))

@@ -40,7 +40,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -242,17 +244,15 @@ def family(pid: int) -> list[int]:
     return [pid, *map(int, kids)]
 
 
-def measure(url: str, size: int, warmup: float, seconds: float, watch: dict[str, int],
-            payload: bytes | None = None) -> dict:
-    """Runs the load; watch names processes (pid) whose CPU use in the window is reported, in %."""
-    ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(PROCESSES + 1), ctx.Queue()
-    share = [CONNECTIONS // PROCESSES + (i < CONNECTIONS % PROCESSES) for i in range(PROCESSES)]
-    workers = [ctx.Process(target=load_worker, daemon=True,
-                           args=(url, n, size, warmup, seconds, barrier, results, payload)) for n in share]
+def run_window(workers: list, barrier: Any, results: Any, watched: Callable[[], dict[str, list[int]]],
+               warmup: float, seconds: float, what: str) -> tuple[list, dict[str, float], float]:
+    """Start the load processes, wait until they are all connected (the barrier), warm up, then
+    measure `seconds`: -> (each worker's result tuple, CPU % in the window for each watched
+    name and "<name> wait" for its time runnable but waiting for a CPU, the window's length).
+    A worker that fails before the start fails the run with its problem."""
     for w in workers:
         w.start()
-    cpu = {}
+    cpu: dict[str, float] = {}
     started = threading.Event()
 
     def watchdog() -> None:  # a worker that dies before the start must not leave us waiting
@@ -273,9 +273,8 @@ def measure(url: str, size: int, warmup: float, seconds: float, watch: dict[str,
                     problems.append(results.get(timeout=5)[4])
                 except queue.Empty:
                     break
-            raise RuntimeError(f"load generator against {url} failed: "
-                               + "; ".join(filter(None, problems))) from None
-        pids = {name: family(pid) for name, pid in watch.items()}
+            raise RuntimeError(f"{what} failed: " + "; ".join(filter(None, problems))) from None
+        pids = watched()
         time.sleep(warmup)
         t0, before = time.perf_counter(), {name: cpu_seconds(p) for name, p in pids.items()}
         time.sleep(seconds)
@@ -291,6 +290,19 @@ def measure(url: str, size: int, warmup: float, seconds: float, watch: dict[str,
             if w.is_alive():
                 w.kill()
                 w.join()
+    return got, cpu, elapsed
+
+
+def measure(url: str, size: int, warmup: float, seconds: float, watch: dict[str, int],
+            payload: bytes | None = None) -> dict:
+    """Runs the load; watch names processes (pid) whose CPU use in the window is reported, in %."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(PROCESSES + 1), ctx.Queue()
+    share = [CONNECTIONS // PROCESSES + (i < CONNECTIONS % PROCESSES) for i in range(PROCESSES)]
+    workers = [ctx.Process(target=load_worker, daemon=True,
+                           args=(url, n, size, warmup, seconds, barrier, results, payload)) for n in share]
+    got, cpu, _ = run_window(workers, barrier, results, lambda: {name: family(pid) for name, pid in watch.items()},
+                             warmup, seconds, f"load generator against {url}")
     problems = [g[4] for g in got if g[4]]
     if problems:
         raise RuntimeError("; ".join(problems))
