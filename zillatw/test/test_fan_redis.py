@@ -12,7 +12,7 @@ import subprocess
 import time
 
 import yaml
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from zillatw.fanredis import RedisLink, parse_url
@@ -403,27 +403,13 @@ class WorkerTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_workers_of_one_host_form_one_group_without_duplicates(self):
-        from zillatw.test.test_tap import ENV, ROOT as REPO, TWISTD, Collect
-        from zillatw.test.test_workers import alive, server_pid, worker_pids
+        from zillatw.test.test_workers import server_pid, spawn_workers, worker_pids
         redis = RedisServer()
         redis.start()
         self.addCleanup(redis.crash)
         config = reflect(redis.url)
         port = config["bindings"]["north_tcp_server"]["options"]["port"] = free_port()
-        path = os.path.abspath(self.mktemp())
-        with open(path, "w") as f:
-            yaml.safe_dump(config, f)
-        child = Collect()
-        process = reactor.spawnProcess(child, TWISTD[0], TWISTD + ["-n", "--pidfile=", "zillaws", "-c", path,
-                                                                   "-w", "2"], env=ENV, path=REPO)
-
-        def kill_all():
-            for pid in worker_pids(child.out).values():
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
-            if not child.ended.called:
-                process.signalProcess(signal.SIGKILL)
-        self.addCleanup(kill_all)
+        child, process, _ = spawn_workers(self, config, 2)
         yield eventually(lambda: child.out.count(b"BINDING_FAN_REDIS_CONNECTED") >= 2 or child.ended.called,
                          timeout=30)
         self.assertEqual(child.out.count(b"BINDING_FAN_REDIS_CONNECTED"), 2, child.out)

@@ -53,26 +53,33 @@ def alive(pid):
         return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def spawn_workers(case: unittest.TestCase, config: dict, workers: int, *args: str):
+    """`twistd zillaws -w N` on `config` (written to a temp file), killed with all its workers
+    when the test ends. -> (Collect, process transport, the config file's path)"""
+    path = os.path.abspath(case.mktemp())
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    child = Collect()
+    process = reactor.spawnProcess(child, TWISTD[0], TWISTD + ["-n", "--pidfile=", "zillaws", "-c", path,
+                                                               "-w", str(workers), *args], env=ENV, path=ROOT)
+
+    def kill_all():
+        for pid in worker_pids(child.out).values():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if not child.ended.called:
+            process.signalProcess(signal.SIGKILL)
+    case.addCleanup(kill_all)
+    return child, process, path
+
+
 class WorkerTests(unittest.TestCase):
     @defer.inlineCallbacks
     def start(self, workers=2, *args):
         self.port = free_port()
         config = chain()
         config["bindings"]["tcp0"]["options"]["port"] = self.port
-        self.path = os.path.abspath(self.mktemp())
-        with open(self.path, "w") as f:
-            yaml.safe_dump(config, f)
-        child = Collect()
-        process = reactor.spawnProcess(child, TWISTD[0], TWISTD + ["-n", "--pidfile=", "zillaws", "-c", self.path,
-                                                                   "-w", str(workers), *args], env=ENV, path=ROOT)
-
-        def kill_all():
-            for pid in worker_pids(child.out).values():
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
-            if not child.ended.called:
-                process.signalProcess(signal.SIGKILL)
-        self.addCleanup(kill_all)
+        child, process, self.path = spawn_workers(self, config, workers, *args)
         yield eventually(lambda: child.out.count(b"listening") >= workers or child.ended.called, timeout=30)
         self.assertEqual(child.out.count(b"ENGINE_STARTED"), workers, child.out)
         return child, process
