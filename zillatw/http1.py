@@ -13,6 +13,15 @@ from dataclasses import dataclass, field
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _VERSION = re.compile(rb"^HTTP/(\d)\.(\d)$")
+# RFC 9110 §5.5: a field value is visible characters, obs-text, SP and HTAB; any other
+# control byte (VT, FF, the C0 range, DEL) makes it invalid. Refusing them also keeps every
+# later reader of the head from splitting a line where this parser did not.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9112 §3.2.1 origin-form: an absolute path and an optional query, visible ASCII only.
+_ORIGIN_FORM = re.compile(r"^/[\x21-\x7e]*$")
+# RFC 9110 §7.2 / RFC 3986 §3.2.2: the Host is a host and an optional port, nothing more (no
+# userinfo, no path); reg-name kept to the characters DNS names and IPv4 addresses use.
+_HOST = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~]+)(?::(\d{1,5}))?$")
 
 REASONS = {
     101: "Switching Protocols", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
@@ -40,6 +49,8 @@ class Request:
     # header names lower-cased; duplicates joined with ", " as Zilla does
     headers: dict[str, str] = field(default_factory=dict)
     raw_head: bytes = b""
+    # the target as it may be logged or answered (credentials redacted); set by the http server
+    shown_target: str = ""
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)
@@ -54,6 +65,23 @@ def render_response(status: int, reason: str = "", headers: tuple[tuple[str, str
     if body:
         lines.append("Content-Type: text/plain; charset=utf-8")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def check_origin_form(target: str) -> None:
+    """Refuse a request target that is not origin-form (`/path?query`): the absolute form
+    (`http://host/x`), the asterisk form and authority-like targets (`@host/x`) could choose
+    what a proxy's upstream request names."""
+    if "#" in target or not _ORIGIN_FORM.match(target):
+        raise HttpError(400, "the request target must be a path (origin-form, starting with '/')")
+
+
+def check_host(host: str | None) -> None:
+    """Refuse a Host that is not `host[:port]` (RFC 9110 §7.2)."""
+    if host is None:
+        return
+    match = _HOST.match(host)
+    if match is None or (match.group(1) is not None and int(match.group(1)) > 65535):
+        raise HttpError(400, "the Host header must be a host name or address and an optional port")
 
 
 class RequestHeadParser:
@@ -131,11 +159,17 @@ class RequestHeadParser:
                 raise HttpError(400, "obsolete header line folding is not allowed")
             name, colon, value = line.partition(b":")
             if not colon or not _TOKEN.match(name):
-                raise HttpError(400, f"malformed header line {line[:40].decode('latin-1')!r}")
+                # Name only what cannot be a credential: a malformed line may hold a token.
+                shown = re.match(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{0,32}", line).group().decode("ascii")
+                raise HttpError(400, f"malformed header line (starting {shown!r})" if shown
+                                else "malformed header line")
             count += 1
             if count > self.max_headers:
                 raise HttpError(431, f"more than {self.max_headers} request headers")
             key = name.decode("ascii").lower()
-            text = value.strip(b" \t").decode("latin-1")
+            value = value.strip(b" \t")
+            if _CONTROL.search(value):
+                raise HttpError(400, f"the {key} header contains a control character")
+            text = value.decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
         return Request(method_text, target.decode("latin-1"), (major, minor), headers, raw_head)

@@ -29,6 +29,24 @@ from zillatw.guards import Authorization, Rejected, Session
 
 log = Logger()
 PLACEHOLDER = "{credentials}"
+REDACTED = "REDACTED"
+# Query parameters that carry credentials by convention (README shows `access_token` for
+# browsers): redacted in what is logged or answered even where no authorization names them.
+CONVENTIONAL_SECRETS = frozenset({"access_token", "id_token", "token", "jwt", "auth", "authorization",
+                                  "api_key", "apikey", "password", "secret"})
+
+
+def redact_target(target: str, secret_params: frozenset[str] = CONVENTIONAL_SECRETS) -> str:
+    """The request target as it may be logged or echoed: the values of query parameters
+    that carry credentials (names compared case-insensitively) replaced by REDACTED."""
+    path, mark, query = target.partition("?")
+    if not mark:
+        return target
+    parts = []
+    for part in query.split("&"):
+        name, eq, _ = part.partition("=")
+        parts.append(f"{name}={REDACTED}" if eq and unquote(name).lower() in secret_params else part)
+    return f"{path}?{'&'.join(parts)}"
 
 
 def credentials_pattern(pattern: str, capture: str = r"[^\s]+") -> re.Pattern[str]:
@@ -89,6 +107,7 @@ class HttpAuthorization:
     def __init__(self, guard: Any, credentials: Mapping[str, Mapping[str, str]]):
         self.guard = guard
         self.finder = CredentialsFinder(credentials)
+        self.secret_params = CONVENTIONAL_SECRETS | {name.lower() for name in credentials.get("query") or {}}
 
     def authorize(self, headers: Mapping[str, str], trace_id: int = 0) -> "Authorization | Deferred[Authorization]":
         """What the request's credentials are worth; a Deferred while the guard fetches keys."""

@@ -328,9 +328,9 @@ def metered_open(open_: Any, m: BindingMetrics | None, count_received: bool = Tr
     return open
 
 
-def _ws_details(info: Any) -> str:
+def _ws_details(info: Any, shown_path: str) -> str:
     scheme = {"http": "ws", "https": "wss"}.get(info.scheme, info.scheme)
-    return f"{info.identity or '-'} GET {scheme}://{info.authority or ''}{info.path or ''} {info.protocol or '-'}"
+    return f"{info.identity or '-'} GET {scheme}://{info.authority or ''}{shown_path} {info.protocol or '-'}"
 
 
 def _instrument_ws_server(server: Any, m: BindingMetrics | None, events: BindingEvents | None) -> None:
@@ -349,14 +349,14 @@ def _instrument_ws_server(server: Any, m: BindingMetrics | None, events: Binding
             if events is not None:
                 events.rejected(trace_id, e.status, e.reason)
             raise
-        info = connection.info
+        info, shown_path = connection.info, connection.shown_path  # the path with credentials redacted
         on_open = on_refused = None
         if events is not None:
             def on_open() -> None:
-                events.accepted(trace_id, _ws_details(info))
+                events.accepted(trace_id, _ws_details(info, shown_path))
 
             def on_refused(refusal: StreamRefused) -> None:
-                events.rejected(trace_id, refusal.status, refusal.reason, info.identity)
+                events.rejected(trace_id, refusal.status, refusal.logged, info.identity)
         exit_ = connection.stream_exit
         connection.stream_exit = _Exit(metered_open(exit_.open, m, False, on_open, on_refused))
         return connection

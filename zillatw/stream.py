@@ -40,12 +40,19 @@ class StreamInfo:
 
 
 class StreamRefused(Exception):
-    """An exit declines a stream; the HTTP status is what the client's handshake gets."""
+    """An exit declines a stream; the HTTP status is what the client's handshake gets.
+    `reason` is for the client (short, nothing internal); `detail`, if any, only for the
+    event log (say, why the upstream could not be reached)."""
 
-    def __init__(self, status: int = 404, reason: str = "Not Found"):
+    def __init__(self, status: int = 404, reason: str = "Not Found", detail: str = ""):
         super().__init__(status, reason)
         self.status = status
         self.reason = reason
+        self.detail = detail
+
+    @property
+    def logged(self) -> str:
+        return f"{self.reason} ({self.detail})" if self.detail else self.reason
 
 
 class IStreamEnd(IPushProducer):
@@ -70,6 +77,14 @@ class IHttpExit(Interface):
 
     def accept_request(request: Any, transport: Any) -> Any:
         """Return the protocol that takes the connection, or an HttpResponse refusing it."""
+
+
+class IHttpConnection(Interface):
+    """The protocol an IHttpExit returns: it takes the connection after the request head."""
+
+    def take_over(request: Any, rest: bytes) -> None:
+        """Called once, after makeConnection: `request` is the head the http server parsed
+        (the one to act on), `rest` the bytes that followed it."""
 
 
 class IBytesExit(Interface):

@@ -46,8 +46,9 @@ def check_upgrade(request: Request) -> None:
         raise HttpError(400, "an upgrade request must not have a body")
     if headers.get("sec-websocket-version") != "13":
         got = headers.get("sec-websocket-version")
+        # RFC 9110 §15.5.22: a 426 names the protocol to upgrade to.
         raise HttpError(426, "Sec-WebSocket-Version 13 is required" + (f", got {got}" if got else ""),
-                        (("Sec-WebSocket-Version", "13"),))
+                        (("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")))
     key = headers.get("sec-websocket-key")
     if key is None:
         raise HttpError(400, "the Sec-WebSocket-Key header is missing")
@@ -57,6 +58,28 @@ def check_upgrade(request: Request) -> None:
         decoded = b""
     if len(decoded) != 16:
         raise HttpError(400, "Sec-WebSocket-Key must be 16 bytes in base64")
+
+
+# The headers the WebSocket layer acts on. Each is a list of ASCII tokens (RFC 6455 §4.1,
+# §11.3), and only these are handed on: what that layer reads is what check_upgrade read.
+HANDSHAKE_HEADERS = ("host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version",
+                     "sec-websocket-protocol", "sec-websocket-extensions")
+_VISIBLE_ASCII = re.compile(r"^[\x20-\x7e]*$")
+
+
+def handshake_head(request: Request) -> bytes:
+    """The request head the WebSocket layer is given: rendered anew from the parsed request
+    (CRLF line ends, one line per header), never the client's own bytes, so it cannot find a
+    header, a line end or a second request that zillatw's parser did not."""
+    lines = [f"GET {request.target} HTTP/1.1"]
+    for name in HANDSHAKE_HEADERS:
+        value = request.headers.get(name)
+        if value is None:
+            continue
+        if not _VISIBLE_ASCII.match(value):
+            raise HttpError(400, f"the {name} header must be ASCII")
+        lines.append(f"{name}: {value}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 
 
 def offered_protocols(header: str | None) -> list[str]:

@@ -68,7 +68,12 @@ class StreamRelay:
     # refuse (bad UTF-8, limits, encoding), is left to Autobahn, which parses it from the
     # same bytes: the fast path consumes nothing it does not relay.
 
+    _held: bytearray | None = None  # a server's bytes before its 101 (WsServerProtocol.hold)
+
     def dataReceived(self, data: bytes) -> None:
+        if self._held is not None:
+            self.hold(data)  # type: ignore[attr-defined]
+            return
         # Autobahn's dataReceived formats the arguments of a debug log line on every call.
         self._dataReceived(data)
 

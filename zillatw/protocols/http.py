@@ -13,18 +13,20 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IAddress, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from zillatw.config import BindingConfig, Route
 from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, permits
-from zillatw.httpauth import PLACEHOLDER, HttpAuthorization
-from zillatw.http1 import HttpError, Request, RequestHeadParser, render_response
+from zillatw.httpauth import CONVENTIONAL_SECRETS, PLACEHOLDER, HttpAuthorization, redact_target
+from zillatw.http1 import HttpError, Request, RequestHeadParser, check_host, check_origin_form, render_response
 from zillatw.matching import Matcher, matcher
 from zillatw.schema import FORBIDDEN, NAME, route_schema
 from zillatw.stream import StreamRefused
 from zillatw.telemetry import Events, next_trace_id
 
 HEAD_TIMEOUT = 10.0  # seconds for a client to send its request head (slowloris)
+log = Logger()
 
 SCHEMA_PATCH = {
     "properties": {
@@ -189,6 +191,8 @@ class HttpServer(Factory):
         self.reactor = reactor
         self.route = HeaderRoutes(routes, namespace).route
         self.authorization = authorization
+        # query parameters whose values are never logged nor answered
+        self.secret_params = authorization.secret_params if authorization is not None else CONVENTIONAL_SECRETS
         self.pending: set[HttpServerProtocol] = set()  # connections still reading their head
 
     def going_away(self) -> None:
@@ -236,6 +240,13 @@ class HttpServerProtocol(Protocol):
 
     def _dispatch(self, request: Request) -> None:
         factory = self.factory
+        try:
+            check_origin_form(request.target)
+            check_host(request.headers.get("host"))
+        except HttpError as e:
+            self._refuse(e.status, e.reason, e.headers)
+            return
+        request.shown_target = redact_target(request.target, factory.secret_params)
         secure = ISSLTransport.providedBy(self.transport)
         headers = pseudo_headers(request, secure)
         if factory.authorization is None:
@@ -265,7 +276,7 @@ class HttpServerProtocol(Protocol):
         exit_ = factory.route(headers, session)
         if exit_ is None:
             status, text = authorization.refusal
-            self._refuse(status, f"no route for {request.method} {request.target}" if status == 404 else text,
+            self._refuse(status, f"no route for {request.method} {request.shown_target}" if status == 404 else text,
                          (("WWW-Authenticate", "Bearer"),) if status == 401 else ())
             return
         try:
@@ -274,20 +285,26 @@ class HttpServerProtocol(Protocol):
         except HttpError as e:
             self._refuse(e.status, e.reason, e.headers)
             return
+        except Exception:  # a bug must cost this request, never the client a traceback or a hang
+            log.failure("zillatw: {binding} failed to route request {trace_id:016x}",
+                        binding=factory.name, trace_id=self.trace_id)
+            self._refuse(500, "internal error")
+            return
         identity = session.identity if session is not None and session.identity is not None else "-"
         factory.events.emit(factory.namespace, factory.name, self.trace_id, "BINDING_HTTP_REQUEST_ACCEPTED",
                             f"{identity} {request.method} {headers[':scheme']}://{headers.get(':authority', '')}"
-                            f"{request.target}")
+                            f"{request.shown_target}")
         # The exit's protocol takes the socket: Twisted calls our dataReceived and
-        # connectionLost, so bind theirs in our place and replay what we have read.
+        # connectionLost, so bind theirs in our place. It is given the request we parsed
+        # (never the client's bytes to parse again) and what followed it.
         factory.pending.discard(self)
         self.dataReceived = taken.dataReceived  # type: ignore[method-assign]
         self.connectionLost = taken.connectionLost  # type: ignore[method-assign]
         if session is not None and session.expires_at != math.inf:
             self._expire_at(session.expires_at, taken)
+        rest, self._parser = self._parser.rest, None
         taken.makeConnection(self.transport)
-        taken.dataReceived(request.raw_head + self._parser.rest)
-        self._parser = None
+        taken.take_over(request, rest)
 
     def _expire_at(self, when: float, taken: Any) -> None:
         """End the connection when its session expires: the exit's `session_expired()` (the

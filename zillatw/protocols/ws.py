@@ -24,13 +24,13 @@ from twisted.python.failure import Failure
 
 from zillatw.config import BindingConfig, Route
 from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, permits
-from zillatw.http1 import HttpError, Request
+from zillatw.http1 import HttpError, Request, render_response
 from zillatw.matching import matcher
 from zillatw.schema import FORBIDDEN, route_schema
-from zillatw.stream import ABNORMAL, IStreamEnd, IStreamExit, StreamInfo, StreamRefused
+from zillatw.stream import ABNORMAL, IHttpConnection, IStreamEnd, IStreamExit, StreamInfo, StreamRefused
 from zillatw.validation import MESSAGES, check_models, validating_routes  # noqa: F401 - check_models: config's hook
 from zillatw.wsstream import ReactorTimer, StreamRelay
-from zillatw.wshandshake import check_upgrade, offered_protocols, select_route
+from zillatw.wshandshake import check_upgrade, handshake_head, offered_protocols, select_route
 
 MAX_MESSAGE_SIZE = 1024 * 1024
 CLOSE_TIMEOUT = 2.0  # seconds to wait for the peer's close frame before dropping
@@ -38,6 +38,12 @@ PING_INTERVAL = 20.0  # seconds between server pings (keepalive), as the `websoc
 PING_TIMEOUT = 20.0  # seconds a ping may go unanswered before the connection is dropped; 0: never
 GOING_AWAY = 1001  # the close code of a shutting-down gateway (RFC 6455 §7.4.1)
 UPSTREAM_TIMEOUT = 10.0  # seconds for an upstream to connect and answer its handshake
+# Seconds from the upgrade request to the 101: the exit's own limit answers first (a ws
+# client's timeout, 504); this one bounds any exit that never answers.
+OPEN_TIMEOUT = 60.0
+# Bytes a client may send before its 101 (they are WebSocket frames, held until the stream
+# opens); beyond this the connection stops being read until then.
+PENDING_LIMIT = 64 * 1024
 _FIELDS = ("protocol", "scheme", "authority", "path")
 
 SERVER_OPTIONS = {
@@ -124,6 +130,8 @@ class WsServer(WebSocketServerFactory):
                  max_connections: int = 0, allowed_origins: list[str] | None = None, reactor: Any = None):
         super().__init__()
         self._batched_timer = ReactorTimer(reactor)
+        self.reactor = self._batched_timer.reactor
+        self.server = None  # no Server header naming the library in the 101
         self.name = name
         self.namespace = namespace
         self.connections: set[WsServerProtocol] = set()  # open ones, for shutdown and stats
@@ -173,6 +181,7 @@ class WsServer(WebSocketServerFactory):
         connection.factory = self
         connection.stream_exit = exit_
         connection.trace_id = trace_id  # the request's, for this connection's later events (validation)
+        connection.shown_path = request.shown_target or path  # for events: credentials redacted
         connection.info = StreamInfo(protocol, scheme, authority, path,
                                      session.identity if session is not None else None)
         self.handshaking.add(connection)
@@ -200,15 +209,38 @@ def _accept_deflate(offers: list[Any]) -> Any:
     return None
 
 
+@implementer(IHttpConnection)
 class WsServerProtocol(StreamRelay, WebSocketServerProtocol):
-    """One client's WebSocket connection, and the stream end its exit writes to."""
+    """One client's WebSocket connection, and the stream end its exit writes to.
+
+    Opening: the http server hands over the request it parsed (`take_over`); the WebSocket
+    layer is given that request rendered anew, never the client's bytes. Until the exit has
+    opened the stream and the 101 is out, what the client sends is held here (bounded, then
+    reading pauses), so it can only ever be WebSocket frames of this one connection."""
 
     factory: WsServer
     stream_exit: Any
     info: StreamInfo
+    shown_path = ""
     masked_in, masked_out = True, False  # RFC 6455 §5.1
+    _opening: Deferred | None = None
+    _open_timer: Any = None
+    _paused_pending = False
+    _answered = False  # a refusal was written
 
     # ---- opening: the 101 goes out once the exit has accepted the stream
+
+    def take_over(self, request: Request, rest: bytes) -> None:
+        self._held = bytearray(rest)
+        self._open_timer = self.factory.reactor.callLater(OPEN_TIMEOUT, self._open_timed_out)
+        self._dataReceived(handshake_head(request))
+
+    def hold(self, data: bytes) -> None:
+        held = self._held
+        held += data
+        if len(held) > PENDING_LIMIT and not self._paused_pending and self.transport is not None:
+            self._paused_pending = True
+            self.transport.pauseProducing()
 
     def onConnect(self, request: Any) -> Any:
         try:
@@ -216,27 +248,72 @@ class WsServerProtocol(StreamRelay, WebSocketServerProtocol):
         except StreamRefused as e:
             raise ConnectionDeny(e.status, e.reason) from None
         if isinstance(opened, Deferred):
+            self._opening = opened
             return opened.addCallbacks(self._opened, self._refused)
         return self._opened(opened)
 
     def _opened(self, peer: IStreamEnd) -> str | None:
+        self._opening = None
         if self.transport is None or self.state == self.STATE_CLOSED:
             peer.stream_end(ABNORMAL, "client went away during the handshake")
-            return None
+            raise ConnectionDeny(499, "client went away")  # nothing is written: see failHandshake
         self.stream_peer = peer
         self.transport.registerProducer(peer, True)
         return self.info.protocol
 
     def _refused(self, failure: Failure) -> None:
+        self._opening = None
+        if failure.check(CancelledError):  # the client left first; nothing to answer
+            raise ConnectionDeny(499, "client went away")
         failure.trap(StreamRefused)
         raise ConnectionDeny(failure.value.status, failure.value.reason)
 
+    def _open_timed_out(self) -> None:
+        self._open_timer = None
+        if self.state == self.STATE_CONNECTING:
+            self.failHandshake(f"the stream did not open within {OPEN_TIMEOUT:g} s", 504)
+            opening, self._opening = self._opening, None
+            if opening is not None:
+                opening.cancel()  # the exit lets go of what it was opening
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        """Every refusal of an opening handshake is the gateway's own response (Autobahn's
+        has no body, names the library and puts internal error text in the status line),
+        and there is one per connection."""
+        self._cancel_open_timer()
+        if self.transport is None or self.state == self.STATE_CLOSED or self._answered:
+            return
+        self._answered = True
+        self.wasNotCleanReason = reason
+        if code >= 500 and code not in (502, 503, 504):
+            reason = "internal error"  # unexpected: Autobahn's text would carry the exception
+        self.transport.write(render_response(code, reason, tuple(responseHeaders or ())))
+        self.dropConnection(abort=False)
+
+    def _cancel_open_timer(self) -> None:
+        timer, self._open_timer = self._open_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
     def onOpen(self) -> None:
+        self._cancel_open_timer()
         self.shed_handshake_state()
         self.factory.handshaking.discard(self)
         self.factory.connections.add(self)
+        held, self._held = self._held, None
+        if held:
+            # Autobahn goes on with what it holds once onOpen returns: these are the first frames.
+            self.data += bytes(held)
+        if self._paused_pending:
+            self._paused_pending = False
+            self.transport.resumeProducing()
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._cancel_open_timer()
+        self._held = None
+        opening, self._opening = self._opening, None
+        if opening is not None:
+            opening.cancel()  # the client left before the exit opened: the upstream goes now
         self.factory.handshaking.discard(self)
         self.factory.connections.discard(self)
         super().onClose(wasClean, code, reason)
@@ -301,6 +378,8 @@ class WsClient:
                                          protocols=[info.protocol] if info.protocol else [])
         factory.protocol = WsClientProtocol
         factory.noisy = False  # one factory per upstream connection: no start/stop log lines
+        factory.useragent = None  # no User-Agent naming the library upstream
+        factory.upstream = None  # the WsClientProtocol, once connected
         factory._batched_timer = self.timer
         factory.setProtocolOptions(
             echoCloseCodeReason=True, failByDrop=False, autoFragmentSize=0,
@@ -308,7 +387,13 @@ class WsClient:
             openHandshakeTimeout=self.timeout, closeHandshakeTimeout=CLOSE_TIMEOUT,
             perMessageCompressionOffers=[PerMessageDeflateOffer()] if self.permessage_deflate else [],
             perMessageCompressionAccept=_accept_deflate_response)
-        opened: Deferred = Deferred()
+        def cancel(_: Deferred) -> None:
+            # The downstream left (or gave up): the upstream goes at once, connected or not.
+            upstream = factory.upstream
+            if upstream is not None and upstream.transport is not None:
+                upstream.transport.abortConnection()
+
+        opened: Deferred = Deferred(canceller=cancel)
         factory.stream = (peer, info.protocol, opened)
         factory.tracked = self.connections
         headers = {":scheme": info.scheme or "http", ":authority": authority, ":path": info.path or "/"}
@@ -337,7 +422,7 @@ def _accept_deflate_response(response: Any) -> Any:
 
 def _upstream_timed_out(opened: Deferred, seconds: float) -> None:
     if not opened.called:
-        opened.errback(StreamRefused(504, f"upstream did not answer within {seconds:g} s"))
+        opened.errback(StreamRefused(504, "upstream timed out", f"no answer within {seconds:g} s"))
 
 
 def _connect_failed(failure: Failure, opened: Deferred) -> None:
@@ -346,19 +431,21 @@ def _connect_failed(failure: Failure, opened: Deferred) -> None:
     if failure.check(StreamRefused):
         opened.errback(failure)
     elif failure.check(error.TimeoutError):
-        opened.errback(StreamRefused(504, "upstream did not accept the connection in time"))
+        opened.errback(StreamRefused(504, "upstream timed out", "the connection was not accepted in time"))
     elif not failure.check(CancelledError):
-        opened.errback(StreamRefused(502, f"upstream unreachable: {failure.getErrorMessage()}"))
+        opened.errback(StreamRefused(502, "upstream unreachable", failure.getErrorMessage()))
 
 
 class WsClientProtocol(StreamRelay, WebSocketClientProtocol):
     """One upstream WebSocket connection, and the stream end the ws server writes to."""
 
     masked_in, masked_out = False, True  # RFC 6455 §5.1
+    refusal_detail = ""  # why we refused the upstream's 101, for the event log
 
     def connectionMade(self) -> None:
         self.peer_waiting, self.protocol_wanted, self.opened = self.factory.stream
         self.factory.tracked.add(self)
+        self.factory.upstream = self
         super().connectionMade()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
@@ -367,8 +454,8 @@ class WsClientProtocol(StreamRelay, WebSocketClientProtocol):
 
     def onConnect(self, response: Any) -> None:
         if response.protocol != self.protocol_wanted:  # both absent is fine
-            raise ConnectionDeny(502, f"upstream selected subprotocol {response.protocol!r}, "
-                                      f"expected {self.protocol_wanted!r}")
+            self.refusal_detail = f"it selected subprotocol {response.protocol!r}, expected {self.protocol_wanted!r}"
+            raise ConnectionDeny(502, self.refusal_detail)
 
     def onOpen(self) -> None:
         self.shed_handshake_state()
@@ -382,8 +469,12 @@ class WsClientProtocol(StreamRelay, WebSocketClientProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if not self.opened.called:
-            status = 504 if self.wasOpenHandshakeTimeout else 502
-            self.opened.errback(StreamRefused(status, f"upstream refused the WebSocket handshake: {reason}"))
+            if self.wasOpenHandshakeTimeout:
+                refusal = StreamRefused(504, "upstream timed out", "no answer to the WebSocket handshake in time")
+            else:
+                refusal = StreamRefused(502, "upstream refused the WebSocket handshake",
+                                        self.refusal_detail or reason or "")
+            self.opened.errback(refusal)
         super().onClose(wasClean, code, reason)
 
 

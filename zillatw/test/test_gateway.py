@@ -172,7 +172,8 @@ class HandshakeTests(unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
         config = chain(ws_routes=[{"when": [{"path": "/echo*"}], "exit": "echo"}])
-        config["bindings"]["http0"]["routes"] = [{"when": [{"headers": {":path": "/*"}}], "exit": "ws0"}]
+        config["bindings"]["http0"]["routes"] = [{"when": [{"headers": {":path": "/e*"}}], "exit": "ws0"},
+                                                 {"when": [{"headers": {":path": "/o*"}}], "exit": "ws0"}]
         self.gateway, self.port = yield start_gateway(self, config)
 
     @defer.inlineCallbacks
@@ -214,7 +215,7 @@ class HandshakeTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_no_http_route_is_404_and_closes(self):
-        headers, _ = yield self._status(upgrade_request("nopath"), 404)
+        headers, _ = yield self._status(upgrade_request("/nowhere"), 404)
         self.assertEqual(headers["connection"], "close")
 
     @defer.inlineCallbacks

@@ -259,18 +259,34 @@ class MalformedTests(unittest.SynchronousTestCase):
 
     def test_header_without_colon_is_400(self):
         self.assertStatus(b"GET / HTTP/1.1\r\nHost localhost\r\n\r\n", 400,
-                          "malformed header line 'Host localhost'")
+                          "malformed header line (starting 'Host')")
 
     def test_whitespace_before_the_colon_is_400(self):
         self.assertStatus(b"GET / HTTP/1.1\r\nHost : localhost\r\n\r\n", 400,
-                          "malformed header line 'Host : localhost'")
+                          "malformed header line (starting 'Host')")
 
     def test_empty_header_name_is_400(self):
-        self.assertStatus(b"GET / HTTP/1.1\r\n: value\r\n\r\n", 400, "malformed header line ': value'")
+        self.assertStatus(b"GET / HTTP/1.1\r\n: value\r\n\r\n", 400, "malformed header line")
 
-    def test_malformed_header_line_quoted_up_to_40_bytes(self):
+    def test_malformed_header_line_names_at_most_32_bytes_of_its_name(self):
         error = error_of(b"GET / HTTP/1.1\r\n" + b"x" * 100 + b"\r\n\r\n")
-        self.assertEqual(error.reason, f"malformed header line {'x' * 40!r}")
+        self.assertEqual(error.reason, f"malformed header line (starting {'x' * 32!r})")
+
+    def test_a_malformed_credentials_line_is_not_quoted(self):
+        # a line without its colon may still carry a token: only the name part is named
+        error = error_of(b"GET / HTTP/1.1\r\nAuthorization Bearer eyJsecret.token\r\n\r\n")
+        self.assertEqual(error.reason, "malformed header line (starting 'Authorization')")
+
+    def test_control_characters_in_a_value_are_400(self):
+        # RFC 9110 §5.5; VT and FF are also line breaks to str.splitlines(), where a second
+        # reader of the head would see a header this parser did not
+        for byte in (b"\x0b", b"\x0c", b"\x1c", b"\x1e", b"\x7f", b"\x01"):
+            head = b"GET / HTTP/1.1\r\nHost: x\r\nX-A: one" + byte + b"sec-websocket-extensions: x\r\n\r\n"
+            self.assertStatus(head, 400, "the x-a header contains a control character")
+
+    def test_obs_text_and_tabs_in_a_value_are_kept(self):
+        request = RequestHeadParser().feed(b"GET / HTTP/1.1\r\nX-A: caf\xe9\x85\tend\r\n\r\n")
+        self.assertEqual(request.headers["x-a"], "caf\xe9\x85\tend")
 
     def test_bare_cr_is_400(self):
         reason = "bare CR or NUL in the request head"

@@ -82,12 +82,12 @@ class CheckUpgradeTests(unittest.SynchronousTestCase):
     def test_wrong_version_is_426_naming_13(self):
         error = self.refusal(request({"sec-websocket-version": "8"}))
         self.assertEqual((error.status, error.reason), (426, "Sec-WebSocket-Version 13 is required, got 8"))
-        self.assertEqual(error.headers, (("Sec-WebSocket-Version", "13"),))
+        self.assertEqual(error.headers, (("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")))
 
     def test_missing_version_is_426_naming_13(self):
         error = self.refusal(request({"sec-websocket-version": None}))
         self.assertEqual((error.status, error.reason), (426, "Sec-WebSocket-Version 13 is required"))
-        self.assertEqual(error.headers, (("Sec-WebSocket-Version", "13"),))
+        self.assertEqual(error.headers, (("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")))
 
     def test_version_list_is_426(self):
         self.assertEqual(self.refusal(request({"sec-websocket-version": "13, 8"})).status, 426)
