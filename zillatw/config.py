@@ -19,7 +19,8 @@ import jsonschema
 import yaml
 
 from zillatw.errors import ConfigError, did_you_mean
-from zillatw.schema import KINDS, engine_schema
+from zillatw.guards import check_roles
+from zillatw.schema import FORBIDDEN, KINDS, engine_schema
 
 _EXPRESSION = re.compile(r"\$\{\{\s*([a-zA-Z0-9_.\-#]+)\s*\}\}")
 
@@ -139,12 +140,31 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, 
         where = f"{document.get('name', f'documents[{index}]')}: " if prefix_names else ""
         errors = sorted(validator.iter_errors(document), key=lambda e: list(map(str, e.absolute_path)))
         enum_paths = [tuple(e.absolute_path) for e in errors if e.validator == "enum"]
+        # The engine's schema and a type's patch both refuse an unknown key: report the
+        # patch's, whose list of expected keys is the narrower (the one that applies).
+        unknown: dict[tuple[Any, ...], jsonschema.ValidationError] = {}
         for error in errors:
+            if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
+                known = error.schema.get("properties", {})
+                at = (tuple(error.absolute_path), frozenset(k for k in error.instance if k not in known))
+                if at not in unknown or _served(known) < _served(unknown[at].schema.get("properties", {})):
+                    unknown[at] = error
+        chosen = {id(e) for e in unknown.values()}
+        # A key the engine refuses with a reason may also be forbidden by the type: the reason.
+        refused = {tuple(e.absolute_path) for e in errors if e.validator == "not" and "x-refused" in e.schema}
+        for error in errors:
+            if error.validator == "additionalProperties" and id(error) not in chosen:
+                continue
+            if error.validator == "not" and "x-refused" not in error.schema and tuple(error.absolute_path) in refused:
+                continue
             # A kind outside Zilla's fails the engine's enum and the type's narrower one: say it once.
             if error.validator == "enum" and error.schema["enum"] == KINDS and \
                     enum_paths.count(tuple(error.absolute_path)) > 1:
                 continue
-            problems.append(where + _describe(error, document))
+            problem = where + _describe(error, document)
+            # The engine's schema and a type's patch may both refuse the same key: say it once.
+            if problem not in problems:
+                problems.append(problem)
     if problems:
         raise ConfigError(problems)
 
@@ -227,11 +247,17 @@ def _binding_of(error: jsonschema.ValidationError, document: Mapping[str, Any]) 
     return ""
 
 
+def _served(properties: Mapping[str, Any]) -> int:
+    """How many of a schema's keys zillatw takes (refused ones are not offered in errors)."""
+    return sum(1 for v in properties.values() if not (isinstance(v, Mapping) and "x-refused" in v))
+
+
 def _describe(error: jsonschema.ValidationError, document: Mapping[str, Any]) -> str:
     path, schema, value = _path_of(error), error.schema, error.instance
     kind = error.validator
     if kind == "additionalProperties" and isinstance(value, Mapping):
-        allowed = list(schema.get("properties", {}))
+        allowed = [k for k, v in schema.get("properties", {}).items()
+                   if not (isinstance(v, Mapping) and ("x-refused" in v or v == FORBIDDEN))]
         extra = [k for k in value if k not in allowed]
         if len(extra) == 1 and not allowed:
             return f"{_join(path, extra[0])}: not allowed here"
@@ -250,6 +276,12 @@ def _describe(error: jsonschema.ValidationError, document: Mapping[str, Any]) ->
             return (f"{path}: {where.rsplit(' ', 2)[0]} binding cannot be of kind '{value}' "
                     f"(expected {' or '.join(options)})")
         return f"{path}: expected one of {', '.join(map(str, options))}, got '{value}'{did_you_mean(value, options)}"
+    if kind == "not" and "x-refused" in schema:
+        return f"{path}: {schema['x-refused']}"
+    if kind == "uniqueItems" and isinstance(value, list):
+        for index, item in enumerate(value):
+            if item in value[:index]:
+                return f"{path}[{index}]: {item!r} is listed twice (also at {path}[{value.index(item)}])"
     if kind == "not" and schema == {"not": {}}:
         where = _binding_of(error, document)
         return f"{path}: not allowed" + (f" for {where}" if where else " here")
@@ -325,6 +357,10 @@ SUPPORTED_CATALOGS: tuple[str, ...] = ("inline", "apicurio-registry", "apicurio"
                                         "confluent-schema-registry", "karapace-schema-registry")
 
 
+# Why a binding's routes take no `guarded` (a module may say better, as UNGUARDED_WHY).
+_UNGUARDED_WHY = "no session reaches it; guard the routes of the http or ws server in front of it"
+
+
 def _cross_check(config: Config, types: Mapping[str, BindingType], prefix: bool) -> Iterable[str]:
     names = [ns.name for ns in config.namespaces]
     if len(set(names)) != len(names):
@@ -361,9 +397,15 @@ def _cross_check(config: Config, types: Mapping[str, BindingType], prefix: bool)
                 if route.exit is not None:
                     epath = rpath if is_binding_exit else f"{rpath}.exit"
                     yield from _check_exit(epath, route.exit, binding, everything, types, emits, ns.name)
-                for guard in route.guarded:
+                if route.guarded and binding.kind not in getattr(module, "GUARDED_KINDS", ()):
+                    why = getattr(module, "UNGUARDED_WHY", _UNGUARDED_WHY)
+                    yield (f"{rpath}.guarded: the routes of {_a(binding.type)} {binding.kind} cannot be guarded "
+                           f"in this zillatw ({why})")
+                for guard, roles in route.guarded.items():
                     if guard not in ns.guards:
                         yield f"{rpath}.guarded: no guard named '{guard}'{did_you_mean(guard, ns.guards)}"
+                    for index, problem in check_roles(roles):
+                        yield f"{rpath}.guarded.{guard}[{index}]: {problem}"
             check = getattr(module, "check", None)
             if check is not None:
                 for subpath, message in check(binding):

@@ -3,6 +3,9 @@
 As in Zilla, the engine schema knows the shape common to every binding and each binding
 type brings a patch (its module's SCHEMA_PATCH) that narrows kinds, options and routes.
 `x-expect` is ours: the phrase an error shows when an anyOf/oneOf does not match.
+`x-refused` is ours too: a key Zilla knows that zillatw refuses, with the reason the error
+gives (see refused()); docs/config-reference.md lists every key, and a test walks this
+schema to keep the two in step.
 """
 
 from __future__ import annotations
@@ -17,6 +20,12 @@ EXPORTER_TYPES = ["stdout", "prometheus", "otlp", "syslog", "aws-cloudwatch"]
 NAME = {"type": "string", "pattern": NAME_PATTERN}
 # A key a binding type forbids. (A bare `false` schema would lose the key from error paths.)
 FORBIDDEN = {"not": {}}
+
+
+def refused(reason: str) -> dict[str, Any]:
+    """A key Zilla's schema allows but zillatw does not serve: any value is an error that
+    names the key and says why (never accepted and ignored)."""
+    return {"not": {}, "x-refused": reason}
 
 PORT = {"type": "integer", "minimum": 0, "maximum": 65535}
 PORT_SPEC = {
@@ -56,16 +65,29 @@ def route_schema(condition: Mapping[str, Any] | bool = True,
     }
 
 
-def _typed_section() -> dict[str, Any]:
+def _typed_section(**extra: Mapping[str, Any]) -> dict[str, Any]:
+    """guards, vaults, catalogs: `type`, `options` and the keys Zilla's engine adds, no others."""
     return named_map({
         "type": "object",
         "required": ["type"],
-        "properties": {"type": {"type": "string"}, "options": {"type": "object"}},
+        "additionalProperties": False,
+        "properties": {"type": {"type": "string"}, "options": {"type": "object"}, **extra},
     })
 
 
-def _guard_section(patches: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    section = _typed_section()
+GUARD_EXTRAS = {
+    "kind": refused("not supported by this zillatw (Zilla's engine schema has it; no guard type uses it)"),
+    "store": refused("not supported by this zillatw (a jwt guard keeps its sessions in memory)"),
+}
+CATALOG_EXTRAS = {
+    "vault": refused("not supported by this zillatw yet (a registry over https is verified with the "
+                     "system's CAs)"),
+}
+STORES = named_map(refused("not supported by this zillatw yet (no binding served here uses a store)"))
+
+
+def _guard_section(patches: Mapping[str, Mapping[str, Any]], **extra: Mapping[str, Any]) -> dict[str, Any]:
+    section = _typed_section(**extra)
     section["additionalProperties"]["allOf"] = [
         {"if": {"properties": {"type": {"const": name}}, "required": ["type"]}, "then": patch}
         for name, patch in sorted(patches.items())
@@ -97,7 +119,7 @@ def engine_schema(patches: Mapping[str, Mapping[str, Any]],
                 },
             },
             "catalog": {"type": "object"},
-            "entry": {"type": "string"},
+            "entry": refused("only for the remote_client and remote_server kinds, which no zillatw binding has"),
         },
         "allOf": [
             {"if": {"properties": {"type": {"const": name}}, "required": ["type"]}, "then": patch}
@@ -112,16 +134,16 @@ def engine_schema(patches: Mapping[str, Mapping[str, Any]],
         "properties": {
             "name": NAME,
             "bindings": named_map(binding),
-            "guards": _guard_section(guard_patches or {}),
+            "guards": _guard_section(guard_patches or {}, **GUARD_EXTRAS),
             "vaults": _typed_section(),
-            "catalogs": _guard_section(catalog_patches or {}),
-            "stores": _typed_section(),
+            "catalogs": _guard_section(catalog_patches or {}, **CATALOG_EXTRAS),
+            "stores": STORES,
             "telemetry": {
                 "type": "object",
                 "additionalProperties": False,
                 "properties": {
                     "attributes": {"type": "object"},
-                    "metrics": {"type": "array", "items": {"type": "string"}},
+                    "metrics": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
                     "exporters": named_map({
                         "type": "object",
                         "required": ["type"],
@@ -129,6 +151,7 @@ def engine_schema(patches: Mapping[str, Mapping[str, Any]],
                         "properties": {
                             "type": {"type": "string", "enum": EXPORTER_TYPES},
                             "options": {"type": "object"},
+                            "vault": refused("not supported by this zillatw (no exporter here needs keys)"),
                         },
                     }),
                 },

@@ -7,15 +7,19 @@ One module per guard type, as for bindings (zillatw.protocols). Each module give
 - build(namespace, name, options, graph): the guard object (see Guard).
 
 A Session is what a guard grants for one set of credentials: who (identity), which roles,
-until when. Routes test it with `permits(route.guarded, session)`, as Zilla does: every guard
-a route names must have authorized the session, with every role the route lists.
+until when. Routes test it with `permits(route.guarded, session, namespace, headers)`, as
+Zilla does: every guard a route names must have authorized the session, with every role the
+route lists. A role may be dynamic (Zilla's "dynamic guarded routes"): `${method}` and
+`${path}` are replaced with the request's before the check, so `${method}${path}` asks a
+token for the role `GET/items` on `GET /items`.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Protocol
@@ -79,15 +83,47 @@ class Authorization:
 NO_AUTHORIZATION = Authorization(guarded=False)
 
 
-def permits(guarded: Mapping[str, tuple[str, ...]], session: Session | None, namespace: str) -> bool:
-    """Zilla's route check: every guard named authorized the session, with all the roles."""
+# The placeholders of a dynamic role, and the request header each is replaced with.
+ROLE_PLACEHOLDERS = {"${method}": ":method", "${path}": ":path"}
+_PLACEHOLDER = re.compile(r"\$\{[^}]*\}")
+
+
+def check_roles(roles: tuple[str, ...] | list[str]) -> Iterator[tuple[int, str]]:
+    """(index, problem) for each role with a placeholder Zilla does not resolve."""
+    for index, role in enumerate(roles):
+        for placeholder in _PLACEHOLDER.findall(role):
+            if placeholder not in ROLE_PLACEHOLDERS:
+                from zillatw.errors import did_you_mean
+                yield index, (f"unknown placeholder '{placeholder}'{did_you_mean(placeholder, ROLE_PLACEHOLDERS)} "
+                              f"(a dynamic role may use {' and '.join(ROLE_PLACEHOLDERS)})")
+
+
+def resolve_role(role: str, headers: Mapping[str, str] | None) -> str:
+    """The role a request asks for: `${method}` is its method, `${path}` its path without the
+    query (Zilla substitutes the whole :path, query included, so a `?access_token=` would
+    make the role unmatchable). Without a request a dynamic role stays as written, which no
+    token should hold."""
+    if headers is None or "${" not in role:
+        return role
+    values = {"${method}": headers.get(":method", ""), "${path}": headers.get(":path", "").partition("?")[0]}
+    for placeholder, value in values.items():
+        role = role.replace(placeholder, value)
+    return role
+
+
+def permits(guarded: Mapping[str, tuple[str, ...]], session: Session | None, namespace: str,
+            headers: Mapping[str, str] | None = None) -> bool:
+    """Zilla's route check: every guard named authorized the session, with all the roles,
+    dynamic ones resolved against the request's `headers` (pseudo-headers included)."""
     if not guarded:
         return True
     if session is None:
         return False
     for guard, roles in guarded.items():
         qualified = guard if ":" in guard else f"{namespace}:{guard}"
-        if qualified != session.guard or not session.roles.issuperset(roles):
+        if qualified != session.guard:
+            return False
+        if not all(resolve_role(role, headers) in session.roles for role in roles):
             return False
     return True
 

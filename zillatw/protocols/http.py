@@ -7,7 +7,8 @@ receives the socket's bytes directly: this binding adds no call per message.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
@@ -21,7 +22,7 @@ from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, permits
 from zillatw.httpauth import CONVENTIONAL_SECRETS, PLACEHOLDER, HttpAuthorization, redact_target
 from zillatw.http1 import HttpError, Request, RequestHeadParser, check_host, check_origin_form, render_response
 from zillatw.matching import Matcher, matcher
-from zillatw.schema import FORBIDDEN, NAME, route_schema
+from zillatw.schema import FORBIDDEN, NAME, refused, route_schema
 from zillatw.stream import StreamRefused
 from zillatw.telemetry import Events, next_trace_id
 
@@ -36,7 +37,7 @@ SCHEMA_PATCH = {
             "type": "object",
             "additionalProperties": False,
             "properties": {
-                "versions": {"type": "array", "items": {"enum": ["http/1.1", "h2"]}},
+                "versions": {"type": "array", "minItems": 1, "items": {"enum": ["http/1.1", "h2"]}},
                 "access-control": {"type": "object"},
                 "authorization": {
                     "type": "object",
@@ -54,7 +55,7 @@ SCHEMA_PATCH = {
                         }},
                     },
                 },
-                "overrides": {"type": "object", "additionalProperties": {"type": "string"}},
+                "overrides": {"type": "object", "minProperties": 1, "additionalProperties": {"type": "string"}},
                 "requests": {"type": "array"},
                 # zillatw's extension: seconds from accept to a complete request head (408)
                 "head-timeout": {"type": "number", "exclusiveMinimum": 0},
@@ -64,17 +65,52 @@ SCHEMA_PATCH = {
             "type": "object",
             "additionalProperties": False,
             "properties": {"headers": {"type": "object", "additionalProperties": {"type": "string"}}},
-        })},
+        }, with_=refused("not supported by this zillatw yet (options.overrides applies after every route)"))},
     },
 }
 STREAMS = {"server": ("bytes", "http"), "client": ("http", "bytes")}
 NOT_YET = {"requests": "request validation"}
+GUARDED_KINDS = ("server",)  # the client's routes see no session
+UNGUARDED_WHY = "the session stays with the servers in front of it: guard the ws or http server's routes"
+H2_NOT_SERVED = "zillatw serves http/1.1; h2 is not served yet"
+
+# What an override may set. On the server, after routing, only what its exit (a ws server)
+# reads of the request: a header nothing reads would be accepted and ignored. On the client,
+# the upstream upgrade request's target, authority and extra headers.
+SERVER_OVERRIDES = frozenset({":scheme", ":authority", ":path", "origin"})
+CLIENT_PSEUDO_OVERRIDES = frozenset({":authority", ":path"})
+HANDSHAKE_HEADERS = frozenset({"host", "upgrade", "connection", "content-length", "transfer-encoding",
+                               "sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol",
+                               "sec-websocket-extensions", "sec-websocket-accept"})
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+def _check_overrides(binding: BindingConfig) -> Iterator[tuple[str, str]]:
+    for name, value in (binding.options.get("overrides") or {}).items():
+        where, lowered = f"options.overrides.{name}", name.lower()
+        if any(c in value for c in "\r\n\0"):
+            yield where, "a header value cannot hold CR, LF or NUL"
+        if lowered in HANDSHAKE_HEADERS:
+            yield where, ("override ':authority' instead" if lowered == "host"
+                          else "a header of the WebSocket handshake itself cannot be overridden")
+        elif binding.kind == "server" and lowered not in SERVER_OVERRIDES:
+            yield where, (f"an http server's overrides reach its exit, a ws server, which reads only "
+                          f"{', '.join(sorted(SERVER_OVERRIDES))} of a request (as Zilla's ws server, it passes "
+                          "no other header on)")
+        elif binding.kind == "client" and lowered.startswith(":") and lowered not in CLIENT_PSEUDO_OVERRIDES:
+            yield where, (f"an upstream upgrade request takes {' and '.join(sorted(CLIENT_PSEUDO_OVERRIDES))} "
+                          "of the pseudo-headers (its method is GET, its scheme the tls binding's)")
+        elif not lowered.startswith(":") and not _TOKEN.match(name):
+            yield where, f"'{name}' is not a valid header name"
 
 
 def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
+    if "h2" in binding.options.get("versions", ()):
+        yield "options.versions", H2_NOT_SERVED
+    yield from _check_overrides(binding)
     if binding.kind == "client":
         for key in binding.options:
-            if key != "versions":
+            if key not in ("versions", "overrides"):
                 yield f"options.{key}", "not supported on an http client by this zillatw yet"
         if not binding.routes:
             yield "routes", "an http client needs 'exit' or routes with an exit"
@@ -85,8 +121,6 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
     policy = (binding.options.get("access-control") or {}).get("policy", "same-origin")
     if policy != "same-origin":
         yield "options.access-control.policy", f"'{policy}' is not supported yet (expected same-origin)"
-    if "h2" in binding.options.get("versions", ["http/1.1"]) and "http/1.1" not in binding.options["versions"]:
-        yield "options.versions", "zillatw serves http/1.1 only (WebSocket over h2 is not supported)"
     if not binding.routes:
         yield "routes", "an http server needs 'exit' or routes with an exit"
     authorizations = binding.options.get("authorization") or {}
@@ -149,7 +183,7 @@ class HeaderRoutes:
     def route(self, headers: dict[str, str], session: Session | None = None) -> Any | None:
         """The first route's exit whose headers match and whose guards the session satisfies."""
         for alternatives, exit_, guarded in self._routes:
-            if guarded and not permits(guarded, session, self._namespace):
+            if guarded and not permits(guarded, session, self._namespace, headers):
                 continue  # Zilla: a failing guard falls through to the next route
             if not alternatives or any(all(match(headers.get(name)) for name, match in conditions)
                                        for conditions in alternatives):
@@ -161,9 +195,15 @@ class HttpClient:
     """The http client binding: picks the exit (tcp client) for an upstream request. The
     upgrade request itself is written by the ws client's protocol."""
 
-    def __init__(self, name: str, routes: list[tuple[Route, Any]]):
+    def __init__(self, name: str, routes: list[tuple[Route, Any]], overrides: Mapping[str, str] | None = None):
         self.name = name
         self._routes = HeaderRoutes(routes)
+        self.overrides = dict(overrides or {})
+
+    def request_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
+        """The upstream request's headers after `options.overrides` (Zilla applies them when
+        it writes the request; the route and the connection follow the request as asked)."""
+        return {**headers, **self.overrides}
 
     def connect(self, factory: Any, headers: dict[str, str], timeout: float) -> Any:
         exit_ = self._routes.route(headers)
@@ -180,8 +220,9 @@ class HttpServer(Factory):
     def __init__(self, name: str, routes: list[tuple[Route, Any]], namespace: str = "default",
                  events: Events | None = None, head_timeout: float = HEAD_TIMEOUT,
                  max_header_bytes: int = 8192, reactor: Any = None,
-                 authorization: HttpAuthorization | None = None):
+                 authorization: HttpAuthorization | None = None, overrides: Mapping[str, str] | None = None):
         self.name = name
+        self.overrides = dict(overrides or {})  # set on a request once routed, as Zilla
         self.namespace = namespace
         self.events = events or Events()
         self.head_timeout = head_timeout
@@ -279,6 +320,8 @@ class HttpServerProtocol(Protocol):
             self._refuse(status, f"no route for {request.method} {request.shown_target}" if status == 404 else text,
                          (("WWW-Authenticate", "Bearer"),) if status == 401 else ())
             return
+        if factory.overrides:
+            headers.update(factory.overrides)  # after routing: the exit sees the overridden request
         try:
             extra = {} if authorization is NO_AUTHORIZATION else {"authorization": authorization}
             taken = exit_.accept_request(request, headers, self.transport, trace_id=self.trace_id, **extra)
@@ -359,10 +402,12 @@ def _discard(data: bytes) -> None:
 
 def build(binding: BindingConfig, graph: Any) -> HttpServer | HttpClient:
     routes = [(route, graph.binding(route.exit)) for route in binding.routes]
+    overrides = {name.lower(): value for name, value in (binding.options.get("overrides") or {}).items()}
     if binding.kind == "client":
-        return HttpClient(binding.name, routes)
+        return HttpClient(binding.name, routes, overrides)
     authorization = None
     for guard, config in (binding.options.get("authorization") or {}).items():
         authorization = HttpAuthorization(graph.guard(f"{binding.namespace}:{guard}"), config["credentials"])
     return HttpServer(binding.name, routes, namespace=binding.namespace, events=graph.events(binding.namespace),
-                      head_timeout=binding.options.get("head-timeout", HEAD_TIMEOUT), authorization=authorization)
+                      head_timeout=binding.options.get("head-timeout", HEAD_TIMEOUT), authorization=authorization,
+                      overrides=overrides)

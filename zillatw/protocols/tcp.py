@@ -37,7 +37,8 @@ SCHEMA_PATCH = {
             "properties": {
                 "host": {"type": "string"},
                 "port": PORT_SPEC,
-                "backlog": {"type": "integer", "minimum": 0},
+                # Zilla's parser reads it (its schema refuses it): the listen() queue, default 50
+                "backlog": {"type": "integer", "minimum": 1},
                 # zillatw: any Twisted server endpoint string, e.g. "unix:/run/zilla.sock" or "systemd:domain=INET:index=0"
                 "endpoint": {"type": "string"},
             },
@@ -56,6 +57,8 @@ SCHEMA_PATCH = {
     "then": {"properties": {"exit": FORBIDDEN}},
 }
 STREAMS = {"server": (None, "bytes"), "client": ("bytes", None)}
+BACKLOG = 50  # Twisted's default, and what Java's bind() uses for Zilla's backlog 0
+UNGUARDED_WHY = "a tcp connection carries no credentials; guard the routes of the http server behind it"
 
 
 def parse_ports(spec: Any) -> list[int]:
@@ -156,12 +159,12 @@ class TcpServer:
     """A tcp server binding: its routes, and the listeners it opens."""
 
     def __init__(self, name: str, routes: Iterable[tuple[Route, Any]], host: str | None = None,
-                 ports: Iterable[int] = (), endpoint: str | None = None, backlog: int = 50):
+                 ports: Iterable[int] = (), endpoint: str | None = None, backlog: int = BACKLOG):
         self.name = name
         self.host = host
         self.ports = list(ports)
         self.endpoint = endpoint
-        self.backlog = backlog or 50
+        self.backlog = backlog
         # (conditions, exit factory) in route order; an empty condition list matches all
         self._routes = [([_Condition(dict(w)) for w in route.when], exit_) for route, exit_ in routes]
         self.listeners: list[Listener] = []
@@ -293,4 +296,4 @@ def build(binding: BindingConfig, graph: Any) -> TcpServer | TcpClient:
     return TcpServer(
         binding.name, routes, host=options.get("host"),
         ports=parse_ports(options["port"]) if "port" in options else (),
-        endpoint=options.get("endpoint"), backlog=options.get("backlog", 50))
+        endpoint=options.get("endpoint"), backlog=options.get("backlog", BACKLOG))

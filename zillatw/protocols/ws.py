@@ -10,6 +10,7 @@ and zillatw.wsstream relays the stream's fragments.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from autobahn.twisted.websocket import (WebSocketClientFactory, WebSocketClientProtocol, WebSocketServerFactory,
@@ -93,6 +94,8 @@ SCHEMA_PATCH = {
     }}},
 }
 STREAMS = {"server": ("http", "messages"), "client": ("messages", "http")}
+GUARDED_KINDS = ("server",)  # the http server's session reaches the ws server only
+UNGUARDED_WHY = "the session stays with the ws server in front of it: guard that server's routes"
 
 
 class WsRoutes:
@@ -106,11 +109,13 @@ class WsRoutes:
             self._routes.append((alternatives, exit_, route.guarded))
 
     def resolve(self, protocol: str | None, scheme: str | None, authority: str | None,
-                path: str | None, session: Session | None = None) -> tuple[int, Any] | None:
+                path: str | None, session: Session | None = None,
+                headers: Mapping[str, str] | None = None) -> tuple[int, Any] | None:
         """The first route (index, exit) whose conditions match and whose guards the session
-        satisfies, as Zilla's resolve()."""
+        satisfies, as Zilla's resolve(); dynamic roles are resolved against the request's
+        `headers` (Zilla's ws binding leaves them as written)."""
         for index, (alternatives, exit_, guarded) in enumerate(self._routes):
-            if guarded and not permits(guarded, session, self._namespace):
+            if guarded and not permits(guarded, session, self._namespace, headers):
                 continue
             if not alternatives or any(p(protocol) and s(scheme) and a(authority) and q(path)
                                        for p, s, a, q in alternatives):
@@ -168,7 +173,7 @@ class WsServer(WebSocketServerFactory):
         scheme, authority, path = headers[":scheme"], headers.get(":authority"), headers[":path"]
         session = authorization.session
         chosen = select_route(offered_protocols(headers.get("sec-websocket-protocol")),
-                              lambda protocol: self.resolve(protocol, scheme, authority, path, session))
+                              lambda protocol: self.resolve(protocol, scheme, authority, path, session, headers))
         if chosen is None:
             status, text = authorization.refusal  # 401/403 when unauthorized, as the http server
             if status != 404:
@@ -374,8 +379,12 @@ class WsClient:
         if found is None:
             raise StreamRefused(404, f"no route of ws client {self.name} for this stream")
         authority = info.authority or "localhost"
-        factory = WebSocketClientFactory(f"ws://{authority}{info.path or '/'}",
-                                         protocols=[info.protocol] if info.protocol else [])
+        headers = {":scheme": info.scheme or "http", ":authority": authority, ":path": info.path or "/"}
+        # The http client's overrides change the request written upstream, not where it goes.
+        request = getattr(found[1], "request_headers", dict)(headers)
+        factory = WebSocketClientFactory(f"ws://{request[':authority']}{request[':path']}",
+                                         protocols=[info.protocol] if info.protocol else [],
+                                         headers={k: v for k, v in request.items() if not k.startswith(":")})
         factory.protocol = WsClientProtocol
         factory.noisy = False  # one factory per upstream connection: no start/stop log lines
         factory.useragent = None  # no User-Agent naming the library upstream
@@ -396,7 +405,6 @@ class WsClient:
         opened: Deferred = Deferred(canceller=cancel)
         factory.stream = (peer, info.protocol, opened)
         factory.tracked = self.connections
-        headers = {":scheme": info.scheme or "http", ":authority": authority, ":path": info.path or "/"}
         timeout = self.reactor.callLater(self.timeout, _upstream_timed_out, opened, self.timeout)
         connecting = found[1].connect(factory, headers, self.timeout)
         connecting.addErrback(_connect_failed, opened)
