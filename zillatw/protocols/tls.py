@@ -484,7 +484,7 @@ class _Attempt:
         text = (state.problem if state else None) or _reason_text(reason)
         event = (state.event if state else None) or _classify(text)
         self.client.emit(state.trace_id if state else 0, event, f"{self.server_name or '-'} {text}")
-        self.done.errback(StreamRefused(502, f"TLS with upstream {self.server_name or ''} failed: {text}"))
+        self.done.errback(StreamRefused(502, "upstream TLS failed", f"with {self.server_name or '-'}: {text}"))
 
     def _cancel(self, d: defer.Deferred) -> None:
         if self.state is not None:

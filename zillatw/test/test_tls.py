@@ -521,9 +521,10 @@ class ProxyOverTlsTests(TlsTestCase):
         gateway, port = yield start_gateway(self, config)
         data = yield raw_tls_exchange(port, client_tls(self.pki.ca), upgrade_request("/", {"Host": "localhost"}))
         status, headers, body = split_response(data)
-        # the status line carries the reason, as for every refusal of the proxy
-        self.assertEqual(status, "HTTP/1.1 502 TLS with upstream backend.test failed: certificate does not "
-                                 "match 'backend.test' (it is for: localhost, 127.0.0.1)")
+        # the client is told what failed, the event log why
+        self.assertEqual((status, body), ("HTTP/1.1 502 Bad Gateway", b"upstream TLS failed\n"))
+        self.assertIn("BINDING_WS_REQUEST_REJECTED - 502 upstream TLS failed (with backend.test: certificate does "
+                      "not match 'backend.test' (it is for: localhost, 127.0.0.1))", gateway.events_text.getvalue())
         self.assertEqual(upstream.requests, [])  # nothing was sent to an unverified upstream
         self.assertIn("test:south_tls_client", gateway.events_text.getvalue())
         self.assertIn("BINDING_TLS_PEER_NOT_VERIFIED - backend.test certificate does not match 'backend.test'",
@@ -543,7 +544,8 @@ class ProxyOverTlsTests(TlsTestCase):
         config["bindings"]["south_tcp_client"]["options"]["port"] = rogue_port
         gateway, port = yield start_gateway(self, config)
         data = yield raw_tls_exchange(port, client_tls(self.pki.ca), upgrade_request("/"))
-        self.assertIn("unable to get local issuer certificate", split_response(data)[0])
+        self.assertEqual(split_response(data)[0], "HTTP/1.1 502 Bad Gateway")
+        self.assertIn("unable to get local issuer certificate", gateway.events_text.getvalue())
         self.assertEqual(rogue.requests, [])
 
     @defer.inlineCallbacks
@@ -554,8 +556,8 @@ class ProxyOverTlsTests(TlsTestCase):
                                    {"trust": {"store": self.truststore(), "password": PASSWORD}})
         gateway, port = yield start_gateway(self, config)
         data = yield raw_tls_exchange(port, client_tls(self.pki.ca), upgrade_request("/"))
-        self.assertEqual(split_response(data)[0], "HTTP/1.1 502 TLS with upstream 127.0.0.1 failed: certificate "
-                                                  "CN=localhost: unable to get local issuer certificate")
+        self.assertEqual(split_response(data)[0], "HTTP/1.1 502 Bad Gateway")
+        self.assertNotIn(b"issuer", data)  # the why is for the event log, not the client
         self.assertEqual(upstream.requests, [])
         self.assertIn("BINDING_TLS_PEER_NOT_VERIFIED - 127.0.0.1 certificate CN=localhost: "
                       "unable to get local issuer certificate", gateway.events_text.getvalue())

@@ -168,8 +168,10 @@ class ValidationCase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def refused_status(self, path: str = "/") -> str:
+        """The refusal's status line and its body's first line, as 'HTTP/1.1 503 ...: body'."""
         data = yield raw_exchange(self.port, upgrade_request(path))
-        return split_response(data)[0]
+        status, _, body = split_response(data)
+        return f"{status}: {body.decode().strip()}" if body else status
 
 
 class InlineTests(ValidationCase):
@@ -463,7 +465,7 @@ class RegistryAvailabilityTests(ValidationCase):
         yield self.start({"cat": {"type": "schema-registry", "options": {"url": url}}},
                          [{"content": cataloged("json", subject="order")}])
         status = yield self.refused_status()
-        self.assertEqual(status, "HTTP/1.1 503 schema unavailable")
+        self.assertEqual(status, "HTTP/1.1 503 Service Unavailable: schema unavailable")
         self.assertIn("CATALOG_SCHEMA_REGISTRY_UNRETRIEVABLE_SCHEMA_SUBJECT_VERSION Unable to fetch schema for "
                       "subject order with version latest", self.events())
 
@@ -475,7 +477,7 @@ class RegistryAvailabilityTests(ValidationCase):
                          [{"content": cataloged("json", subject="order")}])
         for _ in range(3):
             status = yield self.refused_status()
-            self.assertEqual(status, "HTTP/1.1 503 schema unavailable")
+            self.assertEqual(status, "HTTP/1.1 503 Service Unavailable: schema unavailable")
         self.assertEqual(len(registry.requests), 1)
         self.assertEqual(self.events().count("UNRETRIEVABLE_SCHEMA_SUBJECT_VERSION"), 1)  # once per outage
         registry.subjects["order"] = [1]
