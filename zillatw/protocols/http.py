@@ -15,6 +15,8 @@ from twisted.internet.interfaces import IAddress, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
+from zillatw import accesscontrol
+from zillatw.accesscontrol import AccessControl
 from zillatw.config import BindingConfig, Route
 from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, permits
 from zillatw.httpauth import PLACEHOLDER, HttpAuthorization
@@ -35,7 +37,7 @@ SCHEMA_PATCH = {
             "additionalProperties": False,
             "properties": {
                 "versions": {"type": "array", "items": {"enum": ["http/1.1", "h2"]}},
-                "access-control": {"type": "object"},
+                "access-control": accesscontrol.SCHEMA,
                 "authorization": {
                     "type": "object",
                     "propertyNames": NAME,
@@ -80,9 +82,7 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
     for key, feature in NOT_YET.items():
         if key in binding.options:
             yield f"options.{key}", f"not supported by this zillatw yet ({feature})"
-    policy = (binding.options.get("access-control") or {}).get("policy", "same-origin")
-    if policy != "same-origin":
-        yield "options.access-control.policy", f"'{policy}' is not supported yet (expected same-origin)"
+    yield from accesscontrol.check(binding.options.get("access-control"))
     if "h2" in binding.options.get("versions", ["http/1.1"]) and "http/1.1" not in binding.options["versions"]:
         yield "options.versions", "zillatw serves http/1.1 only (WebSocket over h2 is not supported)"
     if not binding.routes:
@@ -178,7 +178,7 @@ class HttpServer(Factory):
     def __init__(self, name: str, routes: list[tuple[Route, Any]], namespace: str = "default",
                  events: Events | None = None, head_timeout: float = HEAD_TIMEOUT,
                  max_header_bytes: int = 8192, reactor: Any = None,
-                 authorization: HttpAuthorization | None = None):
+                 authorization: HttpAuthorization | None = None, access_control: AccessControl | None = None):
         self.name = name
         self.namespace = namespace
         self.events = events or Events()
@@ -189,6 +189,7 @@ class HttpServer(Factory):
         self.reactor = reactor
         self.route = HeaderRoutes(routes, namespace).route
         self.authorization = authorization
+        self.access_control = access_control or AccessControl()  # absent: same-origin, as Zilla
         self.pending: set[HttpServerProtocol] = set()  # connections still reading their head
 
     def going_away(self) -> None:
@@ -238,6 +239,12 @@ class HttpServerProtocol(Protocol):
         factory = self.factory
         secure = ISSLTransport.providedBy(self.transport)
         headers = pseudo_headers(request, secure)
+        # Before the guard: a page from a foreign origin must not get to use a visitor's
+        # cookies (cross-site WebSocket hijacking), nor make the guard fetch keys.
+        refusal = factory.access_control.refusal(headers)
+        if refusal is not None:
+            self._refuse(403, refusal)
+            return
         if factory.authorization is None:
             self._route(request, headers, NO_AUTHORIZATION)
             return
@@ -348,4 +355,5 @@ def build(binding: BindingConfig, graph: Any) -> HttpServer | HttpClient:
     for guard, config in (binding.options.get("authorization") or {}).items():
         authorization = HttpAuthorization(graph.guard(f"{binding.namespace}:{guard}"), config["credentials"])
     return HttpServer(binding.name, routes, namespace=binding.namespace, events=graph.events(binding.namespace),
-                      head_timeout=binding.options.get("head-timeout", HEAD_TIMEOUT), authorization=authorization)
+                      head_timeout=binding.options.get("head-timeout", HEAD_TIMEOUT), authorization=authorization,
+                      access_control=AccessControl(binding.options.get("access-control")))
