@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -24,6 +24,7 @@ from zillatw.protocols.fan import DRAIN_TIMEOUT, MAX_LAG, MAX_LAG_MESSAGES, FanS
 from zillatw.protocols.http import HttpServer
 from zillatw.protocols.ws import WsServer
 from zillatw.stream import BINARY, IStreamEnd, StreamInfo
+from zillatw.test.test_tls import PASSWORD, TlsTestCase, client_tls, connect_wss, tls_chain
 from zillatw.test.support import (RawClient, chain, client_frame, connect_ws, eventually, parse_server_frames,
                                   split_response, start_gateway, upgrade_request, wait)
 
@@ -205,11 +206,17 @@ class SlowMemberTests(unittest.TestCase):
                      ws_routes=[{"exit": "fan"}],
                      ws_options={"close-timeout": self.CLOSE_TIMEOUT, "ping-interval": 0})
 
+    def connect_member(self, port: int) -> defer.Deferred:
+        return connect_ws(port)
+
+    def raw_endpoint(self, port: int) -> Any:
+        return TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+
     @defer.inlineCallbacks
     def slow_member(self, port: int) -> Any:
         """A raw member past its 101 that then stops reading its socket; -> (client, offset
         of its first frame byte)."""
-        client = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), RecordingRawClient())
+        client = yield connectProtocol(self.raw_endpoint(port), RecordingRawClient())
         client.transport.write(upgrade_request())
         yield eventually(lambda: b"\r\n\r\n" in client.data)
         status, _, rest = split_response(client.data)
@@ -241,7 +248,7 @@ class SlowMemberTests(unittest.TestCase):
         gateway, port = yield start_gateway(self, self.config())
         fan = gateway.binding("fan")
         self.assertEqual((fan.max_lag, fan.max_lag_messages, fan.drain_timeout), (256 * 1024, 64, DRAIN_TIMEOUT))
-        fast = yield defer.gatherResults([connect_ws(port) for _ in range(2)])
+        fast = yield defer.gatherResults([self.connect_member(port) for _ in range(2)])
         slow, start = yield self.slow_member(port)
         yield eventually(lambda: fan.members() == 3)
 
@@ -278,7 +285,7 @@ class SlowMemberTests(unittest.TestCase):
         gateway, port = yield start_gateway(self, self.config(**{"drain-timeout": 0.5}))
         fan = gateway.binding("fan")
         self.assertEqual(fan.drain_timeout, 0.5)
-        fast = [(yield connect_ws(port))]
+        fast = [(yield self.connect_member(port))]
         slow, _ = yield self.slow_member(port)
         yield eventually(lambda: fan.members() == 2)
         ws = gateway.binding("ws0")
@@ -297,3 +304,19 @@ class SlowMemberTests(unittest.TestCase):
 def _close(client: Any) -> Any:
     client.sendClose(1000)
     yield client.closed
+
+
+class SlowMemberOverTlsTests(SlowMemberTests, TlsTestCase):
+    """The same behind a tls server, where the evicted connection is closed, not half-closed."""
+
+    def config(self, **fan: Any) -> dict[str, Any]:
+        config = super().config(**fan)
+        tls = tls_chain({"keys": {"store": self.keystore(), "password": PASSWORD}}, {"keys": ["localhost"]})
+        tls["bindings"].update({name: binding for name, binding in config["bindings"].items() if name != "tcp0"})
+        return tls
+
+    def connect_member(self, port: int) -> defer.Deferred:
+        return connect_wss(port, client_tls(self.pki.ca))
+
+    def raw_endpoint(self, port: int) -> Any:
+        return SSL4ClientEndpoint(reactor, "127.0.0.1", port, client_tls(self.pki.ca))
