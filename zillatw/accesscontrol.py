@@ -142,6 +142,8 @@ class AccessControl:
     def _origin_listed(self, origin: str) -> bool:
         if self._origins is None:
             return True
+        if "," in origin or " " in origin.strip():
+            return False  # two Origin headers (joined) or a list: not one origin a pattern could name
         normalised = normalise_origin(origin)
         return any(allowed(normalised) for allowed in self._origins)
 

@@ -128,6 +128,13 @@ class CrossOriginTests(unittest.TestCase):
             self.assertFalse(access.allows(request(origin)), origin)
             self.assertIn("policy cross-origin", access.refusal(request(origin)))
 
+    def test_two_origins_are_not_one_a_pattern_could_name(self):
+        access = cross_origin(allow={"origins": ["http://localhost:*", "https://*.example.org"]})
+        for origin in ("http://localhost:1, https://evil.net", "https://evil.net, https://a.example.org",
+                       "http://localhost:1 https://evil.net"):
+            self.assertFalse(access.allows(request(origin)), origin)
+        self.assertFalse(AccessControl().allows(request("http://app.example.com, http://app.example.com")))
+
     def test_null_is_allowed_when_listed(self):
         access = cross_origin(allow={"origins": ["null"]})
         self.assertTrue(access.allows(request("null")))
