@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.interfaces import ISSLTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -46,7 +47,7 @@ class _SendQueue(list):
 
 
 _TIMERS = ("openHandshakeTimeoutCall", "closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall",
-           "autoPingPendingCall", "autoPingTimeoutCall")
+           "autoPingPendingCall", "autoPingTimeoutCall", "_drainCall")
 
 
 
@@ -205,6 +206,38 @@ class StreamRelay:
         if code not in _SENDABLE:
             code, reason = 1011, reason or "the stream's other side failed"
         self.sendCloseFrame(code, reason.encode("utf-8")[:123])
+
+    def stream_evicted(self, code: int, reason: str, drain_timeout: float) -> None:
+        """Close with `code` behind what is already queued for a peer that fell behind, and
+        give it `drain_timeout` seconds to read all of it. Autobahn's close timeout would
+        abort the socket, and an abort (RST) discards what the kernel still holds for the
+        peer, the close frame among it; instead the write side is shut (FIN after the close
+        frame) while we keep reading its close reply, and only the drain bound aborts."""
+        if self.state != self.STATE_OPEN:
+            return
+        self.stream_peer = None
+        self.unregisterProducer()  # a paused producer would hold the FIN back
+        self.stream_end(code, reason)
+        for name in ("closeHandshakeTimeoutCall", "autoPingPendingCall", "autoPingTimeoutCall"):
+            call = getattr(self, name, None)
+            setattr(self, name, None)
+            if call is not None and call.active():
+                call.cancel()
+        self._drainCall = self.factory._batched_timer.call_later(drain_timeout, self._drain_expired, drain_timeout)
+        transport = self.transport
+        transport.resumeProducing()  # bytes left unread when the socket closes would turn its FIN into a RST
+        # TLS has no half-close (a wrapper would pass it to the TCP below, under the TLS records)
+        half_close = None if ISSLTransport.providedBy(transport) else getattr(transport, "loseWriteConnection", None)
+        if half_close is not None:
+            half_close()
+        else:
+            transport.loseConnection()
+
+    def _drain_expired(self, seconds: float) -> None:
+        self._drainCall = None
+        self.wasClean = False
+        self.wasNotCleanReason = f"evicted peer did not read its close frame within {seconds:g} s"
+        self.dropConnection(abort=True)
 
     def pauseProducing(self) -> None:
         if self.transport is not None:

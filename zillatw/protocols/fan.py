@@ -7,7 +7,9 @@ Members' messages are forwarded whole, so two members' fragments never interleav
 Flow: the group goes at the pace of its fastest member. While every member's socket is full,
 the publishers are the ones too fast, so the group stops reading from all members. A member
 that falls behind the others is not allowed to hold them back: once its socket is full, at
-most `max_lag` more bytes are queued for it, then it is closed with 1013 (try again later).
+most `max-lag` more bytes and `max-lag-messages` more messages are queued for it, then it is
+evicted: closed with 1013 (try again later) behind that bounded backlog, which it has
+`drain-timeout` seconds to read before its socket is aborted (see docs/fan.md).
 
 Scale-out (ours): with `options.redis` the group spans every gateway on the same Redis
 channel. What the exit sends back is delivered to the local members at once and published
@@ -28,7 +30,10 @@ from zillatw.fanredis import MAX_DELAY, RedisCollector, RedisLink, parse_url
 from zillatw.schema import FORBIDDEN
 from zillatw.stream import CONTINUATION, IStreamEnd, IStreamExit, StreamInfo
 
-MAX_LAG = 4 * 1024 * 1024
+MAX_LAG = 4 * 1024 * 1024  # bytes queued for a member whose socket is full
+MAX_LAG_MESSAGES = 4096    # ... and messages (each a Python object in the transport's buffer)
+DRAIN_TIMEOUT = 10.0       # seconds an evicted member has to read its backlog and the 1013
+SLOW = 1013                # close code: try again later (RFC 6455 §7.4.1, IANA registry)
 
 SCHEMA_PATCH = {
     "required": ["exit"],
@@ -39,6 +44,9 @@ SCHEMA_PATCH = {
             "type": "object",
             "additionalProperties": False,
             "properties": {
+                "max-lag": {"type": "integer", "minimum": 0},
+                "max-lag-messages": {"type": "integer", "minimum": 0},
+                "drain-timeout": {"type": "number", "exclusiveMinimum": 0},
                 "redis": {
                     "type": "object",
                     "additionalProperties": False,
@@ -61,7 +69,7 @@ STREAMS = {"server": ("messages", "messages")}
 class FanMember:
     """A member's stream end: receives what its connection sends, delivers the group's."""
 
-    __slots__ = ("group", "peer", "_parts", "_opcode", "_paused", "_lag", "__weakref__")
+    __slots__ = ("group", "peer", "_parts", "_opcode", "_paused", "_lag", "_lag_messages", "__weakref__")
 
     def __init__(self, group: "FanGroup", peer: IStreamEnd):
         self.group = group
@@ -69,7 +77,8 @@ class FanMember:
         self._parts: list[bytes] = []
         self._opcode = 0
         self._paused = False
-        self._lag = 0
+        self._lag = 0            # bytes and messages queued since its socket filled up
+        self._lag_messages = 0
 
     # from the member's connection
     def stream_data(self, opcode: int, payload: bytes, fin: bool) -> None:
@@ -92,7 +101,9 @@ class FanMember:
     def deliver(self, opcode: int, payload: bytes, fin: bool) -> None:
         if self._paused:
             self._lag += len(payload)
-            if self._lag > self.group.server.max_lag:
+            self._lag_messages += 1
+            server = self.group.server
+            if self._lag > server.max_lag or self._lag_messages > server.max_lag_messages:
                 self.group.evict(self)
                 return
         self.peer.stream_data(opcode, payload, fin)
@@ -104,7 +115,7 @@ class FanMember:
             self.group.congestion(+1)
 
     def resumeProducing(self) -> None:
-        self._lag = 0
+        self._lag = self._lag_messages = 0
         if self._paused:
             self._paused = False
             self.group.congestion(-1)
@@ -160,7 +171,14 @@ class FanGroup:
 
     def evict(self, member: FanMember) -> None:
         self.leave(member)
-        member.peer.stream_end(1013, "fan member too slow: messages were not read in time")
+        reason = "fan member too slow: messages were not read in time"
+        # A ws connection lets the member read its backlog and the 1013 before it closes;
+        # any other stream end just ends.
+        evicted = getattr(member.peer, "stream_evicted", None)
+        if evicted is not None:
+            evicted(SLOW, reason, self.server.drain_timeout)
+        else:
+            member.peer.stream_end(SLOW, reason)
 
     # from the exit
     def stream_data(self, opcode: int, payload: bytes, fin: bool) -> None:
@@ -206,10 +224,13 @@ class FanGroup:
 
 @implementer(IStreamExit)
 class FanServer:
-    def __init__(self, name: str, exit_: Any, max_lag: int = MAX_LAG, redis: RedisLink | None = None):
+    def __init__(self, name: str, exit_: Any, max_lag: int = MAX_LAG, redis: RedisLink | None = None,
+                 max_lag_messages: int = MAX_LAG_MESSAGES, drain_timeout: float = DRAIN_TIMEOUT):
         self.name = name
         self.exit = exit_
         self.max_lag = max_lag
+        self.max_lag_messages = max_lag_messages
+        self.drain_timeout = drain_timeout
         self.group: FanGroup | None = None
         self.redis = redis
         if redis is not None:
@@ -304,4 +325,7 @@ def build(binding: BindingConfig, graph: Any) -> FanServer:
                 collector = telemetry.fan_redis = RedisCollector()
                 telemetry.registry.register(collector)
             collector.links.append((binding.namespace, binding.name, redis))
-    return FanServer(binding.name, graph.binding(binding.exit), redis=redis)
+    return FanServer(binding.name, graph.binding(binding.exit), redis=redis,
+                     max_lag=binding.options.get("max-lag", MAX_LAG),
+                     max_lag_messages=binding.options.get("max-lag-messages", MAX_LAG_MESSAGES),
+                     drain_timeout=binding.options.get("drain-timeout", DRAIN_TIMEOUT))

@@ -17,6 +17,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from zillatw import accesscontrol
+from zillatw.accesscontrol import AccessControl
 from zillatw.config import BindingConfig, Route
 from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, permits
 from zillatw.httpauth import CONVENTIONAL_SECRETS, PLACEHOLDER, HttpAuthorization, redact_target
@@ -38,7 +40,7 @@ SCHEMA_PATCH = {
             "additionalProperties": False,
             "properties": {
                 "versions": {"type": "array", "minItems": 1, "items": {"enum": ["http/1.1", "h2"]}},
-                "access-control": {"type": "object"},
+                "access-control": accesscontrol.SCHEMA,
                 "authorization": {
                     "type": "object",
                     "propertyNames": NAME,
@@ -118,9 +120,7 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
     for key, feature in NOT_YET.items():
         if key in binding.options:
             yield f"options.{key}", f"not supported by this zillatw yet ({feature})"
-    policy = (binding.options.get("access-control") or {}).get("policy", "same-origin")
-    if policy != "same-origin":
-        yield "options.access-control.policy", f"'{policy}' is not supported yet (expected same-origin)"
+    yield from accesscontrol.check(binding.options.get("access-control"))
     if not binding.routes:
         yield "routes", "an http server needs 'exit' or routes with an exit"
     authorizations = binding.options.get("authorization") or {}
@@ -220,7 +220,8 @@ class HttpServer(Factory):
     def __init__(self, name: str, routes: list[tuple[Route, Any]], namespace: str = "default",
                  events: Events | None = None, head_timeout: float = HEAD_TIMEOUT,
                  max_header_bytes: int = 8192, reactor: Any = None,
-                 authorization: HttpAuthorization | None = None, overrides: Mapping[str, str] | None = None):
+                 authorization: HttpAuthorization | None = None, overrides: Mapping[str, str] | None = None,
+                 access_control: AccessControl | None = None):
         self.name = name
         self.overrides = dict(overrides or {})  # set on a request once routed, as Zilla
         self.namespace = namespace
@@ -234,6 +235,7 @@ class HttpServer(Factory):
         self.authorization = authorization
         # query parameters whose values are never logged nor answered
         self.secret_params = authorization.secret_params if authorization is not None else CONVENTIONAL_SECRETS
+        self.access_control = access_control or AccessControl()  # absent: same-origin, as Zilla
         self.pending: set[HttpServerProtocol] = set()  # connections still reading their head
 
     def going_away(self) -> None:
@@ -290,6 +292,12 @@ class HttpServerProtocol(Protocol):
         request.shown_target = redact_target(request.target, factory.secret_params)
         secure = ISSLTransport.providedBy(self.transport)
         headers = pseudo_headers(request, secure)
+        # Before the guard: a page from a foreign origin must not get to use a visitor's
+        # cookies (cross-site WebSocket hijacking), nor make the guard fetch keys.
+        refusal = factory.access_control.refusal(headers)
+        if refusal is not None:
+            self._refuse(403, refusal)
+            return
         if factory.authorization is None:
             self._route(request, headers, NO_AUTHORIZATION)
             return
@@ -410,4 +418,4 @@ def build(binding: BindingConfig, graph: Any) -> HttpServer | HttpClient:
         authorization = HttpAuthorization(graph.guard(f"{binding.namespace}:{guard}"), config["credentials"])
     return HttpServer(binding.name, routes, namespace=binding.namespace, events=graph.events(binding.namespace),
                       head_timeout=binding.options.get("head-timeout", HEAD_TIMEOUT), authorization=authorization,
-                      overrides=overrides)
+                      overrides=overrides, access_control=AccessControl(binding.options.get("access-control")))

@@ -10,7 +10,7 @@ and zillatw.wsstream relays the stream's fragments.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from autobahn.twisted.websocket import (WebSocketClientFactory, WebSocketClientProtocol, WebSocketServerFactory,
@@ -59,7 +59,7 @@ SERVER_OPTIONS = {
         "ping-interval": {"type": "number", "minimum": 0},
         "ping-timeout": {"type": "number", "minimum": 0},
         "max-connections": {"type": "integer", "minimum": 1},
-        "allowed-origins": {"type": "array", "items": {"type": "string"}},
+        "allowed-origins": {},  # gone: check() says where it moved
         "messages": MESSAGES,  # validation rules, see zillatw.validation
     },
 }
@@ -98,6 +98,12 @@ GUARDED_KINDS = ("server",)  # the http server's session reaches the ws server o
 UNGUARDED_WHY = "the session stays with the ws server in front of it: guard that server's routes"
 
 
+def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
+    if binding.kind == "server" and "allowed-origins" in binding.options:
+        yield ("options.allowed-origins", "no longer supported: use the http server's options.access-control: "
+               "policy cross-origin with allow.origins (see docs/access-control.md)")
+
+
 class WsRoutes:
     """Zilla's ws route resolution, shared by server and client."""
 
@@ -132,7 +138,7 @@ class WsServer(WebSocketServerFactory):
                  max_message_size: int = MAX_MESSAGE_SIZE, max_frame_size: int = 0,
                  permessage_deflate: bool = True, close_timeout: float = CLOSE_TIMEOUT,
                  ping_interval: float = PING_INTERVAL, ping_timeout: float = PING_TIMEOUT,
-                 max_connections: int = 0, allowed_origins: list[str] | None = None, reactor: Any = None):
+                 max_connections: int = 0, reactor: Any = None):
         super().__init__()
         self._batched_timer = ReactorTimer(reactor)
         self.reactor = self._batched_timer.reactor
@@ -142,9 +148,6 @@ class WsServer(WebSocketServerFactory):
         self.connections: set[WsServerProtocol] = set()  # open ones, for shutdown and stats
         self.handshaking: set[WsServerProtocol] = set()  # accepted, waiting for the exit (no 101 yet)
         self.max_connections = max_connections  # open + handshaking; 0: no limit
-        # Origin patterns (lower-cased, `*` wildcards); None: every origin is allowed
-        self.allowed_origins = (None if allowed_origins is None
-                                else [matcher(pattern.lower()) for pattern in allowed_origins])
         self.resolve = WsRoutes(routes, namespace).resolve
         self.setProtocolOptions(
             echoCloseCodeReason=True,        # a client's close code comes back to it
@@ -157,6 +160,7 @@ class WsServer(WebSocketServerFactory):
             autoPingTimeout=ping_timeout,    # missed pong drops the socket (the peer sees 1006)
             autoFragmentSize=0,
             requireMaskedClientFrames=True,
+            allowNullOrigin=True,            # the http server's access-control decides about `null`
             perMessageCompressionAccept=_accept_deflate if permessage_deflate else (lambda offers: None),
         )
 
@@ -164,10 +168,6 @@ class WsServer(WebSocketServerFactory):
                        trace_id: int = 0, authorization: Authorization = NO_AUTHORIZATION) -> "WsServerProtocol":
         """Check the upgrade and choose the route; the protocol returned takes the socket."""
         check_upgrade(request)
-        origin = headers.get("origin")  # sent by browsers; other clients are not hijackable
-        if origin is not None and self.allowed_origins is not None \
-                and not any(allowed(origin.lower()) for allowed in self.allowed_origins):
-            raise HttpError(403, f"origin {origin} is not allowed")
         if self.max_connections and len(self.connections) + len(self.handshaking) >= self.max_connections:
             raise HttpError(503, f"too many WebSocket connections (limit {self.max_connections})")
         scheme, authority, path = headers[":scheme"], headers.get(":authority"), headers[":path"]
@@ -502,5 +502,4 @@ def build(binding: BindingConfig, graph: Any) -> WsServer | WsClient:
                     close_timeout=options.get("close-timeout", CLOSE_TIMEOUT),
                     ping_interval=options.get("ping-interval", PING_INTERVAL),
                     ping_timeout=options.get("ping-timeout", PING_TIMEOUT),
-                    max_connections=options.get("max-connections", 0),
-                    allowed_origins=options.get("allowed-origins"))
+                    max_connections=options.get("max-connections", 0))

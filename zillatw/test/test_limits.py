@@ -1,6 +1,6 @@
 """Limits of the ws server (and the http server in front of it), end to end on loopback
 sockets: message and frame size, deflate bombs, slow request heads, keepalive pings,
-the closing-handshake timeout, the connection cap and the Origin allow-list."""
+the closing-handshake timeout, the connection cap and the http server's allowed origins."""
 
 from __future__ import annotations
 
@@ -154,13 +154,13 @@ class HandshakeTimeoutTests(unittest.TestCase):
         self.assertEqual(gateway.binding("http0").head_timeout, 10.0)
 
     def test_limits_are_checked_as_configuration(self):
-        bad = chain(ws_options={"ping-interval": -1, "max-connections": 0, "allowed-origins": "https://a"})
+        bad = chain(ws_options={"ping-interval": -1, "max-connections": 0})
         bad["bindings"]["http0"]["options"] = {"head-timeout": 0}
         with self.assertRaises(ConfigError) as raised:
             build_gateway(bad)
         problems = "\n".join(raised.exception.problems)
         for path in ("bindings.ws0.options.ping-interval", "bindings.ws0.options.max-connections",
-                     "bindings.ws0.options.allowed-origins", "bindings.http0.options.head-timeout"):
+                     "bindings.http0.options.head-timeout"):
             self.assertIn(path, problems)
 
 
@@ -254,11 +254,23 @@ class ConnectionCapTests(unittest.TestCase):
         yield defer.gatherResults([close_ws(client) for client in clients])
 
 
+def cross_origin(allow: dict | None = None) -> dict:
+    """The test chain whose http server lets other origins in (`allow` as Zilla's)."""
+    config = chain()
+    access = {"policy": "cross-origin"}
+    if allow is not None:
+        access["allow"] = allow
+    config["bindings"]["http0"]["options"] = {"access-control": access}
+    return config
+
+
 class OriginTests(unittest.TestCase):
+    """Requests from listed origins only (more cases in test_access_control)."""
+
     @defer.inlineCallbacks
     def setUp(self):
-        self.gateway, self.port = yield start_gateway(self, chain(ws_options={
-            "allowed-origins": ["https://app.example.com", "https://*.example.org", "http://localhost:*"]}))
+        self.gateway, self.port = yield start_gateway(self, cross_origin({
+            "origins": ["https://app.example.com", "https://*.example.org", "http://localhost:*"]}))
 
     @defer.inlineCallbacks
     def status_for(self, origin: str | None) -> defer.Deferred:
@@ -276,6 +288,8 @@ class OriginTests(unittest.TestCase):
         raw, _, _, _ = yield raw_upgrade(self.port, {"Origin": "https://evil.example.net"})
         yield raw.done
         self.assertIn(b"origin https://evil.example.net is not allowed", raw.data)
+        self.assertIn("BINDING_HTTP_REQUEST_REJECTED - 403 origin https://evil.example.net is not allowed",
+                      self.gateway.events_text.getvalue())
 
     @defer.inlineCallbacks
     def test_allowed_origins_and_clients_without_one_get_101(self):
@@ -286,7 +300,7 @@ class OriginTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_every_origin_is_allowed_without_a_list(self):
-        _, port = yield start_gateway(self, chain())
+        _, port = yield start_gateway(self, cross_origin())
         raw, status, _, _ = yield raw_upgrade(port, {"Origin": "https://anywhere.example.net"})
         self.assertEqual(status, "HTTP/1.1 101 Switching Protocols")
         raw.transport.loseConnection()
