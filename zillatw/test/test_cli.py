@@ -105,8 +105,10 @@ class CheckCommandTests(unittest.SynchronousTestCase):
         path = self.write("name: t\nbindings:\n  a: [1\n")
         result = check(path)
         self.assertEqual(result.returncode, 1)
-        self.assertEqual(result.stderr, f"{path}: invalid configuration:\n"
-                                        f"{path}:4:1: invalid YAML: expected ',' or ']', but got '<stream end>'\n")
+        first, second = result.stderr.splitlines()
+        self.assertEqual(first, f"{path}: invalid configuration:")
+        self.assertTrue(second.startswith(f"{path}:4:1: invalid YAML: "), second)  # then libyaml's words
+        self.assertIn("expected ',' or ']'", second)
 
     def test_missing_file_exits_1(self):
         path = os.path.abspath(self.mktemp())
