@@ -53,6 +53,32 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 # Limits field -> command-line flag (`python -m zillatw check`, `twistd zillaws`)
 FLAGS = {"max_bytes": "max-config-bytes", "max_nodes": "max-config-nodes", "max_depth": "max-config-depth"}
+HELP = {"max_bytes": "refuse a configuration file larger than this many bytes",
+        "max_nodes": "refuse a configuration of more YAML nodes than this, each alias counting what it repeats",
+        "max_depth": "refuse a configuration nested deeper than this"}
+
+
+def limits_from(values: Mapping[str, Any]) -> Limits:
+    """Limits from command-line options keyed by flag name (None: the default); ValueError
+    naming the flag for a value that is not a positive integer."""
+    chosen = {}
+    for field, flag in FLAGS.items():
+        value = values.get(flag)
+        if value is None:
+            continue
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{flag}: expected a positive integer, got {value!r}")
+        chosen[field] = value
+    return Limits(**chosen)
+
+
+def limit_flags(limits: Limits) -> list[str]:
+    """The command-line flags that give `limits` (those that are not the default)."""
+    flags = []
+    for field, flag in FLAGS.items():
+        if getattr(limits, field) != getattr(DEFAULT_LIMITS, field):
+            flags += [f"--{flag}", str(getattr(limits, field))]
+    return flags
 
 LOADER = yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader
 _TAG = "tag:yaml.org,2002:"

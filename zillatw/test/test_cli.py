@@ -56,11 +56,14 @@ class CheckCommandTests(unittest.SynchronousTestCase):
         self.assertEqual(result.stderr, "")
 
     def test_valid_file_with_several_namespaces(self):
-        path = self.write("name: north\nbindings:\n  ws0: {type: ws, kind: server, exit: 'south:echo'}\n"
+        path = self.write("name: north\nbindings:\n"
+                          "  tcp0: {type: tcp, kind: server, options: {host: 127.0.0.1, port: 7114}, exit: http0}\n"
+                          "  http0: {type: http, kind: server, exit: ws0}\n"
+                          "  ws0: {type: ws, kind: server, exit: 'south:echo'}\n"
                           "---\nname: south\nbindings:\n  echo: {type: echo, kind: server}\n")
         result = check(path)
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertEqual(result.stdout, f"{path}: valid (2 bindings in north, south)\n")
+        self.assertEqual(result.stdout, f"{path}: valid (4 bindings in north, south)\n")
 
     def test_verbose_prints_the_resolved_configuration(self):
         path = self.write(Path(CONF, "ws.echo.yaml").read_text().replace("0.0.0.0", "${{env.ZILLATW_CLI_TEST_HOST}}"))
