@@ -22,7 +22,7 @@ from zillatw.config import load
 from zillatw.errors import ConfigError
 from zillatw.protocols import binding_types
 from zillatw.test.support import CONF, chain
-from zillatw.yamlload import DEFAULT_LIMITS, MAX_BYTES, MAX_DEPTH, MAX_NODES, Limits, limits_from, load_text
+from zillatw.yamlload import DEFAULT_LIMITS, MAX_BYTES, MAX_DEPTH, MAX_NODES, Limits, limit_flags, limits_from, load_text
 
 ECHO = Path(CONF, "ws.echo.yaml").read_text()
 
@@ -187,6 +187,9 @@ class BoundsTests(Files):
         self.assertEqual(limits_from({"max-config-depth": 80, "max-config-bytes": None}), Limits(max_depth=80))
         self.assertRaisesRegex(ValueError, "--max-config-nodes: expected a positive integer, got 0",
                                limits_from, {"max-config-nodes": 0})
+        # What the supervisor of -w passes on to its workers.
+        self.assertEqual(limit_flags(Limits(max_depth=80)), ["--max-config-depth", "80"])
+        self.assertEqual(limit_flags(DEFAULT_LIMITS), [])
 
 
 class PurePythonParserBoundsTests(BoundsTests):

@@ -236,6 +236,18 @@ class TwistdReloadTests(unittest.TestCase):
         self.assertEqual((yield child.ended), (0, None))
 
     @defer.inlineCallbacks
+    def test_limits_given_as_flags_bound_reloads_too(self):
+        port = free_port()
+        path, child, process = yield self.start_twistd(routed(["/a"], port=port), "--max-config-bytes", "2000")
+        write(path, many_routes(100, port=port))  # valid, and some 5 KB
+        yield eventually(lambda: b"CONFIG_RELOAD_FAILED" in child.out, timeout=10)
+        self.assertIn(b"the limit is 2,000 bytes, --max-config-bytes", child.out)
+        client = yield connect_ws(port, "/a")
+        yield close_ws(client)
+        process.signalProcess(signal.SIGTERM)
+        self.assertEqual((yield child.ended), (0, None))
+
+    @defer.inlineCallbacks
     def test_the_file_is_watched_and_the_listener_never_refuses_meanwhile(self):
         port = free_port()
         path, child, process = yield self.start_twistd(routed(["/a"], port=port))
