@@ -35,7 +35,7 @@ def alias_bomb(levels: int = 9) -> str:
 
 
 def nine_megabytes() -> str:
-    """A valid-looking configuration of 9 MB: ws.echo with 300,000 routes."""
+    """A valid-looking configuration of 9 MB: ws.echo with 120,000 routes, then a comment to 9 MB."""
     routes = "".join(f"      - when:\n          - path: /p{i}\n        exit: north_echo_server\n"
                      for i in range(120_000))
     text = ECHO.replace("    kind: server\n    exit: north_echo_server\n",
