@@ -9,6 +9,7 @@ from zillatw.errors import ConfigError
 from zillatw.graph import BindingGraph
 from zillatw.protocols import binding_types
 from zillatw.service import load_config
+from zillatw.yamlload import DEFAULT_LIMITS, FLAGS, HELP, limits_from
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,9 +18,16 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check", help="validate a zilla.yaml and print its errors")
     check.add_argument("file")
     check.add_argument("-v", "--verbose", action="store_true", help="print the resolved configuration")
+    for field, flag in FLAGS.items():
+        check.add_argument(f"--{flag}", type=int, metavar="N",
+                           help=f"{HELP[field]} (default {getattr(DEFAULT_LIMITS, field):,})")
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.file)
+        limits = limits_from({flag: getattr(args, flag.replace("-", "_")) for flag in FLAGS.values()})
+    except ValueError as e:
+        check.error(str(e))
+    try:
+        config = load_config(args.file, limits=limits)
         # Building the bindings (no sockets) also reads vault files and resolves their aliases.
         BindingGraph(config, binding_types()).build_all()
     except ConfigError as e:

@@ -21,6 +21,7 @@ import yaml
 from zillatw.errors import ConfigError, did_you_mean
 from zillatw.guards import check_roles
 from zillatw.schema import FORBIDDEN, KINDS, engine_schema
+from zillatw.yamlload import DEFAULT_LIMITS, Limits, read_documents
 
 _EXPRESSION = re.compile(r"\$\{\{\s*([a-zA-Z0-9_.\-#]+)\s*\}\}")
 
@@ -103,8 +104,10 @@ class Config:
 def load(source: str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, Any]],
          binding_types: Mapping[str, BindingType],
          env: Mapping[str, str] | None = None,
-         base_dir: str | os.PathLike[str] | None = None) -> Config:
-    """Load a configuration from a file path, a dict, or a list of dicts (namespaces)."""
+         base_dir: str | os.PathLike[str] | None = None,
+         limits: Limits = DEFAULT_LIMITS) -> Config:
+    """Load a configuration from a file path, a dict, or a list of dicts (namespaces).
+    A file is read within `limits` (size, nodes, nesting: zillatw.yamlload)."""
     env = os.environ if env is None else env
     if isinstance(source, Mapping):
         documents, origin = [source], "<dict>"
@@ -115,7 +118,7 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, 
     else:
         path = Path(source)
         origin, folder = str(path), Path(base_dir or path.resolve().parent)
-        documents = _read_yaml(path)
+        documents = _read_yaml(path, limits)
 
     problems: list[str] = []
     prefix_names = len(documents) > 1
@@ -175,18 +178,8 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, 
     return config
 
 
-def _read_yaml(path: Path) -> list[Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the configuration ({e.strerror or e})") from None
-    try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+def _read_yaml(path: Path, limits: Limits = DEFAULT_LIMITS) -> list[Any]:
+    documents = [d for d in read_documents(path, limits) if d is not None]
     if not documents:
         raise ConfigError(f"{path}: the configuration is empty (expected at least 'name' and 'bindings')")
     return documents

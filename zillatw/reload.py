@@ -1,7 +1,12 @@
 """Hot reload: a gateway serving a file takes a changed configuration without a restart.
 
 `reload(gateway)` validates the file as startup does (load, then build every vault and
-binding) and, if it is valid, switches to it:
+binding) and, if it is valid, switches to it. Reading, parsing, validating and modelling the
+file run in a thread of the reactor's pool, within the gateway's limits (zillatw.yamlload),
+so that traffic flows while a large file loads; only building the bindings and switching run
+in the reactor thread. One reload runs at a time: one asked for meanwhile (SIGHUP, a call)
+runs once it is done, and the watcher looks again after it.
+Switching:
 - listeners whose address (host and port, or endpoint string) is unchanged keep their
   socket: its factory routes to the new tcp server binding from then on, so no connection
   is refused meanwhile; new addresses are listened on, those that disappeared are closed;
@@ -24,7 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, task
+from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
 from zillatw.config import Config
@@ -79,19 +84,47 @@ def _failed(gateway: Any, problems: list[str]) -> None:
     _emit(gateway, "CONFIG_RELOAD_FAILED", shown)
 
 
-@defer.inlineCallbacks
-def reload(gateway: Any) -> Any:
-    """Reload the gateway's configuration file; fires with True if it switched to it."""
-    from zillatw.service import Gateway, load_config  # service imports this module
+def reload(gateway: Any) -> defer.Deferred:
+    """Reload the gateway's configuration file; fires with True if it switched to it. While
+    a reload runs, this asks for one more, run after it (one for every request meanwhile)."""
+    if gateway.reloading:
+        waiter: defer.Deferred = defer.Deferred()
+        gateway.reload_waiters.append(waiter)
+        return waiter
+    d = _reload(gateway)
 
-    if gateway.reloading:  # one at a time; a change meanwhile is picked up by the next look
-        return False
+    def next_one(result: Any) -> Any:
+        waiters, gateway.reload_waiters = gateway.reload_waiters, []
+        if waiters:
+            again = reload(gateway)  # the file as it is now, which they may have changed
+            again.addCallback(lambda switched: [waiter.callback(switched) for waiter in waiters])
+        return result
+    return d.addBoth(next_one)
+
+
+def _load_off_reactor(gateway: Any) -> defer.Deferred:
+    """load_config in a thread of the reactor's pool (in the reactor's own thread if it has none,
+    as a test's fake reactor)."""
+    from zillatw.service import load_config  # service imports this module
+    reactor = gateway.reactor
+    if not hasattr(reactor, "getThreadPool"):
+        return defer.maybeDeferred(load_config, gateway.source, gateway.env, gateway.limits)
+    return threads.deferToThreadPool(reactor, reactor.getThreadPool(), load_config,
+                                     gateway.source, gateway.env, gateway.limits)
+
+
+@defer.inlineCallbacks
+def _reload(gateway: Any) -> Any:
+    from zillatw.service import Gateway
+
     gateway.reloading = True
     try:
         try:
             if gateway.source is None:
                 raise ConfigError("the configuration was not read from a file: nothing to reload")
-            config = load_config(gateway.source, gateway.env)
+            config = yield _load_off_reactor(gateway)
+            if not gateway.running:  # stopped while the file loaded: nothing to switch
+                return False
             new = Gateway(config, gateway.reactor, gateway.event_stream, gateway.drain_timeout)
         except ConfigError as e:
             _failed(gateway, list(e.problems))

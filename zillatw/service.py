@@ -11,21 +11,35 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from zillatw.config import Config, load
+from zillatw.errors import ConfigError
 from zillatw.graph import BindingGraph
 from zillatw.metrics import Telemetry
 from zillatw.protocols import binding_types
 from zillatw.protocols.tcp import TcpServer
 from zillatw.telemetry import Events
+from zillatw.yamlload import DEFAULT_LIMITS, Limits
 
 Source = str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, Any]] | Config
 DRAIN_TIMEOUT = 10.0  # seconds stopService waits for connections to close before dropping them
 
 
-def load_config(source: Source, env: Mapping[str, str] | None = None) -> Config:
-    """Load and validate a zilla.yaml (path, dict or list of dicts); raises ConfigError."""
+def load_config(source: Source, env: Mapping[str, str] | None = None, limits: Limits = DEFAULT_LIMITS) -> Config:
+    """Load and validate a zilla.yaml (path, dict or list of dicts), a file within `limits`
+    (zillatw.yamlload); raises ConfigError, also for a configuration that listens on nothing."""
     if isinstance(source, Config):
         return source
-    return load(source, binding_types(), env=env)
+    config = load(source, binding_types(), env=env, limits=limits)
+    require_listener(config)
+    return config
+
+
+def require_listener(config: Config) -> None:
+    """A gateway that opens no socket would start, say ENGINE_STARTED and serve nothing
+    (as a `kind: server` overridden by a later `kind: client` once did): refuse it."""
+    if not any(binding.type == "tcp" and binding.kind == "server" for binding in config.bindings()):
+        where = ", ".join(ns.name for ns in config.namespaces)
+        raise ConfigError(f"bindings: no binding listens (namespaces: {where}): a tcp server binding is needed "
+                          "(type: tcp, kind: server, with options host and port)")
 
 
 class Gateway(Service):
@@ -40,6 +54,7 @@ class Gateway(Service):
     watch_interval: float | None = None
     source: str | None = None  # the configuration file's absolute path, if read from one
     env: Mapping[str, str] | None = None
+    limits: Limits = DEFAULT_LIMITS  # on reading the file again (zillatw.yamlload)
 
     def __init__(self, config: Config, reactor: Any = None, event_stream: TextIO | None = None,
                  drain_timeout: float = DRAIN_TIMEOUT):
@@ -50,6 +65,7 @@ class Gateway(Service):
         self.drain_timeout = drain_timeout
         self.event_stream = event_stream
         self.reloading = False
+        self.reload_waiters: list[defer.Deferred] = []  # reloads asked for while one runs (zillatw.reload)
         self.retired: list[dict[str, Any]] = []  # bindings of previous configurations still in use
         self._watcher: Any = None
         self.events = {ns.name: Events.from_telemetry(ns.telemetry, event_stream) for ns in config.namespaces}
@@ -176,10 +192,13 @@ class Gateway(Service):
 
 
 def build_gateway(source: Source, reactor: Any = None, env: Mapping[str, str] | None = None,
-                  event_stream: TextIO | None = None, drain_timeout: float = DRAIN_TIMEOUT) -> Gateway:
+                  event_stream: TextIO | None = None, drain_timeout: float = DRAIN_TIMEOUT,
+                  limits: Limits = DEFAULT_LIMITS) -> Gateway:
     """Embedding API: a Gateway service for a path, dict or Config. Start it with
-    `gateway.startService()` (or attach it to an Application); ConfigError if invalid."""
-    gateway = Gateway(load_config(source, env), reactor, event_stream, drain_timeout)
+    `gateway.startService()` (or attach it to an Application); ConfigError if invalid.
+    A file is read within `limits`, at startup and on every reload."""
+    gateway = Gateway(load_config(source, env, limits), reactor, event_stream, drain_timeout)
+    gateway.limits = limits
     if isinstance(source, (str, os.PathLike)):
         gateway.source, gateway.env = os.path.abspath(source), env
     return gateway

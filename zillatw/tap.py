@@ -11,6 +11,7 @@ from zillatw.reactor import install as install_reactor
 from zillatw.reload import WATCH_INTERVAL, install_sighup
 from zillatw.service import DRAIN_TIMEOUT, Gateway, build_gateway
 from zillatw.shutdown import install_when_running
+from zillatw.yamlload import DEFAULT_LIMITS, FLAGS, HELP, limits_from
 
 
 class Options(usage.Options):
@@ -28,12 +29,20 @@ class Options(usage.Options):
     optParameters += [["workers", "w", 1, "worker processes accepting on the same sockets (a supervisor restarts them)", int],
                       ["listen-fds", None, None, "(set by the supervisor of -w for its workers)"]]
     optFlags += [["no-watch", None, "do not poll the configuration file for changes (SIGHUP still reloads)"]]
+    # Bounds on reading the file, at startup and on every reload (zillatw.yamlload).
+    optParameters += [[flag, None, getattr(DEFAULT_LIMITS, field), HELP[field], int] for field, flag in FLAGS.items()]
+
+    def postOptions(self) -> None:
+        try:
+            self["limits"] = limits_from({flag: self[flag] for flag in FLAGS.values()})
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
 
 
 def makeService(options: Options) -> Gateway:
     install_reactor()  # zillatw's epoll reactor, unless `twistd -r` installed one
     try:
-        gateway = build_gateway(options["config"], drain_timeout=options["drain-timeout"])
+        gateway = build_gateway(options["config"], drain_timeout=options["drain-timeout"], limits=options["limits"])
     except ConfigError as e:
         raise SystemExit(f"zillaws: {options['config']}: invalid configuration:\n{e}") from None
     gateway.ready_file = options["ready-file"]

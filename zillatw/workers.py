@@ -30,6 +30,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
 from zillatw.protocols import tcp
+from zillatw.yamlload import limit_flags
 
 log = Logger()
 STATUS_FD = 3           # a worker writes "ready" on it once it listens
@@ -249,6 +250,7 @@ def make_supervisor(reactor: Any, gateway: Any, options: Any, graceful: Any) -> 
     args = ["-c", os.path.abspath(options["config"]), "--drain-timeout", str(options["drain-timeout"])]
     if options["no-watch"]:
         args.append("--no-watch")
+    args += limit_flags(gateway.limits)
     supervisor = Supervisor(reactor, options["workers"], addresses, args, options["ready-file"])
     supervisor.install_signals(graceful)
     return supervisor

@@ -176,7 +176,10 @@ class NamespaceTests(ConfigTestCase):
 
     def test_invalid_yaml_names_line_and_column(self):
         path = self.write("name: t\nbindings:\n  a: [1\n")
-        self.assertProblems(path, [f"{path}:4:1: invalid YAML: expected ',' or ']', but got '<stream end>'"])
+        # The words are libyaml's (PyYAML's own parser, used without it, says it otherwise).
+        [problem] = self.problems(path)
+        self.assertTrue(problem.startswith(f"{path}:4:1: invalid YAML: "), problem)
+        self.assertIn("expected ',' or ']'", problem)
 
     def test_missing_name(self):
         self.assertProblems({"bindings": {}}, ["top level: missing required key 'name'"])

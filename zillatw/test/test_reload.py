@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import signal
+import threading
+import time
 
 import yaml
 from twisted.internet import defer, reactor
@@ -45,7 +47,7 @@ def status_of(port, path):
     return split_response(raw.data)[0]
 
 
-class ReloadTests(unittest.TestCase):
+class GatewayOnAFile(unittest.TestCase):
     @defer.inlineCallbacks
     def start(self, config):
         self.path = os.path.abspath(self.mktemp())
@@ -57,6 +59,8 @@ class ReloadTests(unittest.TestCase):
         ports = yield gateway.listening
         return gateway, ports[0]
 
+
+class ReloadTests(GatewayOnAFile):
     @defer.inlineCallbacks
     def test_new_connections_get_the_new_bindings_open_ones_keep_theirs(self):
         gateway, port = yield self.start(routed(["/a"], max_message=1000))
@@ -232,6 +236,18 @@ class TwistdReloadTests(unittest.TestCase):
         self.assertEqual((yield child.ended), (0, None))
 
     @defer.inlineCallbacks
+    def test_limits_given_as_flags_bound_reloads_too(self):
+        port = free_port()
+        path, child, process = yield self.start_twistd(routed(["/a"], port=port), "--max-config-bytes", "2000")
+        write(path, many_routes(100, port=port))  # valid, and some 5 KB
+        yield eventually(lambda: b"CONFIG_RELOAD_FAILED" in child.out, timeout=10)
+        self.assertIn(b"the limit is 2,000 bytes, --max-config-bytes", child.out)
+        client = yield connect_ws(port, "/a")
+        yield close_ws(client)
+        process.signalProcess(signal.SIGTERM)
+        self.assertEqual((yield child.ended), (0, None))
+
+    @defer.inlineCallbacks
     def test_the_file_is_watched_and_the_listener_never_refuses_meanwhile(self):
         port = free_port()
         path, child, process = yield self.start_twistd(routed(["/a"], port=port))
@@ -258,3 +274,143 @@ class TwistdReloadTests(unittest.TestCase):
         yield close_ws(old)
         process.signalProcess(signal.SIGTERM)
         self.assertEqual((yield child.ended), (0, None))
+
+
+def many_routes(count, port=0):
+    """routed(["/a"]) with `count` more ws routes: within the limits, slow to load (about
+    2 s for 25,000), quick to build. Written as text, as yaml.safe_dump would take as long."""
+    routes = "".join(f"      - when:\n          - path: /p{i}\n        exit: echo\n" for i in range(count))
+    return (f"name: test\nbindings:\n  tcp0:\n    type: tcp\n    kind: server\n"
+            f"    options: {{host: 127.0.0.1, port: {port}}}\n    exit: http0\n"
+            "  http0:\n    type: http\n    kind: server\n    exit: ws0\n"
+            "  ws0:\n    type: ws\n    kind: server\n    routes:\n"
+            "      - when:\n          - path: /a\n        exit: echo\n" + routes +
+            "  echo:\n    type: echo\n    kind: server\n")
+
+
+class HeldLoads:
+    """Wraps service.load_config: each load runs, then waits (in its thread) until released,
+    so a test can act while a reload is under way; counts loads running at once."""
+
+    def __init__(self, case):
+        from zillatw import service
+        self.real, self.calls, self.running, self.most = service.load_config, 0, 0, 0
+        self.loaded = threading.Event()
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        case.patch(service, "load_config", self)
+        case.addCleanup(self.release.set)  # never leave a pool thread waiting
+
+    def __call__(self, *args, **kwargs):
+        with self.lock:
+            self.calls += 1
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            config = self.real(*args, **kwargs)
+            self.loaded.set()
+            self.release.wait(10)
+            return config
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+class ReloadOffTheReactorTests(GatewayOnAFile):
+    @defer.inlineCallbacks
+    def test_traffic_flows_while_a_large_file_loads(self):
+        gateway, port = yield self.start(routed(["/a"]))
+        client = yield connect_ws(port, "/a")
+        write(self.path, many_routes(25_000))
+        reloading = gateway.reload()
+        round_trips = []
+        while not reloading.called:
+            started = time.monotonic()
+            client.sendMessage(b"ping")
+            self.assertEqual((yield client.messages.get()), (False, [b"ping"]))
+            round_trips.append(time.monotonic() - started)
+            yield wait(0.05)
+        self.assertTrue((yield reloading))
+        # Loading in the reactor thread, as before, fired `reloading` before any round trip.
+        self.assertGreaterEqual(len(round_trips), 3, round_trips)
+        self.assertLess(max(round_trips), 1.0, round_trips)
+        new = yield connect_ws(port, "/p24999")  # the new configuration serves
+        yield close_ws(new)
+        yield close_ws(client)
+
+    @defer.inlineCallbacks
+    def test_each_hostile_file_fails_the_reload_naming_why_and_the_old_one_serves(self):
+        from zillatw.test.test_config_bounds import alias_bomb, nine_megabytes
+        gateway, port = yield self.start(routed(["/a"]))
+        client = yield connect_ws(port, "/a")
+        kind_twice = "name: test\nbindings:\n  tcp0:\n    type: tcp\n    kind: server\n    kind: client\n"
+        for content, reason in [
+                (nine_megabytes(), "the file is too large (9,000,001 bytes; the limit is 4,194,304 bytes"),
+                (alias_bomb(), "more than 1,000,000 YAML nodes, counting each alias as the nodes it repeats"),
+                ("[" * 50_000 + "]" * 50_000, "nesting is deeper than 64 levels (the limit, --max-config-depth)"),
+                (b"name: caf\xe9\n", ":1:10: the file is not UTF-8: byte 0xe9"),
+                (kind_twice, ":6:5: duplicate key 'kind' (first at 5:5, again at 6:5"),
+                ("name: test\nbindings:\n  echo: {type: echo, kind: server}\n", "bindings: no binding listens")]:
+            with open(self.path, "wb") as f:
+                f.write(content if isinstance(content, bytes) else content.encode())
+            started = time.monotonic()
+            self.assertFalse((yield gateway.reload()))
+            self.assertLess(time.monotonic() - started, 1.0)
+            self.assertIn("CONFIG_RELOAD_FAILED", self.events.getvalue().splitlines()[-1])
+            self.assertIn(reason, self.events.getvalue().splitlines()[-1])
+            client.sendMessage(b"still here")
+            self.assertEqual((yield client.messages.get()), (False, [b"still here"]))
+        self.assertNotIn("CONFIG_RELOADED", self.events.getvalue())
+        yield close_ws(client)
+
+    @defer.inlineCallbacks
+    def test_reloads_asked_for_during_one_run_once_after_it(self):
+        gateway, port = yield self.start(routed(["/a"]))
+        held = HeldLoads(self)
+        write(self.path, routed(["/a", "/b"]))
+        first = gateway.reload()
+        yield eventually(held.loaded.is_set)
+        write(self.path, routed(["/a", "/c"]))  # changed while the first reload runs
+        second, third = gateway.reload(), gateway.reload()
+        yield wait(0.1)
+        self.assertEqual((held.calls, first.called, second.called), (1, False, False))
+        held.release.set()
+        self.assertEqual([(yield first), (yield second), (yield third)], [True, True, True])
+        self.assertEqual((held.calls, held.most), (2, 1))  # one more, never two at once
+        self.assertEqual((yield status_of(port, "/b")), "HTTP/1.1 404 Not Found")
+        client = yield connect_ws(port, "/c")
+        yield close_ws(client)
+
+    @defer.inlineCallbacks
+    def test_the_watcher_picks_up_a_change_made_during_a_reload(self):
+        gateway, port = yield self.start(routed(["/a"]))
+        gateway.stopService()
+        gateway = build_gateway(self.path, event_stream=self.events)
+        gateway.watch_interval = 0.05
+        gateway.startService()
+        self.addCleanup(lambda: gateway.stopService() if gateway.running else None)
+        port = (yield gateway.listening)[0]
+        held = HeldLoads(self)
+        write(self.path, routed(["/a", "/b"]))
+        yield eventually(held.loaded.is_set)
+        write(self.path, routed(["/a", "/c"]))
+        yield wait(0.2)
+        self.assertEqual(held.calls, 1)
+        held.release.set()
+        yield eventually(lambda: self.events.getvalue().count("CONFIG_RELOADED") == 2)
+        self.assertEqual(held.most, 1)
+        client = yield connect_ws(port, "/c")
+        yield close_ws(client)
+
+    @defer.inlineCallbacks
+    def test_a_gateway_stopped_during_a_reload_does_not_switch(self):
+        gateway, port = yield self.start(routed(["/a"]))
+        held = HeldLoads(self)
+        write(self.path, routed(["/a", "/b"]))
+        reloading = gateway.reload()
+        yield eventually(held.loaded.is_set)
+        yield gateway.stopService()
+        held.release.set()
+        self.assertFalse((yield reloading))
+        self.assertEqual(gateway.ports(), [])
+        self.assertNotIn("CONFIG_RELOAD", self.events.getvalue())
