@@ -27,7 +27,7 @@ from zillatw.config import BindingConfig, Route
 from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, permits
 from zillatw.http1 import HttpError, Request, render_response
 from zillatw.matching import matcher
-from zillatw.schema import FORBIDDEN, route_schema
+from zillatw.schema import FORBIDDEN, refused, route_schema
 from zillatw.stream import ABNORMAL, IHttpConnection, IStreamEnd, IStreamExit, StreamInfo, StreamRefused
 from zillatw.validation import MESSAGES, check_models, validating_routes  # noqa: F401 - check_models: config's hook
 from zillatw.wsstream import ReactorTimer, StreamRelay
@@ -59,7 +59,8 @@ SERVER_OPTIONS = {
         "ping-interval": {"type": "number", "minimum": 0},
         "ping-timeout": {"type": "number", "minimum": 0},
         "max-connections": {"type": "integer", "minimum": 1},
-        "allowed-origins": {},  # gone: check() says where it moved
+        "allowed-origins": refused("no longer supported: use the http server's options.access-control: "
+                                   "policy cross-origin with allow.origins (see docs/access-control.md)"),
         "messages": MESSAGES,  # validation rules, see zillatw.validation
     },
 }
@@ -96,12 +97,6 @@ SCHEMA_PATCH = {
 STREAMS = {"server": ("http", "messages"), "client": ("messages", "http")}
 GUARDED_KINDS = ("server",)  # the http server's session reaches the ws server only
 UNGUARDED_WHY = "the session stays with the ws server in front of it: guard that server's routes"
-
-
-def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
-    if binding.kind == "server" and "allowed-origins" in binding.options:
-        yield ("options.allowed-origins", "no longer supported: use the http server's options.access-control: "
-               "policy cross-origin with allow.origins (see docs/access-control.md)")
 
 
 class WsRoutes:

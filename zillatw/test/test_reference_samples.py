@@ -100,6 +100,14 @@ def _set(path: str, change: Callable[[dict[str, Any]], None]) -> Callable[[dict[
     return apply
 
 
+def _cross_origin(key: str, value: Any) -> Callable[[dict[str, Any], list[Any]], str]:
+    """A key of an http server's access-control that only a cross-origin policy takes."""
+    def apply(config: dict[str, Any], root: list[Any]) -> str:
+        _under("options.access-control.policy", "cross-origin")(config, root)
+        return _under(f"options.access-control.{key}", value)(config, root)
+    return apply
+
+
 def _under(key: str, value: Any, **siblings: Any) -> Callable[[dict[str, Any], list[Any]], str]:
     """Set a dotted key below the root, with the siblings it needs."""
     def apply(config: dict[str, Any], root: list[Any]) -> str:
@@ -214,6 +222,15 @@ SAMPLES: dict[tuple[str, ...], Any] = {
     # http
     ("http", "options.versions"): ["http/1.1"],
     ("http", "options.access-control"): {"policy": "same-origin"},
+    ("http", "options.access-control.policy"): "cross-origin",
+    ("http", "options.access-control.allow"): _cross_origin("allow", {}),
+    ("http", "options.access-control.allow.origins"): _cross_origin("allow.origins", ["https://*.example.com"]),
+    ("http", "options.access-control.allow.methods"): _cross_origin("allow.methods", ["GET"]),
+    ("http", "options.access-control.allow.headers"): _cross_origin("allow.headers", ["x-a"]),
+    ("http", "options.access-control.allow.credentials"): _cross_origin("allow.credentials", True),
+    ("http", "options.access-control.max-age"): _cross_origin("max-age", 600),
+    ("http", "options.access-control.expose"): _cross_origin("expose", {}),
+    ("http", "options.access-control.expose.headers"): _cross_origin("expose.headers", ["x-b"]),
     ("http", "options.authorization"): _http_authorization({"headers": {"authorization": "Bearer {credentials}"}}),
     ("http", "options.authorization.<name>.credentials"): _http_authorization({"query": {"t": "{credentials}"}}),
     ("http", "options.authorization.<name>.credentials.headers"): _http_authorization(
@@ -266,6 +283,9 @@ SAMPLES: dict[tuple[str, ...], Any] = {
     ("fan", "options.redis.channel"): _under("options.redis", {"url": "redis://127.0.0.1", "channel": "room"}),
     ("fan", "options.redis.max-reconnect-delay"): _under("options.redis", {"url": "redis://127.0.0.1",
                                                                            "max-reconnect-delay": 5}),
+    ("fan", "options.max-lag"): 1024 * 1024,
+    ("fan", "options.max-lag-messages"): 100,
+    ("fan", "options.drain-timeout"): 5,
     ("fan", "routes"): [],
     ("fan", "vault"): "v",
     ("fan", "catalog"): {},
