@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateResponseAccept
+from twisted.internet import defer, threads
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from zillatw.wire import (CloseCode, CloseReceived, Connection, Delivery, Fragment, LocalProtocolError, Opcode,
                           Ping, Role, State, clip_reason, is_wire_code)
 from zillatw.wire.state import TRANSITIONS, Transition, next_state
+from zillatw.test.wire_echo import CoreEchoFactory
 from zillatw.test.wire_support import close_payload, failure, feed, messages, raw_frame, sent, server
 
 KOSME = "κόσμε".encode()
@@ -398,3 +403,105 @@ class RoundTripTests(SynchronousTestCase):
             pass_bytes(rng, srv, client)
             self.assertEqual((client.state, srv.state), (State.CLOSED, State.CLOSED))
             self.assertEqual(client.close_received, (1000, "done"))
+
+
+class RealClientTests(TestCase):
+    """The core over a real loopback socket (zillatw.test.wire_echo), against the
+    `websockets` library's client and Autobahn's Twisted client: random messages,
+    fragmented and compressed, all come back intact."""
+
+    def listen(self) -> int:
+        from twisted.internet import reactor
+        port = reactor.listenTCP(0, CoreEchoFactory(reactor), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    @defer.inlineCallbacks
+    def test_websockets_client(self) -> Any:
+        port = self.listen()
+        for compression in ("deflate", None):
+            rng = random.Random(compression or "plain")
+            sent_messages = [_random_message(rng) for _ in range(30)]
+            echoed, extensions = yield threads.deferToThread(_websockets_exchange, port, compression,
+                                                             sent_messages, rng)
+            self.assertEqual(echoed, sent_messages)
+            self.assertEqual(extensions, ["PerMessageDeflate"] if compression else [])
+
+    @defer.inlineCallbacks
+    def test_autobahn_client(self) -> Any:
+        port = self.listen()
+        for compress in (True, False):
+            rng = random.Random(int(compress))
+            sent_messages = [_random_message(rng) for _ in range(30)]
+            client = yield _autobahn_exchange(port, compress, sent_messages, rng.choice((0, 100, 4096)))
+            self.assertEqual(client.received, sent_messages)
+            self.assertEqual(client.compressed, compress)
+            self.assertEqual((client.was_clean, client.code), (True, 1000))
+
+
+def _websockets_exchange(port: int, compression: str | None, sent_messages: list[tuple[Opcode, bytes]],
+                         rng: random.Random) -> tuple[list[tuple[Opcode, bytes]], list[str]]:
+    from websockets.sync.client import connect
+    echoed = []
+    with connect(f"ws://127.0.0.1:{port}/", compression=compression, max_size=None, open_timeout=10) as ws:
+        extensions = [type(e).__name__ for e in ws.protocol.extensions]
+        for opcode, payload in sent_messages:
+            message: Any = payload.decode() if opcode == Opcode.TEXT else payload
+            if len(payload) > 10 and rng.random() < 0.5:  # fragmented: an iterable of pieces
+                step = rng.randrange(1, len(payload) // 2)
+                pieces = [payload[i:i + step] for i in range(0, len(payload), step)]
+                message = [p.decode() for p in _utf8_pieces(payload, step)] if opcode == Opcode.TEXT else pieces
+            ws.send(message)
+            reply = ws.recv(timeout=10)
+            echoed.append((Opcode.TEXT, reply.encode()) if isinstance(reply, str) else (Opcode.BINARY, reply))
+    return echoed, extensions
+
+
+def _utf8_pieces(payload: bytes, step: int) -> list[bytes]:
+    """`payload` in pieces of about `step` bytes, cut on character boundaries."""
+    pieces, start = [], 0
+    while start < len(payload):
+        end = min(start + step, len(payload))
+        while end < len(payload) and payload[end] & 0xC0 == 0x80:
+            end += 1
+        pieces.append(payload[start:end])
+        start = end
+    return pieces
+
+
+class _AutobahnClient(WebSocketClientProtocol):
+    def onOpen(self) -> None:
+        self.received: list[tuple[Opcode, bytes]] = []
+        self.compressed = self._perMessageCompress is not None
+        self.send_next()
+
+    def send_next(self) -> None:
+        if len(self.received) == len(self.factory.messages):
+            self.sendClose(1000)
+            return
+        opcode, payload = self.factory.messages[len(self.received)]
+        self.sendMessage(payload, isBinary=opcode == Opcode.BINARY)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.received.append((Opcode.BINARY if isBinary else Opcode.TEXT, payload))
+        self.send_next()
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.was_clean, self.code = wasClean, code
+        if not self.factory.done.called:
+            self.factory.done.callback(self)
+
+
+def _autobahn_exchange(port: int, compress: bool, sent_messages: list[tuple[Opcode, bytes]],
+                       fragment_size: int) -> defer.Deferred:
+    from twisted.internet import reactor
+    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}/")
+    factory.protocol = _AutobahnClient
+    factory.messages = sent_messages
+    factory.done = defer.Deferred()
+    factory.setProtocolOptions(
+        autoFragmentSize=fragment_size, maxMessagePayloadSize=0, maxFramePayloadSize=0,
+        perMessageCompressionOffers=[PerMessageDeflateOffer()] if compress else [],
+        perMessageCompressionAccept=lambda response: PerMessageDeflateResponseAccept(response))
+    reactor.connectTCP("127.0.0.1", port, factory)
+    return factory.done.addTimeout(30, reactor)
