@@ -23,6 +23,11 @@ _TEXT, _BINARY, _CONTINUATION = Opcode.TEXT, Opcode.BINARY, Opcode.CONTINUATION
 _OPCODES = {1: Opcode.TEXT, 2: Opcode.BINARY}
 
 
+def _view(data: bytes, start: int, end: int) -> bytes | memoryview:
+    """data[start:end] for the masker to read: big payloads are not copied first."""
+    return memoryview(data)[start:end] if end - start > _JOIN_BELOW else data[start:end]
+
+
 class Role(Enum):
     SERVER = "server"   # reads masked frames, writes unmasked ones (RFC 6455 §5.1)
     CLIENT = "client"
@@ -120,10 +125,11 @@ class Connection:
                 remaining = self._remaining
                 if remaining:  # inside a data frame's payload
                     take = end - pos if end - pos < remaining else remaining
-                    chunk = data[pos:pos + take] if pos or take != end else data
                     if self._mask is not None:
-                        chunk = apply_mask(chunk, rotate_mask(self._mask, self._offset))
+                        chunk = apply_mask(_view(data, pos, pos + take), rotate_mask(self._mask, self._offset))
                         self._offset += take
+                    else:
+                        chunk = data[pos:pos + take] if pos or take != end else data
                     pos += take
                     self._remaining = remaining - take
                     self._payload(chunk, remaining == take)
@@ -154,9 +160,7 @@ class Connection:
                         if self.max_message_size is not None and length > self.max_message_size:
                             raise FrameError(CloseCode.MESSAGE_TOO_BIG, self._too_big(length))
                         pos = start + length
-                        payload = data[start:pos]
-                        if mask is not None:
-                            payload = apply_mask(payload, mask)
+                        payload = data[start:pos] if mask is None else apply_mask(_view(data, start, pos), mask)
                         if opcode == 1 and self.inspect:
                             try:
                                 payload.decode("utf-8")
