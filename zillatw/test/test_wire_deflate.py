@@ -235,6 +235,15 @@ class RelayTests(SynchronousTestCase):
         self.assertIsNone(failure(got))
         self.assertEqual(messages(got), [(1, p) for p in payloads])
 
+    def test_a_message_begun_compressed_goes_on_as_it_is(self) -> None:
+        conn = Connection(Role.SERVER, deflate=DeflateParams())
+        compressed = deflate_raw(b"relayed as it is")
+        conn.send_fragment(Opcode.TEXT, compressed[:5], fin=False, compressed=True)
+        conn.send_fragment(Opcode.CONTINUATION, compressed[5:])  # not compressed a second time
+        frames = sent(conn)
+        self.assertEqual([f[1] for f in frames], [4, 0])
+        self.assertEqual(inflate_raw(frames[0][3] + frames[1][3]), b"relayed as it is")
+
     def test_can_relay(self) -> None:
         wide, narrow = DeflateParams(), DeflateParams(client_max_window_bits=10, server_max_window_bits=10)
         self.assertFalse(can_relay(wide, True, narrow, False))   # the browser's window is wider than upstream's

@@ -93,7 +93,7 @@ class Connection:
         self._utf8_whole = True       # the text so far ends on a character boundary
         # the message being sent
         self._send_opcode: int | None = None
-        self._send_compressed = False
+        self._send_deflating = False   # our deflater compresses the message being sent
         self._deflater: Deflater | None = None
         self._inflater: Inflater | None = None
         if deflate is not None:
@@ -320,19 +320,19 @@ class Connection:
         if opcode == _CONTINUATION:
             if self._send_opcode is None:
                 raise LocalProtocolError("a continuation with no message begun")
-            if self._send_compressed and not compressed:
+            if self._send_deflating:  # (a message begun compressed by the caller goes on as it is)
                 data = self._deflater.compress(data, fin)
         elif opcode == _TEXT or opcode == _BINARY:
             if self._send_opcode is not None:
                 raise LocalProtocolError("a new message begun before the last one ended")
+            self._send_deflating = False
             if compressed:
                 if self.deflate is None:
                     raise LocalProtocolError("compressed data on a connection without permessage-deflate")
                 rsv1 = True
             elif self._deflater is not None and self._deflater.enabled and len(data) >= self.min_compress_size:
-                rsv1 = True
+                rsv1 = self._send_deflating = True
                 data = self._deflater.compress(data, fin)
-            self._send_compressed = rsv1
         else:
             raise LocalProtocolError(f"opcode {opcode} is not a data opcode: use send_ping/send_pong/send_close")
         self._send_opcode = None if fin else opcode if opcode else self._send_opcode
