@@ -7,6 +7,7 @@ plus what the chosen Delivery asks it to gather (bounded by the frame and messag
 
 from __future__ import annotations
 
+import struct
 from enum import Enum
 
 from autobahn.websocket.utf8validator import Utf8Validator
@@ -21,6 +22,7 @@ DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
 _JOIN_BELOW = 1024  # head and payload go as one bytes below this size: a copy is cheaper than a write
 _TEXT, _BINARY, _CONTINUATION = Opcode.TEXT, Opcode.BINARY, Opcode.CONTINUATION
 _OPCODES = {1: Opcode.TEXT, 2: Opcode.BINARY}
+_HEAD = struct.Struct("!BB")
 
 
 def _view(data: bytes, start: int, end: int) -> bytes | memoryview:
@@ -74,6 +76,9 @@ class Connection:
         self._masked_in = role is Role.SERVER
         self._masked_out = role is Role.CLIENT
         self._rsv1_allowed = deflate is not None
+        self._mask_bit = 0x80 if self._masked_in else 0
+        # the fast path's bound: frames over a limit take the long way, which refuses them
+        self._small_limit = min(self.max_frame_size or 125, self.max_message_size or 125, 125)
         self._events: list[Event] = []
         self._out: list[bytes] = []
         self._reading = True
@@ -134,6 +139,25 @@ class Connection:
                     self._remaining = remaining - take
                     self._payload(chunk, remaining == take)
                     continue
+                first = data[pos]
+                if (first == 0x82 or first == 0x81) and end - pos > 1 and self._msg_opcode is None:
+                    # the common case, without parse_head: a whole small message, FIN set,
+                    # RSV clear, 7-bit length, masked as it must be, all here
+                    second = data[pos + 1]
+                    if second & 0x80 == self._mask_bit and second & 0x7F < 126:
+                        start = pos + 6 if self._mask_bit else pos + 2
+                        stop = start + (second & 0x7F)
+                        if stop <= end and stop - start <= self._small_limit:
+                            payload = (apply_mask(data[start:stop], data[start - 4:start]) if self._mask_bit
+                                       else data[start:stop])
+                            if first == 0x81 and self.inspect:
+                                try:
+                                    payload.decode("utf-8")
+                                except UnicodeDecodeError:
+                                    raise FrameError(CloseCode.INVALID_DATA, "text message is not UTF-8") from None
+                            events.append(Fragment(_TEXT if first == 0x81 else _BINARY, payload, True))
+                            pos = stop
+                            continue
                 head = parse_head(data, pos, self._masked_in, self._rsv1_allowed)
                 if head is None:
                     self._buf = data[pos:]
@@ -336,6 +360,8 @@ class Connection:
         else:
             raise LocalProtocolError(f"opcode {opcode} is not a data opcode: use send_ping/send_pong/send_close")
         self._send_opcode = None if fin else opcode if opcode else self._send_opcode
+        if not self._masked_out and len(data) < 126:  # the common case: no mask, one byte of length
+            return [_HEAD.pack((opcode | FIN if fin else opcode) | (RSV1 if rsv1 else 0), len(data)) + data]
         head, payload = encode_frame(opcode, data, fin, self._masked_out, rsv1)
         if len(payload) < _JOIN_BELOW:
             return [head + payload]
