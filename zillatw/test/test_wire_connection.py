@@ -328,6 +328,12 @@ class LimitTests(SynchronousTestCase):
             head = bytes([0x82, 0xFF]) + size.to_bytes(8, "big") + b"\0\0\0\0"
             self.assertEqual(failure(feed(server(max_message_size=1000), head))[0], CloseCode.MESSAGE_TOO_BIG)
 
+    def test_small_limits_hold_for_small_frames(self) -> None:
+        for options in ({"max_message_size": 10}, {"max_frame_size": 10}):
+            conn = server(**options)
+            self.assertEqual(messages(feed(conn, raw_frame(2, b"x" * 10))), [(2, b"x" * 10)])
+            self.assertEqual(failure(feed(conn, raw_frame(1, b"x" * 11)))[0], CloseCode.MESSAGE_TOO_BIG)
+
     def test_exactly_the_limit_passes(self) -> None:
         conn = server(max_message_size=1000, max_frame_size=500)
         events = feed(conn, raw_frame(2, b"x" * 500, fin=False) + raw_frame(0, b"x" * 500))
