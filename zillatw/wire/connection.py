@@ -56,6 +56,14 @@ class Connection:
     `min_compress_size`: messages whose first fragment is smaller go uncompressed.
     """
 
+    # slots: a gateway holds one of these per connection, most of them idle
+    __slots__ = ("role", "state", "deflate", "max_frame_size", "max_message_size", "delivery", "auto_pong",
+                 "answer_close", "inspect", "min_compress_size", "close_received", "close_sent", "failure",
+                 "_masked_in", "_masked_out", "_rsv1_allowed", "_mask_bit", "_small_limit", "_events", "_out",
+                 "_reading", "_buf", "_remaining", "_frame_fin", "_mask", "_offset", "_msg_opcode",
+                 "_msg_compressed", "_msg_size", "_next_opcode", "_parts", "_utf8", "_utf8_whole",
+                 "_send_opcode", "_send_deflating", "_deflater", "_inflater")
+
     def __init__(self, role: Role, *, deflate: DeflateParams | None = None,
                  max_frame_size: int | None = None, max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
                  delivery: Delivery = Delivery.STREAM, auto_pong: bool = True, answer_close: bool = True,

@@ -180,7 +180,9 @@ class Deflater:
         self._bits = window_bits
         self._reset = no_context_takeover
         self._level = level
-        self._z = self._new() if self.enabled and not no_context_takeover else None
+        # made on the first message: a compressor holds about 260 KiB (window and hash
+        # chains), and most connections of a gateway are idle
+        self._z: "zlib._Compress | None" = None
 
     def _new(self) -> "zlib._Compress":
         return zlib.compressobj(self._level, zlib.DEFLATED, -self._bits, 8)
