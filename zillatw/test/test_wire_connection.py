@@ -418,9 +418,13 @@ class RealClientTests(TestCase):
 
     def listen(self) -> int:
         from twisted.internet import reactor
-        port = reactor.listenTCP(0, CoreEchoFactory(reactor), interface="127.0.0.1")
+        self.factory = CoreEchoFactory(reactor)
+        port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         return port.getHost().port
+
+    def fragments_read(self) -> int:
+        return self.factory.connections[-1].fragments_read
 
     @defer.inlineCallbacks
     def test_websockets_client(self) -> Any:
@@ -432,6 +436,7 @@ class RealClientTests(TestCase):
                                                              sent_messages, rng)
             self.assertEqual(echoed, sent_messages)
             self.assertEqual(extensions, ["PerMessageDeflate"] if compression else [])
+            self.assertGreater(self.fragments_read(), 0)
 
     @defer.inlineCallbacks
     def test_autobahn_client(self) -> Any:
@@ -439,8 +444,9 @@ class RealClientTests(TestCase):
         for compress in (True, False):
             rng = random.Random(int(compress))
             sent_messages = [_random_message(rng) for _ in range(30)]
-            client = yield _autobahn_exchange(port, compress, sent_messages, rng.choice((0, 100, 4096)))
+            client = yield _autobahn_exchange(port, compress, sent_messages, 100 if compress else 4096)
             self.assertEqual(client.received, sent_messages)
+            self.assertGreater(self.fragments_read(), 0)
             self.assertEqual(client.compressed, compress)
             self.assertEqual((client.was_clean, client.code), (True, 1000))
 

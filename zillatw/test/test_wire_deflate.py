@@ -211,6 +211,22 @@ class BombTests(SynchronousTestCase):
                 self.assertEqual(events, [Fragment(Opcode.BINARY, payload, True)])
 
 
+class MemoryTests(SynchronousTestCase):
+    def test_idle_connections_hold_no_compressor(self) -> None:
+        """zlib's compressor is ~260 KiB: made for the first compressed message, not before."""
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            idle = [Connection(Role.SERVER, deflate=DeflateParams()) for _ in range(100)]
+            per_idle = (tracemalloc.get_traced_memory()[0] - before) / len(idle)
+            idle[0].send_fragment(Opcode.TEXT, b"now it compresses")
+            per_used = tracemalloc.get_traced_memory()[0] - before - per_idle * len(idle)
+        finally:
+            tracemalloc.stop()
+        self.assertLess(per_idle, 2048)
+        self.assertGreater(per_used, 100 * 1024)
+
+
 class RelayTests(SynchronousTestCase):
     """A proxy that does not need the payload passes compressed bytes on as they are."""
 

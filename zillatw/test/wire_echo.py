@@ -25,6 +25,7 @@ class CoreEcho(Protocol):
         self.conn: Connection | None = None
         self.head = b""
         self.close_timer: Any = None
+        self.fragments_read = 0  # fragments that did not end their message: proof of fragmentation
 
     def dataReceived(self, data: bytes) -> None:
         if self.conn is None:
@@ -59,6 +60,7 @@ class CoreEcho(Protocol):
         conn = self.conn
         for event in conn.events_received():
             if type(event) is Fragment and conn.state is State.OPEN:
+                self.fragments_read += not event.fin
                 conn.send_fragment(event.opcode, event.data, event.fin)
         out = conn.data_to_send()
         if out:
