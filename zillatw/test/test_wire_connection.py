@@ -238,6 +238,16 @@ class CloseTests(SynchronousTestCase):
         self.assertEqual(sent(conn), [])
         self.assertIs(conn.state, State.CLOSED)
 
+    def test_may_send_follows_the_state(self) -> None:
+        conn = server()
+        events = feed(conn, raw_frame(1, b"valid") + raw_frame(3))
+        self.assertEqual(messages(events), [(1, b"valid")])  # delivered, but the connection failed after it
+        self.assertFalse(conn.may_send)
+        self.assertTrue(server().may_send)
+        answering = server(answer_close=False)
+        feed(answering, raw_frame(8, close_payload(1000)))
+        self.assertTrue(answering.may_send)
+
     def test_caller_answers_close_itself(self) -> None:
         conn = server(answer_close=False)
         feed(conn, raw_frame(8, close_payload(1000)))

@@ -51,6 +51,11 @@ class NegotiationTests(SynchronousTestCase):
         self.assertEqual(header, "permessage-deflate; server_no_context_takeover; client_no_context_takeover; "
                                  "server_max_window_bits=10; client_max_window_bits=12")
 
+    def test_server_accepts_an_asked_window_by_naming_it(self) -> None:
+        params, header = server_accept("permessage-deflate; server_max_window_bits=15")
+        self.assertEqual(header, "permessage-deflate; server_max_window_bits=15")
+        self.assertEqual(client_accept(header, max_window_bits=15), params)
+
     def test_server_caps_windows_only_where_the_client_allows(self) -> None:
         params, header = server_accept("permessage-deflate; client_max_window_bits", max_window_bits=11)
         self.assertEqual(params, DeflateParams(False, False, 11, 11))

@@ -59,7 +59,7 @@ class CoreEcho(Protocol):
     def _drain(self) -> None:
         conn = self.conn
         for event in conn.events_received():
-            if type(event) is Fragment and conn.state is State.OPEN:
+            if type(event) is Fragment and conn.may_send:
                 self.fragments_read += not event.fin
                 conn.send_fragment(event.opcode, event.data, event.fin)
         out = conn.data_to_send()

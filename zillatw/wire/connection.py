@@ -120,6 +120,13 @@ class Connection:
     # ---- reading
 
     @property
+    def may_send(self) -> bool:
+        """Data, pings and pongs may still be sent (OPEN or CLOSE_RECEIVED). A binding
+        checks it before relaying: a Failed event may have closed the connection in the
+        same batch as the fragments before it."""
+        return self.state in MAY_SEND_DATA
+
+    @property
     def message_in_progress(self) -> bool:
         """A message from the peer has begun and not ended."""
         return self._msg_opcode is not None

@@ -105,17 +105,21 @@ def server_accept(header: str | None, *, max_window_bits: int = 15, no_context_t
             server_no_context_takeover=no_context_takeover or "server_no_context_takeover" in offer,
             client_no_context_takeover=no_context_takeover or "client_no_context_takeover" in offer,
             server_max_window_bits=server_bits, client_max_window_bits=client_bits)
-        return agreed, response_header(agreed, client_bits_offered="client_max_window_bits" in offer)
+        return agreed, response_header(agreed, server_bits_offered="server_max_window_bits" in offer,
+                                       client_bits_offered="client_max_window_bits" in offer)
     return None
 
 
-def response_header(params: DeflateParams, client_bits_offered: bool = True) -> str:
+def response_header(params: DeflateParams, server_bits_offered: bool = False, client_bits_offered: bool = True) -> str:
+    """The response value for agreed `params`: server_max_window_bits is there when it
+    was asked for (accepting it, RFC 7692 §7.1.2.1) or is below 15; client_max_window_bits
+    only when the client allowed it (§7.1.2.2)."""
     parts = [NAME]
     if params.server_no_context_takeover:
         parts.append("server_no_context_takeover")
     if params.client_no_context_takeover:
         parts.append("client_no_context_takeover")
-    if params.server_max_window_bits < 15:
+    if server_bits_offered or params.server_max_window_bits < 15:
         parts.append(f"server_max_window_bits={params.server_max_window_bits}")
     if client_bits_offered and params.client_max_window_bits < 15:
         parts.append(f"client_max_window_bits={params.client_max_window_bits}")
