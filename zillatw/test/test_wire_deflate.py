@@ -82,8 +82,8 @@ class NegotiationTests(SynchronousTestCase):
         self.assertEqual(client_accept(header, no_context_takeover=True, max_window_bits=12), params)
         self.assertIsNone(client_accept(None))
         self.assertEqual(client_accept("permessage-deflate; client_max_window_bits=9").client_max_window_bits, 9)
-        for bad in ("permessage-deflate; server_max_window_bits=13", "x-other", "permessage-deflate, permessage-deflate",
-                    "permessage-deflate; unknown"):
+        for bad in ("permessage-deflate; server_max_window_bits=13", "x-other",
+                    "permessage-deflate, permessage-deflate", "permessage-deflate; unknown"):
             with self.assertRaises(NegotiationError):
                 client_accept(bad, max_window_bits=12)
         with self.assertRaises(NegotiationError):
@@ -202,7 +202,8 @@ class BombTests(SynchronousTestCase):
 
     def test_inflated_pieces_are_bounded(self) -> None:
         payload = bytes(1 << 20)
-        events = feed(server(deflate=DeflateParams(), max_message_size=1 << 20), raw_frame(2, deflate_raw(payload), rsv=4))
+        conn = server(deflate=DeflateParams(), max_message_size=1 << 20)
+        events = feed(conn, raw_frame(2, deflate_raw(payload), rsv=4))
         self.assertEqual(messages(events), [(2, payload)])
         self.assertEqual(max(len(e.data) for e in events), INFLATE_CHUNK)
 
