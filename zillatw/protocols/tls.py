@@ -1,51 +1,37 @@
 """tls server: terminates TLS on the connections a tcp server (or any bytes binding) hands
 it, then hands the decrypted connection to the exit its routes choose by `authority` (the
 client's SNI), `alpn` (the protocol negotiated) and `port` (the listening port).
-tls client: wraps the upstream connection an http client asks for in TLS, and connects it
-through its exit (a tcp client).
+tls client (zillatw.tlsclient): wraps the upstream connection an http client asks for in
+TLS, and connects it through its exit (a tcp client).
 
 Keys, trust and signers are aliases in the binding's vault (zillatw.vault). TLS is
-OpenSSL's through pyOpenSSL and Twisted's TLSMemoryBIOProtocol; upstream names are checked
-with service-identity (RFC 6125). TLS 1.2 is the minimum and only AEAD ciphers with
-forward secrecy are offered: what was allowed before is broken or needed by no client
-that speaks WebSocket.
+OpenSSL's through pyOpenSSL and Twisted's TLSMemoryBIOProtocol (zillatw.tlscontext).
 """
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from cryptography import x509
 from OpenSSL import SSL
-from service_identity import VerificationError
-from service_identity.pyopenssl import verify_hostname, verify_ip_address
-from twisted.internet import defer
-from twisted.internet.interfaces import (IAddress, IHandshakeListener, IOpenSSLClientConnectionCreator,
-                                         IOpenSSLServerConnectionCreator, IProtocolFactory)
+from twisted.internet.interfaces import IAddress, IHandshakeListener, IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from zillatw.config import BindingConfig, Route
 from zillatw.errors import ConfigError, did_you_mean
-from zillatw.matching import matcher
 from zillatw.protocols.tcp import parse_ports
 from zillatw.schema import FORBIDDEN, PORT_SPEC, route_schema
-from zillatw.stream import StreamRefused
-from zillatw.telemetry import Events, next_trace_id
+from zillatw.telemetry import Events
+from zillatw.tlsclient import TlsClient
+from zillatw.tlscontext import (VERSIONS, Handshake, TlsRoutes, classify, dns_names, guarded, make_context,
+                                name_matches, reason_text, state_of, trust_certificates, use_key, verify_error)
 from zillatw.vault import FilesystemVault, KeyEntry
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds, Zilla's zilla.binding.tls.handshake.timeout
-# OpenSSL cipher string for TLS 1.2 (TLS 1.3's suites are all AEAD and stay OpenSSL's default).
-CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!DSS"
-# Zilla's `version` is a Java SSLContext name: the newest version it allows.
-VERSIONS = {"TLS": (SSL.TLS1_2_VERSION, 0), "TLSv1.2": (SSL.TLS1_2_VERSION, SSL.TLS1_2_VERSION),
-            "TLSv1.3": (SSL.TLS1_3_VERSION, SSL.TLS1_3_VERSION)}
 MUTUAL = ("required", "requested", "none")
 
 _NAMES = {"type": "array", "items": {"type": "string"}}
@@ -76,7 +62,6 @@ SCHEMA_PATCH = {
 }
 STREAMS = {"server": ("bytes", "bytes"), "client": ("bytes", "bytes")}
 
-log = Logger()
 
 
 def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
@@ -121,141 +106,7 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
                 yield f"options.{key}", "needs the binding's 'vault'"
 
 
-# ---------------------------------------------------------------------------- shared
-
-def _context(min_version: int, max_version: int) -> SSL.Context:
-    context = SSL.Context(SSL.TLS_METHOD)
-    context.set_min_proto_version(min_version)
-    if max_version:
-        context.set_max_proto_version(max_version)
-    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION)
-    context.set_cipher_list(CIPHERS)
-    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
-    return context
-
-
-def _use_key(context: SSL.Context, entry: KeyEntry) -> None:
-    context.use_certificate(entry.certificate)
-    context.use_privatekey(entry.key)
-    for certificate in entry.chain:
-        context.add_extra_chain_cert(certificate)
-    context.check_privatekey()
-
-
-def _trust(context: SSL.Context, certificates: Sequence[x509.Certificate]) -> None:
-    from OpenSSL.crypto import X509  # X509Store takes only pyOpenSSL's certificate type
-    store = context.get_cert_store()
-    for certificate in certificates:
-        store.add_cert(X509.from_cryptography(certificate))
-
-
-def _verify_error(errno: int) -> str:
-    try:
-        from OpenSSL._util import ffi, lib  # the string OpenSSL has for a verify error code
-        return ffi.string(lib.X509_verify_cert_error_string(errno)).decode()
-    except Exception:  # a private module: if it moves, the code still says what went wrong
-        return f"certificate verify error {errno}"
-
-
-def _dns_names(certificate: x509.Certificate) -> list[str]:
-    try:
-        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        return [n.lower() for n in names.get_values_for_type(x509.DNSName)]
-    except x509.ExtensionNotFound:
-        return [str(a.value).lower() for a in certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
-
-
-def _name_matches(pattern: str, name: str) -> bool:
-    """RFC 6125 matching of a certificate's DNS name: a wildcard covers one left-most label."""
-    if pattern.startswith("*."):
-        head, _, rest = name.partition(".")
-        return bool(head) and rest == pattern[2:]
-    return pattern == name
-
-
-def _classify(reason: str) -> str:
-    """Zilla's event for an OpenSSL handshake error."""
-    lowered = reason.lower()
-    if "certificate" in lowered and ("verify" in lowered or "did not return" in lowered or "required" in lowered
-                                     or "unknown ca" in lowered or "bad certificate" in lowered):
-        return "BINDING_TLS_PEER_NOT_VERIFIED"
-    if "version" in lowered or "protocol" in lowered and "no application protocol" not in lowered:
-        return "BINDING_TLS_PROTOCOL_REJECTED"
-    return "BINDING_TLS_HANDSHAKE_FAILED"
-
-
-def _reason_text(failure: Failure | None) -> str:
-    if failure is None:
-        return "connection closed"
-    value = failure.value
-    if isinstance(value, SSL.Error) and value.args and isinstance(value.args[0], list):
-        return "; ".join(str(item[-1]) for item in value.args[0] if item) or "TLS error"
-    return failure.getErrorMessage()
-
-
-def _guarded(fallback: Any) -> Any:
-    """For OpenSSL callbacks: an exception in one would surface from the handshake as an
-    error Twisted does not expect, so log it, abort the connection and answer `fallback`."""
-    def decorate(callback: Any) -> Any:
-        @functools.wraps(callback)
-        def wrapper(*args: Any) -> Any:
-            try:
-                return callback(*args)
-            except Exception:
-                log.failure("tls: {callback} failed", callback=callback.__name__)
-                connection = next(a for a in args if isinstance(a, SSL.Connection))
-                connection.get_app_data().abortConnection()
-                return fallback
-        return wrapper
-    return decorate
-
-
-def _state_of(connection: SSL.Connection) -> "_Handshake":
-    return connection.get_app_data().zillatw_handshake
-
-
-class _Handshake:
-    """What the OpenSSL callbacks learn about one connection's handshake."""
-
-    __slots__ = ("transport", "trace_id", "problem", "event", "done", "sni")
-
-    def __init__(self, transport: Any):
-        self.transport = transport
-        self.trace_id = next_trace_id()
-        self.problem: str | None = None  # set by a callback that refused the peer
-        self.event: str | None = None
-        self.done = False
-        self.sni: str | None = None
-
-    def refuse(self, event: str, problem: str) -> None:
-        if self.problem is None:
-            self.event, self.problem = event, problem
-
-
 # ---------------------------------------------------------------------------- server
-
-class _Condition:
-    __slots__ = ("authority", "alpn", "ports")
-
-    def __init__(self, when: dict[str, Any]):
-        self.authority = matcher(when.get("authority"))
-        self.alpn = matcher(when.get("alpn"))
-        self.ports = frozenset(parse_ports(when["port"])) if "port" in when else None
-
-    def matches(self, sni: str | None, alpn: str | None, port: int | None) -> bool:
-        return self.authority(sni) and self.alpn(alpn) and (self.ports is None or port in self.ports)
-
-
-class TlsRoutes:
-    def __init__(self, routes: list[tuple[Route, Any]]):
-        self._routes = [([_Condition(dict(w)) for w in route.when], exit_) for route, exit_ in routes]
-
-    def resolve(self, sni: str | None, alpn: str | None, port: int | None) -> Any | None:
-        for conditions, exit_ in self._routes:
-            if not conditions or any(c.matches(sni, alpn, port) for c in conditions):
-                return exit_
-        return None
-
 
 @implementer(IOpenSSLServerConnectionCreator)
 class TlsServer:
@@ -279,17 +130,17 @@ class TlsServer:
         self.alpn = [p.encode() for p in alpn]
         self.routes = TlsRoutes(routes)
         # One context per key; the SNI callback moves a connection to the key its name asks for.
-        self._contexts = [(_dns_names(entry.certificate), self._context_for(entry, mutual, trust, version))
+        self._contexts = [(dns_names(entry.certificate), self._context_for(entry, mutual, trust, version))
                           for entry in keys]
         self._tls = TLSMemoryBIOFactory(self, False, _DispatchFactory(self))
         self._tls.noisy = False
 
     def _context_for(self, entry: KeyEntry, mutual: str, trust: Sequence[x509.Certificate], version: str) -> SSL.Context:
-        context = _context(*VERSIONS[version])
-        _use_key(context, entry)
+        context = make_context(*VERSIONS[version])
+        use_key(context, entry)
         # Every context gets the same checks: after an SNI switch OpenSSL uses the new one's.
         if mutual != "none":
-            _trust(context, trust)
+            trust_certificates(context, trust)
             mode = SSL.VERIFY_PEER | (SSL.VERIFY_FAIL_IF_NO_PEER_CERT if mutual == "required" else 0)
             context.set_verify(mode, _verify_client)
         context.set_session_id(f"zillatw:{self.namespace}:{self.name}".encode()[:32])
@@ -302,12 +153,12 @@ class TlsServer:
 
     def serverConnectionForTLS(self, tls_protocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         # Twisted makes the TLS protocol the connection's app data; our state rides on it.
-        tls_protocol.zillatw_handshake = _Handshake(tls_protocol)
+        tls_protocol.zillatw_handshake = Handshake(tls_protocol)
         return SSL.Connection(self._contexts[0][1], None)
 
-    @_guarded(None)
+    @guarded(None)
     def _servername(self, connection: SSL.Connection) -> None:
-        state = _state_of(connection)
+        state = state_of(connection)
         raw = connection.get_servername()
         if raw is None:
             return  # no SNI (an IP address): the first key, as Zilla's key manager does
@@ -318,16 +169,16 @@ class TlsServer:
             state.transport.abortConnection()
             return
         for names, context in self._contexts:
-            if any(_name_matches(pattern, name) for pattern in names):
+            if any(name_matches(pattern, name) for pattern in names):
                 if context is not self._contexts[0][1]:
                     connection.set_context(context)
                 return
 
-    @_guarded(SSL.NO_OVERLAPPING_PROTOCOLS)
+    @guarded(SSL.NO_OVERLAPPING_PROTOCOLS)
     def _select_alpn(self, connection: SSL.Connection, offered: list[bytes]) -> Any:
         """Zilla's choice: the first protocol the client offers that options.alpn lists and a
         route allows; none (the handshake goes on without ALPN) if there is no such one."""
-        state = _state_of(connection)
+        state = state_of(connection)
         port = getattr(state.transport.getHost(), "port", None)
         for protocol in offered:
             if protocol in self.alpn and self.routes.resolve(state.sni, protocol.decode("ascii", "replace"), port):
@@ -343,12 +194,12 @@ class TlsServer:
         self.events.emit(self.namespace, self.name, trace_id, event, f"- {details}")
 
 
-@_guarded(False)
+@guarded(False)
 def _verify_client(connection: SSL.Connection, certificate: Any, errno: int, depth: int, ok: int) -> bool:
     if not ok:
-        state = _state_of(connection)
+        state = state_of(connection)
         subject = certificate.to_cryptography().subject.rfc4514_string() if certificate is not None else "?"
-        state.refuse("BINDING_TLS_PEER_NOT_VERIFIED", f"client certificate {subject}: {_verify_error(errno)}")
+        state.refuse("BINDING_TLS_PEER_NOT_VERIFIED", f"client certificate {subject}: {verify_error(errno)}")
     return bool(ok)
 
 
@@ -376,7 +227,7 @@ class _Dispatch(Protocol):
     def connectionMade(self) -> None:
         self._timer = self.server.reactor.callLater(self.server.handshake_timeout, self._timed_out)
 
-    def _state(self) -> _Handshake:
+    def _state(self) -> Handshake:
         return self.transport.zillatw_handshake
 
     def dataReceived(self, data: bytes) -> None:
@@ -421,182 +272,10 @@ class _Dispatch(Protocol):
             return
         if state.done:
             return
-        text = state.problem or _reason_text(reason)
-        event = state.event or _classify(text)
+        text = state.problem or reason_text(reason)
+        event = state.event or classify(text)
         peer = getattr(self.addr, "host", "?")
         self.server.emit(state.trace_id, event, f"{peer} {text}")
-
-
-# ---------------------------------------------------------------------------- client
-
-class _ClientTLSProtocol(TLSMemoryBIOProtocol):
-    """Tells the connect() caller why a handshake failed before the application hears of
-    the lost connection, so a proxy answers 502 with the TLS reason."""
-
-    def connectionLost(self, reason: Failure) -> None:
-        self.factory.attempt.lost(getattr(self, "_reason", None) or reason)
-        super().connectionLost(reason)
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class _Attempt:
-    """One upstream connection: its name, its handshake, and the Deferred connect() returns."""
-
-    def __init__(self, client: "TlsClient", server_name: str | None):
-        self.client = client
-        self.server_name = server_name
-        self.state: _Handshake | None = None
-        self.done: defer.Deferred = defer.Deferred(self._cancel)
-
-    def clientConnectionForTLS(self, tls_protocol: TLSMemoryBIOProtocol) -> SSL.Connection:
-        connection = SSL.Connection(self.client.context, None)
-        self.state = _Handshake(tls_protocol)
-        tls_protocol.zillatw_attempt = self  # Twisted makes the protocol the connection's app data
-        name = self.server_name
-        if name and self.client.send_sni and not _is_ip(name):
-            connection.set_tlsext_host_name(name.encode("idna"))
-        return connection
-
-    def handshake_done(self, connection: SSL.Connection) -> None:
-        assert self.state is not None
-        if self.state.done:
-            return  # OpenSSL says "done" again for TLS 1.3 session tickets
-        self.state.done = True
-        name = self.server_name
-        if self.client.verify_hostname and name:
-            try:
-                (verify_ip_address if _is_ip(name) else verify_hostname)(connection, name)
-            except VerificationError as e:
-                certificate = connection.get_peer_certificate(as_cryptography=True)
-                names = ", ".join(_all_names(certificate)) if certificate is not None else "no certificate"
-                self.state.refuse("BINDING_TLS_PEER_NOT_VERIFIED",
-                                  f"certificate does not match '{name}' (it is for: {names})")
-                self.state.done = False
-                self.state.transport.failVerification(Failure(e))
-                return
-        if not self.done.called:
-            self.done.callback(self.state.transport)
-
-    def lost(self, reason: Failure) -> None:
-        if self.done.called:
-            return
-        state = self.state
-        text = (state.problem if state else None) or _reason_text(reason)
-        event = (state.event if state else None) or _classify(text)
-        self.client.emit(state.trace_id if state else 0, event, f"{self.server_name or '-'} {text}")
-        self.done.errback(StreamRefused(502, f"TLS with upstream {self.server_name or ''} failed: {text}"))
-
-    def _cancel(self, d: defer.Deferred) -> None:
-        if self.state is not None:
-            self.state.transport.abortConnection()
-
-
-def _all_names(certificate: x509.Certificate) -> list[str]:
-    """The names a certificate is valid for (its SAN DNS names and IP addresses)."""
-    try:
-        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return [f"CN={a.value}" for a in certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
-    return names.get_values_for_type(x509.DNSName) + [str(ip) for ip in names.get_values_for_type(x509.IPAddress)]
-
-
-def _split_authority(authority: str | None) -> tuple[str | None, int | None]:
-    """'host:port', '[v6]:port' or 'host' -> (host, port or None)."""
-    if not authority:
-        return None, None
-    host, port = authority, None
-    if authority.rfind(":") > authority.rfind("]"):
-        host, _, digits = authority.rpartition(":")
-        port = int(digits) if digits.isdigit() else None
-    return host.strip("[]") or None, port
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name.strip("[]"))
-        return True
-    except ValueError:
-        return False
-
-
-@_guarded(False)
-def _verify_server(connection: SSL.Connection, certificate: Any, errno: int, depth: int, ok: int) -> bool:
-    if not ok:
-        attempt: _Attempt = connection.get_app_data().zillatw_attempt
-        if attempt.state is not None:
-            subject = certificate.to_cryptography().subject.rfc4514_string() if certificate is not None else "?"
-            attempt.state.refuse("BINDING_TLS_PEER_NOT_VERIFIED", f"certificate {subject}: {_verify_error(errno)}")
-    return bool(ok)
-
-
-@_guarded(None)
-def _client_info(connection: SSL.Connection, where: int, ret: int) -> None:
-    if where & SSL.SSL_CB_HANDSHAKE_DONE:
-        connection.get_app_data().zillatw_attempt.handshake_done(connection)
-
-
-class TlsClient:
-    """The tls client binding: `connect(factory, authority, timeout)` like a tcp client; the
-    Deferred fires once the TLS handshake is done and the upstream's name verified."""
-
-    def __init__(self, name: str, routes: list[tuple[Route, Any]], *, keys: Sequence[KeyEntry] = (),
-                 trust: Sequence[x509.Certificate] = (), trustcacerts: bool = True,
-                 sni: Sequence[str] = (), alpn: Sequence[str] = (), version: str = "TLS",
-                 verify_hostname: bool = True, send_sni: bool = True, namespace: str = "default",
-                 events: Events | None = None):
-        self.name = name
-        self.namespace = namespace
-        self.events = events or Events()
-        self.sni = list(sni)
-        self.verify_hostname = verify_hostname
-        self.send_sni = send_sni
-        self.routes = TlsRoutes(routes)
-        context = _context(*VERSIONS[version])
-        _trust(context, trust)
-        if trustcacerts:
-            context.set_default_verify_paths()
-        context.set_verify(SSL.VERIFY_PEER, _verify_server)
-        if keys:
-            _use_key(context, keys[0])  # presented when the upstream asks for a certificate
-        if alpn:
-            context.set_alpn_protos([p.encode() for p in alpn])
-        context.set_info_callback(_client_info)
-        self.context = context
-
-    def server_name(self, exit_: Any, host: str | None) -> str | None:
-        """The name to send (SNI) and verify: options.sni, else the tcp client's configured
-        host, else the host of the stream's authority."""
-        if self.sni:
-            return self.sni[0]
-        return getattr(exit_, "host", None) or host
-
-    def connect(self, factory: IProtocolFactory, authority: str | None, timeout: float) -> defer.Deferred:
-        host, port = _split_authority(authority)
-        # Routes choose the exit by the name the upstream is asked for, and the port.
-        exit_ = self.routes.resolve(self.sni[0] if self.sni else host, None, port)
-        if exit_ is None:
-            return defer.fail(StreamRefused(502, f"tls client {self.name} has no route for {authority}"))
-        attempt = _Attempt(self, self.server_name(exit_, host))
-        tls_factory = TLSMemoryBIOFactory(attempt, True, factory)
-        tls_factory.protocol = _ClientTLSProtocol
-        tls_factory.attempt = attempt
-        tls_factory.noisy = False
-        connecting = exit_.connect(tls_factory, authority, timeout)
-
-        def connected(_: Any) -> defer.Deferred:
-            return attempt.done
-
-        def cancel(d: defer.Deferred) -> None:
-            connecting.cancel()
-            if not attempt.done.called:
-                attempt.done.cancel()
-
-        result: defer.Deferred = defer.Deferred(cancel)
-        connecting.addCallback(connected).chainDeferred(result)
-        return result
-
-    def emit(self, trace_id: int, event: str, details: str) -> None:
-        self.events.emit(self.namespace, self.name, trace_id, event, f"- {details}")
 
 
 # ---------------------------------------------------------------------------- build

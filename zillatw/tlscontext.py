@@ -1,0 +1,164 @@
+"""What the tls server and client bindings (zillatw.protocols.tls, zillatw.tlsclient) share:
+the OpenSSL context they start from, loading keys and trust into it, the state a handshake's
+callbacks record, and how an OpenSSL failure becomes one of Zilla's events.
+
+TLS 1.2 is the minimum and only AEAD ciphers with forward secrecy are offered: what was
+allowed before is broken or needed by no client that speaks WebSocket.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+from cryptography import x509
+from OpenSSL import SSL
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from zillatw.config import Route
+from zillatw.matching import matcher
+from zillatw.protocols.tcp import parse_ports
+from zillatw.telemetry import next_trace_id
+from zillatw.vault import KeyEntry
+
+# OpenSSL cipher string for TLS 1.2 (TLS 1.3's suites are all AEAD and stay OpenSSL's default).
+CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!DSS"
+# Zilla's `version` is a Java SSLContext name: the newest version it allows.
+VERSIONS = {"TLS": (SSL.TLS1_2_VERSION, 0), "TLSv1.2": (SSL.TLS1_2_VERSION, SSL.TLS1_2_VERSION),
+            "TLSv1.3": (SSL.TLS1_3_VERSION, SSL.TLS1_3_VERSION)}
+
+log = Logger()
+
+
+def make_context(min_version: int, max_version: int) -> SSL.Context:
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(min_version)
+    if max_version:
+        context.set_max_proto_version(max_version)
+    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION)
+    context.set_cipher_list(CIPHERS)
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    return context
+
+
+def use_key(context: SSL.Context, entry: KeyEntry) -> None:
+    context.use_certificate(entry.certificate)
+    context.use_privatekey(entry.key)
+    for certificate in entry.chain:
+        context.add_extra_chain_cert(certificate)
+    context.check_privatekey()
+
+
+def trust_certificates(context: SSL.Context, certificates: Sequence[x509.Certificate]) -> None:
+    from OpenSSL.crypto import X509  # X509Store takes only pyOpenSSL's certificate type
+    store = context.get_cert_store()
+    for certificate in certificates:
+        store.add_cert(X509.from_cryptography(certificate))
+
+
+def verify_error(errno: int) -> str:
+    try:
+        from OpenSSL._util import ffi, lib  # the string OpenSSL has for a verify error code
+        return ffi.string(lib.X509_verify_cert_error_string(errno)).decode()
+    except Exception:  # a private module: if it moves, the code still says what went wrong
+        return f"certificate verify error {errno}"
+
+
+def dns_names(certificate: x509.Certificate) -> list[str]:
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return [n.lower() for n in names.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        return [str(a.value).lower() for a in certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    """RFC 6125 matching of a certificate's DNS name: a wildcard covers one left-most label."""
+    if pattern.startswith("*."):
+        head, _, rest = name.partition(".")
+        return bool(head) and rest == pattern[2:]
+    return pattern == name
+
+
+def classify(reason: str) -> str:
+    """Zilla's event for an OpenSSL handshake error."""
+    lowered = reason.lower()
+    if "certificate" in lowered and ("verify" in lowered or "did not return" in lowered or "required" in lowered
+                                     or "unknown ca" in lowered or "bad certificate" in lowered):
+        return "BINDING_TLS_PEER_NOT_VERIFIED"
+    if "version" in lowered or "protocol" in lowered and "no application protocol" not in lowered:
+        return "BINDING_TLS_PROTOCOL_REJECTED"
+    return "BINDING_TLS_HANDSHAKE_FAILED"
+
+
+def reason_text(failure: Failure | None) -> str:
+    if failure is None:
+        return "connection closed"
+    value = failure.value
+    if isinstance(value, SSL.Error) and value.args and isinstance(value.args[0], list):
+        return "; ".join(str(item[-1]) for item in value.args[0] if item) or "TLS error"
+    return failure.getErrorMessage()
+
+
+def guarded(fallback: Any) -> Any:
+    """For OpenSSL callbacks: an exception in one would surface from the handshake as an
+    error Twisted does not expect, so log it, abort the connection and answer `fallback`."""
+    def decorate(callback: Any) -> Any:
+        @functools.wraps(callback)
+        def wrapper(*args: Any) -> Any:
+            try:
+                return callback(*args)
+            except Exception:
+                log.failure("tls: {callback} failed", callback=callback.__name__)
+                connection = next(a for a in args if isinstance(a, SSL.Connection))
+                connection.get_app_data().abortConnection()
+                return fallback
+        return wrapper
+    return decorate
+
+
+def state_of(connection: SSL.Connection) -> "Handshake":
+    return connection.get_app_data().zillatw_handshake
+
+
+class Handshake:
+    """What the OpenSSL callbacks learn about one connection's handshake."""
+
+    __slots__ = ("transport", "trace_id", "problem", "event", "done", "sni")
+
+    def __init__(self, transport: Any):
+        self.transport = transport
+        self.trace_id = next_trace_id()
+        self.problem: str | None = None  # set by a callback that refused the peer
+        self.event: str | None = None
+        self.done = False
+        self.sni: str | None = None
+
+    def refuse(self, event: str, problem: str) -> None:
+        if self.problem is None:
+            self.event, self.problem = event, problem
+
+
+class _Condition:
+    __slots__ = ("authority", "alpn", "ports")
+
+    def __init__(self, when: dict[str, Any]):
+        self.authority = matcher(when.get("authority"))
+        self.alpn = matcher(when.get("alpn"))
+        self.ports = frozenset(parse_ports(when["port"])) if "port" in when else None
+
+    def matches(self, sni: str | None, alpn: str | None, port: int | None) -> bool:
+        return self.authority(sni) and self.alpn(alpn) and (self.ports is None or port in self.ports)
+
+
+class TlsRoutes:
+    def __init__(self, routes: list[tuple[Route, Any]]):
+        self._routes = [([_Condition(dict(w)) for w in route.when], exit_) for route, exit_ in routes]
+
+    def resolve(self, sni: str | None, alpn: str | None, port: int | None) -> Any | None:
+        for conditions, exit_ in self._routes:
+            if not conditions or any(c.matches(sni, alpn, port) for c in conditions):
+                return exit_
+        return None
