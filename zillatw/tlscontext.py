@@ -8,8 +8,9 @@ allowed before is broken or needed by no client that speaks WebSocket.
 
 from __future__ import annotations
 
+import enum
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cryptography import x509
@@ -117,6 +118,49 @@ def guarded(fallback: Any) -> Any:
                 return fallback
         return wrapper
     return decorate
+
+
+class Alert(enum.IntEnum):
+    """TLS alert descriptions (RFC 8446 §6.2) the servername callback answers with."""
+    INTERNAL_ERROR = 80
+    UNRECOGNIZED_NAME = 112
+
+
+def set_servername_callback(context: SSL.Context, accept: Callable[[SSL.Connection], bool]) -> None:
+    """Call `accept(connection)` when a client sends a server name (SNI); False refuses the
+    name with the fatal unrecognized_name alert, as RFC 6066 §3 says a server should.
+
+    pyOpenSSL's set_tlsext_servername_callback cannot send that alert: its callback only
+    accepts, or raises and has the exception printed. So the callback is registered with
+    OpenSSL through the cffi bindings pyOpenSSL itself uses; should those move, refused
+    names fall back to closing the connection (a reset, not an alert)."""
+    try:
+        from OpenSSL._util import ffi, lib
+        connections = SSL.Connection._reverse_mapping
+        fatal, ok = lib.SSL_TLSEXT_ERR_ALERT_FATAL, lib.SSL_TLSEXT_ERR_OK
+        register = lib.SSL_CTX_set_tlsext_servername_callback
+        handle_of = context._context
+    except (ImportError, AttributeError):
+        def public(connection: SSL.Connection) -> None:
+            if not accept(connection):
+                connection.get_app_data().abortConnection()
+        context.set_tlsext_servername_callback(public)
+        return
+
+    def servername(ssl: Any, alert: Any, _arg: Any) -> int:
+        # Nothing may escape a cffi callback: OpenSSL would read its default answer, OK.
+        try:
+            if accept(connections[ssl]):
+                return ok
+            alert[0] = Alert.UNRECOGNIZED_NAME
+        except Exception:
+            log.failure("tls: the servername callback failed")
+            alert[0] = Alert.INTERNAL_ERROR
+        return fatal
+
+    callback = ffi.callback("int (*)(SSL *, int *, void *)", servername)
+    context.zillatw_servername = callback  # OpenSSL keeps only the pointer: keep the callback alive
+    register(handle_of, callback)
 
 
 def state_of(connection: SSL.Connection) -> "Handshake":

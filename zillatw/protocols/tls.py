@@ -28,7 +28,8 @@ from zillatw.schema import FORBIDDEN, PORT_SPEC, route_schema
 from zillatw.telemetry import Events
 from zillatw.tlsclient import TlsClient
 from zillatw.tlscontext import (VERSIONS, Handshake, TlsRoutes, classify, dns_names, guarded, make_context,
-                                name_matches, reason_text, state_of, trust_certificates, use_key, verify_error)
+                                name_matches, reason_text, set_servername_callback, state_of,
+                                trust_certificates, use_key, verify_error)
 from zillatw.vault import FilesystemVault, KeyEntry
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds, Zilla's zilla.binding.tls.handshake.timeout
@@ -144,7 +145,7 @@ class TlsServer:
             mode = SSL.VERIFY_PEER | (SSL.VERIFY_FAIL_IF_NO_PEER_CERT if mutual == "required" else 0)
             context.set_verify(mode, _verify_client)
         context.set_session_id(f"zillatw:{self.namespace}:{self.name}".encode()[:32])
-        context.set_tlsext_servername_callback(self._servername)
+        set_servername_callback(context, self._servername)
         if self.alpn:
             context.set_alpn_select_callback(self._select_alpn)
         return context
@@ -156,23 +157,24 @@ class TlsServer:
         tls_protocol.zillatw_handshake = Handshake(tls_protocol)
         return SSL.Connection(self._contexts[0][1], None)
 
-    @guarded(None)
-    def _servername(self, connection: SSL.Connection) -> None:
+    def _servername(self, connection: SSL.Connection) -> bool:
+        """Whether the client's server name is served; on the way, move the connection to the
+        key for that name."""
         state = state_of(connection)
         raw = connection.get_servername()
         if raw is None:
-            return  # no SNI (an IP address): the first key, as Zilla's key manager does
+            return True  # no SNI (an IP address): the first key, as Zilla's key manager does
         name = raw.decode("ascii", "replace").lower()
         state.sni = name
         if self.sni and name not in self.sni:
             state.refuse("BINDING_TLS_KEY_REJECTED", f"server name '{name}' is not one of this server's sni")
-            state.transport.abortConnection()
-            return
+            return False
         for names, context in self._contexts:
             if any(name_matches(pattern, name) for pattern in names):
                 if context is not self._contexts[0][1]:
                     connection.set_context(context)
-                return
+                return True
+        return True
 
     @guarded(SSL.NO_OVERLAPPING_PROTOCOLS)
     def _select_alpn(self, connection: SSL.Connection, offered: list[bytes]) -> Any:

@@ -95,7 +95,7 @@ def connect_wss(port: int, options: Any, host: str = "localhost", path: str = "/
 
 
 def stdlib_handshake(port: int, server_name: str | None, cafile: str, alpn: list[str] | None = None,
-                     cert: tuple[str, str] | None = None) -> defer.Deferred:
+                     cert: tuple[str, str] | None = None, maximum: ssl.TLSVersion | None = None) -> defer.Deferred:
     """A blocking stdlib TLS handshake in a thread -> (version, cipher, peer subject CN, alpn)."""
     def run() -> tuple[str, str, str, str | None]:
         context = ssl.create_default_context(cafile=cafile)
@@ -104,6 +104,8 @@ def stdlib_handshake(port: int, server_name: str | None, cafile: str, alpn: list
             context.set_alpn_protocols(alpn)
         if cert:
             context.load_cert_chain(*cert)
+        if maximum:
+            context.maximum_version = maximum
         with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
             with context.wrap_socket(raw, server_hostname=server_name) as tls:
                 subject = dict(item[0] for item in tls.getpeercert()["subject"])
@@ -307,15 +309,24 @@ class SniAndAlpnTests(TlsTestCase):
         yield close_ws(client)
 
     @defer.inlineCallbacks
-    def test_sni_allow_list_refuses_other_names(self):
+    def test_sni_allow_list_refuses_other_names_with_the_unrecognized_name_alert(self):
         store = self.pem_keys({"alpha": self.pki.alpha, "beta": self.pki.beta})
         config = tls_chain({"keys": {"store": store, "type": "pem"}},
                            {"keys": ["alpha", "beta"], "sni": ["beta.test"]})
         gateway, port = yield start_gateway(self, config)
         _, _, subject, _ = yield stdlib_handshake(port, "beta.test", self.pki.ca_pem)
         self.assertEqual(subject, "beta.test")
-        yield self.assertFailure(stdlib_handshake(port, "alpha.test", self.pki.ca_pem), ssl.SSLError, OSError)
-        yield eventually(lambda: "KEY_REJECTED" in gateway.events_text.getvalue())
+        # RFC 6066 §3: a fatal unrecognized_name alert (112), not a reset; in TLS 1.3 and 1.2
+        for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+            error = yield self.assertFailure(stdlib_handshake(port, "alpha.test", self.pki.ca_pem, maximum=version),
+                                             ssl.SSLError)
+            self.assertEqual(error.reason, "TLSV1_UNRECOGNIZED_NAME", f"{version}: {error}")
+        out, err, code = yield getProcessOutputAndValue(
+            "openssl", ["s_client", "-connect", f"127.0.0.1:{port}", "-servername", "alpha.test",
+                        "-CAfile", self.pki.ca_pem], env=os.environ, reactor=reactor)
+        self.assertNotEqual(code, 0)
+        self.assertRegex(err.decode(), r"tlsv1 unrecognized name.*SSL alert number 112")
+        yield eventually(lambda: gateway.events_text.getvalue().count("KEY_REJECTED") == 3)
         self.assertIn("BINDING_TLS_KEY_REJECTED - 127.0.0.1 server name 'alpha.test' is not one of this server's sni",
                       gateway.events_text.getvalue())
 
