@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -701,6 +702,23 @@ class ConfExampleTests(unittest.TestCase):
         self.assertEqual(code, 0, err)
         os.environ["KEYSTORE_PASSWORD"] = "generated"
         self.addCleanup(os.environ.pop, "KEYSTORE_PASSWORD")
+
+    @defer.inlineCallbacks
+    def test_keystores_holding_keys_are_readable_by_their_owner_only(self):
+        folder = self.folder / "again"
+        folder.mkdir()
+        (folder / "backend.p12").write_bytes(b"an old keystore")
+        os.chmod(folder / "backend.p12", 0o644)  # a rewritten file loses its old mode too
+        for where in (self.folder / "tls", folder):
+            if where is folder:
+                out, err, code = yield getProcessOutputAndValue(
+                    sys.executable, [os.path.join(CONF, "tls", "generate-keystore.py"), str(folder)],
+                    env={**os.environ, "KEYSTORE_PASSWORD": "generated"}, reactor=reactor)
+                self.assertEqual(code, 0, err)
+            for name in ("localhost.p12", "backend.p12"):
+                self.assertEqual(stat.S_IMODE((where / name).stat().st_mode), 0o600, f"{where / name}")
+        bundle = pkcs12.load_pkcs12((folder / "backend.p12").read_bytes(), b"generated")
+        self.assertIsNotNone(bundle.key)
 
     @defer.inlineCallbacks
     def serve(self, name: str, replacements: dict[str, str]) -> Any:
