@@ -23,8 +23,8 @@ from zope.interface import implementer
 from zillatw.config import Route
 from zillatw.stream import StreamRefused
 from zillatw.telemetry import Events
-from zillatw.tlscontext import (VERSIONS, Handshake, TlsRoutes, classify, guarded, make_context, reason_text,
-                                trust_certificates, use_key, verify_error)
+from zillatw.tlscontext import (VERSIONS, Handshake, PeerTrust, TlsRoutes, classify, guarded, make_context,
+                                reason_text, use_key, verify_error)
 from zillatw.vault import KeyEntry
 
 
@@ -139,7 +139,7 @@ class TlsClient:
     Deferred fires once the TLS handshake is done and the upstream's name verified."""
 
     def __init__(self, name: str, routes: list[tuple[Route, Any]], *, keys: Sequence[KeyEntry] = (),
-                 trust: Sequence[x509.Certificate] = (), trustcacerts: bool = True,
+                 trust: PeerTrust = PeerTrust(system=True),
                  sni: Sequence[str] = (), alpn: Sequence[str] = (), version: str = "TLS",
                  verify_hostname: bool = True, send_sni: bool = True, namespace: str = "default",
                  events: Events | None = None):
@@ -151,9 +151,7 @@ class TlsClient:
         self.send_sni = send_sni
         self.routes = TlsRoutes(routes)
         context = make_context(*VERSIONS[version])
-        trust_certificates(context, trust)
-        if trustcacerts:
-            context.set_default_verify_paths()
+        trust.apply(context)
         context.set_verify(SSL.VERIFY_PEER, _verify_server)
         if keys:
             use_key(context, keys[0])  # presented when the upstream asks for a certificate

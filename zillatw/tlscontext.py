@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import functools
+from dataclasses import dataclass
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,6 +58,32 @@ def trust_certificates(context: SSL.Context, certificates: Sequence[x509.Certifi
     store = context.get_cert_store()
     for certificate in certificates:
         store.add_cert(X509.from_cryptography(certificate))
+
+
+@dataclass(frozen=True)
+class PeerTrust:
+    """What a peer's certificate chain is verified against: the vault's trust entries, the
+    system's CAs (`trustcacerts`), and, with the vault's `revocation: crl`, its CRLs."""
+    certificates: tuple[x509.Certificate, ...] = ()
+    system: bool = False
+    crls: tuple[x509.CertificateRevocationList, ...] | None = None  # None: revocation not checked
+
+    def apply(self, context: SSL.Context) -> None:
+        trust_certificates(context, self.certificates)
+        if self.system:
+            context.set_default_verify_paths()
+        if self.crls is not None:
+            check_revocation(context, self.crls)
+
+
+def check_revocation(context: SSL.Context, crls: Sequence[x509.CertificateRevocationList]) -> None:
+    """Every certificate of a peer's chain but the trust anchor must have its issuer's CRL
+    here and not be on it, as Java's PKIX revocation checking (Zilla's) asks."""
+    from OpenSSL.crypto import X509StoreFlags
+    store = context.get_cert_store()
+    for crl in crls:
+        store.add_crl(crl)
+    store.set_flags(X509StoreFlags.CRL_CHECK | X509StoreFlags.CRL_CHECK_ALL)
 
 
 def verify_error(errno: int) -> str:

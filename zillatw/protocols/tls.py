@@ -27,9 +27,9 @@ from zillatw.protocols.tcp import parse_ports
 from zillatw.schema import FORBIDDEN, PORT_SPEC, route_schema
 from zillatw.telemetry import Events
 from zillatw.tlsclient import TlsClient
-from zillatw.tlscontext import (VERSIONS, Handshake, TlsRoutes, classify, dns_names, guarded, make_context,
+from zillatw.tlscontext import (VERSIONS, Handshake, PeerTrust, TlsRoutes, classify, dns_names, guarded, make_context,
                                 name_matches, reason_text, set_servername_callback, state_of,
-                                trust_certificates, use_key, verify_error)
+                                use_key, verify_error)
 from zillatw.vault import FilesystemVault, KeyEntry
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds, Zilla's zilla.binding.tls.handshake.timeout
@@ -90,11 +90,13 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
             yield "options", "a tls server needs 'keys' (aliases of its vault's keys) or 'signers'"
         if options.get("keys") and options.get("signers"):
             yield "options.signers", "give 'keys' or 'signers', not both"
-        if options.get("mutual", "required" if options.get("trust") else "none") != "none" and not options.get("trust"):
-            yield "options.mutual", f"'{options['mutual']}' needs 'trust' (the aliases of the client CAs)"
-        for key in ("trustcacerts", "hostname-verification"):
-            if key in options:
-                yield f"options.{key}", "only for a tls client"
+        mutual = options.get("mutual", "required" if options.get("trust") else "none")
+        if mutual != "none" and not options.get("trust") and not options.get("trustcacerts"):
+            yield "options.mutual", f"'{mutual}' needs 'trust' (the aliases of the client CAs) or trustcacerts: true"
+        if options.get("trustcacerts") and mutual == "none":
+            yield "options.trustcacerts", "true, but no client certificate is asked for (give 'trust' or 'mutual')"
+        if "hostname-verification" in options:
+            yield "options.hostname-verification", "only for a tls client"
     else:
         if "mutual" in options:
             yield "options.mutual", "only for a tls server (a client with 'keys' presents them when asked)"
@@ -117,7 +119,7 @@ class TlsServer:
 
     def __init__(self, name: str, keys: Sequence[KeyEntry], routes: list[tuple[Route, Any]], *,
                  sni: Sequence[str] = (), alpn: Sequence[str] = (), mutual: str = "none",
-                 trust: Sequence[x509.Certificate] = (), version: str = "TLS",
+                 trust: PeerTrust = PeerTrust(), version: str = "TLS",
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, namespace: str = "default",
                  events: Events | None = None, reactor: Any = None):
         if reactor is None:
@@ -136,12 +138,12 @@ class TlsServer:
         self._tls = TLSMemoryBIOFactory(self, False, _DispatchFactory(self))
         self._tls.noisy = False
 
-    def _context_for(self, entry: KeyEntry, mutual: str, trust: Sequence[x509.Certificate], version: str) -> SSL.Context:
+    def _context_for(self, entry: KeyEntry, mutual: str, trust: PeerTrust, version: str) -> SSL.Context:
         context = make_context(*VERSIONS[version])
         use_key(context, entry)
         # Every context gets the same checks: after an SNI switch OpenSSL uses the new one's.
         if mutual != "none":
-            trust_certificates(context, trust)
+            trust.apply(context)
             mode = SSL.VERIFY_PEER | (SSL.VERIFY_FAIL_IF_NO_PEER_CERT if mutual == "required" else 0)
             context.set_verify(mode, _verify_client)
         context.set_session_id(f"zillatw:{self.namespace}:{self.name}".encode()[:32])
@@ -328,14 +330,16 @@ def build(binding: BindingConfig, graph: Any) -> TlsServer | TlsClient:
             raise ConfigError(f"{path}: '{route.exit.partition(':')[2]}' cannot {role} for a tls {binding.kind}")
     events = graph.events(binding.namespace)
     version = options.get("version", "TLS")
+    crls = vault.crls if vault is not None and vault.revocation == "crl" else None
     if binding.kind == "client":
-        return TlsClient(binding.name, routes, keys=keys, trust=trust,
-                         trustcacerts=options.get("trustcacerts", not trust),
+        peer_trust = PeerTrust(tuple(trust), options.get("trustcacerts", not trust), crls)
+        return TlsClient(binding.name, routes, keys=keys, trust=peer_trust,
                          sni=options.get("sni") or (), alpn=options.get("alpn") or (), version=version,
                          verify_hostname=options.get("hostname-verification", True),
                          namespace=binding.namespace, events=events)
     mutual = options.get("mutual", "required" if trust else "none")
     return TlsServer(binding.name, keys, routes, sni=options.get("sni") or (), alpn=options.get("alpn") or (),
-                     mutual=mutual, trust=trust, version=version,
+                     mutual=mutual, trust=PeerTrust(tuple(trust), options.get("trustcacerts", False), crls),
+                     version=version,
                      handshake_timeout=options.get("handshake-timeout", HANDSHAKE_TIMEOUT),
                      namespace=binding.namespace, events=events)

@@ -83,6 +83,24 @@ def issue(ca: Issued, cn: str, dns: list[str] | None = None, ips: list[str] | No
     return Issued(key, builder.sign(ca.key, hashes.SHA256()), [ca.certificate])
 
 
+def make_crl(ca: Issued, revoked: list[Issued] = (), expired: bool = False) -> x509.CertificateRevocationList:
+    """`ca`'s CRL listing `revoked`; valid for a day, or past its nextUpdate if `expired`."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    next_update = now - datetime.timedelta(minutes=1) if expired else now + datetime.timedelta(days=1)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca.certificate.subject)
+               .last_update(now - datetime.timedelta(hours=1)).next_update(next_update)
+               .add_extension(x509.CRLNumber(1), critical=False))
+    for issued in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(issued.certificate.serial_number)
+            .revocation_date(now - datetime.timedelta(minutes=30)).build())
+    return builder.sign(ca.key, hashes.SHA256())
+
+
+def crl_pem(crl: x509.CertificateRevocationList) -> bytes:
+    return crl.public_bytes(serialization.Encoding.PEM)
+
+
 def truststore_p12(certificates: dict[str, x509.Certificate], password: str) -> bytes:
     """A Java-style PKCS#12 truststore: certificates by alias, no keys."""
     return pkcs12.serialize_java_truststore(

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketServerFactory
 from twisted.internet import defer, reactor, ssl as tssl, threads
@@ -630,8 +631,10 @@ class VaultErrorTests(TlsTestCase):
         self.assertProblems(config,
                             f"vaults.server.options.keys.store: '{junk}' is not a PKCS#12 file (set type: pem for PEM files)",
                             "vaults.server.options.trust: unknown key 'passwrd' (did you mean 'password'?) "
-                            "(expected one of: store, type, password)",
-                            "vaults.server.options.signers.type: store type 'jks' is not supported (expected pkcs12 or pem)")
+                            "(expected one of: store, type, password, entries)",
+                            "vaults.server.options.signers.type: jks is not supported: convert the store with "
+                            "keytool -importkeystore -deststoretype pkcs12 (Java writes PKCS#12 by default since "
+                            "Java 9; the JKS reader for Python, pyjks, has had no release since 2020)")
         self.assertProblems(self.config({"keys": {"store": str(self.folder / "keys"), "type": "pem"}}),
                             "vaults.server.options.keys.store: in 'other.pem', the private key does not match "
                             "the first certificate")
@@ -642,8 +645,9 @@ class VaultErrorTests(TlsTestCase):
     def test_binding_checks_name_the_yaml_path(self):
         config = self.config({"keys": {"store": self.keystore(), "password": PASSWORD}},
                              {"keys": ["localhost"], "mutual": "required", "version": "TLSv1.1",
-                              "trustcacerts": True})
-        config["bindings"]["tls1"] = {"type": "tls", "kind": "server", "exit": "http0", "options": {"sni": ["x"]}}
+                              "hostname-verification": True})
+        config["bindings"]["tls1"] = {"type": "tls", "kind": "server", "exit": "http0",
+                                      "options": {"sni": ["x"], "trustcacerts": True}}
         config["bindings"]["tls2"] = {"type": "tls", "kind": "client", "vault": "nowhere",
                                       "routes": [{"when": [{"alpn": "h2"}], "exit": "tcp_out"}],
                                       "options": {"trustcacerts": False, "handshake-timeout": 1}}
@@ -652,8 +656,11 @@ class VaultErrorTests(TlsTestCase):
             config,
             "bindings.tls0.options.version: 'TLSv1.1' is not supported "
             "(expected TLS, TLSv1.2, TLSv1.3; TLS 1.2 is the minimum)",
-            "bindings.tls0.options.mutual: 'required' needs 'trust' (the aliases of the client CAs)",
-            "bindings.tls0.options.trustcacerts: only for a tls client",
+            "bindings.tls0.options.mutual: 'required' needs 'trust' (the aliases of the client CAs) "
+            "or trustcacerts: true",
+            "bindings.tls0.options.hostname-verification: only for a tls client",
+            "bindings.tls1.options.trustcacerts: true, but no client certificate is asked for "
+            "(give 'trust' or 'mutual')",
             "bindings.tls1.vault: a tls server needs a vault (where its keys are)",
             "bindings.tls1.options: a tls server needs 'keys' (aliases of its vault's keys) or 'signers'",
             "bindings.tls2.vault: no vault named 'nowhere'",
@@ -661,7 +668,7 @@ class VaultErrorTests(TlsTestCase):
             "bindings.tls2.routes[0].when[0].alpn: a tls client routes on authority and port",
             "bindings.tls2.options.handshake-timeout: only for a tls server (the ws client's timeout bounds "
             "the upstream's)")
-        self.assertEqual(len(error.problems), 9, error.problems)
+        self.assertEqual(len(error.problems), 10, error.problems)
 
     def test_exits_that_cannot_carry_tls(self):
         config = self.config({"keys": {"store": self.keystore(), "password": PASSWORD}})
@@ -681,12 +688,43 @@ class VaultErrorTests(TlsTestCase):
         self.assertIn("vaults.server.options.keys.store: cannot read 'tls/missing.p12'", err.read_text())
 
     def test_unsupported_vault_options_are_refused_by_name(self):
-        self.assertProblems(self.config({"keys": {"store": self.keystore(), "password": PASSWORD},
-                                         "revocation": "crl", "secrets": {}}),
-                            "vaults.server.options.revocation: 'crl' is not supported by this zillatw yet "
-                            "(certificates are not checked for revocation; expected none)",
-                            "vaults.server.options: unknown key 'secrets' (expected one of: keys, trust, signers, "
-                            "revocation)")
+        keys = {"store": self.keystore(), "password": PASSWORD}
+        self.assertProblems(self.config({"keys": keys, "revocation": "ocsp", "secrets": {}, "crl": {}}),
+                            "vaults.server.options.revocation: 'ocsp' is not a revocation method (expected crl)",
+                            "vaults.server.options.secrets: not supported by this zillatw (Zilla's incubating "
+                            "secrets store; give secrets to zilla.yaml as ${{env.NAME}})",
+                            "vaults.server.options: unknown key 'crl' (did you mean 'crls'?) (expected one of: "
+                            "keys, trust, signers, revocation, crls)")
+        self.assertProblems(self.config({"keys": keys, "revocation": "crl"}),
+                            "vaults.server.options.revocation: crl needs 'crls' (zillatw's: the CRL files, a file "
+                            "or folder relative to the configuration's folder; distribution points are not fetched)")
+        crl = pki.write(self.folder / "ca.crl", pki.crl_pem(pki.make_crl(self.pki.ca)))
+        self.assertProblems(self.config({"keys": keys, "crls": {"store": crl}}),
+                            "vaults.server.options.crls: needs revocation: crl (else the CRLs would be ignored)")
+        self.assertProblems(self.config({"keys": keys, "revocation": "crl", "crls": {"store": self.pki.ca_pem}}),
+                            f"vaults.server.options.crls.store: '{self.pki.ca_pem}' is not a CRL (PEM or DER)")
+        self.assertProblems(self.config({"keys": keys, "revocation": "crl", "crls": {"store": "nowhere.crl"}}),
+                            "vaults.server.options.crls.store: cannot read 'nowhere.crl' (No such file or directory)")
+        # valid: PEM and DER CRLs, a file or a folder
+        der = pki.write(self.folder / "crls" / "ca.der", pki.make_crl(self.pki.ca).public_bytes(
+            serialization.Encoding.DER))
+        for store in (crl, der, str(self.folder / "crls")):
+            build_gateway(self.config({"keys": keys, "revocation": "crl", "crls": {"store": store}}))
+
+    def test_entries_keep_only_the_aliases_they_list(self):
+        trust = pki.write(self.folder / "trust.p12", pki.truststore_p12(
+            {"clients": self.pki.ca.certificate, "others": self.pki.rogue_ca.certificate}, PASSWORD))
+        vault = {"keys": {"store": self.keystore(), "password": PASSWORD, "entries": ["localhost"]},
+                 "trust": {"store": trust, "password": PASSWORD, "entries": ["clients"]}}
+        build_gateway(self.config(vault, {"keys": ["localhost"], "trust": ["clients"]}))
+        self.assertProblems(self.config(vault, {"keys": ["localhost"], "trust": ["others"]}),
+                            "bindings.tls0.options.trust[0]: no certificate 'others' in vault 'server' (it has: clients)")
+        vault["trust"]["entries"] = ["client"]
+        vault["keys"]["entries"] = "localhost"
+        self.assertProblems(self.config(vault),
+                            f"vaults.server.options.trust.entries[0]: no entry 'client' in '{trust}' "
+                            "(did you mean 'clients'?) (it has: clients, others)",
+                            "vaults.server.options.keys.entries: expected a list of aliases")
 
 
 class ConfExampleTests(unittest.TestCase):
