@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from zillatw.config import Route
+from zillatw.guards import Session, permits
 from zillatw.matching import matcher
 from zillatw.protocols.tcp import parse_ports
 from zillatw.telemetry import next_trace_id
@@ -212,24 +213,80 @@ class Handshake:
             self.event, self.problem = event, problem
 
 
-class _Condition:
-    __slots__ = ("authority", "alpn", "ports")
+@dataclass(frozen=True)
+class Peer:
+    """The client certificate a tls server verified, for routes' `trust` and `mutual`."""
+    leaf: x509.Certificate | None = None
+    intermediates: tuple[x509.Certificate, ...] = ()
 
-    def __init__(self, when: dict[str, Any]):
+    @classmethod
+    def of(cls, connection: SSL.Connection) -> "Peer":
+        leaf = connection.get_peer_certificate(as_cryptography=True)
+        # On the server side OpenSSL's peer chain leaves the leaf out (but for some versions).
+        sent = connection.get_peer_cert_chain(as_cryptography=True) or []
+        return cls(leaf, tuple(c for c in sent if leaf is None or c != leaf))
+
+    def signed_by(self, anchors: Any) -> bool:
+        """Whether the certificate chains up to one of `anchors` (an X509Store)."""
+        from OpenSSL.crypto import X509, X509StoreContext, X509StoreContextError
+        if self.leaf is None:
+            return False
+        try:
+            X509StoreContext(anchors, X509.from_cryptography(self.leaf),
+                             [X509.from_cryptography(c) for c in self.intermediates]).verify_certificate()
+        except X509StoreContextError:
+            return False
+        return True
+
+
+def anchor_store(certificates: Sequence[x509.Certificate]) -> Any:
+    """An X509Store trusting exactly `certificates`, intermediates CAs included (a route's
+    `trust` may name the CA that signed client certificates, whatever signed that CA)."""
+    from OpenSSL.crypto import X509, X509Store, X509StoreFlags
+    store = X509Store()
+    for certificate in certificates:
+        store.add_cert(X509.from_cryptography(certificate))
+    store.set_flags(X509StoreFlags.PARTIAL_CHAIN)
+    return store
+
+
+class _Condition:
+    __slots__ = ("authority", "alpn", "ports", "mutual", "anchors")
+
+    def __init__(self, when: dict[str, Any], trusted: Callable[[Sequence[str]], Sequence[x509.Certificate]]):
         self.authority = matcher(when.get("authority"))
         self.alpn = matcher(when.get("alpn"))
         self.ports = frozenset(parse_ports(when["port"])) if "port" in when else None
+        # Zilla: `trust` implies `mutual: required`
+        self.mutual: str | None = when.get("mutual", "required" if "trust" in when else None)
+        self.anchors = anchor_store(trusted(when["trust"])) if "trust" in when else None
 
-    def matches(self, sni: str | None, alpn: str | None, port: int | None) -> bool:
-        return self.authority(sni) and self.alpn(alpn) and (self.ports is None or port in self.ports)
+    def matches(self, sni: str | None, alpn: str | None, port: int | None, peer: Peer | None) -> bool:
+        if not (self.authority(sni) and self.alpn(alpn) and (self.ports is None or port in self.ports)):
+            return False
+        if peer is None:  # before the handshake's end (choosing ALPN): the certificate is not known yet
+            return True
+        present = peer.leaf is not None
+        if self.mutual == "required" and not present or self.mutual == "none" and present:
+            return False
+        return self.anchors is None or peer.signed_by(self.anchors)
 
 
 class TlsRoutes:
-    def __init__(self, routes: list[tuple[Route, Any]]):
-        self._routes = [([_Condition(dict(w)) for w in route.when], exit_) for route, exit_ in routes]
+    """A tls binding's routes: the first whose conditions (any one of its `when`) and guards
+    hold. `peer` None skips what needs the client certificate (and the session it grants)."""
 
-    def resolve(self, sni: str | None, alpn: str | None, port: int | None) -> Any | None:
-        for conditions, exit_ in self._routes:
-            if not conditions or any(c.matches(sni, alpn, port) for c in conditions):
+    def __init__(self, routes: list[tuple[Route, Any]], namespace: str = "default",
+                 trusted: Callable[[Sequence[str]], Sequence[x509.Certificate]] = lambda aliases: ()):
+        self.namespace = namespace
+        self._routes = [([_Condition(dict(w), trusted) for w in route.when], route.guarded, exit_)
+                        for route, exit_ in routes]
+
+    def resolve(self, sni: str | None, alpn: str | None, port: int | None, peer: Peer | None = None,
+                session: Session | None = None) -> Any | None:
+        for conditions, guarded, exit_ in self._routes:
+            if guarded and peer is not None and not permits(guarded, session, self.namespace):
+                continue  # as at the http server: a failing guard falls through to the next route
+            if not conditions or any(c.matches(sni, alpn, port, peer) for c in conditions):
                 return exit_
         return None

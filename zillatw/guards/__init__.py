@@ -24,6 +24,7 @@ from twisted.internet.defer import Deferred
 
 GUARD_TYPES = {
     "jwt": "zillatw.guards.jwt",
+    "x509": "zillatw.guards.x509",
 }
 
 
@@ -77,6 +78,12 @@ class Authorization:
 
 
 NO_AUTHORIZATION = Authorization(guarded=False)
+
+
+def connection_authorization(transport: Any) -> Authorization:
+    """What the connection's own layers authorized: a tls server's `authorization` (the x509
+    guard) leaves it on its transport, for the http server behind it; else NO_AUTHORIZATION."""
+    return getattr(transport, "zillatw_authorization", NO_AUTHORIZATION)
 
 
 def permits(guarded: Mapping[str, tuple[str, ...]], session: Session | None, namespace: str) -> bool:

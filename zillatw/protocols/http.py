@@ -16,7 +16,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from zillatw.config import BindingConfig, Route
-from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, permits
+from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, connection_authorization, permits
 from zillatw.httpauth import PLACEHOLDER, HttpAuthorization
 from zillatw.http1 import HttpError, Request, RequestHeadParser, render_response
 from zillatw.matching import Matcher, matcher
@@ -239,7 +239,7 @@ class HttpServerProtocol(Protocol):
         secure = ISSLTransport.providedBy(self.transport)
         headers = pseudo_headers(request, secure)
         if factory.authorization is None:
-            self._route(request, headers, NO_AUTHORIZATION)
+            self._route(request, headers, connection_authorization(self.transport))
             return
         authorization = factory.authorization.authorize(headers, self.trace_id)
         if isinstance(authorization, Deferred):

@@ -10,7 +10,7 @@ OpenSSL's through pyOpenSSL and Twisted's TLSMemoryBIOProtocol (zillatw.tlsconte
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from cryptography import x509
@@ -23,11 +23,13 @@ from zope.interface import implementer
 
 from zillatw.config import BindingConfig, Route
 from zillatw.errors import ConfigError, did_you_mean
+from zillatw.guards import Authorization, Rejected, Session
+from zillatw.guards.x509 import X509Guard
 from zillatw.protocols.tcp import parse_ports
 from zillatw.schema import FORBIDDEN, PORT_SPEC, route_schema
 from zillatw.telemetry import Events
 from zillatw.tlsclient import TlsClient
-from zillatw.tlscontext import (VERSIONS, Handshake, PeerTrust, TlsRoutes, classify, dns_names, guarded, make_context,
+from zillatw.tlscontext import (VERSIONS, Handshake, Peer, PeerTrust, TlsRoutes, classify, dns_names, guarded, make_context,
                                 name_matches, reason_text, set_servername_callback, state_of,
                                 use_key, verify_error)
 from zillatw.vault import FilesystemVault, KeyEntry
@@ -48,7 +50,15 @@ SCHEMA_PATCH = {
                 "keys": _NAMES, "trust": _NAMES, "signers": _NAMES, "sni": _NAMES, "alpn": _NAMES,
                 "trustcacerts": {"type": "boolean"},
                 "mutual": {"enum": list(MUTUAL)},
-                "authorization": {"type": "object"},
+                "authorization": {
+                    "type": "object", "maxProperties": 1, "propertyNames": {"pattern": r"^[a-zA-Z]+[a-zA-Z0-9._-]*$"},
+                    "additionalProperties": {
+                        "type": "object", "additionalProperties": False,
+                        "properties": {"credentials": {
+                            "type": "object", "additionalProperties": False,
+                            "properties": {"certificates": {"enum": ["pem"]}}}},
+                    },
+                },
                 # zillatw's
                 "handshake-timeout": {"type": "number", "exclusiveMinimum": 0},
                 "hostname-verification": {"type": "boolean"},
@@ -57,7 +67,8 @@ SCHEMA_PATCH = {
         "routes": {"type": "array", "items": route_schema(condition={
             "type": "object",
             "additionalProperties": False,
-            "properties": {"authority": {"type": "string"}, "alpn": {"type": "string"}, "port": PORT_SPEC},
+            "properties": {"authority": {"type": "string"}, "alpn": {"type": "string"}, "port": PORT_SPEC,
+                           "trust": _NAMES, "mutual": {"enum": ["required", "none"]}},
         })},
     },
 }
@@ -70,14 +81,17 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
     if "version" in options and options["version"] not in VERSIONS:
         yield "options.version", (f"'{options['version']}' is not supported "
                                   f"(expected {', '.join(VERSIONS)}; TLS 1.2 is the minimum)")
-    if "authorization" in options:
-        yield "options.authorization", "not supported by this zillatw yet (the x509 guard)"
+    if "authorization" in options and binding.kind == "client":
+        yield "options.authorization", "only for a tls server (it authorizes client certificates)"
     if not binding.routes:
         yield "routes", f"a tls {binding.kind} needs 'exit' or routes with an exit"
     for route in binding.routes:
         for index, condition in enumerate(route.when):
-            if binding.kind == "client" and "alpn" in condition:
-                yield f"routes[{route.index}].when[{index}].alpn", "a tls client routes on authority and port"
+            for key in ("alpn", "trust", "mutual"):
+                if binding.kind == "client" and key in condition:
+                    yield f"routes[{route.index}].when[{index}].{key}", "a tls client routes on authority and port"
+            if condition.get("mutual") == "none" and "trust" in condition:
+                yield f"routes[{route.index}].when[{index}].trust", "trust with mutual: none can never match"
             if "port" in condition:
                 try:
                     parse_ports(condition["port"])
@@ -97,7 +111,23 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
             yield "options.trustcacerts", "true, but no client certificate is asked for (give 'trust' or 'mutual')"
         if "hostname-verification" in options:
             yield "options.hostname-verification", "only for a tls client"
+        if mutual == "none":
+            if "authorization" in options:
+                yield "options.authorization", "no client certificate is asked for (give 'trust' or 'mutual')"
+            for route in binding.routes:
+                for index, condition in enumerate(route.when):
+                    if condition.get("trust") or condition.get("mutual") == "required":
+                        yield (f"routes[{route.index}].when[{index}]",
+                               "routes by client certificate, but none is asked for (give 'trust' or 'mutual')")
+        for route in binding.routes:
+            for guard in route.guarded:
+                if guard not in (options.get("authorization") or {}):
+                    yield (f"routes[{route.index}].guarded.{guard}", "not in options.authorization: no session of "
+                           "this guard reaches the tls server's routes")
     else:
+        for route in binding.routes:
+            if route.guarded:
+                yield f"routes[{route.index}].guarded", "a tls client has no session to guard routes with"
         if "mutual" in options:
             yield "options.mutual", "only for a tls server (a client with 'keys' presents them when asked)"
         if "handshake-timeout" in options:
@@ -107,6 +137,12 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
         for key in ("keys", "trust", "signers"):
             if options.get(key) and binding.vault is None:
                 yield f"options.{key}", "needs the binding's 'vault'"
+
+
+def guard_references(binding: BindingConfig) -> Iterator[tuple[str, str]]:
+    """The guards a tls server's authorization names (config checks they exist)."""
+    for guard in binding.options.get("authorization") or {}:
+        yield f"options.authorization.{guard}", guard
 
 
 # ---------------------------------------------------------------------------- server
@@ -121,17 +157,19 @@ class TlsServer:
                  sni: Sequence[str] = (), alpn: Sequence[str] = (), mutual: str = "none",
                  trust: PeerTrust = PeerTrust(), version: str = "TLS",
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, namespace: str = "default",
+                 guard: Any = None, route_trust: Callable[[Sequence[str]], Sequence[x509.Certificate]] = lambda a: (),
                  events: Events | None = None, reactor: Any = None):
         if reactor is None:
             from twisted.internet import reactor
         self.name = name
+        self.guard = guard  # the x509 guard of options.authorization
         self.namespace = namespace
         self.events = events or Events()
         self.reactor = reactor
         self.handshake_timeout = handshake_timeout
         self.sni = frozenset(n.lower() for n in sni)
         self.alpn = [p.encode() for p in alpn]
-        self.routes = TlsRoutes(routes)
+        self.routes = TlsRoutes(routes, namespace, route_trust)
         # One context per key; the SNI callback moves a connection to the key its name asks for.
         self._contexts = [(dns_names(entry.certificate), self._context_for(entry, mutual, trust, version))
                           for entry in keys]
@@ -189,6 +227,16 @@ class TlsServer:
                 return protocol
         return SSL.NO_OVERLAPPING_PROTOCOLS
 
+    def authorize(self, peer: Peer, trace_id: int) -> Session | None:
+        """The guard's session for a verified client certificate, if there is a guard and a
+        certificate (an unverified one never gets this far: the handshake failed)."""
+        if self.guard is None or peer.leaf is None:
+            return None
+        try:
+            return self.guard.authorize((peer.leaf, *peer.intermediates), trace_id)
+        except Rejected:
+            return None
+
     # ---- the factory the tcp server hands connections to
 
     def buildProtocol(self, addr: IAddress) -> TLSMemoryBIOProtocol:
@@ -244,7 +292,13 @@ class _Dispatch(Protocol):
         connection = self.transport.getHandle()
         alpn = connection.get_alpn_proto_negotiated() or None
         port = getattr(self.transport.getHost(), "port", None)
-        exit_ = self.server.routes.resolve(state.sni, alpn.decode("ascii", "replace") if alpn else None, port)
+        peer = Peer.of(connection)
+        session = self.server.authorize(peer, state.trace_id)
+        if self.server.guard is not None:
+            # for the http server behind (zillatw.guards.connection_authorization): 403 without a session
+            self.transport.zillatw_authorization = Authorization(session=session, credentials_found=True)
+        exit_ = self.server.routes.resolve(state.sni, alpn.decode("ascii", "replace") if alpn else None, port,
+                                           peer, session)
         protocol = exit_.buildProtocol(self.addr) if exit_ is not None else None
         if protocol is None:
             self.transport.loseConnection()
@@ -338,8 +392,37 @@ def build(binding: BindingConfig, graph: Any) -> TlsServer | TlsClient:
                          verify_hostname=options.get("hostname-verification", True),
                          namespace=binding.namespace, events=events)
     mutual = options.get("mutual", "required" if trust else "none")
+    guard = None
+    for name in options.get("authorization") or {}:
+        guard = graph.guard(f"{binding.namespace}:{name}")
+        if not isinstance(guard, X509Guard):
+            raise ConfigError(f"{where}.options.authorization.{name}: a tls server authorizes with an x509 guard, "
+                              f"'{name}' is not one")
+    route_trust = _route_trust(binding, vault, trust, where)
     return TlsServer(binding.name, keys, routes, sni=options.get("sni") or (), alpn=options.get("alpn") or (),
                      mutual=mutual, trust=PeerTrust(tuple(trust), options.get("trustcacerts", False), crls),
                      version=version,
                      handshake_timeout=options.get("handshake-timeout", HANDSHAKE_TIMEOUT),
-                     namespace=binding.namespace, events=events)
+                     namespace=binding.namespace, guard=guard, route_trust=route_trust, events=events)
+
+
+def _route_trust(binding: BindingConfig, vault: FilesystemVault | None, trust: Sequence[x509.Certificate],
+                 where: str) -> Callable[[Sequence[str]], Sequence[x509.Certificate]]:
+    """Routes' `trust` aliases -> certificates, checked first: each must be a trust entry
+    of the vault that the binding's own trust (or the system's) lets through the handshake."""
+    problems = []
+    for route in binding.routes:
+        for index, condition in enumerate(route.when):
+            for number, alias in enumerate(condition.get("trust") or ()):
+                path = f"{where}.routes[{route.index}].when[{index}].trust[{number}]"
+                available = vault.aliases("trust") if vault is not None else []
+                if alias not in available:
+                    problems.append(f"{path}: no certificate '{alias}' in vault '{binding.vault}'"
+                                    f"{did_you_mean(alias, available)} (it has: {', '.join(available) or 'none'})")
+                elif not binding.options.get("trustcacerts") and \
+                        not set(vault.certificates("trust", alias)) <= set(trust):  # type: ignore[union-attr]
+                    problems.append(f"{path}: '{alias}' is not in options.trust, so no certificate it signed "
+                                    "passes the handshake")
+    if problems:
+        raise ConfigError(problems)
+    return lambda aliases: [c for alias in aliases for c in vault.certificates("trust", alias)]  # type: ignore

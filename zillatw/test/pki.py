@@ -63,7 +63,7 @@ def make_ca(cn: str = "zillatw test CA") -> Issued:
 
 
 def issue(ca: Issued, cn: str, dns: list[str] | None = None, ips: list[str] | None = None,
-          client: bool = False) -> Issued:
+          client: bool = False, emails: list[str] | None = None, uris: list[str] | None = None) -> Issued:
     """A leaf certificate signed by `ca`: a server's (SANs `dns` and `ips`) or a client's."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -78,6 +78,7 @@ def issue(ca: Issued, cn: str, dns: list[str] | None = None, ips: list[str] | No
                               critical=False))
     names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns or []]
     names += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips or []]
+    names += [x509.RFC822Name(e) for e in emails or []] + [x509.UniformResourceIdentifier(u) for u in uris or []]
     if names:
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     return Issued(key, builder.sign(ca.key, hashes.SHA256()), [ca.certificate])
