@@ -25,6 +25,7 @@ from zillatw.config import BindingConfig, Route
 from zillatw.errors import ConfigError, did_you_mean
 from zillatw.guards import Authorization, Rejected, Session
 from zillatw.guards.x509 import X509Guard
+from zillatw.matching import matcher
 from zillatw.protocols.tcp import parse_ports
 from zillatw.schema import FORBIDDEN, PORT_SPEC, route_schema
 from zillatw.telemetry import Events
@@ -130,6 +131,9 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
                 yield f"routes[{route.index}].guarded", "a tls client has no session to guard routes with"
         if "mutual" in options:
             yield "options.mutual", "only for a tls server (a client with 'keys' presents them when asked)"
+        if len(options.get("keys") or ()) > 1:
+            yield "options.keys", (f"a tls client presents one key, got {len(options['keys'])} (zillatw does not "
+                                   "choose among keys by the CAs an upstream names)")
         if "handshake-timeout" in options:
             yield "options.handshake-timeout", "only for a tls server (the ws client's timeout bounds the upstream's)"
         if options.get("trustcacerts") is False and not options.get("trust"):
@@ -391,6 +395,7 @@ def build(binding: BindingConfig, graph: Any) -> TlsServer | TlsClient:
                          sni=options.get("sni") or (), alpn=options.get("alpn") or (), version=version,
                          verify_hostname=options.get("hostname-verification", True),
                          namespace=binding.namespace, events=events)
+    _check_alpn(binding, graph.config, where)
     mutual = options.get("mutual", "required" if trust else "none")
     guard = None
     for name in options.get("authorization") or {}:
@@ -404,6 +409,30 @@ def build(binding: BindingConfig, graph: Any) -> TlsServer | TlsClient:
                      version=version,
                      handshake_timeout=options.get("handshake-timeout", HANDSHAKE_TIMEOUT),
                      namespace=binding.namespace, guard=guard, route_trust=route_trust, events=events)
+
+
+HTTP_SERVED = "http/1.1"  # what an http server behind a tls server speaks (h2 is not served yet)
+
+
+def _check_alpn(binding: BindingConfig, config: Any, where: str) -> None:
+    """ALPN offers only what the exit behind speaks: a client told h2 would speak HTTP/2 to
+    an http server that reads HTTP/1.1."""
+    problems = []
+    for route in binding.routes:
+        target = config.binding(route.exit)
+        if (target.type, target.kind) != ("http", "server"):
+            continue
+        path = f"{where}.exit" if binding.exit and route is binding.routes[-1] else f"{where}.routes[{route.index}]"
+        for index, condition in enumerate(route.when):
+            if condition.get("alpn", HTTP_SERVED) != HTTP_SERVED:
+                problems.append(f"{path}.when[{index}].alpn: '{condition['alpn']}' routes to http server "
+                                f"'{target.name}', which serves {HTTP_SERVED} only (h2 is not served yet)")
+        for index, protocol in enumerate(binding.options.get("alpn") or ()):
+            if protocol != HTTP_SERVED and (not route.when or any(matcher(c.get("alpn"))(protocol) for c in route.when)):
+                problems.append(f"{where}.options.alpn[{index}]: '{protocol}' would be negotiated for http server "
+                                f"'{target.name}', which serves {HTTP_SERVED} only (h2 is not served yet)")
+    if problems:
+        raise ConfigError(sorted(set(problems)))
 
 
 def _route_trust(binding: BindingConfig, vault: FilesystemVault | None, trust: Sequence[x509.Certificate],

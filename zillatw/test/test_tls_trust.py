@@ -11,7 +11,6 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
-from zillatw import ConfigError, build_gateway
 from zillatw.test import pki
 from zillatw.test.support import RawClient, close_ws, eventually, start_gateway, upgrade_request
 from zillatw.test.test_tls import PASSWORD, TlsTestCase, client_tls, connect_wss, start_wss_upstream, tls_chain
