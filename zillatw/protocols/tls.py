@@ -70,7 +70,7 @@ SCHEMA_PATCH = {
             "additionalProperties": False,
             "properties": {"authority": {"type": "string"}, "alpn": {"type": "string"}, "port": PORT_SPEC,
                            "trust": _NAMES, "mutual": {"enum": ["required", "none"]}},
-        }, with_={"type": "object"})},  # refused by check() with the reason
+        })},
     },
 }
 STREAMS = {"server": ("bytes", "bytes"), "client": ("bytes", "bytes")}
@@ -87,11 +87,6 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
     if not binding.routes:
         yield "routes", f"a tls {binding.kind} needs 'exit' or routes with an exit"
     for route in binding.routes:
-        if route.with_ is not None:
-            yield f"routes[{route.index}].with", (
-                "not supported by this zillatw yet (Zilla's with.certificate picks the key a tls client presents "
-                "by a guard's identity; give the one key in options.keys)" if binding.kind == "client"
-                else "only a tls client's routes have 'with'")
         for index, condition in enumerate(route.when):
             for key in ("alpn", "trust", "mutual"):
                 if binding.kind == "client" and key in condition:

@@ -85,13 +85,6 @@ class LoadTests(unittest.TestCase):
                      "bindings.tls_out.routes[0].when[0].trust: a tls client routes on authority and port",
                      "bindings.tls_out.routes[0].when[1].mutual: a tls client routes on authority and port")
 
-    def test_with_on_routes(self):
-        self.refused(client({"trust": ["ca"]}, [{"with": {"certificate": {"subject.cn": "x"}}, "exit": "tcp_out"}]),
-                     "bindings.tls_out.routes[0].with: not supported by this zillatw yet (Zilla's with.certificate "
-                     "picks the key a tls client presents by a guard's identity; give the one key in options.keys)")
-        self.refused(server({"keys": ["localhost"]}, [{"with": {}, "exit": "http0"}]),
-                     "bindings.tls0.routes[0].with: only a tls client's routes have 'with'")
-
     def test_guarded_routes(self):
         options = {"keys": ["localhost"], "trust": ["ca"], "authorization": {"certs": {}}}
         self.loads(server(options, [{"guarded": {"certs": ["operators"]}, "exit": "http0"}]))
