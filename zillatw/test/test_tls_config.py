@@ -85,6 +85,10 @@ class LoadTests(unittest.TestCase):
                      "bindings.tls_out.routes[0].when[0].trust: a tls client routes on authority and port",
                      "bindings.tls_out.routes[0].when[1].mutual: a tls client routes on authority and port")
 
+    def test_with_on_routes_is_refused_by_name(self):
+        self.refused(client({"trust": ["ca"]}, [{"with": {"certificate": {"subject.cn": "x"}}, "exit": "tcp_out"}]),
+                     "bindings.tls_out.routes[0].with: not allowed for a tls client binding")
+
     def test_guarded_routes(self):
         options = {"keys": ["localhost"], "trust": ["ca"], "authorization": {"certs": {}}}
         self.loads(server(options, [{"guarded": {"certs": ["operators"]}, "exit": "http0"}]))
