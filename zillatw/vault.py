@@ -48,7 +48,7 @@ STORES = ("keys", "trust", "signers")
 STORE_TYPES = ("pkcs12", "pem")
 _STORE_KEYS = ("store", "type", "password", "entries")
 _OPTIONS = (*STORES, "revocation", "crls")
-REVOCATION = ("crl",)
+REVOCATION = ("crl", "none")  # none: Zilla's docs list it as the default
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def open_vault(name: str, options: Mapping[str, Any] | None, base_dir: Path, whe
                             f"(expected one of: {', '.join(_OPTIONS)})")
     revocation = options.get("revocation")
     if revocation is not None and revocation not in REVOCATION:
-        problems.append(f"{base}.revocation: '{revocation}' is not a revocation method (expected crl)")
+        problems.append(f"{base}.revocation: '{revocation}' is not a revocation method (expected crl or none)")
     elif revocation == "crl" and "crls" not in options:
         problems.append(f"{base}.revocation: crl needs 'crls' (zillatw's: the CRL files, a file or folder "
                         "relative to the configuration's folder; distribution points are not fetched)")

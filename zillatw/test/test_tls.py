@@ -690,7 +690,7 @@ class VaultErrorTests(TlsTestCase):
     def test_unsupported_vault_options_are_refused_by_name(self):
         keys = {"store": self.keystore(), "password": PASSWORD}
         self.assertProblems(self.config({"keys": keys, "revocation": "ocsp", "secrets": {}, "crl": {}}),
-                            "vaults.server.options.revocation: 'ocsp' is not a revocation method (expected crl)",
+                            "vaults.server.options.revocation: 'ocsp' is not a revocation method (expected crl or none)",
                             "vaults.server.options.secrets: not supported by this zillatw (Zilla's incubating "
                             "secrets store; give secrets to zilla.yaml as ${{env.NAME}})",
                             "vaults.server.options: unknown key 'crl' (did you mean 'crls'?) (expected one of: "
@@ -710,6 +710,9 @@ class VaultErrorTests(TlsTestCase):
             serialization.Encoding.DER))
         for store in (crl, der, str(self.folder / "crls")):
             build_gateway(self.config({"keys": keys, "revocation": "crl", "crls": {"store": store}}))
+        build_gateway(self.config({"keys": keys, "revocation": "none"}))
+        self.assertProblems(self.config({"keys": keys, "revocation": "none", "crls": {"store": crl}}),
+                            "vaults.server.options.crls: needs revocation: crl (else the CRLs would be ignored)")
 
     def test_entries_keep_only_the_aliases_they_list(self):
         trust = pki.write(self.folder / "trust.p12", pki.truststore_p12(
