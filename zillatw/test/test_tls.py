@@ -7,26 +7,19 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-import stat
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.serialization import pkcs12
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketServerFactory
 from twisted.internet import defer, reactor, ssl as tssl, threads
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
-from zillatw import ConfigError, build_gateway
-from zillatw.__main__ import main as check_main
 from zillatw.protocols.ws import ReactorTimer
 from zillatw.test import pki
-from zillatw.test.support import (CONF, RawClient, RecordingClient, close_ws, eventually, split_response,
+from zillatw.test.support import (RawClient, RecordingClient, close_ws, eventually, split_response,
                                   start_gateway, upgrade_request)
 from zillatw.test.test_proxy import Upstream
 
@@ -586,223 +579,6 @@ class ProxyOverTlsTests(TlsTestCase):
         self.assertEqual(b"".join((yield client.messages.get())[1]), b"with a client certificate")
         peer = upstream.connections[0].transport.getPeerCertificate()
         self.assertEqual(peer.get_subject().commonName, "good client")
-        yield close_ws(client)
-        yield eventually(lambda: upstream.closes)
-
-
-class VaultErrorTests(TlsTestCase):
-    def config(self, vault: dict[str, Any], tls_options: dict[str, Any] | None = None) -> dict[str, Any]:
-        return tls_chain(vault, tls_options or {"keys": ["localhost"]})
-
-    def assertProblems(self, config: Any, *expected: str) -> ConfigError:
-        error = self.assertRaises(ConfigError, build_gateway, config)
-        for problem in expected:
-            self.assertIn(problem, error.problems)
-        return error
-
-    def test_wrong_password(self):
-        store = self.keystore()
-        self.assertProblems(self.config({"keys": {"store": store, "password": "nope"}}),
-                            f"vaults.server.options.keys.password: cannot open '{store}': wrong password")
-
-    def test_missing_alias(self):
-        store = self.keystore()
-        self.assertProblems(self.config({"keys": {"store": store, "password": PASSWORD}},
-                                        {"keys": ["localhots"], "trust": ["ca"], "mutual": "required"}),
-                            "bindings.tls0.options.keys[0]: no key 'localhots' in vault 'server' "
-                            "(did you mean 'localhost'?) (it has: localhost)",
-                            "bindings.tls0.options.trust[0]: no certificate 'ca' in vault 'server' (it has: no trust store)")
-
-    def test_unreadable_file_relative_to_the_config_folder(self):
-        config = self.config({"keys": {"store": "tls/missing.p12", "password": PASSWORD}})
-        path = self.folder / "zilla.yaml"
-        path.write_text(yaml.safe_dump(config))
-        self.assertProblems(str(path), "vaults.server.options.keys.store: cannot read 'tls/missing.p12' "
-                                       "(No such file or directory)")
-
-    def test_not_a_keystore_and_pem_problems(self):
-        junk = pki.write(self.folder / "junk.p12", b"not a keystore")
-        # a PEM entry whose key belongs to another certificate
-        pki.write(self.folder / "keys/other.pem", self.pki.alpha.cert_pem() + self.pki.beta.key_pem())
-        encrypted = pki.write(self.folder / "enc/localhost.pem", self.pki.localhost.pem(password=PASSWORD))
-        config = self.config({"keys": {"store": junk, "password": "x"},
-                              "trust": {"store": str(self.folder / "keys"), "type": "pem", "passwrd": "x"},
-                              "signers": {"store": encrypted, "type": "jks"}})
-        self.assertProblems(config,
-                            f"vaults.server.options.keys.store: '{junk}' is not a PKCS#12 file (set type: pem for PEM files)",
-                            "vaults.server.options.trust: unknown key 'passwrd' (did you mean 'password'?) "
-                            "(expected one of: store, type, password, entries)",
-                            "vaults.server.options.signers.type: jks is not supported: convert the store with "
-                            "keytool -importkeystore -deststoretype pkcs12 (Java writes PKCS#12 by default since "
-                            "Java 9; the JKS reader for Python, pyjks, has had no release since 2020)")
-        self.assertProblems(self.config({"keys": {"store": str(self.folder / "keys"), "type": "pem"}}),
-                            "vaults.server.options.keys.store: in 'other.pem', the private key does not match "
-                            "the first certificate")
-        self.assertProblems(self.config({"keys": {"store": encrypted, "type": "pem", "password": "wrong"}}),
-                            f"vaults.server.options.keys.password: cannot read the private key in '{encrypted}': "
-                            "wrong password")
-
-    def test_binding_checks_name_the_yaml_path(self):
-        config = self.config({"keys": {"store": self.keystore(), "password": PASSWORD}},
-                             {"keys": ["localhost"], "mutual": "required", "version": "TLSv1.1",
-                              "hostname-verification": True})
-        config["bindings"]["tls1"] = {"type": "tls", "kind": "server", "exit": "http0",
-                                      "options": {"sni": ["x"], "trustcacerts": True}}
-        config["bindings"]["tls2"] = {"type": "tls", "kind": "client", "vault": "nowhere",
-                                      "routes": [{"when": [{"alpn": "h2"}], "exit": "tcp_out"}],
-                                      "options": {"trustcacerts": False, "handshake-timeout": 1}}
-        config["bindings"]["tcp_out"] = {"type": "tcp", "kind": "client", "options": {"host": "localhost", "port": 1}}
-        error = self.assertProblems(
-            config,
-            "bindings.tls0.options.version: 'TLSv1.1' is not supported "
-            "(expected TLS, TLSv1.2, TLSv1.3; TLS 1.2 is the minimum)",
-            "bindings.tls0.options.mutual: 'required' needs 'trust' (the aliases of the client CAs) "
-            "or trustcacerts: true",
-            "bindings.tls0.options.hostname-verification: only for a tls client",
-            "bindings.tls1.options.trustcacerts: true, but no client certificate is asked for "
-            "(give 'trust' or 'mutual')",
-            "bindings.tls1.vault: a tls server needs a vault (where its keys are)",
-            "bindings.tls1.options: a tls server needs 'keys' (aliases of its vault's keys) or 'signers'",
-            "bindings.tls2.vault: no vault named 'nowhere'",
-            "bindings.tls2.options.trustcacerts: false with no 'trust': no upstream certificate could be verified",
-            "bindings.tls2.routes[0].when[0].alpn: a tls client routes on authority and port",
-            "bindings.tls2.options.handshake-timeout: only for a tls server (the ws client's timeout bounds "
-            "the upstream's)")
-        self.assertEqual(len(error.problems), 10, error.problems)
-
-    def test_exits_that_cannot_carry_tls(self):
-        config = self.config({"keys": {"store": self.keystore(), "password": PASSWORD}})
-        config["bindings"]["tls0"]["exit"] = "tcp_out"
-        config["bindings"]["tcp_out"] = {"type": "tcp", "kind": "client", "options": {"host": "localhost", "port": 1}}
-        self.assertProblems(config, "bindings.tls0.exit: 'tcp_out' cannot take connections for a tls server")
-
-    def test_an_invalid_vault_never_starts_a_listener_and_check_reports_it(self):
-        config = self.config({"keys": {"store": "tls/missing.p12"}})
-        path = self.folder / "zilla.yaml"
-        path.write_text(yaml.safe_dump(config))
-        self.assertRaises(ConfigError, build_gateway, str(path))
-        err = self.folder / "stderr"
-        with open(err, "w") as stream:
-            self.patch(sys, "stderr", stream)
-            self.assertEqual(check_main(["check", str(path)]), 1)
-        self.assertIn("vaults.server.options.keys.store: cannot read 'tls/missing.p12'", err.read_text())
-
-    def test_unsupported_vault_options_are_refused_by_name(self):
-        keys = {"store": self.keystore(), "password": PASSWORD}
-        self.assertProblems(self.config({"keys": keys, "revocation": "ocsp", "secrets": {}, "crl": {}}),
-                            "vaults.server.options.revocation: 'ocsp' is not a revocation method (expected crl or none)",
-                            "vaults.server.options.secrets: not supported by this zillatw (Zilla's incubating "
-                            "secrets store; give secrets to zilla.yaml as ${{env.NAME}})",
-                            "vaults.server.options: unknown key 'crl' (did you mean 'crls'?) (expected one of: "
-                            "keys, trust, signers, revocation, crls)")
-        self.assertProblems(self.config({"keys": keys, "revocation": "crl"}),
-                            "vaults.server.options.revocation: crl needs 'crls' (zillatw's: the CRL files, a file "
-                            "or folder relative to the configuration's folder; distribution points are not fetched)")
-        crl = pki.write(self.folder / "ca.crl", pki.crl_pem(pki.make_crl(self.pki.ca)))
-        self.assertProblems(self.config({"keys": keys, "crls": {"store": crl}}),
-                            "vaults.server.options.crls: needs revocation: crl (else the CRLs would be ignored)")
-        self.assertProblems(self.config({"keys": keys, "revocation": "crl", "crls": {"store": self.pki.ca_pem}}),
-                            f"vaults.server.options.crls.store: '{self.pki.ca_pem}' is not a CRL (PEM or DER)")
-        self.assertProblems(self.config({"keys": keys, "revocation": "crl", "crls": {"store": "nowhere.crl"}}),
-                            "vaults.server.options.crls.store: cannot read 'nowhere.crl' (No such file or directory)")
-        # valid: PEM and DER CRLs, a file or a folder
-        der = pki.write(self.folder / "crls" / "ca.der", pki.make_crl(self.pki.ca).public_bytes(
-            serialization.Encoding.DER))
-        for store in (crl, der, str(self.folder / "crls")):
-            build_gateway(self.config({"keys": keys, "revocation": "crl", "crls": {"store": store}}))
-        build_gateway(self.config({"keys": keys, "revocation": "none"}))
-        self.assertProblems(self.config({"keys": keys, "revocation": "none", "crls": {"store": crl}}),
-                            "vaults.server.options.crls: needs revocation: crl (else the CRLs would be ignored)")
-
-    def test_entries_keep_only_the_aliases_they_list(self):
-        trust = pki.write(self.folder / "trust.p12", pki.truststore_p12(
-            {"clients": self.pki.ca.certificate, "others": self.pki.rogue_ca.certificate}, PASSWORD))
-        vault = {"keys": {"store": self.keystore(), "password": PASSWORD, "entries": ["localhost"]},
-                 "trust": {"store": trust, "password": PASSWORD, "entries": ["clients"]}}
-        build_gateway(self.config(vault, {"keys": ["localhost"], "trust": ["clients"]}))
-        self.assertProblems(self.config(vault, {"keys": ["localhost"], "trust": ["others"]}),
-                            "bindings.tls0.options.trust[0]: no certificate 'others' in vault 'server' (it has: clients)")
-        vault["trust"]["entries"] = ["client"]
-        vault["keys"]["entries"] = "localhost"
-        self.assertProblems(self.config(vault),
-                            f"vaults.server.options.trust.entries[0]: no entry 'client' in '{trust}' "
-                            "(did you mean 'clients'?) (it has: clients, others)",
-                            "vaults.server.options.keys.entries: expected a list of aliases")
-
-
-class ConfExampleTests(unittest.TestCase):
-    """conf/ws.*.tls.yaml (spec §4.3, §4.4) with the keystores their script makes, on free ports."""
-
-    @defer.inlineCallbacks
-    def setUp(self):
-        self.folder = Path(self.mktemp())
-        (self.folder / "tls").mkdir(parents=True)
-        out, err, code = yield getProcessOutputAndValue(
-            sys.executable, [os.path.join(CONF, "tls", "generate-keystore.py"), str(self.folder / "tls")],
-            env={**os.environ, "KEYSTORE_PASSWORD": "generated"}, reactor=reactor)
-        self.assertEqual(code, 0, err)
-        os.environ["KEYSTORE_PASSWORD"] = "generated"
-        self.addCleanup(os.environ.pop, "KEYSTORE_PASSWORD")
-
-    @defer.inlineCallbacks
-    def test_keystores_holding_keys_are_readable_by_their_owner_only(self):
-        folder = self.folder / "again"
-        folder.mkdir()
-        (folder / "backend.p12").write_bytes(b"an old keystore")
-        os.chmod(folder / "backend.p12", 0o644)  # a rewritten file loses its old mode too
-        for where in (self.folder / "tls", folder):
-            if where is folder:
-                out, err, code = yield getProcessOutputAndValue(
-                    sys.executable, [os.path.join(CONF, "tls", "generate-keystore.py"), str(folder)],
-                    env={**os.environ, "KEYSTORE_PASSWORD": "generated"}, reactor=reactor)
-                self.assertEqual(code, 0, err)
-            for name in ("localhost.p12", "backend.p12"):
-                self.assertEqual(stat.S_IMODE((where / name).stat().st_mode), 0o600, f"{where / name}")
-        bundle = pkcs12.load_pkcs12((folder / "backend.p12").read_bytes(), b"generated")
-        self.assertIsNotNone(bundle.key)
-
-    @defer.inlineCallbacks
-    def serve(self, name: str, replacements: dict[str, str]) -> Any:
-        """The example, unchanged but for listening on 127.0.0.1 and these replacements."""
-        text = Path(CONF, name).read_text().replace("0.0.0.0", "127.0.0.1")
-        for old, new in replacements.items():
-            self.assertIn(old, text)
-            text = text.replace(old, new)
-        (self.folder / "zilla.yaml").write_text(text)
-        gateway, _ = yield start_gateway(self, str(self.folder / "zilla.yaml"))
-        return gateway
-
-    def trusted(self, name: str) -> pki.Issued:
-        return pki.Issued(None, x509.load_pem_x509_certificate((self.folder / "tls" / f"{name}.crt").read_bytes()))
-
-    @defer.inlineCallbacks
-    def test_ws_echo_tls_serves_wss_and_ws_from_one_config(self):
-        wss_port, ws_port = free_port(), free_port()
-        gateway = yield self.serve("ws.echo.tls.yaml", {"7143": str(wss_port), "7114": str(ws_port)})
-        for port, tls in [(wss_port, True), (ws_port, False)]:
-            client = yield connect_wss(port, client_tls(self.trusted("localhost")), protocols=["echo"], tls=tls)
-            client.sendMessage(b"example")
-            self.assertEqual(b"".join((yield client.messages.get())[1]), b"example")
-            yield close_ws(client)
-        events = gateway.events_text.getvalue()
-        self.assertIn(f"GET https://localhost:{wss_port}/", events)
-        self.assertIn(f"GET http://localhost:{ws_port}/", events)
-
-    @defer.inlineCallbacks
-    def test_ws_proxy_tls_reaches_a_backend_it_verifies_as_backend(self):
-        bundle = pkcs12.load_pkcs12((self.folder / "tls" / "backend.p12").read_bytes(), b"generated")
-        upstream, upstream_port = start_wss_upstream(self, pki.Issued(bundle.key, bundle.cert.certificate))
-        wss_port = free_port()
-        # the backend listens on 127.0.0.1; the tls client still sends and verifies `backend`
-        yield self.serve("ws.proxy.tls.yaml", {"- 7143": f"- {wss_port}", "port: 7143": f"port: {wss_port}",
-                                               "host: backend": "host: 127.0.0.1",
-                                               "port: 8443": f"port: {upstream_port}"})
-        client = yield connect_wss(wss_port, client_tls(self.trusted("localhost")), path="/chat",
-                                   protocols=["echo"])
-        client.sendMessage(b"to the backend")
-        self.assertEqual(b"".join((yield client.messages.get())[1]), b"to the backend")
-        self.assertEqual(upstream.requests[0].path, "/chat")
-        self.assertEqual(upstream.connections[0].transport.getHandle().get_servername(), b"backend")
         yield close_ws(client)
         yield eventually(lambda: upstream.closes)
 
