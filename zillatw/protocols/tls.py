@@ -76,7 +76,6 @@ SCHEMA_PATCH = {
 STREAMS = {"server": ("bytes", "bytes"), "client": ("bytes", "bytes")}
 
 
-
 def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
     options = binding.options
     if "version" in options and options["version"] not in VERSIONS:

@@ -394,6 +394,14 @@ class SniAndAlpnTests(TlsTestCase):
         self.assertEqual(data, b"")
 
 
+    @defer.inlineCallbacks
+    def test_without_options_alpn_nothing_is_negotiated_not_even_for_a_client_offering_h2(self):
+        config = tls_chain({"keys": {"store": self.keystore(), "password": PASSWORD}}, {"keys": ["localhost"]})
+        gateway, port = yield start_gateway(self, config)
+        *_, alpn = yield stdlib_handshake(port, "localhost", self.pki.ca_pem, alpn=["h2", "http/1.1"])
+        self.assertIsNone(alpn)
+
+
 class MutualTlsTests(TlsTestCase):
     @defer.inlineCallbacks
     def serve(self, mutual: str | None = None) -> Any:
