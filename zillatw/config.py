@@ -344,7 +344,7 @@ def _model(documents: list[Mapping[str, Any]], origin: str, folder: Path) -> Con
 # What zillatw implements so far; other names pass the schema but are refused by name here,
 # so that a guard or vault is never silently ignored.
 SUPPORTED_EXPORTERS = ("stdout", "prometheus")
-SUPPORTED_GUARDS: tuple[str, ...] = ("jwt",)
+SUPPORTED_GUARDS: tuple[str, ...] = ("jwt", "x509")
 SUPPORTED_VAULTS: tuple[str, ...] = ("filesystem",)
 SUPPORTED_CATALOGS: tuple[str, ...] = ("inline", "apicurio-registry", "apicurio", "schema-registry",
                                         "confluent-schema-registry", "karapace-schema-registry")

@@ -7,6 +7,8 @@
           keys:   { store: tls/localhost.p12, type: pkcs12, password: ${{env.KEYSTORE_PASSWORD}} }
           trust:  { store: tls/truststore.p12 }
           signers: { store: tls/ca.pem, type: pem }
+          revocation: crl
+          crls: { store: tls/crls }     # zillatw's: where the CRLs are
 
 Bindings name entries by alias, as Zilla does (`keys: [localhost]`):
 - pkcs12 (the default): an entry's alias is its friendlyName (what `keytool -alias` and
@@ -16,6 +18,13 @@ Bindings name entries by alias, as Zilla does (`keys: [localhost]`):
 - pem: `store` is a directory of `<alias>.pem` files, or one file whose alias is its name
   without the extension. A file holds certificates (the first one is the entry's, the rest
   its chain) and, in a keys store, the private key (encrypted if `password` is given).
+
+A store's `entries` (Zilla's) keeps only the aliases it lists. `revocation: crl` checks
+every certificate a binding verifies with this vault's trust (client certificates at a tls
+server, upstream certificates at a tls client) against the CRLs of `crls`, a PEM or DER file
+or a folder of them: OpenSSL refuses a revoked certificate, and one whose issuer has no CRL
+loaded (distribution points in certificates are not fetched: a handshake never waits on the
+network). `type: jks` and `secrets` are refused by name.
 
 Everything is read at startup; a problem is a ConfigError naming the YAML key.
 """
@@ -37,7 +46,9 @@ from zillatw.errors import ConfigError, did_you_mean
 
 STORES = ("keys", "trust", "signers")
 STORE_TYPES = ("pkcs12", "pem")
-_STORE_KEYS = ("store", "type", "password")
+_STORE_KEYS = ("store", "type", "password", "entries")
+_OPTIONS = (*STORES, "revocation", "crls")
+REVOCATION = ("crl", "none")  # none: Zilla's docs list it as the default
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,8 @@ class FilesystemVault:
     keys: dict[str, KeyEntry] = field(default_factory=dict)
     trust: dict[str, tuple[x509.Certificate, ...]] = field(default_factory=dict)
     signers: dict[str, tuple[x509.Certificate, ...]] = field(default_factory=dict)
+    revocation: str | None = None  # "crl": certificates verified with this vault's trust are checked
+    crls: tuple[x509.CertificateRevocationList, ...] = ()
 
     def certificates(self, store: str, alias: str) -> tuple[x509.Certificate, ...]:
         """The certificates of a trust or signers entry (a PEM file may hold a bundle)."""
@@ -72,16 +85,26 @@ def open_vault(name: str, options: Mapping[str, Any] | None, base_dir: Path, whe
     base = f"{where}vaults.{name}.options"
     options = options or {}
     for key in options:
-        if key == "revocation":
-            if options[key] not in ("none", None):
-                problems.append(f"{base}.revocation: '{options[key]}' is not supported by this zillatw yet "
-                                "(certificates are not checked for revocation; expected none)")
-        elif key not in STORES:
-            problems.append(f"{base}: unknown key '{key}'{did_you_mean(key, STORES)} "
-                            f"(expected one of: {', '.join(STORES)}, revocation)")
+        if key == "secrets":
+            problems.append(f"{base}.secrets: not supported by this zillatw (Zilla's incubating secrets store; "
+                            "give secrets to zilla.yaml as ${{env.NAME}})")
+        elif key not in _OPTIONS:
+            problems.append(f"{base}: unknown key '{key}'{did_you_mean(key, _OPTIONS)} "
+                            f"(expected one of: {', '.join(_OPTIONS)})")
+    revocation = options.get("revocation")
+    if revocation is not None and revocation not in REVOCATION:
+        problems.append(f"{base}.revocation: '{revocation}' is not a revocation method (expected crl or none)")
+    elif revocation == "crl" and "crls" not in options:
+        problems.append(f"{base}.revocation: crl needs 'crls' (zillatw's: the CRL files, a file or folder "
+                        "relative to the configuration's folder; distribution points are not fetched)")
+    elif "crls" in options and revocation != "crl":
+        problems.append(f"{base}.crls: needs revocation: crl (else the CRLs would be ignored)")
     for store in STORES:
         if store in options:
             problems.extend(_read_store(vault, store, options[store], base_dir, f"{base}.{store}"))
+    if revocation == "crl" and "crls" in options:
+        vault.revocation = revocation
+        problems.extend(_read_crls(vault, options["crls"], base_dir, f"{base}.crls"))
     if problems:
         raise ConfigError(problems)
     return vault
@@ -98,6 +121,11 @@ def _read_store(vault: FilesystemVault, store: str, spec: Any, base_dir: Path, p
         yield f"{path}.store: missing required key 'store' (a file path, relative to the configuration's folder)"
         return
     type_ = spec.get("type", "pkcs12")
+    if type_ == "jks":
+        yield (f"{path}.type: jks is not supported: convert the store with keytool -importkeystore "
+               "-deststoretype pkcs12 (Java writes PKCS#12 by default since Java 9; the JKS reader for Python, "
+               "pyjks, has had no release since 2020)")
+        return
     if type_ not in STORE_TYPES:
         yield (f"{path}.type: store type '{type_}' is not supported{did_you_mean(str(type_), STORE_TYPES)} "
                f"(expected {' or '.join(STORE_TYPES)})")
@@ -119,7 +147,51 @@ def _read_store(vault: FilesystemVault, store: str, spec: Any, base_dir: Path, p
         return
     if not entries:
         yield f"{path}.store: '{spec['store']}' has no {'key' if store == 'keys' else 'certificate'} entries"
+    if "entries" in spec:
+        wanted = spec["entries"]
+        if not isinstance(wanted, list) or not all(isinstance(alias, str) for alias in wanted):
+            yield f"{path}.entries: expected a list of aliases"
+            return
+        for index, alias in enumerate(wanted):
+            if alias not in entries:
+                yield (f"{path}.entries[{index}]: no entry '{alias}' in '{spec['store']}'"
+                       f"{did_you_mean(alias, list(entries))} (it has: {', '.join(entries) or 'none'})")
+        entries = {alias: entry for alias, entry in entries.items() if alias in wanted}
     getattr(vault, store).update(entries)
+
+
+_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.*?-----END X509 CRL-----", re.DOTALL)
+
+
+def _read_crls(vault: FilesystemVault, spec: Any, base_dir: Path, path: str) -> Iterator[str]:
+    """`crls: {store: file or folder}`: PEM (any number of CRLs a file) or DER (one a file)."""
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("store"), str):
+        yield f"{path}: expected {{store: a CRL file or folder, relative to the configuration's folder}}"
+        return
+    for key in spec:
+        if key != "store":
+            yield f"{path}: unknown key '{key}' (expected: store)"
+    location = (base_dir / spec["store"]).resolve()
+    files = sorted(p for p in location.iterdir() if p.is_file()) if location.is_dir() else [location]
+    crls: list[x509.CertificateRevocationList] = []
+    for file in files:
+        shown = file.name if location.is_dir() else spec["store"]
+        try:
+            data = file.read_bytes()
+        except OSError as e:
+            yield f"{path}.store: cannot read '{shown}' ({e.strerror or e})"
+            continue
+        try:
+            blocks = _PEM_CRL.findall(data)
+            if blocks:
+                crls.extend(x509.load_pem_x509_crl(block) for block in blocks)
+            else:
+                crls.append(x509.load_der_x509_crl(data))
+        except ValueError:
+            yield f"{path}.store: '{shown}' is not a CRL (PEM or DER)"
+    if not crls and location.is_dir():
+        yield f"{path}.store: no CRL in folder '{spec['store']}'"
+    vault.crls = tuple(crls)
 
 
 class _StoreProblem(Exception):

@@ -6,7 +6,7 @@ certificates for localhost (and 127.0.0.1) and for backend, valid 30 days.
 
 writes into FOLDER (default: this script's folder), each PKCS#12 file encrypted with
 $KEYSTORE_PASSWORD:
-- localhost.p12: the gateway's key, alias `localhost`;
+- localhost.p12: the gateway's key, alias `localhost` (mode 0600, as is backend.p12);
 - truststore.p12: the backend's certificate, alias `backend` (what ws.proxy's tls client trusts);
 - backend.p12: the backend's key, alias `backend`, for a wss server to proxy to;
 - localhost.crt, backend.crt: the certificates in PEM, for clients to trust
@@ -44,8 +44,8 @@ def main(argv: list[str]) -> int:
     backend = _self_signed("backend", ["backend"], [])
     encryption = serialization.BestAvailableEncryption(password.encode())
     for name, (key, certificate) in (("localhost", localhost), ("backend", backend)):
-        (folder / f"{name}.p12").write_bytes(
-            pkcs12.serialize_key_and_certificates(name.encode(), key, certificate, None, encryption))
+        _write_private(folder / f"{name}.p12",
+                       pkcs12.serialize_key_and_certificates(name.encode(), key, certificate, None, encryption))
         (folder / f"{name}.crt").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     # what ws.proxy's tls client trusts: the backend's certificate, alias backend
     (folder / "truststore.p12").write_bytes(pkcs12.serialize_java_truststore(
@@ -53,6 +53,15 @@ def main(argv: list[str]) -> int:
     print(f"wrote localhost.p12, backend.p12 (aliases localhost, backend), truststore.p12 (alias backend), "
           f"localhost.crt and backend.crt in {folder}")
     return 0
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """A file holding a private key: readable by its owner only (0600), even if it was
+    there before with a wider mode (open's mode applies only to a file it creates)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        os.fchmod(descriptor, 0o600)  # before the key is written
+        file.write(data)
 
 
 def _self_signed(name: str, dns: list[str], ips: list[str]) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:

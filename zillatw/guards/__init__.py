@@ -28,6 +28,7 @@ from twisted.internet.defer import Deferred
 
 GUARD_TYPES = {
     "jwt": "zillatw.guards.jwt",
+    "x509": "zillatw.guards.x509",
 }
 
 
@@ -81,6 +82,12 @@ class Authorization:
 
 
 NO_AUTHORIZATION = Authorization(guarded=False)
+
+
+def connection_authorization(transport: Any) -> Authorization:
+    """What the connection's own layers authorized: a tls server's `authorization` (the x509
+    guard) leaves it on its transport, for the http server behind it; else NO_AUTHORIZATION."""
+    return getattr(transport, "zillatw_authorization", NO_AUTHORIZATION)
 
 
 # The placeholders of a dynamic role, and the request header each is replaced with.

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from zillatw import accesscontrol
 from zillatw.accesscontrol import AccessControl
 from zillatw.config import BindingConfig, Route
-from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, permits
+from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, connection_authorization, permits
 from zillatw.httpauth import CONVENTIONAL_SECRETS, PLACEHOLDER, HttpAuthorization, redact_target
 from zillatw.http1 import HttpError, Request, RequestHeadParser, check_host, check_origin_form, render_response
 from zillatw.matching import Matcher, matcher
@@ -299,7 +299,7 @@ class HttpServerProtocol(Protocol):
             self._refuse(403, refusal)
             return
         if factory.authorization is None:
-            self._route(request, headers, NO_AUTHORIZATION)
+            self._route(request, headers, connection_authorization(self.transport))
             return
         authorization = factory.authorization.authorize(headers, self.trace_id)
         if isinstance(authorization, Deferred):

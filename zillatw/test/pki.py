@@ -63,7 +63,7 @@ def make_ca(cn: str = "zillatw test CA") -> Issued:
 
 
 def issue(ca: Issued, cn: str, dns: list[str] | None = None, ips: list[str] | None = None,
-          client: bool = False) -> Issued:
+          client: bool = False, emails: list[str] | None = None, uris: list[str] | None = None) -> Issued:
     """A leaf certificate signed by `ca`: a server's (SANs `dns` and `ips`) or a client's."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -78,9 +78,28 @@ def issue(ca: Issued, cn: str, dns: list[str] | None = None, ips: list[str] | No
                               critical=False))
     names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns or []]
     names += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips or []]
+    names += [x509.RFC822Name(e) for e in emails or []] + [x509.UniformResourceIdentifier(u) for u in uris or []]
     if names:
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     return Issued(key, builder.sign(ca.key, hashes.SHA256()), [ca.certificate])
+
+
+def make_crl(ca: Issued, revoked: list[Issued] = (), expired: bool = False) -> x509.CertificateRevocationList:
+    """`ca`'s CRL listing `revoked`; valid for a day, or past its nextUpdate if `expired`."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    next_update = now - datetime.timedelta(minutes=1) if expired else now + datetime.timedelta(days=1)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca.certificate.subject)
+               .last_update(now - datetime.timedelta(hours=1)).next_update(next_update)
+               .add_extension(x509.CRLNumber(1), critical=False))
+    for issued in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(issued.certificate.serial_number)
+            .revocation_date(now - datetime.timedelta(minutes=30)).build())
+    return builder.sign(ca.key, hashes.SHA256())
+
+
+def crl_pem(crl: x509.CertificateRevocationList) -> bytes:
+    return crl.public_bytes(serialization.Encoding.PEM)
 
 
 def truststore_p12(certificates: dict[str, x509.Certificate], password: str) -> bytes:

@@ -81,6 +81,7 @@ BASES: dict[tuple[str, str | None], tuple[Callable[[], dict[str, Any]], list[Any
     ("echo", "server"): (_chain, ["bindings", "echo_server"]),
     ("fan", "server"): (_fan, ["bindings", "fan0"]),
     ("guard jwt", None): (_with("guards", JWT), ["guards", "x"]),
+    ("guard x509", None): (_with("guards", {"type": "x509"}), ["guards", "x"]),
     ("catalog inline", None): (_with("catalogs", {"type": "inline", "options": {"subjects": {"s": {"schema": "{}"}}}}),
                                ["catalogs", "x"]),
     ("catalog apicurio-registry", None): (_with("catalogs", {"type": "apicurio-registry", "options": {"url": URL}}),
@@ -97,6 +98,34 @@ def _set(path: str, change: Callable[[dict[str, Any]], None]) -> Callable[[dict[
     def apply(config: dict[str, Any], root: list[Any]) -> str:
         change(config)
         return path
+    return apply
+
+
+def _asking_certificates(key: str, value: Any) -> Callable[[dict[str, Any], list[Any]], str]:
+    """A tls server key that needs client certificates asked for (options.trust)."""
+    def apply(config: dict[str, Any], root: list[Any]) -> str:
+        _under("options.trust", ["clients"])(config, root)
+        if key.startswith("routes[]"):
+            return _route_condition(config, root, key.rpartition(".")[2], value)
+        return _under(key, value)(config, root)
+    return apply
+
+
+def _route_condition(config: dict[str, Any], root: list[Any], name: str, value: Any) -> str:
+    node: Any = config
+    for part in root:
+        node = node[part]
+    route = node["routes"][0]
+    route.setdefault("when", [{}])[0][name] = value
+    return ".".join([*map(str, root), "routes[0].when[0]"])
+
+
+def _x509_authorization(value: Any) -> Callable[[dict[str, Any], list[Any]], str]:
+    """A tls server's authorization: it needs a client certificate asked for, and the guard."""
+    def apply(config: dict[str, Any], root: list[Any]) -> str:
+        config["guards"] = {"x509": {"type": "x509"}}
+        _under("options.trust", ["clients"])(config, root)
+        return _under("options.authorization", value)(config, root)
     return apply
 
 
@@ -208,9 +237,16 @@ SAMPLES: dict[tuple[str, ...], Any] = {
     ("tls", "options.signers"): _under("options", {"signers": ["ca"]}),
     ("tls", "options.sni"): ["localhost"],
     ("tls", "options.alpn"): ["http/1.1"],
-    ("tls", "options.trustcacerts"): True,
+    ("tls", "options.trustcacerts", "server"): _asking_certificates("options.trustcacerts", True),
+    ("tls", "options.trustcacerts", "client"): True,
     ("tls", "options.mutual"): "none",
-    ("tls", "options.authorization"): {"x509": {}},
+    ("tls", "options.authorization"): _x509_authorization({"x509": {}}),
+    ("tls", "options.authorization.<name>.credentials"): _x509_authorization(
+        {"x509": {"credentials": {"certificates": "pem"}}}),
+    ("tls", "options.authorization.<name>.credentials.certificates"): _x509_authorization(
+        {"x509": {"credentials": {"certificates": "pem"}}}),
+    ("tls", "routes[].when[].trust"): _asking_certificates("routes[].when[].trust", ["clients"]),
+    ("tls", "routes[].when[].mutual"): _asking_certificates("routes[].when[].mutual", "required"),
     ("tls", "options.handshake-timeout"): 5,
     ("tls", "options.hostname-verification"): True,
     ("tls", "routes[].when[].authority"): "localhost",
@@ -289,6 +325,11 @@ SAMPLES: dict[tuple[str, ...], Any] = {
     ("fan", "routes"): [],
     ("fan", "vault"): "v",
     ("fan", "catalog"): {},
+    # guard x509
+    ("guard x509", "options"): {"identity": "subject.cn"},
+    ("guard x509", "options.identity"): "san.email",
+    ("guard x509", "options.roles"): {"internal": [{"issuer.cn": "Internal CA"}]},
+    ("guard x509", "options.attributes"): {"team": "subject.ou"},
     # guard jwt
     ("guard jwt", "options"): {"issuer": "https://other.example", "audience": "api", "keys": []},
     ("guard jwt", "options.issuer"): "https://other.example",

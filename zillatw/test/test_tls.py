@@ -7,24 +7,19 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import pkcs12
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketServerFactory
 from twisted.internet import defer, reactor, ssl as tssl, threads
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
-from zillatw import ConfigError, build_gateway
-from zillatw.__main__ import main as check_main
 from zillatw.protocols.ws import ReactorTimer
 from zillatw.test import pki
-from zillatw.test.support import (CONF, RawClient, RecordingClient, close_ws, eventually, split_response,
+from zillatw.test.support import (RawClient, RecordingClient, close_ws, eventually, split_response,
                                   start_gateway, upgrade_request)
 from zillatw.test.test_proxy import Upstream
 
@@ -95,7 +90,7 @@ def connect_wss(port: int, options: Any, host: str = "localhost", path: str = "/
 
 
 def stdlib_handshake(port: int, server_name: str | None, cafile: str, alpn: list[str] | None = None,
-                     cert: tuple[str, str] | None = None) -> defer.Deferred:
+                     cert: tuple[str, str] | None = None, maximum: ssl.TLSVersion | None = None) -> defer.Deferred:
     """A blocking stdlib TLS handshake in a thread -> (version, cipher, peer subject CN, alpn)."""
     def run() -> tuple[str, str, str, str | None]:
         context = ssl.create_default_context(cafile=cafile)
@@ -104,6 +99,8 @@ def stdlib_handshake(port: int, server_name: str | None, cafile: str, alpn: list
             context.set_alpn_protocols(alpn)
         if cert:
             context.load_cert_chain(*cert)
+        if maximum:
+            context.maximum_version = maximum
         with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
             with context.wrap_socket(raw, server_hostname=server_name) as tls:
                 subject = dict(item[0] for item in tls.getpeercert()["subject"])
@@ -307,15 +304,24 @@ class SniAndAlpnTests(TlsTestCase):
         yield close_ws(client)
 
     @defer.inlineCallbacks
-    def test_sni_allow_list_refuses_other_names(self):
+    def test_sni_allow_list_refuses_other_names_with_the_unrecognized_name_alert(self):
         store = self.pem_keys({"alpha": self.pki.alpha, "beta": self.pki.beta})
         config = tls_chain({"keys": {"store": store, "type": "pem"}},
                            {"keys": ["alpha", "beta"], "sni": ["beta.test"]})
         gateway, port = yield start_gateway(self, config)
         _, _, subject, _ = yield stdlib_handshake(port, "beta.test", self.pki.ca_pem)
         self.assertEqual(subject, "beta.test")
-        yield self.assertFailure(stdlib_handshake(port, "alpha.test", self.pki.ca_pem), ssl.SSLError, OSError)
-        yield eventually(lambda: "KEY_REJECTED" in gateway.events_text.getvalue())
+        # RFC 6066 §3: a fatal unrecognized_name alert (112), not a reset; in TLS 1.3 and 1.2
+        for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+            error = yield self.assertFailure(stdlib_handshake(port, "alpha.test", self.pki.ca_pem, maximum=version),
+                                             ssl.SSLError)
+            self.assertEqual(error.reason, "TLSV1_UNRECOGNIZED_NAME", f"{version}: {error}")
+        out, err, code = yield getProcessOutputAndValue(
+            "openssl", ["s_client", "-connect", f"127.0.0.1:{port}", "-servername", "alpha.test",
+                        "-CAfile", self.pki.ca_pem], env=os.environ, reactor=reactor)
+        self.assertNotEqual(code, 0)
+        self.assertRegex(err.decode(), r"tlsv1 unrecognized name.*SSL alert number 112")
+        yield eventually(lambda: gateway.events_text.getvalue().count("KEY_REJECTED") == 3)
         self.assertIn("BINDING_TLS_KEY_REJECTED - 127.0.0.1 server name 'alpha.test' is not one of this server's sni",
                       gateway.events_text.getvalue())
 
@@ -386,6 +392,14 @@ class SniAndAlpnTests(TlsTestCase):
         # without ALPN the only route (alpn: http/1.1) does not match: closed after the handshake
         data = yield raw_tls_exchange(port, client_tls(self.pki.ca), upgrade_request("/"))
         self.assertEqual(data, b"")
+
+
+    @defer.inlineCallbacks
+    def test_without_options_alpn_nothing_is_negotiated_not_even_for_a_client_offering_h2(self):
+        config = tls_chain({"keys": {"store": self.keystore(), "password": PASSWORD}}, {"keys": ["localhost"]})
+        gateway, port = yield start_gateway(self, config)
+        *_, alpn = yield stdlib_handshake(port, "localhost", self.pki.ca_pem, alpn=["h2", "http/1.1"])
+        self.assertIsNone(alpn)
 
 
 class MutualTlsTests(TlsTestCase):
@@ -575,166 +589,6 @@ class ProxyOverTlsTests(TlsTestCase):
         self.assertEqual(b"".join((yield client.messages.get())[1]), b"with a client certificate")
         peer = upstream.connections[0].transport.getPeerCertificate()
         self.assertEqual(peer.get_subject().commonName, "good client")
-        yield close_ws(client)
-        yield eventually(lambda: upstream.closes)
-
-
-class VaultErrorTests(TlsTestCase):
-    def config(self, vault: dict[str, Any], tls_options: dict[str, Any] | None = None) -> dict[str, Any]:
-        return tls_chain(vault, tls_options or {"keys": ["localhost"]})
-
-    def assertProblems(self, config: Any, *expected: str) -> ConfigError:
-        error = self.assertRaises(ConfigError, build_gateway, config)
-        for problem in expected:
-            self.assertIn(problem, error.problems)
-        return error
-
-    def test_wrong_password(self):
-        store = self.keystore()
-        self.assertProblems(self.config({"keys": {"store": store, "password": "nope"}}),
-                            f"vaults.server.options.keys.password: cannot open '{store}': wrong password")
-
-    def test_missing_alias(self):
-        store = self.keystore()
-        self.assertProblems(self.config({"keys": {"store": store, "password": PASSWORD}},
-                                        {"keys": ["localhots"], "trust": ["ca"], "mutual": "required"}),
-                            "bindings.tls0.options.keys[0]: no key 'localhots' in vault 'server' "
-                            "(did you mean 'localhost'?) (it has: localhost)",
-                            "bindings.tls0.options.trust[0]: no certificate 'ca' in vault 'server' (it has: no trust store)")
-
-    def test_unreadable_file_relative_to_the_config_folder(self):
-        config = self.config({"keys": {"store": "tls/missing.p12", "password": PASSWORD}})
-        path = self.folder / "zilla.yaml"
-        path.write_text(yaml.safe_dump(config))
-        self.assertProblems(str(path), "vaults.server.options.keys.store: cannot read 'tls/missing.p12' "
-                                       "(No such file or directory)")
-
-    def test_not_a_keystore_and_pem_problems(self):
-        junk = pki.write(self.folder / "junk.p12", b"not a keystore")
-        # a PEM entry whose key belongs to another certificate
-        pki.write(self.folder / "keys/other.pem", self.pki.alpha.cert_pem() + self.pki.beta.key_pem())
-        encrypted = pki.write(self.folder / "enc/localhost.pem", self.pki.localhost.pem(password=PASSWORD))
-        config = self.config({"keys": {"store": junk, "password": "x"},
-                              "trust": {"store": str(self.folder / "keys"), "type": "pem", "passwrd": "x"},
-                              "signers": {"store": encrypted, "type": "jks"}})
-        self.assertProblems(config,
-                            f"vaults.server.options.keys.store: '{junk}' is not a PKCS#12 file (set type: pem for PEM files)",
-                            "vaults.server.options.trust: unknown key 'passwrd' (did you mean 'password'?) "
-                            "(expected one of: store, type, password)",
-                            "vaults.server.options.signers.type: store type 'jks' is not supported (expected pkcs12 or pem)")
-        self.assertProblems(self.config({"keys": {"store": str(self.folder / "keys"), "type": "pem"}}),
-                            "vaults.server.options.keys.store: in 'other.pem', the private key does not match "
-                            "the first certificate")
-        self.assertProblems(self.config({"keys": {"store": encrypted, "type": "pem", "password": "wrong"}}),
-                            f"vaults.server.options.keys.password: cannot read the private key in '{encrypted}': "
-                            "wrong password")
-
-    def test_binding_checks_name_the_yaml_path(self):
-        config = self.config({"keys": {"store": self.keystore(), "password": PASSWORD}},
-                             {"keys": ["localhost"], "mutual": "required", "version": "TLSv1.1",
-                              "trustcacerts": True})
-        config["bindings"]["tls1"] = {"type": "tls", "kind": "server", "exit": "http0", "options": {"sni": ["x"]}}
-        config["bindings"]["tls2"] = {"type": "tls", "kind": "client", "vault": "nowhere",
-                                      "routes": [{"when": [{"alpn": "h2"}], "exit": "tcp_out"}],
-                                      "options": {"trustcacerts": False, "handshake-timeout": 1}}
-        config["bindings"]["tcp_out"] = {"type": "tcp", "kind": "client", "options": {"host": "localhost", "port": 1}}
-        error = self.assertProblems(
-            config,
-            "bindings.tls0.options.version: 'TLSv1.1' is not supported "
-            "(expected TLS, TLSv1.2, TLSv1.3; TLS 1.2 is the minimum)",
-            "bindings.tls0.options.mutual: 'required' needs 'trust' (the aliases of the client CAs)",
-            "bindings.tls0.options.trustcacerts: only for a tls client",
-            "bindings.tls1.vault: a tls server needs a vault (where its keys are)",
-            "bindings.tls1.options: a tls server needs 'keys' (aliases of its vault's keys) or 'signers'",
-            "bindings.tls2.vault: no vault named 'nowhere'",
-            "bindings.tls2.options.trustcacerts: false with no 'trust': no upstream certificate could be verified",
-            "bindings.tls2.routes[0].when[0].alpn: a tls client routes on authority and port",
-            "bindings.tls2.options.handshake-timeout: only for a tls server (the ws client's timeout bounds "
-            "the upstream's)")
-        self.assertEqual(len(error.problems), 9, error.problems)
-
-    def test_exits_that_cannot_carry_tls(self):
-        config = self.config({"keys": {"store": self.keystore(), "password": PASSWORD}})
-        config["bindings"]["tls0"]["exit"] = "tcp_out"
-        config["bindings"]["tcp_out"] = {"type": "tcp", "kind": "client", "options": {"host": "localhost", "port": 1}}
-        self.assertProblems(config, "bindings.tls0.exit: 'tcp_out' cannot take connections for a tls server")
-
-    def test_an_invalid_vault_never_starts_a_listener_and_check_reports_it(self):
-        config = self.config({"keys": {"store": "tls/missing.p12"}})
-        path = self.folder / "zilla.yaml"
-        path.write_text(yaml.safe_dump(config))
-        self.assertRaises(ConfigError, build_gateway, str(path))
-        err = self.folder / "stderr"
-        with open(err, "w") as stream:
-            self.patch(sys, "stderr", stream)
-            self.assertEqual(check_main(["check", str(path)]), 1)
-        self.assertIn("vaults.server.options.keys.store: cannot read 'tls/missing.p12'", err.read_text())
-
-    def test_unsupported_vault_options_are_refused_by_name(self):
-        self.assertProblems(self.config({"keys": {"store": self.keystore(), "password": PASSWORD},
-                                         "revocation": "crl", "secrets": {}}),
-                            "vaults.server.options.revocation: 'crl' is not supported by this zillatw yet "
-                            "(certificates are not checked for revocation; expected none)",
-                            "vaults.server.options: unknown key 'secrets' (expected one of: keys, trust, signers, "
-                            "revocation)")
-
-
-class ConfExampleTests(unittest.TestCase):
-    """conf/ws.*.tls.yaml (spec §4.3, §4.4) with the keystores their script makes, on free ports."""
-
-    @defer.inlineCallbacks
-    def setUp(self):
-        self.folder = Path(self.mktemp())
-        (self.folder / "tls").mkdir(parents=True)
-        out, err, code = yield getProcessOutputAndValue(
-            sys.executable, [os.path.join(CONF, "tls", "generate-keystore.py"), str(self.folder / "tls")],
-            env={**os.environ, "KEYSTORE_PASSWORD": "generated"}, reactor=reactor)
-        self.assertEqual(code, 0, err)
-        os.environ["KEYSTORE_PASSWORD"] = "generated"
-        self.addCleanup(os.environ.pop, "KEYSTORE_PASSWORD")
-
-    @defer.inlineCallbacks
-    def serve(self, name: str, replacements: dict[str, str]) -> Any:
-        """The example, unchanged but for listening on 127.0.0.1 and these replacements."""
-        text = Path(CONF, name).read_text().replace("0.0.0.0", "127.0.0.1")
-        for old, new in replacements.items():
-            self.assertIn(old, text)
-            text = text.replace(old, new)
-        (self.folder / "zilla.yaml").write_text(text)
-        gateway, _ = yield start_gateway(self, str(self.folder / "zilla.yaml"))
-        return gateway
-
-    def trusted(self, name: str) -> pki.Issued:
-        return pki.Issued(None, x509.load_pem_x509_certificate((self.folder / "tls" / f"{name}.crt").read_bytes()))
-
-    @defer.inlineCallbacks
-    def test_ws_echo_tls_serves_wss_and_ws_from_one_config(self):
-        wss_port, ws_port = free_port(), free_port()
-        gateway = yield self.serve("ws.echo.tls.yaml", {"7143": str(wss_port), "7114": str(ws_port)})
-        for port, tls in [(wss_port, True), (ws_port, False)]:
-            client = yield connect_wss(port, client_tls(self.trusted("localhost")), protocols=["echo"], tls=tls)
-            client.sendMessage(b"example")
-            self.assertEqual(b"".join((yield client.messages.get())[1]), b"example")
-            yield close_ws(client)
-        events = gateway.events_text.getvalue()
-        self.assertIn(f"GET https://localhost:{wss_port}/", events)
-        self.assertIn(f"GET http://localhost:{ws_port}/", events)
-
-    @defer.inlineCallbacks
-    def test_ws_proxy_tls_reaches_a_backend_it_verifies_as_backend(self):
-        bundle = pkcs12.load_pkcs12((self.folder / "tls" / "backend.p12").read_bytes(), b"generated")
-        upstream, upstream_port = start_wss_upstream(self, pki.Issued(bundle.key, bundle.cert.certificate))
-        wss_port = free_port()
-        # the backend listens on 127.0.0.1; the tls client still sends and verifies `backend`
-        yield self.serve("ws.proxy.tls.yaml", {"- 7143": f"- {wss_port}", "port: 7143": f"port: {wss_port}",
-                                               "host: backend": "host: 127.0.0.1",
-                                               "port: 8443": f"port: {upstream_port}"})
-        client = yield connect_wss(wss_port, client_tls(self.trusted("localhost")), path="/chat",
-                                   protocols=["echo"])
-        client.sendMessage(b"to the backend")
-        self.assertEqual(b"".join((yield client.messages.get())[1]), b"to the backend")
-        self.assertEqual(upstream.requests[0].path, "/chat")
-        self.assertEqual(upstream.connections[0].transport.getHandle().get_servername(), b"backend")
         yield close_ws(client)
         yield eventually(lambda: upstream.closes)
 

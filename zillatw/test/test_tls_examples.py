@@ -1,0 +1,97 @@
+"""conf/ws.*.tls.yaml and conf/tls/generate-keystore.py: the examples serve wss with the
+keystores the script makes, and the script keeps private keys private."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import pkcs12
+from twisted.internet import defer, reactor
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial import unittest
+
+from zillatw.test import pki
+from zillatw.test.support import CONF, close_ws, eventually, start_gateway
+from zillatw.test.test_tls import client_tls, connect_wss, free_port, start_wss_upstream
+
+
+class ConfExampleTests(unittest.TestCase):
+    """conf/ws.*.tls.yaml (spec §4.3, §4.4) with the keystores their script makes, on free ports."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.folder = Path(self.mktemp())
+        (self.folder / "tls").mkdir(parents=True)
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable, [os.path.join(CONF, "tls", "generate-keystore.py"), str(self.folder / "tls")],
+            env={**os.environ, "KEYSTORE_PASSWORD": "generated"}, reactor=reactor)
+        self.assertEqual(code, 0, err)
+        os.environ["KEYSTORE_PASSWORD"] = "generated"
+        self.addCleanup(os.environ.pop, "KEYSTORE_PASSWORD")
+
+    @defer.inlineCallbacks
+    def test_keystores_holding_keys_are_readable_by_their_owner_only(self):
+        folder = self.folder / "again"
+        folder.mkdir()
+        (folder / "backend.p12").write_bytes(b"an old keystore")
+        os.chmod(folder / "backend.p12", 0o644)  # a rewritten file loses its old mode too
+        for where in (self.folder / "tls", folder):
+            if where is folder:
+                out, err, code = yield getProcessOutputAndValue(
+                    sys.executable, [os.path.join(CONF, "tls", "generate-keystore.py"), str(folder)],
+                    env={**os.environ, "KEYSTORE_PASSWORD": "generated"}, reactor=reactor)
+                self.assertEqual(code, 0, err)
+            for name in ("localhost.p12", "backend.p12"):
+                self.assertEqual(stat.S_IMODE((where / name).stat().st_mode), 0o600, f"{where / name}")
+        bundle = pkcs12.load_pkcs12((folder / "backend.p12").read_bytes(), b"generated")
+        self.assertIsNotNone(bundle.key)
+
+    @defer.inlineCallbacks
+    def serve(self, name: str, replacements: dict[str, str]) -> Any:
+        """The example, unchanged but for listening on 127.0.0.1 and these replacements."""
+        text = Path(CONF, name).read_text().replace("0.0.0.0", "127.0.0.1")
+        for old, new in replacements.items():
+            self.assertIn(old, text)
+            text = text.replace(old, new)
+        (self.folder / "zilla.yaml").write_text(text)
+        gateway, _ = yield start_gateway(self, str(self.folder / "zilla.yaml"))
+        return gateway
+
+    def trusted(self, name: str) -> pki.Issued:
+        return pki.Issued(None, x509.load_pem_x509_certificate((self.folder / "tls" / f"{name}.crt").read_bytes()))
+
+    @defer.inlineCallbacks
+    def test_ws_echo_tls_serves_wss_and_ws_from_one_config(self):
+        wss_port, ws_port = free_port(), free_port()
+        gateway = yield self.serve("ws.echo.tls.yaml", {"7143": str(wss_port), "7114": str(ws_port)})
+        for port, tls in [(wss_port, True), (ws_port, False)]:
+            client = yield connect_wss(port, client_tls(self.trusted("localhost")), protocols=["echo"], tls=tls)
+            client.sendMessage(b"example")
+            self.assertEqual(b"".join((yield client.messages.get())[1]), b"example")
+            yield close_ws(client)
+        events = gateway.events_text.getvalue()
+        self.assertIn(f"GET https://localhost:{wss_port}/", events)
+        self.assertIn(f"GET http://localhost:{ws_port}/", events)
+
+    @defer.inlineCallbacks
+    def test_ws_proxy_tls_reaches_a_backend_it_verifies_as_backend(self):
+        bundle = pkcs12.load_pkcs12((self.folder / "tls" / "backend.p12").read_bytes(), b"generated")
+        upstream, upstream_port = start_wss_upstream(self, pki.Issued(bundle.key, bundle.cert.certificate))
+        wss_port = free_port()
+        # the backend listens on 127.0.0.1; the tls client still sends and verifies `backend`
+        yield self.serve("ws.proxy.tls.yaml", {"- 7143": f"- {wss_port}", "port: 7143": f"port: {wss_port}",
+                                               "host: backend": "host: 127.0.0.1",
+                                               "port: 8443": f"port: {upstream_port}"})
+        client = yield connect_wss(wss_port, client_tls(self.trusted("localhost")), path="/chat",
+                                   protocols=["echo"])
+        client.sendMessage(b"to the backend")
+        self.assertEqual(b"".join((yield client.messages.get())[1]), b"to the backend")
+        self.assertEqual(upstream.requests[0].path, "/chat")
+        self.assertEqual(upstream.connections[0].transport.getHandle().get_servername(), b"backend")
+        yield close_ws(client)
+        yield eventually(lambda: upstream.closes)
