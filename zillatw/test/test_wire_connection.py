@@ -164,8 +164,38 @@ class Utf8Tests(SynchronousTestCase):
     def test_binary_is_not_checked(self) -> None:
         self.assertEqual(messages(feed(server(), raw_frame(2, b"\xff\xfe"))), [(2, b"\xff\xfe")])
 
-    def test_without_inspection_text_is_not_checked(self) -> None:
-        self.assertEqual(messages(feed(server(inspect=False), raw_frame(1, b"\xff"))), [(1, b"\xff")])
+    def test_without_inspection_uncompressed_text_is_still_checked(self) -> None:
+        # only compressed messages pass unchecked (test_wire_deflate.RelayTests): plain text
+        # costs no inflating, and failing at its first invalid byte is what peers expect
+        self.assertEqual(failure(feed(server(inspect=False), raw_frame(1, b"ok \xff")))[0], CloseCode.INVALID_DATA)
+        self.assertEqual(failure(feed(server(inspect=False), raw_frame(1, b"ok", fin=False) + raw_frame(0, b"\xff")))[0],
+                         CloseCode.INVALID_DATA)
+
+
+class GatherTests(SynchronousTestCase):
+    """Delivery.STREAM with `gather`: small frames whole (a relay keeps their boundaries),
+    big ones piece by piece as they arrive, empty ones as empty fragments."""
+
+    def test_frames_up_to_gather_come_whole_whatever_the_reads(self) -> None:
+        conn = server(gather=1000)
+        wire = raw_frame(2, b"a" * 1000, fin=False) + raw_frame(0, b"b" * 10)
+        events = feed(conn, *(wire[i:i + 7] for i in range(0, len(wire), 7)))
+        self.assertEqual([(e.opcode, e.data, e.fin) for e in events],
+                         [(Opcode.BINARY, b"a" * 1000, False), (Opcode.CONTINUATION, b"b" * 10, True)])
+
+    def test_a_bigger_frame_streams(self) -> None:
+        conn = server(gather=1000)
+        wire = raw_frame(2, b"c" * 5000)
+        events = feed(conn, wire[:3000], wire[3000:])
+        self.assertEqual(len(events), 2)
+        self.assertEqual(b"".join(e.data for e in events), b"c" * 5000)
+        self.assertEqual([e.fin for e in events], [False, True])
+
+    def test_empty_frames_are_fragments(self) -> None:
+        events = feed(server(), raw_frame(2, b"", fin=False) + raw_frame(0, b"x", fin=False) + raw_frame(0, b""))
+        self.assertEqual([(e.opcode, e.data, e.fin) for e in events],
+                         [(Opcode.BINARY, b"", False), (Opcode.CONTINUATION, b"x", False),
+                          (Opcode.CONTINUATION, b"", True)])
 
 
 class CloseTests(SynchronousTestCase):

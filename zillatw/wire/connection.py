@@ -50,9 +50,13 @@ class Connection:
     `auto_pong`: answer pings (they are surfaced as Ping events either way).
     `answer_close`: echo the peer's close code at once; otherwise the state stays
     CLOSE_RECEIVED until the caller calls send_close().
-    `inspect`: inflate and check UTF-8. Without, payloads are delivered as they came
-    (Fragment.compressed says when they are deflate), for a relay that forwards them with
-    send_fragment(..., compressed=True) to a peer whose parameters fit (deflate.can_relay).
+    `inspect`: inflate compressed messages and check their text. Without, compressed
+    payloads are delivered as they came (Fragment.compressed), for a relay that forwards
+    them with send_fragment(..., compressed=True) to a peer whose parameters fit
+    (deflate.can_relay); uncompressed text is still checked (it costs no inflating, and
+    keeps failing fast at the first invalid byte).
+    `gather` (Delivery.STREAM only): a frame of at most this many bytes is delivered
+    whole, so relayed frames keep their boundaries; larger ones stream piece by piece.
     `min_compress_size`: messages whose first fragment is smaller go uncompressed.
     """
 
@@ -62,12 +66,13 @@ class Connection:
                  "_masked_in", "_masked_out", "_rsv1_allowed", "_mask_bit", "_small_limit", "_events", "_out",
                  "_reading", "_buf", "_remaining", "_frame_fin", "_mask", "_offset", "_msg_opcode",
                  "_msg_compressed", "_msg_size", "_next_opcode", "_parts", "_utf8", "_utf8_whole",
-                 "_send_opcode", "_send_deflating", "_deflater", "_inflater")
+                 "_send_opcode", "_send_deflating", "_deflater", "_inflater", "gather", "_frame_whole",
+                 "_msg_text")
 
     def __init__(self, role: Role, *, deflate: DeflateParams | None = None,
                  max_frame_size: int | None = None, max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
                  delivery: Delivery = Delivery.STREAM, auto_pong: bool = True, answer_close: bool = True,
-                 inspect: bool = True, min_compress_size: int = 0):
+                 inspect: bool = True, min_compress_size: int = 0, gather: int = 0):
         self.role = role
         self.state = State.OPEN
         self.deflate = deflate
@@ -78,6 +83,9 @@ class Connection:
         self.answer_close = answer_close
         self.inspect = inspect
         self.min_compress_size = min_compress_size
+        self.gather = gather
+        self._frame_whole = False     # the frame being read is gathered (see `gather`)
+        self._msg_text = False        # the message being read is text to check
         self.close_received: tuple[int, str] | None = None   # the peer's (code, reason)
         self.close_sent: tuple[int, str] | None = None       # ours
         self.failure: tuple[CloseCode, str] | None = None    # why we failed the connection
@@ -165,7 +173,7 @@ class Connection:
                         if stop <= end and stop - start <= self._small_limit:
                             payload = (apply_mask(data[start:stop], data[start - 4:start]) if self._mask_bit
                                        else data[start:stop])
-                            if first == 0x81 and self.inspect:
+                            if first == 0x81:
                                 try:
                                     payload.decode("utf-8")
                                 except UnicodeDecodeError:
@@ -200,7 +208,7 @@ class Connection:
                             raise FrameError(CloseCode.MESSAGE_TOO_BIG, self._too_big(length))
                         pos = start + length
                         payload = data[start:pos] if mask is None else apply_mask(_view(data, start, pos), mask)
-                        if opcode == 1 and self.inspect:
+                        if opcode == 1:
                             try:
                                 payload.decode("utf-8")
                             except UnicodeDecodeError:
@@ -218,6 +226,7 @@ class Connection:
                         raise FrameError(CloseCode.MESSAGE_TOO_BIG, self._too_big(self._msg_size + length))
                     self._msg_size += length
                 self._frame_fin = bool(fin)
+                self._frame_whole = 0 < length <= self.gather
                 self._mask = mask
                 self._offset = 0
                 self._remaining = length
@@ -247,7 +256,8 @@ class Connection:
         self._msg_opcode = self._next_opcode = _OPCODES[opcode]
         self._msg_compressed = compressed
         self._msg_size = 0
-        if opcode == 1 and self.inspect:
+        self._msg_text = opcode == 1 and (self.inspect or not compressed)
+        if self._msg_text:
             if self._utf8 is None:
                 self._utf8 = Utf8Validator()
             else:
@@ -264,7 +274,7 @@ class Connection:
                 self._msg_size += len(piece)
         else:
             pieces = [chunk] if chunk else []
-        if self._msg_opcode == _TEXT and self.inspect:
+        if self._msg_text:
             validate = self._utf8.validate
             for piece in pieces:
                 valid, self._utf8_whole, _, _ = validate(piece)
@@ -273,7 +283,7 @@ class Connection:
             if last and not self._utf8_whole:
                 raise FrameError(CloseCode.INVALID_DATA, "text message ends inside a UTF-8 character")
         compressed = self._msg_compressed and not self.inspect
-        if self.delivery is Delivery.STREAM:
+        if self.delivery is Delivery.STREAM and not self._frame_whole:
             events = self._events
             if pieces:
                 for piece in pieces[:-1]:
@@ -281,11 +291,12 @@ class Connection:
                     self._next_opcode = _CONTINUATION
                 events.append(Fragment(self._next_opcode, pieces[-1], last, compressed))
                 self._next_opcode = _CONTINUATION
-            elif last:
-                events.append(Fragment(self._next_opcode, b"", True, compressed))
+            elif last or not chunk:  # an empty frame is a fragment too (not a piece of one)
+                events.append(Fragment(self._next_opcode, b"", last, compressed))
+                self._next_opcode = _CONTINUATION
         else:
             self._parts.extend(pieces)
-            if last or (frame_done and self.delivery is Delivery.FRAME):
+            if last or (frame_done and self.delivery is not Delivery.MESSAGE):
                 parts, self._parts = self._parts, []
                 data = parts[0] if len(parts) == 1 else b"".join(parts)
                 self._events.append(Fragment(self._next_opcode, data, last, compressed))
