@@ -1,4 +1,5 @@
-"""Sans-IO HTTP/1.1 request head parsing (RFC 9112 §2-5), bytes in, Request or HttpError out.
+"""Sans-IO HTTP/1.1 request head parsing (RFC 9112 §2-5), bytes in, Request or HttpError out;
+and, for the ws client, an upstream's response head (Response or ResponseError) by the same rules.
 
 Only the head is parsed: zillatw's http server routes requests and hands the connection over
 (a WebSocket upgrade) or answers with an error, so bodies never reach it. Limits are Zilla's:
@@ -173,3 +174,96 @@ class RequestHeadParser:
             text = value.decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
         return Request(method_text, target.decode("latin-1"), (major, minor), headers, raw_head)
+
+
+# ---------------------------------------------------------------------------- responses
+
+_STATUS_LINE = re.compile(rb"^HTTP/(\d)\.(\d) (\d{3})(?: ([\x09\x20-\x7e\x80-\xff]*))?$")
+
+
+class ResponseError(ValueError):
+    """An upstream's response head that breaks HTTP/1.1; the text says how (for the event log)."""
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    reason: str
+    version: tuple[int, int]
+    # header names lower-cased; duplicates joined with ", "
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class ResponseHeadParser:
+    """An upstream's response head (RFC 9112 §4), parsed with the request parser's rules:
+    the same size limits, CRLF or bare LF line ends but never a bare CR or a NUL, no
+    obsolete line folding, no control bytes in values. Feed bytes until a Response comes
+    out; `rest` then holds what followed the head (the upstream's first frames)."""
+
+    def __init__(self, max_status_line: int = 8192, max_header_bytes: int = 8192, max_headers: int = 100):
+        self.max_status_line = max_status_line
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
+        self.rest = b""
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> Response | None:
+        buffer = self._buffer
+        buffer += data
+        line_end = buffer.find(b"\n")
+        if line_end < 0:
+            if len(buffer) > self.max_status_line:
+                raise ResponseError(f"status line longer than {self.max_status_line} bytes")
+            return None
+        if line_end > self.max_status_line:
+            raise ResponseError(f"status line longer than {self.max_status_line} bytes")
+        if buffer[line_end + 1:line_end + 2] == b"\n" or buffer[line_end + 1:line_end + 3] == b"\r\n":
+            head_end = line_end + 1  # no headers at all
+        else:
+            head_end = -1
+            for end in (buffer.find(b"\n\r\n", line_end), buffer.find(b"\n\n", line_end)):
+                if end >= 0 and (head_end < 0 or end < head_end):
+                    head_end = end + 1
+        if head_end < 0:
+            if len(buffer) - line_end > self.max_header_bytes + 3:
+                raise ResponseError(f"response headers larger than {self.max_header_bytes} bytes")
+            return None
+        if head_end - line_end > self.max_header_bytes:
+            raise ResponseError(f"response headers larger than {self.max_header_bytes} bytes")
+        blank = 2 if buffer[head_end:head_end + 1] == b"\r" else 1
+        raw_head = bytes(buffer[:head_end])
+        self.rest = bytes(buffer[head_end + blank:])
+        buffer.clear()
+        return self._parse(raw_head)
+
+    def _parse(self, raw_head: bytes) -> Response:
+        if b"\0" in raw_head or b"\r" in raw_head.replace(b"\r\n", b""):
+            raise ResponseError("bare CR or NUL in the response head")
+        lines = raw_head.split(b"\n")
+        match = _STATUS_LINE.match(lines[0].rstrip(b"\r"))
+        if match is None:
+            raise ResponseError("malformed status line (expected 'HTTP/1.1 101 ...')")
+        major, minor = int(match.group(1)), int(match.group(2))
+        if major != 1:
+            raise ResponseError(f"HTTP version {major}.{minor} in the status line")
+        headers: dict[str, str] = {}
+        count = 0
+        for line in lines[1:]:
+            line = line.rstrip(b"\r")
+            if not line:
+                continue
+            if line[:1] in b" \t":
+                raise ResponseError("obsolete header line folding in the response")
+            name, colon, value = line.partition(b":")
+            if not colon or not _TOKEN.match(name):
+                raise ResponseError("malformed header line in the response")
+            count += 1
+            if count > self.max_headers:
+                raise ResponseError(f"more than {self.max_headers} response headers")
+            key = name.decode("ascii").lower()
+            value = value.strip(b" \t")
+            if _CONTROL.search(value):
+                raise ResponseError(f"the {key} response header contains a control character")
+            text = value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        return Response(int(match.group(3)), (match.group(4) or b"").decode("latin-1"), (major, minor), headers)

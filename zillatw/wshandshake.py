@@ -1,5 +1,6 @@
 """Sans-IO checks of a WebSocket opening handshake (RFC 6455 §4.2.1) and Zilla's
-subprotocol selection. Zilla's runtime answers most bad handshakes with 404; zillatw answers
+subprotocol selection; the heads zillatw writes itself (a server's 101, a client's upgrade
+request) and the check of an upstream's answer (§4.1). Zilla's runtime answers most bad handshakes with 404; zillatw answers
 as the RFC says: 400 with the reason, 426 with `Sec-WebSocket-Version: 13`.
 """
 
@@ -8,11 +9,12 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
-from zillatw.http1 import HttpError, Request
+from zillatw.http1 import HttpError, Request, Response
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _LIST_SPLIT = re.compile(r"\s*,\s*")
@@ -106,3 +108,64 @@ def select_route(offered: Sequence[str], resolve: Callable[[str | None], tuple[i
         if found and (best is None or found[0] < best[0]):
             best = (found[0], found[1], protocol)
     return (best[1], best[2]) if best else None
+
+
+# ---------------------------------------------------------------------------- our own heads
+
+def _visible(name: str, value: str) -> str:
+    if not _VISIBLE_ASCII.match(value):
+        raise HttpError(400, f"the {name} header must be ASCII")
+    return value
+
+
+def server_response(key: str, protocol: str | None, extensions: str | None) -> bytes:
+    """The 101 a ws server writes (RFC 6455 §4.2.2): no Server header, nothing else."""
+    lines = ["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
+             f"Sec-WebSocket-Accept: {accept_key(key)}"]
+    if protocol is not None:
+        lines.append(f"Sec-WebSocket-Protocol: {_visible('sec-websocket-protocol', protocol)}")
+    if extensions:
+        lines.append(f"Sec-WebSocket-Extensions: {extensions}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+
+
+def new_key() -> str:
+    """A client's Sec-WebSocket-Key: 16 random bytes in base64 (RFC 6455 §4.1)."""
+    return base64.b64encode(os.urandom(16)).decode("ascii")
+
+
+def client_request(path: str, authority: str, key: str, protocols: Sequence[str] = (),
+                   extensions: str | None = None, headers: Mapping[str, str] | None = None) -> bytes:
+    """The upgrade request a ws client writes upstream (RFC 6455 §4.1): `headers` are the
+    http client's extra ones (its overrides); no User-Agent naming a library."""
+    lines = [f"GET {_visible(':path', path)} HTTP/1.1", f"Host: {_visible(':authority', authority)}",
+             "Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+    if protocols:
+        lines.append(f"Sec-WebSocket-Protocol: {_visible('sec-websocket-protocol', ', '.join(protocols))}")
+    if extensions:
+        lines.append(f"Sec-WebSocket-Extensions: {extensions}")
+    for name, value in (headers or {}).items():
+        lines.append(f"{name}: {_visible(name, value)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+
+
+class HandshakeRefused(Exception):
+    """The upstream did not accept our upgrade as RFC 6455 §4.1 requires; the text says why."""
+
+
+def check_response(response: Response, key: str, offered: Sequence[str]) -> str | None:
+    """Check an upstream's answer to our upgrade; the subprotocol it chose (one of
+    `offered`, or None). Its Sec-WebSocket-Extensions are the caller's to check."""
+    if response.status != 101:
+        raise HandshakeRefused(f"it answered {response.status} {response.reason}".rstrip())
+    headers = response.headers
+    if "websocket" not in _tokens(headers.get("upgrade")):
+        raise HandshakeRefused("its 101 has no 'Upgrade: websocket'")
+    if "upgrade" not in _tokens(headers.get("connection")):
+        raise HandshakeRefused("its 101 has no 'Connection: Upgrade'")
+    if headers.get("sec-websocket-accept") != accept_key(key):
+        raise HandshakeRefused("its Sec-WebSocket-Accept does not match our key")
+    chosen = headers.get("sec-websocket-protocol")
+    if chosen is not None and chosen not in offered:
+        raise HandshakeRefused(f"it selected subprotocol {chosen!r}, offered {list(offered)!r}")
+    return chosen

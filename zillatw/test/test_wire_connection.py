@@ -557,3 +557,24 @@ def _autobahn_exchange(port: int, compress: bool, sent_messages: list[tuple[Opco
         perMessageCompressionAccept=lambda response: PerMessageDeflateResponseAccept(response))
     reactor.connectTCP("127.0.0.1", port, factory)
     return factory.done.addTimeout(30, reactor)
+
+
+class DeferredFailureTests(SynchronousTestCase):
+    """defer_failure: a relay answers the valid messages read before a bad frame, then fails."""
+
+    def test_the_close_waits_for_complete_failure(self) -> None:
+        conn = server(defer_failure=True)
+        events = feed(conn, raw_frame(1, b"valid") + raw_frame(3, b"reserved opcode"))
+        self.assertEqual(messages(events), [(1, b"valid")])
+        self.assertEqual(failure(events)[0], CloseCode.PROTOCOL_ERROR)
+        self.assertIs(conn.state, State.OPEN)
+        self.assertEqual(conn.data_to_send(), [])
+        conn.send_fragment(Opcode.TEXT, b"valid")  # the echo of the valid one still goes
+        conn.complete_failure()
+        self.assertIs(conn.state, State.CLOSED)
+        frames = sent(conn)
+        self.assertEqual([f[2] for f in frames], [1, 8])
+        self.assertEqual(frames[1][3][:2], (1002).to_bytes(2, "big"))
+        self.assertEqual(feed(conn, raw_frame(1, b"after")), [])  # nothing more is read
+        conn.complete_failure()  # once only
+        self.assertEqual(conn.data_to_send(), [])

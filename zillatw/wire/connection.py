@@ -55,6 +55,10 @@ class Connection:
     them with send_fragment(..., compressed=True) to a peer whose parameters fit
     (deflate.can_relay); uncompressed text is still checked (it costs no inflating, and
     keeps failing fast at the first invalid byte).
+    `defer_failure`: when the peer breaks the protocol, the Failed event comes as always,
+    but the connection stays OPEN and our close frame is not queued until the caller calls
+    complete_failure(): a relay handling the events in order can still send what answers
+    the valid ones before it (an echo of a message read in the same batch as a bad frame).
     `gather` (Delivery.STREAM only): a frame of at most this many bytes is delivered
     whole, so relayed frames keep their boundaries; larger ones stream piece by piece.
     `min_compress_size`: messages whose first fragment is smaller go uncompressed.
@@ -67,12 +71,13 @@ class Connection:
                  "_reading", "_buf", "_remaining", "_frame_fin", "_mask", "_offset", "_msg_opcode",
                  "_msg_compressed", "_msg_size", "_next_opcode", "_parts", "_utf8", "_utf8_whole",
                  "_send_opcode", "_send_deflating", "_deflater", "_inflater", "gather", "_frame_whole",
-                 "_msg_text")
+                 "_msg_text", "defer_failure", "_failing")
 
     def __init__(self, role: Role, *, deflate: DeflateParams | None = None,
                  max_frame_size: int | None = None, max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
                  delivery: Delivery = Delivery.STREAM, auto_pong: bool = True, answer_close: bool = True,
-                 inspect: bool = True, min_compress_size: int = 0, gather: int = 0):
+                 inspect: bool = True, min_compress_size: int = 0, gather: int = 0,
+                 defer_failure: bool = False):
         self.role = role
         self.state = State.OPEN
         self.deflate = deflate
@@ -84,6 +89,8 @@ class Connection:
         self.inspect = inspect
         self.min_compress_size = min_compress_size
         self.gather = gather
+        self.defer_failure = defer_failure
+        self._failing = False         # a deferred failure's close frame is still to be queued
         self._frame_whole = False     # the frame being read is gathered (see `gather`)
         self._msg_text = False        # the message being read is text to check
         self.close_received: tuple[int, str] | None = None   # the peer's (code, reason)
@@ -336,14 +343,25 @@ class Connection:
 
     def _fail(self, code: CloseCode, reason: str) -> None:
         self.failure = (code, reason)
-        if self.state in MAY_SEND_DATA:
-            self.close_sent = (code, reason)
-            self._out.append(self._control_frame(Opcode.CLOSE, code.to_bytes(2, "big") + clip_reason(reason)))
-        self.state = next_state(self.state, Transition.FAIL)
         self._reading = False
         self._buf = b""
         self._parts = []
         self._events.append(Failed(code, reason))
+        self._failing = True
+        if not self.defer_failure:
+            self.complete_failure()
+
+    def complete_failure(self) -> None:
+        """After a Failed event with `defer_failure`: queue our close frame with its code
+        and close. Does nothing when there is no failure still to complete."""
+        if not self._failing:
+            return
+        self._failing = False
+        code, reason = self.failure
+        if self.state in MAY_SEND_DATA:
+            self.close_sent = (code, reason)
+            self._out.append(self._control_frame(Opcode.CLOSE, code.to_bytes(2, "big") + clip_reason(reason)))
+        self.state = next_state(self.state, Transition.FAIL)
 
     # ---- writing
 
