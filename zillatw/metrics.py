@@ -393,7 +393,7 @@ class _MeteredConnection:
             self.started = time.monotonic()
         if hasattr(type(transport), "writeSomeData"):
             # A socket (tcp.Server): count what reaches it, whether through write() and the
-            # reactor's doWrite or written through at once (zillatw.writethrough).
+            # reactor's doWrite or written through at once (zillatw.twistedcompat).
             send = transport.writeSomeData
 
             def counted_send(data: Any) -> Any:

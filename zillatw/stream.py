@@ -29,14 +29,33 @@ NO_STATUS = 1005      # the peer's close frame had no code
 ABNORMAL = 1006       # the connection ended without a close frame
 
 
+class SubprotocolOffer:
+    """The subprotocols a client offered when its ws route fixed none of them (issue 15):
+    an exit that can choose among them (a ws client: its upstream's choice) answers here,
+    and the ws server answers the client with that."""
+
+    __slots__ = ("offered", "chosen", "answered")
+
+    def __init__(self, offered: tuple[str, ...]):
+        self.offered = offered
+        self.chosen: str | None = None
+        self.answered = False
+
+    def answer(self, protocol: str | None) -> None:
+        self.chosen, self.answered = protocol, True
+
+
 @dataclass(frozen=True, slots=True)
 class StreamInfo:
-    """What a ws server learned from the handshake; a ws client reuses it upstream."""
+    """What a ws server learned from the handshake; a ws client reuses it upstream.
+    `protocol` is the one the route chose (the first offered when it fixes none);
+    `offer`, when the route fixes none, lets the exit choose another of those offered."""
     protocol: str | None = None
     scheme: str | None = None
     authority: str | None = None
     path: str | None = None
     identity: str | None = None
+    offer: SubprotocolOffer | None = None
 
 
 class StreamRefused(Exception):

@@ -63,25 +63,18 @@ def check_upgrade(request: Request) -> None:
 
 
 # The headers the WebSocket layer acts on. Each is a list of ASCII tokens (RFC 6455 §4.1,
-# §11.3), and only these are handed on: what that layer reads is what check_upgrade read.
+# §11.3); the subprotocol and extension values are echoed in our 101.
 HANDSHAKE_HEADERS = ("host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version",
                      "sec-websocket-protocol", "sec-websocket-extensions")
 _VISIBLE_ASCII = re.compile(r"^[\x20-\x7e]*$")
 
 
-def handshake_head(request: Request) -> bytes:
-    """The request head the WebSocket layer is given: rendered anew from the parsed request
-    (CRLF line ends, one line per header), never the client's own bytes, so it cannot find a
-    header, a line end or a second request that zillatw's parser did not."""
-    lines = [f"GET {request.target} HTTP/1.1"]
+def check_text(request: Request) -> None:
+    """Refuse handshake headers that are not visible ASCII (400)."""
     for name in HANDSHAKE_HEADERS:
         value = request.headers.get(name)
-        if value is None:
-            continue
-        if not _VISIBLE_ASCII.match(value):
+        if value is not None and not _VISIBLE_ASCII.match(value):
             raise HttpError(400, f"the {name} header must be ASCII")
-        lines.append(f"{name}: {value}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 
 
 def offered_protocols(header: str | None) -> list[str]:

@@ -1,253 +1,317 @@
-"""Relaying a WebSocket connection's messages to and from a stream peer, fragment by
-fragment, on top of Autobahn's protocol; shared by the ws server and ws client bindings."""
+"""A WebSocket connection after its opening handshake, relaying a stream: the socket on one
+side (driven through zillatw.wire's sans-IO core), a stream peer (zillatw.stream) on the
+other. Shared by the ws server and ws client bindings, which do the handshakes.
+
+What the socket sends goes to the peer as it is read: fragments with their opcode and FIN
+(frames up to GATHER bytes whole, bigger ones in pieces as they arrive, so a large message's
+first bytes reach the far side before its last arrive), closes with their code. What the
+peer sends goes out as one frame per fragment, head and payload written without a copy.
+When both ends are WebSocket connections that agreed compatible permessage-deflate
+parameters and nothing stands between them (no validation, no metering), compressed
+messages pass as they are (`stream_deflated`), neither inflated nor compressed again.
+
+Timers are the binding's reactor's, one or two per connection: the keepalive (ping every
+`ping_interval`, drop when its pong is `ping_timeout` late) and the close handshake (abort
+when the peer has not answered our close within `close_timeout`; an evicted fan member gets
+the fan's drain timeout instead). Flow control is Twisted's push producers both ways: the
+peer is our transport's producer, and we are the peer's.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IProtocol, ISSLTransport
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from zillatw import writethrough
-from zillatw.stream import ABNORMAL, BINARY, CONTINUATION, NO_STATUS, TEXT, IStreamEnd
-from zillatw.wsframes import apply_mask, encode_frame, whole_message
+from zillatw.stream import ABNORMAL, CONTINUATION, NO_STATUS, IStreamEnd
+from zillatw.twistedcompat import write_sequence
+from zillatw.wire import CloseCode, CloseReceived, Connection, Failed, Fragment, Ping, Pong, State, is_wire_code
+
+GATHER = 64 * 1024  # frames up to this size are relayed whole (their boundaries kept)
+CLIENT_CLOSE_WAIT = 1.0  # seconds a client gives the server to close TCP after the closing handshake
+
+log = Logger()
+_OPEN, _CLOSE_SENT, _CLOSED = State.OPEN, State.CLOSE_SENT, State.CLOSED
 
 
-class ReactorTimer:
-    """Autobahn's timer interface on plain reactor calls. Autobahn batches its timers into
-    shared buckets whose reactor calls outlive cancelled timers; ours end with them."""
+@implementer(IProtocol, IStreamEnd)
+class WsRelay:
+    """The relay; subclasses do the handshake, then call `start(connection, peer)`.
+    `binding` gives the settings: reactor, close_timeout, ping_interval, ping_timeout."""
 
-    def __init__(self, reactor: Any = None):
-        if reactor is None:
-            from twisted.internet import reactor
-        self.reactor = reactor
+    # slots: a gateway's connections are mostly idle, and each is one of these
+    __slots__ = ("transport", "connected", "binding", "conn", "stream_peer", "pings_sent", "_close_call",
+                 "_ping_call", "_peer_paused", "_relay_deflated")
 
-    def call_later(self, delay: float, func: Any, *args: Any, **kwargs: Any) -> Any:
-        return self.reactor.callLater(delay, func, *args, **kwargs)
+    is_server = True  # closes TCP first after the closing handshake (RFC 6455 §7.1.1)
 
+    def __init__(self, binding: Any) -> None:
+        self.transport: Any = None
+        self.connected = 0
+        self.binding = binding
+        self.conn: Connection | None = None  # once the handshake is done
+        self.stream_peer: IStreamEnd | None = None
+        self.pings_sent = 0
+        self._close_call: Any = None
+        self._ping_call: Any = None
+        self._peer_paused = False    # the peer asked us to stop reading (its socket is full)
+        self._relay_deflated = False  # compressed messages pass to the peer as they are
 
-# Codes a close frame may carry (RFC 6455 §7.4); others are mapped before sending.
-_SENDABLE = frozenset([1000, 1001, 1002, 1003, *range(1007, 1015)]) | frozenset(range(3000, 5000))
+    # ---- IProtocol
 
-# What Autobahn keeps of the opening handshake for a connection's whole life, though nothing
-# reads it once the connection is open (about 1.4 KiB on an idle connection).
-_HANDSHAKE_STATE = ("http_headers", "http_request_data", "http_response_data", "http_status_line",
-                    "http_request_params", "http_request_uri", "_wskey")
+    def makeConnection(self, transport: Any) -> None:
+        self.connected = 1
+        self.transport = transport
+        self.connectionMade()
 
+    def connectionMade(self) -> None:
+        """The handshake's, in subclasses."""
 
-class _SendQueue(list):
-    """Autobahn's queue of delayed writes (chopped or "sync" sends, which zillatw never asks
-    for) with the deque methods Autobahn calls: an empty list is 56 bytes, a deque 760."""
+    def logPrefix(self) -> str:
+        return type(self).__name__
 
-    __slots__ = ()
+    def before_open(self, data: bytes) -> None:
+        """Bytes read before the handshake is done: the subclass's."""
+        raise NotImplementedError
 
-    def popleft(self) -> Any:
-        return self.pop(0)
-
-
-_TIMERS = ("openHandshakeTimeoutCall", "closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall",
-           "autoPingPendingCall", "autoPingTimeoutCall", "_drainCall")
-
-
-
-@implementer(IStreamEnd)
-class StreamRelay:
-    """Mixed in before an Autobahn protocol class: its socket on one side, `peer` on the other."""
-
-    stream_peer: IStreamEnd | None = None
-    _opcode = TEXT
-    _last = b""
-    _peer_closing = False
-    masked_in: bool   # frames from the socket are masked (a server's) or not (a client's)
-    masked_out: bool
-
-    # ---- the fast path: a frame that is a whole text or binary message, with no extension
-    # and no message in progress, goes to the peer without Autobahn's per-frame machinery
-    # (parsing, a cffi masker per frame, debug-log formatting: over half of a relayed
-    # message's CPU, see bench/README.md). Everything else, and any frame Autobahn would
-    # refuse (bad UTF-8, limits, encoding), is left to Autobahn, which parses it from the
-    # same bytes: the fast path consumes nothing it does not relay.
-
-    _held: bytearray | None = None  # a server's bytes before its 101 (WsServerProtocol.hold)
+    def start(self, conn: Connection, peer: IStreamEnd | None) -> None:
+        """The handshake is done: relay between the socket and `peer`."""
+        self.conn = conn
+        self.stream_peer = peer
+        if peer is not None:
+            self.transport.registerProducer(peer, True)
+        self._schedule_ping(self.binding.ping_interval)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._held is not None:
-            self.hold(data)  # type: ignore[attr-defined]
+        conn = self.conn
+        if conn is None:
+            self.before_open(data)
             return
-        # Autobahn's dataReceived formats the arguments of a debug log line on every call.
-        self._dataReceived(data)
+        conn.receive_data(data)
+        for event in conn.events_received():
+            kind = type(event)
+            if kind is Fragment:
+                peer = self.stream_peer
+                if peer is not None:
+                    if event.compressed:
+                        peer.stream_deflated(event.opcode, event.data, event.fin)
+                    else:
+                        peer.stream_data(event.opcode, event.data, event.fin)
+            elif kind is Ping:  # answered here, in order: after what answers the frames before it
+                if conn.may_send:
+                    conn.send_pong(event.data)
+                    write_sequence(self.transport, conn.data_to_send())
+            elif kind is Pong:
+                self._pong(event.data)
+            elif kind is CloseReceived:
+                self._close_received(event.code, event.reason)
+            elif kind is Failed:
+                self._failed(event.code, event.reason)
+        self._flush()
 
-    def processData(self) -> bool:
-        if (self.current_frame is None and not self.inside_message and self.state == self.STATE_OPEN
-                and self._perMessageCompress is None and self.stream_peer is not None
-                # a pending auto-ping: Autobahn's data frames restart its timeout
-                and self.autoPingTimeoutCall is None and not self.failedByMe):
-            data = self.data
-            limit = min(self.maxFramePayloadSize or 0xFFFF, self.maxMessagePayloadSize or 0xFFFF)
-            frame = whole_message(data, self.masked_in, limit)
-            if type(frame) is tuple:
-                opcode, start, end = frame
-                payload = data[start:end]
-                if self.masked_in:
-                    payload = apply_mask(payload, data[start - 4:start])
-                if opcode == TEXT:
-                    try:
-                        payload.decode("utf-8")
-                    except UnicodeDecodeError:
-                        return super().processData()  # fails the connection with 1007
-                self.data = data[end:]
-                self.stream_peer.stream_data(opcode, payload, True)
-                return len(data) > end
-            if frame is not None and data[0] == 0x82:
-                return False  # a binary frame waits for its end; text goes to Autobahn (UTF-8 fails fast)
-        return super().processData()
+    def _flush(self) -> None:
+        conn = self.conn
+        out = conn.data_to_send()
+        if out:
+            write_sequence(self.transport, out)
+        if conn.state is not _OPEN:
+            self._closing(conn.state)
 
-    # ---- from the socket to the peer: fragments as they complete. The last one waits for onMessageEnd,
-    # which Autobahn calls only after its end-of-message UTF-8 and inflate checks.
+    def _closing(self, state: State) -> None:
+        if state is _CLOSED:
+            call = self._close_call
+            if call is not None and (call.func == self._lose or call.func == self._close_timed_out
+                                     and self.conn.failure is not None):
+                return  # already on its way out
+            self._cancel_ping()
+            self._cancel_close_call()  # the close timeout, or an evicted member's drain timeout
+            self._unregister()  # TLS would wait for its producer to go before closing
+            reactor = self.binding.reactor
+            if not self.is_server:
+                self._close_call = reactor.callLater(CLIENT_CLOSE_WAIT, self._lose)
+            elif self.conn.failure is not None:
+                # Failed: our close frame, then FIN, while what the peer still sends is read
+                # (and ignored): closing a socket with unread bytes would send a RST, which
+                # can discard the close frame before the peer reads it.
+                self._close_call = reactor.callLater(self.binding.close_timeout, self._close_timed_out)
+                self._shut_writing()
+            else:
+                self.transport.loseConnection()  # not an abort: our close frame is still to go
+        elif state is _CLOSE_SENT and self._close_call is None:
+            self._close_call = self.binding.reactor.callLater(self.binding.close_timeout, self._close_timed_out)
 
-    def onMessageBegin(self, isBinary: bool) -> None:
-        self._opcode = BINARY if isBinary else TEXT
-        self.message_data_total_length = 0  # Autobahn counts it against maxMessagePayloadSize
+    def _lose(self) -> None:
+        self._close_call = None
+        self.transport.loseConnection()
 
-    def onMessageFrameEnd(self) -> None:
-        if self.failedByMe:
-            return
-        parts = self.frame_data
-        payload = parts[0] if len(parts) == 1 else b"".join(parts)
-        self.frame_data = None
-        if self.current_frame.fin:
-            self._last = payload
-        elif self.stream_peer is not None:
-            self.stream_peer.stream_data(self._opcode, payload, False)
-            self._opcode = CONTINUATION
+    def _close_timed_out(self) -> None:
+        self._close_call = None
+        self.transport.abortConnection()
 
-    def onMessageEnd(self) -> None:
-        if not self.failedByMe and self.stream_peer is not None:
-            payload, self._last = self._last, b""
-            self.stream_peer.stream_data(self._opcode, payload, True)
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+    def _close_received(self, code: int, reason: str) -> None:
+        conn = self.conn
         peer, self.stream_peer = self.stream_peer, None
         if peer is not None:
-            if wasClean:
-                peer.stream_end(NO_STATUS if code is None else code, reason or "")
-            else:
-                peer.stream_end(ABNORMAL, reason or "")
+            peer.stream_end(code, reason)
+        if conn.state is State.CLOSE_RECEIVED:  # the peer closed first: echo its code (RFC 6455 §5.5.1)
+            conn.send_close(code, reason)  # the core read it: NO_STATUS or a code a close frame may carry
 
-    def shed_handshake_state(self) -> None:
-        """Called at open: idle connections are most of a gateway's, so let go of what only
-        the opening handshake needed."""
-        state = self.__dict__
-        for name in _HANDSHAKE_STATE:
-            if name in state:
-                state[name] = None
-        if not self.send_queue:
-            self.send_queue = _SendQueue()
+    def _failed(self, code: int, reason: str) -> None:
+        self.conn.complete_failure()
+        peer, self.stream_peer = self.stream_peer, None
+        if peer is not None:
+            peer.stream_end(ABNORMAL, f"the other side broke the protocol ({code} {reason})")
+        if self._peer_paused:
+            self._peer_paused = False
+            self.transport.resumeProducing()
 
-    # ---- closing. When the client's close frame arrives, Autobahn aborts the socket, which
-    # would discard a close frame of ours still in the write buffer (say, our 1002 for its
-    # invalid close code). The client is reading, so a graceful close is right then.
-
-    def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:
-        self._peer_closing = True
-        try:
-            return super().onCloseFrame(code, reasonRaw)
-        finally:
-            self._peer_closing = False
-
-    def dropConnection(self, abort: bool = False) -> None:
-        super().dropConnection(abort=abort and not self._peer_closing)
-
-    def unregisterProducer(self) -> None:
-        # Autobahn unregisters on every drop, registered or not; not every transport allows that.
-        if getattr(self.transport, "producer", None) is not None:
-            self.transport.unregisterProducer()
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        super().connectionLost(reason)
-        # Autobahn leaves some of its timers running after the socket is gone.
-        for name in _TIMERS:
-            call = getattr(self, name, None)
-            if call is not None:
-                setattr(self, name, None)
-                if call.active():
-                    call.cancel()
-
-    # ---- from the peer to the socket (IStreamEnd)
-
-    def stream_data(self, opcode: int, payload: bytes, fin: bool) -> None:
-        if self.state != self.STATE_OPEN:
-            return
-        if self._perMessageCompress is None:  # one frame per fragment, exactly
-            if self.send_queue:  # Autobahn's delayed writes: stay behind them
-                self.sendFrame(opcode, payload, fin)
-            else:
-                writethrough.write(self.transport, encode_frame(opcode, payload, fin, self.masked_out))
-        elif opcode != CONTINUATION and fin:
-            self.sendMessage(payload, opcode == BINARY)
-        else:
-            # Compressed fragments: the message keeps its boundaries; deflate's trailing
-            # flush adds one frame at the end.
-            if opcode != CONTINUATION:
-                self.beginMessage(isBinary=opcode == BINARY)
-                self.sendMessageFrame(payload)
-            elif payload:
-                self.sendMessageFrame(payload)
-            if fin:
-                self.endMessage()
-
-    def stream_end(self, code: int, reason: str) -> None:
-        if self.state != self.STATE_OPEN:
-            return
-        if code == NO_STATUS:
-            self.sendCloseFrame()
-            return
-        if code not in _SENDABLE:
-            code, reason = 1011, reason or "the stream's other side failed"
-        self.sendCloseFrame(code, reason.encode("utf-8")[:123])
-
-    def stream_evicted(self, code: int, reason: str, drain_timeout: float) -> None:
-        """Close with `code` behind what is already queued for a peer that fell behind, and
-        give it `drain_timeout` seconds to read all of it. Autobahn's close timeout would
-        abort the socket, and an abort (RST) discards what the kernel still holds for the
-        peer, the close frame among it; instead the write side is shut (FIN after the close
-        frame) while we keep reading its close reply, and only the drain bound aborts."""
-        if self.state != self.STATE_OPEN:
-            return
-        self.stream_peer = None
-        self.unregisterProducer()  # a paused producer would hold the FIN back
-        self.stream_end(code, reason)
-        for name in ("closeHandshakeTimeoutCall", "autoPingPendingCall", "autoPingTimeoutCall"):
-            call = getattr(self, name, None)
-            setattr(self, name, None)
-            if call is not None and call.active():
-                call.cancel()
-        self._drainCall = self.factory._batched_timer.call_later(drain_timeout, self._drain_expired, drain_timeout)
+    def _unregister(self) -> None:
+        """The peer stops being our transport's producer (not every transport allows
+        unregistering when none is registered; TCP's is `producer`, TLS's `_producer`)."""
         transport = self.transport
-        transport.resumeProducing()  # bytes left unread when the socket closes would turn its FIN into a RST
-        # TLS has no half-close (a wrapper would pass it to the TCP below, under the TLS records)
+        if getattr(transport, "producer", None) is not None or getattr(transport, "_producer", None) is not None:
+            transport.unregisterProducer()
+
+    def _shut_writing(self) -> None:
+        """FIN once what is queued is written; reading goes on. TLS has no half-close (a
+        wrapper would pass it to the TCP below, under the TLS records): it closes."""
+        transport = self.transport
         half_close = None if ISSLTransport.providedBy(transport) else getattr(transport, "loseWriteConnection", None)
         if half_close is not None:
             half_close()
         else:
             transport.loseConnection()
 
-    def _drain_expired(self, seconds: float) -> None:
-        self._drainCall = None
-        self.wasClean = False
-        self.wasNotCleanReason = f"evicted peer did not read its close frame within {seconds:g} s"
-        self.dropConnection(abort=True)
+    # ---- keepalive
+
+    def _schedule_ping(self, delay: float) -> None:
+        if delay:
+            self._ping_call = self.binding.reactor.callLater(delay, self._ping)
+
+    def _ping(self) -> None:
+        self._ping_call = None
+        conn = self.conn
+        if conn.state is not _OPEN:
+            return
+        self.pings_sent += 1
+        conn.send_ping(self.pings_sent.to_bytes(4, "big"))
+        write_sequence(self.transport, conn.data_to_send())
+        binding = self.binding
+        if binding.ping_timeout:
+            self._ping_call = binding.reactor.callLater(binding.ping_timeout, self._pong_missed)
+        else:
+            self._schedule_ping(binding.ping_interval)
+
+    def _pong(self, data: bytes) -> None:
+        call = self._ping_call
+        if call is not None and call.func == self._pong_missed and data == self.pings_sent.to_bytes(4, "big"):
+            call.cancel()
+            self._ping_call = None
+            self._schedule_ping(self.binding.ping_interval)
+
+    def _pong_missed(self) -> None:
+        self._ping_call = None
+        self.transport.abortConnection()  # no close handshake with a peer that does not answer
+
+    def _cancel_ping(self) -> None:
+        call, self._ping_call = self._ping_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _cancel_close_call(self) -> None:
+        call, self._close_call = self._close_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    @property
+    def was_clean(self) -> bool:
+        """Both close frames were exchanged and nothing failed (the peer's view: not 1006)."""
+        conn = self.conn
+        return (conn is not None and conn.failure is None and conn.close_sent is not None
+                and conn.close_received is not None)
+
+    # ---- from the peer to the socket (IStreamEnd)
+
+    def stream_data(self, opcode: int, payload: bytes, fin: bool) -> None:
+        conn = self.conn
+        if conn is not None and conn.may_send:
+            write_sequence(self.transport, conn.encode_fragment(opcode, payload, fin))
+
+    def stream_deflated(self, opcode: int, payload: bytes, fin: bool) -> None:
+        """A fragment of a message compressed by a peer whose parameters fit ours
+        (wire.deflate.can_relay): written as it is."""
+        conn = self.conn
+        if conn is not None and conn.may_send:
+            write_sequence(self.transport, conn.encode_fragment(opcode, payload, fin, opcode != CONTINUATION))
+
+    def stream_end(self, code: int, reason: str) -> None:
+        self.stream_peer = None
+        conn = self.conn
+        if conn is None or not conn.may_send:
+            return
+        if self._peer_paused:  # the peer is gone: read our close's answer
+            self._peer_paused = False
+            self.transport.resumeProducing()
+        if code == NO_STATUS:
+            conn.send_close(NO_STATUS)
+        elif is_wire_code(code):
+            conn.send_close(code, reason)
+        else:
+            conn.send_close(CloseCode.INTERNAL_ERROR, reason or "the stream's other side failed")
+        self._flush()
+
+    def stream_evicted(self, code: int, reason: str, drain_timeout: float) -> None:
+        """Close with `code` behind what is already queued for a peer that fell behind, and
+        give it `drain_timeout` seconds to read all of it. The close timeout would abort
+        the socket, and an abort (RST) discards what the kernel still holds for the peer,
+        the close frame among it; instead the write side is shut (FIN after the close
+        frame) while we keep reading its close reply, and only the drain bound aborts."""
+        conn = self.conn
+        if conn is None or conn.state is not _OPEN:
+            return
+        self.stream_peer = None
+        transport = self.transport
+        self._unregister()  # a paused producer would hold the FIN back
+        conn.send_close(code, reason)
+        write_sequence(transport, conn.data_to_send())
+        self._cancel_ping()
+        self._cancel_close_call()
+        self._close_call = self.binding.reactor.callLater(drain_timeout, self._drain_expired)
+        self._peer_paused = False
+        transport.resumeProducing()  # bytes left unread when the socket closes would turn its FIN into a RST
+        self._shut_writing()
+
+    def _drain_expired(self) -> None:
+        self._close_call = None
+        self.transport.abortConnection()
+
+    # ---- flow control: the peer is our producer's consumer (IPushProducer)
 
     def pauseProducing(self) -> None:
-        if self.transport is not None:
+        if self.transport is not None and self.connected:
+            self._peer_paused = True
             self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
-        if self.transport is not None:
+        if self.transport is not None and self.connected:
+            self._peer_paused = False
             self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
-        """The exit is gone; its stream_end carries the close."""
+        """The peer is gone; its stream_end carries the close."""
 
+    # ---- the end
 
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.connected = 0
+        conn = self.conn
+        if conn is not None:
+            conn.receive_eof()
+        self._cancel_ping()
+        self._cancel_close_call()
+        peer, self.stream_peer = self.stream_peer, None
+        if peer is not None:
+            peer.stream_end(ABNORMAL, "the connection ended without a close frame")

@@ -1,11 +1,9 @@
 """ws server: validates the upgrade (RFC 6455), picks a route and subprotocol as Zilla does,
-opens a stream to the route's exit, and then relays message fragments both ways.
-ws client: opens an upstream WebSocket through its exit (http client -> tcp client) for each
-stream it is given, and relays fragments the same way.
-
-Framing, UTF-8 validation, close handshake and permessage-deflate are Autobahn's, which
-passes the Autobahn testsuite; this module adds routing and opening the stream to the exit,
-and zillatw.wsstream relays the stream's fragments.
+opens a stream to the route's exit, and answers the 101 itself once the exit has accepted.
+ws client: opens an upstream WebSocket through its exit (http client -> tcp client, or tls
+client) for each stream it is given, writing the upgrade request and checking the answer.
+Both then relay the stream through zillatw.wsstream on zillatw.wire, our own protocol core
+(framing, UTF-8, closing handshake, permessage-deflate); nothing of Autobahn's.
 """
 
 from __future__ import annotations
@@ -13,25 +11,27 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from autobahn.twisted.websocket import (WebSocketClientFactory, WebSocketClientProtocol, WebSocketServerFactory,
-                                       WebSocketServerProtocol)
-from autobahn.websocket.compress import (PerMessageDeflateOffer, PerMessageDeflateOfferAccept,
-                                         PerMessageDeflateResponse, PerMessageDeflateResponseAccept)
-from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred
-from zope.interface import implementer
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from zillatw.config import BindingConfig, Route
 from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, permits
-from zillatw.http1 import HttpError, Request, render_response
+from zillatw.http1 import HttpError, Request, ResponseError, ResponseHeadParser, render_response
 from zillatw.matching import matcher
 from zillatw.schema import FORBIDDEN, refused, route_schema
-from zillatw.stream import ABNORMAL, IHttpConnection, IStreamEnd, IStreamExit, StreamInfo, StreamRefused
+from zillatw.stream import (ABNORMAL, IHttpConnection, IStreamEnd, IStreamExit, StreamInfo, StreamRefused,
+                            SubprotocolOffer)
 from zillatw.validation import MESSAGES, check_models, validating_routes  # noqa: F401 - check_models: config's hook
-from zillatw.wsstream import ReactorTimer, StreamRelay
-from zillatw.wshandshake import check_upgrade, handshake_head, offered_protocols, select_route
+from zillatw.wire import (CloseCode, Connection, NegotiationError, Role, State, client_accept, client_offer,
+                         server_accept)
+from zillatw.wire.deflate import can_relay
+from zillatw.wshandshake import (HandshakeRefused, check_response, check_text, check_upgrade, client_request, new_key,
+                                 offered_protocols, select_route, server_response)
+from zillatw.wsstream import GATHER, WsRelay
 
 MAX_MESSAGE_SIZE = 1024 * 1024
 CLOSE_TIMEOUT = 2.0  # seconds to wait for the peer's close frame before dropping
@@ -46,6 +46,7 @@ OPEN_TIMEOUT = 60.0
 # opens); beyond this the connection stops being read until then.
 PENDING_LIMIT = 64 * 1024
 _FIELDS = ("protocol", "scheme", "authority", "path")
+log = Logger()
 
 SERVER_OPTIONS = {
     # zillatw's extension: Zilla's ws server takes no options.
@@ -105,9 +106,12 @@ class WsRoutes:
     def __init__(self, routes: list[tuple[Route, Any]], namespace: str = "default"):
         self._routes = []
         self._namespace = namespace
+        # whether a route names the subprotocol: one that does not lets the exit choose (issue 15)
+        self.fixes_protocol: list[bool] = []
         for route, exit_ in routes:
             alternatives = [tuple(matcher(w.get(k)) for k in _FIELDS) for w in route.when]
             self._routes.append((alternatives, exit_, route.guarded))
+            self.fixes_protocol.append(any(w.get("protocol") is not None for w in route.when))
 
     def resolve(self, protocol: str | None, scheme: str | None, authority: str | None,
                 path: str | None, session: Session | None = None,
@@ -124,51 +128,46 @@ class WsRoutes:
         return None
 
 
-class WsServer(WebSocketServerFactory):
-    """The ws server binding: routes, limits and Autobahn's settings for its connections."""
-
-    noisy = False
+class WsServer:
+    """The ws server binding: routes, limits and timers for its connections."""
 
     def __init__(self, name: str, routes: list[tuple[Route, Any]], *, namespace: str = "default",
                  max_message_size: int = MAX_MESSAGE_SIZE, max_frame_size: int = 0,
                  permessage_deflate: bool = True, close_timeout: float = CLOSE_TIMEOUT,
                  ping_interval: float = PING_INTERVAL, ping_timeout: float = PING_TIMEOUT,
                  max_connections: int = 0, reactor: Any = None):
-        super().__init__()
-        self._batched_timer = ReactorTimer(reactor)
-        self.reactor = self._batched_timer.reactor
-        self.server = None  # no Server header naming the library in the 101
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
         self.name = name
         self.namespace = namespace
         self.connections: set[WsServerProtocol] = set()  # open ones, for shutdown and stats
         self.handshaking: set[WsServerProtocol] = set()  # accepted, waiting for the exit (no 101 yet)
         self.max_connections = max_connections  # open + handshaking; 0: no limit
-        self.resolve = WsRoutes(routes, namespace).resolve
-        self.setProtocolOptions(
-            echoCloseCodeReason=True,        # a client's close code comes back to it
-            failByDrop=False,                # protocol errors get a close frame with the code
-            maxMessagePayloadSize=max_message_size,  # also bounds inflation (deflate bombs)
-            maxFramePayloadSize=max_frame_size,
-            openHandshakeTimeout=0,          # the http binding already timed the request head
-            closeHandshakeTimeout=close_timeout,
-            autoPingInterval=ping_interval,  # Autobahn's keepalive, on our ReactorTimer: a
-            autoPingTimeout=ping_timeout,    # missed pong drops the socket (the peer sees 1006)
-            autoFragmentSize=0,
-            requireMaskedClientFrames=True,
-            allowNullOrigin=True,            # the http server's access-control decides about `null`
-            perMessageCompressionAccept=_accept_deflate if permessage_deflate else (lambda offers: None),
-        )
+        self.routes = WsRoutes(routes, namespace)
+        self.resolve = self.routes.resolve
+        self.max_message_size = max_message_size  # also bounds inflation (deflate bombs)
+        self.max_frame_size = max_frame_size
+        self.permessage_deflate = permessage_deflate
+        self.close_timeout = close_timeout
+        self.ping_interval = ping_interval  # keepalive: a missed pong drops the socket (the peer sees 1006)
+        self.ping_timeout = ping_timeout
 
     def accept_request(self, request: Request, headers: dict[str, str], transport: Any,
                        trace_id: int = 0, authorization: Authorization = NO_AUTHORIZATION) -> "WsServerProtocol":
         """Check the upgrade and choose the route; the protocol returned takes the socket."""
         check_upgrade(request)
+        check_text(request)
         if self.max_connections and len(self.connections) + len(self.handshaking) >= self.max_connections:
             raise HttpError(503, f"too many WebSocket connections (limit {self.max_connections})")
         scheme, authority, path = headers[":scheme"], headers.get(":authority"), headers[":path"]
         session = authorization.session
-        chosen = select_route(offered_protocols(headers.get("sec-websocket-protocol")),
-                              lambda protocol: self.resolve(protocol, scheme, authority, path, session, headers))
+        offered = offered_protocols(headers.get("sec-websocket-protocol"))
+
+        def resolve(protocol: str | None) -> tuple[int, tuple[int, Any]] | None:
+            found = self.resolve(protocol, scheme, authority, path, session, headers)
+            return (found[0], found) if found is not None else None
+        chosen = select_route(offered, resolve)
         if chosen is None:
             status, text = authorization.refusal  # 401/403 when unauthorized, as the http server
             if status != 404:
@@ -176,14 +175,14 @@ class WsServer(WebSocketServerFactory):
             raise HttpError(404, "no WebSocket route for this request"
                             + (" (offered subprotocols: " + headers["sec-websocket-protocol"] + ")"
                                if "sec-websocket-protocol" in headers else ""))
-        exit_, protocol = chosen
-        connection = WsServerProtocol()
-        connection.factory = self
+        (index, exit_), protocol = chosen
+        offer = SubprotocolOffer(tuple(offered)) if offered and not self.routes.fixes_protocol[index] else None
+        connection = WsServerProtocol(self)
         connection.stream_exit = exit_
         connection.trace_id = trace_id  # the request's, for this connection's later events (validation)
         connection.shown_path = request.shown_target or path  # for events: credentials redacted
         connection.info = StreamInfo(protocol, scheme, authority, path,
-                                     session.identity if session is not None else None)
+                                     session.identity if session is not None else None, offer)
         self.handshaking.add(connection)
         return connection
 
@@ -201,149 +200,184 @@ class WsServer(WebSocketServerFactory):
         _drop(list(self.handshaking) + list(self.connections))
 
 
-def _accept_deflate(offers: list[Any]) -> Any:
-    """Accept the first permessage-deflate offer (RFC 7692)."""
-    for offer in offers:
-        if isinstance(offer, PerMessageDeflateOffer):
-            return PerMessageDeflateOfferAccept(offer)
-    return None
-
-
 @implementer(IHttpConnection)
-class WsServerProtocol(StreamRelay, WebSocketServerProtocol):
+class WsServerProtocol(WsRelay):
     """One client's WebSocket connection, and the stream end its exit writes to.
 
-    Opening: the http server hands over the request it parsed (`take_over`); the WebSocket
-    layer is given that request rendered anew, never the client's bytes. Until the exit has
-    opened the stream and the 101 is out, what the client sends is held here (bounded, then
-    reading pauses), so it can only ever be WebSocket frames of this one connection."""
+    Opening: the http server hands over the request it parsed (`take_over`). Until the exit
+    has opened the stream and our 101 is out, what the client sends is held here (bounded,
+    then reading pauses), so it can only ever be WebSocket frames of this one connection."""
 
-    factory: WsServer
-    stream_exit: Any
-    info: StreamInfo
-    shown_path = ""
-    masked_in, masked_out = True, False  # RFC 6455 §5.1
-    _opening: Deferred | None = None
-    _open_timer: Any = None
-    _paused_pending = False
-    _answered = False  # a refusal was written
+    __slots__ = ("stream_exit", "info", "trace_id", "shown_path", "_key", "_extensions", "_opening",
+                 "_open_timer", "_held", "_held_paused", "_answered")
+
+    def __init__(self, binding: WsServer) -> None:
+        super().__init__(binding)
+        self.stream_exit: Any = None
+        self.info: StreamInfo = StreamInfo()
+        self.trace_id = 0
+        self.shown_path = ""
+        self._key = ""
+        self._extensions: str | None = None
+        self._opening: Deferred | None = None
+        self._open_timer: Any = None
+        self._held: bytearray | None = None
+        self._held_paused = False
+        self._answered = False  # a refusal was written
+
+    @property
+    def factory(self) -> WsServer:
+        return self.binding
 
     # ---- opening: the 101 goes out once the exit has accepted the stream
 
     def take_over(self, request: Request, rest: bytes) -> None:
+        headers = request.headers
         self._held = bytearray(rest)
-        self._open_timer = self.factory.reactor.callLater(OPEN_TIMEOUT, self._open_timed_out)
-        self._dataReceived(handshake_head(request))
-
-    def hold(self, data: bytes) -> None:
-        held = self._held
-        held += data
-        if len(held) > PENDING_LIMIT and not self._paused_pending and self.transport is not None:
-            self._paused_pending = True
-            self.transport.pauseProducing()
-
-    def onConnect(self, request: Any) -> Any:
+        self._key = headers["sec-websocket-key"]
+        self._extensions = headers.get("sec-websocket-extensions") if self.binding.permessage_deflate else None
+        self._open_timer = self.binding.reactor.callLater(OPEN_TIMEOUT, self._open_timed_out)
         try:
             opened = self.stream_exit.open(self.info, self)
         except StreamRefused as e:
-            raise ConnectionDeny(e.status, e.reason) from None
+            self._refuse(e.status, e.reason)
+            return
+        except Exception:  # a bug must cost this connection, never the client a hang
+            log.failure("zillatw: ws server {binding} failed to open a stream", binding=self.binding.name)
+            self._refuse(500, "internal error")
+            return
         if isinstance(opened, Deferred):
             self._opening = opened
-            return opened.addCallbacks(self._opened, self._refused)
-        return self._opened(opened)
+            opened.addCallbacks(self._opened, self._open_failed)
+        else:
+            self._opened(opened)
 
-    def _opened(self, peer: IStreamEnd) -> str | None:
+    def before_open(self, data: bytes) -> None:
+        held = self._held
+        if held is None:
+            return  # refused: the socket is closing
+        held += data
+        if len(held) > PENDING_LIMIT and not self._held_paused and self.connected:
+            self._held_paused = True
+            self.transport.pauseProducing()
+
+    def _opened(self, peer: IStreamEnd) -> None:
         self._opening = None
-        if self.transport is None or self.state == self.STATE_CLOSED:
+        if not self.connected or self._answered:
             peer.stream_end(ABNORMAL, "client went away during the handshake")
-            raise ConnectionDeny(499, "client went away")  # nothing is written: see failHandshake
-        self.stream_peer = peer
-        self.transport.registerProducer(peer, True)
-        return self.info.protocol
+            return
+        self._cancel_open_timer()
+        binding = self.binding
+        info = self.info
+        offer = info.offer
+        protocol = offer.chosen if offer is not None and offer.answered else info.protocol
+        agreed = server_accept(self._extensions) if self._extensions else None
+        params = agreed[0] if agreed is not None else None
+        self.transport.write(server_response(self._key, protocol, agreed[1] if agreed is not None else None))
+        inspect = True
+        if params is not None and isinstance(peer, WsRelay) and peer.conn is not None:
+            # Ends that meet with nothing between (no validation, no metering) pass compressed
+            # messages as they are when the parameters allow it, each way on its own.
+            upstream = peer.conn.deflate
+            if upstream is not None:
+                inspect = not can_relay(params, True, upstream, False)
+                if can_relay(upstream, False, params, True):
+                    peer.conn.inspect = False
+        conn = Connection(Role.SERVER, deflate=params, max_message_size=binding.max_message_size,
+                          max_frame_size=binding.max_frame_size, gather=GATHER, answer_close=False,
+                          defer_failure=True, inspect=inspect, auto_pong=False)
+        binding.handshaking.discard(self)
+        binding.connections.add(self)
+        self._key = ""
+        self._extensions = None
+        self.start(conn, peer)
+        held, self._held = self._held, None
+        if self._held_paused:
+            self._held_paused = False
+            self.transport.resumeProducing()
+        if held:
+            self.dataReceived(bytes(held))
 
-    def _refused(self, failure: Failure) -> None:
+    def _open_failed(self, failure: Failure) -> None:
         self._opening = None
-        if failure.check(CancelledError):  # the client left first; nothing to answer
-            raise ConnectionDeny(499, "client went away")
-        failure.trap(StreamRefused)
-        raise ConnectionDeny(failure.value.status, failure.value.reason)
+        if failure.check(CancelledError):  # the client left first (or the open timed out): nothing to answer
+            return
+        if failure.check(StreamRefused):
+            self._refuse(failure.value.status, failure.value.reason)
+            return
+        log.failure("zillatw: ws server {binding} failed to open a stream", failure, binding=self.binding.name)
+        self._refuse(500, "internal error")
 
     def _open_timed_out(self) -> None:
         self._open_timer = None
-        if self.state == self.STATE_CONNECTING:
-            self.failHandshake(f"the stream did not open within {OPEN_TIMEOUT:g} s", 504)
+        if self.conn is None:
+            self._refuse(504, f"the stream did not open within {OPEN_TIMEOUT:g} s")
             opening, self._opening = self._opening, None
             if opening is not None:
                 opening.cancel()  # the exit lets go of what it was opening
 
-    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
-        """Every refusal of an opening handshake is the gateway's own response (Autobahn's
-        has no body, names the library and puts internal error text in the status line),
-        and there is one per connection."""
+    def _refuse(self, status: int, reason: str) -> None:
+        """Every refusal of an opening handshake is the gateway's own response, one per
+        connection."""
         self._cancel_open_timer()
-        if self.transport is None or self.state == self.STATE_CLOSED or self._answered:
+        self._held = None
+        if not self.connected or self._answered:
             return
         self._answered = True
-        self.wasNotCleanReason = reason
-        if code >= 500 and code not in (502, 503, 504):
-            reason = "internal error"  # unexpected: Autobahn's text would carry the exception
-        self.transport.write(render_response(code, reason, tuple(responseHeaders or ())))
-        self.dropConnection(abort=False)
+        if status >= 500 and status not in (502, 503, 504):
+            reason = "internal error"  # unexpected: its text could carry internals
+        self.transport.write(render_response(status, reason))
+        self.transport.loseConnection()
 
     def _cancel_open_timer(self) -> None:
         timer, self._open_timer = self._open_timer, None
         if timer is not None and timer.active():
             timer.cancel()
 
-    def onOpen(self) -> None:
-        self._cancel_open_timer()
-        self.shed_handshake_state()
-        self.factory.handshaking.discard(self)
-        self.factory.connections.add(self)
-        held, self._held = self._held, None
-        if held:
-            # Autobahn goes on with what it holds once onOpen returns: these are the first frames.
-            self.data += bytes(held)
-        if self._paused_pending:
-            self._paused_pending = False
-            self.transport.resumeProducing()
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._cancel_open_timer()
         self._held = None
         opening, self._opening = self._opening, None
         if opening is not None:
             opening.cancel()  # the client left before the exit opened: the upstream goes now
-        self.factory.handshaking.discard(self)
-        self.factory.connections.discard(self)
-        super().onClose(wasClean, code, reason)
+        binding = self.binding
+        binding.handshaking.discard(self)
+        binding.connections.discard(self)
+        super().connectionLost(reason)
 
     def going_away(self, reason: str) -> None:
-        if self.state == self.STATE_OPEN:
-            peer, self.stream_peer = self.stream_peer, None
-            self.sendCloseFrame(GOING_AWAY, reason.encode("utf-8")[:123])
-            if peer is not None:
-                peer.stream_end(GOING_AWAY, reason)
-        elif self.state == self.STATE_CONNECTING and self.transport is not None:
-            self.failHandshake(f"service unavailable: {reason}", 503, [("Connection", "close")])
+        conn = self.conn
+        if conn is not None:
+            if conn.state is State.OPEN:
+                peer, self.stream_peer = self.stream_peer, None
+                self.stream_end(CloseCode.GOING_AWAY, reason)
+                if peer is not None:
+                    peer.stream_end(GOING_AWAY, reason)
+        elif self.connected:
+            self._refuse(503, f"service unavailable: {reason}")
 
     def session_expired(self) -> None:
         """The session's token expired (the http server's timer): close with 1008 and tell
         the exit. Zilla aborts the TCP connection instead."""
-        if self.state == self.STATE_OPEN:
+        conn = self.conn
+        if conn is not None and conn.state is State.OPEN:
             peer, self.stream_peer = self.stream_peer, None
-            self.sendCloseFrame(1008, b"token expired")
+            self.stream_end(CloseCode.POLICY_VIOLATION, "token expired")
             if peer is not None:
                 peer.stream_end(1008, "token expired")
-        elif self.state != self.STATE_CLOSED:
-            self.dropConnection(abort=True)
+        elif self.connected:
+            self.transport.abortConnection()
 
 
 @implementer(IStreamExit)
 class WsClient:
     """The ws client binding: opens an upstream WebSocket per stream. The stream opens (and
-    the downstream gets its 101) when the upstream has answered 101 with the same
+    the downstream gets its 101) when the upstream has answered 101 with an offered
     subprotocol; an upstream that refuses or cannot be reached is a 502, a slow one a 504."""
+
+    close_timeout = CLOSE_TIMEOUT
+    ping_interval = 0.0  # the downstream's ws server keeps its own connection alive
+    ping_timeout = 0.0
 
     def __init__(self, name: str, routes: list[tuple[Route, Any]], *, defaults: dict[str, str] | None = None,
                  timeout: float = UPSTREAM_TIMEOUT, max_message_size: int = MAX_MESSAGE_SIZE,
@@ -357,7 +391,6 @@ class WsClient:
         self.max_message_size = max_message_size
         self.permessage_deflate = permessage_deflate
         self.reactor = reactor
-        self.timer = ReactorTimer(reactor)
         self.connections: set[WsClientProtocol] = set()  # upstream sockets not yet closed
 
     def open_count(self) -> int:
@@ -373,36 +406,16 @@ class WsClient:
         found = self.resolve(info.protocol, info.scheme, info.authority, info.path)
         if found is None:
             raise StreamRefused(404, f"no route of ws client {self.name} for this stream")
-        authority = info.authority or "localhost"
-        headers = {":scheme": info.scheme or "http", ":authority": authority, ":path": info.path or "/"}
+        headers = {":scheme": info.scheme or "http", ":authority": info.authority or "localhost",
+                   ":path": info.path or "/"}
         # The http client's overrides change the request written upstream, not where it goes.
         request = getattr(found[1], "request_headers", dict)(headers)
-        factory = WebSocketClientFactory(f"ws://{request[':authority']}{request[':path']}",
-                                         protocols=[info.protocol] if info.protocol else [],
-                                         headers={k: v for k, v in request.items() if not k.startswith(":")})
-        factory.protocol = WsClientProtocol
-        factory.noisy = False  # one factory per upstream connection: no start/stop log lines
-        factory.useragent = None  # no User-Agent naming the library upstream
-        factory.upstream = None  # the WsClientProtocol, once connected
-        factory._batched_timer = self.timer
-        factory.setProtocolOptions(
-            echoCloseCodeReason=True, failByDrop=False, autoFragmentSize=0,
-            maxMessagePayloadSize=self.max_message_size,
-            openHandshakeTimeout=self.timeout, closeHandshakeTimeout=CLOSE_TIMEOUT,
-            perMessageCompressionOffers=[PerMessageDeflateOffer()] if self.permessage_deflate else [],
-            perMessageCompressionAccept=_accept_deflate_response)
-        def cancel(_: Deferred) -> None:
-            # The downstream left (or gave up): the upstream goes at once, connected or not.
-            upstream = factory.upstream
-            if upstream is not None and upstream.transport is not None:
-                upstream.transport.abortConnection()
-
-        opened: Deferred = Deferred(canceller=cancel)
-        factory.stream = (peer, info.protocol, opened)
-        factory.tracked = self.connections
-        timeout = self.reactor.callLater(self.timeout, _upstream_timed_out, opened, self.timeout)
-        connecting = found[1].connect(factory, headers, self.timeout)
-        connecting.addErrback(_connect_failed, opened)
+        offer = info.offer
+        protocols = offer.offered if offer is not None else ((info.protocol,) if info.protocol else ())
+        attempt = _Upstream(self, peer, request, protocols, offer)
+        connecting = found[1].connect(attempt, headers, self.timeout)
+        connecting.addErrback(_connect_failed, attempt.opened)
+        timeout = self.reactor.callLater(self.timeout, attempt.timed_out)
 
         def settled(result: Any) -> Any:
             if timeout.active():
@@ -410,22 +423,48 @@ class WsClient:
             connecting.cancel()
             return result
 
-        return opened.addBoth(settled)
+        return attempt.opened.addBoth(settled)
+
+
+class _Upstream(Factory):
+    """One upstream connection attempt: the factory its connection is made with."""
+
+    noisy = False  # one per upstream connection: no start/stop log lines
+
+    def __init__(self, client: WsClient, peer: IStreamEnd, request: Mapping[str, str], protocols: tuple[str, ...],
+                 offer: SubprotocolOffer | None):
+        self.client = client
+        self.peer = peer
+        self.request = request
+        self.protocols = protocols
+        self.offer = offer
+        self.upstream: WsClientProtocol | None = None
+        # cancelled when the downstream leaves (or gives up): the upstream goes at once
+        self.opened: Deferred = Deferred(canceller=lambda _: self.abort())
+
+    def buildProtocol(self, addr: Any) -> "WsClientProtocol":
+        self.upstream = WsClientProtocol(self.client, self)
+        return self.upstream
+
+    def abort(self) -> None:
+        upstream = self.upstream
+        if upstream is not None and upstream.connected:
+            upstream.transport.abortConnection()
+
+    def timed_out(self) -> None:
+        if not self.opened.called:
+            self.opened.errback(StreamRefused(504, "upstream timed out", f"no answer within {self.client.timeout:g} s"))
+        self.abort()
+
+    def refused(self, detail: str) -> None:
+        if not self.opened.called:
+            self.opened.errback(StreamRefused(502, "upstream refused the WebSocket handshake", detail))
 
 
 def _drop(protocols: list[Any]) -> None:
     for protocol in protocols:
-        if protocol.transport is not None:
+        if protocol.connected:
             protocol.transport.abortConnection()
-
-
-def _accept_deflate_response(response: Any) -> Any:
-    return PerMessageDeflateResponseAccept(response) if isinstance(response, PerMessageDeflateResponse) else None
-
-
-def _upstream_timed_out(opened: Deferred, seconds: float) -> None:
-    if not opened.called:
-        opened.errback(StreamRefused(504, "upstream timed out", f"no answer within {seconds:g} s"))
 
 
 def _connect_failed(failure: Failure, opened: Deferred) -> None:
@@ -439,49 +478,88 @@ def _connect_failed(failure: Failure, opened: Deferred) -> None:
         opened.errback(StreamRefused(502, "upstream unreachable", failure.getErrorMessage()))
 
 
-class WsClientProtocol(StreamRelay, WebSocketClientProtocol):
+class WsClientProtocol(WsRelay):
     """One upstream WebSocket connection, and the stream end the ws server writes to."""
 
-    masked_in, masked_out = False, True  # RFC 6455 §5.1
-    refusal_detail = ""  # why we refused the upstream's 101, for the event log
+    __slots__ = ("attempt", "_parser", "_key", "_offered_deflate")
+    is_server = False
+
+    def __init__(self, client: WsClient, attempt: _Upstream) -> None:
+        super().__init__(client)
+        self.attempt: _Upstream | None = attempt
+        self._parser: ResponseHeadParser | None = ResponseHeadParser()
+        self._key = new_key()
+        self._offered_deflate = client.permessage_deflate
 
     def connectionMade(self) -> None:
-        self.peer_waiting, self.protocol_wanted, self.opened = self.factory.stream
-        self.factory.tracked.add(self)
-        self.factory.upstream = self
-        super().connectionMade()
+        self.binding.connections.add(self)
+        attempt = self.attempt
+        request = attempt.request
+        extra = {k: v for k, v in request.items() if not k.startswith(":")}
+        try:
+            head = client_request(request[":path"], request[":authority"], self._key, attempt.protocols,
+                                  client_offer() if self._offered_deflate else None, extra)
+        except HttpError as e:
+            self._refuse(e.reason)
+            return
+        self.transport.write(head)
+
+    def before_open(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None:
+            return  # refused: the socket is going
+        try:
+            response = parser.feed(data)
+        except ResponseError as e:
+            self._refuse(f"its response head is malformed: {e}")
+            return
+        if response is None:
+            return
+        rest, self._parser = parser.rest, None
+        attempt = self.attempt
+        try:
+            protocol = check_response(response, self._key, attempt.protocols)
+            if protocol is None and attempt.protocols:
+                raise HandshakeRefused(f"it selected no subprotocol, offered {list(attempt.protocols)!r}")
+            params = client_accept(response.headers.get("sec-websocket-extensions")) \
+                if self._offered_deflate else None
+            if not self._offered_deflate and "sec-websocket-extensions" in response.headers:
+                raise HandshakeRefused("it accepted extensions we did not offer")
+        except (HandshakeRefused, NegotiationError) as e:
+            self._refuse(str(e))
+            return
+        self._key = ""
+        conn = Connection(Role.CLIENT, deflate=params, max_message_size=self.binding.max_message_size,
+                          gather=GATHER, answer_close=False, defer_failure=True, auto_pong=False)
+        self.attempt = None
+        if attempt.opened.called:  # too late: the downstream already got its 504
+            self.start(conn, None)
+            self.stream_end(GOING_AWAY, "downstream gave up")
+            return
+        if attempt.offer is not None:
+            attempt.offer.answer(protocol)
+        self.start(conn, attempt.peer)
+        attempt.opened.callback(self)  # the downstream's 101 goes out, and may set conn.inspect
+        if rest:
+            self.dataReceived(rest)
+
+    def _refuse(self, detail: str) -> None:
+        self._parser = None
+        attempt, self.attempt = self.attempt, None
+        if attempt is not None:
+            attempt.refused(detail)
+        self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        self.factory.tracked.discard(self)
+        self.binding.connections.discard(self)
+        attempt, self.attempt = self.attempt, None
+        if attempt is not None:
+            attempt.refused("the upstream closed the connection during the handshake")
         super().connectionLost(reason)
-
-    def onConnect(self, response: Any) -> None:
-        if response.protocol != self.protocol_wanted:  # both absent is fine
-            self.refusal_detail = f"it selected subprotocol {response.protocol!r}, expected {self.protocol_wanted!r}"
-            raise ConnectionDeny(502, self.refusal_detail)
-
-    def onOpen(self) -> None:
-        self.shed_handshake_state()
-        peer, self.peer_waiting = self.peer_waiting, None
-        if self.opened.called:  # too late: the downstream already got its 504
-            self.sendCloseFrame(1001, b"downstream gave up")
-            return
-        self.stream_peer = peer
-        self.transport.registerProducer(peer, True)
-        self.opened.callback(self)
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        if not self.opened.called:
-            if self.wasOpenHandshakeTimeout:
-                refusal = StreamRefused(504, "upstream timed out", "no answer to the WebSocket handshake in time")
-            else:
-                refusal = StreamRefused(502, "upstream refused the WebSocket handshake",
-                                        self.refusal_detail or reason or "")
-            self.opened.errback(refusal)
-        super().onClose(wasClean, code, reason)
 
 
 def build(binding: BindingConfig, graph: Any) -> WsServer | WsClient:
+
     options = binding.options
     routes = [(route, graph.binding(route.exit)) for route in binding.routes]
     if binding.kind == "client":

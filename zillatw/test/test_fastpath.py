@@ -1,19 +1,19 @@
-"""The relay's fast path: frame helpers (zillatw.wsframes), writing through to the socket
-(zillatw.writethrough), and frames that must still take Autobahn's path end to end."""
+"""The relay's fast path end to end: the core's frame helpers (zillatw.wire.frames) against
+other implementations, and frames that must leave the core's fast path for its general
+parser. Writing through to the socket is zillatw.twistedcompat's (test_twistedcompat)."""
 
 from __future__ import annotations
 
 import os
 
 from autobahn.websocket.xormasker import create_xor_masker
-from twisted.internet import defer, reactor, tcp
-from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.testing import StringTransport
+from twisted.internet import defer
 from twisted.trial import unittest
 
-from zillatw import writethrough, wsframes
 from zillatw.test.support import (chain, client_frame, connect_raw, connect_ws, close_ws, parse_server_frames,
                                   split_response, start_gateway, upgrade_request, wait)
+from zillatw.wire import connection, frames
+from zillatw.wire.frames import encode_frame, parse_head
 
 SIZES = (0, 1, 3, 4, 5, 125, 126, 1023, 1024, 1025, 4099, 65535, 65536, 70001)
 
@@ -23,12 +23,12 @@ class MaskTests(unittest.TestCase):
         for size in SIZES:
             data, mask = os.urandom(size), os.urandom(4)
             expected = create_xor_masker(mask, size).process(data) if size else b""
-            self.assertEqual(wsframes.apply_mask(data, mask), expected, size)
-            self.assertEqual(wsframes._py_apply_mask(data, mask), expected, size)  # without websockets' C code
+            self.assertEqual(frames.apply_mask(data, mask), expected, size)
+            self.assertEqual(frames._py_apply_mask(data, mask), expected, size)  # without websockets' C code
 
     def test_masking_twice_gives_the_data_back(self):
         data, mask = os.urandom(300), b"\xff\x00\x81\x7e"
-        self.assertEqual(wsframes.apply_mask(wsframes.apply_mask(data, mask), mask), data)
+        self.assertEqual(frames.apply_mask(frames.apply_mask(data, mask), mask), data)
 
 
 class FrameTests(unittest.TestCase):
@@ -37,85 +37,28 @@ class FrameTests(unittest.TestCase):
             for opcode in (1, 2):
                 payload = b"a" * size
                 for masked in (False, True):
-                    frame = wsframes.encode_frame(opcode, payload, True, masked)
-                    found = wsframes.whole_message(frame, masked, 0xFFFF)
-                    if size > 0xFFFF:
-                        self.assertIsNone(found)  # 8-byte lengths are Autobahn's
-                        continue
-                    op, start, end = found
-                    self.assertEqual((op, end), (opcode, len(frame)))
-                    body = frame[start:end]
+                    frame = b"".join(encode_frame(opcode, payload, True, masked))
+                    first, length, start, mask = parse_head(frame, 0, masked, False)
+                    self.assertEqual((first & 0x0F, start + length), (opcode, len(frame)))
+                    body = frame[start:]
                     if masked:
-                        body = wsframes.apply_mask(body, frame[start - 4:start])
+                        body = frames.apply_mask(body, mask)
                     self.assertEqual(body, payload)
 
     def test_same_bytes_as_the_hand_built_client_frame(self):
-        frame = wsframes.encode_frame(2, b"hello", True, masked=True)
+        frame = b"".join(encode_frame(2, b"hello", True, masked=True))
         self.assertEqual(frame, client_frame(2, b"hello", mask=frame[2:6]))
-        self.assertEqual(parse_server_frames(wsframes.encode_frame(1, b"x" * 200, False, masked=False)),
+        self.assertEqual(parse_server_frames(b"".join(encode_frame(1, b"x" * 200, False, masked=False))),
                          [(1, False, b"x" * 200)])
 
-    def test_partial_frame_says_how_much_it_needs(self):
-        frame = client_frame(2, b"z" * 300)
-        self.assertEqual(wsframes.whole_message(frame[:100], True, 0xFFFF), len(frame))
-
-    def test_everything_else_is_left_to_autobahn(self):
-        cases = {
-            "fragment": client_frame(2, b"a", fin=False),
-            "continuation": client_frame(0, b"a"),
-            "ping": client_frame(9, b"a"),
-            "close": client_frame(8, b"\x03\xe8"),
-            "rsv1 (deflate)": client_frame(2, b"a", rsv=4),
-            "reserved opcode": client_frame(3, b"a"),
-            "unmasked from a client": wsframes.encode_frame(2, b"a", True, masked=False),
-            "over the limit": client_frame(2, b"a" * 200),
-            "8-byte length": client_frame(2, b"a" * 65536),
-            "non-minimal length": b"\x82\xfe\x00\x05\x00\x00\x00\x00hello",
-            "one byte": b"\x82",
-        }
-        for name, frame in cases.items():
-            self.assertIsNone(wsframes.whole_message(frame, True, 100), name)
-        self.assertIsNone(wsframes.whole_message(client_frame(2, b"a"), False, 100), "masked to a client")
-
-
-class _Sink(Protocol):
-    def __init__(self):
-        self.data = b""
-
-    def dataReceived(self, data):
-        self.data += data
-
-
-class WriteThroughTests(unittest.TestCase):
-    @defer.inlineCallbacks
-    def test_an_idle_tcp_transport_sends_at_once(self):
-        factory = Factory.forProtocol(_Sink)
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        client = yield connect_raw(port.getHost().port)
-        self.addCleanup(client.transport.loseConnection)
-        transport = client.transport
-        # The Twisted internals writethrough reads; a release that renames them fails here.
-        self.assertIsInstance(transport, tcp.Client)
-        for name in ("dataBuffer", "_tempDataBuffer", "connected", "disconnecting", "_aborting",
-                     "_writeDisconnecting", "TLS"):
-            self.assertTrue(hasattr(transport, name), name)
-        writethrough.write(transport, b"hello")
-        self.assertNotIn(transport, reactor.getWriters())  # sent, not registered for writing
-        self.assertEqual((transport.dataBuffer, transport._tempDataBuffer), (b"", []))
-
-        transport.write(b" buffered")  # something waits: the next write queues behind it
-        writethrough.write(transport, b" world")
-        self.assertEqual(transport._tempDataBuffer, [b" buffered", b" world"])
-
-    def test_other_transports_are_written_to(self):
-        transport = StringTransport()
-        writethrough.write(transport, b"abc")
-        self.assertEqual(transport.value(), b"abc")
+    def test_a_big_payload_is_not_copied(self):
+        payload = os.urandom(100000)
+        head, body = encode_frame(2, payload, True, masked=False)
+        self.assertIs(body, payload)
 
 
 class EndToEndTests(unittest.TestCase):
-    """Frames the fast path must leave to Autobahn still get Autobahn's answers."""
+    """Frames the core's fast path must leave to its general parser still get its answers."""
 
     @defer.inlineCallbacks
     def raw(self, *frames):
@@ -145,7 +88,7 @@ class EndToEndTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_unmasked_frame_is_1002(self):
-        frames = yield self.raw(wsframes.encode_frame(2, b"a", True, masked=False))
+        frames = yield self.raw(b"".join(encode_frame(2, b"a", True, masked=False)))
         self.assertEqual(frames[-1][2][:2], b"\x03\xea")
 
     @defer.inlineCallbacks
@@ -153,7 +96,7 @@ class EndToEndTests(unittest.TestCase):
         gateway, port = yield start_gateway(self, chain())
         client = yield connect_ws(port)
         payloads = [os.urandom(n) for n in (10, 3000, 60000, 0, 125, 126)]
-        raw = b"".join(wsframes.encode_frame(2, p, True, masked=True) for p in payloads)
+        raw = b"".join(b"".join(encode_frame(2, p, True, masked=True)) for p in payloads)
         client.transport.write(raw[:7])  # a header in two pieces
         yield wait(0.05)
         client.transport.write(raw[7:])  # the rest and several frames in one write
@@ -163,21 +106,19 @@ class EndToEndTests(unittest.TestCase):
         yield close_ws(client)
 
     @defer.inlineCallbacks
-    def test_whole_messages_bypass_autobahns_frame_parser(self):
+    def test_whole_small_messages_bypass_the_general_frame_parser(self):
+        parsed = []
+
+        def counting(data, pos, *args):
+            parsed.append(data[pos] & 0x0F)
+            return parse_head(data, pos, *args)
+        self.patch(connection, "parse_head", counting)
         gateway, port = yield start_gateway(self, chain())
         client = yield connect_ws(port)
-        (server,) = gateway.binding("ws0").connections
-        parsed = []
-        begin = server.onFrameBegin  # Autobahn's per-frame hook
-
-        def onFrameBegin():
-            parsed.append(server.current_frame.opcode)
-            begin()
-        server.onFrameBegin = onFrameBegin
         client.sendMessage(b"fast", True)
         client.sendMessage("fäst".encode(), False)
         self.assertEqual((yield client.messages.get()), (True, [b"fast"]))
         self.assertEqual((yield client.messages.get()), (False, ["fäst".encode()]))
         self.assertEqual(parsed, [])
         yield close_ws(client)
-        self.assertEqual(parsed, [8])  # the close frame is Autobahn's
+        self.assertEqual(parsed, [8])  # the close frame takes the general path

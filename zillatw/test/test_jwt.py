@@ -27,7 +27,7 @@ from twisted.web import resource, server
 from zillatw.errors import ConfigError
 from zillatw.guards import Rejected
 from zillatw.guards.jwt import JwtGuard
-from zillatw.protocols.ws import ReactorTimer
+from zillatw.test.support import ReactorTimer
 from zillatw.service import load_config
 from zillatw.test.support import (CONF, RecordingClient, chain, client_frame, close_ws, connect_raw, eventually,
                                   on_ephemeral_port, parse_server_frames, raw_exchange, split_response,

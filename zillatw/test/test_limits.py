@@ -8,12 +8,12 @@ import time
 import tracemalloc
 import zlib
 
-from autobahn.websocket.compress_deflate import PerMessageDeflate
 from twisted.internet import defer, reactor
 from twisted.internet.task import LoopingCall
 from twisted.trial import unittest
 
 from zillatw import ConfigError, build_gateway
+from zillatw.wire import deflate
 from zillatw.test.support import (chain, client_frame, close_ws, connect_raw, connect_ws, eventually,
                                   parse_server_frames, split_response, start_gateway, upgrade_request, wait)
 
@@ -76,7 +76,7 @@ class MessageSizeTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_default_max_message_size_is_1_mib(self):
         gateway, port = yield start_gateway(self, chain())
-        self.assertEqual(gateway.binding("ws0").maxMessagePayloadSize, MiB)
+        self.assertEqual(gateway.binding("ws0").max_message_size, MiB)
         client = yield connect_ws(port)
         client.sendMessage(b"z" * (MiB + 1), isBinary=True)
         _, code, _ = yield client.closed
@@ -89,15 +89,21 @@ class MessageSizeTests(unittest.TestCase):
         default limit of it: we count every byte its decompressor returns, and what Python
         allocated at the peak while it handled the bomb."""
         inflated: list[int] = []
-        original = PerMessageDeflate.decompress_message_data
+        original = zlib.decompressobj
 
-        def counting(self, data, max_output_len=None):
-            before = self._decompress_message_size  # counts output, also when it then refuses it
-            try:
-                return original(self, data, max_output_len=max_output_len)
-            finally:
-                inflated.append(self._decompress_message_size - before)
-        self.patch(PerMessageDeflate, "decompress_message_data", counting)
+        class Counting:  # what the server's inflater returns, also when it then refuses it
+            def __init__(self, *args):
+                self._z = original(*args)
+
+            def decompress(self, data, max_length=0):
+                out = self._z.decompress(data, max_length)
+                inflated.append(len(out))
+                return out
+
+            @property
+            def unconsumed_tail(self):
+                return self._z.unconsumed_tail
+        self.patch(deflate.zlib, "decompressobj", Counting)
         bomb = client_frame(0x2, deflated_zeros(256 * MiB), rsv=0b100)
         self.assertLess(len(bomb), 300 * 1024)
 
@@ -114,7 +120,7 @@ class MessageSizeTests(unittest.TestCase):
             tracemalloc.stop()
         self.assertEqual(close_code(parse_server_frames(raw.data[start:])), 1009)
         self.assertGreater(sum(inflated), 0)
-        self.assertLessEqual(sum(inflated), MiB)
+        self.assertLessEqual(sum(inflated), MiB + 1)  # one byte past the cap says it is over
         self.assertLess(peak, 8 * MiB)  # the bomb's buffers and one cap's worth, not 256 MiB
         raw.transport.loseConnection()
         yield raw.done
@@ -183,7 +189,7 @@ class KeepaliveTests(unittest.TestCase):
         self.assertGreaterEqual(elapsed, 0.4)
         self.assertLess(elapsed, 2.0)
         yield eventually(lambda: not self.gateway.binding("ws0").connections)
-        self.assertFalse(server_side.wasClean)
+        self.assertFalse(server_side.was_clean)
         left = [call for call in reactor.getDelayedCalls() if getattr(call.func, "__self__", None) is server_side]
         self.assertEqual(left, [])
 
@@ -192,7 +198,7 @@ class KeepaliveTests(unittest.TestCase):
         client = yield connect_ws(self.port)  # Autobahn answers pings
         yield wait(1.2)
         server_side = next(iter(self.gateway.binding("ws0").connections))
-        self.assertGreaterEqual(server_side.autoPingPendingSeq, 3)
+        self.assertGreaterEqual(server_side.pings_sent, 3)
         self.assertEqual(client.state, client.STATE_OPEN)
         client.sendMessage(b"still here")
         self.assertEqual((yield client.messages.get())[1], [b"still here"])
@@ -206,7 +212,7 @@ class KeepaliveTests(unittest.TestCase):
         yield wait(0.5)
         self.assertEqual(parse_server_frames(raw.data[start:]), [])
         server_side = next(iter(gateway.binding("ws0").connections))
-        self.assertEqual(server_side.autoPingPendingSeq, 0)
+        self.assertEqual(server_side.pings_sent, 0)
         raw.transport.loseConnection()
         yield raw.done
 
@@ -214,15 +220,29 @@ class KeepaliveTests(unittest.TestCase):
 class CloseTimeoutTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_a_peer_that_does_not_answer_our_close_is_dropped_after_close_timeout(self):
-        _, port = yield start_gateway(self, chain(ws_options={"close-timeout": 0.3, "max-message-size": 10}))
+        gateway, port = yield start_gateway(self, chain(ws_options={"close-timeout": 0.3}))
         raw, status, _, start = yield raw_upgrade(port)
-        raw.transport.write(client_frame(0x2, b"x" * 11))  # too big: the server closes with 1009
+        yield eventually(lambda: gateway.binding("ws0").connections)
+        gateway.binding("ws0").going_away("maintenance")  # the server closes with 1001
         began = time.monotonic()
         yield raw.done  # and we do not answer its close frame
         elapsed = time.monotonic() - began
-        self.assertEqual(close_code(parse_server_frames(raw.data[start:])), 1009)
+        self.assertEqual(close_code(parse_server_frames(raw.data[start:])), 1001)
         self.assertGreaterEqual(elapsed, 0.25)
         self.assertLess(elapsed, 1.5)  # the default of 2 s would be past this
+
+    @defer.inlineCallbacks
+    def test_after_a_protocol_failure_the_close_frame_is_followed_by_a_fin_not_a_reset(self):
+        gateway, port = yield start_gateway(self, chain(ws_options={"close-timeout": 5, "max-message-size": 10}))
+        raw, status, _, start = yield raw_upgrade(port)
+        # too big: the server closes with 1009; what follows is read and ignored, so the
+        # socket never closes with unread bytes (which would be a RST)
+        raw.transport.write(client_frame(0x2, b"x" * 11) + client_frame(0x2, b"more") * 100)
+        began = time.monotonic()
+        yield raw.done  # the server's FIN ended it, long before the close timeout
+        self.assertLess(time.monotonic() - began, 2.0)
+        self.assertEqual(close_code(parse_server_frames(raw.data[start:])), 1009)
+        self.assertEqual([f[0] for f in parse_server_frames(raw.data[start:])], [0x8])
 
 
 class ConnectionCapTests(unittest.TestCase):

@@ -76,7 +76,7 @@ class HttpProtocolTests(unittest.SynchronousTestCase):
         protocol, transport = connect(gateway_chain(EchoServer(), clock))
         protocol.dataReceived(upgrade_request())
         # What is left is the WebSocket's keepalive ping, not the head's deadline.
-        self.assertEqual([call.func.__name__ for call in clock.getDelayedCalls()], ["_sendAutoPing"])
+        self.assertEqual([call.func.__name__ for call in clock.getDelayedCalls()], ["_ping"])
 
     def test_no_route_is_404_then_close(self):
         http = HttpServer("http", [], reactor=Clock())

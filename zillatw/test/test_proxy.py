@@ -11,7 +11,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
 
-from zillatw.protocols.ws import ReactorTimer
+from zillatw.test.support import ReactorTimer
 from zillatw.test.support import chain, close_ws, connect_ws, eventually, start_gateway, wait
 
 MESSAGE = 512 * 1024
@@ -78,7 +78,9 @@ class ProxyTests(unittest.TestCase):
         client = yield connect_ws(self.port, path="/chat?room=1", protocols=["echo", "other"])
         self.assertEqual(client.websocket_protocol_in_use, "echo")
         request = self.upstream.requests[0]
-        self.assertEqual((request.path, request.params, request.protocols), ("/chat", {"room": ["1"]}, ["echo"]))
+        # the route fixes no subprotocol: every one offered goes upstream (issue 15)
+        self.assertEqual((request.path, request.params, request.protocols),
+                         ("/chat", {"room": ["1"]}, ["echo", "other"]))
         self.assertEqual(request.host, "127.0.0.1")
         for payload, binary in [(b"text", False), (b"\x00\x01", True), (b"", True), (b"y" * 300000, True)]:
             client.sendMessage(payload, binary)
@@ -119,6 +121,27 @@ class ProxyTests(unittest.TestCase):
         yield self.proxy()
         failure = yield self.assertFailure(connect_ws(self.port, path="/deny"), ConnectionError)
         self.assertIn("502", str(failure))
+
+    @defer.inlineCallbacks
+    def test_the_client_gets_the_upstreams_choice_of_its_offers(self):
+        yield self.proxy(select=lambda offered: "echo" if "echo" in offered else None)
+        client = yield connect_ws(self.port, protocols=["nope", "echo"])
+        self.assertEqual(client.websocket_protocol_in_use, "echo")
+        self.assertEqual(self.upstream.requests[0].protocols, ["nope", "echo"])
+        client.sendMessage(b"through")
+        self.assertEqual((yield client.messages.get()), (False, [b"through"]))
+        yield close_ws(client)
+
+    @defer.inlineCallbacks
+    def test_a_route_that_names_the_subprotocol_offers_only_that_one(self):
+        self.upstream, upstream_port = start_upstream(self)
+        config = proxy_config(upstream_port)
+        config["bindings"]["ws0"]["routes"] = [{"when": [{"protocol": "echo"}], "exit": "south_ws_client"}]
+        self.gateway, self.port = yield start_gateway(self, config)
+        client = yield connect_ws(self.port, protocols=["nope", "echo"])
+        self.assertEqual(client.websocket_protocol_in_use, "echo")
+        self.assertEqual(self.upstream.requests[0].protocols, ["echo"])
+        yield close_ws(client)
 
     @defer.inlineCallbacks
     def test_upstream_choosing_another_subprotocol_is_502(self):

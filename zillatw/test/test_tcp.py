@@ -12,7 +12,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.trial import unittest
 
-from zillatw.protocols.ws import ReactorTimer
+from zillatw.test.support import ReactorTimer
 from zillatw.test.support import (
     RecordingClient,
     chain,

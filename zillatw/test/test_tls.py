@@ -17,7 +17,7 @@ from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, c
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
-from zillatw.protocols.ws import ReactorTimer
+from zillatw.test.support import ReactorTimer
 from zillatw.test import pki
 from zillatw.test.support import (RawClient, RecordingClient, close_ws, eventually, split_response,
                                   start_gateway, upgrade_request)
