@@ -6,13 +6,14 @@ import asyncio
 import threading
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
 
-from zillatw.test.support import ReactorTimer
-from zillatw.test.support import chain, close_ws, connect_ws, eventually, start_gateway, wait
+from zillatw.test.support import ReactorTimer, chain, close_ws, connect_ws, eventually, start_gateway, wait
+from zillatw.wire import deflate
 
 MESSAGE = 512 * 1024
 
@@ -54,11 +55,14 @@ class Upstream(WebSocketServerProtocol):
         self.factory.closes.append((code, reason))
 
 
-def start_upstream(case, select=lambda offered: offered[0] if offered else None, echo=True):
+def start_upstream(case, select=lambda offered: offered[0] if offered else None, echo=True, compress=False):
     factory = WebSocketServerFactory()
     factory.protocol = Upstream
     factory._batched_timer = ReactorTimer()
     factory.setProtocolOptions(echoCloseCodeReason=True, maxMessagePayloadSize=0, autoFragmentSize=0)
+    if compress:
+        factory.setProtocolOptions(perMessageCompressionAccept=lambda offers: next(
+            (PerMessageDeflateOfferAccept(o) for o in offers if isinstance(o, PerMessageDeflateOffer)), None))
     factory.requests, factory.closes, factory.connections = [], [], []
     factory.select, factory.echo, factory.received = select, echo, 0
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
@@ -142,6 +146,40 @@ class ProxyTests(unittest.TestCase):
         self.assertEqual(client.websocket_protocol_in_use, "echo")
         self.assertEqual(self.upstream.requests[0].protocols, ["echo"])
         yield close_ws(client)
+
+    @defer.inlineCallbacks
+    def test_compressed_messages_pass_through_neither_inflated_nor_compressed_again(self):
+        worked = []
+        for name in ("Inflater", "Deflater"):
+            cls = getattr(deflate, name)
+            method = "inflate" if name == "Inflater" else "compress"
+            original = getattr(cls, method)
+            self.patch(cls, method, lambda self, *a, _o=original, _n=name: worked.append(_n) or _o(self, *a))
+        self.upstream, upstream_port = start_upstream(self, compress=True)
+        self.gateway, self.port = yield start_gateway(self, proxy_config(upstream_port))
+        client = yield connect_ws(self.port, compress=True)
+        self.assertEqual(len(client.websocket_extensions_in_use), 1)
+        for payload, binary in [("compressible text " * 2000, False), (b"\x00" * 300000, True)]:
+            data = payload.encode() if isinstance(payload, str) else payload
+            client.sendMessage(data, binary)
+            got, frames = yield client.messages.get()
+            self.assertEqual((got, b"".join(frames)), (binary, data))
+        self.assertEqual(worked, [])  # the gateway neither inflated nor deflated
+        self.assertLess(client.trafficStats.incomingOctetsWebSocketLevel, 40000)
+        yield close_ws(client)
+
+    @defer.inlineCallbacks
+    def test_with_validation_between_messages_are_inflated_and_checked(self):
+        self.upstream, upstream_port = start_upstream(self, compress=True)
+        config = proxy_config(upstream_port)
+        config["bindings"]["ws0"]["options"] = {"messages": [{"content": "string"}]}
+        self.gateway, self.port = yield start_gateway(self, config)
+        client = yield connect_ws(self.port, compress=True)
+        client.sendMessage(b"valid " * 1000, False)
+        self.assertEqual(b"".join((yield client.messages.get())[1]), b"valid " * 1000)
+        client.sendMessage(b"\x00\xff binary is no string", True)
+        was_clean, code, _ = yield client.closed
+        self.assertEqual(code, 1007)
 
     @defer.inlineCallbacks
     def test_upstream_choosing_another_subprotocol_is_502(self):
