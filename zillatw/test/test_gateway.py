@@ -8,7 +8,7 @@ import yaml
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from zillatw.test.support import (CONF, chain, client_frame, close_ws, connect_raw, connect_ws,
+from zillatw.test.support import (CONF, chain, client_frame, close_ws, connect_raw, connect_ws, eventually,
                                   on_ephemeral_port, parse_server_frames, raw_exchange, split_response,
                                   start_gateway, upgrade_request)
 
@@ -53,6 +53,27 @@ class EchoTests(unittest.TestCase):
         binary, frames = yield client.messages.get()
         self.assertEqual((binary, frames), (True, [b"", b"x", b""]))
         yield close_ws(client)
+
+    @defer.inlineCallbacks
+    def test_a_large_message_streams_its_first_bytes_before_its_last_arrive(self):
+        raw = yield connect_raw(self.port)
+        raw.transport.write(upgrade_request())
+        yield eventually(lambda: b"\r\n\r\n" in raw.data)
+        start = len(raw.data)
+        payload = os.urandom(512 * 1024)
+        frame = client_frame(0x2, payload)
+        raw.transport.write(frame[:200 * 1024])  # a frame over 64 KiB is relayed as it arrives
+        yield eventually(lambda: len(raw.data) - start > 100 * 1024)
+        first = parse_server_frames(raw.data[start:])
+        self.assertEqual(first[0][:2], (0x2, False))
+        raw.transport.write(frame[200 * 1024:])
+        yield eventually(lambda: sum(len(f[2]) for f in parse_server_frames(raw.data[start:])) == len(payload))
+        frames = parse_server_frames(raw.data[start:])
+        self.assertEqual(b"".join(f[2] for f in frames), payload)
+        self.assertEqual([f[0] for f in frames[1:]], [0x0] * (len(frames) - 1))
+        self.assertTrue(frames[-1][1])
+        raw.transport.loseConnection()
+        yield raw.done
 
     @defer.inlineCallbacks
     def test_permessage_deflate_is_negotiated(self):

@@ -14,6 +14,7 @@ from twisted.trial import unittest
 
 from zillatw.test.support import ReactorTimer, chain, close_ws, connect_ws, eventually, start_gateway, wait
 from zillatw.wire import deflate
+from zillatw.wshandshake import accept_key
 
 MESSAGE = 512 * 1024
 
@@ -299,3 +300,87 @@ class WebsocketsUpstreamTests(unittest.TestCase):
         self.assertEqual((code, reason), (4000, "bye"))
         yield eventually(lambda: self.closes)
         self.assertEqual(self.closes[0], (4000, "bye"))
+
+
+class _Answering(Protocol):
+    """A raw upstream answering the upgrade request with `answer(key)`'s bytes."""
+
+    def connectionMade(self):
+        self.received = b""
+
+    def dataReceived(self, data):
+        self.received += data
+        if b"\r\n\r\n" in self.received and self.factory.answer is not None:
+            head = self.received.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+            headers = {line.partition(":")[0].lower(): line.partition(":")[2].strip() for line in head[1:]}
+            self.factory.heads.append(headers)
+            self.transport.write(self.factory.answer(headers))
+            self.factory.answer = None
+
+
+def _switching(accept: str, *extra: str) -> bytes:
+    return ("\r\n".join(["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
+                         f"Sec-WebSocket-Accept: {accept}", *extra]) + "\r\n\r\n").encode("latin-1")
+
+
+class UpstreamAnswerTests(unittest.TestCase):
+    """The ws client checks the upstream's answer itself (RFC 6455 §4.1): anything but a
+    proper 101 is a 502, and the event log says what was wrong."""
+
+    @defer.inlineCallbacks
+    def refused_with(self, answer, detail: str, protocols=None):
+        factory = Factory.forProtocol(_Answering)
+        factory.answer, factory.heads = answer, []
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        gateway, gateway_port = yield start_gateway(self, proxy_config(port.getHost().port))
+        failure = yield self.assertFailure(connect_ws(gateway_port, protocols=protocols), ConnectionError)
+        self.assertIn("502", str(failure))
+        self.assertIn(detail, gateway.events_text.getvalue())
+        return factory.heads[0]
+
+    @defer.inlineCallbacks
+    def test_our_upgrade_request(self):
+        head = yield self.refused_with(lambda h: b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+                                       "it answered 404 Not Found", protocols=["a", "b"])
+        self.assertEqual((head["upgrade"], head["connection"], head["sec-websocket-version"]),
+                         ("websocket", "Upgrade", "13"))
+        self.assertEqual(head["sec-websocket-protocol"], "a, b")
+        self.assertEqual(head["sec-websocket-extensions"], "permessage-deflate; client_max_window_bits")
+        self.assertNotIn("user-agent", head)
+
+    def test_a_wrong_accept_key(self):
+        return self.refused_with(lambda h: _switching(accept_key("not our key")),
+                                 "Sec-WebSocket-Accept does not match our key")
+
+    def test_no_upgrade_header(self):
+        return self.refused_with(lambda h: b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                                 b"Sec-WebSocket-Accept: " + accept_key(h["sec-websocket-key"]).encode() + b"\r\n\r\n",
+                                 "no 'Upgrade: websocket'")
+
+    def test_a_subprotocol_not_offered(self):
+        return self.refused_with(lambda h: _switching(accept_key(h["sec-websocket-key"]),
+                                                      "Sec-WebSocket-Protocol: other"),
+                                 "it selected subprotocol 'other'", protocols=["echo"])
+
+    def test_an_extension_not_offered(self):
+        return self.refused_with(lambda h: _switching(accept_key(h["sec-websocket-key"]),
+                                                      "Sec-WebSocket-Extensions: x-unknown"),
+                                 "extensions we did not offer")
+
+    def test_a_malformed_head(self):
+        return self.refused_with(lambda h: b"HTTP/1.1 101 Switching\r\nUpgrade websocket\r\n\r\n",
+                                 "its response head is malformed")
+
+    @defer.inlineCallbacks
+    def test_frames_right_behind_the_101_are_relayed(self):
+        factory = Factory.forProtocol(_Answering)
+        factory.heads = []
+        factory.answer = lambda h: _switching(accept_key(h["sec-websocket-key"])) + b"\x81\x05hello"
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        gateway, gateway_port = yield start_gateway(self, proxy_config(port.getHost().port))
+        client = yield connect_ws(gateway_port)
+        self.assertEqual((yield client.messages.get()), (False, [b"hello"]))
+        client.transport.abortConnection()
+        yield client.closed
