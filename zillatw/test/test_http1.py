@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from twisted.trial import unittest
 
-from zillatw.http1 import HttpError, Request, RequestHeadParser, render_response
+from zillatw.http1 import (HttpError, Request, RequestHeadParser, Response, ResponseError, ResponseHeadParser,
+                          render_response)
 
 UPGRADE = (b"GET /echo?x=1 HTTP/1.1\r\n"
            b"Host: localhost:7114\r\n"
@@ -350,3 +351,51 @@ class RenderResponseTests(unittest.SynchronousTestCase):
         self.assertEqual(lines[0].split(b" ", 2), [b"HTTP/1.1", b"431", b"Request Header Fields Too Large"])
         headers = dict(line.split(b": ", 1) for line in lines[1:])
         self.assertEqual(int(headers[b"Content-Length"]), len(body))
+
+
+class ResponseHeadTests(unittest.SynchronousTestCase):
+    """An upstream's answer to the ws client: the request parser's rules, for a response."""
+
+    def parse(self, *chunks: bytes) -> tuple[Response | None, bytes]:
+        parser = ResponseHeadParser()
+        response = None
+        for chunk in chunks:
+            response = parser.feed(chunk)
+        return response, parser.rest
+
+    def test_a_101_fed_in_pieces_and_what_follows_it(self):
+        head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nX-A: 1\r\nX-A: 2\r\n\r\n"
+        parser = ResponseHeadParser()
+        for byte in head[:-1]:
+            self.assertIsNone(parser.feed(bytes([byte])))
+        response = parser.feed(head[-1:] + b"\x81\x00")
+        self.assertEqual((response.status, response.reason, response.version), (101, "Switching Protocols", (1, 1)))
+        self.assertEqual(response.headers, {"upgrade": "websocket", "connection": "Upgrade", "x-a": "1, 2"})
+        self.assertEqual(parser.rest, b"\x81\x00")
+
+    def test_bare_lf_and_no_headers(self):
+        response, rest = self.parse(b"HTTP/1.1 200 OK\nA: b\n\nbody")
+        self.assertEqual((response.status, response.headers, rest), (200, {"a": "b"}, b"body"))
+        response, rest = self.parse(b"HTTP/1.1 204\r\n\r\n")
+        self.assertEqual((response.status, response.reason, rest), (204, "", b""))
+
+    def test_malformed_heads_are_refused(self):
+        for head, why in [(b"HTTP/1.1 101 OK\r\nA: b\rc\r\n\r\n", "bare CR"),
+                          (b"HTTP/1.1 101 OK\r\nA: b\0\r\n\r\n", "NUL"),
+                          (b"HTTP/2 101\r\n\r\n", "status line"),
+                          (b"HTTP/1.1 1010 OK\r\n\r\n", "status line"),
+                          (b"ICY 200 OK\r\n\r\n", "status line"),
+                          (b"HTTP/1.1 101 OK\r\nA: b\r\n folded\r\n\r\n", "folding"),
+                          (b"HTTP/1.1 101 OK\r\nno colon\r\n\r\n", "malformed header"),
+                          (b"HTTP/1.1 101 OK\r\nA: \x01\r\n\r\n", "control character")]:
+            with self.assertRaises(ResponseError) as raised:
+                self.parse(head)
+            self.assertIn(why, str(raised.exception), head)
+
+    def test_limits(self):
+        with self.assertRaises(ResponseError):
+            self.parse(b"HTTP/1.1 101 " + b"x" * 9000)
+        with self.assertRaises(ResponseError):
+            self.parse(b"HTTP/1.1 101 OK\r\n" + b"A: " + b"b" * 9000)
+        with self.assertRaises(ResponseError):
+            self.parse(b"HTTP/1.1 101 OK\r\n" + b"".join(b"H%d: v\r\n" % i for i in range(101)) + b"\r\n")

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from twisted.trial import unittest
 
-from zillatw.http1 import HttpError, Request
-from zillatw.wshandshake import accept_key, check_upgrade, offered_protocols, select_route
+from zillatw.http1 import HttpError, Request, RequestHeadParser, Response
+from zillatw.wshandshake import (HandshakeRefused, accept_key, check_response, check_upgrade, client_request, new_key,
+                                 offered_protocols, select_route, server_response)
 
 VALID = {
     "host": "localhost:7114",
@@ -203,3 +204,44 @@ class AcceptKeyTests(unittest.SynchronousTestCase):
     def test_other_key(self):
         # the example in Wikipedia's WebSocket article
         self.assertEqual(accept_key("x3JJHMbDL1EzLkh9GBhXDw=="), "HSmrc0sMlYUkAGmm5OPpG2HaGWk=")
+
+
+class OwnHeadsTests(unittest.SynchronousTestCase):
+    """The heads zillatw writes (a server's 101, a client's upgrade) and the check of an
+    upstream's answer."""
+
+    def test_the_101(self):
+        head = server_response("dGhlIHNhbXBsZSBub25jZQ==", "chat", "permessage-deflate").decode()
+        self.assertEqual(head, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                               "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: chat\r\n"
+                               "Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n")
+        self.assertNotIn("Sec-WebSocket-Protocol", server_response("a2V5", None, None).decode())
+
+    def test_the_upgrade_request(self):
+        key = new_key()
+        self.assertNotEqual(key, new_key())
+        request = RequestHeadParser().feed(client_request("/a?b=1", "up.example:8080", key, ("x", "y"),
+                                                          "permessage-deflate", {"origin": "https://o.example"}))
+        check_upgrade(request)  # what we send passes our own server's checks
+        self.assertEqual((request.target, request.headers["host"], request.headers["sec-websocket-protocol"],
+                          request.headers["origin"]), ("/a?b=1", "up.example:8080", "x, y", "https://o.example"))
+        self.assertNotIn("user-agent", request.headers)
+        with self.assertRaises(HttpError):
+            client_request("/", "h", key, headers={"x": "caf\u00e9"})
+
+    def answer(self, key: str, **headers: str) -> Response:
+        fields = {"upgrade": "websocket", "connection": "Upgrade", "sec-websocket-accept": accept_key(key), **headers}
+        return Response(101, "Switching Protocols", (1, 1), {k: v for k, v in fields.items() if v})
+
+    def test_the_check_of_an_answer(self):
+        key = new_key()
+        self.assertIsNone(check_response(self.answer(key), key, ()))
+        self.assertEqual(check_response(self.answer(key, **{"sec-websocket-protocol": "y"}), key, ("x", "y")), "y")
+        for response, why in [(Response(200, "OK", (1, 1), {}), "answered 200 OK"),
+                              (self.answer(key, upgrade=""), "Upgrade"),
+                              (self.answer(key, connection="keep-alive"), "Connection"),
+                              (self.answer(new_key()), "Accept"),
+                              (self.answer(key, **{"sec-websocket-protocol": "z"}), "'z'")]:
+            with self.assertRaises(HandshakeRefused) as raised:
+                check_response(response, key, ("x", "y"))
+            self.assertIn(why, str(raised.exception))
