@@ -8,7 +8,7 @@ Both then relay the stream through zillatw.wsstream on zillatw.wire, our own pro
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet import error

@@ -172,3 +172,60 @@ class WsProtocolTests(unittest.SynchronousTestCase):
         peer.stream_end(1006, "")
         frame = parse_server_frames(transport.value())[0]
         self.assertEqual(int.from_bytes(frame[2][:2], "big"), 1011)
+
+
+class WsTimerTests(unittest.SynchronousTestCase):
+    """The ws connection's timers on a Clock: keepalive, close timeout."""
+
+    def open(self, **options):
+        self.clock = Clock()
+        ws = WsServer("ws", [(Route(0, "t:app"), EchoServer())], reactor=self.clock, **options)
+        protocol, transport = connect(HttpServer("http", [(Route(0, "t:ws"), ws)], reactor=self.clock))
+        protocol.dataReceived(upgrade_request())
+        self.assertIn(b" 101 ", transport.value())
+        transport.clear()
+        (server,) = ws.connections
+        return protocol, transport, server
+
+    def test_a_ping_every_interval_while_the_pongs_come(self):
+        protocol, transport, server = self.open(ping_interval=5, ping_timeout=2)
+        for round_ in range(1, 4):
+            self.clock.advance(4.9)
+            self.assertEqual(transport.value(), b"")
+            self.clock.advance(0.1)
+            (ping,) = parse_server_frames(transport.value())
+            self.assertEqual(ping, (0x9, True, round_.to_bytes(4, "big")))
+            transport.clear()
+            self.clock.advance(1.9)
+            protocol.dataReceived(client_frame(0xA, ping[2]))
+        self.assertEqual(server.pings_sent, 3)
+        self.assertFalse(transport.disconnecting)
+
+    def test_a_late_or_wrong_pong_drops_the_connection(self):
+        protocol, transport, server = self.open(ping_interval=5, ping_timeout=2)
+        self.clock.advance(5)
+        protocol.dataReceived(client_frame(0xA, b"not ours"))  # unsolicited pongs are allowed, and ignored
+        self.clock.advance(1.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)  # aborted: no close handshake with a peer that does not answer
+        self.assertEqual([f[0] for f in parse_server_frames(transport.value())], [0x9])
+
+    def test_our_close_unanswered_is_aborted_after_close_timeout(self):
+        protocol, transport, server = self.open(close_timeout=3, ping_interval=0)
+        server.going_away("maintenance")
+        self.assertEqual(parse_server_frames(transport.value()), [(0x8, True, b"\x03\xe9maintenance")])
+        self.clock.advance(2.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+        protocol.connectionLost(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_an_answered_close_closes_tcp_and_cancels_the_timers(self):
+        protocol, transport, server = self.open(close_timeout=3, ping_interval=5)
+        server.going_away("maintenance")
+        protocol.dataReceived(client_frame(0x8, (1001).to_bytes(2, "big")))
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue(server.was_clean)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
