@@ -37,6 +37,66 @@ log = Logger()
 _OPEN, _CLOSE_SENT, _CLOSED = State.OPEN, State.CLOSE_SENT, State.CLOSED
 
 
+class Deadlines:
+    """One delay, many connections, one reactor call: a binding's keepalive. Each idle
+    connection would otherwise hold a DelayedCall (about 500 bytes, with its dicts); here it
+    is one entry of a shared dict. Entries are kept in the order they were added, which
+    with a single delay is the order they fall due; `fire(connection)` is called for each."""
+
+    __slots__ = ("reactor", "delay", "fire", "_due", "_call", "_running")
+
+    def __init__(self, reactor: Any, delay: float, fire: Any) -> None:
+        self.reactor = reactor
+        self.delay = delay
+        self.fire = fire
+        self._due: dict[Any, float] = {}
+        self._call: Any = None
+        self._running = False
+
+    def __contains__(self, item: Any) -> bool:
+        return item in self._due
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def add(self, item: Any) -> None:
+        """(Re)start `item`'s delay."""
+        due = self._due
+        due.pop(item, None)
+        due[item] = self.reactor.seconds() + self.delay
+        if self._call is None and not self._running:
+            self._call = self.reactor.callLater(self.delay, self._run)
+
+    def discard(self, item: Any, condition: bool = True) -> bool:
+        """Forget `item` (if `condition`); True if it was waiting."""
+        due = self._due
+        if not condition or item not in due:
+            return False
+        del due[item]
+        if not due and self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+        return True
+
+    def _run(self) -> None:
+        self._call = None
+        self._running = True
+        due = self._due
+        now = self.reactor.seconds() + 1e-9  # a delay's float rounding must not make it a turn late
+        try:
+            while due:
+                item = next(iter(due))
+                if due[item] > now:
+                    break
+                del due[item]
+                self.fire(item)  # may add it again: at the end, due after `now`
+        finally:
+            self._running = False
+        if due and self._call is None:
+            self._call = self.reactor.callLater(max(0.0, due[next(iter(due))] - self.reactor.seconds()), self._run)
+
+
 @implementer(IProtocol, IStreamEnd)
 class WsRelay:
     """The relay; subclasses do the handshake, then call `start(connection, peer)`.
@@ -44,7 +104,7 @@ class WsRelay:
 
     # slots: a gateway's connections are mostly idle, and each is one of these
     __slots__ = ("transport", "connected", "binding", "conn", "stream_peer", "pings_sent", "_close_call",
-                 "_ping_call", "_peer_paused", "_relay_deflated")
+                 "_peer_paused")
 
     is_server = True  # closes TCP first after the closing handshake (RFC 6455 §7.1.1)
 
@@ -55,10 +115,8 @@ class WsRelay:
         self.conn: Connection | None = None  # once the handshake is done
         self.stream_peer: IStreamEnd | None = None
         self.pings_sent = 0
-        self._close_call: Any = None
-        self._ping_call: Any = None
+        self._close_call: Any = None  # the close timeout, an evicted member's drain timeout, a client's wait
         self._peer_paused = False    # the peer asked us to stop reading (its socket is full)
-        self._relay_deflated = False  # compressed messages pass to the peer as they are
 
     # ---- IProtocol
 
@@ -83,7 +141,9 @@ class WsRelay:
         self.stream_peer = peer
         if peer is not None:
             self.transport.registerProducer(peer, True)
-        self._schedule_ping(self.binding.ping_interval)
+        pings = self.binding.pings
+        if pings is not None:
+            pings.add(self)
 
     def dataReceived(self, data: bytes) -> None:
         conn = self.conn
@@ -185,14 +245,9 @@ class WsRelay:
         else:
             transport.loseConnection()
 
-    # ---- keepalive
-
-    def _schedule_ping(self, delay: float) -> None:
-        if delay:
-            self._ping_call = self.binding.reactor.callLater(delay, self._ping)
+    # ---- keepalive: the binding's Deadlines, one reactor call for all its connections
 
     def _ping(self) -> None:
-        self._ping_call = None
         conn = self.conn
         if conn.state is not _OPEN:
             return
@@ -200,26 +255,22 @@ class WsRelay:
         conn.send_ping(self.pings_sent.to_bytes(4, "big"))
         write_sequence(self.transport, conn.data_to_send())
         binding = self.binding
-        if binding.ping_timeout:
-            self._ping_call = binding.reactor.callLater(binding.ping_timeout, self._pong_missed)
-        else:
-            self._schedule_ping(binding.ping_interval)
+        (binding.pongs if binding.pongs is not None else binding.pings).add(self)
 
     def _pong(self, data: bytes) -> None:
-        call = self._ping_call
-        if call is not None and call.func == self._pong_missed and data == self.pings_sent.to_bytes(4, "big"):
-            call.cancel()
-            self._ping_call = None
-            self._schedule_ping(self.binding.ping_interval)
+        pongs = self.binding.pongs
+        if pongs is not None and pongs.discard(self, data == self.pings_sent.to_bytes(4, "big")):
+            self.binding.pings.add(self)
 
     def _pong_missed(self) -> None:
-        self._ping_call = None
         self.transport.abortConnection()  # no close handshake with a peer that does not answer
 
     def _cancel_ping(self) -> None:
-        call, self._ping_call = self._ping_call, None
-        if call is not None and call.active():
-            call.cancel()
+        binding = self.binding
+        if binding.pings is not None:
+            binding.pings.discard(self)
+            if binding.pongs is not None:
+                binding.pongs.discard(self)
 
     def _cancel_close_call(self) -> None:
         call, self._close_call = self._close_call, None

@@ -31,7 +31,7 @@ from zillatw.wire import (CloseCode, Connection, NegotiationError, Role, State, 
 from zillatw.wire.deflate import can_relay
 from zillatw.wshandshake import (HandshakeRefused, check_response, check_text, check_upgrade, client_request, new_key,
                                  offered_protocols, select_route, server_response)
-from zillatw.wsstream import GATHER, WsRelay
+from zillatw.wsstream import GATHER, Deadlines, WsRelay
 
 MAX_MESSAGE_SIZE = 1024 * 1024
 CLOSE_TIMEOUT = 2.0  # seconds to wait for the peer's close frame before dropping
@@ -152,6 +152,9 @@ class WsServer:
         self.close_timeout = close_timeout
         self.ping_interval = ping_interval  # keepalive: a missed pong drops the socket (the peer sees 1006)
         self.ping_timeout = ping_timeout
+        # every connection's next ping, and the pongs awaited, on one reactor call each
+        self.pings = Deadlines(reactor, ping_interval, WsRelay._ping) if ping_interval else None
+        self.pongs = Deadlines(reactor, ping_timeout, WsRelay._pong_missed) if ping_interval and ping_timeout else None
 
     def accept_request(self, request: Request, headers: dict[str, str], transport: Any,
                        trace_id: int = 0, authorization: Authorization = NO_AUTHORIZATION) -> "WsServerProtocol":
@@ -376,8 +379,7 @@ class WsClient:
     subprotocol; an upstream that refuses or cannot be reached is a 502, a slow one a 504."""
 
     close_timeout = CLOSE_TIMEOUT
-    ping_interval = 0.0  # the downstream's ws server keeps its own connection alive
-    ping_timeout = 0.0
+    pings = pongs = None  # no keepalive: the downstream's ws server keeps its own connection alive
 
     def __init__(self, name: str, routes: list[tuple[Route, Any]], *, defaults: dict[str, str] | None = None,
                  timeout: float = UPSTREAM_TIMEOUT, max_message_size: int = MAX_MESSAGE_SIZE,

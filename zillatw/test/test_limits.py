@@ -192,6 +192,9 @@ class KeepaliveTests(unittest.TestCase):
         self.assertFalse(server_side.was_clean)
         left = [call for call in reactor.getDelayedCalls() if getattr(call.func, "__self__", None) is server_side]
         self.assertEqual(left, [])
+        ws0 = self.gateway.binding("ws0")
+        self.assertEqual((len(ws0.pings), len(ws0.pongs)), (0, 0))  # its keepalive entries went too
+        self.assertNotIn(ws0.pings._run, [call.func for call in reactor.getDelayedCalls()])
 
     @defer.inlineCallbacks
     def test_a_peer_that_pongs_stays_connected(self):

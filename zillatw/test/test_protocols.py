@@ -13,6 +13,7 @@ from zillatw.config import Route
 from zillatw.protocols.echo import EchoEnd, EchoServer
 from zillatw.protocols.http import HttpServer
 from zillatw.protocols.ws import WsServer
+from zillatw.wsstream import Deadlines
 from zillatw.stream import IStreamExit, StreamRefused
 from zillatw.test.support import client_frame, parse_server_frames, split_response, upgrade_request
 
@@ -75,8 +76,11 @@ class HttpProtocolTests(unittest.SynchronousTestCase):
         clock = Clock()
         protocol, transport = connect(gateway_chain(EchoServer(), clock))
         protocol.dataReceived(upgrade_request())
-        # What is left is the WebSocket's keepalive ping, not the head's deadline.
-        self.assertEqual([call.func.__name__ for call in clock.getDelayedCalls()], ["_ping"])
+        # What is left is the ws server's keepalive (one call for all its connections), not
+        # the head's deadline.
+        (call,) = clock.getDelayedCalls()
+        self.assertIsInstance(call.func.__self__, Deadlines)
+        self.assertEqual(len(call.func.__self__), 1)
 
     def test_no_route_is_404_then_close(self):
         http = HttpServer("http", [], reactor=Clock())
@@ -229,3 +233,38 @@ class WsTimerTests(unittest.SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertTrue(server.was_clean)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class DeadlinesTests(unittest.SynchronousTestCase):
+    """The keepalive's shared timer: one reactor call, entries due in the order added."""
+
+    def test_each_item_fires_its_delay_after_it_was_added(self):
+        clock, fired = Clock(), []
+        deadlines = Deadlines(clock, 10, lambda item: fired.append((item, clock.seconds())))
+        deadlines.add("a")
+        clock.advance(3)
+        deadlines.add("b")
+        deadlines.add("c")
+        clock.advance(4)
+        deadlines.add("a")  # restarted: now due at 17
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(6)
+        self.assertEqual(fired, [("b", 13.0), ("c", 13.0)])
+        self.assertTrue(deadlines.discard("a"))
+        self.assertFalse(deadlines.discard("a"))
+        self.assertEqual(clock.getDelayedCalls(), [])  # nothing waits: no reactor call either
+        clock.advance(10)
+        self.assertEqual(len(fired), 2)
+
+    def test_an_item_added_again_while_firing_waits_a_whole_delay(self):
+        clock, fired = Clock(), []
+
+        def fire(item):
+            fired.append(clock.seconds())
+            if len(fired) < 3:
+                deadlines.add(item)
+        deadlines = Deadlines(clock, 2.5, fire)
+        deadlines.add("x")
+        clock.pump([2.5] * 5)
+        self.assertEqual(fired, [2.5, 5.0, 7.5])
+        self.assertEqual(clock.getDelayedCalls(), [])
