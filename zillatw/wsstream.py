@@ -37,6 +37,18 @@ log = Logger()
 _OPEN, _CLOSE_SENT, _CLOSED = State.OPEN, State.CLOSE_SENT, State.CLOSED
 
 
+def no_delay(transport: Any) -> None:
+    """TCP_NODELAY on the socket under `transport` (a TLS protocol passes the call down).
+    A relay writes each message as it comes: with Nagle's algorithm, a small write waits for
+    the ACK of the one before, which the peer delays (40 ms on Linux)."""
+    setter = getattr(transport, "setTcpNoDelay", None)
+    if setter is not None:
+        try:
+            setter(True)
+        except OSError:  # the socket is already gone: connectionLost follows
+            pass
+
+
 class Deadlines:
     """One delay, many connections, one reactor call: a binding's keepalive. Each idle
     connection would otherwise hold a DelayedCall (about 500 bytes, with its dicts); here it
@@ -183,8 +195,7 @@ class WsRelay:
     def _closing(self, state: State) -> None:
         if state is _CLOSED:
             call = self._close_call
-            if call is not None and (call.func == self._lose or call.func == self._close_timed_out
-                                     and self.conn.failure is not None):
+            if call is not None and (call.func == self._lose or call.func == self._linger_expired):
                 return  # already on its way out
             self._cancel_ping()
             self._cancel_close_call()  # the close timeout, or an evicted member's drain timeout
@@ -196,7 +207,7 @@ class WsRelay:
                 # Failed: our close frame, then FIN, while what the peer still sends is read
                 # (and ignored): closing a socket with unread bytes would send a RST, which
                 # can discard the close frame before the peer reads it.
-                self._close_call = reactor.callLater(self.binding.close_timeout, self._close_timed_out)
+                self._close_call = reactor.callLater(self.binding.close_timeout, self._linger_expired)
                 self._shut_writing()
             else:
                 self.transport.loseConnection()  # not an abort: our close frame is still to go
@@ -206,6 +217,11 @@ class WsRelay:
     def _lose(self) -> None:
         self._close_call = None
         self.transport.loseConnection()
+
+    def _linger_expired(self) -> None:
+        """A failed connection's peer did not close within the close timeout."""
+        self._close_call = None
+        self.transport.abortConnection()
 
     def _close_timed_out(self) -> None:
         self._close_call = None

@@ -31,7 +31,7 @@ from zillatw.wire import (CloseCode, Connection, NegotiationError, Role, State, 
 from zillatw.wire.deflate import can_relay
 from zillatw.wshandshake import (HandshakeRefused, check_response, check_text, check_upgrade, client_request, new_key,
                                  offered_protocols, select_route, server_response)
-from zillatw.wsstream import GATHER, Deadlines, WsRelay
+from zillatw.wsstream import GATHER, Deadlines, WsRelay, no_delay
 
 MAX_MESSAGE_SIZE = 1024 * 1024
 CLOSE_TIMEOUT = 2.0  # seconds to wait for the peer's close frame before dropping
@@ -235,6 +235,7 @@ class WsServerProtocol(WsRelay):
     # ---- opening: the 101 goes out once the exit has accepted the stream
 
     def take_over(self, request: Request, rest: bytes) -> None:
+        no_delay(self.transport)
         headers = request.headers
         self._held = bytearray(rest)
         self._key = headers["sec-websocket-key"]
@@ -495,6 +496,7 @@ class WsClientProtocol(WsRelay):
 
     def connectionMade(self) -> None:
         self.binding.connections.add(self)
+        no_delay(self.transport)
         attempt = self.attempt
         request = attempt.request
         extra = {k: v for k, v in request.items() if not k.startswith(":")}

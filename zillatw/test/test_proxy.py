@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -93,6 +94,18 @@ class ProxyTests(unittest.TestCase):
             self.assertEqual((got, b"".join(frames)), (binary, payload))
         client.send_frames(1, [b"frag", b"mented"])
         self.assertEqual(b"".join((yield client.messages.get())[1]), b"fragmented")
+        yield close_ws(client)
+
+    @defer.inlineCallbacks
+    def test_both_sockets_have_tcp_nodelay(self):
+        """Small relayed writes must not wait for the peer's delayed ACK (Nagle)."""
+        yield self.proxy()
+        client = yield connect_ws(self.port, protocols=["echo"])
+        server_side = next(iter(self.gateway.binding("ws0").connections))
+        upstream_side = server_side.stream_peer
+        for side in (server_side, upstream_side):
+            handle = side.transport.getHandle()
+            self.assertNotEqual(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 0)
         yield close_ws(client)
 
     @defer.inlineCallbacks
