@@ -11,7 +11,9 @@ Each touch is listed here, and test_twistedcompat fails loudly when a release ch
    the byte order; what is not sent goes to `transport.write`, so buffering, producer
    pausing and error handling stay Twisted's. Reads `tcp.Connection.dataBuffer`,
    `_tempDataBuffer`, `connected`, `disconnecting`, `_aborting`, `_writeDisconnecting`,
-   `TLS` and calls `writeSomeData` (which zillatw.metrics also wraps, to count bytes).
+   `TLS` and calls `writeSomeData` (which zillatw.metrics also wraps, to count bytes); a
+   frame's head and payload go in one `sendmsg` on `tcp.Connection.socket` (the same object
+   as `getHandle()`), unless writeSomeData is wrapped.
 
 2. The epoll reactor without its per-event log context (`EPollReactor`, installed by
    zillatw.reactor). EPollReactor.doPoll calls each handler through `log.callWithLogger`,
@@ -69,9 +71,24 @@ def write(transport: Any, data: bytes) -> None:
 
 def write_sequence(transport: Any, chunks: Sequence[bytes]) -> None:
     """transport.writeSequence(chunks) (a frame's head and payload: no concatenation),
-    sent at once when the socket is idle."""
+    sent at once when the socket is idle: in one sendmsg (scatter-gather), or, when
+    zillatw.metrics counts what writeSomeData sends, chunk by chunk through it."""
     if len(chunks) == 1:
         write(transport, chunks[0])
+        return
+    if _idle(transport) and "writeSomeData" not in transport.__dict__:
+        try:
+            sent = transport.socket.sendmsg(chunks)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # the connection is failing: Twisted's own write finds out and reports it
+            transport.writeSequence(chunks)
+            return
+        for index, chunk in enumerate(chunks):
+            if sent < len(chunk):
+                transport.writeSequence([chunk[sent:], *chunks[index + 1:]] if sent else list(chunks[index:]))
+                return
+            sent -= len(chunk)
         return
     if _idle(transport):
         for index, chunk in enumerate(chunks):

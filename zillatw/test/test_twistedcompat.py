@@ -48,6 +48,8 @@ class WriteThroughTests(unittest.TestCase):
             self.assertTrue(hasattr(transport, name), name)
         self.assertEqual((transport.dataBuffer, transport._tempDataBuffer), (b"", []))
         self.assertEqual(list(inspect.signature(transport.writeSomeData).parameters), ["data"])
+        self.assertIs(transport.socket, transport.getHandle())
+        self.assertTrue(hasattr(transport.socket, "sendmsg"))
 
     @defer.inlineCallbacks
     def test_an_idle_tcp_transport_sends_at_once(self):
@@ -70,6 +72,27 @@ class WriteThroughTests(unittest.TestCase):
         self.assertTrue(transport.disconnecting)
         twistedcompat.write(transport, b"late")  # left to Twisted's write, which queues it
         self.assertEqual(transport._tempDataBuffer, [b"late"])
+
+    @defer.inlineCallbacks
+    def test_a_wrapped_writeSomeData_sees_every_chunk(self):
+        transport, sink = yield self.connected()
+        counted = []
+        send = transport.writeSomeData
+        transport.writeSomeData = lambda data: counted.append(len(data)) or send(data)  # as zillatw.metrics
+        twistedcompat.write_sequence(transport, [b"head", b"payload"])
+        self.assertEqual(counted, [4, 7])
+        yield eventually(lambda: sink.data == b"headpayload")
+
+    @defer.inlineCallbacks
+    def test_a_full_socket_keeps_the_rest_in_order(self):
+        transport, sink = yield self.connected()
+        sink.transport.pauseProducing()  # the peer stops reading: the socket fills up
+        big = b"x" * (8 * 1024 * 1024)
+        twistedcompat.write_sequence(transport, [b"head", big, b"tail"])
+        self.assertGreater(transport._tempDataLen + len(transport.dataBuffer), 0)  # the rest waits in Twisted
+        sink.transport.resumeProducing()
+        yield eventually(lambda: len(sink.data) == len(big) + 8, timeout=10)
+        self.assertEqual(sink.data[:4] + sink.data[-4:], b"headtail")
 
     def test_other_transports_are_written_to(self):
         transport = StringTransport()
