@@ -228,10 +228,6 @@ class WsServerProtocol(WsRelay):
         self._held_paused = False
         self._answered = False  # a refusal was written
 
-    @property
-    def factory(self) -> WsServer:
-        return self.binding
-
     # ---- opening: the 101 goes out once the exit has accepted the stream
 
     def take_over(self, request: Request, rest: bytes) -> None:
