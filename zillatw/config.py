@@ -95,8 +95,25 @@ class Config:
             yield from ns.bindings.values()
 
     def dump(self) -> str:
-        """The resolved configuration as YAML (for `-v`)."""
-        return yaml.safe_dump_all([dict(d) for d in self.documents], sort_keys=False)
+        """The resolved configuration as YAML (for `-v`), secrets written REDACTED: it goes
+        to logs, and `${{env.NAME}}` resolves passwords into it."""
+        return yaml.safe_dump_all([_redacted(d) for d in self.documents], sort_keys=False)
+
+
+# Keys whose values are secrets wherever they appear: passwords, and an oct JWK's key `k`
+# (RFC 7518 §6.4.1; the jwt guard's schema refuses the private members of other key types).
+SECRET_KEYS = frozenset({"password", "secret", "k"})
+_URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.\-]*://[^/@:]*):[^/@]*@", re.IGNORECASE)
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: "REDACTED" if k in SECRET_KEYS and isinstance(v, str) else _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\1:REDACTED@", value)  # redis://user:password@host
+    return value
 
 
 # ---------------------------------------------------------------------------- loading

@@ -116,6 +116,23 @@ class ExampleConfigTests(ConfigTestCase):
         self.assertNotIn("env.HOST", dumped)
         self.assertTrue(dumped.startswith("name: test\nbindings:\n  tcp0:\n"))
 
+    def test_dump_writes_secrets_redacted(self):
+        # -v prints the resolved configuration: passwords come in from ${{env.NAME}}
+        def secrets(config):
+            config["vaults"] = {"v": {"type": "filesystem", "options": {
+                "keys": {"store": "k.p12", "type": "pkcs12", "password": "${{env.KEYSTORE_PASSWORD}}"}}}}
+            config["guards"] = {"g": {"type": "jwt", "options": {"issuer": "i", "audience": "a", "keys": [
+                {"kty": "oct", "kid": "o", "k": "c2VjcmV0LWtleS1ieXRlcw"},
+                {"kty": "RSA", "kid": "r", "n": "public-modulus", "e": "AQAB"}]}}}
+            config["bindings"]["fan0"] = {"type": "fan", "kind": "server", "exit": "echo_server",
+                                          "options": {"redis": {"url": "redis://alice:pa55word@redis:6379/0"}}}
+        dumped = load(changed(secrets), TYPES, env={"KEYSTORE_PASSWORD": "hunter2"}).dump()
+        for secret in ("hunter2", "c2VjcmV0LWtleS1ieXRlcw", "pa55word"):
+            self.assertNotIn(secret, dumped)
+        self.assertIn("password: REDACTED", dumped)
+        self.assertIn("redis://alice:REDACTED@redis:6379/0", dumped)
+        self.assertIn("n: public-modulus", dumped)  # what is public stays readable
+
 
 class NamespaceTests(ConfigTestCase):
     def write(self, text: str) -> str:
