@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -17,10 +18,12 @@ from zillatw.config import Route
 from zillatw.http1 import RequestHeadParser
 from zillatw.protocols import ws as ws_binding
 from zillatw.protocols.http import pseudo_headers
+from zillatw.test import pki
 from zillatw.test.support import (chain, client_frame, connect_raw, eventually, parse_server_frames, raw_exchange,
                                   split_response, start_gateway, upgrade_request, wait)
 from zillatw.test.test_jwt import Signer, guarded_config
 from zillatw.test.test_proxy import proxy_config
+from zillatw.test.test_tls import PASSWORD, client_tls, raw_tls_exchange, tls_chain
 from zillatw.wshandshake import accept_key
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -307,3 +310,23 @@ class OpenTimeoutTests(unittest.SynchronousTestCase):
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 504 Gateway Timeout\r\n"), transport.value())
         self.assertEqual(cancelled, [never])  # the exit lets go of what it was opening
         self.assertEqual(transport.value().count(b"HTTP/1.1"), 1)  # one answer, not a second for the cancel
+
+
+class BareLineFeedOverTlsTests(unittest.TestCase):
+    """Finding 1 over TLS: the same head through a tls server binding is upgraded at once."""
+
+    @defer.inlineCallbacks
+    def test_bare_lf_head_over_tls_is_upgraded_at_once(self):
+        folder = Path(self.mktemp())
+        folder.mkdir(parents=True)
+        ca = pki.make_ca("hostile test CA")
+        server = pki.issue(ca, "localhost", dns=["localhost"])
+        store = pki.write(folder / "localhost.p12", server.p12("localhost", PASSWORD))
+        config = tls_chain({"keys": {"store": store, "type": "pkcs12", "password": PASSWORD}}, {"keys": ["localhost"]})
+        config["bindings"]["http0"]["routes"] = [{"exit": "ws0"}]
+        gateway, port = yield start_gateway(self, config)
+        head = BARE_LF_UPGRADE + b"\n" + client_frame(0x2, b"ping") + client_frame(0x8, b"\x03\xe8")
+        data = yield raw_tls_exchange(port, client_tls(ca), head)
+        status, _, rest = split_response(data)
+        self.assertEqual(status, "HTTP/1.1 101 Switching Protocols", data)
+        self.assertEqual(parse_server_frames(rest)[:2], [(0x2, True, b"ping"), (0x8, True, b"\x03\xe8")])
