@@ -31,6 +31,12 @@ BARE_LF_UPGRADE = (b"GET /echo HTTP/1.1\nHost: localhost\nUpgrade: websocket\nCo
                    b"Sec-WebSocket-Key: " + KEY.encode() + b"\nSec-WebSocket-Version: 13\n")
 
 
+def resident_kib() -> int:
+    """This process's resident set (the gateway runs in it), from /proc."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
 class HeldUpstream(Protocol):
     """A raw upstream that reads the upgrade request and answers 101 only when told."""
 
@@ -196,6 +202,7 @@ class ProxyHandOverTests(unittest.TestCase):
         sender.sendall(upgrade_request("/"))
         yield eventually(lambda: len(self.upstream.connections) == 2)
         sent = [0]
+        rss_before = resident_kib()
 
         def flood() -> None:
             sender.settimeout(1.0)
@@ -210,6 +217,8 @@ class ProxyHandOverTests(unittest.TestCase):
         while thread.is_alive():
             yield wait(0.05)
         self.assertLess(sent[0], 400 * len(frame))  # it stopped reading
+        # what the client pushed sits in the kernel's socket buffers, not in the gateway
+        self.assertLess(resident_kib() - rss_before, 16 * 1024, f"{sent[0]} bytes sent")
         held = [c._held for c in self.ws_server().handshaking if c._held is not None]
         self.assertEqual(len(held), 2)
         self.assertLessEqual(max(len(h) for h in held), ws_binding.PENDING_LIMIT + 256 * 1024)
