@@ -58,6 +58,9 @@ def check_upgrade(request: Request) -> None:
         decoded = b""
     if len(decoded) != 16:
         raise HttpError(400, "Sec-WebSocket-Key must be 16 bytes in base64")
+    for name in HANDSHAKE_HEADERS:  # handed on to the WebSocket layer: tokens, ASCII only
+        if name in headers and not _VISIBLE_ASCII.match(headers[name]):
+            raise HttpError(400, f"the {name} header must be ASCII")
 
 
 # The headers the WebSocket layer acts on. Each is a list of ASCII tokens (RFC 6455 §4.1,
@@ -71,14 +74,8 @@ def handshake_head(request: Request) -> bytes:
     """The request head the WebSocket layer is given: rendered anew from the parsed request
     (CRLF line ends, one line per header), never the client's own bytes, so it cannot find a
     header, a line end or a second request that zillatw's parser did not."""
-    lines = [f"GET {request.target} HTTP/1.1"]
-    for name in HANDSHAKE_HEADERS:
-        value = request.headers.get(name)
-        if value is None:
-            continue
-        if not _VISIBLE_ASCII.match(value):
-            raise HttpError(400, f"the {name} header must be ASCII")
-        lines.append(f"{name}: {value}")
+    lines = [f"GET {request.target} HTTP/1.1"]  # check_upgrade made sure these are ASCII
+    lines += [f"{name}: {request.headers[name]}" for name in HANDSHAKE_HEADERS if name in request.headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 
 

@@ -111,6 +111,15 @@ class HandshakeHeadTests(unittest.TestCase):
         self.assertNotIn("sec-websocket-extensions", headers)
 
     @defer.inlineCallbacks
+    def test_a_handshake_header_with_a_non_ascii_byte_is_400_before_it_is_accepted(self):
+        for name in ("Sec-WebSocket-Extensions", "Sec-WebSocket-Protocol", "Host"):
+            data = yield raw_exchange(self.port, upgrade_request("/", {name: "x\xe9"}))
+            status, _, body = split_response(data)
+            self.assertEqual(status, "HTTP/1.1 400 Bad Request", name)
+            self.assertIn(b"must be ASCII" if name != "Host" else b"Host header", body)
+        self.assertNotIn("ACCEPTED", self.gateway.events_text.getvalue())
+
+    @defer.inlineCallbacks
     def test_a_header_hidden_behind_a_vertical_tab_is_400(self):
         hidden = {"X-A": "a\x0bSec-WebSocket-Extensions: permessage-deflate"}
         data = yield raw_exchange(self.port, upgrade_request("/", hidden))
