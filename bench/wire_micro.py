@@ -14,6 +14,7 @@ The median per-frame time of --rounds rounds of about --seconds each is printed.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -187,7 +188,8 @@ def main() -> None:
         for operation, argument in operations:
             cells = []
             for prefix in impls.values():
-                seconds = per_call(lambda: table[f"{prefix}_{operation}"](argument), args.seconds, args.rounds)
+                seconds = per_call(functools.partial(table[f"{prefix}_{operation}"], argument),
+                                   args.seconds, args.rounds)
                 cells.append(f"{seconds * 1e6:15.2f}")
             print(f"{operation + ' ' + label:<20}" + "".join(cells), flush=True)
 

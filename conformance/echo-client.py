@@ -14,8 +14,11 @@ from __future__ import annotations
 import sys
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from autobahn.websocket.compress import (PerMessageDeflateOffer, PerMessageDeflateResponse,
-                                         PerMessageDeflateResponseAccept)
+from autobahn.websocket.compress import (
+    PerMessageDeflateOffer,
+    PerMessageDeflateResponse,
+    PerMessageDeflateResponseAccept,
+)
 from twisted.internet import defer, reactor
 
 

@@ -23,8 +23,18 @@ from zope.interface import implementer
 from zillatw.config import Route
 from zillatw.stream import StreamRefused
 from zillatw.telemetry import Events
-from zillatw.tlscontext import (VERSIONS, Handshake, PeerTrust, TlsRoutes, classify, guarded, make_context,
-                                reason_text, use_key, verify_error)
+from zillatw.tlscontext import (
+    VERSIONS,
+    Handshake,
+    PeerTrust,
+    TlsRoutes,
+    classify,
+    guarded,
+    make_context,
+    reason_text,
+    use_key,
+    verify_error,
+)
 from zillatw.vault import KeyEntry
 
 
@@ -134,12 +144,16 @@ def _client_info(connection: SSL.Connection, where: int, ret: int) -> None:
         connection.get_app_data().zillatw_attempt.handshake_done(connection)
 
 
+# The default when the client binding names no vault trust: the system's CAs.
+SYSTEM_TRUST = PeerTrust(system=True)
+
+
 class TlsClient:
     """The tls client binding: `connect(factory, authority, timeout)` like a tcp client; the
     Deferred fires once the TLS handshake is done and the upstream's name verified."""
 
     def __init__(self, name: str, routes: list[tuple[Route, Any]], *, keys: Sequence[KeyEntry] = (),
-                 trust: PeerTrust = PeerTrust(system=True),
+                 trust: PeerTrust = SYSTEM_TRUST,
                  sni: Sequence[str] = (), alpn: Sequence[str] = (), version: str = "TLS",
                  verify_hostname: bool = True, send_sni: bool = True, namespace: str = "default",
                  events: Events | None = None):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import enum
 import functools
-from dataclasses import dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509

@@ -14,8 +14,16 @@ from twisted.trial import unittest
 from zillatw import ConfigError, build_gateway
 from zillatw.accesscontrol import AccessControl, Policy, normalise_origin
 from zillatw.protocols.ws import ReactorTimer
-from zillatw.test.support import (RecordingClient, chain, client_frame, close_ws, raw_exchange, split_response,
-                                  start_gateway, upgrade_request)
+from zillatw.test.support import (
+    RecordingClient,
+    chain,
+    client_frame,
+    close_ws,
+    raw_exchange,
+    split_response,
+    start_gateway,
+    upgrade_request,
+)
 from zillatw.test.test_jwt import Signer, guarded_config
 
 

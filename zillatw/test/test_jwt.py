@@ -29,9 +29,22 @@ from zillatw.guards import Rejected
 from zillatw.guards.jwt import JwtGuard
 from zillatw.protocols.ws import ReactorTimer
 from zillatw.service import load_config
-from zillatw.test.support import (CONF, RecordingClient, chain, client_frame, close_ws, connect_raw, eventually,
-                                  on_ephemeral_port, parse_server_frames, raw_exchange, split_response,
-                                  start_gateway, upgrade_request, wait)
+from zillatw.test.support import (
+    CONF,
+    RecordingClient,
+    chain,
+    client_frame,
+    close_ws,
+    connect_raw,
+    eventually,
+    on_ephemeral_port,
+    parse_server_frames,
+    raw_exchange,
+    split_response,
+    start_gateway,
+    upgrade_request,
+    wait,
+)
 
 ISSUER = "https://auth.example.com"
 AUDIENCE = "https://api.example.com"
@@ -333,10 +346,16 @@ class RolesAndRoutesTests(unittest.TestCase):
         config = guarded_config([signer.jwk], ws_routes=ws_routes, apps=apps, http_guarded=False)
         gateway, port = yield start_gateway(self, config)
         opened = []
+
+        def recording(name: str, original: Any) -> Any:
+            def open_and_record(info: Any, peer: Any) -> Any:
+                opened.append((name, info.identity))
+                return original(info, peer)
+            return open_and_record
+
         for name in apps:
             binding = gateway.binding(name)
-            binding.open = (lambda original, name: lambda info, peer: opened.append((name, info.identity))
-                            or original(info, peer))(binding.open, name)
+            binding.open = recording(name, binding.open)
         for scope, sub in ((f"admin {ROLE}", "root"), (ROLE, "alice")):
             client = yield connect(port, headers={"Cookie": f"access_token={signer.token(scope=scope, sub=sub)}"})
             yield close_ws(client)

@@ -12,15 +12,23 @@ from typing import Any
 
 import yaml
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketServerFactory
-from twisted.internet import defer, reactor, ssl as tssl, threads
+from twisted.internet import defer, reactor, threads
+from twisted.internet import ssl as tssl
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
 from zillatw.protocols.ws import ReactorTimer
 from zillatw.test import pki
-from zillatw.test.support import (RawClient, RecordingClient, close_ws, eventually, split_response,
-                                  start_gateway, upgrade_request)
+from zillatw.test.support import (
+    RawClient,
+    RecordingClient,
+    close_ws,
+    eventually,
+    split_response,
+    start_gateway,
+    upgrade_request,
+)
 from zillatw.test.test_proxy import Upstream
 
 PASSWORD = "s3cret"
@@ -167,6 +175,7 @@ class WssTests(TlsTestCase):
 
         def run() -> tuple[str, str]:
             import asyncio
+
             from websockets.asyncio.client import connect
 
             async def talk() -> tuple[str, str]:
@@ -476,12 +485,14 @@ class ProxyOverTlsTests(TlsTestCase):
             "south_http_client": {"type": "http", "kind": "client", "exit": "south_tls_client"},
             "south_tls_client": {"type": "tls", "kind": "client", "vault": "clients", "options": client_options,
                                  "exit": "south_tcp_client"},
-            "south_tcp_client": {"type": "tcp", "kind": "client", "options": {"host": "127.0.0.1", "port": upstream_port}},
+            "south_tcp_client": {"type": "tcp", "kind": "client",
+                                 "options": {"host": "127.0.0.1", "port": upstream_port}},
         })
         return config
 
     def truststore(self) -> str:
-        return pki.write(self.folder / "truststore.p12", pki.truststore_p12({"backend": self.pki.ca.certificate}, PASSWORD))
+        return pki.write(self.folder / "truststore.p12",
+                         pki.truststore_p12({"backend": self.pki.ca.certificate}, PASSWORD))
 
     @defer.inlineCallbacks
     def test_wss_to_wss_upstream_with_verification(self):

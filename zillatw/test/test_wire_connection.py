@@ -13,11 +13,23 @@ from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflat
 from twisted.internet import defer, threads
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from zillatw.wire import (CloseCode, CloseReceived, Connection, Delivery, Fragment, LocalProtocolError, Opcode,
-                          Ping, Role, State, clip_reason, is_wire_code)
-from zillatw.wire.state import TRANSITIONS, Transition, next_state
 from zillatw.test.wire_echo import CoreEchoFactory
 from zillatw.test.wire_support import close_payload, failure, feed, messages, raw_frame, sent, server
+from zillatw.wire import (
+    CloseCode,
+    CloseReceived,
+    Connection,
+    Delivery,
+    Fragment,
+    LocalProtocolError,
+    Opcode,
+    Ping,
+    Role,
+    State,
+    clip_reason,
+    is_wire_code,
+)
+from zillatw.wire.state import TRANSITIONS, Transition, next_state
 
 KOSME = "κόσμε".encode()
 

@@ -11,10 +11,21 @@ import zlib
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from zillatw.wire import (CloseCode, Connection, DeflateParams, Delivery, Fragment, NegotiationError, Opcode, Role,
-                          client_accept, client_offer, server_accept)
-from zillatw.wire.deflate import INFLATE_CHUNK, can_relay, parse_extensions
 from zillatw.test.wire_support import failure, feed, messages, raw_frame, read_frames, sent, server
+from zillatw.wire import (
+    CloseCode,
+    Connection,
+    DeflateParams,
+    Delivery,
+    Fragment,
+    NegotiationError,
+    Opcode,
+    Role,
+    client_accept,
+    client_offer,
+    server_accept,
+)
+from zillatw.wire.deflate import INFLATE_CHUNK, can_relay, parse_extensions
 
 
 def deflate_raw(payload: bytes, bits: int = 15) -> bytes:

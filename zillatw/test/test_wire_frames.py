@@ -8,10 +8,20 @@ import struct
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from zillatw.test.wire_support import (
+    MASK,
+    close_payload,
+    failure,
+    feed,
+    messages,
+    raw_frame,
+    read_frames,
+    sent,
+    server,
+    xor,
+)
 from zillatw.wire import CloseCode, Connection, Fragment, Opcode, Ping, Pong, Role, State
 from zillatw.wire.frames import _py_apply_mask, apply_mask, encode_frame, frame_head, parse_head, rotate_mask
-from zillatw.test.wire_support import MASK, close_payload, failure, feed, messages, raw_frame, read_frames, sent, \
-    server, xor
 
 
 class MaskTests(SynchronousTestCase):
