@@ -186,7 +186,7 @@ def measure(urls: list[str], size: int, publishers: int, window: int, warmup: fl
     got, cpu, _ = run_window(
         workers, barrier, results,
         lambda: {**{name: [p for pid in pids for p in family(pid)] for name, pids in watch.items()},
-                 "load": [w.pid for w in workers]},
+                 "load": [w.pid for w in workers if w.pid is not None]},  # all started by now
         0.2 + warmup, seconds, "fan load generator")
     problems = [g[4] for g in got if g[4]]
     if problems:

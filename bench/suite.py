@@ -109,7 +109,7 @@ def serve_websockets(port: int) -> None:
     asyncio.run(main())
 
 
-def start_peer(procs: Procs, tmp: Path, name: str) -> tuple[int, object]:
+def start_peer(procs: Procs, tmp: Path, name: str) -> tuple[int, proxy.BenchProcess]:
     port = free_port()
     argv = ([sys.executable, str(HERE / "proxy.py"), "--upstream", str(port)] if name == "picows"
             else [sys.executable, __file__, "--serve", name, str(port)])
@@ -118,12 +118,14 @@ def start_peer(procs: Procs, tmp: Path, name: str) -> tuple[int, object]:
     return port, proc
 
 
-def start_server(procs: Procs, tmp: Path, name: str, upstream: int | None = None) -> tuple[int, object]:
+def start_server(procs: Procs, tmp: Path, name: str, upstream: int | None = None) -> tuple[int, proxy.BenchProcess]:
     if name == "zillatw echo":
         return proxy.start_zillatw(procs, tmp, f"zillatw-echo-{free_port()}", HERE / "echo.yaml", None)
     if name == "zillatw proxy":
         return proxy.start_zillatw(procs, tmp, "zillatw-proxy", HERE / "proxy.yaml", upstream)
     if name == "nginx proxy":
+        if upstream is None:
+            raise ValueError("nginx proxy: no upstream port")
         return proxy.start_nginx(procs, tmp, upstream, None)
     return start_peer(procs, tmp, name)
 
@@ -353,10 +355,10 @@ def print_tables(args: argparse.Namespace, servers: list[str], results: dict[tup
               "zillatw/this: KiB/conn ratio (lower is better for zillatw)")
         print(f"{'server':<15}{'open':>7}{'open in':>9}{'RSS before':>12}{'RSS open':>11}{'KiB/conn':>10}"
               f"{'min-max':>14}{'  zillatw/this':>14}")
-        mine = idle.get("zillatw echo")
+        ours = idle.get("zillatw echo")
         for name, r in idle.items():
-            compared = mine and name != "zillatw echo" and r["per_conn"] > 0
-            ratio = f"{mine['per_conn'] / r['per_conn']:.2f}x" if compared else ""
+            ratio = (f"{ours['per_conn'] / r['per_conn']:.2f}x"
+                     if ours and name != "zillatw echo" and r["per_conn"] > 0 else "")
             note = ("" if r["alive"] else "  (server died)") + (
                 f"  ({r['opened'] - r['still']} closed by the server while held)" if r["still"] != r["opened"] else ""
             ) + (f"  errors: {'; '.join(r['errors'])}" if r["errors"] else "")

@@ -139,9 +139,13 @@ def upgrade_status(case: TlsTestCase, port: int, path: str, client: pki.Issued |
     endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", port, client_tls(case.pki.ca, client=client))
     raw = yield connectProtocol(endpoint, RawClient())
     raw.transport.write(upgrade_request(path))
-    got = defer.Deferred()
-    raw.dataReceived = lambda data: got.called or got.callback(data.partition(b"\r\n")[0].decode())
-    raw.connectionLost = lambda reason=None: got.called or got.callback("closed")
+    got: defer.Deferred[str] = defer.Deferred()
+
+    def answer(text: str) -> None:
+        if not got.called:
+            got.callback(text)
+    raw.dataReceived = lambda data: answer(data.partition(b"\r\n")[0].decode())
+    raw.connectionLost = lambda reason=None: answer("closed")
     status = yield got
     raw.transport.abortConnection()
     return status

@@ -12,6 +12,7 @@ from zillatw.test.wire_support import (
     MASK,
     close_payload,
     failure,
+    failure_code,
     feed,
     messages,
     raw_frame,
@@ -148,7 +149,7 @@ class FramingTests(SynchronousTestCase):
     def test_non_minimal_lengths_fail(self) -> None:
         for frame in (raw_frame(2, b"x" * 10, length_form=16), raw_frame(2, b"x" * 300, length_form=64)):
             events = feed(server(), frame)
-            self.assertEqual(failure(events)[0], CloseCode.PROTOCOL_ERROR)
+            self.assertEqual(failure_code(events), CloseCode.PROTOCOL_ERROR)
 
     def test_server_sends_unmasked_frames(self) -> None:
         conn = server()
@@ -212,7 +213,7 @@ class ReservedBitsTests(SynchronousTestCase):
                 events = feed(conn, raw_frame(1, b"before") + raw_frame(opcode, b"x", rsv=rsv)
                               + raw_frame(9, b"after"))
                 self.assertEqual(events[0], Fragment(Opcode.TEXT, b"before", True))
-                self.assertEqual(failure(events)[0], CloseCode.PROTOCOL_ERROR)
+                self.assertEqual(failure_code(events), CloseCode.PROTOCOL_ERROR)
                 self.assertNotIn(Ping(b"after"), events)  # nothing after the failure is read
                 self.assertEqual([f[2] for f in sent(conn)], [Opcode.CLOSE])
 
