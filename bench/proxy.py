@@ -62,18 +62,24 @@ def _die_with_parent() -> None:
         pass
 
 
+class BenchProcess(subprocess.Popen):
+    """A subprocess with the name and log file its failures are reported by."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, env: dict | None) -> None:
+        with open(log, "wb") as out:
+            super().__init__(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             env=env, preexec_fn=_die_with_parent)
+        self.bench_name, self.bench_log = name, log
+
+
 class Procs:
     """Every subprocess started here; stop() ends them all (terminate, then kill)."""
 
     def __init__(self):
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[BenchProcess] = []
 
-    def start(self, name: str, argv: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-        out = open(log, "wb")
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, preexec_fn=_die_with_parent)
-        out.close()
-        proc.bench_name, proc.bench_log = name, log
+    def start(self, name: str, argv: list[str], log: Path, env: dict | None = None) -> BenchProcess:
+        proc = BenchProcess(name, argv, log, env)
         self.procs.append(proc)
         return proc
 
@@ -97,7 +103,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+def wait_listening(port: int, proc: BenchProcess, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -139,7 +145,9 @@ def run_upstream(port: int) -> None:
 
 # ---------------------------------------------------------------- load generator (worker processes)
 
-def load_worker(url: str, conns: int, size: int, warmup: float, seconds: float,
+# The nested listener class and coroutine run in the child process (picows is imported
+# there only) and share its counters; mccabe adds their small bodies up into this one.
+def load_worker(url: str, conns: int, size: int, warmup: float, seconds: float,  # noqa: C901
                 barrier, results, payload: bytes | None = None) -> None:
     import logging
 
@@ -267,7 +275,7 @@ def run_window(workers: list, barrier: Any, results: Any, watched: Callable[[], 
             started.set()
         except threading.BrokenBarrierError:
             started.set()
-            problems = []
+            problems: list[str | None] = []
             while not results.empty() or not problems:
                 try:
                     problems.append(results.get(timeout=5)[4])
@@ -347,7 +355,7 @@ def install_nginx() -> str:
     return out.strip().splitlines()[-1]
 
 
-def start_nginx(procs: Procs, tmp: Path, upstream: int, buffer: str | None) -> tuple[int, subprocess.Popen]:
+def start_nginx(procs: Procs, tmp: Path, upstream: int, buffer: str | None) -> tuple[int, BenchProcess]:
     nginx = install_nginx()
     prefix = tmp / "nginx"
     prefix.mkdir()
@@ -369,7 +377,8 @@ def twistd() -> str:
     return str(local) if local.exists() else (shutil.which("twistd") or "twistd")
 
 
-def start_zillatw(procs: Procs, tmp: Path, name: str, config: Path, upstream: int | None) -> tuple[int, subprocess.Popen]:
+def start_zillatw(procs: Procs, tmp: Path, name: str, config: Path,
+                  upstream: int | None) -> tuple[int, BenchProcess]:
     port = free_port()
     env = dict(os.environ, ZILLATW_BENCH_PORT=str(port))
     # With an editable install (pip install -e), twistd finds the zillaws plugin only when the
@@ -386,8 +395,8 @@ def start_zillatw(procs: Procs, tmp: Path, name: str, config: Path, upstream: in
 # ---------------------------------------------------------------- profiling
 
 def start_profile(pid: int, seconds: float, out: Path, raw: Path) -> list[subprocess.Popen]:
-    pyspy = Path(sys.executable).with_name("py-spy")
-    pyspy = str(pyspy) if pyspy.exists() else (shutil.which("py-spy") or "")
+    beside = Path(sys.executable).with_name("py-spy")
+    pyspy = str(beside) if beside.exists() else (shutil.which("py-spy") or "")
     if not pyspy:
         print("py-spy not found: pip install -e '.[bench]'", file=sys.stderr)
         return []
@@ -400,12 +409,14 @@ def start_profile(pid: int, seconds: float, out: Path, raw: Path) -> list[subpro
 
 def hot_spots(raw: Path, top: int = 20) -> str:
     """Self and inclusive share of samples per function, from py-spy's collapsed stacks."""
-    own, incl, total = collections.Counter(), collections.Counter(), 0
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
     for line in raw.read_text().splitlines():
-        stack, _, n = line.rpartition(" ")
+        stack, _, samples = line.rpartition(" ")
         if not stack:
             continue
-        n = int(n)
+        n = int(samples)
         total += n
         # "func (file.py:line)" -> "func (file.py)": one entry per function, whatever the line
         frames = [re.sub(r":\d+\)$", ")", f.strip()) for f in stack.split(";")]
@@ -414,7 +425,7 @@ def hot_spots(raw: Path, top: int = 20) -> str:
             incl[f] += n
     if not total:
         return "(no samples)"
-    by_pkg = collections.Counter()
+    by_pkg: collections.Counter[str] = collections.Counter()
     for f, n in own.items():
         where = f[f.find("(") + 1:]
         pkg = next((p for p in ("zillatw", "autobahn", "twisted", "txaio", "zope") if where.startswith(p + "/")),
@@ -450,7 +461,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds over all scenarios, interleaved; the median is reported (default 3)")
     ap.add_argument("--warmup", type=float, default=1.0, help="warm-up before each window (default 1)")
-    ap.add_argument("--profile", action="store_true", help="after the rounds, py-spy zillatw's proxy in one more 64 B run")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the rounds, py-spy zillatw's proxy in one more 64 B run")
     ap.add_argument("--nginx-buffer", metavar="SIZE",
                     help="set nginx's proxy_buffer_size (e.g. 64k); default: nginx's own (4k)")
     ap.add_argument("--upstream", type=int, help=argparse.SUPPRESS)  # internal: be the echo server
@@ -509,13 +521,13 @@ def main() -> int:
     print(f"{'scenario':<14}{'size':>8}{'msgs/s':>12}{'MB/s':>10}{'vs nginx':>10}{'vs direct':>11}"
           f"{'msgs/s min-max':>18}{'proxy CPU':>11}{'(waiting)':>11}{'upstream CPU':>14}")
     for size in SIZES:
-        nginx, direct = results["nginx", size], results["direct", size]
+        nginx_result, direct_result = results["nginx", size], results["direct", size]
         for scenario in ports:
             r = results[scenario, size]
-            vs_nginx = "" if scenario in ("direct", "nginx") else f"{r['msgs'] / nginx['msgs']:.2f}x"
+            vs_nginx = "" if scenario in ("direct", "nginx") else f"{r['msgs'] / nginx_result['msgs']:.2f}x"
             note = "" if not (r["errors"] or r["closed"]) else f"  ({r['errors']} bad echoes, {r['closed']} closed)"
             print(f"{scenario:<14}{human(size):>8}{r['msgs']:>12.0f}{r['mbs']:>10.2f}{vs_nginx:>10}"
-                  f"{r['msgs'] / direct['msgs']:>10.2f}x{r['min']:>9.0f}-{r['max']:<8.0f}"
+                  f"{r['msgs'] / direct_result['msgs']:>10.2f}x{r['min']:>9.0f}-{r['max']:<8.0f}"
                   f"{cpu(r, 'proxy'):>11}{cpu(r, 'proxy wait'):>11}{cpu(r, 'upstream'):>14}{note}")
     print()
     for size in SIZES:
@@ -523,7 +535,7 @@ def main() -> int:
         met = ratio >= GOALS[size]
         unit = "MB/s" if size >= 1024 else "msgs/s"
         per_round = ", ".join(f"{z['msgs'] / n['msgs']:.2f}x"
-                              for z, n in zip(runs["zillatw", size], runs["nginx", size]))
+                              for z, n in zip(runs["zillatw", size], runs["nginx", size], strict=True))
         print(f"goal at {human(size)}: zillatw/nginx {unit} >= {GOALS[size]:.1f}x: "
               f"{ratio:.2f}x -> {'met' if met else 'NOT met'}  (round by round: {per_round})")
     print("(zillatw echo, the gateway's own echo without an upstream, for the other path: "
@@ -535,7 +547,7 @@ def main() -> int:
             shutil.copy(raw, HERE / "profile-proxy-64B.txt")
         print()
         print("py-spy, zillatw proxy under the 64 B load "
-              f"(flame graph: bench/profile-proxy-64B.svg, collapsed stacks: bench/profile-proxy-64B.txt; "
+              "(flame graph: bench/profile-proxy-64B.svg, collapsed stacks: bench/profile-proxy-64B.txt; "
               "% of the samples in which zillatw was not idle in epoll):")
         print(hot_spots(raw) if raw.exists() else "(py-spy wrote no profile; it needs ptrace permission)")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -109,7 +109,7 @@ def serve_websockets(port: int) -> None:
     asyncio.run(main())
 
 
-def start_peer(procs: Procs, tmp: Path, name: str) -> tuple[int, object]:
+def start_peer(procs: Procs, tmp: Path, name: str) -> tuple[int, proxy.BenchProcess]:
     port = free_port()
     argv = ([sys.executable, str(HERE / "proxy.py"), "--upstream", str(port)] if name == "picows"
             else [sys.executable, __file__, "--serve", name, str(port)])
@@ -118,12 +118,14 @@ def start_peer(procs: Procs, tmp: Path, name: str) -> tuple[int, object]:
     return port, proc
 
 
-def start_server(procs: Procs, tmp: Path, name: str, upstream: int | None = None) -> tuple[int, object]:
+def start_server(procs: Procs, tmp: Path, name: str, upstream: int | None = None) -> tuple[int, proxy.BenchProcess]:
     if name == "zillatw echo":
         return proxy.start_zillatw(procs, tmp, f"zillatw-echo-{free_port()}", HERE / "echo.yaml", None)
     if name == "zillatw proxy":
         return proxy.start_zillatw(procs, tmp, "zillatw-proxy", HERE / "proxy.yaml", upstream)
     if name == "nginx proxy":
+        if upstream is None:
+            raise ValueError("nginx proxy: no upstream port")
         return proxy.start_nginx(procs, tmp, upstream, None)
     return start_peer(procs, tmp, name)
 
@@ -134,7 +136,9 @@ HANDSHAKE = ("GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n
              "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
 
 
-def idle_worker(port: int, n: int, opened, release, results) -> None:
+# The nested coroutines run in the child process and share its lists; mccabe adds their
+# small bodies up into this one.
+def idle_worker(port: int, n: int, opened, release, results) -> None:  # noqa: C901
     """Opens n WebSocket connections (raw asyncio streams: the handshake, then nothing but
     answering the server's keepalive pings, as zillatw and websockets drop a peer that does not),
     reports, holds them until `release` is set, reports how many are still open, then resets them
@@ -296,6 +300,98 @@ def plot(path: str, results: dict, servers: list[str], sizes: list[int]) -> None
     fig.savefig(path)
 
 
+def summarize_idle(idle_runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per server, the round with the median RSS per connection, with the spread over rounds."""
+    idle = {}
+    for name, rs in idle_runs.items():
+        per = sorted(r["per_conn"] for r in rs)
+        idle[name] = dict(min(rs, key=lambda r: abs(r["per_conn"] - statistics.median(per))),
+                          per_conn=statistics.median(per), min=per[0], max=per[-1],
+                          opened=min(r["opened"] for r in rs), alive=all(r["alive"] for r in rs),
+                          errors=[e for r in rs for e in r["errors"]][:3])
+    return idle
+
+
+def print_tables(args: argparse.Namespace, servers: list[str], results: dict[tuple[str, int], dict],
+                 fan_runs: list[dict], idle: dict[str, dict]) -> None:
+    if results:
+        print(f"echo/proxy: {proxy.CONNECTIONS} connections over {proxy.PROCESSES} load processes (picows + uvloop), "
+              f"1 message in flight each, {args.seconds:g} s window after {args.warmup:g} s warm-up, median of "
+              f"{args.rounds} interleaved rounds; msgs/s = round trips/s, MB/s = payload each way")
+        print(f"{'server':<15}{'size':>8}{'msgs/s':>10}{'MB/s':>10}{'min-max msgs/s':>20}{'CPU':>6}{'µs/msg':>8}"
+              f"{'  zillatw/this':>14}")
+        for size in SIZES:
+            for name in servers:
+                r = results.get((name, size))
+                if not r:
+                    continue
+                mine = "zillatw proxy" if name in PROXIES else "zillatw echo"
+                ratio = (f"{results[mine, size]['msgs'] / r['msgs']:.2f}x"
+                         if name != mine and (mine, size) in results else "")
+                server_cpu = r["cpu"].get("server", 0)
+                note = f"  ({r['errors']} bad echoes, {r['closed']} closed)" if r["errors"] or r["closed"] else ""
+                print(f"{name:<15}{human(size):>8}{r['msgs']:>10.0f}{r['mbs']:>10.2f}"
+                      f"{r['min']:>11.0f}-{r['max']:<8.0f}{server_cpu:>5.0f}%{server_cpu * 1e4 / r['msgs']:>8.1f}"
+                      f"{ratio:>14}{note}")
+            print()
+        print("(CPU: the server process in % of one core (nginx: master + worker; the proxies' upstream not "
+              "included); µs/msg: that CPU per round trip; zillatw/this: zillatw echo's (proxies: zillatw proxy's) "
+              "msgs/s / this server's)")
+    if fan_runs:
+        rates = sorted(r["rate"] for r in fan_runs)
+        rate = statistics.median(rates)
+        gw = statistics.median(r["cpu"].get("gateway", 0) for r in fan_runs)
+        gaps = sum(r["errors"] for r in fan_runs)
+        evicted = sum(r["closed"] for r in fan_runs)
+        print(f"fan (bench/fan.py's in-process measurement, 100 members, 4 publishers x 16 in flight, 64 B): "
+              f"{rate:.0f} deliveries/s ({rates[0]:.0f}-{rates[-1]:.0f}), {rate / 100:.0f} publishes/s, "
+              f"gateway CPU {gw:.0f}%, {gw * 1e4 / rate:.2f} µs/delivery, {gaps} gaps, {evicted} evicted "
+              "(no peer: no goal)")
+        print()
+    if idle:
+        print(f"idle: {IDLE_CONNECTIONS} WebSocket connections (handshake, then nothing) from {IDLE_PROCESSES} "
+              f"client processes to a fresh server process, median of {args.rounds} rounds; RSS = the server's VmRSS "
+              "before (after 200 warm-up connections) and with all open (those two: the median round); "
+              "zillatw/this: KiB/conn ratio (lower is better for zillatw)")
+        print(f"{'server':<15}{'open':>7}{'open in':>9}{'RSS before':>12}{'RSS open':>11}{'KiB/conn':>10}"
+              f"{'min-max':>14}{'  zillatw/this':>14}")
+        ours = idle.get("zillatw echo")
+        for name, r in idle.items():
+            ratio = (f"{ours['per_conn'] / r['per_conn']:.2f}x"
+                     if ours and name != "zillatw echo" and r["per_conn"] > 0 else "")
+            note = ("" if r["alive"] else "  (server died)") + (
+                f"  ({r['opened'] - r['still']} closed by the server while held)" if r["still"] != r["opened"] else ""
+            ) + (f"  errors: {'; '.join(r['errors'])}" if r["errors"] else "")
+            print(f"{name:<15}{r['opened']:>7}{r['seconds']:>8.1f}s"
+                  f"{r['before'] / 1024:>10.1f}Mi{r['after'] / 1024:>9.1f}Mi"
+                  f"{r['per_conn']:>10.2f}{r['min']:>8.2f}-{r['max']:<5.2f}{ratio:>14}{note}")
+        print()
+
+
+def print_goals(results: dict[tuple[str, int], dict], runs: dict[tuple[str, int], list[dict]], idle: dict[str, dict],
+                idle_runs: dict[str, list[dict]]) -> None:
+    print("goals (issue 9):")
+    for mine, peer, size, goal in GOALS:
+        if (mine, size) not in results or (peer, size) not in results:
+            continue
+        a, b = results[mine, size], results[peer, size]
+        ratio = a["msgs"] / b["msgs"]
+        per_round = ", ".join(f"{x['msgs'] / y['msgs']:.2f}x"
+                              for x, y in zip(runs[mine, size], runs[peer, size], strict=True))
+        unit = "MB/s" if size >= 1024 else "msgs/s"
+        va, vb = (f"{a['mbs']:.1f}", f"{b['mbs']:.1f}") if size >= 1024 else (f"{a['msgs']:.0f}", f"{b['msgs']:.0f}")
+        print(f"  {mine} vs {peer} at {human(size)}: {va} vs {vb} {unit} = {ratio:.2f}x, goal >= {goal:.1f}x -> "
+              f"{'met' if ratio >= goal else 'NOT met'}  (round by round: {per_round})")
+    if "zillatw echo" in idle:
+        per = idle["zillatw echo"]["per_conn"]
+        per_round = ", ".join(f"{r['per_conn']:.2f}" for r in idle_runs["zillatw echo"])
+        print(f"  zillatw echo, {IDLE_CONNECTIONS} idle connections: {per:.2f} KiB RSS each "
+              f"(round by round: {per_round}), goal <= "
+              f"{GOAL_IDLE_KIB:.0f} KiB -> {'met' if per <= GOAL_IDLE_KIB else 'NOT met'}"
+              + ("" if idle["zillatw echo"]["opened"] == IDLE_CONNECTIONS else
+                 f"  (only {idle['zillatw echo']['opened']} opened)"))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=4.0, help="measuring window per scenario (default 4)")
@@ -348,7 +444,8 @@ def main() -> int:
                     runs[name, size].append(r)
                     print(f" {r['msgs']:9.0f} msgs/s {r['mbs']:9.2f} MB/s", file=sys.stderr)
             if "fan" in only:
-                print(f"  round {rnd + 1}/{args.rounds}     zillatw fan    64 B ...", end="", flush=True, file=sys.stderr)
+                print(f"  round {rnd + 1}/{args.rounds}     zillatw fan    64 B ...", end="", flush=True,
+                      file=sys.stderr)
                 r = fan.measure([f"ws://127.0.0.1:{fan_port}/"], 64, 4, 16, args.warmup, args.seconds,
                                 {"gateway": [fan_proc.pid]})
                 fan_runs.append(r)
@@ -367,88 +464,15 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     results = {key: median_result(rs, key[1]) for key, rs in runs.items()}
-    idle = {}
-    for name, rs in idle_runs.items():  # the round with the median RSS per connection
-        per = sorted(r["per_conn"] for r in rs)
-        idle[name] = dict(min(rs, key=lambda r: abs(r["per_conn"] - statistics.median(per))),
-                          per_conn=statistics.median(per), min=per[0], max=per[-1],
-                          opened=min(r["opened"] for r in rs), alive=all(r["alive"] for r in rs),
-                          errors=[e for r in rs for e in r["errors"]][:3])
+    idle = summarize_idle(idle_runs)
     load_after = os.getloadavg()
     print()
     print(f"zillatw benchmark suite (issue 9): started {started}, ended {time.strftime('%H:%M %Z')}; "
           f"{os.cpu_count()} cores shared with other work, load average (1/5/15 min) before "
           f"{'/'.join(f'{x:.2f}' for x in load_before)}, after {'/'.join(f'{x:.2f}' for x in load_after)}; "
           f"RLIMIT_NOFILE {nofile}")
-    if results:
-        print(f"echo/proxy: {proxy.CONNECTIONS} connections over {proxy.PROCESSES} load processes (picows + uvloop), "
-              f"1 message in flight each, {args.seconds:g} s window after {args.warmup:g} s warm-up, median of "
-              f"{args.rounds} interleaved rounds; msgs/s = round trips/s, MB/s = payload each way")
-        print(f"{'server':<15}{'size':>8}{'msgs/s':>10}{'MB/s':>10}{'min-max msgs/s':>20}{'CPU':>6}{'µs/msg':>8}"
-              f"{'  zillatw/this':>14}")
-        for size in SIZES:
-            for name in servers:
-                r = results.get((name, size))
-                if not r:
-                    continue
-                mine = "zillatw proxy" if name in PROXIES else "zillatw echo"
-                ratio = (f"{results[mine, size]['msgs'] / r['msgs']:.2f}x"
-                         if name != mine and (mine, size) in results else "")
-                server_cpu = r["cpu"].get("server", 0)
-                note = f"  ({r['errors']} bad echoes, {r['closed']} closed)" if r["errors"] or r["closed"] else ""
-                print(f"{name:<15}{human(size):>8}{r['msgs']:>10.0f}{r['mbs']:>10.2f}"
-                      f"{r['min']:>11.0f}-{r['max']:<8.0f}{server_cpu:>5.0f}%{server_cpu * 1e4 / r['msgs']:>8.1f}"
-                      f"{ratio:>14}{note}")
-            print()
-        print("(CPU: the server process in % of one core (nginx: master + worker; the proxies' upstream not "
-              "included); µs/msg: that CPU per round trip; zillatw/this: zillatw echo's (proxies: zillatw proxy's) "
-              "msgs/s / this server's)")
-    if fan_runs:
-        rates = sorted(r["rate"] for r in fan_runs)
-        rate = statistics.median(rates)
-        gw = statistics.median(r["cpu"].get("gateway", 0) for r in fan_runs)
-        gaps = sum(r["errors"] for r in fan_runs)
-        evicted = sum(r["closed"] for r in fan_runs)
-        print(f"fan (bench/fan.py's in-process measurement, 100 members, 4 publishers x 16 in flight, 64 B): "
-              f"{rate:.0f} deliveries/s ({rates[0]:.0f}-{rates[-1]:.0f}), {rate / 100:.0f} publishes/s, "
-              f"gateway CPU {gw:.0f}%, {gw * 1e4 / rate:.2f} µs/delivery, {gaps} gaps, {evicted} evicted "
-              "(no peer: no goal)")
-        print()
-    if idle:
-        print(f"idle: {IDLE_CONNECTIONS} WebSocket connections (handshake, then nothing) from {IDLE_PROCESSES} "
-              f"client processes to a fresh server process, median of {args.rounds} rounds; RSS = the server's VmRSS "
-              "before (after 200 warm-up connections) and with all open (those two: the median round); "
-              "zillatw/this: KiB/conn ratio (lower is better for zillatw)")
-        print(f"{'server':<15}{'open':>7}{'open in':>9}{'RSS before':>12}{'RSS open':>11}{'KiB/conn':>10}"
-              f"{'min-max':>14}{'  zillatw/this':>14}")
-        mine = idle.get("zillatw echo")
-        for name, r in idle.items():
-            ratio = f"{mine['per_conn'] / r['per_conn']:.2f}x" if mine and name != "zillatw echo" and r["per_conn"] > 0 else ""
-            note = ("" if r["alive"] else "  (server died)") + (
-                f"  ({r['opened'] - r['still']} closed by the server while held)" if r["still"] != r["opened"] else "") + (f"  errors: {'; '.join(r['errors'])}" if r["errors"] else "")
-            print(f"{name:<15}{r['opened']:>7}{r['seconds']:>8.1f}s{r['before'] / 1024:>10.1f}Mi{r['after'] / 1024:>9.1f}Mi"
-                  f"{r['per_conn']:>10.2f}{r['min']:>8.2f}-{r['max']:<5.2f}{ratio:>14}{note}")
-        print()
-
-    print("goals (issue 9):")
-    for mine, peer, size, goal in GOALS:
-        if (mine, size) not in results or (peer, size) not in results:
-            continue
-        a, b = results[mine, size], results[peer, size]
-        ratio = a["msgs"] / b["msgs"]
-        per_round = ", ".join(f"{x['msgs'] / y['msgs']:.2f}x" for x, y in zip(runs[mine, size], runs[peer, size]))
-        unit = "MB/s" if size >= 1024 else "msgs/s"
-        va, vb = (f"{a['mbs']:.1f}", f"{b['mbs']:.1f}") if size >= 1024 else (f"{a['msgs']:.0f}", f"{b['msgs']:.0f}")
-        print(f"  {mine} vs {peer} at {human(size)}: {va} vs {vb} {unit} = {ratio:.2f}x, goal >= {goal:.1f}x -> "
-              f"{'met' if ratio >= goal else 'NOT met'}  (round by round: {per_round})")
-    if "zillatw echo" in idle:
-        per = idle["zillatw echo"]["per_conn"]
-        per_round = ", ".join(f"{r['per_conn']:.2f}" for r in idle_runs["zillatw echo"])
-        print(f"  zillatw echo, {IDLE_CONNECTIONS} idle connections: {per:.2f} KiB RSS each "
-              f"(round by round: {per_round}), goal <= "
-              f"{GOAL_IDLE_KIB:.0f} KiB -> {'met' if per <= GOAL_IDLE_KIB else 'NOT met'}"
-              + ("" if idle["zillatw echo"]["opened"] == IDLE_CONNECTIONS else
-                 f"  (only {idle['zillatw echo']['opened']} opened)"))
+    print_tables(args, servers, results, fan_runs, idle)
+    print_goals(results, runs, idle, idle_runs)
     if args.plot and results:
         plot(args.plot, results, servers, list(SIZES))
         print(f"plot: {args.plot}")

@@ -114,7 +114,7 @@ def main() -> int:
     print()
     for model in ("json", "avro"):
         per_round = ", ".join(f"{v['msgs'] / e['msgs']:.2f}x" for v, e in zip(runs["validated " + model],
-                                                                             runs["echo " + model]))
+                                                                             runs["echo " + model], strict=True))
         ratio = median["validated " + model] / median["echo " + model]
         goal = f" (goal >= {GOAL}: {'met' if ratio >= GOAL else 'NOT met'})" if model == "json" else ""
         print(f"validated/echo {model} ({len(messages[model])} B): {ratio:.2f}x{goal}  (round by round: {per_round})")

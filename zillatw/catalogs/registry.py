@@ -94,12 +94,13 @@ class RegistryCatalog:
         if "subject" not in ref:
             raise Unavailable(f"catalog {self.name}: a reference needs 'subject' or 'id'")
         key = (str(ref["subject"]), str(ref.get("version", "latest")))
-        handle = self._subjects.get(key)
-        if handle is None:
-            subject, version = key
-            handle = self._subjects[key] = Schema(
-                f"subject {subject} version {version}", lambda: self._subject_fetch(subject, version, handle),
-                self.reactor.seconds, self.max_age)
+        known = self._subjects.get(key)
+        if known is not None:
+            return known
+        subject, version = key
+        handle = self._subjects[key] = Schema(
+            f"subject {subject} version {version}", lambda: self._subject_fetch(subject, version, handle),
+            self.reactor.seconds, self.max_age)
         return handle
 
     def by_id(self, schema_id: int) -> Schema:

@@ -100,9 +100,10 @@ def parse_key(jwk: Mapping[str, Any]) -> Key:
         raise ValueError("a key needs a 'kid'")
     if alg is None:
         raise ValueError("a key needs an 'alg': tokens verify only with a key whose alg equals theirs")
-    if alg not in ALGORITHMS.get(kty, ()):
+    fitting = ALGORITHMS.get(kty, ()) if isinstance(kty, str) else ()
+    if alg not in fitting:
         raise ValueError(f"alg '{alg}' does not fit a key of kty '{kty}' "
-                         f"(expected one of {', '.join(ALGORITHMS.get(kty, ()))})")
+                         f"(expected one of {', '.join(fitting)})")
     if kty != "oct" and "d" in jwk:
         raise ValueError("a private key; configure the public key only")
     try:
@@ -295,7 +296,7 @@ class JwtGuard:
         kid = header.get("kid")
         if not isinstance(kid, str):
             raise self._rejected(trace_id, credentials, "token has no kid")
-        if self.keys.get(kid) is None and self.keys.can_refresh():
+        if self.keys.get(kid) is None and isinstance(self.keys, JwksKeys) and self.keys.can_refresh():
             refreshed = self.keys.refresh()
             return refreshed.addCallback(lambda _: self._verify(credentials, header, trace_id))
         return self._verify(credentials, header, trace_id)

@@ -54,8 +54,9 @@ SCHEMA_PATCH = {
     },
 }
 IDENTITY_DEFAULT = "subject.dn"
-SAN_FIELDS = {"san.dns": x509.DNSName, "san.email": x509.RFC822Name, "san.uri": x509.UniformResourceIdentifier,
-              "san.ip": x509.IPAddress}
+SAN_FIELDS: dict[str, type[x509.DNSName | x509.RFC822Name | x509.UniformResourceIdentifier | x509.IPAddress]] = {
+    "san.dns": x509.DNSName, "san.email": x509.RFC822Name, "san.uri": x509.UniformResourceIdentifier,
+    "san.ip": x509.IPAddress}
 _NAME_FIELD = re.compile(r"^(subject|issuer)\.([a-z][a-z0-9]*|[0-9]+(\.[0-9]+)+)$")
 
 
@@ -130,7 +131,8 @@ class X509Guard:
         chain = self._chain(credentials, trace_id)
         leaf = chain[0]
         found = fields(leaf)
-        identity = (found.get(self.identity_field) or [None])[0]
+        identity_values = found.get(self.identity_field)
+        identity = identity_values[0] if identity_values else None
         roles = frozenset(role for role, matches in self.roles
                           if any(all(any(glob.fullmatch(value) for value in found.get(field, ()))
                                      for field, glob in match) for match in matches))

@@ -10,8 +10,11 @@ import struct
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateResponse, \
-    PerMessageDeflateResponseAccept
+from autobahn.websocket.compress import (
+    PerMessageDeflateOffer,
+    PerMessageDeflateResponse,
+    PerMessageDeflateResponseAccept,
+)
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
@@ -56,7 +59,8 @@ def start_gateway(case: Any, config: Any) -> Any:
     """Start a gateway for the test; it and its events are cleaned up after. -> (gateway, port)"""
     events = io.StringIO()
     gateway = build_gateway(config, event_stream=events)
-    gateway.events_text = events
+    # The tests' handle on what the gateway logged; Gateway itself keeps only the stream's writer.
+    gateway.events_text = events  # type: ignore[attr-defined]
     gateway.startService()
     case.addCleanup(gateway.stopService)
     ports = yield gateway.listening
@@ -102,7 +106,7 @@ class RecordingClient(WebSocketClientProtocol):
     def onMessageEnd(self) -> None:
         self.received += 1
         self.messages.put((self.message_is_binary, self._frames))
-        self.message_data = None
+        self.message_data = None  # type: ignore[assignment]  # as Autobahn's own onMessageEnd: frames released
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if not self.opened.called:
@@ -130,7 +134,12 @@ def connect_ws(port: int, path: str = "/", protocols: list[str] | None = None, c
     factory.setProtocolOptions(**options)
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
     d = endpoint.connect(factory)
-    return d.addCallback(lambda client: client.opened)
+    return d.addCallback(when_opened)
+
+
+def when_opened(client: Any) -> defer.Deferred:
+    """For endpoint.connect(...).addCallback: the RecordingClient, once its handshake is done."""
+    return client.opened
 
 
 @defer.inlineCallbacks

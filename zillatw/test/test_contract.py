@@ -146,8 +146,10 @@ class DynamicRoleTests(unittest.SynchronousTestCase):
         request = {":method": "GET", ":path": "/items?access_token=t"}
         self.assertEqual(resolve_role("${method}${path}", request), "GET/items")
         self.assertTrue(permits({"g": ("${method}${path}", "read")}, self.session, "ns", request))
-        self.assertFalse(permits({"g": ("${method}${path}",)}, self.session, "ns", {":method": "POST", ":path": "/items"}))
-        self.assertFalse(permits({"g": ("${method}${path}",)}, self.session, "ns", {":method": "GET", ":path": "/other"}))
+        self.assertFalse(permits({"g": ("${method}${path}",)}, self.session, "ns",
+                                 {":method": "POST", ":path": "/items"}))
+        self.assertFalse(permits({"g": ("${method}${path}",)}, self.session, "ns",
+                                 {":method": "GET", ":path": "/other"}))
 
     def test_without_a_request_the_role_stays_as_written(self):
         self.assertEqual(resolve_role("${method}${path}", None), "${method}${path}")

@@ -20,6 +20,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from twisted.internet import defer, reactor
+from twisted.internet.base import DelayedCall
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial import unittest
 from twisted.web import resource, server
@@ -29,9 +30,23 @@ from zillatw.guards import Rejected
 from zillatw.guards.jwt import JwtGuard
 from zillatw.protocols.ws import ReactorTimer
 from zillatw.service import load_config
-from zillatw.test.support import (CONF, RecordingClient, chain, client_frame, close_ws, connect_raw, eventually,
-                                  on_ephemeral_port, parse_server_frames, raw_exchange, split_response,
-                                  start_gateway, upgrade_request, wait)
+from zillatw.test.support import (
+    CONF,
+    RecordingClient,
+    chain,
+    client_frame,
+    close_ws,
+    connect_raw,
+    eventually,
+    on_ephemeral_port,
+    parse_server_frames,
+    raw_exchange,
+    split_response,
+    start_gateway,
+    upgrade_request,
+    wait,
+    when_opened,
+)
 
 ISSUER = "https://auth.example.com"
 AUDIENCE = "https://api.example.com"
@@ -52,22 +67,24 @@ class Signer:
 
     def __init__(self, kind: str = "RSA", kid: str = "rsa-1"):
         self.kid = kid
+        self.private: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | bytes
+        jwk: dict[str, Any]
         if kind == "RSA":
-            self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            rsa_key = self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
             self.alg = "RS256"
-            jwk = jwt.algorithms.RSAAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+            jwk = jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key.public_key(), as_dict=True)
         elif kind == "EC":
-            self.private = ec.generate_private_key(ec.SECP256R1())
+            ec_key = self.private = ec.generate_private_key(ec.SECP256R1())
             self.alg = "ES256"
-            jwk = jwt.algorithms.ECAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+            jwk = jwt.algorithms.ECAlgorithm.to_jwk(ec_key.public_key(), as_dict=True)
         elif kind == "OKP":
-            self.private = ed25519.Ed25519PrivateKey.generate()
+            okp_key = self.private = ed25519.Ed25519PrivateKey.generate()
             self.alg = "EdDSA"
-            jwk = jwt.algorithms.OKPAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+            jwk = jwt.algorithms.OKPAlgorithm.to_jwk(okp_key.public_key(), as_dict=True)
         else:  # oct
-            self.private = os.urandom(32)
+            secret = self.private = os.urandom(32)
             self.alg = "HS256"
-            jwk = {"kty": "oct", "k": b64(self.private)}
+            jwk = {"kty": "oct", "k": b64(secret)}
         self.jwk = {**jwk, "kid": kid, "alg": self.alg}
 
     def token(self, **claims: Any) -> str:
@@ -109,7 +126,7 @@ def connect(port: int, path: str = "/", headers: dict[str, str] | None = None) -
     factory.protocol = RecordingClient
     factory._batched_timer = ReactorTimer()
     d = TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
-    return d.addCallback(lambda client: client.opened)
+    return d.addCallback(when_opened)
 
 
 @defer.inlineCallbacks
@@ -121,7 +138,8 @@ def status_of(port: int, path: str = "/", headers: dict[str, str] | None = None)
 
 
 def session_timers() -> list[Any]:
-    return [c for c in reactor.getDelayedCalls() if getattr(c.func, "__name__", "") == "_session_expired"]
+    return [c for c in reactor.getDelayedCalls()
+            if isinstance(c, DelayedCall) and getattr(c.func, "__name__", "") == "_session_expired"]
 
 
 class JwtHandshakeTests(unittest.TestCase):
@@ -333,10 +351,16 @@ class RolesAndRoutesTests(unittest.TestCase):
         config = guarded_config([signer.jwk], ws_routes=ws_routes, apps=apps, http_guarded=False)
         gateway, port = yield start_gateway(self, config)
         opened = []
+
+        def recording(name: str, original: Any) -> Any:
+            def open_and_record(info: Any, peer: Any) -> Any:
+                opened.append((name, info.identity))
+                return original(info, peer)
+            return open_and_record
+
         for name in apps:
             binding = gateway.binding(name)
-            binding.open = (lambda original, name: lambda info, peer: opened.append((name, info.identity))
-                            or original(info, peer))(binding.open, name)
+            binding.open = recording(name, binding.open)
         for scope, sub in ((f"admin {ROLE}", "root"), (ROLE, "alice")):
             client = yield connect(port, headers={"Cookie": f"access_token={signer.token(scope=scope, sub=sub)}"})
             yield close_ws(client)

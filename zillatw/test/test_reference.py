@@ -213,7 +213,8 @@ class DocumentedOutcomeTests(unittest.SynchronousTestCase):
         for row in table():
             if row.section in BEYOND_SCHEMA and row.section.startswith("vault"):
                 continue  # vaults open at build time; zillatw.test.test_tls covers their keys
-            for kind in row.kinds or [None]:
+            kinds: list[str | None] = list(row.kinds) or [None]
+            for kind in kinds:
                 base, root = BASES[(row.section, kind)] if (row.section, kind) in BASES else BASES[(row.section, None)]
                 yield row, kind, base, root
 
