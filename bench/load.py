@@ -60,6 +60,18 @@ def client_ssl_context(cafile: str | None):
     return ssl.create_default_context(cafile=cafile)
 
 
+def negotiated_extensions(url: str, cafile: str | None = None) -> str:
+    """What the server answers to the deflate client's offer (its Sec-WebSocket-Extensions):
+    the window sizes and context takeover it picked set how much each side's zlib works."""
+    from websockets.asyncio.client import connect
+
+    async def handshake() -> str:
+        async with connect(url, ssl=client_ssl_context(cafile), compression="deflate") as ws:
+            return ws.response.headers.get("Sec-WebSocket-Extensions") or "(none)"
+
+    return asyncio.run(handshake())
+
+
 # ---------------------------------------------------------------- worker processes
 
 def load_worker(url: str, conns: int, size: int, warmup: float, seconds: float,

@@ -363,7 +363,7 @@ def main() -> int:
             shutil.copy(raw, HERE / "profile-proxy-64B.txt")
         print()
         print("py-spy, zillatw proxy under the 64 B load "
-              f"(flame graph: bench/profile-proxy-64B.svg, collapsed stacks: bench/profile-proxy-64B.txt; "
+              "(flame graph: bench/profile-proxy-64B.svg, collapsed stacks: bench/profile-proxy-64B.txt; "
               "% of the samples in which zillatw was not idle in epoll):")
         print(hot_spots(raw) if raw.exists() else "(py-spy wrote no profile; it needs ptrace permission)")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -199,10 +199,15 @@ def combine(rs: list[dict], size: int) -> dict:
             "errors": sum(r["errors"] for r in rs), "closed": sum(r["closed"] for r in rs)}
 
 
-def print_round_trips(scenario: Scenario, results: dict) -> None:
-    print(f"{scenario.name}:" + (" (websockets client offering permessage-deflate, JSON text: "
-                                 + ", ".join(f"{human(s)} deflates to {100 * payloads.deflate_ratio(payloads.json_payload(s)):.0f} %"
-                                             for s in scenario.sizes) + ")" if scenario.deflate else ""))
+def print_round_trips(scenario: Scenario, results: dict, extensions: dict[str, str]) -> None:
+    if scenario.deflate:
+        ratios = ", ".join(f"{human(s)} deflates to {100 * payloads.deflate_ratio(payloads.json_payload(s)):.0f} %"
+                           for s in scenario.sizes)
+        offer = "; ".join(f"{name} answers {extensions[name]!r}" for name in scenario.servers if name in extensions)
+        print(f"{scenario.name}: the websockets client offers permessage-deflate (client_max_window_bits), sends "
+              f"JSON text ({ratios} with zlib's default level); {offer}")
+    else:
+        print(f"{scenario.name}:")
     print(f"{'server':<19}{'size':>7}{'msgs/s':>9}{'MB/s':>9}{'min-max msgs/s':>17}{'p50 µs':>8}{'p99 µs':>8}"
           f"{'CPU':>6}{'µs/msg':>8}{'  zillatw/this':>14}{'  p99 z/this':>12}")
     mine_name = scenario.servers[0]
@@ -338,9 +343,12 @@ def main() -> int:
     procs = Procs()
     try:
         servers = Servers(procs, tmp)
+        extensions = {}  # the deflate scenario's servers' answers to the offer
         for scenario in scenarios:
             for name in scenario.servers:
                 servers.start(name)
+                if scenario.deflate:
+                    extensions[name] = load.negotiated_extensions(f"ws://127.0.0.1:{servers.ports[name]}/")
         if "fan" in only:
             import fan  # bench/fan.py
             fan_port, fan_proc = proxy.start_zillatw(procs, tmp, "zillatw-fan", HERE / "fan.yaml", None)
@@ -392,7 +400,7 @@ def main() -> int:
               "zillatw/this: the scenario's zillatw server's msgs/s / this one's; p99 z/this: its p99 / this one's")
         print()
         for scenario in scenarios:
-            print_round_trips(scenario, results)
+            print_round_trips(scenario, results, extensions)
     if fan_runs:
         rates = sorted(r["rate"] for r in fan_runs)
         rate = statistics.median(rates)
