@@ -79,7 +79,7 @@ def load_worker(url: str, conns: int, size: int, warmup: float, seconds: float,
     import logging
 
     import uvloop
-    from picows import WSListener, WSMsgType, ws_connect
+    from picows import WSCloseCode, WSListener, WSMsgType, ws_connect
     logging.getLogger("picows").setLevel(logging.CRITICAL)
 
     payload = os.urandom(size) if payload is None else payload  # bench/validation.py sends JSON
@@ -150,7 +150,7 @@ def load_worker(url: str, conns: int, size: int, warmup: float, seconds: float,
         state["closed"] = sum(client.lost for client in clients)
         await asyncio.sleep(0.3)  # let the last round trips come back before closing
         for client in clients:
-            client.transport.send_close()
+            client.transport.send_close(WSCloseCode.OK)  # picows defaults to 0, not a valid code
         await asyncio.sleep(0.1)
         for client in clients:
             client.transport.disconnect()
