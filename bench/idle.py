@@ -12,7 +12,8 @@ their connections (SO_LINGER 0, so no TIME_WAIT is left behind).
 Past one source address's ephemeral ports (net.ipv4.ip_local_port_range, about 28,000 here) a
 client cannot open more connections to one server address and port, so each client process
 binds its sockets to its own loopback source address, 127.0.0.2, 127.0.0.3, ... (the whole of
-127.0.0.0/8 is the loopback interface's on Linux), and holds at most PER_PROCESS connections.
+127.0.0.0/8 is the loopback interface's on Linux), and holds at most PER_SOURCE connections
+(fewer when RLIMIT_NOFILE is lower: per_process()).
 The server needs a file descriptor per connection: `raise_nofile` lifts RLIMIT_NOFILE (the
 hard limit too when running as root, and fs.nr_open when that is lower) before any process is
 started, so every process the benchmark starts inherits it.
@@ -29,10 +30,13 @@ from pathlib import Path
 
 IDLE_CONCURRENCY = 16  # handshakes in progress per client process (the servers' backlogs are 50-100)
 MIN_PROCESSES = 4
-PER_PROCESS = 25_000  # below the ~28,000 ephemeral ports of one source address
+PER_SOURCE = 25_000  # connections from one source address: below its ~28,000 ephemeral ports
 HANDSHAKE = ("GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
              "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
 IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h: pick the source port at connect(), by the whole 4-tuple
+
+
+NOFILE_MARGIN = 500  # the server's other descriptors: listeners, logs, epoll, the reactor's waker
 
 
 def raise_nofile(need: int = 0) -> int:
@@ -49,15 +53,21 @@ def raise_nofile(need: int = 0) -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
             return need
         except (OSError, ValueError) as exc:
-            raise SystemExit(f"cannot raise RLIMIT_NOFILE to {need} (hard limit {hard}; {exc}): "
-                             "run as root, or raise `ulimit -Hn` first") from None
+            raise SystemExit(f"cannot raise RLIMIT_NOFILE to {need} (hard limit {hard}; {exc}): raising the hard "
+                             "limit takes root with CAP_SYS_RESOURCE (`ulimit -Hn`, or prlimit on this shell)") from None
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
 
 
+def per_process() -> int:
+    """Connections one client process holds: PER_SOURCE, or fewer if RLIMIT_NOFILE is lower."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(1000, min(PER_SOURCE, soft - NOFILE_MARGIN))
+
+
 def client_processes(count: int) -> int:
-    return max(MIN_PROCESSES, math.ceil(count / PER_PROCESS))
+    return max(MIN_PROCESSES, math.ceil(count / per_process()))
 
 
 def idle_worker(port: int, n: int, source: str, opened, release, results) -> None:
@@ -180,19 +190,21 @@ def open_idle(port: int, count: int, procs_n: int, hold: Callable[[list[int]], N
     return sum(g[0] for g in got), max(g[1] for g in got), [e for g in got for e in g[2]], still
 
 
-def measure_idle(start: Callable[[], tuple[int, list[int], Callable[[], bool]]], stop: Callable[[], None],
-                 count: int) -> dict:
-    """start() -> (port, server pids, is-alive check) starts a fresh server; stop() ends it."""
+def measure_idle(start: Callable[[], tuple[int, Callable[[], list[int]], Callable[[], bool]]],
+                 stop: Callable[[], None], count: int) -> dict:
+    """start() -> (port, the server's pids now, is-alive check) starts a fresh server; stop()
+    ends it. The pids are asked for at each reading: a supervisor starts its workers after it
+    listens."""
     try:
         port, pids, alive = start()
         open_idle(port, 200, 1, lambda _: time.sleep(0.5))  # warm-up: first connections, lazy imports
         time.sleep(1.0)
-        before = rss_kib(pids)
+        before = rss_kib(pids())
         sample = {}
 
         def hold(clients: list[int]) -> None:
             time.sleep(2.0)  # let the server settle (timers, buffers)
-            sample["after"] = rss_kib(pids)
+            sample["after"] = rss_kib(pids())
             sample["clients"] = rss_kib(clients)
             sample["alive"] = alive()
 

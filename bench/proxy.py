@@ -205,9 +205,17 @@ def start_zillatw(procs: Procs, tmp: Path, name: str, config: Path, upstream: in
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     if upstream is not None:
         env["ZILLATW_BENCH_UPSTREAM_PORT"] = str(upstream)
-    argv = [twistd(), "-n", "--pidfile=", "zillaws", "-c", str(config)] + (["-w", str(workers)] if workers > 1 else [])
+    ready = tmp / f"{name.replace(' ', '-')}-{port}.ready"  # -w N: written once every worker listens
+    argv = [twistd(), "-n", "--pidfile=", "zillaws", "-c", str(config)]
+    argv += ["-w", str(workers), "--ready-file", str(ready)] if workers > 1 else []
     proc = procs.start(name, argv, tmp / f"{name.replace(' ', '-')}-{port}.log", env=env)
     wait_listening(port, proc)
+    deadline = time.monotonic() + 30
+    while workers > 1 and not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{name}: its {workers} workers are not ready after 30 s; its log:\n"
+                             f"{Path(proc.bench_log).read_text(errors='replace')[-3000:]}")
+        time.sleep(0.05)
     return port, proc
 
 

@@ -147,9 +147,10 @@ class Servers:
     def _start(self, name: str) -> tuple[int, object]:
         procs, tmp = self.procs, self.tmp
         upstream = lambda: self.start(UPSTREAM)[0]  # noqa: E731 - started on first need
-        zillatw = {"zillatw echo": ("echo.yaml", False, 1), "zillatw echo -w 2": ("echo.yaml", False, 2),
-                   "zillatw proxy": ("proxy.yaml", False, 1), "zillatw wss echo": ("echo.tls.yaml", True, 1),
-                   "zillatw wss proxy": ("proxy.tls.yaml", True, 1)}
+        zillatw = {"zillatw echo": ("echo.yaml", False, 1), "zillatw proxy": ("proxy.yaml", False, 1),
+                   "zillatw wss echo": ("echo.tls.yaml", True, 1), "zillatw wss proxy": ("proxy.tls.yaml", True, 1)}
+        if name.startswith("zillatw echo -w "):  # twistd zillaws -w N
+            zillatw[name] = ("echo.yaml", False, int(name.rsplit(" ", 1)[1]))
         if name in zillatw:
             config, tls, workers = zillatw[name]
             return proxy.start_zillatw(procs, tmp, name, HERE / config, upstream() if "proxy" in name else None,
@@ -171,6 +172,9 @@ class Servers:
 
     def watch(self, name: str) -> dict[str, int]:
         watch = {"server": self.processes[name].pid}
+        if " -w " in name:  # each worker's share too: the kernel may give one worker most connections
+            for index, pid in enumerate(proxy.family(watch["server"])[1:], 1):
+                watch[f"worker {index}"] = pid
         if "proxy" in name:
             watch["upstream"] = self.processes[UPSTREAM].pid
         return watch
@@ -181,7 +185,7 @@ def run_idle(tmp: Path, name: str, count: int) -> dict:
 
     def start():
         port, proc = Servers(procs, tmp).start(name)
-        return port, proxy.family(proc.pid), lambda: proc.poll() is None
+        return port, lambda: proxy.family(proc.pid), lambda: proc.poll() is None
 
     return idle.measure_idle(start, procs.stop, count)
 
@@ -221,6 +225,8 @@ def print_round_trips(scenario: Scenario, results: dict, extensions: dict[str, s
             p99 = f"{mine['p99'] / r['p99']:.2f}x" if mine and name != mine_name else ""
             cpu = r["cpu"].get("server", 0)
             note = f"  ({r['errors']} bad echoes, {r['closed']} closed)" if r["errors"] or r["closed"] else ""
+            workers = [f"{v:.0f}%" for k, v in sorted(r["cpu"].items()) if k.startswith("worker ") and "wait" not in k]
+            note += f"  (workers' CPU: {' + '.join(workers)})" if workers else ""
             print(f"{name:<19}{human(size):>7}{r['msgs']:>9.0f}{r['mbs']:>9.2f}{r['min']:>9.0f}-{r['max']:<7.0f}"
                   f"{r['p50']:>8.0f}{r['p99']:>8.0f}{cpu:>5.0f}%{cpu * 1e4 / r['msgs']:>8.1f}{ratio:>14}{p99:>12}{note}")
     print()
@@ -235,14 +241,15 @@ def print_idle(idle_runs: dict[str, list[dict]], count: int, rounds: int) -> dic
                              opened=min(r["opened"] for r in rs), alive=all(r["alive"] for r in rs),
                              errors=[e for r in rs for e in r["errors"]][:3])
     print(f"idle: {count} WebSocket connections (handshake, then nothing) from {idle.client_processes(count)} client "
-          f"processes (source addresses 127.0.0.2 on) to a fresh server process, median of {rounds} rounds; RSS = the "
-          "server's VmRSS before (after 200 warm-up connections) and with all open (those two: the median round); "
+          f"processes (source addresses 127.0.0.2 on) to a fresh server process (-w N: a supervisor and N workers, RSS "
+          f"summed), median of {rounds} rounds; RSS = the server's VmRSS before (after 200 warm-up connections) and with all open (those two: the median round); "
           "clients: the client processes' RSS together; zillatw/this: KiB/conn ratio (lower is better for zillatw)")
     print(f"{'server':<15}{'open':>8}{'open in':>9}{'RSS before':>12}{'RSS open':>11}{'KiB/conn':>10}"
           f"{'min-max':>14}{'clients':>10}{'  zillatw/this':>14}")
-    mine = summary.get("zillatw echo")
+    mine_name = next((name for name in summary if name.startswith("zillatw")), None)
+    mine = summary.get(mine_name)
     for name, r in summary.items():
-        ratio = f"{mine['per_conn'] / r['per_conn']:.2f}x" if mine and name != "zillatw echo" and r["per_conn"] > 0 else ""
+        ratio = f"{mine['per_conn'] / r['per_conn']:.2f}x" if mine and name != mine_name and r["per_conn"] > 0 else ""
         note = ("" if r["alive"] else "  (server died)") + (
             f"  ({r['opened'] - r['still']} closed by the server while held)" if r["still"] != r["opened"] else "") + (
             f"  errors: {'; '.join(r['errors'])}" if r["errors"] else "")
@@ -265,10 +272,11 @@ def print_goals(results: dict, runs: dict, idle_summary: dict, idle_runs: dict, 
         va, vb = (f"{a['mbs']:.1f}", f"{b['mbs']:.1f}") if size >= KIB else (f"{a['msgs']:.0f}", f"{b['msgs']:.0f}")
         lines.append(f"  {mine} vs {peer} at {human(size)}: {va} vs {vb} {unit} = {ratio:.2f}x, goal >= {goal:.1f}x -> "
                      f"{'met' if ratio >= goal else 'NOT met'}  (round by round: {per_round})")
-    if "zillatw echo" in idle_summary:
-        r = idle_summary["zillatw echo"]
-        per_round = ", ".join(f"{x['per_conn']:.2f}" for x in idle_runs["zillatw echo"])
-        lines.append(f"  zillatw echo, {count} idle connections: {r['per_conn']:.2f} KiB RSS each (round by round: "
+    mine = next((name for name in idle_summary if name.startswith("zillatw")), None)
+    if mine:
+        r = idle_summary[mine]
+        per_round = ", ".join(f"{x['per_conn']:.2f}" for x in idle_runs[mine])
+        lines.append(f"  {mine}, {count} idle connections: {r['per_conn']:.2f} KiB RSS each (round by round: "
                      f"{per_round}), goal <= {GOAL_IDLE_KIB:.0f} KiB -> {'met' if r['per_conn'] <= GOAL_IDLE_KIB else 'NOT met'}"
                      + ("" if r["opened"] == count else f"  (only {r['opened']} opened)"))
     if lines:
@@ -320,6 +328,9 @@ def main() -> int:
                     help="idle connections per server in the idle scenario (default 10000; 100000 takes minutes)")
     ap.add_argument("--idle-server", action="append", choices=IDLE_SERVERS, metavar="NAME",
                     help=f"idle scenario: only this server ({', '.join(IDLE_SERVERS)}); repeatable")
+    ap.add_argument("--idle-workers", type=int, default=1, metavar="N",
+                    help="idle scenario: zillatw echo with twistd zillaws -w N (default 1: one process); for "
+                         "machines whose RLIMIT_NOFILE hard limit is below --idle-connections")
     ap.add_argument("--serve", nargs="+", metavar="ARG", help=argparse.SUPPRESS)  # internal: SERVER PORT [CERT KEY]
     args = ap.parse_args()
     if args.serve:
@@ -333,7 +344,12 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # every process started from here on inherits it: the idle servers need one per connection
-    nofile = idle.raise_nofile(args.idle_connections + 10_000 if "idle" in only else 0)
+    idle_servers = [f"zillatw echo -w {args.idle_workers}" if name == "zillatw echo" and args.idle_workers > 1 else name
+                    for name in args.idle_server or IDLE_SERVERS]
+    # (the idle clients make do with what is left: idle.per_process)
+    nofile = idle.raise_nofile(max(-(-args.idle_connections // args.idle_workers) if name.startswith("zillatw")
+                                   else args.idle_connections for name in idle_servers) + idle.NOFILE_MARGIN
+                               if "idle" in only else 0)
     load_before = os.getloadavg()
     started = time.strftime("%Y-%m-%d %H:%M %Z")
     tmp = Path(tempfile.mkdtemp(prefix="zillatw-bench-suite-"))
@@ -376,7 +392,7 @@ def main() -> int:
         procs.stop()
     try:
         for rnd in range(args.rounds if "idle" in only else 0):
-            for name in args.idle_server or IDLE_SERVERS:
+            for name in idle_servers:
                 print(f"  round {rnd + 1}/{args.rounds} idle {args.idle_connections} connections {name:>14} ...",
                       end="", flush=True, file=sys.stderr)
                 idle_runs[name].append(r := run_idle(tmp, name, args.idle_connections))
