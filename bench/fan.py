@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The fan benchmark (issue 8): fan delivery rate to 100 members, in-process next to Redis-backed.
+"""The fan benchmark: fan delivery rate to 100 members, in-process next to Redis-backed.
 
     .venv/bin/python bench/fan.py [--seconds N] [--rounds N] [--warmup N] [--size BYTES] [--publishers N] [--window N]
 

@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/suite.py [--seconds N] [--rounds N] [--warmup N] [--only SCENARIO ...]
                                     [--plot FILE] [--idle-connections N] [--idle-server NAME ...]
+                                    [--idle-workers N]
 
 Every server runs in its own process on a free loopback port, started here and ended when the
 suite ends. Scenarios (--only picks some; all by default), each one's first server being
@@ -18,7 +19,8 @@ zillatw's and the others its peers in that scenario (bench/README.md has the det
   workers    zillatw echo with twistd zillaws -w 2, and in one process
   fan        bench/fan.py's in-process fan measurement (100 members), for the record
   idle       --idle-connections (10,000) idle connections to each fresh server process: RSS
-             per connection and the time to open them (bench/idle.py)
+             per connection and the time to open them (bench/idle.py); --idle-workers N runs
+             zillatw's with -w N where one process may not hold that many descriptors
 The round-trip scenarios use bench/load.py's load generator (50 connections over 2 processes,
 1 message in flight each; rounds interleaved, medians reported) and report msgs/s, MB/s, the
 p50 and p99 round-trip time, the server's CPU and the ratios of zillatw's figures to each peer's.
