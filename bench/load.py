@@ -194,7 +194,14 @@ def deflate_worker(url: str, conns: int, size: int, warmup: float, seconds: floa
         context = client_ssl_context(cafile)
         sockets = []
         for _ in range(conns):
-            ws = await connect(url, ssl=context, compression="deflate", max_size=None, ping_interval=None)
+            for attempt in range(5):  # a busy server's listen queue may be full for a moment
+                try:
+                    ws = await connect(url, ssl=context, compression="deflate", max_size=None, ping_interval=None)
+                    break
+                except OSError:
+                    if attempt == 4:
+                        raise
+                    await asyncio.sleep(0.2)
             if "permessage-deflate" not in (ws.response.headers.get("Sec-WebSocket-Extensions") or ""):
                 raise RuntimeError(f"{url} did not accept permessage-deflate")
             sockets.append(ws)
