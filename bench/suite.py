@@ -345,13 +345,14 @@ def main() -> int:
         import matplotlib  # noqa: F401 - fail now rather than after the run
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    # every process started from here on inherits it: the idle servers need one per connection
     idle_servers = [f"zillatw echo -w {args.idle_workers}" if name == "zillatw echo" and args.idle_workers > 1 else name
                     for name in args.idle_server or IDLE_SERVERS]
-    # (the idle clients make do with what is left: idle.per_process)
-    nofile = idle.raise_nofile(max(-(-args.idle_connections // args.idle_workers) if name.startswith("zillatw")
-                                   else args.idle_connections for name in idle_servers) + idle.NOFILE_MARGIN
-                               if "idle" in only else 0)
+    # Before anything starts, so that every process inherits it. An idle server process holds a
+    # descriptor per connection (zillatw -w N: each worker its share); the idle clients make do
+    # with the same limit (idle.per_process).
+    per_server = [-(-args.idle_connections // args.idle_workers) if name.startswith("zillatw") else args.idle_connections
+                  for name in idle_servers]
+    nofile = idle.raise_nofile(max(per_server) + idle.NOFILE_MARGIN if "idle" in only else 0)
     load_before = os.getloadavg()
     started = time.strftime("%Y-%m-%d %H:%M %Z")
     tmp = Path(tempfile.mkdtemp(prefix="zillatw-bench-suite-"))
