@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The fan benchmark (issue 8): fan delivery rate to 100 members, in-process next to Redis-backed.
+"""The fan benchmark: fan delivery rate to 100 members, in-process next to Redis-backed.
 
     .venv/bin/python bench/fan.py [--seconds N] [--rounds N] [--warmup N] [--size BYTES] [--publishers N] [--window N]
 
@@ -57,7 +57,7 @@ def fan_worker(members: list[tuple[str, str, int]], index: int, acked, size: int
     import logging
 
     import uvloop
-    from picows import WSListener, WSMsgType, ws_connect
+    from picows import WSCloseCode, WSListener, WSMsgType, ws_connect
     logging.getLogger("picows").setLevel(logging.CRITICAL)
 
     padding = os.urandom(max(0, size - HEAD.size))
@@ -145,7 +145,7 @@ def fan_worker(members: list[tuple[str, str, int]], index: int, acked, size: int
         state["closed"] = sum(client.lost for client in clients)
         await asyncio.sleep(0.3)
         for client in clients:
-            client.transport.send_close()
+            client.transport.send_close(WSCloseCode.OK)  # picows defaults to 0, not a valid code
         await asyncio.sleep(0.1)
         for client in clients:
             client.transport.disconnect()

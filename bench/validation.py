@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The validation benchmark (issue 6): validated-message throughput as a ratio of unvalidated
+"""The validation benchmark: validated-message throughput as a ratio of unvalidated
 echo, in the same run.
 
     .venv/bin/python bench/validation.py [--seconds N] [--rounds N] [--warmup N] [--size N]
