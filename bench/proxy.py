@@ -58,18 +58,25 @@ def _die_with_parent() -> None:
         pass
 
 
+class BenchProcess(subprocess.Popen[bytes]):
+    """A benchmark's child process with the name its errors are reported under and the log its
+    output goes to (quoted when it fails)."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.bench_name, self.bench_log = name, log
+        with open(log, "wb") as out:  # the child holds its own copy of the descriptor
+            super().__init__(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             env=env, preexec_fn=_die_with_parent)
+
+
 class Procs:
     """Every subprocess started here; stop() ends them all (terminate, then kill)."""
 
-    def __init__(self):
-        self.procs: list[subprocess.Popen] = []
+    def __init__(self) -> None:
+        self.procs: list[BenchProcess] = []
 
-    def start(self, name: str, argv: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-        out = open(log, "wb")
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, preexec_fn=_die_with_parent)
-        out.close()
-        proc.bench_name, proc.bench_log = name, log
+    def start(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None) -> BenchProcess:
+        proc = BenchProcess(name, argv, log, env)
         self.procs.append(proc)
         return proc
 
@@ -93,12 +100,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+def wait_listening(port: int, proc: BenchProcess, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"{proc.bench_name} exited ({proc.returncode}) before listening; "
-                             f"its log:\n{Path(proc.bench_log).read_text(errors='replace')[-3000:]}")
+                             f"its log:\n{proc.bench_log.read_text(errors='replace')[-3000:]}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
             return
@@ -170,7 +177,7 @@ def install_nginx() -> str:
 
 
 def start_nginx(procs: Procs, tmp: Path, upstream: int, buffer: str | None,
-                tls: tuple[Path, Path] | None = None) -> tuple[int, subprocess.Popen]:
+                tls: tuple[Path, Path] | None = None) -> tuple[int, BenchProcess]:
     """nginx proxying to the upstream; `tls` = (certificate, key) PEM files: it terminates TLS."""
     nginx = install_nginx()
     port = free_port()
@@ -195,7 +202,7 @@ def twistd() -> str:
 
 
 def start_zillatw(procs: Procs, tmp: Path, name: str, config: Path, upstream: int | None,
-                  extra_env: dict[str, str] | None = None, workers: int = 1) -> tuple[int, subprocess.Popen]:
+                  extra_env: dict[str, str] | None = None, workers: int = 1) -> tuple[int, BenchProcess]:
     """twistd -n zillaws -c config (with -w workers if more than one), listening on a free port
     (ZILLATW_BENCH_PORT); extra_env: more variables the configuration reads."""
     port = free_port()
@@ -214,7 +221,7 @@ def start_zillatw(procs: Procs, tmp: Path, name: str, config: Path, upstream: in
     while workers > 1 and not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"{name}: its {workers} workers are not ready after 30 s; its log:\n"
-                             f"{Path(proc.bench_log).read_text(errors='replace')[-3000:]}")
+                             f"{proc.bench_log.read_text(errors='replace')[-3000:]}")
         time.sleep(0.05)
     return port, proc
 
@@ -222,8 +229,8 @@ def start_zillatw(procs: Procs, tmp: Path, name: str, config: Path, upstream: in
 # ---------------------------------------------------------------- profiling
 
 def start_profile(pid: int, seconds: float, out: Path, raw: Path) -> list[subprocess.Popen]:
-    pyspy = Path(sys.executable).with_name("py-spy")
-    pyspy = str(pyspy) if pyspy.exists() else (shutil.which("py-spy") or "")
+    local = Path(sys.executable).with_name("py-spy")
+    pyspy = str(local) if local.exists() else (shutil.which("py-spy") or "")
     if not pyspy:
         print("py-spy not found: pip install -e '.[bench]'", file=sys.stderr)
         return []
@@ -236,12 +243,14 @@ def start_profile(pid: int, seconds: float, out: Path, raw: Path) -> list[subpro
 
 def hot_spots(raw: Path, top: int = 20) -> str:
     """Self and inclusive share of samples per function, from py-spy's collapsed stacks."""
-    own, incl, total = collections.Counter(), collections.Counter(), 0
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
     for line in raw.read_text().splitlines():
-        stack, _, n = line.rpartition(" ")
+        stack, _, samples = line.rpartition(" ")
         if not stack:
             continue
-        n = int(n)
+        n = int(samples)
         total += n
         # "func (file.py:line)" -> "func (file.py)": one entry per function, whatever the line
         frames = [re.sub(r":\d+\)$", ")", f.strip()) for f in stack.split(";")]
@@ -250,7 +259,7 @@ def hot_spots(raw: Path, top: int = 20) -> str:
             incl[f] += n
     if not total:
         return "(no samples)"
-    by_pkg = collections.Counter()
+    by_pkg: collections.Counter[str] = collections.Counter()
     for f, n in own.items():
         where = f[f.find("(") + 1:]
         pkg = next((p for p in ("zillatw", "autobahn", "twisted", "txaio", "zope") if where.startswith(p + "/")),
@@ -286,7 +295,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds over all scenarios, interleaved; the median is reported (default 3)")
     ap.add_argument("--warmup", type=float, default=1.0, help="warm-up before each window (default 1)")
-    ap.add_argument("--profile", action="store_true", help="after the rounds, py-spy zillatw's proxy in one more 64 B run")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the rounds, py-spy zillatw's proxy in one more 64 B run")
     ap.add_argument("--nginx-buffer", metavar="SIZE",
                     help="set nginx's proxy_buffer_size (e.g. 64k); default: nginx's own (4k)")
     ap.add_argument("--upstream", type=int, help=argparse.SUPPRESS)  # internal: be the echo server
@@ -345,10 +355,10 @@ def main() -> int:
     print(f"{'scenario':<14}{'size':>8}{'msgs/s':>12}{'MB/s':>10}{'vs nginx':>10}{'vs direct':>11}"
           f"{'msgs/s min-max':>18}{'proxy CPU':>11}{'(waiting)':>11}{'upstream CPU':>14}")
     for size in SIZES:
-        nginx, direct = results["nginx", size], results["direct", size]
+        by_nginx, direct = results["nginx", size], results["direct", size]
         for scenario in ports:
             r = results[scenario, size]
-            vs_nginx = "" if scenario in ("direct", "nginx") else f"{r['msgs'] / nginx['msgs']:.2f}x"
+            vs_nginx = "" if scenario in ("direct", "nginx") else f"{r['msgs'] / by_nginx['msgs']:.2f}x"
             note = "" if not (r["errors"] or r["closed"]) else f"  ({r['errors']} bad echoes, {r['closed']} closed)"
             print(f"{scenario:<14}{human(size):>8}{r['msgs']:>12.0f}{r['mbs']:>10.2f}{vs_nginx:>10}"
                   f"{r['msgs'] / direct['msgs']:>10.2f}x{r['min']:>9.0f}-{r['max']:<8.0f}"
@@ -359,7 +369,7 @@ def main() -> int:
         met = ratio >= GOALS[size]
         unit = "MB/s" if size >= 1024 else "msgs/s"
         per_round = ", ".join(f"{z['msgs'] / n['msgs']:.2f}x"
-                              for z, n in zip(runs["zillatw", size], runs["nginx", size]))
+                              for z, n in zip(runs["zillatw", size], runs["nginx", size], strict=True))
         print(f"goal at {human(size)}: zillatw/nginx {unit} >= {GOALS[size]:.1f}x: "
               f"{ratio:.2f}x -> {'met' if met else 'NOT met'}  (round by round: {per_round})")
     print("(zillatw echo, the gateway's own echo without an upstream, for the other path: "
