@@ -73,7 +73,8 @@ def make(folder: Path) -> ServerFiles:
               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
               .sign(ca_key, hashes.SHA256()))
     password = secrets.token_urlsafe(16)
-    files = ServerFiles(folder / "ca.pem", folder / "server.p12", password, folder / "server.crt", folder / "server.key")
+    files = ServerFiles(folder / "ca.pem", folder / "server.p12", password,
+                        folder / "server.crt", folder / "server.key")
     files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     _write_private(files.keystore, pkcs12.serialize_key_and_certificates(
         b"localhost", key, server, [ca], serialization.BestAvailableEncryption(password.encode())))

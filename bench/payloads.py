@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import zlib
+from typing import TypedDict
 
 FIRST = ("Alice", "Bruno", "Chen", "Dana", "Emeka", "Fatima", "Goran", "Hana", "Ivan", "Julia", "Kenji", "Lena")
 LAST = ("Martin", "Okafor", "Schmidt", "Tanaka", "Rossi", "Novak", "Silva", "Kowalski", "Dubois", "Haddad")
@@ -16,9 +17,15 @@ TAGS = ("web", "mobile", "promo", "returning", "gift", "express", "b2b", "newsle
 WORDS = ("please", "leave", "at", "the", "door", "ring", "twice", "fragile", "call", "before", "delivery")
 
 
+class _Item(TypedDict):
+    sku: str
+    qty: int
+    price: float
+
+
 def _event(rnd: random.Random, n: int) -> dict:
-    items = [{"sku": f"SKU-{rnd.randrange(10000, 99999)}", "qty": rnd.randint(1, 4),
-              "price": round(rnd.uniform(2, 200), 2)} for _ in range(rnd.randint(1, 3))]
+    items = [_Item(sku=f"SKU-{rnd.randrange(10000, 99999)}", qty=rnd.randint(1, 4),
+                   price=round(rnd.uniform(2, 200), 2)) for _ in range(rnd.randint(1, 3))]
     return {"id": 100000 + n, "type": rnd.choice(EVENTS),
             "ts": f"2026-11-25T{rnd.randrange(24):02d}:{rnd.randrange(60):02d}:{rnd.randrange(60):02d}."
                   f"{rnd.randrange(1000):03d}Z",
