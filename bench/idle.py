@@ -21,12 +21,18 @@ started, so every process the benchmark starts inherits it.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import multiprocessing
 import resource
+import socket
+import struct
 import time
 from collections.abc import Callable
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Event, Semaphore
 from pathlib import Path
+from typing import Any
 
 IDLE_CONCURRENCY = 16  # handshakes in progress per client process (the servers' backlogs are 50-100)
 MIN_PROCESSES = 4
@@ -53,8 +59,9 @@ def raise_nofile(need: int = 0) -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
             return need
         except (OSError, ValueError) as exc:
-            raise SystemExit(f"cannot raise RLIMIT_NOFILE to {need} (hard limit {hard}; {exc}): raising the hard "
-                             "limit takes root with CAP_SYS_RESOURCE (`ulimit -Hn`, or prlimit on this shell)") from None
+            raise SystemExit(f"cannot raise RLIMIT_NOFILE to {need} (hard limit {hard}; {exc}): raising the "
+                             "hard limit takes root with CAP_SYS_RESOURCE (`ulimit -Hn`, or prlimit on this shell)"
+                             ) from None
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
@@ -70,75 +77,77 @@ def client_processes(count: int) -> int:
     return max(MIN_PROCESSES, math.ceil(count / per_process()))
 
 
-def idle_worker(port: int, n: int, source: str, opened, release, results) -> None:
-    """Opens n WebSocket connections from `source`, reports (opened, seconds, errors), holds them
-    until `release` is set, reports how many are still open, then resets them."""
-    import asyncio
-    import socket
-    import struct
-    raise_nofile()
-    request = HANDSHAKE.format(port=port).encode()
+class _IdleClients:
+    """One client process's idle connections from `source`: opened IDLE_CONCURRENCY handshakes
+    at a time, kept alive by answering pings, reset at the end."""
 
-    async def main():
-        loop = asyncio.get_running_loop()
-        writers, errors, lost, tasks = [], [], [], []
-        gate = asyncio.Semaphore(IDLE_CONCURRENCY)
+    def __init__(self, port: int, source: str) -> None:
+        self.port, self.source = port, source
+        self.request = HANDSHAKE.format(port=port).encode()
+        self.gate = asyncio.Semaphore(IDLE_CONCURRENCY)
+        self.writers: list[asyncio.StreamWriter] = []
+        self.keepalives: list[asyncio.Future[None]] = []
+        self.errors: list[str] = []
+        self.lost = 0  # connections the server closed or dropped
 
-        async def keepalive(reader, writer):
-            """Answers pings (a masked pong, mask 0); anything else from the server is skipped."""
-            try:
-                while True:
-                    b0, b1 = await reader.readexactly(2)
-                    length = b1 & 0x7F
-                    if length >= 126:
-                        length = int.from_bytes(await reader.readexactly(2 if length == 126 else 8), "big")
-                    payload = await reader.readexactly(length)
-                    if b0 & 0x0F == 0x9 and length < 126:
-                        writer.write(bytes((0x8A, 0x80 | length)) + b"\0\0\0\0" + payload)
-                    elif b0 & 0x0F == 0x8:
-                        break
-            except (OSError, asyncio.IncompleteReadError):
-                pass
-            lost.append(1)
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((self.source, 0))
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.port))
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock)
 
-        async def connect():
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-                sock.bind((source, 0))
-                sock.setblocking(False)
-                await loop.sock_connect(sock, ("127.0.0.1", port))
-            except BaseException:
-                sock.close()
-                raise
-            return await asyncio.open_connection(sock=sock)
+    async def _keepalive(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answers pings (a masked pong, mask 0); anything else from the server is skipped."""
+        try:
+            while True:
+                b0, b1 = await reader.readexactly(2)
+                length = b1 & 0x7F
+                if length >= 126:
+                    length = int.from_bytes(await reader.readexactly(2 if length == 126 else 8), "big")
+                payload = await reader.readexactly(length)
+                if b0 & 0x0F == 0x9 and length < 126:
+                    writer.write(bytes((0x8A, 0x80 | length)) + b"\0\0\0\0" + payload)
+                elif b0 & 0x0F == 0x8:
+                    break
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        self.lost += 1
 
-        async def one():
-            async with gate:
-                for attempt in range(5):
-                    try:
-                        reader, writer = await connect()
-                        writer.write(request)
-                        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-                        if not head.startswith(b"HTTP/1.1 101"):
-                            raise RuntimeError(head.split(b"\r\n")[0].decode(errors="replace"))
-                        writers.append(writer)
-                        tasks.append(asyncio.ensure_future(keepalive(reader, writer)))
-                        return
-                    except Exception as exc:
-                        if attempt == 4:
-                            errors.append(f"{type(exc).__name__}: {exc}")
-                        await asyncio.sleep(0.2)
+    async def _open_one(self) -> None:
+        """One connection through its upgrade, in 5 attempts; the last attempt's failure is kept."""
+        async with self.gate:
+            for attempt in range(5):
+                try:
+                    reader, writer = await self._connect()
+                    writer.write(self.request)
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+                    if not head.startswith(b"HTTP/1.1 101"):
+                        raise RuntimeError(head.split(b"\r\n")[0].decode(errors="replace"))
+                    self.writers.append(writer)
+                    self.keepalives.append(asyncio.ensure_future(self._keepalive(reader, writer)))
+                    return
+                except Exception as exc:
+                    if attempt == 4:
+                        self.errors.append(f"{type(exc).__name__}: {exc}")
+                    await asyncio.sleep(0.2)
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one() for _ in range(n)))
-        results.put((len(writers), time.perf_counter() - t0, errors[:3]))
-        opened.release()
-        await loop.run_in_executor(None, release.wait, 600)
-        results.put(len(writers) - len(lost))  # still open
-        for task in tasks:
+    async def open_all(self, n: int) -> None:
+        await asyncio.gather(*(self._open_one() for _ in range(n)))
+
+    def still_open(self) -> int:
+        return len(self.writers) - self.lost
+
+    async def reset_all(self) -> None:
+        """Ends every connection with a reset (SO_LINGER 0): no TIME_WAIT left behind."""
+        for task in self.keepalives:
             task.cancel()
-        for writer in writers:
+        for writer in self.writers:
             try:
                 writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                                            struct.pack("ii", 1, 0))
@@ -147,7 +156,24 @@ def idle_worker(port: int, n: int, source: str, opened, release, results) -> Non
             writer.transport.abort()
         await asyncio.sleep(0.1)
 
-    asyncio.run(main())
+
+async def _open_hold_reset(port: int, n: int, source: str, opened: Semaphore, release: Event,
+                           results: Queue[Any]) -> None:
+    clients = _IdleClients(port, source)  # made in the running loop its semaphore belongs to
+    t0 = time.perf_counter()
+    await clients.open_all(n)
+    results.put((len(clients.writers), time.perf_counter() - t0, clients.errors[:3]))
+    opened.release()
+    await asyncio.get_running_loop().run_in_executor(None, release.wait, 600)
+    results.put(clients.still_open())
+    await clients.reset_all()
+
+
+def idle_worker(port: int, n: int, source: str, opened: Semaphore, release: Event, results: Queue[Any]) -> None:
+    """Opens n WebSocket connections from `source`, reports (opened, seconds, errors), holds them
+    until `release` is set, reports how many are still open, then resets them."""
+    raise_nofile()
+    asyncio.run(_open_hold_reset(port, n, source, opened, release, results))
 
 
 def rss_kib(pids: list[int]) -> int:
@@ -162,14 +188,16 @@ def rss_kib(pids: list[int]) -> int:
     return total
 
 
-def open_idle(port: int, count: int, procs_n: int, hold: Callable[[list[int]], None]) -> tuple[int, float, list[str], int]:
+def open_idle(port: int, count: int, procs_n: int,
+              hold: Callable[[list[int]], None]) -> tuple[int, float, list[str], int]:
     """Opens `count` idle connections over procs_n processes, the i-th from 127.0.0.(2 + i);
     calls hold(client pids) while they are all open. -> (opened, seconds to open, errors, still
     open at the release)."""
     ctx = multiprocessing.get_context("spawn")
     opened, release, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
     share = [count // procs_n + (i < count % procs_n) for i in range(procs_n)]
-    workers = [ctx.Process(target=idle_worker, daemon=True, args=(port, n, f"127.0.0.{2 + i}", opened, release, results))
+    workers = [ctx.Process(target=idle_worker, daemon=True,
+                           args=(port, n, f"127.0.0.{2 + i}", opened, release, results))
                for i, n in enumerate(share)]
     for w in workers:
         w.start()
@@ -177,7 +205,7 @@ def open_idle(port: int, count: int, procs_n: int, hold: Callable[[list[int]], N
         got = [results.get(timeout=300 + count / 100) for _ in workers]
         for _ in workers:
             opened.acquire(timeout=10)
-        hold([w.pid for w in workers])
+        hold([w.pid for w in workers if w.pid is not None])  # all of them: every one has started
         release.set()
         still = sum(results.get(timeout=60) for _ in workers)  # connections still open at the release
     finally:
