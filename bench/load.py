@@ -18,15 +18,20 @@ Two clients:
 from __future__ import annotations
 
 import asyncio
+import enum
 import math
 import multiprocessing
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+
+if TYPE_CHECKING:  # picows is imported in the worker processes only
+    from picows import WSListener, WSTransport
 
 CONNECTIONS = 50
 PROCESSES = 2
@@ -67,25 +72,83 @@ def negotiated_extensions(url: str, cafile: str | None = None) -> str:
 
     async def handshake() -> str:
         async with connect(url, ssl=client_ssl_context(cafile), compression="deflate") as ws:
-            return ws.response.headers.get("Sec-WebSocket-Extensions") or "(none)"
+            answer = ws.response.headers.get("Sec-WebSocket-Extensions") if ws.response else None
+            return answer or "(none)"
 
     return asyncio.run(handshake())
 
 
 # ---------------------------------------------------------------- worker processes
 
-def load_worker(url: str, conns: int, size: int, warmup: float, seconds: float,
-                barrier, results, payload: bytes | None = None, cafile: str | None = None) -> None:
-    import logging
+T = TypeVar("T")
 
-    import uvloop
-    from picows import WSCloseCode, WSListener, WSMsgType, ws_connect
-    logging.getLogger("picows").setLevel(logging.CRITICAL)
 
-    payload = os.urandom(size) if payload is None else payload  # bench/validation.py sends JSON
+class Phase(enum.IntEnum):
+    WARMUP = 0
+    WINDOW = 1
+    DONE = 2
+
+
+@dataclass
+class _Tally:
+    """One load worker's counts; only the round trips completed in the window are counted and timed."""
+    phase: Phase = Phase.WARMUP
+    count: int = 0
+    errors: int = 0  # echoes of the wrong length
+    closed: int = 0  # connections lost before the end
+    histogram: list[int] = field(default_factory=lambda: [0] * LATENCY_BUCKETS)
+
+    def completed(self, seconds: float) -> None:
+        """A round trip that took `seconds` came back."""
+        if self.phase == Phase.WINDOW:
+            self.count += 1
+            self.histogram[latency_bucket(seconds)] += 1
+
+
+async def _connect_retrying(connect: Callable[[], Awaitable[T]], retry_on: type[Exception]) -> T:
+    """A busy server's listen queue may be full for a moment: 5 attempts, 0.2 s apart."""
+    for _ in range(4):
+        try:
+            return await connect()
+        except retry_on:
+            await asyncio.sleep(0.2)
+    return await connect()
+
+
+async def _warm_up_and_measure(tally: _Tally, warmup: float, seconds: float) -> tuple[int, float]:
+    """The load is running: warm up, then the window -> (round trips completed in it, its length)."""
+    await asyncio.sleep(warmup)
+    tally.phase = Phase.WINDOW
+    t0 = time.perf_counter()
+    await asyncio.sleep(seconds)
+    tally.phase = Phase.DONE
+    return tally.count, time.perf_counter() - t0
+
+
+def _report(results: Any, barrier: Any, tally: _Tally, run: Callable[[], tuple[int, float]]) -> None:
+    """Runs the worker's loop and puts its result tuple, or its failure, on `results`."""
+    try:
+        count, elapsed = run()
+        results.put((count, elapsed, tally.errors, tally.closed, None, tally.histogram))
+    except BaseException as exc:  # report, do not hang the parent
+        barrier.abort()
+        results.put((0, 1.0, 0, 0, f"{type(exc).__name__}: {exc}", None))
+
+
+class _LoadClient(Protocol):
+    """What load_worker uses of _picows_client's listeners."""
+    lost: bool
+    transport: WSTransport
+
+    def kick(self) -> None: ...
+
+
+def _picows_client(payload: bytes, tally: _Tally) -> type[WSListener]:
+    """picows' listener class (picows is imported in the worker process only): it sends `payload`
+    again as soon as the whole echo is back."""
+    from picows import WSListener, WSMsgType
+
     size = len(payload)
-    state = {"phase": 0, "count": 0, "errors": 0, "closed": 0}  # phase: 0 warm-up, 1 window, 2 done
-    histogram = [0] * LATENCY_BUCKETS
     clock = time.perf_counter
 
     class Client(WSListener):
@@ -102,7 +165,7 @@ def load_worker(url: str, conns: int, size: int, warmup: float, seconds: float,
 
         def on_ws_frame(self, transport, frame):
             if frame.msg_type == WSMsgType.CLOSE:
-                if state["phase"] < 2:
+                if tally.phase < Phase.DONE:
                     self.lost = True  # closed on us mid-run
                 return
             self.received += frame.payload_size
@@ -110,44 +173,46 @@ def load_worker(url: str, conns: int, size: int, warmup: float, seconds: float,
                 return
             now = clock()
             if self.received != size:
-                state["errors"] += 1
+                tally.errors += 1
             self.received = 0
-            phase = state["phase"]
-            if phase == 1:
-                state["count"] += 1
-                histogram[latency_bucket(now - self.sent_at)] += 1
-            if phase < 2:
+            tally.completed(now - self.sent_at)
+            if tally.phase < Phase.DONE:
                 self.sent_at = now
                 transport.send(WSMsgType.BINARY, payload)
 
         def on_ws_disconnected(self, transport):
-            if state["phase"] < 2:
+            if tally.phase < Phase.DONE:
                 self.lost = True
 
-    async def main():
+    return Client
+
+
+def load_worker(url: str, conns: int, size: int, warmup: float, seconds: float,
+                barrier: Any, results: Any, payload: bytes | None = None, cafile: str | None = None) -> None:
+    """picows + uvloop: `conns` connections, each sending binary messages of `size` random bytes
+    (or `payload`) one at a time; reports its result tuple on `results`."""
+    import logging
+
+    import uvloop
+    from picows import WSCloseCode, ws_connect
+    logging.getLogger("picows").setLevel(logging.CRITICAL)
+
+    payload = os.urandom(size) if payload is None else payload  # bench/validation.py sends JSON
+    tally = _Tally()
+    client_class = _picows_client(payload, tally)
+
+    async def main() -> tuple[int, float]:
         context = client_ssl_context(cafile)
-        clients = []
+        clients: list[_LoadClient] = []
         for _ in range(conns):
-            for attempt in range(5):
-                try:
-                    _, client = await ws_connect(Client, url, ssl_context=context, max_frame_size=64 * 1024 * 1024)
-                    break
-                except Exception:
-                    if attempt == 4:
-                        raise
-                    await asyncio.sleep(0.2)
-            clients.append(client)
+            _, listener = await _connect_retrying(
+                lambda: ws_connect(client_class, url, ssl_context=context, max_frame_size=64 * 1024 * 1024), Exception)
+            clients.append(cast(_LoadClient, listener))  # the Client that client_class made, typed as its base
         await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
         for client in clients:
             client.kick()
-        await asyncio.sleep(warmup)
-        state["phase"] = 1
-        t0 = time.perf_counter()
-        await asyncio.sleep(seconds)
-        state["phase"] = 2
-        elapsed = time.perf_counter() - t0
-        count = state["count"]
-        state["closed"] = sum(client.lost for client in clients)
+        count, elapsed = await _warm_up_and_measure(tally, warmup, seconds)
+        tally.closed = sum(client.lost for client in clients)
         await asyncio.sleep(0.3)  # let the last round trips come back before closing
         for client in clients:
             client.transport.send_close(WSCloseCode.OK)  # picows defaults to 0, not a valid code
@@ -156,74 +221,53 @@ def load_worker(url: str, conns: int, size: int, warmup: float, seconds: float,
             client.transport.disconnect()
         return count, elapsed
 
-    try:
-        count, elapsed = uvloop.run(main())
-        results.put((count, elapsed, state["errors"], state["closed"], None, histogram))
-    except BaseException as exc:  # report, do not hang the parent
-        barrier.abort()
-        results.put((0, 1.0, 0, 0, f"{type(exc).__name__}: {exc}", None))
+    _report(results, barrier, tally, lambda: uvloop.run(main()))
 
 
 def deflate_worker(url: str, conns: int, size: int, warmup: float, seconds: float,
-                   barrier, results, payload: bytes | None = None, cafile: str | None = None) -> None:
+                   barrier: Any, results: Any, payload: bytes | None = None, cafile: str | None = None) -> None:
     """As load_worker with the websockets client offering permessage-deflate; `payload` is sent
     as text (it must be UTF-8: the deflate scenario sends JSON)."""
-    from websockets.asyncio.client import connect
+    from websockets.asyncio.client import ClientConnection, connect
 
+    if payload is None:
+        raise ValueError("deflate_worker sends `payload` as a text message: it needs one")
     text = payload.decode()
-    state = {"phase": 0, "count": 0, "errors": 0, "closed": 0}
-    histogram = [0] * LATENCY_BUCKETS
+    tally = _Tally()
     clock = time.perf_counter
 
-    async def one(ws) -> None:
+    async def one(ws: ClientConnection) -> None:
         try:
-            while state["phase"] < 2:
+            while tally.phase < Phase.DONE:
                 sent_at = clock()
                 await ws.send(text)
                 echo = await ws.recv()
                 if len(echo) != len(text):
-                    state["errors"] += 1
-                if state["phase"] == 1:
-                    state["count"] += 1
-                    histogram[latency_bucket(clock() - sent_at)] += 1
+                    tally.errors += 1
+                tally.completed(clock() - sent_at)
         except Exception:
-            if state["phase"] < 2:
-                state["closed"] += 1
+            if tally.phase < Phase.DONE:
+                tally.closed += 1
 
-    async def main():
+    async def open_deflate(context: Any) -> ClientConnection:
+        ws = await _connect_retrying(
+            lambda: connect(url, ssl=context, compression="deflate", max_size=None, ping_interval=None), OSError)
+        answer = ws.response.headers.get("Sec-WebSocket-Extensions") if ws.response else None
+        if "permessage-deflate" not in (answer or ""):
+            raise RuntimeError(f"{url} did not accept permessage-deflate")
+        return ws
+
+    async def main() -> tuple[int, float]:
         context = client_ssl_context(cafile)
-        sockets = []
-        for _ in range(conns):
-            for attempt in range(5):  # a busy server's listen queue may be full for a moment
-                try:
-                    ws = await connect(url, ssl=context, compression="deflate", max_size=None, ping_interval=None)
-                    break
-                except OSError:
-                    if attempt == 4:
-                        raise
-                    await asyncio.sleep(0.2)
-            if "permessage-deflate" not in (ws.response.headers.get("Sec-WebSocket-Extensions") or ""):
-                raise RuntimeError(f"{url} did not accept permessage-deflate")
-            sockets.append(ws)
+        sockets = [await open_deflate(context) for _ in range(conns)]
         await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
         tasks = [asyncio.ensure_future(one(ws)) for ws in sockets]
-        await asyncio.sleep(warmup)
-        state["phase"] = 1
-        t0 = time.perf_counter()
-        await asyncio.sleep(seconds)
-        state["phase"] = 2
-        elapsed = time.perf_counter() - t0
-        count = state["count"]
+        count, elapsed = await _warm_up_and_measure(tally, warmup, seconds)
         await asyncio.wait(tasks, timeout=5)
         await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
         return count, elapsed
 
-    try:
-        count, elapsed = asyncio.run(main())
-        results.put((count, elapsed, state["errors"], state["closed"], None, histogram))
-    except BaseException as exc:  # report, do not hang the parent
-        barrier.abort()
-        results.put((0, 1.0, 0, 0, f"{type(exc).__name__}: {exc}", None))
+    _report(results, barrier, tally, lambda: asyncio.run(main()))
 
 
 # ---------------------------------------------------------------- CPU accounting, the window
@@ -275,7 +319,7 @@ def run_window(workers: list, barrier: Any, results: Any, watched: Callable[[], 
             started.set()
         except threading.BrokenBarrierError:
             started.set()
-            problems = []
+            problems: list[str | None] = []
             while not results.empty() or not problems:
                 try:
                     problems.append(results.get(timeout=5)[4])
@@ -318,7 +362,7 @@ def measure(url: str, size: int, warmup: float, seconds: float, watch: dict[str,
     if problems:
         raise RuntimeError("; ".join(problems))
     rate = sum(count / elapsed for count, elapsed, *_ in got)
-    histogram = [sum(column) for column in zip(*(g[5] for g in got))]
+    histogram = [sum(column) for column in zip(*(g[5] for g in got), strict=True)]  # LATENCY_BUCKETS each
     size = len(payload) if payload is not None else size
     return {"msgs": rate, "mbs": rate * size / 1e6, "cpu": cpu,
             "errors": sum(g[2] for g in got), "closed": sum(g[3] for g in got),
