@@ -39,7 +39,8 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -49,7 +50,7 @@ import idle  # noqa: E402 - bench/idle.py: the idle-connections scenario
 import load  # noqa: E402 - bench/load.py: the load generator
 import payloads  # noqa: E402 - bench/payloads.py: JSON for the deflate scenario
 import proxy  # noqa: E402 - bench/proxy.py: processes, nginx, zillatw, the upstream
-from proxy import Procs, free_port, wait_listening  # noqa: E402
+from proxy import BenchProcess, Procs, free_port, wait_listening  # noqa: E402
 
 KIB, MIB = 1024, 1024 * 1024
 
@@ -129,10 +130,10 @@ def serve_websockets(port: int, certificate: str | None = None, key: str | None 
 class Servers:
     """Starts the servers by name (each at most once) and keeps their ports and processes."""
 
-    def __init__(self, procs: Procs, tmp: Path):
+    def __init__(self, procs: Procs, tmp: Path) -> None:
         self.procs, self.tmp = procs, tmp
         self.ports: dict[str, int] = {}
-        self.processes: dict[str, object] = {}
+        self.processes: dict[str, BenchProcess] = {}
         self._tls: certs.ServerFiles | None = None
 
     @property
@@ -141,12 +142,12 @@ class Servers:
             self._tls = certs.make(self.tmp / "tls")
         return self._tls
 
-    def start(self, name: str) -> tuple[int, object]:
+    def start(self, name: str) -> tuple[int, BenchProcess]:
         if name not in self.ports:
             self.ports[name], self.processes[name] = self._start(name)
         return self.ports[name], self.processes[name]
 
-    def _start(self, name: str) -> tuple[int, object]:
+    def _start(self, name: str) -> tuple[int, BenchProcess]:
         procs, tmp = self.procs, self.tmp
         upstream = lambda: self.start(UPSTREAM)[0]  # noqa: E731 - started on first need
         zillatw = {"zillatw echo": ("echo.yaml", False, 1), "zillatw proxy": ("proxy.yaml", False, 1),
@@ -185,7 +186,7 @@ class Servers:
 def run_idle(tmp: Path, name: str, count: int) -> dict:
     procs = Procs()
 
-    def start():
+    def start() -> tuple[int, Callable[[], list[int]], Callable[[], bool]]:
         port, proc = Servers(procs, tmp).start(name)
         return port, lambda: proxy.family(proc.pid), lambda: proc.poll() is None
 
@@ -198,7 +199,7 @@ def combine(rs: list[dict], size: int) -> dict:
     """The median round's rate; latency percentiles over all rounds' round trips."""
     rates = sorted(r["msgs"] for r in rs)
     rate = statistics.median(rates)
-    histogram = [sum(column) for column in zip(*(r["latency"] for r in rs))]
+    histogram = [sum(column) for column in zip(*(r["latency"] for r in rs), strict=True)]  # LATENCY_BUCKETS each
     return {"msgs": rate, "mbs": rate * size / 1e6, "min": rates[0], "max": rates[-1],
             "p50": load.percentile(histogram, 0.5), "p99": load.percentile(histogram, 0.99),
             "cpu": {k: statistics.median(r["cpu"].get(k, 0) for r in rs) for k in rs[0]["cpu"]},
@@ -207,8 +208,8 @@ def combine(rs: list[dict], size: int) -> dict:
 
 def print_round_trips(scenario: Scenario, results: dict, extensions: dict[str, str]) -> None:
     if scenario.deflate:
-        ratios = ", ".join(f"{human(s)} deflates to {100 * payloads.deflate_ratio(payloads.json_payload(s)):.0f} %"
-                           for s in scenario.sizes)
+        ratios = ", ".join(f"{human(s)} deflates to "
+                           f"{100 * payloads.deflate_ratio(payloads.json_payload(s)):.0f} %" for s in scenario.sizes)
         offer = "; ".join(f"{name} answers {extensions[name]!r}" for name in scenario.servers if name in extensions)
         print(f"{scenario.name}: the websockets client offers permessage-deflate (client_max_window_bits), sends "
               f"JSON text ({ratios} with zlib's default level); {offer}")
@@ -230,7 +231,8 @@ def print_round_trips(scenario: Scenario, results: dict, extensions: dict[str, s
             workers = [f"{v:.0f}%" for k, v in sorted(r["cpu"].items()) if k.startswith("worker ") and "wait" not in k]
             note += f"  (workers' CPU: {' + '.join(workers)})" if workers else ""
             print(f"{name:<19}{human(size):>7}{r['msgs']:>9.0f}{r['mbs']:>9.2f}{r['min']:>9.0f}-{r['max']:<7.0f}"
-                  f"{r['p50']:>8.0f}{r['p99']:>8.0f}{cpu:>5.0f}%{cpu * 1e4 / r['msgs']:>8.1f}{ratio:>14}{p99:>12}{note}")
+                  f"{r['p50']:>8.0f}{r['p99']:>8.0f}{cpu:>5.0f}%{cpu * 1e4 / r['msgs']:>8.1f}{ratio:>14}{p99:>12}"
+                  f"{note}")
     print()
 
 
@@ -244,12 +246,13 @@ def print_idle(idle_runs: dict[str, list[dict]], count: int, rounds: int) -> dic
                              errors=[e for r in rs for e in r["errors"]][:3])
     print(f"idle: {count} WebSocket connections (handshake, then nothing) from {idle.client_processes(count)} client "
           f"processes (source addresses 127.0.0.2 on) to a fresh server process (-w N: a supervisor and N workers, RSS "
-          f"summed), median of {rounds} rounds; RSS = the server's VmRSS before (after 200 warm-up connections) and with all open (those two: the median round); "
-          "clients: the client processes' RSS together; zillatw/this: KiB/conn ratio (lower is better for zillatw)")
+          f"summed), median of {rounds} rounds; RSS = the server's VmRSS before (after 200 warm-up connections) "
+          "and with all open (those two: the median round); clients: the client processes' RSS together; "
+          "zillatw/this: KiB/conn ratio (lower is better for zillatw)")
     print(f"{'server':<15}{'open':>8}{'open in':>9}{'RSS before':>12}{'RSS open':>11}{'KiB/conn':>10}"
           f"{'min-max':>14}{'clients':>10}{'  zillatw/this':>14}")
     mine_name = next((name for name in summary if name.startswith("zillatw")), None)
-    mine = summary.get(mine_name)
+    mine = summary[mine_name] if mine_name else None
     for name, r in summary.items():
         ratio = f"{mine['per_conn'] / r['per_conn']:.2f}x" if mine and name != mine_name and r["per_conn"] > 0 else ""
         note = ("" if r["alive"] else "  (server died)") + (
@@ -269,17 +272,18 @@ def print_goals(results: dict, runs: dict, idle_summary: dict, idle_runs: dict, 
             continue
         ratio = a["msgs"] / b["msgs"]
         per_round = ", ".join(f"{x['msgs'] / y['msgs']:.2f}x"
-                              for x, y in zip(runs[scenario, mine, size], runs[scenario, peer, size]))
+                              for x, y in zip(runs[scenario, mine, size], runs[scenario, peer, size], strict=True))
         unit = "MB/s" if size >= KIB else "msgs/s"
         va, vb = (f"{a['mbs']:.1f}", f"{b['mbs']:.1f}") if size >= KIB else (f"{a['msgs']:.0f}", f"{b['msgs']:.0f}")
         lines.append(f"  {mine} vs {peer} at {human(size)}: {va} vs {vb} {unit} = {ratio:.2f}x, goal >= {goal:.1f}x -> "
                      f"{'met' if ratio >= goal else 'NOT met'}  (round by round: {per_round})")
-    mine = next((name for name in idle_summary if name.startswith("zillatw")), None)
-    if mine:
-        r = idle_summary[mine]
-        per_round = ", ".join(f"{x['per_conn']:.2f}" for x in idle_runs[mine])
-        lines.append(f"  {mine}, {count} idle connections: {r['per_conn']:.2f} KiB RSS each (round by round: "
-                     f"{per_round}), goal <= {GOAL_IDLE_KIB:.0f} KiB -> {'met' if r['per_conn'] <= GOAL_IDLE_KIB else 'NOT met'}"
+    idle_mine = next((name for name in idle_summary if name.startswith("zillatw")), None)
+    if idle_mine:
+        r = idle_summary[idle_mine]
+        per_round = ", ".join(f"{x['per_conn']:.2f}" for x in idle_runs[idle_mine])
+        met = "met" if r["per_conn"] <= GOAL_IDLE_KIB else "NOT met"
+        lines.append(f"  {idle_mine}, {count} idle connections: {r['per_conn']:.2f} KiB RSS each (round by round: "
+                     f"{per_round}), goal <= {GOAL_IDLE_KIB:.0f} KiB -> {met}"
                      + ("" if r["opened"] == count else f"  (only {r['opened']} opened)"))
     if lines:
         print("goals:", *lines, sep="\n")
@@ -293,7 +297,7 @@ def plot(path: str, results: dict, scenarios: list[Scenario]) -> None:
     columns = min(2, len(shown)) or 1
     rows = max(1, -(-len(shown) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 4 * rows), squeeze=False)
-    for ax, scenario in zip(axes.flat, shown):
+    for ax, scenario in zip(axes.flat, shown, strict=False):  # the grid may have a spare panel
         for name in scenario.servers:
             xs = [z for z in scenario.sizes if (scenario.name, name, z) in results]
             if xs:
@@ -316,7 +320,7 @@ def plot(path: str, results: dict, scenarios: list[Scenario]) -> None:
 
 # ---------------------------------------------------------------- main
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=4.0, help="measuring window per measurement (default 4)")
     ap.add_argument("--rounds", type=int, default=3,
@@ -334,10 +338,123 @@ def main() -> int:
                     help="idle scenario: zillatw echo with twistd zillaws -w N (default 1: one process); for "
                          "machines whose RLIMIT_NOFILE hard limit is below --idle-connections")
     ap.add_argument("--serve", nargs="+", metavar="ARG", help=argparse.SUPPRESS)  # internal: SERVER PORT [CERT KEY]
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def serve_peer(serve: list[str]) -> None:
+    """--serve SERVER PORT [CERT KEY]: be one of the peer servers (this is its own process)."""
+    server, port, *tls = serve
+    {"autobahn": serve_autobahn, "websockets": serve_websockets}[server](int(port), *tls)
+
+
+def raise_nofile_for_idle(args: argparse.Namespace, idle_servers: list[str], only: list[str]) -> int:
+    """Before anything starts, so that every process inherits it. An idle server process holds a
+    descriptor per connection (zillatw -w N: each worker its share); the idle clients make do
+    with the same limit (idle.per_process). -> RLIMIT_NOFILE now."""
+    if "idle" not in only:
+        return idle.raise_nofile(0)
+    per_server = [-(-args.idle_connections // args.idle_workers) if name.startswith("zillatw")
+                  else args.idle_connections for name in idle_servers]
+    return idle.raise_nofile(max(per_server) + idle.NOFILE_MARGIN)
+
+
+@dataclass
+class Measured:
+    """Every round's results, by (scenario, server, size); the fan rounds; the idle rounds by
+    server; the deflate scenario's servers' answers to the client's offer."""
+    runs: dict[tuple[str, str, int], list[dict]] = field(default_factory=lambda: collections.defaultdict(list))
+    fan: list[dict] = field(default_factory=list)
+    idle: dict[str, list[dict]] = field(default_factory=lambda: collections.defaultdict(list))
+    extensions: dict[str, str] = field(default_factory=dict)
+
+
+def measure_scenario(args: argparse.Namespace, rnd: int, scenario: Scenario, servers: Servers,
+                     measured: Measured) -> None:
+    """One round of a round-trip scenario: every size, every server."""
+    for size in scenario.sizes:
+        payload = payloads.json_payload(size) if scenario.deflate else None
+        for name in scenario.servers:
+            print(f"  round {rnd + 1}/{args.rounds} {scenario.name:>9} {name:>17} {human(size):>7} ...",
+                  end="", flush=True, file=sys.stderr)
+            r = load.measure(f"{'wss' if scenario.tls else 'ws'}://127.0.0.1:{servers.ports[name]}/", size,
+                             args.warmup, args.seconds, servers.watch(name), payload,
+                             str(servers.tls.ca) if scenario.tls else None,
+                             "websockets" if scenario.deflate else "picows")
+            measured.runs[scenario.name, name, size].append(r)
+            print(f" {r['msgs']:9.0f} msgs/s {r['mbs']:9.2f} MB/s  p99 {r['p99']:7.0f} µs", file=sys.stderr)
+
+
+def run_round_trips(args: argparse.Namespace, scenarios: list[Scenario], with_fan: bool, tmp: Path,
+                    measured: Measured) -> None:
+    """Starts every scenario's servers (and the fan gateway), then measures them round after round."""
+    procs = Procs()
+    try:
+        servers = Servers(procs, tmp)
+        for scenario in scenarios:
+            for name in scenario.servers:
+                servers.start(name)
+                if scenario.deflate:
+                    measured.extensions[name] = load.negotiated_extensions(f"ws://127.0.0.1:{servers.ports[name]}/")
+        if with_fan:
+            import fan  # bench/fan.py
+            fan_port, fan_proc = proxy.start_zillatw(procs, tmp, "zillatw-fan", HERE / "fan.yaml", None)
+        for rnd in range(args.rounds if scenarios or with_fan else 0):
+            for scenario in scenarios:
+                measure_scenario(args, rnd, scenario, servers, measured)
+            if with_fan:
+                print(f"  round {rnd + 1}/{args.rounds}       fan       zillatw fan    64 B ...", end="", flush=True,
+                      file=sys.stderr)
+                r = fan.measure([f"ws://127.0.0.1:{fan_port}/"], 64, 4, 16, args.warmup, args.seconds,
+                                {"gateway": [fan_proc.pid]})
+                measured.fan.append(r)
+                print(f" {r['rate']:9.0f} deliveries/s", file=sys.stderr)
+    finally:
+        procs.stop()
+
+
+def run_idle_rounds(args: argparse.Namespace, idle_servers: list[str], tmp: Path, measured: Measured) -> None:
+    for rnd in range(args.rounds):
+        for name in idle_servers:
+            print(f"  round {rnd + 1}/{args.rounds} idle {args.idle_connections} connections {name:>14} ...",
+                  end="", flush=True, file=sys.stderr)
+            measured.idle[name].append(r := run_idle(tmp, name, args.idle_connections))
+            print(f" {r['opened']} open in {r['seconds']:.1f} s, {r['per_conn']:.2f} KiB each", file=sys.stderr)
+
+
+def print_conditions(started: str, load_before: tuple[float, float, float], nofile: int) -> None:
+    load_after = os.getloadavg()
+    print()
+    print(f"zillatw benchmark suite: started {started}, ended {time.strftime('%H:%M %Z')}; "
+          f"{os.cpu_count()} cores shared with other work, load average (1/5/15 min) before "
+          f"{'/'.join(f'{x:.2f}' for x in load_before)}, after {'/'.join(f'{x:.2f}' for x in load_after)}; "
+          f"RLIMIT_NOFILE {nofile}")
+
+
+def print_round_trip_method(args: argparse.Namespace) -> None:
+    print(f"round trips: {load.CONNECTIONS} connections over {load.PROCESSES} load processes (picows + uvloop; "
+          f"deflate: websockets), 1 message in flight each, {args.seconds:g} s window after {args.warmup:g} s "
+          f"warm-up, median of {args.rounds} interleaved rounds; msgs/s = round trips/s, MB/s = payload each way; "
+          "p50/p99: round-trip time over all rounds; CPU: the server process(es) in % of one core (nginx: master "
+          "+ worker; -w 2: supervisor + workers; not the proxies' upstream); µs/msg: that CPU per round trip; "
+          "zillatw/this: the scenario's zillatw server's msgs/s / this one's; p99 z/this: its p99 / this one's")
+    print()
+
+
+def print_fan(fan_runs: list[dict]) -> None:
+    rates = sorted(r["rate"] for r in fan_runs)
+    rate = statistics.median(rates)
+    gw = statistics.median(r["cpu"].get("gateway", 0) for r in fan_runs)
+    print(f"fan (bench/fan.py's in-process measurement, 100 members, 4 publishers x 16 in flight, 64 B): "
+          f"{rate:.0f} deliveries/s ({rates[0]:.0f}-{rates[-1]:.0f}), {rate / 100:.0f} publishes/s, "
+          f"gateway CPU {gw:.0f}%, {gw * 1e4 / rate:.2f} µs/delivery, {sum(r['errors'] for r in fan_runs)} gaps, "
+          f"{sum(r['closed'] for r in fan_runs)} evicted (no peer: no goal)")
+    print()
+
+
+def main() -> int:
+    args = parse_args()
     if args.serve:
-        server, port, *tls = args.serve
-        {"autobahn": serve_autobahn, "websockets": serve_websockets}[server](int(port), *tls)
+        serve_peer(args.serve)
         return 0
     only = args.only or list(SCENARIOS)
     scenarios = [s for s in ROUND_TRIPS if s.name in only]
@@ -347,90 +464,29 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     idle_servers = [f"zillatw echo -w {args.idle_workers}" if name == "zillatw echo" and args.idle_workers > 1 else name
                     for name in args.idle_server or IDLE_SERVERS]
-    # Before anything starts, so that every process inherits it. An idle server process holds a
-    # descriptor per connection (zillatw -w N: each worker its share); the idle clients make do
-    # with the same limit (idle.per_process).
-    per_server = [-(-args.idle_connections // args.idle_workers) if name.startswith("zillatw") else args.idle_connections
-                  for name in idle_servers]
-    nofile = idle.raise_nofile(max(per_server) + idle.NOFILE_MARGIN if "idle" in only else 0)
+    nofile = raise_nofile_for_idle(args, idle_servers, only)
     load_before = os.getloadavg()
     started = time.strftime("%Y-%m-%d %H:%M %Z")
     tmp = Path(tempfile.mkdtemp(prefix="zillatw-bench-suite-"))
-    runs: dict[tuple[str, str, int], list[dict]] = collections.defaultdict(list)
-    fan_runs: list[dict] = []
-    idle_runs: dict[str, list[dict]] = collections.defaultdict(list)
-    procs = Procs()
+    measured = Measured()
+    run_round_trips(args, scenarios, "fan" in only, tmp, measured)
     try:
-        servers = Servers(procs, tmp)
-        extensions = {}  # the deflate scenario's servers' answers to the offer
-        for scenario in scenarios:
-            for name in scenario.servers:
-                servers.start(name)
-                if scenario.deflate:
-                    extensions[name] = load.negotiated_extensions(f"ws://127.0.0.1:{servers.ports[name]}/")
-        if "fan" in only:
-            import fan  # bench/fan.py
-            fan_port, fan_proc = proxy.start_zillatw(procs, tmp, "zillatw-fan", HERE / "fan.yaml", None)
-        for rnd in range(args.rounds if scenarios or "fan" in only else 0):
-            for scenario in scenarios:
-                for size in scenario.sizes:
-                    payload = payloads.json_payload(size) if scenario.deflate else None
-                    for name in scenario.servers:
-                        print(f"  round {rnd + 1}/{args.rounds} {scenario.name:>9} {name:>17} {human(size):>7} ...",
-                              end="", flush=True, file=sys.stderr)
-                        r = load.measure(f"{'wss' if scenario.tls else 'ws'}://127.0.0.1:{servers.ports[name]}/", size,
-                                         args.warmup, args.seconds, servers.watch(name), payload,
-                                         str(servers.tls.ca) if scenario.tls else None,
-                                         "websockets" if scenario.deflate else "picows")
-                        runs[scenario.name, name, size].append(r)
-                        print(f" {r['msgs']:9.0f} msgs/s {r['mbs']:9.2f} MB/s  p99 {r['p99']:7.0f} µs", file=sys.stderr)
-            if "fan" in only:
-                print(f"  round {rnd + 1}/{args.rounds}       fan       zillatw fan    64 B ...", end="", flush=True,
-                      file=sys.stderr)
-                r = fan.measure([f"ws://127.0.0.1:{fan_port}/"], 64, 4, 16, args.warmup, args.seconds,
-                                {"gateway": [fan_proc.pid]})
-                fan_runs.append(r)
-                print(f" {r['rate']:9.0f} deliveries/s", file=sys.stderr)
-    finally:
-        procs.stop()
-    try:
-        for rnd in range(args.rounds if "idle" in only else 0):
-            for name in idle_servers:
-                print(f"  round {rnd + 1}/{args.rounds} idle {args.idle_connections} connections {name:>14} ...",
-                      end="", flush=True, file=sys.stderr)
-                idle_runs[name].append(r := run_idle(tmp, name, args.idle_connections))
-                print(f" {r['opened']} open in {r['seconds']:.1f} s, {r['per_conn']:.2f} KiB each", file=sys.stderr)
+        if "idle" in only:
+            run_idle_rounds(args, idle_servers, tmp, measured)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    results = {key: combine(rs, key[2]) for key, rs in runs.items()}  # (JSON payloads are exactly the size too)
-    load_after = os.getloadavg()
-    print()
-    print(f"zillatw benchmark suite: started {started}, ended {time.strftime('%H:%M %Z')}; "
-          f"{os.cpu_count()} cores shared with other work, load average (1/5/15 min) before "
-          f"{'/'.join(f'{x:.2f}' for x in load_before)}, after {'/'.join(f'{x:.2f}' for x in load_after)}; "
-          f"RLIMIT_NOFILE {nofile}")
+    # (the deflate scenario's JSON payloads are exactly the size too)
+    results = {key: combine(rs, key[2]) for key, rs in measured.runs.items()}
+    print_conditions(started, load_before, nofile)
     if results:
-        print(f"round trips: {load.CONNECTIONS} connections over {load.PROCESSES} load processes (picows + uvloop; "
-              f"deflate: websockets), 1 message in flight each, {args.seconds:g} s window after {args.warmup:g} s "
-              f"warm-up, median of {args.rounds} interleaved rounds; msgs/s = round trips/s, MB/s = payload each way; "
-              "p50/p99: round-trip time over all rounds; CPU: the server process(es) in % of one core (nginx: master "
-              "+ worker; -w 2: supervisor + workers; not the proxies' upstream); µs/msg: that CPU per round trip; "
-              "zillatw/this: the scenario's zillatw server's msgs/s / this one's; p99 z/this: its p99 / this one's")
-        print()
+        print_round_trip_method(args)
         for scenario in scenarios:
-            print_round_trips(scenario, results, extensions)
-    if fan_runs:
-        rates = sorted(r["rate"] for r in fan_runs)
-        rate = statistics.median(rates)
-        gw = statistics.median(r["cpu"].get("gateway", 0) for r in fan_runs)
-        print(f"fan (bench/fan.py's in-process measurement, 100 members, 4 publishers x 16 in flight, 64 B): "
-              f"{rate:.0f} deliveries/s ({rates[0]:.0f}-{rates[-1]:.0f}), {rate / 100:.0f} publishes/s, "
-              f"gateway CPU {gw:.0f}%, {gw * 1e4 / rate:.2f} µs/delivery, {sum(r['errors'] for r in fan_runs)} gaps, "
-              f"{sum(r['closed'] for r in fan_runs)} evicted (no peer: no goal)")
-        print()
-    idle_summary = print_idle(idle_runs, args.idle_connections, args.rounds) if idle_runs else {}
-    print_goals(results, runs, idle_summary, idle_runs, args.idle_connections)
+            print_round_trips(scenario, results, measured.extensions)
+    if measured.fan:
+        print_fan(measured.fan)
+    idle_summary = print_idle(measured.idle, args.idle_connections, args.rounds) if measured.idle else {}
+    print_goals(results, measured.runs, idle_summary, measured.idle, args.idle_connections)
     if args.plot and results:
         plot(args.plot, results, scenarios)
         print(f"plot: {args.plot}")
