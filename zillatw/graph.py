@@ -7,20 +7,25 @@ built; config has already rejected unknown names, loops and mismatched stream ki
 from __future__ import annotations
 
 from collections.abc import Mapping
-from types import ModuleType
 from typing import Any
 
 from zillatw.config import BindingConfig, Config
 from zillatw.errors import ConfigError
+from zillatw.plugins import Registry
 from zillatw.telemetry import Events
 
 
 class BindingGraph:
-    def __init__(self, config: Config, types: Mapping[str, ModuleType], events: Mapping[str, Events] | None = None,
-                 telemetry: Any = None):
+    """What a configuration's bindings are built from: the registry of types, the reactor
+    every one of them uses (for time and sockets: a test passes a Clock or a
+    MemoryReactorClock), each namespace's events, and the metrics that meter them."""
+
+    def __init__(self, config: Config, registry: Registry, events: Mapping[str, Events] | None = None,
+                 telemetry: Any = None, *, reactor: Any):
         self.config = config
+        self.reactor = reactor
         self.telemetry = telemetry  # zillatw.metrics.Telemetry: meters bindings as they are built
-        self._types = types
+        self.registry = registry
         self._built: dict[str, Any] = {}
         self._events = dict(events or {})
         self._guards: dict[str, Any] = {}
@@ -35,7 +40,7 @@ class BindingGraph:
         built = self._built.get(qname)
         if built is None:
             config = self.config.binding(qname)
-            built = self._built[qname] = self._types[config.type].build(config, self)
+            built = self._built[qname] = self.registry.bindings[config.type].build(config, self)
             if self.telemetry is not None:
                 self.telemetry.instrument(config, built)
         return built
@@ -44,11 +49,10 @@ class BindingGraph:
         """The built guard for `namespace:name` (a guard of that namespace's `guards`)."""
         built = self._guards.get(qname)
         if built is None:
-            from zillatw.guards import build_guard
             namespace, _, name = qname.partition(":")
             config = next(ns for ns in self.config.namespaces if ns.name == namespace).guards[name]
-            built = self._guards[qname] = build_guard(config["type"], namespace, name,
-                                                      config.get("options") or {}, self)
+            built = self._guards[qname] = self.registry.guards[config["type"]].build(
+                namespace, name, config.get("options") or {}, self)
         return built
 
     def vault(self, namespace: str, name: str) -> Any:
@@ -56,10 +60,10 @@ class BindingGraph:
         qname = f"{namespace}:{name}"
         opened = self._vaults.get(qname)
         if opened is None:
-            from zillatw.vault import open_vault
             item = next(ns for ns in self.config.namespaces if ns.name == namespace).vaults[name]
             where = f"{namespace}: " if len(self.config.namespaces) > 1 else ""
-            opened = self._vaults[qname] = open_vault(name, item.get("options"), self.config.base_dir, where)
+            opened = self._vaults[qname] = self.registry.vaults[item["type"]].open(
+                name, item.get("options"), self.config.base_dir, where)
         return opened
 
     def catalog(self, namespace: str, name: str) -> Any:
@@ -67,9 +71,9 @@ class BindingGraph:
         qname = f"{namespace}:{name}"
         built = self._catalogs.get(qname)
         if built is None:
-            from zillatw.catalogs import build_catalog
             item = next(ns for ns in self.config.namespaces if ns.name == namespace).catalogs[name]
-            built = self._catalogs[qname] = build_catalog(item["type"], namespace, name, item.get("options") or {}, self)
+            built = self._catalogs[qname] = self.registry.catalogs[item["type"]].build(
+                namespace, name, item.get("options") or {}, self, item["type"])
         return built
 
     def build_all(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from zope.interface import directlyProvides, implementer, providedBy
 
 from zillatw.config import BindingConfig, Config
 from zillatw.errors import did_you_mean
+from zillatw.fanredis import RedisCollector
 from zillatw.http1 import HttpError
 from zillatw.matching import matcher
 from zillatw.stream import ABNORMAL, IStreamEnd, StreamRefused
@@ -52,6 +53,9 @@ STREAM_METRICS = {
 }
 HTTP_METRICS = {"http.active.requests": ("gauge", ""), "http.duration": ("histogram", "milliseconds")}
 METRICS = {**STREAM_METRICS, **HTTP_METRICS}
+# The exporters zillatw serves: stdout (events, zillatw.events) and prometheus (metrics);
+# Zilla's others pass the schema and are refused by name.
+SUPPORTED_EXPORTERS = ("stdout", "prometheus")
 # Zilla's, not recorded by zillatw yet: refused by name when declared.
 NOT_YET = ("http.request.size", "http.response.size",
            "grpc.active.requests", "grpc.duration", "grpc.request.size", "grpc.response.size",
@@ -94,6 +98,10 @@ def check(namespace: Any, where: str) -> Iterator[str]:
     """Problems in a namespace's telemetry (metrics names, prometheus options, binding globs)."""
     telemetry = namespace.telemetry
     declared = list(telemetry.get("metrics") or ())
+    for name, exporter in (telemetry.get("exporters") or {}).items():
+        if exporter["type"] not in SUPPORTED_EXPORTERS:
+            yield (f"{where}telemetry.exporters.{name}.type: exporter type '{exporter['type']}' is not "
+                   f"supported by this zillatw yet (supported: {', '.join(SUPPORTED_EXPORTERS)})")
     if "attributes" in telemetry:
         yield f"{where}telemetry.attributes: not supported by this zillatw yet"
     for index, name in enumerate(declared):
@@ -475,6 +483,9 @@ class Telemetry:
         self.registry = CollectorRegistry(auto_describe=False)
         self._collector = _Collector()
         self.registry.register(self._collector)
+        # the fan bindings' Redis links (zillatw.fanredis), which they add as they are built
+        self.fan_redis_links = RedisCollector()
+        self.registry.register(self.fan_redis_links)
         self._events = dict(events or {})
         self._declared = {ns.name: tuple(ns.telemetry.get("metrics") or ()) for ns in config.namespaces}
         # port -> paths served there, from every namespace's prometheus exporters

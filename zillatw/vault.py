@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import types as key_types
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from zillatw.errors import ConfigError, did_you_mean
+from zillatw.plugins import VaultType
 
 STORES = ("keys", "trust", "signers")
 STORE_TYPES = ("pkcs12", "pem")
@@ -260,3 +261,6 @@ def _read_pem(location: Path, password: str | None, store: str, shown: str, path
             raise _StoreProblem(f"{path}.store: in '{name}', the private key does not match the first certificate")
         entries[alias] = KeyEntry(alias, key, certificates[0], certificates[1:])
     return entries
+
+
+PLUGIN = VaultType("filesystem", open_vault)

@@ -18,6 +18,7 @@ from typing import Any
 
 from zillatw.catalogs import Resolved, Schema, Unavailable
 from zillatw.schema import NAME
+from zillatw.plugins import CatalogType
 
 SCHEMA_PATCH = {
     "required": ["options"],
@@ -88,3 +89,7 @@ def check(name: str, options: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
 
 def build(namespace: str, name: str, options: Mapping[str, Any], graph: Any, type_: str = "") -> InlineCatalog:
     return InlineCatalog(namespace, name, options)
+
+
+PLUGIN = CatalogType(("inline",), SCHEMA_PATCH, build, check=check, check_reference=check_reference,
+                     schema_text=schema_text)

@@ -31,6 +31,7 @@ from twisted.web.http_headers import Headers
 from zillatw.guards import Rejected, Session
 from zillatw.schema import NAME
 from zillatw.telemetry import Events
+from zillatw.plugins import GuardType
 
 FETCH_TIMEOUT = 10.0   # seconds for a JWKS URL to answer
 MIN_REFRESH = 5.0      # seconds between fetches triggered by unknown kids
@@ -357,4 +358,7 @@ class _Discard:
 
 
 def build(namespace: str, name: str, options: Mapping[str, Any], graph: Any) -> JwtGuard:
-    return JwtGuard(namespace, name, options, events=graph.events(namespace))
+    return JwtGuard(namespace, name, options, events=graph.events(namespace), reactor=graph.reactor)
+
+
+PLUGIN = GuardType("jwt", SCHEMA_PATCH, build, check=check)

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from zillatw.guards import Rejected, Session
 from zillatw.telemetry import Events
+from zillatw.plugins import GuardType
 
 _FIELD = {"type": "string", "pattern": r"^[a-zA-Z]+[a-zA-Z0-9._-]*$"}
 SCHEMA_PATCH = {
@@ -156,3 +157,6 @@ class X509Guard:
 
 def build(namespace: str, name: str, options: Mapping[str, Any], graph: Any) -> X509Guard:
     return X509Guard(namespace, name, options, events=graph.events(namespace))
+
+
+PLUGIN = GuardType("x509", SCHEMA_PATCH, build, check=check)

@@ -7,6 +7,7 @@ from zope.interface import implementer
 from zillatw.config import BindingConfig
 from zillatw.schema import FORBIDDEN
 from zillatw.stream import IStreamEnd, IStreamExit, StreamInfo
+from zillatw.plugins import BindingType
 
 SCHEMA_PATCH = {
     "properties": {
@@ -45,3 +46,6 @@ class EchoServer:
 
 def build(binding: BindingConfig, graph: object) -> EchoServer:
     return EchoServer(binding.name)
+
+
+PLUGIN = BindingType("echo", SCHEMA_PATCH, STREAMS, build)

@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IAddress, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from zillatw import accesscontrol
 from zillatw.accesscontrol import AccessControl
@@ -27,6 +28,7 @@ from zillatw.matching import Matcher, matcher
 from zillatw.schema import FORBIDDEN, NAME, refused, route_schema
 from zillatw.stream import StreamRefused
 from zillatw.telemetry import Events, next_trace_id
+from zillatw.plugins import BindingType, IDrainsGracefully
 
 HEAD_TIMEOUT = 10.0  # seconds for a client to send its request head (slowloris)
 log = Logger()
@@ -212,6 +214,7 @@ class HttpClient:
         return exit_.connect(factory, headers.get(":authority"), timeout)
 
 
+@implementer(IDrainsGracefully)
 class HttpServer(Factory):
     """The http server binding: routes and limits, and the factory of its connections."""
 
@@ -418,4 +421,9 @@ def build(binding: BindingConfig, graph: Any) -> HttpServer | HttpClient:
         authorization = HttpAuthorization(graph.guard(f"{binding.namespace}:{guard}"), config["credentials"])
     return HttpServer(binding.name, routes, namespace=binding.namespace, events=graph.events(binding.namespace),
                       head_timeout=binding.options.get("head-timeout", HEAD_TIMEOUT), authorization=authorization,
-                      overrides=overrides, access_control=AccessControl(binding.options.get("access-control")))
+                      overrides=overrides, access_control=AccessControl(binding.options.get("access-control")),
+                      reactor=graph.reactor)
+
+
+PLUGIN = BindingType("http", SCHEMA_PATCH, STREAMS, build, check=check, guard_references=guard_references,
+                     guarded_kinds=frozenset(GUARDED_KINDS), unguarded_why=UNGUARDED_WHY)

@@ -34,6 +34,7 @@ from zillatw.tlscontext import (VERSIONS, Handshake, Peer, PeerTrust, TlsRoutes,
                                 name_matches, reason_text, set_servername_callback, state_of,
                                 use_key, verify_error)
 from zillatw.vault import FilesystemVault, KeyEntry
+from zillatw.plugins import BindingType
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds, Zilla's zilla.binding.tls.handshake.timeout
 MUTUAL = ("required", "requested", "none")
@@ -408,7 +409,8 @@ def build(binding: BindingConfig, graph: Any) -> TlsServer | TlsClient:
                      mutual=mutual, trust=PeerTrust(tuple(trust), options.get("trustcacerts", False), crls),
                      version=version,
                      handshake_timeout=options.get("handshake-timeout", HANDSHAKE_TIMEOUT),
-                     namespace=binding.namespace, guard=guard, route_trust=route_trust, events=events)
+                     namespace=binding.namespace, guard=guard, route_trust=route_trust, events=events,
+                     reactor=graph.reactor)
 
 
 HTTP_SERVED = "http/1.1"  # what an http server behind a tls server speaks (h2 is not served yet)
@@ -455,3 +457,7 @@ def _route_trust(binding: BindingConfig, vault: FilesystemVault | None, trust: S
     if problems:
         raise ConfigError(problems)
     return lambda aliases: [c for alias in aliases for c in vault.certificates("trust", alias)]  # type: ignore
+
+
+PLUGIN = BindingType("tls", SCHEMA_PATCH, STREAMS, build, check=check, guard_references=guard_references,
+                     guarded_kinds=frozenset(GUARDED_KINDS))

@@ -32,6 +32,7 @@ from zillatw.stream import ABNORMAL, IHttpConnection, IStreamEnd, IStreamExit, S
 from zillatw.validation import MESSAGES, check_models, validating_routes  # noqa: F401 - check_models: config's hook
 from zillatw.wsstream import ReactorTimer, StreamRelay
 from zillatw.wshandshake import check_upgrade, handshake_head, offered_protocols, select_route
+from zillatw.plugins import BindingType, IDrainsGracefully, IHoldsConnections
 
 MAX_MESSAGE_SIZE = 1024 * 1024
 CLOSE_TIMEOUT = 2.0  # seconds to wait for the peer's close frame before dropping
@@ -124,6 +125,7 @@ class WsRoutes:
         return None
 
 
+@implementer(IDrainsGracefully)
 class WsServer(WebSocketServerFactory):
     """The ws server binding: routes, limits and Autobahn's settings for its connections."""
 
@@ -339,7 +341,7 @@ class WsServerProtocol(StreamRelay, WebSocketServerProtocol):
             self.dropConnection(abort=True)
 
 
-@implementer(IStreamExit)
+@implementer(IStreamExit, IHoldsConnections)
 class WsClient:
     """The ws client binding: opens an upstream WebSocket per stream. The stream opens (and
     the downstream gets its 101) when the upstream has answered 101 with the same
@@ -488,7 +490,7 @@ def build(binding: BindingConfig, graph: Any) -> WsServer | WsClient:
         return WsClient(binding.name, routes, defaults=dict(options.get("defaults") or {}),
                         timeout=options.get("timeout", UPSTREAM_TIMEOUT),
                         max_message_size=options.get("max-message-size", MAX_MESSAGE_SIZE),
-                        permessage_deflate=options.get("permessage-deflate", True))
+                        permessage_deflate=options.get("permessage-deflate", True), reactor=graph.reactor)
     routes = validating_routes(binding, graph, routes, options.get("max-message-size", MAX_MESSAGE_SIZE))
     return WsServer(binding.name, routes, namespace=binding.namespace,
                     max_message_size=options.get("max-message-size", MAX_MESSAGE_SIZE),
@@ -497,4 +499,9 @@ def build(binding: BindingConfig, graph: Any) -> WsServer | WsClient:
                     close_timeout=options.get("close-timeout", CLOSE_TIMEOUT),
                     ping_interval=options.get("ping-interval", PING_INTERVAL),
                     ping_timeout=options.get("ping-timeout", PING_TIMEOUT),
-                    max_connections=options.get("max-connections", 0))
+                    max_connections=options.get("max-connections", 0), reactor=graph.reactor)
+
+
+PLUGIN = BindingType("ws", SCHEMA_PATCH, STREAMS, build, guarded_kinds=frozenset(GUARDED_KINDS),
+                     unguarded_why=UNGUARDED_WHY,
+                     check_in_namespace=lambda binding, namespace, registry: check_models(binding, namespace, registry.catalogs))

@@ -14,10 +14,11 @@ from twisted.trial import unittest
 from zillatw import config as config_module
 from zillatw.config import Config, load
 from zillatw.errors import ConfigError, did_you_mean
-from zillatw.protocols import binding_types
+from zillatw.metrics import SUPPORTED_EXPORTERS
+from zillatw.standard import standard_registry
 from zillatw.test.support import CONF
 
-TYPES = binding_types()
+TYPES = standard_registry()
 
 
 def echo_chain() -> dict[str, Any]:
@@ -312,7 +313,7 @@ class BindingSchemaTests(ConfigTestCase):
     def test_unknown_binding_type(self):
         self.assertProblems(changed(lambda c: c["bindings"]["ws0"].update(type="mqtt")), [
             "bindings.ws0.type: unknown binding type 'mqtt' (zillatw serves: "
-            + ", ".join(sorted(TYPES)) + ")"])
+            + ", ".join(sorted(TYPES.bindings)) + ")"])
 
     def test_misspelt_binding_type_suggests_one(self):
         problems = self.problems(changed(lambda c: c["bindings"]["echo_server"].update(type="ech")))
@@ -350,7 +351,7 @@ class BindingSchemaTests(ConfigTestCase):
     def test_unsupported_exporter_refused_by_name(self):
         self.assertProblems(changed(lambda c: c.update(telemetry={"exporters": {"p": {"type": "otlp"}}})), [
             "telemetry.exporters.p.type: exporter type 'otlp' is not supported by this zillatw yet "
-            "(supported: " + ", ".join(config_module.SUPPORTED_EXPORTERS) + ")"])
+            "(supported: " + ", ".join(SUPPORTED_EXPORTERS) + ")"])
 
     def test_unsupported_guard_vault_and_catalog_refused_by_name(self):
         def change(c):
@@ -362,11 +363,11 @@ class BindingSchemaTests(ConfigTestCase):
             return f" (supported: {', '.join(names)})" if names else ""
         self.assertProblems(changed(change), [
             "guards.my_guard.type: guard type 'oauth2-introspection' is not supported by this zillatw yet"
-            + supported(config_module.SUPPORTED_GUARDS),
+            + supported(TYPES.guards),
             "vaults.my_vault.type: vault type 'hashicorp-vault' is not supported by this zillatw yet"
-            + supported(config_module.SUPPORTED_VAULTS),
+            + supported(TYPES.vaults),
             "catalogs.my_catalog.type: catalog type 'aws-glue' is not supported by this zillatw yet"
-            + supported(config_module.SUPPORTED_CATALOGS),
+            + supported(TYPES.catalogs),
         ])
 
     def test_guard_vault_and_catalog_need_a_type(self):
@@ -455,7 +456,7 @@ class AllProblemsTests(ConfigTestCase):
         problems = self.problems(changed(change))
         self.assertEqual(sorted(problems), sorted([
             "telemetry.exporters.p.type: exporter type 'otlp' is not supported by this zillatw yet "
-            "(supported: " + ", ".join(config_module.SUPPORTED_EXPORTERS) + ")",
+            "(supported: " + ", ".join(SUPPORTED_EXPORTERS) + ")",
             "bindings.tcp0.options.port: range '9-1' ends before it starts",
             "bindings.http0.routes[0].exit: 'echo_server' is an echo server, which cannot take the HTTP requests "
             "a http server hands on (bindings that can: ws0)",
