@@ -36,14 +36,25 @@ class BindingGraph:
         return self._events.get(namespace) or Events()
 
     def binding(self, qname: str) -> Any:
-        """The built binding (a Twisted factory or a stream exit) for `namespace:name`."""
+        """The built binding (a Twisted factory or a stream exit) for `namespace:name`; the
+        routes of other bindings take it through exit()."""
         built = self._built.get(qname)
         if built is None:
             config = self.config.binding(qname)
             built = self._built[qname] = self.registry.bindings[config.type].build(config, self)
-            if self.telemetry is not None:
-                self.telemetry.instrument(config, built)
         return built
+
+    def exit(self, qname: str, caller: BindingConfig) -> Any:
+        """The binding `qname` as an exit of `caller`'s routes: metered (zillatw.metrics)
+        when either records metrics, else the built binding itself."""
+        built = self.binding(qname)
+        if self.telemetry is None:
+            return built
+        return self.telemetry.metered_exit(caller, self.config.binding(qname), built)
+
+    def ws_server_observer(self, binding: BindingConfig) -> Any:
+        """What a ws server reports each upgrade's outcome to (metrics and events), or None."""
+        return None if self.telemetry is None else self.telemetry.ws_server_observer(binding)
 
     def guard(self, qname: str) -> Any:
         """The built guard for `namespace:name` (a guard of that namespace's `guards`)."""

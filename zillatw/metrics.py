@@ -4,10 +4,12 @@ The namespace's `telemetry.metrics` declares which metrics exist; a binding reco
 its own `telemetry.metrics` globs (e.g. `stream.*`) select. A binding without them records
 nothing and is not touched: no wrapper, no counter, no cost.
 
-A recording binding is instrumented once, when the graph builds it, by wrapping the points
-where its streams open, carry data and end (see `Telemetry.instrument`); each wrapper holds
-its binding's counters (plain integers), so the data path adds one call and one addition per
-read, write or message fragment, never a lookup. The prometheus exporter reads the counters
+A recording binding is metered by decoration, when the graph hands it to the bindings that
+exit to it (`Telemetry.metered_exit`): a stream exit is wrapped (MeteredExit), a factory of
+connections too (MeteredFactory, whose protocols are wrapped); a ws server reports through
+the observer it is built with (WsServerObserver). Each wrapper holds its binding's counters
+(plain integers), so the data path adds one call and one addition per read, write or
+message fragment, never a lookup. The prometheus exporter reads the counters
 when it is scraped, through a prometheus-client collector.
 
 What a "stream" is, per binding:
@@ -27,15 +29,15 @@ from typing import Any
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from twisted.internet import defer, endpoints, error
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
 from zillatw.config import BindingConfig, Config
 from zillatw.errors import did_you_mean
 from zillatw.fanredis import RedisCollector
-from zillatw.http1 import HttpError
 from zillatw.matching import matcher
-from zillatw.stream import ABNORMAL, IStreamEnd, StreamRefused
+from zillatw.stream import ABNORMAL, IStreamEnd, IStreamExit, StreamRefused
 from zillatw.telemetry import BindingEvents, Events
 
 # Zilla's metric names: kind, unit (the Prometheus suffix), and what zillatw records.
@@ -336,47 +338,65 @@ def metered_open(open_: Any, m: BindingMetrics | None, count_received: bool = Tr
     return open
 
 
+@implementer(IStreamExit)
+class MeteredExit:
+    """A stream exit (echo, fan, ws client) as its callers see it when it records metrics:
+    every stream opened through it is metered for its binding. Anything else asked of it
+    (its name, its connections) is the exit's own."""
+
+    __slots__ = ("exit", "open")
+
+    def __init__(self, exit_: Any, open_: Any):
+        self.exit = exit_
+        self.open = open_
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.exit, name)
+
+
 def _ws_details(info: Any, shown_path: str) -> str:
     scheme = {"http": "ws", "https": "wss"}.get(info.scheme, info.scheme)
     return f"{info.identity or '-'} GET {scheme}://{info.authority or ''}{shown_path} {info.protocol or '-'}"
 
 
-def _instrument_ws_server(server: Any, m: BindingMetrics | None, events: BindingEvents | None) -> None:
-    """A ws server: a stream is received with the upgrade request and sent (opened) when
-    its exit accepts it; events for both outcomes."""
-    accept = server.accept_request
+class WsServerObserver:
+    """What a ws server tells its metrics and events (BINDING_WS_REQUEST_ACCEPTED/REJECTED)
+    about each upgrade request: a stream is received with the request and sent (opened)
+    when the exit its routes chose accepts it. The ws server calls:
 
-    def accept_request(request: Any, headers: Any, transport: Any, trace_id: int = 0, **kwargs: Any) -> Any:
-        if m is not None:
-            m.opens_received += 1
-        try:
-            connection = accept(request, headers, transport, trace_id=trace_id, **kwargs)
-        except HttpError as e:
-            if m is not None:
-                m.errors_sent += 1
+    - rejected(trace_id, status, reason, identity=None) when it refuses the upgrade itself;
+    - opening(trace_id, info, shown_path, exit_) with the exit it chose, and opens the stream
+      through the exit this returns, which reports accepted(trace_id, info, shown_path) or
+      the exit's refusal.
+    """
+
+    __slots__ = ("m", "events")
+
+    def __init__(self, m: BindingMetrics | None, events: BindingEvents | None):
+        self.m = m
+        self.events = events
+
+    def rejected(self, trace_id: int, status: int, reason: str, identity: str | None = None) -> None:
+        if self.m is not None:
+            self.m.opens_received += 1
+            self.m.errors_sent += 1
+        if self.events is not None:
+            self.events.rejected(trace_id, status, reason, identity)
+
+    def accepted(self, trace_id: int, info: Any, shown_path: str) -> None:
+        if self.events is not None:
+            self.events.accepted(trace_id, _ws_details(info, shown_path))
+
+    def opening(self, trace_id: int, info: Any, shown_path: str, exit_: Any) -> Any:
+        if self.m is not None:
+            self.m.opens_received += 1
+        events = self.events
+
+        def refused(refusal: StreamRefused) -> None:
             if events is not None:
-                events.rejected(trace_id, e.status, e.reason)
-            raise
-        info, shown_path = connection.info, connection.shown_path  # the path with credentials redacted
-        on_open = on_refused = None
-        if events is not None:
-            def on_open() -> None:
-                events.accepted(trace_id, _ws_details(info, shown_path))
-
-            def on_refused(refusal: StreamRefused) -> None:
                 events.rejected(trace_id, refusal.status, refusal.logged, info.identity)
-        exit_ = connection.stream_exit
-        connection.stream_exit = _Exit(metered_open(exit_.open, m, False, on_open, on_refused))
-        return connection
-
-    server.accept_request = accept_request
-
-
-class _Exit:
-    __slots__ = ("open",)
-
-    def __init__(self, open_: Any):
-        self.open = open_
+        return MeteredExit(exit_, metered_open(exit_.open, self.m, False,
+                                               lambda: self.accepted(trace_id, info, shown_path), refused))
 
 
 # ---------------------------------------------------------------------------- connections (bytes)
@@ -443,35 +463,22 @@ class _MeteredConnection:
         return getattr(self.wrappedProtocol, name)
 
 
-def _metered_build(build: Any, m: BindingMetrics) -> Any:
-    def buildProtocol(addr: Any) -> Any:
-        protocol = build(addr)
-        return None if protocol is None else _MeteredConnection(m, protocol)
-    return buildProtocol
+@implementer(IProtocolFactory)
+class MeteredFactory:
+    """A factory of server connections (an http or tls server as the exit of a tcp or tls
+    server; or, for a tcp server, each exit it hands connections to) whose protocols are
+    metered as streams of one binding. Everything else is the factory's own."""
 
+    def __init__(self, factory: Any, m: BindingMetrics):
+        self.wrappedFactory = factory
+        self.m = m
 
-class _MeteredFactory:
-    """What a tcp server's route hands its listener: the exit, with connections metered."""
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = self.wrappedFactory.buildProtocol(addr)
+        return None if protocol is None else _MeteredConnection(self.m, protocol)
 
-    def __init__(self, exit_: Any, m: BindingMetrics):
-        self.exit = exit_
-        self.buildProtocol = _metered_build(exit_.buildProtocol, m)
-
-
-def _instrument_tcp_server(server: Any, m: BindingMetrics) -> None:
-    route = server.route
-    metered: dict[int, _MeteredFactory] = {}
-
-    def metered_route(port: Any, client: Any) -> Any:
-        exit_ = route(port, client)
-        if exit_ is None:
-            return None
-        factory = metered.get(id(exit_))
-        if factory is None:
-            factory = metered[id(exit_)] = _MeteredFactory(exit_, m)
-        return factory
-
-    server.route = metered_route
+    def __getattr__(self, name: str) -> Any:  # doStart, doStop, logPrefix, the binding's own
+        return getattr(self.wrappedFactory, name)
 
 
 # ---------------------------------------------------------------------------- the whole
@@ -487,6 +494,7 @@ class Telemetry:
         self.fan_redis_links = RedisCollector()
         self.registry.register(self.fan_redis_links)
         self._events = dict(events or {})
+        self._metrics: dict[str, BindingMetrics | None] = {}
         self._declared = {ns.name: tuple(ns.telemetry.get("metrics") or ()) for ns in config.namespaces}
         # port -> paths served there, from every namespace's prometheus exporters
         self.endpoints: dict[int, set[str]] = {}
@@ -498,34 +506,40 @@ class Telemetry:
         self._listening: list[Any] = []
 
     def metrics(self, binding: BindingConfig) -> BindingMetrics | None:
-        """The binding's counters, if it records any metric."""
+        """The binding's counters (one set per binding), if it records any metric."""
+        if binding.qname in self._metrics:
+            return self._metrics[binding.qname]
         names = selected(binding, self._declared.get(binding.namespace, ()))
-        if not names:
-            return None
-        m = BindingMetrics(binding.namespace, binding.name, names)
-        self._collector.bindings.append(m)
+        m = self._metrics[binding.qname] = BindingMetrics(binding.namespace, binding.name, names) if names else None
+        if m is not None:
+            self._collector.bindings.append(m)
         return m
 
-    def instrument(self, binding: BindingConfig, built: Any) -> None:
-        """Meter a built binding in place (its identity is unchanged), if it records metrics;
-        a ws server also reports its accepted/refused handshakes when events are on."""
+    def metered_exit(self, caller: BindingConfig, target: BindingConfig, built: Any) -> Any:
+        """`built` (the binding `target`) as the exit of `caller`: wrapped so that its streams
+        are counted for `target` when it records metrics (a ws server reports through its
+        observer instead) and, for a tcp server, also for `caller`, whose streams are the
+        connections it hands on. Unwrapped, at no cost, when neither records any."""
+        exit_ = built
+        m = self.metrics(target) if not (target.type == "ws" and target.kind == "server") else None
+        if m is not None:
+            if IStreamExit.providedBy(built):
+                exit_ = MeteredExit(built, metered_open(built.open, m))
+            elif IProtocolFactory.providedBy(built):
+                exit_ = MeteredFactory(built, m)
+        handing_on = self.metrics(caller) if caller.type == "tcp" and caller.kind == "server" else None
+        if handing_on is not None:
+            exit_ = MeteredFactory(exit_, handing_on)
+        return exit_
+
+    def ws_server_observer(self, binding: BindingConfig) -> WsServerObserver | None:
+        """What a ws server reports its upgrades to, or None if it records no metric and
+        its namespace has no events."""
         events = self._events.get(binding.namespace)
         binding_events = events.binding(binding.namespace, binding.name, binding.type) \
             if events is not None and events.enabled else None
-        if hasattr(built, "accept_request"):  # ws server
-            m = self.metrics(binding)
-            if m is not None or binding_events is not None:
-                _instrument_ws_server(built, m, binding_events)
-            return
         m = self.metrics(binding)
-        if m is None:
-            return
-        if hasattr(built, "open"):  # echo, fan, ws client
-            built.open = metered_open(built.open, m)
-        elif hasattr(built, "route") and hasattr(built, "listen"):  # tcp server
-            _instrument_tcp_server(built, m)
-        elif hasattr(built, "buildProtocol"):  # http server, tls server
-            built.buildProtocol = _metered_build(built.buildProtocol, m)
+        return WsServerObserver(m, binding_events) if m is not None or binding_events is not None else None
 
     # ---- the prometheus exporters
 

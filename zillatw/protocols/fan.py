@@ -322,7 +322,7 @@ def build(binding: BindingConfig, graph: Any) -> FanServer:
                           reactor=graph.reactor)
         if graph.telemetry is not None:  # its prometheus exporter serves the link's counters
             graph.telemetry.fan_redis_links.links.append((binding.namespace, binding.name, redis))
-    return FanServer(binding.name, graph.binding(binding.exit), redis=redis,
+    return FanServer(binding.name, graph.exit(binding.exit, binding), redis=redis,
                      max_lag=binding.options.get("max-lag", MAX_LAG),
                      max_lag_messages=binding.options.get("max-lag-messages", MAX_LAG_MESSAGES),
                      drain_timeout=binding.options.get("drain-timeout", DRAIN_TIMEOUT))

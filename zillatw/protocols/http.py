@@ -412,7 +412,7 @@ def _discard(data: bytes) -> None:
 
 
 def build(binding: BindingConfig, graph: Any) -> HttpServer | HttpClient:
-    routes = [(route, graph.binding(route.exit)) for route in binding.routes]
+    routes = [(route, graph.exit(route.exit, binding)) for route in binding.routes]
     overrides = {name.lower(): value for name, value in (binding.options.get("overrides") or {}).items()}
     if binding.kind == "client":
         return HttpClient(binding.name, routes, overrides)

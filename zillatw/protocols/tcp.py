@@ -291,7 +291,7 @@ def build(binding: BindingConfig, graph: Any) -> TcpServer | TcpClient:
         return TcpClient(binding.name, options.get("host"),
                          parse_ports(options["port"])[0] if "port" in options else None,
                          [w for route in binding.routes for w in route.when], reactor=graph.reactor)
-    routes = [(route, graph.binding(route.exit)) for route in binding.routes]
+    routes = [(route, graph.exit(route.exit, binding)) for route in binding.routes]
     return TcpServer(
         binding.name, routes, host=options.get("host"),
         ports=parse_ports(options["port"]) if "port" in options else (),

@@ -15,7 +15,8 @@ from typing import Any
 
 from cryptography import x509
 from OpenSSL import SSL
-from twisted.internet.interfaces import IAddress, IHandshakeListener, IOpenSSLServerConnectionCreator
+from twisted.internet.interfaces import (IAddress, IHandshakeListener, IOpenSSLServerConnectionCreator,
+                                         IProtocolFactory)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -152,7 +153,7 @@ def guard_references(binding: BindingConfig) -> Iterator[tuple[str, str]]:
 
 # ---------------------------------------------------------------------------- server
 
-@implementer(IOpenSSLServerConnectionCreator)
+@implementer(IOpenSSLServerConnectionCreator, IProtocolFactory)
 class TlsServer:
     """The tls server binding: an IProtocolFactory that terminates TLS and routes."""
 
@@ -379,7 +380,7 @@ def build(binding: BindingConfig, graph: Any) -> TlsServer | TlsClient:
             problems.append(f"{where}.options.signers: no key in vault '{binding.vault}' is issued by these signers")
     if problems:
         raise ConfigError(problems)
-    routes = [(route, graph.binding(route.exit)) for route in binding.routes]
+    routes = [(route, graph.exit(route.exit, binding)) for route in binding.routes]
     # Both kinds pass bytes on, but a server's exit takes connections (a factory) and a
     # client's makes them (connect): the stream kinds alone do not tell a tcp client apart.
     needed, role = ("connect", "connect upstream") if binding.kind == "client" else ("buildProtocol", "take connections")

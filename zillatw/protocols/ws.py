@@ -135,8 +135,10 @@ class WsServer(WebSocketServerFactory):
                  max_message_size: int = MAX_MESSAGE_SIZE, max_frame_size: int = 0,
                  permessage_deflate: bool = True, close_timeout: float = CLOSE_TIMEOUT,
                  ping_interval: float = PING_INTERVAL, ping_timeout: float = PING_TIMEOUT,
-                 max_connections: int = 0, reactor: Any = None):
+                 max_connections: int = 0, reactor: Any = None, observer: Any = None):
         super().__init__()
+        # zillatw.metrics.WsServerObserver: told each upgrade's outcome (metrics, events), or None
+        self.observer = observer
         self._batched_timer = ReactorTimer(reactor)
         self.reactor = self._batched_timer.reactor
         self.server = None  # no Server header naming the library in the 101
@@ -163,7 +165,21 @@ class WsServer(WebSocketServerFactory):
 
     def accept_request(self, request: Request, headers: dict[str, str], transport: Any,
                        trace_id: int = 0, authorization: Authorization = NO_AUTHORIZATION) -> "WsServerProtocol":
-        """Check the upgrade and choose the route; the protocol returned takes the socket."""
+        """Check the upgrade and choose the route; the protocol returned takes the socket.
+        The observer hears of a refusal, and of the exit chosen (whose outcome it reports)."""
+        try:
+            connection = self._accept(request, headers, trace_id, authorization)
+        except HttpError as e:
+            if self.observer is not None:
+                self.observer.rejected(trace_id, e.status, e.reason)
+            raise
+        if self.observer is not None:
+            connection.stream_exit = self.observer.opening(trace_id, connection.info, connection.shown_path,
+                                                           connection.stream_exit)
+        return connection
+
+    def _accept(self, request: Request, headers: dict[str, str], trace_id: int,
+                authorization: Authorization) -> "WsServerProtocol":
         check_upgrade(request)
         if self.max_connections and len(self.connections) + len(self.handshaking) >= self.max_connections:
             raise HttpError(503, f"too many WebSocket connections (limit {self.max_connections})")
@@ -485,7 +501,7 @@ class WsClientProtocol(StreamRelay, WebSocketClientProtocol):
 
 def build(binding: BindingConfig, graph: Any) -> WsServer | WsClient:
     options = binding.options
-    routes = [(route, graph.binding(route.exit)) for route in binding.routes]
+    routes = [(route, graph.exit(route.exit, binding)) for route in binding.routes]
     if binding.kind == "client":
         return WsClient(binding.name, routes, defaults=dict(options.get("defaults") or {}),
                         timeout=options.get("timeout", UPSTREAM_TIMEOUT),
@@ -499,7 +515,8 @@ def build(binding: BindingConfig, graph: Any) -> WsServer | WsClient:
                     close_timeout=options.get("close-timeout", CLOSE_TIMEOUT),
                     ping_interval=options.get("ping-interval", PING_INTERVAL),
                     ping_timeout=options.get("ping-timeout", PING_TIMEOUT),
-                    max_connections=options.get("max-connections", 0), reactor=graph.reactor)
+                    max_connections=options.get("max-connections", 0), reactor=graph.reactor,
+                    observer=graph.ws_server_observer(binding))
 
 
 PLUGIN = BindingType("ws", SCHEMA_PATCH, STREAMS, build, guarded_kinds=frozenset(GUARDED_KINDS),

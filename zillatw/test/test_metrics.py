@@ -13,6 +13,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 
 from zillatw import ConfigError, build_gateway
+from zillatw.metrics import MeteredExit
 from zillatw.test.support import (CONF, chain, client_frame, close_ws, connect_raw, connect_ws, eventually,
                                   parse_server_frames, raw_exchange, split_response, start_gateway,
                                   upgrade_request)
@@ -357,9 +358,9 @@ class NoMetricsTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_bindings_without_metrics_are_not_wrapped(self):
         gateway, port = yield start_gateway(self, chain())  # stdout exporter, no metrics
-        self.assertNotIn("open", vars(gateway.binding("echo")))
-        self.assertNotIn("buildProtocol", vars(gateway.binding("http0")))
-        self.assertNotIn("route", vars(gateway.binding("tcp0")))
+        caller = gateway.config.binding("test:ws0")
+        self.assertIs(gateway.graph.exit("test:echo", caller), gateway.binding("echo"))
+        self.assertIs(gateway.graph.exit("test:http0", gateway.config.binding("test:tcp0")), gateway.binding("http0"))
         self.assertEqual(gateway.metrics_ports(), [])
         client = yield connect_ws(port)
         client.sendMessage(b"still echoes")
@@ -367,11 +368,21 @@ class NoMetricsTests(unittest.TestCase):
         yield close_ws(client)
 
     @defer.inlineCallbacks
-    def test_no_telemetry_at_all_leaves_the_ws_server_untouched(self):
+    def test_metering_decorates_and_leaves_the_built_bindings_unchanged(self):
+        gateway, _ = yield start_gateway(self, metered(bindings={"tcp0": ["stream.*"], "http0": ["stream.*"],
+                                                                 "ws0": ["stream.*"], "echo": ["stream.*"]}))
+        for name, method in (("echo", "open"), ("http0", "buildProtocol"), ("tcp0", "route"),
+                             ("ws0", "accept_request")):
+            self.assertNotIn(method, vars(gateway.binding(name)))
+        self.assertIsInstance(gateway.graph.exit("test:echo", gateway.config.binding("test:ws0")), MeteredExit)
+        self.assertIsNotNone(gateway.binding("ws0").observer)
+
+    @defer.inlineCallbacks
+    def test_no_telemetry_at_all_gives_the_ws_server_no_observer(self):
         config = chain()
         del config["telemetry"]
         gateway, _ = yield start_gateway(self, config)
-        self.assertNotIn("accept_request", vars(gateway.binding("ws0")))
+        self.assertIsNone(gateway.binding("ws0").observer)
 
 
 class WsEventTests(unittest.TestCase):
