@@ -17,7 +17,7 @@ from twisted.trial import unittest
 
 from zillatw import build_gateway
 from zillatw.reload import watched_files
-from zillatw.test.support import (chain, close_ws, connect_raw, connect_ws, eventually, split_response,
+from zillatw.test.support import (OnAClock, chain, close_ws, connect_raw, connect_ws, eventually, split_response,
                                   upgrade_request, wait)
 from zillatw.test.test_tap import ENV, ROOT, TWISTD, Collect, free_port
 
@@ -148,22 +148,22 @@ class ReloadTests(GatewayOnAFile):
         yield gateway.stopService()
         self.assertEqual((yield old.closed)[1], 1001)
 
-    @defer.inlineCallbacks
     def test_the_watcher_reloads_on_a_change_not_on_a_touch(self):
-        gateway, port = yield self.start(routed(["/a"]))
-        gateway.stopService()
-        gateway = build_gateway(self.path, event_stream=self.events)
-        gateway.watch_interval = 0.05
-        gateway.startService()
-        self.addCleanup(lambda: gateway.stopService() if gateway.running else None)
-        port = (yield gateway.listening)[0]
-        os.utime(self.path, ns=(1, 1))  # the same text, another mtime
-        yield wait(0.3)
-        self.assertNotIn("CONFIG_RELOAD", self.events.getvalue())
-        write(self.path, routed(["/a", "/b"]))
-        yield eventually(lambda: "CONFIG_RELOADED" in self.events.getvalue())
-        client = yield connect_ws(port, "/b")
-        yield close_ws(client)
+        path = os.path.abspath(self.mktemp())
+        write(path, routed(["/a"]))
+        on = OnAClock(path, watch_interval=1.0)  # no thread pool: the file loads in the reactor thread
+        os.utime(path, ns=(1, 1))  # the same text, another mtime
+        on.clock.advance(1.0)
+        self.assertNotIn("CONFIG_RELOAD", on.events.getvalue())
+        write(path, routed(["/a", "/b"]))
+        on.clock.advance(0.9)
+        self.assertNotIn("CONFIG_RELOAD", on.events.getvalue())  # not looked at yet
+        on.clock.advance(0.1)
+        self.assertIn("CONFIG_RELOADED", on.events.getvalue())
+        connection, transport = on.connect()  # the same listener, routing to the new bindings
+        connection.dataReceived(upgrade_request("/b"))
+        self.assertIn(b"101 Switching Protocols", transport.value())
+        self.assertEqual(len(on.clock.tcpServers), 1)  # the kept socket: nothing listened anew
 
     def test_vault_stores_are_watched_with_the_file(self):
         config = routed(["/a"])
