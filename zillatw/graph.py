@@ -12,7 +12,7 @@ from typing import Any
 from zillatw.config import BindingConfig, Config
 from zillatw.errors import ConfigError
 from zillatw.plugins import Registry
-from zillatw.telemetry import Events
+from zillatw.events import Events
 
 
 class BindingGraph:
@@ -21,10 +21,10 @@ class BindingGraph:
     MemoryReactorClock), each namespace's events, and the metrics that meter them."""
 
     def __init__(self, config: Config, registry: Registry, events: Mapping[str, Events] | None = None,
-                 telemetry: Any = None, *, reactor: Any):
+                 metrics: Any = None, *, reactor: Any):
         self.config = config
         self.reactor = reactor
-        self.telemetry = telemetry  # zillatw.metrics.Telemetry: meters bindings as they are built
+        self.metrics = metrics  # zillatw.metrics.Metrics: meters the exits it hands out, or None
         self.registry = registry
         self._built: dict[str, Any] = {}
         self._events = dict(events or {})
@@ -48,13 +48,13 @@ class BindingGraph:
         """The binding `qname` as an exit of `caller`'s routes: metered (zillatw.metrics)
         when either records metrics, else the built binding itself."""
         built = self.binding(qname)
-        if self.telemetry is None:
+        if self.metrics is None:
             return built
-        return self.telemetry.metered_exit(caller, self.config.binding(qname), built)
+        return self.metrics.metered_exit(caller, self.config.binding(qname), built)
 
     def ws_server_observer(self, binding: BindingConfig) -> Any:
         """What a ws server reports each upgrade's outcome to (metrics and events), or None."""
-        return None if self.telemetry is None else self.telemetry.ws_server_observer(binding)
+        return None if self.metrics is None else self.metrics.ws_server_observer(binding)
 
     def guard(self, qname: str) -> Any:
         """The built guard for `namespace:name` (a guard of that namespace's `guards`)."""

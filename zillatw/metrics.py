@@ -5,7 +5,7 @@ its own `telemetry.metrics` globs (e.g. `stream.*`) select. A binding without th
 nothing and is not touched: no wrapper, no counter, no cost.
 
 A recording binding is metered by decoration, when the graph hands it to the bindings that
-exit to it (`Telemetry.metered_exit`): a stream exit is wrapped (MeteredExit), a factory of
+exit to it (`Metrics.metered_exit`): a stream exit is wrapped (MeteredExit), a factory of
 connections too (MeteredFactory, whose protocols are wrapped); a ws server reports through
 the observer it is built with (WsServerObserver). Each wrapper holds its binding's counters
 (plain integers), so the data path adds one call and one addition per read, write or
@@ -38,7 +38,7 @@ from zillatw.errors import did_you_mean
 from zillatw.fanredis import RedisCollector
 from zillatw.matching import matcher
 from zillatw.stream import ABNORMAL, IStreamEnd, IStreamExit, StreamRefused
-from zillatw.telemetry import BindingEvents, Events
+from zillatw.events import BindingEvents, Events
 
 # Zilla's metric names: kind, unit (the Prometheus suffix), and what zillatw records.
 STREAM_METRICS = {
@@ -59,7 +59,7 @@ METRICS = {**STREAM_METRICS, **HTTP_METRICS}
 # Zilla's others pass the schema and are refused by name.
 SUPPORTED_EXPORTERS = ("stdout", "prometheus")
 # Zilla's, not recorded by zillatw yet: refused by name when declared.
-NOT_YET = ("http.request.size", "http.response.size",
+UNRECORDED_METRICS = ("http.request.size", "http.response.size",
            "grpc.active.requests", "grpc.duration", "grpc.request.size", "grpc.response.size",
            "grpc.requests.per.rpc", "grpc.responses.per.rpc")
 
@@ -107,7 +107,7 @@ def check(namespace: Any, where: str) -> Iterator[str]:
     if "attributes" in telemetry:
         yield f"{where}telemetry.attributes: not supported by this zillatw yet"
     for index, name in enumerate(declared):
-        if name in NOT_YET:
+        if name in UNRECORDED_METRICS:
             yield (f"{where}telemetry.metrics[{index}]: metric '{name}' is not recorded by this zillatw yet "
                    f"(supported: {', '.join(METRICS)})")
         elif name not in METRICS:
@@ -483,7 +483,7 @@ class MeteredFactory:
 
 # ---------------------------------------------------------------------------- the whole
 
-class Telemetry:
+class Metrics:
     """Every namespace's metrics and the prometheus exporters that serve them."""
 
     def __init__(self, config: Config, events: Mapping[str, Events] | None = None):

@@ -86,7 +86,7 @@ class GuardType:
 class CatalogType:
     """A catalog type (zillatw.catalogs.*), under each of its `names` (aliases Zilla accepts).
 
-    - build(namespace, name, options, graph, type_): the catalog (hands out Schema handles);
+    - build(namespace, name, options, graph, type_): the catalog (hands out SchemaHandles);
     - check(name, options): problems of the catalog entry;
     - check_reference(options, ref): why a model's schema reference cannot work here, or None;
     - schema_text(options, ref): the schema's text when known without fetching (inline)."""

@@ -23,12 +23,12 @@ from twisted.logger import Logger
 from zillatw.config import Config, load
 from zillatw.errors import ConfigError
 from zillatw.graph import BindingGraph
-from zillatw.metrics import Telemetry
+from zillatw.metrics import Metrics
 from zillatw.plugins import IDrainsGracefully, IHoldsConnections, IRunsInBackground, Registry
 from zillatw.protocols.tcp import TcpServer
 from zillatw.reload import ConfigWatcher
 from zillatw.standard import standard_registry
-from zillatw.telemetry import Events
+from zillatw.events import Events
 from zillatw.yamlload import DEFAULT_LIMITS, Limits
 
 Source = str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, Any]] | Config
@@ -62,7 +62,7 @@ class Generation:
 
     config: Config
     events: dict[str, Events]
-    metrics: Telemetry
+    metrics: Metrics
     graph: BindingGraph
     bindings: dict[str, Any]
 
@@ -98,7 +98,7 @@ def build_generation(config: Config, reactor: Any, event_stream: TextIO | None =
     """Every vault and binding of `config`, built on `reactor` (ConfigError with all their
     problems if one cannot be)."""
     events = {ns.name: Events.from_telemetry(ns.telemetry, event_stream) for ns in config.namespaces}
-    metrics = Telemetry(config, events)
+    metrics = Metrics(config, events)
     graph = BindingGraph(config, registry or standard_registry(), events, metrics, reactor=reactor)
     return Generation(config, events, metrics, graph, graph.build_all())
 
@@ -139,7 +139,7 @@ class Gateway(Service):
     # The current generation's parts, as the gateway's own (the embedding API's names).
     config = property(lambda self: self.generation.config)
     events = property(lambda self: self.generation.events)
-    telemetry = property(lambda self: self.generation.metrics)
+    metrics = property(lambda self: self.generation.metrics)
     graph = property(lambda self: self.generation.graph)
     bindings = property(lambda self: self.generation.bindings)
 
@@ -158,7 +158,7 @@ class Gateway(Service):
 
     def metrics_ports(self) -> list[int]:
         """Ports the prometheus exporters listen on; useful with port 0."""
-        return self.telemetry.ports()
+        return self.metrics.ports()
 
     def startService(self) -> None:
         super().startService()
@@ -166,7 +166,7 @@ class Gateway(Service):
         self.generation.start()
         d = defer.gatherResults([server.listen(self.reactor, inherited=self.inherited_listeners)
                                  for server in self.servers()]
-                                + [self.telemetry.listen(self.reactor)], consumeErrors=True)
+                                + [self.metrics.listen(self.reactor)], consumeErrors=True)
         # Announce (event, ready file, `listening`) once the reactor runs: twistd starts
         # services before reactor.run(), and the drain-on-SIGTERM handlers (zillatw.shutdown)
         # are installed only then, so whoever acts on "started" may send SIGTERM at once.
@@ -320,7 +320,7 @@ class Gateway(Service):
         self._remove_ready_file()
         if self._watcher is not None:
             self._watcher.stop()
-        stopped = defer.gatherResults([server.stop() for server in self.servers()] + [self.telemetry.stop()],
+        stopped = defer.gatherResults([server.stop() for server in self.servers()] + [self.metrics.stop()],
                                       consumeErrors=True)
         stopped.addErrback(lambda failure: self.log.failure("zillatw: stopping a listener", failure))
         return stopped.addCallback(lambda _: self._drain()).addCallback(lambda _: self.generation.stop())

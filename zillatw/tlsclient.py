@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from zillatw.config import Route
 from zillatw.stream import StreamRefused
-from zillatw.telemetry import Events
+from zillatw.events import Events
 from zillatw.tlscontext import (VERSIONS, Handshake, PeerTrust, TlsRoutes, classify, guarded, make_context,
                                 reason_text, use_key, verify_error)
 from zillatw.vault import KeyEntry

@@ -241,7 +241,7 @@ def make_supervisor(reactor: Any, gateway: Any, options: Any, graceful: Any) -> 
         if server.endpoint is not None:
             problems.append(f"bindings.{server.name}.options.endpoint: with -w, tcp servers listen on host and port")
         addresses.extend((server.host or "", port, server.backlog) for port in server.ports)
-    if gateway.telemetry.endpoints:
+    if gateway.metrics.endpoints:
         problems.append("telemetry.exporters: prometheus exporters are not served with -w yet "
                         "(each worker would count its own connections)")
     if problems:

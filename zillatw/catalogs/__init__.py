@@ -4,7 +4,7 @@ One module per catalog type, each describing itself with a `PLUGIN` record
 (zillatw.plugins.CatalogType: its schema patch, checks of the entry and of the schema
 references models make, and build(); the catalog object is used by zillatw.validation).
 
-A catalog hands out Schema handles: one per (subject, version) or id, shared by every stream
+A catalog hands out SchemaHandles: one per (subject, version) or id, shared by every stream
 that uses it. A handle is ready when it holds a schema (`value`); `ensure()` fetches it when
 it is not (a Deferred that never fails; a fetch in flight is shared, so however many streams
 ask at once, one request goes out) and `current()` gives the value for a message, starting a
@@ -28,7 +28,7 @@ class Resolved:
     text: str
 
 
-class Schema:
+class SchemaHandle:
     """A handle on one schema of a catalog; see the module docstring."""
 
     __slots__ = ("describe", "value", "error", "_fetch", "_seconds", "_max_age", "_fetched_at", "_retry_at",
@@ -100,6 +100,10 @@ class Schema:
         waiting, self._waiting = self._waiting or [], None
         for d in waiting:
             d.callback(self.value)
+
+
+# The handle's former name, which zillatw.validation still imports.
+Schema = SchemaHandle
 
 
 class Unavailable(Exception):

@@ -30,7 +30,7 @@ from twisted.web.http_headers import Headers
 
 from zillatw.guards import Rejected, Session
 from zillatw.schema import NAME
-from zillatw.telemetry import Events
+from zillatw.events import Events
 from zillatw.plugins import GuardType
 
 FETCH_TIMEOUT = 10.0   # seconds for a JWKS URL to answer

@@ -320,8 +320,8 @@ def build(binding: BindingConfig, graph: Any) -> FanServer:
                           options.get("max-reconnect-delay", MAX_DELAY),
                           events.binding(binding.namespace, binding.name, "fan") if events.enabled else None,
                           reactor=graph.reactor)
-        if graph.telemetry is not None:  # its prometheus exporter serves the link's counters
-            graph.telemetry.fan_redis_links.links.append((binding.namespace, binding.name, redis))
+        if graph.metrics is not None:  # its prometheus exporter serves the link's counters
+            graph.metrics.fan_redis_links.links.append((binding.namespace, binding.name, redis))
     return FanServer(binding.name, graph.exit(binding.exit, binding), redis=redis,
                      max_lag=binding.options.get("max-lag", MAX_LAG),
                      max_lag_messages=binding.options.get("max-lag-messages", MAX_LAG_MESSAGES),

@@ -27,7 +27,7 @@ from zillatw.http1 import HttpError, Request, RequestHeadParser, check_host, che
 from zillatw.matching import Matcher, matcher
 from zillatw.schema import FORBIDDEN, NAME, refused, route_schema
 from zillatw.stream import StreamRefused
-from zillatw.telemetry import Events, next_trace_id
+from zillatw.events import Events, next_trace_id
 from zillatw.plugins import BindingType, IDrainsGracefully
 
 HEAD_TIMEOUT = 10.0  # seconds for a client to send its request head (slowloris)
@@ -73,7 +73,7 @@ SCHEMA_PATCH = {
     },
 }
 STREAMS = {"server": ("bytes", "http"), "client": ("http", "bytes")}
-NOT_YET = {"requests": "request validation"}
+UNSERVED_OPTIONS = {"requests": "request validation"}  # Zilla's, refused by name
 GUARDED_KINDS = ("server",)  # the client's routes see no session
 UNGUARDED_WHY = "the session stays with the servers in front of it: guard the ws or http server's routes"
 H2_NOT_SERVED = "zillatw serves http/1.1; h2 is not served yet"
@@ -119,7 +119,7 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
         if not binding.routes:
             yield "routes", "an http client needs 'exit' or routes with an exit"
         return
-    for key, feature in NOT_YET.items():
+    for key, feature in UNSERVED_OPTIONS.items():
         if key in binding.options:
             yield f"options.{key}", f"not supported by this zillatw yet ({feature})"
     yield from accesscontrol.check(binding.options.get("access-control"))

@@ -29,7 +29,7 @@ from zillatw.guards.x509 import X509Guard
 from zillatw.matching import matcher
 from zillatw.protocols.tcp import parse_ports
 from zillatw.schema import FORBIDDEN, PORT_SPEC, route_schema
-from zillatw.telemetry import Events
+from zillatw.events import Events
 from zillatw.tlsclient import TlsClient
 from zillatw.tlscontext import (VERSIONS, Handshake, Peer, PeerTrust, TlsRoutes, classify, dns_names, guarded, make_context,
                                 name_matches, reason_text, set_servername_callback, state_of,

@@ -67,7 +67,7 @@ def of(samples: dict, binding: str) -> dict:
 
 
 def value(gateway, name: str, binding: str):
-    return gateway.telemetry.registry.get_sample_value(name, {"namespace": "test", "binding": binding})
+    return gateway.metrics.registry.get_sample_value(name, {"namespace": "test", "binding": binding})
 
 
 class PrometheusTests(unittest.TestCase):
@@ -405,7 +405,7 @@ class WsEventTests(unittest.TestCase):
     def test_binding_events_helper(self):
         import io
 
-        from zillatw.telemetry import Events
+        from zillatw.events import Events
         out = io.StringIO()
         events = Events.from_telemetry({"exporters": {"s": {"type": "stdout"}}}, out).binding("ns", "b0", "ws")
         events.accepted(1, "- GET ws://h/ echo")

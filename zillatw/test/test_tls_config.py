@@ -18,7 +18,7 @@ from zillatw.config import load
 from zillatw.guards import Rejected
 from zillatw.guards.x509 import X509Guard, fields
 from zillatw.standard import standard_registry
-from zillatw.telemetry import Events
+from zillatw.events import Events
 from zillatw.test import pki
 from zillatw.test.test_tls import PASSWORD, TlsTestCase, tls_chain
 
