@@ -11,8 +11,8 @@ from typing import Any
 
 from zillatw.config import BindingConfig, Config
 from zillatw.errors import ConfigError
-from zillatw.plugins import Registry
 from zillatw.events import Events
+from zillatw.plugins import Registry
 
 
 class BindingGraph:

@@ -35,10 +35,10 @@ from zope.interface import directlyProvides, implementer, providedBy
 
 from zillatw.config import BindingConfig, Config
 from zillatw.errors import did_you_mean
+from zillatw.events import BindingEvents, Events
 from zillatw.fanredis import RedisCollector
 from zillatw.matching import matcher
 from zillatw.stream import ABNORMAL, IStreamEnd, IStreamExit, StreamRefused
-from zillatw.events import BindingEvents, Events
 
 # Zilla's metric names: kind, unit (the Prometheus suffix), and what zillatw records.
 STREAM_METRICS = {

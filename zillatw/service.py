@@ -22,13 +22,13 @@ from twisted.logger import Logger
 
 from zillatw.config import Config, load
 from zillatw.errors import ConfigError
+from zillatw.events import Events
 from zillatw.graph import BindingGraph
 from zillatw.metrics import Metrics
 from zillatw.plugins import IDrainsGracefully, IHoldsConnections, IRunsInBackground, Registry
 from zillatw.protocols.tcp import TcpServer
 from zillatw.reload import ConfigWatcher
 from zillatw.standard import standard_registry
-from zillatw.events import Events
 from zillatw.yamlload import DEFAULT_LIMITS, Limits
 
 Source = str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, Any]] | Config

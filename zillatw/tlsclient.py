@@ -21,8 +21,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from zillatw.config import Route
-from zillatw.stream import StreamRefused
 from zillatw.events import Events
+from zillatw.stream import IUpstreamConnector, StreamRefused
 from zillatw.tlscontext import (VERSIONS, Handshake, PeerTrust, TlsRoutes, classify, guarded, make_context,
                                 reason_text, use_key, verify_error)
 from zillatw.vault import KeyEntry
@@ -134,6 +134,7 @@ def _client_info(connection: SSL.Connection, where: int, ret: int) -> None:
         connection.get_app_data().zillatw_attempt.handshake_done(connection)
 
 
+@implementer(IUpstreamConnector)
 class TlsClient:
     """The tls client binding: `connect(factory, authority, timeout)` like a tcp client; the
     Deferred fires once the TLS handshake is done and the upstream's name verified."""

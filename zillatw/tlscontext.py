@@ -20,10 +20,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from zillatw.config import Route
+from zillatw.events import next_trace_id
 from zillatw.guards import Session, permits
 from zillatw.matching import matcher
 from zillatw.protocols.tcp import parse_ports
-from zillatw.events import next_trace_id
 from zillatw.vault import KeyEntry
 
 # OpenSSL cipher string for TLS 1.2 (TLS 1.3's suites are all AEAD and stay OpenSSL's default).

@@ -18,9 +18,8 @@ from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred
 
-from zillatw.catalogs import Resolved
+from zillatw.catalogs import Resolved, registry
 from zillatw.catalogs.registry import MAX_AGE, Framing, RegistryCatalog, RegistryError
-from zillatw.catalogs import registry
 from zillatw.plugins import CatalogType
 
 # A model's reference to this catalog, checked with the configuration; schemas come at run time.

@@ -33,8 +33,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from zillatw.guards import Rejected, Session
 from zillatw.events import Events
+from zillatw.guards import Rejected, Session
 from zillatw.plugins import GuardType
 
 _FIELD = {"type": "string", "pattern": r"^[a-zA-Z]+[a-zA-Z0-9._-]*$"}

@@ -5,9 +5,9 @@ from __future__ import annotations
 from zope.interface import implementer
 
 from zillatw.config import BindingConfig
+from zillatw.plugins import BindingType
 from zillatw.schema import FORBIDDEN
 from zillatw.stream import IStreamEnd, IStreamExit, StreamInfo
-from zillatw.plugins import BindingType
 
 SCHEMA_PATCH = {
     "properties": {

@@ -27,9 +27,9 @@ from zope.interface import implementer
 
 from zillatw.config import BindingConfig
 from zillatw.fanredis import MAX_DELAY, RedisLink, parse_url
+from zillatw.plugins import BindingType, IRunsInBackground
 from zillatw.schema import FORBIDDEN
 from zillatw.stream import CONTINUATION, IStreamEnd, IStreamExit, StreamInfo
-from zillatw.plugins import BindingType, IRunsInBackground
 
 MAX_LAG = 4 * 1024 * 1024  # bytes queued for a member whose socket is full
 MAX_LAG_MESSAGES = 4096    # ... and messages (each a Python object in the transport's buffer)

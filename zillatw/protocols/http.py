@@ -21,14 +21,14 @@ from zope.interface import implementer
 from zillatw import accesscontrol
 from zillatw.accesscontrol import AccessControl
 from zillatw.config import BindingConfig, Route
+from zillatw.events import Events, next_trace_id
 from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, connection_authorization, permits
-from zillatw.httpauth import CONVENTIONAL_SECRETS, PLACEHOLDER, HttpAuthorization, redact_target
 from zillatw.http1 import HttpError, Request, RequestHeadParser, check_host, check_origin_form, render_response
+from zillatw.httpauth import CONVENTIONAL_SECRETS, PLACEHOLDER, HttpAuthorization, redact_target
 from zillatw.matching import Matcher, matcher
+from zillatw.plugins import BindingType, IDrainsGracefully
 from zillatw.schema import FORBIDDEN, NAME, refused, route_schema
 from zillatw.stream import StreamRefused
-from zillatw.events import Events, next_trace_id
-from zillatw.plugins import BindingType, IDrainsGracefully
 
 HEAD_TIMEOUT = 10.0  # seconds for a client to send its request head (slowloris)
 log = Logger()
@@ -222,7 +222,7 @@ class HttpServer(Factory):
 
     def __init__(self, name: str, routes: list[tuple[Route, Any]], namespace: str = "default",
                  events: Events | None = None, head_timeout: float = HEAD_TIMEOUT,
-                 max_header_bytes: int = 8192, reactor: Any = None,
+                 max_header_bytes: int = 8192, *, reactor: Any,
                  authorization: HttpAuthorization | None = None, overrides: Mapping[str, str] | None = None,
                  access_control: AccessControl | None = None):
         self.name = name
@@ -231,9 +231,7 @@ class HttpServer(Factory):
         self.events = events or Events()
         self.head_timeout = head_timeout
         self.max_header_bytes = max_header_bytes
-        if reactor is None:
-            from twisted.internet import reactor
-        self.reactor = reactor
+        self.reactor = reactor  # the graph's: head timeouts and session expiry run on it
         self.route = HeaderRoutes(routes, namespace).route
         self.authorization = authorization
         # query parameters whose values are never logged nor answered

@@ -16,12 +16,13 @@ from typing import Any, NamedTuple
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
+from zope.interface import implementer
 
 from zillatw.config import BindingConfig, Route
 from zillatw.matching import matcher
-from zillatw.schema import FORBIDDEN, PORT_SPEC, route_schema
-from zillatw.stream import StreamRefused
 from zillatw.plugins import BindingType
+from zillatw.schema import FORBIDDEN, PORT_SPEC, route_schema
+from zillatw.stream import IUpstreamConnector, StreamRefused
 
 MAX_PORTS = 1024
 
@@ -251,6 +252,7 @@ class ListenerFactory(Factory):
         return exit_.buildProtocol(addr) if exit_ is not None else None
 
 
+@implementer(IUpstreamConnector)
 class TcpClient:
     """A tcp client binding: connects a protocol factory to the upstream."""
 

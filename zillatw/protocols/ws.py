@@ -27,12 +27,12 @@ from zillatw.config import BindingConfig, Route
 from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, permits
 from zillatw.http1 import HttpError, Request, render_response
 from zillatw.matching import matcher
+from zillatw.plugins import BindingType, IDrainsGracefully, IHoldsConnections
 from zillatw.schema import FORBIDDEN, refused, route_schema
-from zillatw.stream import ABNORMAL, IHttpConnection, IStreamEnd, IStreamExit, StreamInfo, StreamRefused
-from zillatw.validation import MESSAGES, check_models, validating_routes  # noqa: F401 - check_models: config's hook
+from zillatw.stream import ABNORMAL, IHttpConnection, IHttpExit, IStreamEnd, IStreamExit, StreamInfo, StreamRefused
+from zillatw.validation import MESSAGES, check_models, validating_routes
 from zillatw.wsstream import ReactorTimer, StreamRelay
 from zillatw.wshandshake import check_upgrade, handshake_head, offered_protocols, select_route
-from zillatw.plugins import BindingType, IDrainsGracefully, IHoldsConnections
 
 MAX_MESSAGE_SIZE = 1024 * 1024
 CLOSE_TIMEOUT = 2.0  # seconds to wait for the peer's close frame before dropping
@@ -125,7 +125,7 @@ class WsRoutes:
         return None
 
 
-@implementer(IDrainsGracefully)
+@implementer(IHttpExit, IDrainsGracefully)
 class WsServer(WebSocketServerFactory):
     """The ws server binding: routes, limits and Autobahn's settings for its connections."""
 
