@@ -22,8 +22,7 @@ What a "stream" is, per binding:
 from __future__ import annotations
 
 import bisect
-import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -407,9 +406,10 @@ class _MeteredConnection:
     that protocol the transport itself, its `write` counted in place: the layers above keep
     the real transport (Autobahn wants the TLS protocol itself to find its channel id)."""
 
-    def __init__(self, m: BindingMetrics, wrapped: Any):
+    def __init__(self, m: BindingMetrics, wrapped: Any, seconds: Callable[[], float]):
         self.wrappedProtocol = wrapped
         self.m = m
+        self.seconds = seconds  # the reactor's clock, for http.duration
         directlyProvides(self, providedBy(wrapped))  # half-close, TLS handshake listeners
 
     def makeConnection(self, transport: Any) -> None:
@@ -418,7 +418,7 @@ class _MeteredConnection:
         m.opens_sent += 1
         m.active += 1
         if m.timed:
-            self.started = time.monotonic()
+            self.started = self.seconds()
         if hasattr(type(transport), "writeSomeData"):
             # A socket (tcp.Server): count what reaches it, whether through write() and the
             # reactor's doWrite or written through at once (zillatw.writethrough).
@@ -456,7 +456,7 @@ class _MeteredConnection:
             m.errors_received += 1
         m.closes_sent += 1
         if m.timed:
-            m.observe_duration((time.monotonic() - self.started) * 1000)
+            m.observe_duration((self.seconds() - self.started) * 1000)
         self.wrappedProtocol.connectionLost(reason)
 
     def __getattr__(self, name: str) -> Any:  # logPrefix, readConnectionLost, handshakeCompleted...
@@ -469,13 +469,14 @@ class MeteredFactory:
     server; or, for a tcp server, each exit it hands connections to) whose protocols are
     metered as streams of one binding. Everything else is the factory's own."""
 
-    def __init__(self, factory: Any, m: BindingMetrics):
+    def __init__(self, factory: Any, m: BindingMetrics, seconds: Callable[[], float]):
         self.wrappedFactory = factory
         self.m = m
+        self.seconds = seconds
 
     def buildProtocol(self, addr: Any) -> Any:
         protocol = self.wrappedFactory.buildProtocol(addr)
-        return None if protocol is None else _MeteredConnection(self.m, protocol)
+        return None if protocol is None else _MeteredConnection(self.m, protocol, self.seconds)
 
     def __getattr__(self, name: str) -> Any:  # doStart, doStop, logPrefix, the binding's own
         return getattr(self.wrappedFactory, name)
@@ -486,7 +487,8 @@ class MeteredFactory:
 class Metrics:
     """Every namespace's metrics and the prometheus exporters that serve them."""
 
-    def __init__(self, config: Config, events: Mapping[str, Events] | None = None):
+    def __init__(self, config: Config, events: Mapping[str, Events] | None = None, *, reactor: Any):
+        self.reactor = reactor  # its exporters listen on it, http.duration is timed by it
         self.registry = CollectorRegistry(auto_describe=False)
         self._collector = _Collector()
         self.registry.register(self._collector)
@@ -526,10 +528,10 @@ class Metrics:
             if IStreamExit.providedBy(built):
                 exit_ = MeteredExit(built, metered_open(built.open, m))
             elif IProtocolFactory.providedBy(built):
-                exit_ = MeteredFactory(built, m)
+                exit_ = MeteredFactory(built, m, self.reactor.seconds)
         handing_on = self.metrics(caller) if caller.type == "tcp" and caller.kind == "server" else None
         if handing_on is not None:
-            exit_ = MeteredFactory(exit_, handing_on)
+            exit_ = MeteredFactory(exit_, handing_on, self.reactor.seconds)
         return exit_
 
     def ws_server_observer(self, binding: BindingConfig) -> WsServerObserver | None:

@@ -98,7 +98,7 @@ def build_generation(config: Config, reactor: Any, event_stream: TextIO | None =
     """Every vault and binding of `config`, built on `reactor` (ConfigError with all their
     problems if one cannot be)."""
     events = {ns.name: Events.from_telemetry(ns.telemetry, event_stream) for ns in config.namespaces}
-    metrics = Metrics(config, events)
+    metrics = Metrics(config, events, reactor=reactor)
     graph = BindingGraph(config, registry or standard_registry(), events, metrics, reactor=reactor)
     return Generation(config, events, metrics, graph, graph.build_all())
 

@@ -7,14 +7,17 @@ import copy
 import os
 import signal
 
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 
 from zillatw import ConfigError, build_gateway
 from zillatw.metrics import MeteredExit
-from zillatw.test.support import (CONF, chain, client_frame, close_ws, connect_raw, connect_ws, eventually,
+from zillatw.test.support import (CONF, OnAClock, chain, client_frame, close_ws, connect_raw, connect_ws, eventually,
                                   parse_server_frames, raw_exchange, split_response, start_gateway,
                                   upgrade_request)
 
@@ -305,19 +308,21 @@ class PrometheusTests(unittest.TestCase):
                  if s.name == "stream_opens_received_total"}
         self.assertEqual(opens, {("test", "http0"): 1, ("test", "ws0"): 1, ("test", "echo"): 1, ("other", "echo"): 2})
 
-    @defer.inlineCallbacks
     def test_http_duration_lasts_until_the_websocket_closes(self):
-        from zillatw.test.support import wait
-        gateway, port = yield start_gateway(self, metered(bindings={"http0": ["http.duration"]}))
-        client = yield connect_ws(port, protocols=["echo"])
-        yield wait(0.15)
-        yield close_ws(client)
-        yield eventually(lambda: value(gateway, "http_duration_milliseconds_count", "http0") == 1)
-        samples, text = yield scrape(gateway)
-        http0 = of(samples, "http0")
-        self.assertEqual(http0['http_duration_milliseconds_bucket{le="100.0"}'], 0)
-        self.assertEqual(http0['http_duration_milliseconds_bucket{le="+Inf"}'], 1)
-        self.assertGreaterEqual(http0["http_duration_milliseconds_sum"], 150)
+        on = OnAClock(metered(bindings={"http0": ["http.duration"]}))  # timed on the gateway's reactor
+        connection, transport = on.connect()
+        connection.dataReceived(upgrade_request(headers={"Sec-WebSocket-Protocol": "echo"}))
+        self.assertIn(b"101 Switching Protocols", transport.value())
+        on.clock.advance(0.15)
+        self.assertEqual(value(on.gateway, "http_duration_milliseconds_count", "http0"), 0)  # still open
+        connection.connectionLost(Failure(ConnectionDone()))
+        text = generate_latest(on.gateway.metrics.registry).decode()
+        http0 = {s.name + s.labels.get("le", ""): s.value for f in text_string_to_metric_families(text)
+                 for s in f.samples if s.labels["binding"] == "http0"}
+        self.assertEqual((http0["http_duration_milliseconds_bucket100.0"],
+                          http0["http_duration_milliseconds_bucket500.0"],
+                          http0["http_duration_milliseconds_bucket+Inf"]), (0, 1, 1))
+        self.assertAlmostEqual(http0["http_duration_milliseconds_sum"], 150)
         self.assertIn("# TYPE http_duration_milliseconds histogram", text)
         self.assertEqual(len(http0), 2 + 14)  # _count, _sum and 13 buckets and +Inf
 
