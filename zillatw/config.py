@@ -57,10 +57,6 @@ class BindingConfig:
     def qname(self) -> str:
         return f"{self.namespace}:{self.name}"
 
-    def resolve_path(self, path: str) -> Path:
-        """Paths in options are relative to the config file's folder."""
-        return (self.base_dir / path).resolve()
-
 
 @dataclass(frozen=True, slots=True)
 class NamespaceConfig:

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 from twisted.application.service import Service
 from twisted.internet import defer, threads
+from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
 from zillatw.config import Config, load
@@ -198,7 +199,7 @@ class Gateway(Service):
     def _load_off_reactor(self) -> defer.Deferred:
         """load_config in a thread of the reactor's pool (in the reactor's own thread if it
         has none, as a test's fake reactor)."""
-        if not hasattr(self.reactor, "getThreadPool"):
+        if not IReactorThreads.providedBy(self.reactor):
             return defer.maybeDeferred(load_config, self.source, self.env, self.limits, self.registry)
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), load_config,
                                          self.source, self.env, self.limits, self.registry)
