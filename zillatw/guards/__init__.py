@@ -21,8 +21,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from zillatw.config import ROLE_PLACEHOLDERS
-
 
 @dataclass(frozen=True, slots=True)
 class Session:
