@@ -87,6 +87,10 @@ class IHttpConnection(Interface):
         """Called once, after makeConnection: `request` is the head the http server parsed
         (the one to act on), `rest` the bytes that followed it."""
 
+    def session_expired() -> None:
+        """The session the request was authorized with has expired: end the connection as
+        the protocol does (a WebSocket closes with 1008)."""
+
 
 class IUpstreamConnector(Interface):
     """A client binding that opens byte connections upstream (tcp client, tls client); a

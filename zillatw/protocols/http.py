@@ -28,7 +28,7 @@ from zillatw.httpauth import CONVENTIONAL_SECRETS, PLACEHOLDER, HttpAuthorizatio
 from zillatw.matching import Matcher, matcher
 from zillatw.plugins import BindingType, IDrainsGracefully
 from zillatw.schema import FORBIDDEN, NAME, refused, route_schema
-from zillatw.stream import StreamRefused
+from zillatw.stream import IHttpConnection, StreamRefused
 
 HEAD_TIMEOUT = 10.0  # seconds for a client to send its request head (slowloris)
 log = Logger()
@@ -359,7 +359,7 @@ class HttpServerProtocol(Protocol):
         taken.take_over(request, rest)
 
     def _expire_at(self, when: float, taken: Any) -> None:
-        """End the connection when its session expires: the exit's `session_expired()` (the
+        """End the connection when its session expires: IHttpConnection.session_expired() (the
         ws server closes with 1008), else abort as Zilla does. The one timer per connection
         is cancelled when the connection ends."""
         reactor = self.factory.reactor
@@ -373,9 +373,8 @@ class HttpServerProtocol(Protocol):
         self.connectionLost = connectionLost  # type: ignore[method-assign]
 
     def _session_expired(self, taken: Any) -> None:
-        expired = getattr(taken, "session_expired", None)
-        if expired is not None:
-            expired()
+        if IHttpConnection.providedBy(taken):
+            taken.session_expired()
         else:
             self.transport.abortConnection()
 
