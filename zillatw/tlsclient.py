@@ -22,8 +22,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from zillatw.config import Route
-from zillatw.stream import StreamRefused
-from zillatw.telemetry import Events
+from zillatw.events import Events
+from zillatw.stream import IUpstreamConnector, StreamRefused
 from zillatw.tlscontext import (
     VERSIONS,
     Handshake,
@@ -167,6 +167,7 @@ def _client_info(connection: SSL.Connection, where: int, ret: int) -> None:
 SYSTEM_TRUST = PeerTrust(system=True)
 
 
+@implementer(IUpstreamConnector)
 class TlsClient:
     """The tls client binding: `connect(factory, authority, timeout)` like a tcp client; the
     Deferred fires once the TLS handshake is done and the upstream's name verified."""

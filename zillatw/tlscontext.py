@@ -21,10 +21,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from zillatw.config import Route
+from zillatw.events import next_trace_id
 from zillatw.guards import Session, permits
 from zillatw.matching import matcher
 from zillatw.protocols.tcp import parse_ports
-from zillatw.telemetry import next_trace_id
 from zillatw.vault import KeyEntry
 
 if TYPE_CHECKING:

@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from zillatw.errors import ConfigError, did_you_mean
+from zillatw.plugins import VaultType
 
 STORES = ("keys", "trust", "signers")
 STORE_TYPES = ("pkcs12", "pem")
@@ -283,3 +284,6 @@ def _read_pem(location: Path, password: str | None, store: str, shown: str, path
             raise _StoreProblem(f"{path}.store: in '{name}', the private key does not match the first certificate")
         entries[alias] = KeyEntry(alias, _signing_key(key, path, name), certificates[0], certificates[1:])
     return entries
+
+
+PLUGIN = VaultType("filesystem", open_vault)

@@ -28,9 +28,10 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
+from zillatw.events import Events
 from zillatw.guards import Rejected, Session
+from zillatw.plugins import GuardType
 from zillatw.schema import NAME
-from zillatw.telemetry import Events
 
 FETCH_TIMEOUT = 10.0   # seconds for a JWKS URL to answer
 MIN_REFRESH = 5.0      # seconds between fetches triggered by unknown kids
@@ -358,4 +359,7 @@ class _Discard:
 
 
 def build(namespace: str, name: str, options: Mapping[str, Any], graph: Any) -> JwtGuard:
-    return JwtGuard(namespace, name, options, events=graph.events(namespace))
+    return JwtGuard(namespace, name, options, events=graph.events(namespace), reactor=graph.reactor)
+
+
+PLUGIN = GuardType("jwt", SCHEMA_PATCH, build, check=check)

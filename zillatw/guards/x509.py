@@ -33,8 +33,9 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from zillatw.events import Events
 from zillatw.guards import Rejected, Session
-from zillatw.telemetry import Events
+from zillatw.plugins import GuardType
 
 _FIELD = {"type": "string", "pattern": r"^[a-zA-Z]+[a-zA-Z0-9._-]*$"}
 SCHEMA_PATCH = {
@@ -158,3 +159,6 @@ class X509Guard:
 
 def build(namespace: str, name: str, options: Mapping[str, Any], graph: Any) -> X509Guard:
     return X509Guard(namespace, name, options, events=graph.events(namespace))
+
+
+PLUGIN = GuardType("x509", SCHEMA_PATCH, build, check=check)

@@ -27,9 +27,10 @@ from zillatw.config import BindingConfig, Route
 from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, permits
 from zillatw.http1 import HttpError, Request, render_response
 from zillatw.matching import matcher
+from zillatw.plugins import BindingType, IDrainsGracefully, IHoldsConnections
 from zillatw.schema import FORBIDDEN, refused, route_schema
-from zillatw.stream import ABNORMAL, IHttpConnection, IStreamEnd, IStreamExit, StreamInfo, StreamRefused
-from zillatw.validation import MESSAGES, check_models, validating_routes  # noqa: F401 - check_models: config's hook
+from zillatw.stream import ABNORMAL, IHttpConnection, IHttpExit, IStreamEnd, IStreamExit, StreamInfo, StreamRefused
+from zillatw.validation import MESSAGES, check_models, validating_routes
 from zillatw.wsstream import ReactorTimer, StreamRelay
 from zillatw.wshandshake import check_upgrade, handshake_head, offered_protocols, select_route
 
@@ -124,6 +125,7 @@ class WsRoutes:
         return None
 
 
+@implementer(IHttpExit, IDrainsGracefully)
 class WsServer(WebSocketServerFactory):
     """The ws server binding: routes, limits and Autobahn's settings for its connections."""
 
@@ -133,8 +135,10 @@ class WsServer(WebSocketServerFactory):
                  max_message_size: int = MAX_MESSAGE_SIZE, max_frame_size: int = 0,
                  permessage_deflate: bool = True, close_timeout: float = CLOSE_TIMEOUT,
                  ping_interval: float = PING_INTERVAL, ping_timeout: float = PING_TIMEOUT,
-                 max_connections: int = 0, reactor: Any = None):
+                 max_connections: int = 0, reactor: Any = None, observer: Any = None):
         super().__init__()
+        # zillatw.metrics.WsServerObserver: told each upgrade's outcome (metrics, events), or None
+        self.observer = observer
         self._batched_timer = ReactorTimer(reactor)
         self.reactor = self._batched_timer.reactor
         self.server = None  # no Server header naming the library in the 101
@@ -161,7 +165,21 @@ class WsServer(WebSocketServerFactory):
 
     def accept_request(self, request: Request, headers: dict[str, str], transport: Any,
                        trace_id: int = 0, authorization: Authorization = NO_AUTHORIZATION) -> "WsServerProtocol":
-        """Check the upgrade and choose the route; the protocol returned takes the socket."""
+        """Check the upgrade and choose the route; the protocol returned takes the socket.
+        The observer hears of a refusal, and of the exit chosen (whose outcome it reports)."""
+        try:
+            connection = self._accept(request, headers, trace_id, authorization)
+        except HttpError as e:
+            if self.observer is not None:
+                self.observer.rejected(trace_id, e.status, e.reason)
+            raise
+        if self.observer is not None:
+            connection.stream_exit = self.observer.opening(trace_id, connection.info, connection.shown_path,
+                                                           connection.stream_exit)
+        return connection
+
+    def _accept(self, request: Request, headers: dict[str, str], trace_id: int,
+                authorization: Authorization) -> "WsServerProtocol":
         check_upgrade(request)
         if self.max_connections and len(self.connections) + len(self.handshaking) >= self.max_connections:
             raise HttpError(503, f"too many WebSocket connections (limit {self.max_connections})")
@@ -339,7 +357,7 @@ class WsServerProtocol(StreamRelay, WebSocketServerProtocol):
             self.dropConnection(abort=True)
 
 
-@implementer(IStreamExit)
+@implementer(IStreamExit, IHoldsConnections)
 class WsClient:
     """The ws client binding: opens an upstream WebSocket per stream. The stream opens (and
     the downstream gets its 101) when the upstream has answered 101 with the same
@@ -483,12 +501,12 @@ class WsClientProtocol(StreamRelay, WebSocketClientProtocol):
 
 def build(binding: BindingConfig, graph: Any) -> WsServer | WsClient:
     options = binding.options
-    routes = [(route, graph.binding(route.exit)) for route in binding.routes]
+    routes = [(route, graph.exit(route.exit, binding)) for route in binding.routes]
     if binding.kind == "client":
         return WsClient(binding.name, routes, defaults=dict(options.get("defaults") or {}),
                         timeout=options.get("timeout", UPSTREAM_TIMEOUT),
                         max_message_size=options.get("max-message-size", MAX_MESSAGE_SIZE),
-                        permessage_deflate=options.get("permessage-deflate", True))
+                        permessage_deflate=options.get("permessage-deflate", True), reactor=graph.reactor)
     routes = validating_routes(binding, graph, routes, options.get("max-message-size", MAX_MESSAGE_SIZE))
     return WsServer(binding.name, routes, namespace=binding.namespace,
                     max_message_size=options.get("max-message-size", MAX_MESSAGE_SIZE),
@@ -497,4 +515,10 @@ def build(binding: BindingConfig, graph: Any) -> WsServer | WsClient:
                     close_timeout=options.get("close-timeout", CLOSE_TIMEOUT),
                     ping_interval=options.get("ping-interval", PING_INTERVAL),
                     ping_timeout=options.get("ping-timeout", PING_TIMEOUT),
-                    max_connections=options.get("max-connections", 0))
+                    max_connections=options.get("max-connections", 0), reactor=graph.reactor,
+                    observer=graph.ws_server_observer(binding))
+
+
+PLUGIN = BindingType("ws", SCHEMA_PATCH, STREAMS, build, guarded_kinds=frozenset(GUARDED_KINDS),
+                     unguarded_why=UNGUARDED_WHY,
+                     check_in_namespace=lambda binding, namespace, registry: check_models(binding, namespace, registry.catalogs))

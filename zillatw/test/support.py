@@ -16,9 +16,11 @@ from autobahn.websocket.compress import (
     PerMessageDeflateResponseAccept,
 )
 from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from zillatw import build_gateway
 from zillatw.protocols.ws import ReactorTimer
@@ -65,6 +67,27 @@ def start_gateway(case: Any, config: Any) -> Any:
     case.addCleanup(gateway.stopService)
     ports = yield gateway.listening
     return gateway, (ports[0] if ports else None)
+
+
+class OnAClock:
+    """A gateway built and started on a MemoryReactorClock: nothing listens, time moves only
+    with `clock.advance`, and `connect()` hands a tcp server's listener a connection over a
+    StringTransport (what the gateway writes is `transport.value()`)."""
+
+    def __init__(self, config: Any, watch_interval: float | None = None, **kwargs: Any):
+        self.clock = MemoryReactorClock()
+        self.events = io.StringIO()
+        self.gateway = build_gateway(config, reactor=self.clock, event_stream=self.events, **kwargs)
+        self.gateway.watch_interval = watch_interval
+        self.gateway.startService()
+        self.clock.run()  # MemoryReactor: runs the callWhenRunning hooks, then counts as stopped
+
+    def connect(self, listener: int = 0, client_port: int = 40000) -> tuple[Any, StringTransport]:
+        factory = self.clock.tcpServers[listener][1]
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", client_port))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", client_port))
+        protocol.makeConnection(transport)
+        return protocol, transport
 
 
 def wait(seconds: float) -> defer.Deferred:

@@ -18,14 +18,14 @@ from twisted.trial import unittest
 from zillatw import ConfigError, build_gateway
 from zillatw.__main__ import main as check_main
 from zillatw.config import load
+from zillatw.events import Events
 from zillatw.guards import Rejected
 from zillatw.guards.x509 import X509Guard, fields
-from zillatw.protocols import binding_types
-from zillatw.telemetry import Events
+from zillatw.standard import standard_registry
 from zillatw.test import pki
 from zillatw.test.test_tls import PASSWORD, TlsTestCase, tls_chain
 
-TYPES = binding_types()
+TYPES = standard_registry()
 
 
 def server(options: dict[str, Any], routes: list[dict[str, Any]] | None = None,
