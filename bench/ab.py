@@ -70,7 +70,8 @@ def main() -> int:
                           file=sys.stderr)
     finally:
         procs.stop()
-    print(f"A/B ({', '.join(label for label, _ in labels)}) {args.rounds} interleaved rounds of {args.seconds:g} s, load average {os.getloadavg()[0]:.2f}")
+    print(f"A/B ({', '.join(label for label, _ in labels)}) {args.rounds} interleaved rounds of {args.seconds:g} s, "
+          f"load average {os.getloadavg()[0]:.2f}")
     for size in sizes:
         med = {name: statistics.median(r["msgs"] for r in runs[name, size]) for name, _ in ports.items()}
         cpu = {name: statistics.median(r["cpu"]["proxy"] for r in runs[name, size]) for name in ports}
@@ -81,8 +82,10 @@ def main() -> int:
         first = labels[0][0]
         for kind in ("proxy", "echo"):
             for label, _ in labels[1:]:
-                print(f"{proxy.human(size):>7} {kind}: {label}/{first} {med[f'{kind} {label}'] / med[f'{kind} {first}']:.2f}x"
-                      f" msgs/s, {cpu[f'{kind} {first}'] / med[f'{kind} {first}'] / (cpu[f'{kind} {label}'] / med[f'{kind} {label}']):.2f}x less CPU per msg")
+                this, baseline = f"{kind} {label}", f"{kind} {first}"
+                cpu_per_msg_ratio = cpu[baseline] / med[baseline] / (cpu[this] / med[this])
+                print(f"{proxy.human(size):>7} {kind}: {label}/{first} {med[this] / med[baseline]:.2f}x"
+                      f" msgs/s, {cpu_per_msg_ratio:.2f}x less CPU per msg")
     return 0
 
 

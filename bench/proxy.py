@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The proxy benchmark (issue 3): zillatw's proxy throughput next to nginx's, as ratios.
+"""The proxy benchmark: zillatw's proxy throughput next to nginx's, as ratios.
 
     .venv/bin/python bench/proxy.py [--seconds N] [--rounds N] [--warmup N] [--profile] [--nginx-buffer SIZE]
 
@@ -24,12 +24,9 @@ connection through one proxy_buffer_size buffer, 4 KiB by default, which caps it
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
 import ctypes
-import multiprocessing
 import os
-import queue
 import re
 import shutil
 import signal
@@ -38,17 +35,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+# bench/load.py: the load generator (re-exported: fan.py, validation.py and ab.py take it from here)
+from load import CONNECTIONS, PROCESSES, cpu_seconds, family, measure, run_window  # noqa: E402,F401
+
 SIZES = (64, 16 * 1024)
-CONNECTIONS = 50
-PROCESSES = 2
 GOALS = {64: 0.5, 16 * 1024: 1.0}
 
 
@@ -62,18 +58,25 @@ def _die_with_parent() -> None:
         pass
 
 
+class BenchProcess(subprocess.Popen[bytes]):
+    """A benchmark's child process with the name its errors are reported under and the log its
+    output goes to (quoted when it fails)."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.bench_name, self.bench_log = name, log
+        with open(log, "wb") as out:  # the child holds its own copy of the descriptor
+            super().__init__(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             env=env, preexec_fn=_die_with_parent)
+
+
 class Procs:
     """Every subprocess started here; stop() ends them all (terminate, then kill)."""
 
-    def __init__(self):
-        self.procs: list[subprocess.Popen] = []
+    def __init__(self) -> None:
+        self.procs: list[BenchProcess] = []
 
-    def start(self, name: str, argv: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-        out = open(log, "wb")
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, preexec_fn=_die_with_parent)
-        out.close()
-        proc.bench_name, proc.bench_log = name, log
+    def start(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None) -> BenchProcess:
+        proc = BenchProcess(name, argv, log, env)
         self.procs.append(proc)
         return proc
 
@@ -97,12 +100,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+def wait_listening(port: int, proc: BenchProcess, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"{proc.bench_name} exited ({proc.returncode}) before listening; "
-                             f"its log:\n{Path(proc.bench_log).read_text(errors='replace')[-3000:]}")
+                             f"its log:\n{proc.bench_log.read_text(errors='replace')[-3000:]}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
             return
@@ -137,180 +140,6 @@ def run_upstream(port: int) -> None:
     uvloop.run(main())
 
 
-# ---------------------------------------------------------------- load generator (worker processes)
-
-def load_worker(url: str, conns: int, size: int, warmup: float, seconds: float,
-                barrier, results, payload: bytes | None = None) -> None:
-    import logging
-
-    import uvloop
-    from picows import WSListener, WSMsgType, ws_connect
-    logging.getLogger("picows").setLevel(logging.CRITICAL)
-
-    payload = os.urandom(size) if payload is None else payload  # bench/validation.py sends JSON
-    state = {"phase": 0, "count": 0, "errors": 0, "closed": 0}  # phase: 0 warm-up, 1 window, 2 done
-
-    class Client(WSListener):
-        received = 0
-        lost = False
-
-        def on_ws_connected(self, transport):
-            self.transport = transport
-
-        def kick(self):
-            self.transport.send(WSMsgType.BINARY, payload)
-
-        def on_ws_frame(self, transport, frame):
-            if frame.msg_type == WSMsgType.CLOSE:
-                if state["phase"] < 2:
-                    self.lost = True  # closed on us mid-run
-                return
-            self.received += frame.payload_size
-            if not frame.fin:
-                return
-            if self.received != size:
-                state["errors"] += 1
-            self.received = 0
-            phase = state["phase"]
-            if phase == 1:
-                state["count"] += 1
-            if phase < 2:
-                transport.send(WSMsgType.BINARY, payload)
-
-        def on_ws_disconnected(self, transport):
-            if state["phase"] < 2:
-                self.lost = True
-
-    async def main():
-        clients = []
-        for _ in range(conns):
-            for attempt in range(5):
-                try:
-                    _, client = await ws_connect(Client, url, max_frame_size=64 * 1024 * 1024)
-                    break
-                except Exception:
-                    if attempt == 4:
-                        raise
-                    await asyncio.sleep(0.2)
-            clients.append(client)
-        await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
-        for client in clients:
-            client.kick()
-        await asyncio.sleep(warmup)
-        state["phase"] = 1
-        t0 = time.perf_counter()
-        await asyncio.sleep(seconds)
-        state["phase"] = 2
-        elapsed = time.perf_counter() - t0
-        count = state["count"]
-        state["closed"] = sum(client.lost for client in clients)
-        await asyncio.sleep(0.3)  # let the last round trips come back before closing
-        for client in clients:
-            client.transport.send_close()
-        await asyncio.sleep(0.1)
-        for client in clients:
-            client.transport.disconnect()
-        return count, elapsed
-
-    try:
-        count, elapsed = uvloop.run(main())
-        results.put((count, elapsed, state["errors"], state["closed"], None))
-    except BaseException as exc:  # report, do not hang the parent
-        barrier.abort()
-        results.put((0, 1.0, 0, 0, f"{type(exc).__name__}: {exc}"))
-
-
-def cpu_seconds(pids: list[int]) -> tuple[float, float]:
-    """CPU time these processes used, and time they spent runnable but waiting for a CPU
-    (all their threads; /proc/PID/task/*/schedstat, nanoseconds)."""
-    ran = waited = 0
-    for pid in pids:
-        for task in Path(f"/proc/{pid}/task").glob("*"):
-            try:
-                fields = (task / "schedstat").read_text().split()
-            except OSError:
-                continue
-            ran += int(fields[0])
-            waited += int(fields[1])
-    return ran / 1e9, waited / 1e9
-
-
-def family(pid: int) -> list[int]:
-    """pid and its children (nginx: master and worker)."""
-    try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        kids = []
-    return [pid, *map(int, kids)]
-
-
-def run_window(workers: list, barrier: Any, results: Any, watched: Callable[[], dict[str, list[int]]],
-               warmup: float, seconds: float, what: str) -> tuple[list, dict[str, float], float]:
-    """Start the load processes, wait until they are all connected (the barrier), warm up, then
-    measure `seconds`: -> (each worker's result tuple, CPU % in the window for each watched
-    name and "<name> wait" for its time runnable but waiting for a CPU, the window's length).
-    A worker that fails before the start fails the run with its problem."""
-    for w in workers:
-        w.start()
-    cpu: dict[str, float] = {}
-    started = threading.Event()
-
-    def watchdog() -> None:  # a worker that dies before the start must not leave us waiting
-        while not started.wait(0.2):
-            if any(not w.is_alive() for w in workers):
-                barrier.abort()
-                return
-    threading.Thread(target=watchdog, daemon=True).start()
-    try:
-        try:
-            barrier.wait(timeout=120)  # every connection is open; the warm-up starts
-            started.set()
-        except threading.BrokenBarrierError:
-            started.set()
-            problems = []
-            while not results.empty() or not problems:
-                try:
-                    problems.append(results.get(timeout=5)[4])
-                except queue.Empty:
-                    break
-            raise RuntimeError(f"{what} failed: " + "; ".join(filter(None, problems))) from None
-        pids = watched()
-        time.sleep(warmup)
-        t0, before = time.perf_counter(), {name: cpu_seconds(p) for name, p in pids.items()}
-        time.sleep(seconds)
-        elapsed = time.perf_counter() - t0
-        after = {name: cpu_seconds(p) for name, p in pids.items()}
-        for name in pids:
-            cpu[name] = 100 * (after[name][0] - before[name][0]) / elapsed
-            cpu[name + " wait"] = 100 * (after[name][1] - before[name][1]) / elapsed
-        got = [results.get(timeout=warmup + seconds + 60) for _ in workers]
-    finally:
-        for w in workers:
-            w.join(5)
-            if w.is_alive():
-                w.kill()
-                w.join()
-    return got, cpu, elapsed
-
-
-def measure(url: str, size: int, warmup: float, seconds: float, watch: dict[str, int],
-            payload: bytes | None = None) -> dict:
-    """Runs the load; watch names processes (pid) whose CPU use in the window is reported, in %."""
-    ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(PROCESSES + 1), ctx.Queue()
-    share = [CONNECTIONS // PROCESSES + (i < CONNECTIONS % PROCESSES) for i in range(PROCESSES)]
-    workers = [ctx.Process(target=load_worker, daemon=True,
-                           args=(url, n, size, warmup, seconds, barrier, results, payload)) for n in share]
-    got, cpu, _ = run_window(workers, barrier, results, lambda: {name: family(pid) for name, pid in watch.items()},
-                             warmup, seconds, f"load generator against {url}")
-    problems = [g[4] for g in got if g[4]]
-    if problems:
-        raise RuntimeError("; ".join(problems))
-    rate = sum(count / elapsed for count, elapsed, *_ in got)
-    return {"msgs": rate, "mbs": rate * size / 1e6, "cpu": cpu,
-            "errors": sum(g[2] for g in got), "closed": sum(g[3] for g in got)}
-
-
 # ---------------------------------------------------------------- nginx, zillatw
 
 NGINX_CONF = """\
@@ -327,7 +156,7 @@ http {{
     uwsgi_temp_path {prefix}/uwsgi;
     scgi_temp_path {prefix}/scgi;
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{tls};
         location / {{
             proxy_pass http://127.0.0.1:{upstream};
             proxy_http_version 1.1;
@@ -347,19 +176,22 @@ def install_nginx() -> str:
     return out.strip().splitlines()[-1]
 
 
-def start_nginx(procs: Procs, tmp: Path, upstream: int, buffer: str | None) -> tuple[int, subprocess.Popen]:
+def start_nginx(procs: Procs, tmp: Path, upstream: int, buffer: str | None,
+                tls: tuple[Path, Path] | None = None) -> tuple[int, BenchProcess]:
+    """nginx proxying to the upstream; `tls` = (certificate, key) PEM files: it terminates TLS."""
     nginx = install_nginx()
-    prefix = tmp / "nginx"
-    prefix.mkdir()
     port = free_port()
+    prefix = tmp / f"nginx-{port}"
+    prefix.mkdir()
     conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(
-        prefix=prefix, port=port, upstream=upstream,
-        # nginx relays an upgraded connection through buffers of proxy_buffer_size (one page,
-        # 4 KiB, by default)
-        extra=f"\n            proxy_buffer_size {buffer};\n            proxy_buffers 8 {buffer};" if buffer else ""))
+    # nginx relays an upgraded connection through buffers of proxy_buffer_size (one page,
+    # 4 KiB, by default)
+    extra = f"\n            proxy_buffer_size {buffer};\n            proxy_buffers 8 {buffer};" if buffer else ""
+    listen = (f" ssl;\n        ssl_certificate {tls[0]};\n        ssl_certificate_key {tls[1]};\n"
+              "        ssl_protocols TLSv1.2 TLSv1.3") if tls else ""
+    conf.write_text(NGINX_CONF.format(prefix=prefix, port=port, upstream=upstream, extra=extra, tls=listen))
     proc = procs.start("nginx", [nginx, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")],
-                       tmp / "nginx.out")
+                       prefix / "nginx.out")
     wait_listening(port, proc)
     return port, proc
 
@@ -369,25 +201,36 @@ def twistd() -> str:
     return str(local) if local.exists() else (shutil.which("twistd") or "twistd")
 
 
-def start_zillatw(procs: Procs, tmp: Path, name: str, config: Path, upstream: int | None) -> tuple[int, subprocess.Popen]:
+def start_zillatw(procs: Procs, tmp: Path, name: str, config: Path, upstream: int | None,
+                  extra_env: dict[str, str] | None = None, workers: int = 1) -> tuple[int, BenchProcess]:
+    """twistd -n zillaws -c config (with -w workers if more than one), listening on a free port
+    (ZILLATW_BENCH_PORT); extra_env: more variables the configuration reads."""
     port = free_port()
-    env = dict(os.environ, ZILLATW_BENCH_PORT=str(port))
+    env = dict(os.environ, ZILLATW_BENCH_PORT=str(port), **(extra_env or {}))
     # With an editable install (pip install -e), twistd finds the zillaws plugin only when the
     # repo root is on sys.path (twisted/plugins/zillaws.py is found by scanning sys.path).
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     if upstream is not None:
         env["ZILLATW_BENCH_UPSTREAM_PORT"] = str(upstream)
-    proc = procs.start(name, [twistd(), "-n", "--pidfile=", "zillaws", "-c", str(config)],
-                       tmp / f"{name.replace(' ', '-')}.log", env=env)
+    ready = tmp / f"{name.replace(' ', '-')}-{port}.ready"  # -w N: written once every worker listens
+    argv = [twistd(), "-n", "--pidfile=", "zillaws", "-c", str(config)]
+    argv += ["-w", str(workers), "--ready-file", str(ready)] if workers > 1 else []
+    proc = procs.start(name, argv, tmp / f"{name.replace(' ', '-')}-{port}.log", env=env)
     wait_listening(port, proc)
+    deadline = time.monotonic() + 30
+    while workers > 1 and not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{name}: its {workers} workers are not ready after 30 s; its log:\n"
+                             f"{proc.bench_log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.05)
     return port, proc
 
 
 # ---------------------------------------------------------------- profiling
 
 def start_profile(pid: int, seconds: float, out: Path, raw: Path) -> list[subprocess.Popen]:
-    pyspy = Path(sys.executable).with_name("py-spy")
-    pyspy = str(pyspy) if pyspy.exists() else (shutil.which("py-spy") or "")
+    local = Path(sys.executable).with_name("py-spy")
+    pyspy = str(local) if local.exists() else (shutil.which("py-spy") or "")
     if not pyspy:
         print("py-spy not found: pip install -e '.[bench]'", file=sys.stderr)
         return []
@@ -400,12 +243,14 @@ def start_profile(pid: int, seconds: float, out: Path, raw: Path) -> list[subpro
 
 def hot_spots(raw: Path, top: int = 20) -> str:
     """Self and inclusive share of samples per function, from py-spy's collapsed stacks."""
-    own, incl, total = collections.Counter(), collections.Counter(), 0
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
     for line in raw.read_text().splitlines():
-        stack, _, n = line.rpartition(" ")
+        stack, _, samples = line.rpartition(" ")
         if not stack:
             continue
-        n = int(n)
+        n = int(samples)
         total += n
         # "func (file.py:line)" -> "func (file.py)": one entry per function, whatever the line
         frames = [re.sub(r":\d+\)$", ")", f.strip()) for f in stack.split(";")]
@@ -414,7 +259,7 @@ def hot_spots(raw: Path, top: int = 20) -> str:
             incl[f] += n
     if not total:
         return "(no samples)"
-    by_pkg = collections.Counter()
+    by_pkg: collections.Counter[str] = collections.Counter()
     for f, n in own.items():
         where = f[f.find("(") + 1:]
         pkg = next((p for p in ("zillatw", "autobahn", "twisted", "txaio", "zope") if where.startswith(p + "/")),
@@ -450,7 +295,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds over all scenarios, interleaved; the median is reported (default 3)")
     ap.add_argument("--warmup", type=float, default=1.0, help="warm-up before each window (default 1)")
-    ap.add_argument("--profile", action="store_true", help="after the rounds, py-spy zillatw's proxy in one more 64 B run")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the rounds, py-spy zillatw's proxy in one more 64 B run")
     ap.add_argument("--nginx-buffer", metavar="SIZE",
                     help="set nginx's proxy_buffer_size (e.g. 64k); default: nginx's own (4k)")
     ap.add_argument("--upstream", type=int, help=argparse.SUPPRESS)  # internal: be the echo server
@@ -509,10 +355,10 @@ def main() -> int:
     print(f"{'scenario':<14}{'size':>8}{'msgs/s':>12}{'MB/s':>10}{'vs nginx':>10}{'vs direct':>11}"
           f"{'msgs/s min-max':>18}{'proxy CPU':>11}{'(waiting)':>11}{'upstream CPU':>14}")
     for size in SIZES:
-        nginx, direct = results["nginx", size], results["direct", size]
+        by_nginx, direct = results["nginx", size], results["direct", size]
         for scenario in ports:
             r = results[scenario, size]
-            vs_nginx = "" if scenario in ("direct", "nginx") else f"{r['msgs'] / nginx['msgs']:.2f}x"
+            vs_nginx = "" if scenario in ("direct", "nginx") else f"{r['msgs'] / by_nginx['msgs']:.2f}x"
             note = "" if not (r["errors"] or r["closed"]) else f"  ({r['errors']} bad echoes, {r['closed']} closed)"
             print(f"{scenario:<14}{human(size):>8}{r['msgs']:>12.0f}{r['mbs']:>10.2f}{vs_nginx:>10}"
                   f"{r['msgs'] / direct['msgs']:>10.2f}x{r['min']:>9.0f}-{r['max']:<8.0f}"
@@ -523,7 +369,7 @@ def main() -> int:
         met = ratio >= GOALS[size]
         unit = "MB/s" if size >= 1024 else "msgs/s"
         per_round = ", ".join(f"{z['msgs'] / n['msgs']:.2f}x"
-                              for z, n in zip(runs["zillatw", size], runs["nginx", size]))
+                              for z, n in zip(runs["zillatw", size], runs["nginx", size], strict=True))
         print(f"goal at {human(size)}: zillatw/nginx {unit} >= {GOALS[size]:.1f}x: "
               f"{ratio:.2f}x -> {'met' if met else 'NOT met'}  (round by round: {per_round})")
     print("(zillatw echo, the gateway's own echo without an upstream, for the other path: "
@@ -535,7 +381,7 @@ def main() -> int:
             shutil.copy(raw, HERE / "profile-proxy-64B.txt")
         print()
         print("py-spy, zillatw proxy under the 64 B load "
-              f"(flame graph: bench/profile-proxy-64B.svg, collapsed stacks: bench/profile-proxy-64B.txt; "
+              "(flame graph: bench/profile-proxy-64B.svg, collapsed stacks: bench/profile-proxy-64B.txt; "
               "% of the samples in which zillatw was not idle in epoll):")
         print(hot_spots(raw) if raw.exists() else "(py-spy wrote no profile; it needs ptrace permission)")
     shutil.rmtree(tmp, ignore_errors=True)

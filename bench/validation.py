@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The validation benchmark (issue 6): validated-message throughput as a ratio of unvalidated
+"""The validation benchmark: validated-message throughput as a ratio of unvalidated
 echo, in the same run.
 
     .venv/bin/python bench/validation.py [--seconds N] [--rounds N] [--warmup N] [--size N]
@@ -114,7 +114,7 @@ def main() -> int:
     print()
     for model in ("json", "avro"):
         per_round = ", ".join(f"{v['msgs'] / e['msgs']:.2f}x" for v, e in zip(runs["validated " + model],
-                                                                             runs["echo " + model]))
+                                                                             runs["echo " + model], strict=True))
         ratio = median["validated " + model] / median["echo " + model]
         goal = f" (goal >= {GOAL}: {'met' if ratio >= GOAL else 'NOT met'})" if model == "json" else ""
         print(f"validated/echo {model} ({len(messages[model])} B): {ratio:.2f}x{goal}  (round by round: {per_round})")

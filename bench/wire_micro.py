@@ -14,6 +14,7 @@ The median per-frame time of --rounds rounds of about --seconds each is printed.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -23,7 +24,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from zillatw.wire import Connection, Opcode, Role  # noqa: E402
+from zillatw.wire import Connection, Fragment, Opcode, Role  # noqa: E402
 
 SIZES = {"64 B": 64, "16 KiB": 16 * 1024, "1 MiB": 1 << 20}
 
@@ -63,7 +64,8 @@ def wire_echo(frame: bytes) -> Callable[[], Any]:
     def run() -> Any:
         conn.receive_data(frame)
         for event in conn.events_received():
-            conn.send_fragment(event.opcode, event.data, event.fin)
+            if isinstance(event, Fragment):  # the frames measured are all data frames
+                conn.send_fragment(event.opcode, event.data, event.fin)
         return conn.data_to_send()
     return run
 
@@ -76,6 +78,7 @@ def autobahn_protocol() -> Any:
 
     class Echo(WebSocketServerProtocol):
         echo = False
+        transport_: Any = None  # the StringTransport, for the measurements to read and clear
 
         def onMessage(self, payload: bytes, isBinary: bool) -> None:
             if self.echo:
@@ -86,6 +89,7 @@ def autobahn_protocol() -> Any:
                                openHandshakeTimeout=0, closeHandshakeTimeout=0)
     factory.protocol = Echo
     protocol = factory.buildProtocol(None)
+    assert isinstance(protocol, Echo)
     transport = StringTransport()
     protocol.makeConnection(transport)
     protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: 127.0.0.1:9000\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -187,7 +191,8 @@ def main() -> None:
         for operation, argument in operations:
             cells = []
             for prefix in impls.values():
-                seconds = per_call(lambda: table[f"{prefix}_{operation}"](argument), args.seconds, args.rounds)
+                seconds = per_call(functools.partial(table[f"{prefix}_{operation}"], argument),
+                                   args.seconds, args.rounds)
                 cells.append(f"{seconds * 1e6:15.2f}")
             print(f"{operation + ' ' + label:<20}" + "".join(cells), flush=True)
 

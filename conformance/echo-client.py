@@ -12,14 +12,20 @@ and wstest 0.8 refuses a Host whose port is not its own.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from autobahn.websocket.compress import (PerMessageDeflateOffer, PerMessageDeflateResponse,
-                                         PerMessageDeflateResponseAccept)
+from autobahn.websocket.compress import (
+    PerMessageDeflateOffer,
+    PerMessageDeflateResponse,
+    PerMessageDeflateResponseAccept,
+)
 from twisted.internet import defer, reactor
 
 
 class Echo(WebSocketClientProtocol):
+    factory: EchoFactory
+
     def onMessage(self, payload, isBinary):
         self.factory.last = payload
         if self.factory.echo:
@@ -30,17 +36,28 @@ class Echo(WebSocketClientProtocol):
             self.factory.done.callback(None)
 
 
+class EchoFactory(WebSocketClientFactory):
+    """One visit: echoes if `echo`, keeps the `last` message; `done` fires when it closes."""
+    def __init__(self, url: str, echo: bool) -> None:
+        super().__init__(url)
+        self.protocol = Echo
+        self.echo = echo
+        self.last: bytes | None = None
+        self.done: defer.Deferred[None] = defer.Deferred()
+
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        if not self.done.called:
+            self.done.errback(reason)
+
+
 def visit(url: str, via: tuple[str, int], echo: bool = True) -> defer.Deferred:
-    factory = WebSocketClientFactory(url)
-    factory.protocol = Echo
-    factory.echo, factory.last, factory.done = echo, None, defer.Deferred()
+    factory = EchoFactory(url, echo)
     factory.setProtocolOptions(
         maxMessagePayloadSize=0, maxFramePayloadSize=0, autoFragmentSize=0, failByDrop=False,
         openHandshakeTimeout=10, closeHandshakeTimeout=5,
         perMessageCompressionOffers=[PerMessageDeflateOffer()],
         perMessageCompressionAccept=lambda r: PerMessageDeflateResponseAccept(r)
         if isinstance(r, PerMessageDeflateResponse) else None)
-    factory.clientConnectionFailed = lambda c, reason: factory.done.called or factory.done.errback(reason)
     reactor.connectTCP(via[0], via[1], factory)
     return factory.done.addCallback(lambda _: factory.last)
 

@@ -7,8 +7,8 @@ import sys
 
 from zillatw.errors import ConfigError
 from zillatw.graph import BindingGraph
-from zillatw.protocols import binding_types
 from zillatw.service import load_config
+from zillatw.standard import standard_registry
 from zillatw.yamlload import DEFAULT_LIMITS, FLAGS, HELP, limits_from
 
 
@@ -27,9 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         check.error(str(e))
     try:
-        config = load_config(args.file, limits=limits)
-        # Building the bindings (no sockets) also reads vault files and resolves their aliases.
-        BindingGraph(config, binding_types()).build_all()
+        registry = standard_registry()
+        config = load_config(args.file, limits=limits, registry=registry)
+        # Building the bindings (no sockets: nothing listens or connects, so the reactor is
+        # only held) also reads vault files and resolves their aliases.
+        from twisted.internet import reactor
+        BindingGraph(config, registry, reactor=reactor).build_all()
     except ConfigError as e:
         print(f"{args.file}: invalid configuration:\n{e}", file=sys.stderr)
         return 1

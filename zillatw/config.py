@@ -1,7 +1,9 @@
 """Load zilla.yaml: parse, resolve `${{env.NAME}}`, validate, cross-check, and model it.
 
-Nothing here knows of sockets. Binding types are passed in (see zillatw.protocols), each
-giving its schema patch, the stream kinds it accepts and emits, and optional checks.
+Nothing here knows of sockets, and nothing here imports a binding, guard, catalog or
+metrics module: the types served come in a registry (zillatw.plugins.Registry; the built-in
+ones: zillatw.standard.standard_registry()), each giving its schema patch, the stream kinds
+it accepts and emits, and its checks.
 An invalid file raises ConfigError listing every problem as `path: what was expected`.
 """
 
@@ -13,25 +15,19 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import jsonschema
 import yaml
 
 from zillatw.errors import ConfigError, did_you_mean
-from zillatw.guards import check_roles
 from zillatw.schema import FORBIDDEN, KINDS, engine_schema
 from zillatw.yamlload import DEFAULT_LIMITS, Limits, read_documents
 
+if TYPE_CHECKING:
+    from zillatw.plugins import BindingType, Registry
+
 _EXPRESSION = re.compile(r"\$\{\{\s*([a-zA-Z0-9_.\-#]+)\s*\}\}")
-
-
-class BindingType(Protocol):
-    """What config needs of a binding type's module (see zillatw.protocols)."""
-
-    SCHEMA_PATCH: Mapping[str, Any]
-    # kind -> (stream kind it accepts, stream kind it emits to its exits, or None)
-    STREAMS: Mapping[str, tuple[str, str | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,10 +56,6 @@ class BindingConfig:
     @property
     def qname(self) -> str:
         return f"{self.namespace}:{self.name}"
-
-    def resolve_path(self, path: str) -> Path:
-        """Paths in options are relative to the config file's folder."""
-        return (self.base_dir / path).resolve()
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,14 +87,31 @@ class Config:
             yield from ns.bindings.values()
 
     def dump(self) -> str:
-        """The resolved configuration as YAML (for `-v`)."""
-        return yaml.safe_dump_all([dict(d) for d in self.documents], sort_keys=False)
+        """The resolved configuration as YAML (for `-v`), secrets written REDACTED: it goes
+        to logs, and `${{env.NAME}}` resolves passwords into it."""
+        return yaml.safe_dump_all([_redacted(d) for d in self.documents], sort_keys=False)
+
+
+# Keys whose values are secrets wherever they appear: passwords, and an oct JWK's key `k`
+# (RFC 7518 §6.4.1; the jwt guard's schema refuses the private members of other key types).
+SECRET_KEYS = frozenset({"password", "secret", "k"})
+_URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.\-]*://[^/@:]*):[^/@]*@", re.IGNORECASE)
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: "REDACTED" if k in SECRET_KEYS and isinstance(v, str) else _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\1:REDACTED@", value)  # redis://user:password@host
+    return value
 
 
 # ---------------------------------------------------------------------------- loading
 
 def load(source: str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, Any]],
-         binding_types: Mapping[str, BindingType],
+         registry: Registry,
          env: Mapping[str, str] | None = None,
          base_dir: str | os.PathLike[str] | None = None,
          limits: Limits = DEFAULT_LIMITS) -> Config:
@@ -134,11 +143,10 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, 
     if problems:
         raise ConfigError(problems)
 
-    from zillatw.catalogs import catalog_types  # guard and catalog modules bring their schema patches
-    from zillatw.guards import guard_types
-    validator = jsonschema.Draft202012Validator(engine_schema({t: m.SCHEMA_PATCH for t, m in binding_types.items()},
-                                                              {t: m.SCHEMA_PATCH for t, m in guard_types().items()},
-                                                              {t: m.SCHEMA_PATCH for t, m in catalog_types().items()}))
+    validator = jsonschema.Draft202012Validator(engine_schema(
+        {t: plugin.schema_patch for t, plugin in registry.bindings.items()},
+        {t: plugin.schema_patch for t, plugin in registry.guards.items()},
+        {t: plugin.schema_patch for t, plugin in registry.catalogs.items()}))
     for index, document in enumerate(resolved):
         where = f"{document.get('name', f'documents[{index}]')}: " if prefix_names else ""
         errors = sorted(validator.iter_errors(document), key=lambda e: list(map(str, e.absolute_path)))
@@ -172,7 +180,7 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, 
         raise ConfigError(problems)
 
     config = _model(resolved, origin, folder)
-    problems.extend(_cross_check(config, binding_types, prefix_names))
+    problems.extend(_cross_check(config, registry, prefix_names))
     if problems:
         raise ConfigError(problems)
     return config
@@ -341,46 +349,48 @@ def _model(documents: list[Mapping[str, Any]], origin: str, folder: Path) -> Con
 
 # ---------------------------------------------------------------------------- cross-checks
 
-# What zillatw implements so far; other names pass the schema but are refused by name here,
-# so that a guard or vault is never silently ignored.
-SUPPORTED_EXPORTERS = ("stdout", "prometheus")
-SUPPORTED_GUARDS: tuple[str, ...] = ("jwt", "x509")
-SUPPORTED_VAULTS: tuple[str, ...] = ("filesystem",)
-SUPPORTED_CATALOGS: tuple[str, ...] = ("inline", "apicurio-registry", "apicurio", "schema-registry",
-                                        "confluent-schema-registry", "karapace-schema-registry")
+# The placeholders of a dynamic role (zillatw.guards.resolve_role), and the request header
+# each is replaced with.
+ROLE_PLACEHOLDERS = {"${method}": ":method", "${path}": ":path"}
+_PLACEHOLDER = re.compile(r"\$\{[^}]*\}")
 
 
-# Why a binding's routes take no `guarded` (a module may say better, as UNGUARDED_WHY).
-_UNGUARDED_WHY = "no session reaches it; guard the routes of the http or ws server in front of it"
+def check_roles(roles: tuple[str, ...] | list[str]) -> Iterator[tuple[int, str]]:
+    """(index, problem) for each role with a placeholder Zilla does not resolve."""
+    for index, role in enumerate(roles):
+        for placeholder in _PLACEHOLDER.findall(role):
+            if placeholder not in ROLE_PLACEHOLDERS:
+                yield index, (f"unknown placeholder '{placeholder}'{did_you_mean(placeholder, ROLE_PLACEHOLDERS)} "
+                              f"(a dynamic role may use {' and '.join(ROLE_PLACEHOLDERS)})")
 
 
-def _cross_check(config: Config, types: Mapping[str, BindingType], prefix: bool) -> Iterable[str]:
+def _cross_check(config: Config, registry: Registry, prefix: bool) -> Iterable[str]:
+    types = registry.bindings
     names = [ns.name for ns in config.namespaces]
     if len(set(names)) != len(names):
         yield f"name: namespace '{next(n for n in names if names.count(n) > 1)}' is defined twice"
     everything = {b.qname: b for b in config.bindings()}
     for ns in config.namespaces:
         where = f"{ns.name}: " if prefix else ""
-        for section, supported in (("guards", SUPPORTED_GUARDS), ("vaults", SUPPORTED_VAULTS),
-                                   ("catalogs", SUPPORTED_CATALOGS)):
-            for name, item in getattr(ns, section).items():
+        # Names the schema admits (Zilla's) but this registry does not serve are refused by
+        # name, so that a guard, vault or catalog is never silently ignored.
+        sections: tuple[tuple[str, Mapping[str, Any], Mapping[str, Any]], ...] = (
+            ("guards", ns.guards, registry.guards), ("vaults", ns.vaults, registry.vaults),
+            ("catalogs", ns.catalogs, registry.catalogs))
+        for section, items, supported in sections:
+            for name, item in items.items():
                 if item["type"] not in supported:
                     yield (f"{where}{section}.{name}.type: {section[:-1]} type '{item['type']}' is not supported "
                            f"by this zillatw yet" + (f" (supported: {', '.join(supported)})" if supported else ""))
-                elif section == "guards":
-                    yield from _check_guard(f"{where}guards.{name}", name, item)
-                elif section == "catalogs":
-                    yield from _check_catalog(f"{where}catalogs.{name}", name, item)
-        for name, exporter in (ns.telemetry.get("exporters") or {}).items():
-            if exporter["type"] not in SUPPORTED_EXPORTERS:
-                yield (f"{where}telemetry.exporters.{name}.type: exporter type '{exporter['type']}' is not "
-                       f"supported by this zillatw yet (supported: {', '.join(SUPPORTED_EXPORTERS)})")
-        from zillatw.metrics import check as check_telemetry  # metrics names, exporter options, globs
-        yield from check_telemetry(ns, where)
+                elif section != "vaults":
+                    for subpath, message in supported[item["type"]].check(name, item.get("options") or {}):
+                        yield f"{where}{section}.{name}.{subpath}: {message}"
+        for check_namespace in registry.namespace_checks:  # telemetry: metrics names, exporters, globs
+            yield from check_namespace(ns, where)
         for binding in ns.bindings.values():
             base = f"{where}bindings.{binding.name}"
-            module = types[binding.type]
-            emits = module.STREAMS.get(binding.kind, (None, None))[1]
+            plugin = types[binding.type]
+            emits = plugin.streams.get(binding.kind, (None, None))[1]
             if binding.vault and binding.vault not in ns.vaults:
                 yield f"{base}.vault: no vault named '{binding.vault}'{did_you_mean(binding.vault, ns.vaults)}"
             has_binding_exit = binding.exit is not None
@@ -390,41 +400,22 @@ def _cross_check(config: Config, types: Mapping[str, BindingType], prefix: bool)
                 if route.exit is not None:
                     epath = rpath if is_binding_exit else f"{rpath}.exit"
                     yield from _check_exit(epath, route.exit, binding, everything, types, emits, ns.name)
-                if route.guarded and binding.kind not in getattr(module, "GUARDED_KINDS", ()):
-                    why = getattr(module, "UNGUARDED_WHY", _UNGUARDED_WHY)
+                if route.guarded and binding.kind not in plugin.guarded_kinds:
                     yield (f"{rpath}.guarded: the routes of {_a(binding.type)} {binding.kind} cannot be guarded "
-                           f"in this zillatw ({why})")
+                           f"in this zillatw ({plugin.unguarded_why})")
                 for guard, roles in route.guarded.items():
                     if guard not in ns.guards:
                         yield f"{rpath}.guarded: no guard named '{guard}'{did_you_mean(guard, ns.guards)}"
                     for index, problem in check_roles(roles):
                         yield f"{rpath}.guarded.{guard}[{index}]: {problem}"
-            check = getattr(module, "check", None)
-            if check is not None:
-                for subpath, message in check(binding):
-                    yield f"{base}.{subpath}: {message}"
-            for subpath, guard in getattr(module, "guard_references", lambda b: ())(binding):
+            for subpath, message in plugin.check(binding):
+                yield f"{base}.{subpath}: {message}"
+            for subpath, guard in plugin.guard_references(binding):
                 if guard not in ns.guards:
                     yield f"{base}.{subpath}: no guard named '{guard}'{did_you_mean(guard, ns.guards)}"
-            for subpath, message in getattr(module, "check_models", lambda b, n: ())(binding, ns):
-                yield f"{base}.{subpath}: {message}"  # models and the catalogs they name
+            for subpath, message in plugin.check_in_namespace(binding, ns, registry):
+                yield f"{base}.{subpath}: {message}"  # e.g. models and the catalogs they name
     yield from _check_cycles(everything, prefix)
-
-
-def _check_guard(path: str, name: str, guard: Mapping[str, Any]) -> Iterable[str]:
-    from zillatw.guards import guard_types
-    check = getattr(guard_types()[guard["type"]], "check", None)
-    if check is not None:
-        for subpath, message in check(name, guard.get("options") or {}):
-            yield f"{path}.{subpath}: {message}"
-
-
-def _check_catalog(path: str, name: str, catalog: Mapping[str, Any]) -> Iterable[str]:
-    from zillatw.catalogs import catalog_types
-    check = getattr(catalog_types()[catalog["type"]], "check", None)
-    if check is not None:
-        for subpath, message in check(name, catalog.get("options") or {}):
-            yield f"{path}.{subpath}: {message}"
 
 
 _STREAM_WORDS = {"bytes": "connections", "http": "HTTP requests", "messages": "WebSocket messages"}
@@ -438,10 +429,10 @@ def _check_exit(path: str, exit_: str, binding: BindingConfig, everything: Mappi
         shown = exit_.partition(":")[2] if exit_.startswith(namespace + ":") else exit_
         yield f"{path}: no binding named '{shown}'{did_you_mean(shown, local)}"
         return
-    accepts = types[target.type].STREAMS.get(target.kind, (None, None))[0]
+    accepts = types[target.type].streams.get(target.kind, (None, None))[0]
     if emits is not None and accepts != emits:
         fitting = sorted(q.partition(":")[2] for q, b in everything.items()
-                         if types[b.type].STREAMS.get(b.kind, (None,))[0] == emits)
+                         if types[b.type].streams.get(b.kind, (None,))[0] == emits)
         words = _STREAM_WORDS.get(emits, emits)
         yield (f"{path}: '{target.name}' is {_a(target.type)} {target.kind}, which cannot take the {words} "
                f"{_a(binding.type)} {binding.kind} hands on" + (f" (bindings that can: {', '.join(fitting)})" if fitting else ""))

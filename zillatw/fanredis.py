@@ -36,7 +36,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from zillatw.telemetry import BindingEvents
+from zillatw.events import BindingEvents
 
 MAGIC = b"zw\x01"         # ours, version 1: magic, instance id, opcode, payload
 ID_SIZE = 8
@@ -176,7 +176,7 @@ class RedisLink:
         self._stopping = False
         self._factories: list[_Factory] = []
         # counters, read by metrics (see `samples`)
-        self.published = self.received = self.dropped = self.disconnects = self.connects = self.foreign = 0
+        self.published = self.received = self.dropped = self.disconnects = self.foreign = 0
 
     # ---- lifecycle (the gateway's startService / stopService)
 
@@ -279,7 +279,6 @@ class RedisLink:
         if not self.up and self.publisher is not None and self.subscriber is not None:
             self.up = True
             self._reported_down = False
-            self.connects += 1
             if self.events is not None:
                 self.events.emit(0, "BINDING_FAN_REDIS_CONNECTED",
                                  f"- {shown_url(self.url)} {self.channel.decode()}")

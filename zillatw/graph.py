@@ -7,20 +7,25 @@ built; config has already rejected unknown names, loops and mismatched stream ki
 from __future__ import annotations
 
 from collections.abc import Mapping
-from types import ModuleType
 from typing import Any
 
 from zillatw.config import BindingConfig, Config
 from zillatw.errors import ConfigError
-from zillatw.telemetry import Events
+from zillatw.events import Events
+from zillatw.plugins import Registry
 
 
 class BindingGraph:
-    def __init__(self, config: Config, types: Mapping[str, ModuleType], events: Mapping[str, Events] | None = None,
-                 telemetry: Any = None):
+    """What a configuration's bindings are built from: the registry of types, the reactor
+    every one of them uses (for time and sockets: a test passes a Clock or a
+    MemoryReactorClock), each namespace's events, and the metrics that meter them."""
+
+    def __init__(self, config: Config, registry: Registry, events: Mapping[str, Events] | None = None,
+                 metrics: Any = None, *, reactor: Any):
         self.config = config
-        self.telemetry = telemetry  # zillatw.metrics.Telemetry: meters bindings as they are built
-        self._types = types
+        self.reactor = reactor
+        self.metrics = metrics  # zillatw.metrics.Metrics: meters the exits it hands out, or None
+        self.registry = registry
         self._built: dict[str, Any] = {}
         self._events = dict(events or {})
         self._guards: dict[str, Any] = {}
@@ -31,24 +36,34 @@ class BindingGraph:
         return self._events.get(namespace) or Events()
 
     def binding(self, qname: str) -> Any:
-        """The built binding (a Twisted factory or a stream exit) for `namespace:name`."""
+        """The built binding (a Twisted factory or a stream exit) for `namespace:name`; the
+        routes of other bindings take it through exit()."""
         built = self._built.get(qname)
         if built is None:
             config = self.config.binding(qname)
-            built = self._built[qname] = self._types[config.type].build(config, self)
-            if self.telemetry is not None:
-                self.telemetry.instrument(config, built)
+            built = self._built[qname] = self.registry.bindings[config.type].build(config, self)
         return built
+
+    def exit(self, qname: str, caller: BindingConfig) -> Any:
+        """The binding `qname` as an exit of `caller`'s routes: metered (zillatw.metrics)
+        when either records metrics, else the built binding itself."""
+        built = self.binding(qname)
+        if self.metrics is None:
+            return built
+        return self.metrics.metered_exit(caller, self.config.binding(qname), built)
+
+    def ws_server_observer(self, binding: BindingConfig) -> Any:
+        """What a ws server reports each upgrade's outcome to (metrics and events), or None."""
+        return None if self.metrics is None else self.metrics.ws_server_observer(binding)
 
     def guard(self, qname: str) -> Any:
         """The built guard for `namespace:name` (a guard of that namespace's `guards`)."""
         built = self._guards.get(qname)
         if built is None:
-            from zillatw.guards import build_guard
             namespace, _, name = qname.partition(":")
             config = next(ns for ns in self.config.namespaces if ns.name == namespace).guards[name]
-            built = self._guards[qname] = build_guard(config["type"], namespace, name,
-                                                      config.get("options") or {}, self)
+            built = self._guards[qname] = self.registry.guards[config["type"]].build(
+                namespace, name, config.get("options") or {}, self)
         return built
 
     def vault(self, namespace: str, name: str) -> Any:
@@ -56,10 +71,10 @@ class BindingGraph:
         qname = f"{namespace}:{name}"
         opened = self._vaults.get(qname)
         if opened is None:
-            from zillatw.vault import open_vault
             item = next(ns for ns in self.config.namespaces if ns.name == namespace).vaults[name]
             where = f"{namespace}: " if len(self.config.namespaces) > 1 else ""
-            opened = self._vaults[qname] = open_vault(name, item.get("options"), self.config.base_dir, where)
+            opened = self._vaults[qname] = self.registry.vaults[item["type"]].open(
+                name, item.get("options"), self.config.base_dir, where)
         return opened
 
     def catalog(self, namespace: str, name: str) -> Any:
@@ -67,9 +82,9 @@ class BindingGraph:
         qname = f"{namespace}:{name}"
         built = self._catalogs.get(qname)
         if built is None:
-            from zillatw.catalogs import build_catalog
             item = next(ns for ns in self.config.namespaces if ns.name == namespace).catalogs[name]
-            built = self._catalogs[qname] = build_catalog(item["type"], namespace, name, item.get("options") or {}, self)
+            built = self._catalogs[qname] = self.registry.catalogs[item["type"]].build(
+                namespace, name, item.get("options") or {}, self, item["type"])
         return built
 
     def build_all(self) -> dict[str, Any]:

@@ -4,10 +4,12 @@ The namespace's `telemetry.metrics` declares which metrics exist; a binding reco
 its own `telemetry.metrics` globs (e.g. `stream.*`) select. A binding without them records
 nothing and is not touched: no wrapper, no counter, no cost.
 
-A recording binding is instrumented once, when the graph builds it, by wrapping the points
-where its streams open, carry data and end (see `Telemetry.instrument`); each wrapper holds
-its binding's counters (plain integers), so the data path adds one call and one addition per
-read, write or message fragment, never a lookup. The prometheus exporter reads the counters
+A recording binding is metered by decoration, when the graph hands it to the bindings that
+exit to it (`Metrics.metered_exit`): a stream exit is wrapped (MeteredExit), a factory of
+connections too (MeteredFactory, whose protocols are wrapped); a ws server reports through
+the observer it is built with (WsServerObserver). Each wrapper holds its binding's counters
+(plain integers), so the data path adds one call and one addition per read, write or
+message fragment, never a lookup. The prometheus exporter reads the counters
 when it is scraped, through a prometheus-client collector.
 
 What a "stream" is, per binding:
@@ -20,22 +22,22 @@ What a "stream" is, per binding:
 from __future__ import annotations
 
 import bisect
-import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from twisted.internet import defer, endpoints, error
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
 from zillatw.config import BindingConfig, Config
 from zillatw.errors import did_you_mean
-from zillatw.http1 import HttpError
+from zillatw.events import BindingEvents, Events
+from zillatw.fanredis import RedisCollector
 from zillatw.matching import matcher
-from zillatw.stream import ABNORMAL, IStreamEnd, StreamRefused
-from zillatw.telemetry import BindingEvents, Events
+from zillatw.stream import ABNORMAL, IStreamEnd, IStreamExit, StreamRefused
 
 # Zilla's metric names: kind, unit (the Prometheus suffix), and what zillatw records.
 STREAM_METRICS = {
@@ -52,8 +54,11 @@ STREAM_METRICS = {
 }
 HTTP_METRICS = {"http.active.requests": ("gauge", ""), "http.duration": ("histogram", "milliseconds")}
 METRICS = {**STREAM_METRICS, **HTTP_METRICS}
+# The exporters zillatw serves: stdout (events, zillatw.events) and prometheus (metrics);
+# Zilla's others pass the schema and are refused by name.
+SUPPORTED_EXPORTERS = ("stdout", "prometheus")
 # Zilla's, not recorded by zillatw yet: refused by name when declared.
-NOT_YET = ("http.request.size", "http.response.size",
+UNRECORDED_METRICS = ("http.request.size", "http.response.size",
            "grpc.active.requests", "grpc.duration", "grpc.request.size", "grpc.response.size",
            "grpc.requests.per.rpc", "grpc.responses.per.rpc")
 
@@ -94,10 +99,14 @@ def check(namespace: Any, where: str) -> Iterator[str]:
     """Problems in a namespace's telemetry (metrics names, prometheus options, binding globs)."""
     telemetry = namespace.telemetry
     declared = list(telemetry.get("metrics") or ())
+    for name, exporter in (telemetry.get("exporters") or {}).items():
+        if exporter["type"] not in SUPPORTED_EXPORTERS:
+            yield (f"{where}telemetry.exporters.{name}.type: exporter type '{exporter['type']}' is not "
+                   f"supported by this zillatw yet (supported: {', '.join(SUPPORTED_EXPORTERS)})")
     if "attributes" in telemetry:
         yield f"{where}telemetry.attributes: not supported by this zillatw yet"
     for index, name in enumerate(declared):
-        if name in NOT_YET:
+        if name in UNRECORDED_METRICS:
             yield (f"{where}telemetry.metrics[{index}]: metric '{name}' is not recorded by this zillatw yet "
                    f"(supported: {', '.join(METRICS)})")
         elif name not in METRICS:
@@ -328,47 +337,65 @@ def metered_open(open_: Any, m: BindingMetrics | None, count_received: bool = Tr
     return open
 
 
+@implementer(IStreamExit)
+class MeteredExit:
+    """A stream exit (echo, fan, ws client) as its callers see it when it records metrics:
+    every stream opened through it is metered for its binding. Anything else asked of it
+    (its name, its connections) is the exit's own."""
+
+    __slots__ = ("exit", "open")
+
+    def __init__(self, exit_: Any, open_: Any):
+        self.exit = exit_
+        self.open = open_
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.exit, name)
+
+
 def _ws_details(info: Any, shown_path: str) -> str:
     scheme = {"http": "ws", "https": "wss"}.get(info.scheme, info.scheme)
     return f"{info.identity or '-'} GET {scheme}://{info.authority or ''}{shown_path} {info.protocol or '-'}"
 
 
-def _instrument_ws_server(server: Any, m: BindingMetrics | None, events: BindingEvents | None) -> None:
-    """A ws server: a stream is received with the upgrade request and sent (opened) when
-    its exit accepts it; events for both outcomes."""
-    accept = server.accept_request
+class WsServerObserver:
+    """What a ws server tells its metrics and events (BINDING_WS_REQUEST_ACCEPTED/REJECTED)
+    about each upgrade request: a stream is received with the request and sent (opened)
+    when the exit its routes chose accepts it. The ws server calls:
 
-    def accept_request(request: Any, headers: Any, transport: Any, trace_id: int = 0, **kwargs: Any) -> Any:
-        if m is not None:
-            m.opens_received += 1
-        try:
-            connection = accept(request, headers, transport, trace_id=trace_id, **kwargs)
-        except HttpError as e:
-            if m is not None:
-                m.errors_sent += 1
+    - rejected(trace_id, status, reason, identity=None) when it refuses the upgrade itself;
+    - opening(trace_id, info, shown_path, exit_) with the exit it chose, and opens the stream
+      through the exit this returns, which reports accepted(trace_id, info, shown_path) or
+      the exit's refusal.
+    """
+
+    __slots__ = ("m", "events")
+
+    def __init__(self, m: BindingMetrics | None, events: BindingEvents | None):
+        self.m = m
+        self.events = events
+
+    def rejected(self, trace_id: int, status: int, reason: str, identity: str | None = None) -> None:
+        if self.m is not None:
+            self.m.opens_received += 1
+            self.m.errors_sent += 1
+        if self.events is not None:
+            self.events.rejected(trace_id, status, reason, identity)
+
+    def accepted(self, trace_id: int, info: Any, shown_path: str) -> None:
+        if self.events is not None:
+            self.events.accepted(trace_id, _ws_details(info, shown_path))
+
+    def opening(self, trace_id: int, info: Any, shown_path: str, exit_: Any) -> Any:
+        if self.m is not None:
+            self.m.opens_received += 1
+        events = self.events
+
+        def refused(refusal: StreamRefused) -> None:
             if events is not None:
-                events.rejected(trace_id, e.status, e.reason)
-            raise
-        info, shown_path = connection.info, connection.shown_path  # the path with credentials redacted
-        on_open = on_refused = None
-        if events is not None:
-            def on_open() -> None:
-                events.accepted(trace_id, _ws_details(info, shown_path))
-
-            def on_refused(refusal: StreamRefused) -> None:
                 events.rejected(trace_id, refusal.status, refusal.logged, info.identity)
-        exit_ = connection.stream_exit
-        connection.stream_exit = _Exit(metered_open(exit_.open, m, False, on_open, on_refused))
-        return connection
-
-    server.accept_request = accept_request
-
-
-class _Exit:
-    __slots__ = ("open",)
-
-    def __init__(self, open_: Any):
-        self.open = open_
+        return MeteredExit(exit_, metered_open(exit_.open, self.m, False,
+                                               lambda: self.accepted(trace_id, info, shown_path), refused))
 
 
 # ---------------------------------------------------------------------------- connections (bytes)
@@ -379,9 +406,10 @@ class _MeteredConnection:
     that protocol the transport itself, its `write` counted in place: the layers above keep
     the real transport (Autobahn wants the TLS protocol itself to find its channel id)."""
 
-    def __init__(self, m: BindingMetrics, wrapped: Any):
+    def __init__(self, m: BindingMetrics, wrapped: Any, seconds: Callable[[], float]):
         self.wrappedProtocol = wrapped
         self.m = m
+        self.seconds = seconds  # the reactor's clock, for http.duration
         directlyProvides(self, providedBy(wrapped))  # half-close, TLS handshake listeners
 
     def makeConnection(self, transport: Any) -> None:
@@ -390,7 +418,7 @@ class _MeteredConnection:
         m.opens_sent += 1
         m.active += 1
         if m.timed:
-            self.started = time.monotonic()
+            self.started = self.seconds()
         if hasattr(type(transport), "writeSomeData"):
             # A socket (tcp.Server): count what reaches it, whether through write() and the
             # reactor's doWrite or written through at once (zillatw.twistedcompat).
@@ -428,54 +456,47 @@ class _MeteredConnection:
             m.errors_received += 1
         m.closes_sent += 1
         if m.timed:
-            m.observe_duration((time.monotonic() - self.started) * 1000)
+            m.observe_duration((self.seconds() - self.started) * 1000)
         self.wrappedProtocol.connectionLost(reason)
 
     def __getattr__(self, name: str) -> Any:  # logPrefix, readConnectionLost, handshakeCompleted...
         return getattr(self.wrappedProtocol, name)
 
 
-def _metered_build(build: Any, m: BindingMetrics) -> Any:
-    def buildProtocol(addr: Any) -> Any:
-        protocol = build(addr)
-        return None if protocol is None else _MeteredConnection(m, protocol)
-    return buildProtocol
+@implementer(IProtocolFactory)
+class MeteredFactory:
+    """A factory of server connections (an http or tls server as the exit of a tcp or tls
+    server; or, for a tcp server, each exit it hands connections to) whose protocols are
+    metered as streams of one binding. Everything else is the factory's own."""
 
+    def __init__(self, factory: Any, m: BindingMetrics, seconds: Callable[[], float]):
+        self.wrappedFactory = factory
+        self.m = m
+        self.seconds = seconds
 
-class _MeteredFactory:
-    """What a tcp server's route hands its listener: the exit, with connections metered."""
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = self.wrappedFactory.buildProtocol(addr)
+        return None if protocol is None else _MeteredConnection(self.m, protocol, self.seconds)
 
-    def __init__(self, exit_: Any, m: BindingMetrics):
-        self.exit = exit_
-        self.buildProtocol = _metered_build(exit_.buildProtocol, m)
-
-
-def _instrument_tcp_server(server: Any, m: BindingMetrics) -> None:
-    route = server.route
-    metered: dict[int, _MeteredFactory] = {}
-
-    def metered_route(port: Any, client: Any) -> Any:
-        exit_ = route(port, client)
-        if exit_ is None:
-            return None
-        factory = metered.get(id(exit_))
-        if factory is None:
-            factory = metered[id(exit_)] = _MeteredFactory(exit_, m)
-        return factory
-
-    server.route = metered_route
+    def __getattr__(self, name: str) -> Any:  # doStart, doStop, logPrefix, the binding's own
+        return getattr(self.wrappedFactory, name)
 
 
 # ---------------------------------------------------------------------------- the whole
 
-class Telemetry:
+class Metrics:
     """Every namespace's metrics and the prometheus exporters that serve them."""
 
-    def __init__(self, config: Config, events: Mapping[str, Events] | None = None):
+    def __init__(self, config: Config, events: Mapping[str, Events] | None = None, *, reactor: Any):
+        self.reactor = reactor  # its exporters listen on it, http.duration is timed by it
         self.registry = CollectorRegistry(auto_describe=False)
         self._collector = _Collector()
         self.registry.register(self._collector)
+        # the fan bindings' Redis links (zillatw.fanredis), which they add as they are built
+        self.fan_redis_links = RedisCollector()
+        self.registry.register(self.fan_redis_links)
         self._events = dict(events or {})
+        self._metrics: dict[str, BindingMetrics | None] = {}
         self._declared = {ns.name: tuple(ns.telemetry.get("metrics") or ()) for ns in config.namespaces}
         # port -> paths served there, from every namespace's prometheus exporters
         self.endpoints: dict[int, set[str]] = {}
@@ -487,34 +508,40 @@ class Telemetry:
         self._listening: list[Any] = []
 
     def metrics(self, binding: BindingConfig) -> BindingMetrics | None:
-        """The binding's counters, if it records any metric."""
+        """The binding's counters (one set per binding), if it records any metric."""
+        if binding.qname in self._metrics:
+            return self._metrics[binding.qname]
         names = selected(binding, self._declared.get(binding.namespace, ()))
-        if not names:
-            return None
-        m = BindingMetrics(binding.namespace, binding.name, names)
-        self._collector.bindings.append(m)
+        m = self._metrics[binding.qname] = BindingMetrics(binding.namespace, binding.name, names) if names else None
+        if m is not None:
+            self._collector.bindings.append(m)
         return m
 
-    def instrument(self, binding: BindingConfig, built: Any) -> None:
-        """Meter a built binding in place (its identity is unchanged), if it records metrics;
-        a ws server also reports its accepted/refused handshakes when events are on."""
+    def metered_exit(self, caller: BindingConfig, target: BindingConfig, built: Any) -> Any:
+        """`built` (the binding `target`) as the exit of `caller`: wrapped so that its streams
+        are counted for `target` when it records metrics (a ws server reports through its
+        observer instead) and, for a tcp server, also for `caller`, whose streams are the
+        connections it hands on. Unwrapped, at no cost, when neither records any."""
+        exit_ = built
+        m = self.metrics(target) if not (target.type == "ws" and target.kind == "server") else None
+        if m is not None:
+            if IStreamExit.providedBy(built):
+                exit_ = MeteredExit(built, metered_open(built.open, m))
+            elif IProtocolFactory.providedBy(built):
+                exit_ = MeteredFactory(built, m, self.reactor.seconds)
+        handing_on = self.metrics(caller) if caller.type == "tcp" and caller.kind == "server" else None
+        if handing_on is not None:
+            exit_ = MeteredFactory(exit_, handing_on, self.reactor.seconds)
+        return exit_
+
+    def ws_server_observer(self, binding: BindingConfig) -> WsServerObserver | None:
+        """What a ws server reports its upgrades to, or None if it records no metric and
+        its namespace has no events."""
         events = self._events.get(binding.namespace)
         binding_events = events.binding(binding.namespace, binding.name, binding.type) \
             if events is not None and events.enabled else None
-        if hasattr(built, "accept_request"):  # ws server
-            m = self.metrics(binding)
-            if m is not None or binding_events is not None:
-                _instrument_ws_server(built, m, binding_events)
-            return
         m = self.metrics(binding)
-        if m is None:
-            return
-        if hasattr(built, "open"):  # echo, fan, ws client
-            built.open = metered_open(built.open, m)
-        elif hasattr(built, "route") and hasattr(built, "listen"):  # tcp server
-            _instrument_tcp_server(built, m)
-        elif hasattr(built, "buildProtocol"):  # http server, tls server
-            built.buildProtocol = _metered_build(built.buildProtocol, m)
+        return WsServerObserver(m, binding_events) if m is not None or binding_events is not None else None
 
     # ---- the prometheus exporters
 

@@ -76,11 +76,12 @@ def _no_remote(uri: str) -> Any:
 
 def _json(text: str) -> Check:
     import jsonschema_rs
+    loads: Callable[[bytes], Any]
     try:
-        from orjson import loads
+        import orjson
+        loads = orjson.loads
     except ImportError:  # pragma: no cover - orjson is a dependency; this keeps embedders going
-        loads = json.JSONDecoder(parse_constant=_no_constant).decode  # type: ignore[assignment]
-        loads = _text(loads)
+        loads = _text(json.JSONDecoder(parse_constant=_no_constant).decode)
     try:
         schema = json.loads(text)
     except ValueError as e:

@@ -1,34 +1,49 @@
-"""The gateway as a Twisted service: build the binding graph, listen, stop listening."""
+"""The gateway as a Twisted service: build a configuration's generation, listen, switch to
+a new generation on reload, drain and stop.
+
+A generation is everything one configuration serves with (its config, events, metrics,
+binding graph and built bindings), built by `build_generation` alone. A reload builds the
+next one and `Gateway.switch_to` swaps it in: listeners whose address is unchanged keep
+their socket and route to the new tcp servers from then on; connections already open keep
+the generation that accepted them, which is kept (`retired`) until its last one closes.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, threads
+from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
 from zillatw.config import Config, load
 from zillatw.errors import ConfigError
+from zillatw.events import Events
 from zillatw.graph import BindingGraph
-from zillatw.metrics import Telemetry
-from zillatw.protocols import binding_types
+from zillatw.metrics import Metrics
+from zillatw.plugins import IDrainsGracefully, IHoldsConnections, IRunsInBackground, Registry
 from zillatw.protocols.tcp import TcpServer
-from zillatw.telemetry import Events
+from zillatw.reload import ConfigWatcher
+from zillatw.standard import standard_registry
 from zillatw.yamlload import DEFAULT_LIMITS, Limits
 
 Source = str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, Any]] | Config
 DRAIN_TIMEOUT = 10.0  # seconds stopService waits for connections to close before dropping them
 
 
-def load_config(source: Source, env: Mapping[str, str] | None = None, limits: Limits = DEFAULT_LIMITS) -> Config:
+def load_config(source: Source, env: Mapping[str, str] | None = None, limits: Limits = DEFAULT_LIMITS,
+                registry: Registry | None = None) -> Config:
     """Load and validate a zilla.yaml (path, dict or list of dicts), a file within `limits`
-    (zillatw.yamlload); raises ConfigError, also for a configuration that listens on nothing."""
+    (zillatw.yamlload), with the types of `registry` (the built-in ones by default); raises
+    ConfigError, also for a configuration that listens on nothing."""
     if isinstance(source, Config):
         return source
-    config = load(source, binding_types(), env=env, limits=limits)
+    config = load(source, registry or standard_registry(), env=env, limits=limits)
     require_listener(config)
     return config
 
@@ -42,8 +57,55 @@ def require_listener(config: Config) -> None:
                           "(type: tcp, kind: server, with options host and port)")
 
 
+@dataclass
+class Generation:
+    """What one configuration serves with; built by build_generation, swapped in whole."""
+
+    config: Config
+    events: dict[str, Events]
+    metrics: Metrics
+    graph: BindingGraph
+    bindings: dict[str, Any]
+
+    def servers(self) -> list[TcpServer]:
+        return [self.graph.binding(b.qname) for b in self.graph.servers("tcp")]
+
+    def holding(self) -> list[Any]:
+        """Its bindings with connections of their own (IHoldsConnections)."""
+        return [b for b in self.bindings.values() if IHoldsConnections.providedBy(b)]
+
+    def idle(self) -> bool:
+        return not any(binding.open_count() for binding in self.holding())
+
+    def start(self) -> None:
+        for binding in self.bindings.values():
+            if IRunsInBackground.providedBy(binding):  # e.g. a fan's Redis connections
+                binding.start_service()
+
+    def stop(self) -> defer.Deferred:
+        """What bindings hold besides their connections (a fan's Redis)."""
+        stopping = [binding.stop_service() for binding in self.bindings.values()
+                    if IRunsInBackground.providedBy(binding)]
+        return defer.gatherResults([d for d in stopping if d is not None], consumeErrors=True)
+
+    def emit(self, event: str, details: str) -> None:
+        """An engine event (trace id 0) in every namespace."""
+        for ns in self.config.namespaces:
+            self.events[ns.name].emit(ns.name, "engine", 0, event, details)
+
+
+def build_generation(config: Config, reactor: Any, event_stream: TextIO | None = None,
+                     registry: Registry | None = None) -> Generation:
+    """Every vault and binding of `config`, built on `reactor` (ConfigError with all their
+    problems if one cannot be)."""
+    events = {ns.name: Events.from_telemetry(ns.telemetry, event_stream) for ns in config.namespaces}
+    metrics = Metrics(config, events, reactor=reactor)
+    graph = BindingGraph(config, registry or standard_registry(), events, metrics, reactor=reactor)
+    return Generation(config, events, metrics, graph, graph.build_all())
+
+
 class Gateway(Service):
-    """Serves one configuration. `listening` fires once every listener is up."""
+    """Serves one configuration at a time. `listening` fires once every listener is up."""
 
     log = Logger()
     # A file written once every listener (and metrics endpoint) listens, removed on stop:
@@ -55,24 +117,32 @@ class Gateway(Service):
     source: str | None = None  # the configuration file's absolute path, if read from one
     env: Mapping[str, str] | None = None
     limits: Limits = DEFAULT_LIMITS  # on reading the file again (zillatw.yamlload)
+    verbose = False  # print a reloaded configuration, as at startup with -v
 
     def __init__(self, config: Config, reactor: Any = None, event_stream: TextIO | None = None,
-                 drain_timeout: float = DRAIN_TIMEOUT):
-        if reactor is None:
+                 drain_timeout: float = DRAIN_TIMEOUT, registry: Registry | None = None):
+        if reactor is None:  # an embedder's default; tests pass theirs
             from twisted.internet import reactor
-        self.config = config
         self.reactor = reactor
         self.drain_timeout = drain_timeout
         self.event_stream = event_stream
+        self.registry = registry or standard_registry()
+        # Listening sockets a supervisor opened for this worker process (zillatw.workers), by
+        # address ((host, port) as configured): the tcp servers adopt them instead of binding.
+        self.inherited_listeners: dict[tuple[str, int], Any] = {}
         self.reloading = False
-        self.reload_waiters: list[defer.Deferred] = []  # reloads asked for while one runs (zillatw.reload)
-        self.retired: list[dict[str, Any]] = []  # bindings of previous configurations still in use
-        self._watcher: Any = None
-        self.events = {ns.name: Events.from_telemetry(ns.telemetry, event_stream) for ns in config.namespaces}
-        self.telemetry = Telemetry(config, self.events)
-        self.graph = BindingGraph(config, binding_types(), self.events, self.telemetry)
-        self.bindings = self.graph.build_all()
+        self.reload_waiters: list[defer.Deferred] = []  # reloads asked for while one runs
+        self.retired: list[Generation] = []  # previous configurations still in use
+        self._watcher: ConfigWatcher | None = None
+        self.generation = build_generation(config, reactor, event_stream, self.registry)
         self.listening: defer.Deferred = defer.Deferred()
+
+    # The current generation's parts, as the gateway's own (the embedding API's names).
+    config = property(lambda self: self.generation.config)
+    events = property(lambda self: self.generation.events)
+    metrics = property(lambda self: self.generation.metrics)
+    graph = property(lambda self: self.generation.graph)
+    bindings = property(lambda self: self.generation.bindings)
 
     def binding(self, name: str) -> Any:
         """A built binding by `name` (first namespace) or `namespace:name`."""
@@ -80,7 +150,7 @@ class Gateway(Service):
         return self.graph.binding(qname)
 
     def servers(self) -> list[TcpServer]:
-        return [self.graph.binding(b.qname) for b in self.graph.servers("tcp")]
+        return self.generation.servers()
 
     def ports(self, name: str | None = None) -> list[int]:
         """Ports the tcp server `name` (or every one) listens on; useful with port 0."""
@@ -89,44 +159,143 @@ class Gateway(Service):
 
     def metrics_ports(self) -> list[int]:
         """Ports the prometheus exporters listen on; useful with port 0."""
-        return self.telemetry.ports()
+        return self.metrics.ports()
 
     def startService(self) -> None:
         super().startService()
         self._remove_ready_file()  # a stale one from a crashed run would lie until we listen
-        for binding in self.bindings.values():
-            if hasattr(binding, "start_service"):  # e.g. a fan's Redis connections
-                binding.start_service()
-        d = defer.gatherResults([server.listen(self.reactor) for server in self.servers()]
-                                + [self.telemetry.listen(self.reactor)], consumeErrors=True)
+        self.generation.start()
+        d = defer.gatherResults([server.listen(self.reactor, inherited=self.inherited_listeners)
+                                 for server in self.servers()]
+                                + [self.metrics.listen(self.reactor)], consumeErrors=True)
         # Announce (event, ready file, `listening`) once the reactor runs: twistd starts
         # services before reactor.run(), and the drain-on-SIGTERM handlers (zillatw.shutdown)
         # are installed only then, so whoever acts on "started" may send SIGTERM at once.
         d.addCallbacks(lambda _: self.reactor.callWhenRunning(self._started, None), self._failed)
         if self.watch_interval and self.source:
-            from zillatw.reload import ConfigWatcher
-            self._watcher = ConfigWatcher(self, self.watch_interval)
+            self._watcher = ConfigWatcher(self, self.watch_interval, self.reactor)
             self._watcher.start()
 
+    # ---- reloading
+
     def reload(self) -> defer.Deferred:
-        """Read the configuration file again and serve it if it is valid (see zillatw.reload);
-        fires with whether it did."""
-        from zillatw.reload import reload
-        return reload(self)
+        """Read the configuration file again and serve it if it is valid; fires with whether
+        it did. Reading, parsing, validating and modelling run in a thread of the reactor's
+        pool, so traffic flows while a large file loads; building and switching run in the
+        reactor thread. While a reload runs, this asks for one more, run after it."""
+        if self.reloading:
+            waiter: defer.Deferred = defer.Deferred()
+            self.reload_waiters.append(waiter)
+            return waiter
+
+        def next_one(result: Any) -> Any:
+            waiters, self.reload_waiters = self.reload_waiters, []
+            if waiters:
+                again = self.reload()  # the file as it is now, which they may have changed
+                again.addCallback(lambda switched: [waiter.callback(switched) for waiter in waiters])
+            return result
+        return self._reload().addBoth(next_one)
+
+    def _load_off_reactor(self) -> defer.Deferred:
+        """load_config in a thread of the reactor's pool (in the reactor's own thread if it
+        has none, as a test's fake reactor)."""
+        if not IReactorThreads.providedBy(self.reactor):
+            return defer.maybeDeferred(load_config, self.source, self.env, self.limits, self.registry)
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), load_config,
+                                         self.source, self.env, self.limits, self.registry)
+
+    @defer.inlineCallbacks
+    def _reload(self) -> Any:
+        self.reloading = True
+        try:
+            try:
+                if self.source is None:
+                    raise ConfigError("the configuration was not read from a file: nothing to reload")
+                config = yield self._load_off_reactor()
+                if not self.running:  # stopped while the file loaded: nothing to switch
+                    return False
+                generation = build_generation(config, self.reactor, self.event_stream, self.registry)
+            except ConfigError as e:
+                self._reload_failed(list(e.problems))
+                return False
+            except Exception as e:  # a bug in building must not take the running gateway down
+                self.log.failure("zillatw: reload failed")
+                self._reload_failed([f"{type(e).__name__}: {e}"])
+                return False
+            try:
+                switched = yield self.switch_to(generation)
+            except Exception as e:
+                self.log.failure("zillatw: reload failed")
+                self._reload_failed([f"{type(e).__name__}: {e}"])
+                return False
+            return switched
+        finally:
+            self.reloading = False
+
+    def _reload_failed(self, problems: list[str]) -> None:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        self.log.error("zillatw: {source}: reload failed, still serving the previous configuration:\n  {problems}",
+                       source=self.config.source, problems="\n  ".join(problems))
+        self.generation.emit("CONFIG_RELOAD_FAILED", shown)
+
+    @defer.inlineCallbacks
+    def switch_to(self, new: Generation) -> Any:
+        """Serve `new` from now on (see the module docstring); fires with whether it did. A new
+        listener that cannot listen changes nothing: the old generation keeps serving."""
+        old = self.generation
+        old_servers = old.servers()
+        old_listeners = {listener.address: listener for server in old_servers for listener in server.listeners}
+        new_servers = new.servers()
+        wanted = {address for server in new_servers for address in server.addresses()}
+        if self.inherited_listeners and wanted != set(old_listeners):
+            self._reload_failed(["tcp listeners: with workers (-w), the supervisor holds the listening sockets, "
+                                 "so a reload cannot add or remove listener addresses; restart to change them"])
+            return False
+        # 1. Open the new addresses (and the metrics endpoints); a failure undoes it all.
+        yield old.metrics.stop()
+        opened = []
+        try:
+            for server in new_servers:
+                yield server.listen(self.reactor, skip=old_listeners, inherited=self.inherited_listeners)
+                opened.append(server)
+            yield new.metrics.listen(self.reactor)
+        except Exception as e:
+            error = e.subFailure.value if hasattr(e, "subFailure") else e
+            yield defer.gatherResults([server.stop() for server in opened], consumeErrors=True)
+            yield old.metrics.listen(self.reactor)
+            self._reload_failed([f"cannot listen: {error}"])
+            return False
+        # 2. Start the new bindings, then hand the kept sockets over: from here on, new
+        #    connections get the new bindings.
+        new.start()
+        for server in new_servers:
+            server.hand_over(old_listeners.pop(address) for address in server.addresses() if address in old_listeners)
+        for server in old_servers:  # they no longer own any socket: nothing of theirs can close one
+            server.listeners = []
+        self.generation = new
+        # 3. Close the listeners that are gone; their connections, like every open one, stay on
+        #    the old bindings until they close.
+        yield defer.gatherResults([defer.maybeDeferred(listener.port.stopListening)
+                                   for listener in old_listeners.values()], consumeErrors=True)
+        self.retired.append(old)
+        self.prune_retired()
+        self.log.info("zillatw: {source}: configuration reloaded", source=new.config.source)
+        if self.verbose:  # as at startup with -v, and as Zilla prints a reloaded configuration
+            sys.stdout.write(new.config.dump())
+            sys.stdout.flush()
+        new.emit("CONFIG_RELOADED", str(new.config.source))
+        return True
 
     def prune_retired(self) -> None:
-        """Let go of previous configurations' bindings once their last connection closed."""
-        def idle(bindings: dict[str, Any]) -> bool:
-            return not any(b.open_count() for b in bindings.values() if hasattr(b, "open_count"))
-        for bindings in [b for b in self.retired if idle(b)]:
-            self.retired.remove(bindings)
-            for binding in bindings.values():
-                if hasattr(binding, "stop_service"):
-                    binding.stop_service()
+        """Let go of previous generations once their last connection closed."""
+        for generation in [g for g in self.retired if g.idle()]:
+            self.retired.remove(generation)
+            generation.stop()
+
+    # ---- starting and stopping
 
     def _started(self, _: Any) -> None:
-        for ns in self.config.namespaces:
-            self.events[ns.name].emit(ns.name, "engine", 0, "ENGINE_STARTED", "Engine Started.")
+        self.generation.emit("ENGINE_STARTED", "Engine Started.")
         if self.ready_file and self.running:
             with open(self.ready_file, "w") as ready:
                 ready.write(f"{os.getpid()}\n")
@@ -152,21 +321,15 @@ class Gateway(Service):
         self._remove_ready_file()
         if self._watcher is not None:
             self._watcher.stop()
-        stopped = defer.gatherResults([server.stop() for server in self.servers()] + [self.telemetry.stop()],
+        stopped = defer.gatherResults([server.stop() for server in self.servers()] + [self.metrics.stop()],
                                       consumeErrors=True)
         stopped.addErrback(lambda failure: self.log.failure("zillatw: stopping a listener", failure))
-        return stopped.addCallback(lambda _: self._drain()).addCallback(lambda _: self._stop_bindings())
-
-    def _stop_bindings(self) -> defer.Deferred:
-        """Once the connections are closed: what bindings hold besides them (a fan's Redis)."""
-        stopping = [binding.stop_service() for binding in self.bindings.values() if hasattr(binding, "stop_service")]
-        return defer.gatherResults([d for d in stopping if d is not None], consumeErrors=True)
+        return stopped.addCallback(lambda _: self._drain()).addCallback(lambda _: self.generation.stop())
 
     def _drain(self) -> defer.Deferred:
-        everything = [b for bindings in [self.bindings, *self.retired] for b in bindings.values()]
-        draining = [b for b in everything if hasattr(b, "open_count")]
+        draining = [b for generation in [self.generation, *self.retired] for b in generation.holding()]
         for binding in draining:
-            if hasattr(binding, "going_away"):  # a ws client's upstreams get 1001 from their ws server
+            if IDrainsGracefully.providedBy(binding):  # a ws client's upstreams get 1001 from their ws server
                 binding.going_away()
         open_count = lambda: sum(binding.open_count() for binding in draining)  # noqa: E731
         drained: defer.Deferred = defer.Deferred()
@@ -190,14 +353,16 @@ class Gateway(Service):
         poll()
         return drained
 
-
 def build_gateway(source: Source, reactor: Any = None, env: Mapping[str, str] | None = None,
                   event_stream: TextIO | None = None, drain_timeout: float = DRAIN_TIMEOUT,
-                  limits: Limits = DEFAULT_LIMITS) -> Gateway:
+                  limits: Limits = DEFAULT_LIMITS, registry: Registry | None = None) -> Gateway:
     """Embedding API: a Gateway service for a path, dict or Config. Start it with
     `gateway.startService()` (or attach it to an Application); ConfigError if invalid.
-    A file is read within `limits`, at startup and on every reload."""
-    gateway = Gateway(load_config(source, env, limits), reactor, event_stream, drain_timeout)
+    A file is read within `limits`, at startup and on every reload; `reactor` is the one
+    every binding uses (a test passes a MemoryReactorClock); `registry` the types served
+    (zillatw.standard.standard_registry(), with types of one's own registered on it)."""
+    registry = registry or standard_registry()
+    gateway = Gateway(load_config(source, env, limits, registry), reactor, event_stream, drain_timeout, registry)
     gateway.limits = limits
     if isinstance(source, (str, os.PathLike)):
         gateway.source, gateway.env = os.path.abspath(source), env

@@ -20,7 +20,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
-from zope.interface import Attribute, Interface
+from zope.interface import Interface
 
 CONTINUATION, TEXT, BINARY = 0x0, 0x1, 0x2
 
@@ -94,8 +94,9 @@ class IStreamExit(Interface):
 class IHttpExit(Interface):
     """A binding that takes over an HTTP request's connection (the ws server)."""
 
-    def accept_request(request: Any, transport: Any) -> Any:
-        """Return the protocol that takes the connection, or an HttpResponse refusing it."""
+    def accept_request(request: Any, headers: Any, transport: Any, trace_id: int = 0, authorization: Any = None) -> Any:
+        """The protocol (an IHttpConnection) that takes the connection; raise HttpError to
+        refuse the request."""
 
 
 class IHttpConnection(Interface):
@@ -105,8 +106,14 @@ class IHttpConnection(Interface):
         """Called once, after makeConnection: `request` is the head the http server parsed
         (the one to act on), `rest` the bytes that followed it."""
 
+    def session_expired() -> None:
+        """The session the request was authorized with has expired: end the connection as
+        the protocol does (a WebSocket closes with 1008)."""
 
-class IBytesExit(Interface):
-    """A binding that takes a byte stream: a Twisted IProtocolFactory (http server)."""
 
-    name = Attribute("the binding's name")
+class IUpstreamConnector(Interface):
+    """A client binding that opens byte connections upstream (tcp client, tls client); a
+    binding that takes byte connections is a Twisted IProtocolFactory (http, tls server)."""
+
+    def connect(factory: Any, authority: str | None, timeout: float) -> Any:
+        """Connect `factory`'s protocol upstream: a Deferred of it, failing with why not."""

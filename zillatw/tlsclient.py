@@ -16,15 +16,26 @@ from service_identity import VerificationError
 from service_identity.pyopenssl import verify_hostname, verify_ip_address
 from twisted.internet import defer
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IProtocolFactory
+from twisted.internet.protocol import connectionDone
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from zillatw.config import Route
-from zillatw.stream import StreamRefused
-from zillatw.telemetry import Events
-from zillatw.tlscontext import (VERSIONS, Handshake, PeerTrust, TlsRoutes, classify, guarded, make_context,
-                                reason_text, use_key, verify_error)
+from zillatw.events import Events
+from zillatw.stream import IUpstreamConnector, StreamRefused
+from zillatw.tlscontext import (
+    VERSIONS,
+    Handshake,
+    PeerTrust,
+    TlsRoutes,
+    classify,
+    guarded,
+    make_context,
+    reason_text,
+    use_key,
+    verify_error,
+)
 from zillatw.vault import KeyEntry
 
 
@@ -32,9 +43,23 @@ class _ClientTLSProtocol(TLSMemoryBIOProtocol):
     """Tells the connect() caller why a handshake failed before the application hears of
     the lost connection, so a proxy answers 502 with the TLS reason."""
 
-    def connectionLost(self, reason: Failure) -> None:
+    factory: _ClientTLSFactory
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.attempt.lost(getattr(self, "_reason", None) or reason)
         super().connectionLost(reason)
+
+
+class _ClientTLSFactory(TLSMemoryBIOFactory):
+    """Wraps one upstream connection; its protocol (the SSL connection's app data, as Twisted
+    sets it) finds the attempt here."""
+
+    protocol = _ClientTLSProtocol
+    noisy = False
+
+    def __init__(self, attempt: _Attempt, wrapped: IProtocolFactory):
+        super().__init__(attempt, True, wrapped)
+        self.attempt = attempt
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -50,7 +75,6 @@ class _Attempt:
     def clientConnectionForTLS(self, tls_protocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         connection = SSL.Connection(self.client.context, None)
         self.state = Handshake(tls_protocol)
-        tls_protocol.zillatw_attempt = self  # Twisted makes the protocol the connection's app data
         name = self.server_name
         if name and self.client.send_sni and not _is_ip(name):
             connection.set_tlsext_host_name(name.encode("idna"))
@@ -95,8 +119,13 @@ def _all_names(certificate: x509.Certificate) -> list[str]:
     try:
         names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        return [f"CN={a.value}" for a in certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+        common_names = certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        return [f"CN={_text(a.value)}" for a in common_names]
     return names.get_values_for_type(x509.DNSName) + [str(ip) for ip in names.get_values_for_type(x509.IPAddress)]
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 def _split_authority(authority: str | None) -> tuple[str | None, int | None]:
@@ -121,7 +150,7 @@ def _is_ip(name: str) -> bool:
 @guarded(False)
 def _verify_server(connection: SSL.Connection, certificate: Any, errno: int, depth: int, ok: int) -> bool:
     if not ok:
-        attempt: _Attempt = connection.get_app_data().zillatw_attempt
+        attempt: _Attempt = connection.get_app_data().factory.attempt
         if attempt.state is not None:
             subject = certificate.to_cryptography().subject.rfc4514_string() if certificate is not None else "?"
             attempt.state.refuse("BINDING_TLS_PEER_NOT_VERIFIED", f"certificate {subject}: {verify_error(errno)}")
@@ -131,15 +160,20 @@ def _verify_server(connection: SSL.Connection, certificate: Any, errno: int, dep
 @guarded(None)
 def _client_info(connection: SSL.Connection, where: int, ret: int) -> None:
     if where & SSL.SSL_CB_HANDSHAKE_DONE:
-        connection.get_app_data().zillatw_attempt.handshake_done(connection)
+        connection.get_app_data().factory.attempt.handshake_done(connection)
 
 
+# The default when the client binding names no vault trust: the system's CAs.
+SYSTEM_TRUST = PeerTrust(system=True)
+
+
+@implementer(IUpstreamConnector)
 class TlsClient:
     """The tls client binding: `connect(factory, authority, timeout)` like a tcp client; the
     Deferred fires once the TLS handshake is done and the upstream's name verified."""
 
     def __init__(self, name: str, routes: list[tuple[Route, Any]], *, keys: Sequence[KeyEntry] = (),
-                 trust: PeerTrust = PeerTrust(system=True),
+                 trust: PeerTrust = SYSTEM_TRUST,
                  sni: Sequence[str] = (), alpn: Sequence[str] = (), version: str = "TLS",
                  verify_hostname: bool = True, send_sni: bool = True, namespace: str = "default",
                  events: Events | None = None):
@@ -174,11 +208,7 @@ class TlsClient:
         if exit_ is None:
             return defer.fail(StreamRefused(502, f"tls client {self.name} has no route for {authority}"))
         attempt = _Attempt(self, self.server_name(exit_, host))
-        tls_factory = TLSMemoryBIOFactory(attempt, True, factory)
-        tls_factory.protocol = _ClientTLSProtocol
-        tls_factory.attempt = attempt
-        tls_factory.noisy = False
-        connecting = exit_.connect(tls_factory, authority, timeout)
+        connecting = exit_.connect(_ClientTLSFactory(attempt, factory), authority, timeout)
 
         def connected(_: Any) -> defer.Deferred:
             return attempt.done

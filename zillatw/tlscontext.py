@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import enum
 import functools
-from dataclasses import dataclass
+import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from OpenSSL import SSL
@@ -20,11 +21,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from zillatw.config import Route
+from zillatw.events import next_trace_id
 from zillatw.guards import Session, permits
 from zillatw.matching import matcher
 from zillatw.protocols.tcp import parse_ports
-from zillatw.telemetry import next_trace_id
 from zillatw.vault import KeyEntry
+
+if TYPE_CHECKING:
+    from OpenSSL.crypto import X509Store
 
 # OpenSSL cipher string for TLS 1.2 (TLS 1.3's suites are all AEAD and stay OpenSSL's default).
 CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!DSS"
@@ -54,9 +58,16 @@ def use_key(context: SSL.Context, entry: KeyEntry) -> None:
     context.check_privatekey()
 
 
+def _cert_store(context: SSL.Context) -> X509Store:
+    store = context.get_cert_store()
+    if store is None:  # pyOpenSSL's None: a context without a store, which SSL_CTX_new never makes
+        raise RuntimeError("the TLS context has no certificate store")
+    return store
+
+
 def trust_certificates(context: SSL.Context, certificates: Sequence[x509.Certificate]) -> None:
     from OpenSSL.crypto import X509  # X509Store takes only pyOpenSSL's certificate type
-    store = context.get_cert_store()
+    store = _cert_store(context)
     for certificate in certificates:
         store.add_cert(X509.from_cryptography(certificate))
 
@@ -81,7 +92,7 @@ def check_revocation(context: SSL.Context, crls: Sequence[x509.CertificateRevoca
     """Every certificate of a peer's chain but the trust anchor must have its issuer's CRL
     here and not be on it, as Java's PKIX revocation checking (Zilla's) asks."""
     from OpenSSL.crypto import X509StoreFlags
-    store = context.get_cert_store()
+    store = _cert_store(context)
     for crl in crls:
         store.add_crl(crl)
     store.set_flags(X509StoreFlags.CRL_CHECK | X509StoreFlags.CRL_CHECK_ALL)
@@ -154,6 +165,10 @@ class Alert(enum.IntEnum):
     UNRECOGNIZED_NAME = 112
 
 
+# Each context's cffi servername callback, alive as long as the context is.
+_servername_callbacks: weakref.WeakKeyDictionary[SSL.Context, Any] = weakref.WeakKeyDictionary()
+
+
 def set_servername_callback(context: SSL.Context, accept: Callable[[SSL.Connection], bool]) -> None:
     """Call `accept(connection)` when a client sends a server name (SNI); False refuses the
     name with the fatal unrecognized_name alert, as RFC 6066 §3 says a server should.
@@ -187,7 +202,7 @@ def set_servername_callback(context: SSL.Context, accept: Callable[[SSL.Connecti
         return fatal
 
     callback = ffi.callback("int (*)(SSL *, int *, void *)", servername)
-    context.zillatw_servername = callback  # OpenSSL keeps only the pointer: keep the callback alive
+    _servername_callbacks[context] = callback  # OpenSSL keeps only the pointer: keep the callback alive
     register(handle_of, callback)
 
 

@@ -104,11 +104,10 @@ def _model(value: Any) -> Mapping[str, Any]:
     return {"model": value} if isinstance(value, str) else value
 
 
-def check_models(binding: Any, namespace: Any) -> Iterator[tuple[str, str]]:
-    """(sub-path, problem) for the `messages` rules of a ws server binding."""
-    from zillatw.catalogs import catalog_types
+def check_models(binding: Any, namespace: Any, types: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """(sub-path, problem) for the `messages` rules of a ws server binding; `types`: the
+    catalog types served (zillatw.plugins.CatalogType, by name)."""
     from zillatw.errors import did_you_mean
-    types = catalog_types()
     for index, rule in enumerate(binding.options.get("messages") or ()):
         base = f"options.messages[{index}]"
         if not any(d in rule for d in DIRECTIONS):
@@ -507,5 +506,6 @@ def validating_routes(binding: Any, graph: Any, routes: list[tuple[Any, Any]],
         from zillatw.errors import ConfigError
         raise ConfigError(f"bindings.{binding.name}.options.messages: {e}") from None
     events = graph.events(binding.namespace).binding(binding.namespace, binding.name, "ws")
-    return [(route, ValidatingExit(exit_, rules, events=events, max_message_size=max_message_size))
+    return [(route, ValidatingExit(exit_, rules, events=events, max_message_size=max_message_size,
+                                   reactor=graph.reactor))
             for route, exit_ in routes]

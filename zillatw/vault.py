@@ -39,10 +39,11 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import types as key_types
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from zillatw.errors import ConfigError, did_you_mean
+from zillatw.plugins import VaultType
 
 STORES = ("keys", "trust", "signers")
 STORE_TYPES = ("pkcs12", "pem")
@@ -51,11 +52,19 @@ _OPTIONS = (*STORES, "revocation", "crls")
 REVOCATION = ("crl", "none")  # none: Zilla's docs list it as the default
 
 
+# The private keys OpenSSL (through pyOpenSSL) can sign a TLS handshake with; a store may
+# hold others (ML-DSA, X25519, DH), refused by name when the vault is read.
+SigningKey = (rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey
+              | dsa.DSAPrivateKey)
+_SIGNING_KEYS = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey,
+                 dsa.DSAPrivateKey)
+
+
 @dataclass(frozen=True)
 class KeyEntry:
     """A private key with its certificate and the chain that goes with it."""
     alias: str
-    key: key_types.PrivateKeyTypes
+    key: SigningKey
     certificate: x509.Certificate
     chain: tuple[x509.Certificate, ...] = ()
 
@@ -110,25 +119,32 @@ def open_vault(name: str, options: Mapping[str, Any] | None, base_dir: Path, whe
     return vault
 
 
+def _store_type_problem(type_: Any, path: str) -> str | None:
+    if type_ == "jks":
+        return (f"{path}.type: jks is not supported: convert the store with keytool -importkeystore "
+                "-deststoretype pkcs12 (Java writes PKCS#12 by default since Java 9; the JKS reader for Python, "
+                "pyjks, has had no release since 2020)")
+    if type_ not in STORE_TYPES:
+        return (f"{path}.type: store type '{type_}' is not supported{did_you_mean(str(type_), STORE_TYPES)} "
+                f"(expected {' or '.join(STORE_TYPES)})")
+    return None
+
+
 def _read_store(vault: FilesystemVault, store: str, spec: Any, base_dir: Path, path: str) -> Iterator[str]:
     if not isinstance(spec, Mapping):
         yield f"{path}: expected a mapping with 'store' (and 'type', 'password')"
         return
     for key in spec:
         if key not in _STORE_KEYS:
-            yield f"{path}: unknown key '{key}'{did_you_mean(key, _STORE_KEYS)} (expected one of: {', '.join(_STORE_KEYS)})"
+            yield (f"{path}: unknown key '{key}'{did_you_mean(key, _STORE_KEYS)} "
+                   f"(expected one of: {', '.join(_STORE_KEYS)})")
     if not isinstance(spec.get("store"), str):
         yield f"{path}.store: missing required key 'store' (a file path, relative to the configuration's folder)"
         return
     type_ = spec.get("type", "pkcs12")
-    if type_ == "jks":
-        yield (f"{path}.type: jks is not supported: convert the store with keytool -importkeystore "
-               "-deststoretype pkcs12 (Java writes PKCS#12 by default since Java 9; the JKS reader for Python, "
-               "pyjks, has had no release since 2020)")
-        return
-    if type_ not in STORE_TYPES:
-        yield (f"{path}.type: store type '{type_}' is not supported{did_you_mean(str(type_), STORE_TYPES)} "
-               f"(expected {' or '.join(STORE_TYPES)})")
+    type_problem = _store_type_problem(type_, path)
+    if type_problem:
+        yield type_problem
         return
     password = spec.get("password")
     if password is not None and not isinstance(password, str):
@@ -194,6 +210,13 @@ def _read_crls(vault: FilesystemVault, spec: Any, base_dir: Path, path: str) -> 
     vault.crls = tuple(crls)
 
 
+def _signing_key(key: Any, path: str, name: str) -> SigningKey:
+    if not isinstance(key, _SIGNING_KEYS):
+        raise _StoreProblem(f"{path}.store: in '{name}', the private key is a {type(key).__name__}, which cannot "
+                            "sign a TLS handshake (expected an RSA, EC, Ed25519, Ed448 or DSA key)")
+    return key
+
+
 class _StoreProblem(Exception):
     pass
 
@@ -229,7 +252,8 @@ def _read_pkcs12(location: Path, password: str | None, store: str, shown: str, p
             raise _StoreProblem(f"{path}.store: '{shown}' has no private key entry")
         entry = bundle.cert
         alias = _alias_of(entry.certificate, entry.friendly_name)
-        return {alias: KeyEntry(alias, bundle.key, entry.certificate, tuple(c for c, _ in others))}
+        key = _signing_key(bundle.key, path, shown)
+        return {alias: KeyEntry(alias, key, entry.certificate, tuple(c for c, _ in others))}
     everything = ([(bundle.cert.certificate, bundle.cert.friendly_name)] if bundle.cert else []) + others
     return {_alias_of(c, name): (c,) for c, name in everything}
 
@@ -258,5 +282,8 @@ def _read_pem(location: Path, password: str | None, store: str, shown: str, path
             raise _StoreProblem(f"{path}.password: cannot read the private key in '{name}': {problem}") from None
         if _public_der(key.public_key()) != _public_der(certificates[0].public_key()):
             raise _StoreProblem(f"{path}.store: in '{name}', the private key does not match the first certificate")
-        entries[alias] = KeyEntry(alias, key, certificates[0], certificates[1:])
+        entries[alias] = KeyEntry(alias, _signing_key(key, path, name), certificates[0], certificates[1:])
     return entries
+
+
+PLUGIN = VaultType("filesystem", open_vault)

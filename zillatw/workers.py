@@ -29,7 +29,6 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
-from zillatw.protocols import tcp
 from zillatw.yamlload import limit_flags
 
 log = Logger()
@@ -67,7 +66,7 @@ def become_worker(reactor: Any, spec: str, gateway: Any) -> None:
         address, _, fd = item.rpartition("=")
         host, _, port = address.rpartition(":")
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        tcp.INHERITED[(host, int(port))] = AdoptedEndpoint(reactor, int(fd), family)
+        gateway.inherited_listeners[(host, int(port))] = AdoptedEndpoint(reactor, int(fd), family)
     # Signals are the supervisor's to pass on: a Ctrl-C in a terminal reaches the whole
     # foreground process group, and a worker must get it once, not twice (twice: exit at once).
     os.setpgid(0, 0)
@@ -242,7 +241,7 @@ def make_supervisor(reactor: Any, gateway: Any, options: Any, graceful: Any) -> 
         if server.endpoint is not None:
             problems.append(f"bindings.{server.name}.options.endpoint: with -w, tcp servers listen on host and port")
         addresses.extend((server.host or "", port, server.backlog) for port in server.ports)
-    if gateway.telemetry.endpoints:
+    if gateway.metrics.endpoints:
         problems.append("telemetry.exporters: prometheus exporters are not served with -w yet "
                         "(each worker would count its own connections)")
     if problems:

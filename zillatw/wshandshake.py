@@ -60,6 +60,9 @@ def check_upgrade(request: Request) -> None:
         decoded = b""
     if len(decoded) != 16:
         raise HttpError(400, "Sec-WebSocket-Key must be 16 bytes in base64")
+    for name in HANDSHAKE_HEADERS:  # handed on to the WebSocket layer: tokens, ASCII only
+        if name in headers and not _VISIBLE_ASCII.match(headers[name]):
+            raise HttpError(400, f"the {name} header must be ASCII")
 
 
 # The headers the WebSocket layer acts on. Each is a list of ASCII tokens (RFC 6455 §4.1,
@@ -67,14 +70,6 @@ def check_upgrade(request: Request) -> None:
 HANDSHAKE_HEADERS = ("host", "upgrade", "connection", "sec-websocket-key", "sec-websocket-version",
                      "sec-websocket-protocol", "sec-websocket-extensions")
 _VISIBLE_ASCII = re.compile(r"^[\x20-\x7e]*$")
-
-
-def check_text(request: Request) -> None:
-    """Refuse handshake headers that are not visible ASCII (400)."""
-    for name in HANDSHAKE_HEADERS:
-        value = request.headers.get(name)
-        if value is not None and not _VISIBLE_ASCII.match(value):
-            raise HttpError(400, f"the {name} header must be ASCII")
 
 
 def offered_protocols(header: str | None) -> list[str]:

@@ -23,12 +23,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from yaml.constructor import SafeConstructor
-from yaml.events import (AliasEvent, DocumentStartEvent, MappingEndEvent, MappingStartEvent, ScalarEvent,
-                         SequenceEndEvent, SequenceStartEvent, StreamEndEvent)
+from yaml.events import (
+    AliasEvent,
+    DocumentStartEvent,
+    MappingEndEvent,
+    MappingStartEvent,
+    ScalarEvent,
+    SequenceEndEvent,
+    SequenceStartEvent,
+    StreamEndEvent,
+)
 from yaml.nodes import ScalarNode
 from yaml.resolver import Resolver
 
@@ -209,7 +217,7 @@ class _Builder:
         self.resolver = Resolver()
         self.constructor = SafeConstructor()
 
-    def fail(self, mark: Any, message: str) -> None:
+    def fail(self, mark: Any, message: str) -> NoReturn:
         path = self.path()
         if len(path) > 80:  # e.g. the path of a nesting too deep: its two ends say enough
             path = f"{path[:40]}...{path[-30:]}"
@@ -219,7 +227,10 @@ class _Builder:
         """The YAML path of the innermost value being built, as config errors name paths."""
         path = ""
         for frame in self.stack[1:]:
-            path += f"[{frame.slot}]" if isinstance(frame.slot, int) else (f".{frame.slot}" if path else str(frame.slot))
+            if isinstance(frame.slot, int):
+                path += f"[{frame.slot}]"
+            else:
+                path += f".{frame.slot}" if path else str(frame.slot)
         return path
 
     def counted(self, nodes: int, mark: Any) -> None:
@@ -259,14 +270,17 @@ class _Builder:
             return event.value, True
         if tag not in _SCALAR_TAGS:
             self.fail(event.start_mark, f"the tag '{event.tag}' is not supported (YAML's core types only)")
-        node = ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style)
+        # The stubs type ScalarNode's marks as the pure-Python parser's Mark; the C parser's
+        # (yaml._yaml.Mark) has the same fields, and a node only stores them.
+        node = ScalarNode(tag, event.value, event.start_mark, event.end_mark,  # type: ignore[arg-type]
+                          event.style)
         try:
             return self.constructor.yaml_constructors[tag](self.constructor, node), False
         except (yaml.YAMLError, ValueError, OverflowError) as e:  # e.g. an integer of 5,000 digits
-            shown = event.value if len(event.value) <= 40 else f"{event.value[:40]}... ({len(event.value):,} characters)"
+            shown = (event.value if len(event.value) <= 40
+                     else f"{event.value[:40]}... ({len(event.value):,} characters)")
             reason = f": {e.problem}" if isinstance(e, yaml.MarkedYAMLError) and e.problem else ""
             self.fail(event.start_mark, f"'{shown}' is not a valid {tag[len(_TAG):]}{reason}")
-            raise  # not reached: fail() raises
 
     def begin(self, event: Any, is_mapping: bool) -> None:
         self.counted(1, event.start_mark)
@@ -302,7 +316,7 @@ class _Builder:
         self.add(value, frame.mark, False, None)
 
     def alias(self, event: AliasEvent) -> None:
-        target = self.anchors.get(event.anchor)
+        target = self.anchors.get(event.anchor) if event.anchor is not None else None
         if target is None:
             self.fail(event.start_mark, f"the alias '*{event.anchor}' names no anchor defined before it")
         if isinstance(target, _Frame):

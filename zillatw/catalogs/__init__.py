@@ -1,14 +1,10 @@
 """Catalogs: where the schemas that models validate against come from.
 
-One module per catalog type, as for guards (zillatw.guards). Each module gives:
+One module per catalog type, each describing itself with a `PLUGIN` record
+(zillatw.plugins.CatalogType: its schema patch, checks of the entry and of the schema
+references models make, and build(); the catalog object is used by zillatw.validation).
 
-- SCHEMA_PATCH: the JSON Schema a `catalogs.<name>` entry of that type must satisfy;
-- check(name, options) (optional): extra checks yielding (sub-path under the catalog, message);
-- check_reference(options, ref) (optional): a message if a model's schema reference (`{subject,
-  version}`, `{id}`, `{strategy}`) cannot work with this catalog, else None;
-- build(namespace, name, options, graph, type_): the catalog object (see zillatw.validation).
-
-A catalog hands out Schema handles: one per (subject, version) or id, shared by every stream
+A catalog hands out SchemaHandles: one per (subject, version) or id, shared by every stream
 that uses it. A handle is ready when it holds a schema (`value`); `ensure()` fetches it when
 it is not (a Deferred that never fails; a fetch in flight is shared, so however many streams
 ask at once, one request goes out) and `current()` gives the value for a message, starting a
@@ -18,30 +14,11 @@ registry that is down leaves the cached schema in use).
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-
-CATALOG_TYPES = {
-    "inline": "zillatw.catalogs.inline",
-    "apicurio-registry": "zillatw.catalogs.apicurio",
-    "apicurio": "zillatw.catalogs.apicurio",
-    "schema-registry": "zillatw.catalogs.schema_registry",
-    "confluent-schema-registry": "zillatw.catalogs.schema_registry",
-    "karapace-schema-registry": "zillatw.catalogs.schema_registry",
-}
-
-
-def catalog_types() -> dict[str, ModuleType]:
-    return {name: importlib.import_module(module) for name, module in CATALOG_TYPES.items()}
-
-
-def build_catalog(type_: str, namespace: str, name: str, options: Mapping[str, Any], graph: Any) -> Any:
-    return catalog_types()[type_].build(namespace, name, options, graph, type_)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +28,7 @@ class Resolved:
     text: str
 
 
-class Schema:
+class SchemaHandle:
     """A handle on one schema of a catalog; see the module docstring."""
 
     __slots__ = ("describe", "value", "error", "_fetch", "_seconds", "_max_age", "_fetched_at", "_retry_at",
@@ -70,10 +47,6 @@ class Schema:
         self._backoff = 0.0
         self._waiting: list[Deferred] | None = None
         self.fetches = 0
-
-    @property
-    def ready(self) -> bool:
-        return self.value is not None
 
     def current(self) -> Resolved | None:
         """The schema for a message now; a stale one starts a refresh in the background."""
@@ -127,6 +100,10 @@ class Schema:
         waiting, self._waiting = self._waiting or [], None
         for d in waiting:
             d.callback(self.value)
+
+
+# The handle's former name, which zillatw.validation still imports.
+Schema = SchemaHandle
 
 
 class Unavailable(Exception):

@@ -16,7 +16,8 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from zillatw.catalogs import Resolved, Schema, Unavailable
+from zillatw.catalogs import Resolved, SchemaHandle, Unavailable
+from zillatw.plugins import CatalogType
 from zillatw.schema import NAME
 
 SCHEMA_PATCH = {
@@ -68,17 +69,17 @@ class InlineCatalog:
 
     def __init__(self, namespace: str, name: str, options: Mapping[str, Any]):
         self.name = f"{namespace}:{name}"
-        self.subjects = {subject: Schema(f"subject {subject}", None, lambda: 0.0, math.inf,
+        self.subjects = {subject: SchemaHandle(f"subject {subject}", None, lambda: 0.0, math.inf,
                                          Resolved(None, item["schema"]))
                          for subject, item in (options.get("subjects") or {}).items()}
 
-    def schema(self, ref: Mapping[str, Any]) -> Schema:
+    def schema(self, ref: Mapping[str, Any]) -> SchemaHandle:
         try:
             return self.subjects[ref["subject"]]
         except KeyError:  # config checks refuse this; embedders get a clear error
             raise Unavailable(f"no subject {ref.get('subject')!r} in inline catalog {self.name}") from None
 
-    def by_id(self, schema_id: int) -> Schema:
+    def by_id(self, schema_id: int) -> SchemaHandle:
         raise Unavailable(f"inline catalog {self.name} has no schema ids")
 
 
@@ -88,3 +89,7 @@ def check(name: str, options: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
 
 def build(namespace: str, name: str, options: Mapping[str, Any], graph: Any, type_: str = "") -> InlineCatalog:
     return InlineCatalog(namespace, name, options)
+
+
+PLUGIN = CatalogType(("inline",), SCHEMA_PATCH, build, check=check, check_reference=check_reference,
+                     schema_text=schema_text)

@@ -19,7 +19,7 @@ from urllib.parse import quote
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from zillatw.catalogs import Resolved, Schema, Unavailable
+from zillatw.catalogs import Resolved, SchemaHandle, Unavailable
 
 FETCH_TIMEOUT = 10.0            # seconds for a registry to answer
 MAX_SCHEMA_BYTES = 1024 * 1024
@@ -81,34 +81,35 @@ class RegistryCatalog:
             client = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
         self.client = client
         self.requests = 0     # HTTP requests sent, for tests and curiosity
-        self._subjects: dict[tuple[str, str], Schema] = {}
-        self._ids: dict[int, Schema] = {}
+        self._subjects: dict[tuple[str, str], SchemaHandle] = {}
+        self._ids: dict[int, SchemaHandle] = {}
         self._failing: set[str] = set()
 
     # ---- handles
 
-    def schema(self, ref: Mapping[str, Any]) -> Schema:
+    def schema(self, ref: Mapping[str, Any]) -> SchemaHandle:
         """The handle for a model's reference: {id} or {subject, version}."""
         if "id" in ref:
             return self.by_id(int(ref["id"]))
         if "subject" not in ref:
             raise Unavailable(f"catalog {self.name}: a reference needs 'subject' or 'id'")
         key = (str(ref["subject"]), str(ref.get("version", "latest")))
-        handle = self._subjects.get(key)
-        if handle is None:
-            subject, version = key
-            handle = self._subjects[key] = Schema(
-                f"subject {subject} version {version}", lambda: self._subject_fetch(subject, version, handle),
-                self.reactor.seconds, self.max_age)
+        known = self._subjects.get(key)
+        if known is not None:
+            return known
+        subject, version = key
+        handle = self._subjects[key] = SchemaHandle(
+            f"subject {subject} version {version}", lambda: self._subject_fetch(subject, version, handle),
+            self.reactor.seconds, self.max_age)
         return handle
 
-    def by_id(self, schema_id: int) -> Schema:
+    def by_id(self, schema_id: int) -> SchemaHandle:
         handle = self._ids.get(schema_id)
         if handle is None:
             if len(self._ids) >= MAX_IDS:  # ids messages named that never resolved go first
                 for key in [k for k, h in self._ids.items() if h.value is None]:
                     del self._ids[key]
-            handle = self._ids[schema_id] = Schema(f"id {schema_id}", lambda: self._id_fetch(schema_id),
+            handle = self._ids[schema_id] = SchemaHandle(f"id {schema_id}", lambda: self._id_fetch(schema_id),
                                                    self.reactor.seconds, math.inf)
         return handle
 
@@ -120,7 +121,7 @@ class RegistryCatalog:
 
     # ---- fetching, with Zilla's events
 
-    def _subject_fetch(self, subject: str, version: str, handle: Schema) -> Deferred:
+    def _subject_fetch(self, subject: str, version: str, handle: SchemaHandle) -> Deferred:
         fetching = self.fetch_subject(subject, version)
         word, key = self.WORD, f"subject {subject}@{version}"
 

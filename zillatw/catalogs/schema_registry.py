@@ -18,9 +18,9 @@ from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred
 
-from zillatw.catalogs import Resolved
+from zillatw.catalogs import Resolved, registry
 from zillatw.catalogs.registry import MAX_AGE, Framing, RegistryCatalog, RegistryError
-from zillatw.catalogs import registry
+from zillatw.plugins import CatalogType
 
 # A model's reference to this catalog, checked with the configuration; schemas come at run time.
 check_reference = registry.check_reference
@@ -101,4 +101,9 @@ class SchemaRegistryCatalog(RegistryCatalog):
 
 def build(namespace: str, name: str, options: Mapping[str, Any], graph: Any,
           type_: str = "schema-registry") -> SchemaRegistryCatalog:
-    return SchemaRegistryCatalog(namespace, name, options, type_, events=graph.events(namespace))
+    return SchemaRegistryCatalog(namespace, name, options, type_, events=graph.events(namespace),
+                                 reactor=graph.reactor)
+
+
+PLUGIN = CatalogType(("schema-registry", "confluent-schema-registry", "karapace-schema-registry"), SCHEMA_PATCH,
+                     build, check=check, check_reference=check_reference, schema_text=schema_text)

@@ -1,10 +1,10 @@
 """Guards: what authorizes a session and what a `guarded` route asks of it.
 
-One module per guard type, as for bindings (zillatw.protocols). Each module gives:
-
-- SCHEMA_PATCH: the JSON Schema a `guards.<name>` entry of that type must satisfy;
-- check(name, options) (optional): extra checks yielding (sub-path under the guard, message);
-- build(namespace, name, options, graph): the guard object (see Guard).
+One module per guard type, each describing itself with a `PLUGIN` record
+(zillatw.plugins.GuardType). A guard's `authorize(credentials, trace_id)` returns a Session,
+or a Deferred of one while keys are being fetched, and raises (or fails with) Rejected when
+the credentials do not verify; `challenge` is how many seconds before expiry a session is
+told to re-authorize (None: never).
 
 A Session is what a guard grants for one set of credentials: who (identity), which roles,
 until when. Routes test it with `permits(route.guarded, session, namespace, headers)`, as
@@ -16,24 +16,10 @@ token for the role `GET/items` on `GET /items`.
 
 from __future__ import annotations
 
-import importlib
 import math
-import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import ModuleType
-from typing import Any, Protocol
-
-from twisted.internet.defer import Deferred
-
-GUARD_TYPES = {
-    "jwt": "zillatw.guards.jwt",
-    "x509": "zillatw.guards.x509",
-}
-
-
-def guard_types() -> dict[str, ModuleType]:
-    return {name: importlib.import_module(module) for name, module in GUARD_TYPES.items()}
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,15 +38,6 @@ class Rejected(Exception):
         super().__init__(reason)
         self.reason = reason
         self.identity = identity
-
-
-class Guard(Protocol):
-    name: str       # qualified namespace:name
-    challenge: float | None
-
-    def authorize(self, credentials: str, trace_id: int = 0) -> "Session | Deferred[Session]":
-        """A Session, or a Deferred of one while keys are being fetched; raise (or fail with)
-        Rejected when the credentials do not verify."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,21 +65,6 @@ def connection_authorization(transport: Any) -> Authorization:
     """What the connection's own layers authorized: a tls server's `authorization` (the x509
     guard) leaves it on its transport, for the http server behind it; else NO_AUTHORIZATION."""
     return getattr(transport, "zillatw_authorization", NO_AUTHORIZATION)
-
-
-# The placeholders of a dynamic role, and the request header each is replaced with.
-ROLE_PLACEHOLDERS = {"${method}": ":method", "${path}": ":path"}
-_PLACEHOLDER = re.compile(r"\$\{[^}]*\}")
-
-
-def check_roles(roles: tuple[str, ...] | list[str]) -> Iterator[tuple[int, str]]:
-    """(index, problem) for each role with a placeholder Zilla does not resolve."""
-    for index, role in enumerate(roles):
-        for placeholder in _PLACEHOLDER.findall(role):
-            if placeholder not in ROLE_PLACEHOLDERS:
-                from zillatw.errors import did_you_mean
-                yield index, (f"unknown placeholder '{placeholder}'{did_you_mean(placeholder, ROLE_PLACEHOLDERS)} "
-                              f"(a dynamic role may use {' and '.join(ROLE_PLACEHOLDERS)})")
 
 
 def resolve_role(role: str, headers: Mapping[str, str] | None) -> str:
@@ -133,7 +95,3 @@ def permits(guarded: Mapping[str, tuple[str, ...]], session: Session | None, nam
         if not all(resolve_role(role, headers) in session.roles for role in roles):
             return False
     return True
-
-
-def build_guard(type_: str, namespace: str, name: str, options: Mapping[str, Any], graph: Any) -> Any:
-    return guard_types()[type_].build(namespace, name, options, graph)

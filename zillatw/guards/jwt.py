@@ -28,9 +28,10 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
+from zillatw.events import Events
 from zillatw.guards import Rejected, Session
+from zillatw.plugins import GuardType
 from zillatw.schema import NAME
-from zillatw.telemetry import Events
 
 FETCH_TIMEOUT = 10.0   # seconds for a JWKS URL to answer
 MIN_REFRESH = 5.0      # seconds between fetches triggered by unknown kids
@@ -100,9 +101,10 @@ def parse_key(jwk: Mapping[str, Any]) -> Key:
         raise ValueError("a key needs a 'kid'")
     if alg is None:
         raise ValueError("a key needs an 'alg': tokens verify only with a key whose alg equals theirs")
-    if alg not in ALGORITHMS.get(kty, ()):
+    fitting = ALGORITHMS.get(kty, ()) if isinstance(kty, str) else ()
+    if alg not in fitting:
         raise ValueError(f"alg '{alg}' does not fit a key of kty '{kty}' "
-                         f"(expected one of {', '.join(ALGORITHMS.get(kty, ()))})")
+                         f"(expected one of {', '.join(fitting)})")
     if kty != "oct" and "d" in jwk:
         raise ValueError("a private key; configure the public key only")
     try:
@@ -295,7 +297,7 @@ class JwtGuard:
         kid = header.get("kid")
         if not isinstance(kid, str):
             raise self._rejected(trace_id, credentials, "token has no kid")
-        if self.keys.get(kid) is None and self.keys.can_refresh():
+        if self.keys.get(kid) is None and isinstance(self.keys, JwksKeys) and self.keys.can_refresh():
             refreshed = self.keys.refresh()
             return refreshed.addCallback(lambda _: self._verify(credentials, header, trace_id))
         return self._verify(credentials, header, trace_id)
@@ -357,4 +359,7 @@ class _Discard:
 
 
 def build(namespace: str, name: str, options: Mapping[str, Any], graph: Any) -> JwtGuard:
-    return JwtGuard(namespace, name, options, events=graph.events(namespace))
+    return JwtGuard(namespace, name, options, events=graph.events(namespace), reactor=graph.reactor)
+
+
+PLUGIN = GuardType("jwt", SCHEMA_PATCH, build, check=check)

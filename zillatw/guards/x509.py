@@ -33,8 +33,9 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+from zillatw.events import Events
 from zillatw.guards import Rejected, Session
-from zillatw.telemetry import Events
+from zillatw.plugins import GuardType
 
 _FIELD = {"type": "string", "pattern": r"^[a-zA-Z]+[a-zA-Z0-9._-]*$"}
 SCHEMA_PATCH = {
@@ -54,8 +55,9 @@ SCHEMA_PATCH = {
     },
 }
 IDENTITY_DEFAULT = "subject.dn"
-SAN_FIELDS = {"san.dns": x509.DNSName, "san.email": x509.RFC822Name, "san.uri": x509.UniformResourceIdentifier,
-              "san.ip": x509.IPAddress}
+SAN_FIELDS: dict[str, type[x509.DNSName | x509.RFC822Name | x509.UniformResourceIdentifier | x509.IPAddress]] = {
+    "san.dns": x509.DNSName, "san.email": x509.RFC822Name, "san.uri": x509.UniformResourceIdentifier,
+    "san.ip": x509.IPAddress}
 _NAME_FIELD = re.compile(r"^(subject|issuer)\.([a-z][a-z0-9]*|[0-9]+(\.[0-9]+)+)$")
 
 
@@ -130,7 +132,8 @@ class X509Guard:
         chain = self._chain(credentials, trace_id)
         leaf = chain[0]
         found = fields(leaf)
-        identity = (found.get(self.identity_field) or [None])[0]
+        identity_values = found.get(self.identity_field)
+        identity = identity_values[0] if identity_values else None
         roles = frozenset(role for role, matches in self.roles
                           if any(all(any(glob.fullmatch(value) for value in found.get(field, ()))
                                      for field, glob in match) for match in matches))
@@ -156,3 +159,6 @@ class X509Guard:
 
 def build(namespace: str, name: str, options: Mapping[str, Any], graph: Any) -> X509Guard:
     return X509Guard(namespace, name, options, events=graph.events(namespace))
+
+
+PLUGIN = GuardType("x509", SCHEMA_PATCH, build, check=check)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from zope.interface import implementer
 
 from zillatw.config import BindingConfig
+from zillatw.plugins import BindingType
 from zillatw.schema import FORBIDDEN
 from zillatw.stream import IStreamEnd, IStreamExit, StreamInfo
 
@@ -45,3 +46,6 @@ class EchoServer:
 
 def build(binding: BindingConfig, graph: object) -> EchoServer:
     return EchoServer(binding.name)
+
+
+PLUGIN = BindingType("echo", SCHEMA_PATCH, STREAMS, build)

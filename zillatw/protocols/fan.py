@@ -26,7 +26,8 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from zillatw.config import BindingConfig
-from zillatw.fanredis import MAX_DELAY, RedisCollector, RedisLink, parse_url
+from zillatw.fanredis import MAX_DELAY, RedisLink, parse_url
+from zillatw.plugins import BindingType, IRunsInBackground
 from zillatw.schema import FORBIDDEN
 from zillatw.stream import CONTINUATION, IStreamEnd, IStreamExit, StreamInfo
 
@@ -222,7 +223,7 @@ class FanGroup:
         self.stream_end(1001, "fan group's exit went away")
 
 
-@implementer(IStreamExit)
+@implementer(IStreamExit, IRunsInBackground)
 class FanServer:
     def __init__(self, name: str, exit_: Any, max_lag: int = MAX_LAG, redis: RedisLink | None = None,
                  max_lag_messages: int = MAX_LAG_MESSAGES, drain_timeout: float = DRAIN_TIMEOUT):
@@ -317,15 +318,14 @@ def build(binding: BindingConfig, graph: Any) -> FanServer:
         events = graph.events(binding.namespace)
         redis = RedisLink(options["url"], options.get("channel") or default_channel(binding),
                           options.get("max-reconnect-delay", MAX_DELAY),
-                          events.binding(binding.namespace, binding.name, "fan") if events.enabled else None)
-        telemetry = getattr(graph, "telemetry", None)
-        if telemetry is not None:  # its prometheus exporter serves the link's counters
-            collector = getattr(telemetry, "fan_redis", None)
-            if collector is None:
-                collector = telemetry.fan_redis = RedisCollector()
-                telemetry.registry.register(collector)
-            collector.links.append((binding.namespace, binding.name, redis))
-    return FanServer(binding.name, graph.binding(binding.exit), redis=redis,
+                          events.binding(binding.namespace, binding.name, "fan") if events.enabled else None,
+                          reactor=graph.reactor)
+        if graph.metrics is not None:  # its prometheus exporter serves the link's counters
+            graph.metrics.fan_redis_links.links.append((binding.namespace, binding.name, redis))
+    return FanServer(binding.name, graph.exit(binding.exit, binding), redis=redis,
                      max_lag=binding.options.get("max-lag", MAX_LAG),
                      max_lag_messages=binding.options.get("max-lag-messages", MAX_LAG_MESSAGES),
                      drain_timeout=binding.options.get("drain-timeout", DRAIN_TIMEOUT))
+
+
+PLUGIN = BindingType("fan", SCHEMA_PATCH, STREAMS, build, check=check)

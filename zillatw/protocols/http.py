@@ -16,17 +16,19 @@ from twisted.internet.interfaces import IAddress, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from zillatw import accesscontrol
 from zillatw.accesscontrol import AccessControl
 from zillatw.config import BindingConfig, Route
+from zillatw.events import Events, next_trace_id
 from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, connection_authorization, permits
-from zillatw.httpauth import CONVENTIONAL_SECRETS, PLACEHOLDER, HttpAuthorization, redact_target
 from zillatw.http1 import HttpError, Request, RequestHeadParser, check_host, check_origin_form, render_response
+from zillatw.httpauth import CONVENTIONAL_SECRETS, PLACEHOLDER, HttpAuthorization, redact_target
 from zillatw.matching import Matcher, matcher
+from zillatw.plugins import BindingType, IDrainsGracefully
 from zillatw.schema import FORBIDDEN, NAME, refused, route_schema
-from zillatw.stream import StreamRefused
-from zillatw.telemetry import Events, next_trace_id
+from zillatw.stream import IHttpConnection, StreamRefused
 
 HEAD_TIMEOUT = 10.0  # seconds for a client to send its request head (slowloris)
 log = Logger()
@@ -71,7 +73,7 @@ SCHEMA_PATCH = {
     },
 }
 STREAMS = {"server": ("bytes", "http"), "client": ("http", "bytes")}
-NOT_YET = {"requests": "request validation"}
+UNSERVED_OPTIONS = {"requests": "request validation"}  # Zilla's, refused by name
 GUARDED_KINDS = ("server",)  # the client's routes see no session
 UNGUARDED_WHY = "the session stays with the servers in front of it: guard the ws or http server's routes"
 H2_NOT_SERVED = "zillatw serves http/1.1; h2 is not served yet"
@@ -117,7 +119,7 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
         if not binding.routes:
             yield "routes", "an http client needs 'exit' or routes with an exit"
         return
-    for key, feature in NOT_YET.items():
+    for key, feature in UNSERVED_OPTIONS.items():
         if key in binding.options:
             yield f"options.{key}", f"not supported by this zillatw yet ({feature})"
     yield from accesscontrol.check(binding.options.get("access-control"))
@@ -212,6 +214,7 @@ class HttpClient:
         return exit_.connect(factory, headers.get(":authority"), timeout)
 
 
+@implementer(IDrainsGracefully)
 class HttpServer(Factory):
     """The http server binding: routes and limits, and the factory of its connections."""
 
@@ -219,7 +222,7 @@ class HttpServer(Factory):
 
     def __init__(self, name: str, routes: list[tuple[Route, Any]], namespace: str = "default",
                  events: Events | None = None, head_timeout: float = HEAD_TIMEOUT,
-                 max_header_bytes: int = 8192, reactor: Any = None,
+                 max_header_bytes: int = 8192, *, reactor: Any,
                  authorization: HttpAuthorization | None = None, overrides: Mapping[str, str] | None = None,
                  access_control: AccessControl | None = None):
         self.name = name
@@ -228,9 +231,7 @@ class HttpServer(Factory):
         self.events = events or Events()
         self.head_timeout = head_timeout
         self.max_header_bytes = max_header_bytes
-        if reactor is None:
-            from twisted.internet import reactor
-        self.reactor = reactor
+        self.reactor = reactor  # the graph's: head timeouts and session expiry run on it
         self.route = HeaderRoutes(routes, namespace).route
         self.authorization = authorization
         # query parameters whose values are never logged nor answered
@@ -358,7 +359,7 @@ class HttpServerProtocol(Protocol):
         taken.take_over(request, rest)
 
     def _expire_at(self, when: float, taken: Any) -> None:
-        """End the connection when its session expires: the exit's `session_expired()` (the
+        """End the connection when its session expires: IHttpConnection.session_expired() (the
         ws server closes with 1008), else abort as Zilla does. The one timer per connection
         is cancelled when the connection ends."""
         reactor = self.factory.reactor
@@ -372,9 +373,8 @@ class HttpServerProtocol(Protocol):
         self.connectionLost = connectionLost  # type: ignore[method-assign]
 
     def _session_expired(self, taken: Any) -> None:
-        expired = getattr(taken, "session_expired", None)
-        if expired is not None:
-            expired()
+        if IHttpConnection.providedBy(taken):
+            taken.session_expired()
         else:
             self.transport.abortConnection()
 
@@ -409,7 +409,7 @@ def _discard(data: bytes) -> None:
 
 
 def build(binding: BindingConfig, graph: Any) -> HttpServer | HttpClient:
-    routes = [(route, graph.binding(route.exit)) for route in binding.routes]
+    routes = [(route, graph.exit(route.exit, binding)) for route in binding.routes]
     overrides = {name.lower(): value for name, value in (binding.options.get("overrides") or {}).items()}
     if binding.kind == "client":
         return HttpClient(binding.name, routes, overrides)
@@ -418,4 +418,9 @@ def build(binding: BindingConfig, graph: Any) -> HttpServer | HttpClient:
         authorization = HttpAuthorization(graph.guard(f"{binding.namespace}:{guard}"), config["credentials"])
     return HttpServer(binding.name, routes, namespace=binding.namespace, events=graph.events(binding.namespace),
                       head_timeout=binding.options.get("head-timeout", HEAD_TIMEOUT), authorization=authorization,
-                      overrides=overrides, access_control=AccessControl(binding.options.get("access-control")))
+                      overrides=overrides, access_control=AccessControl(binding.options.get("access-control")),
+                      reactor=graph.reactor)
+
+
+PLUGIN = BindingType("http", SCHEMA_PATCH, STREAMS, build, check=check, guard_references=guard_references,
+                     guarded_kinds=frozenset(GUARDED_KINDS), unguarded_why=UNGUARDED_WHY)

@@ -10,22 +10,21 @@ and `authority` (the listener's configured host). No matching route: the socket 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
+from zope.interface import implementer
 
 from zillatw.config import BindingConfig, Route
 from zillatw.matching import matcher
+from zillatw.plugins import BindingType
 from zillatw.schema import FORBIDDEN, PORT_SPEC, route_schema
-from zillatw.stream import StreamRefused
+from zillatw.stream import IUpstreamConnector, StreamRefused
 
 MAX_PORTS = 1024
-# Listening sockets a supervisor opened for this worker process (zillatw.workers), by address
-# ((host, port) as configured): listen() adopts them instead of binding its own.
-INHERITED: dict[tuple[str, int], Any] = {}
 
 SCHEMA_PATCH = {
     "properties": {
@@ -86,9 +85,8 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
     if "endpoint" in options:
         if "host" in options or "port" in options:
             yield "options.endpoint", "give either 'endpoint' or 'host' and 'port', not both"
-        try:
-            from twisted.internet import reactor
-            endpoints.serverFromString(reactor, options["endpoint"])
+        try:  # parsing only: an endpoint holds its reactor until it listens, which this one never does
+            endpoints.serverFromString(None, options["endpoint"])
         except (ValueError, TypeError, KeyError) as e:
             yield "options.endpoint", f"not a Twisted server endpoint string ({e})"
     else:
@@ -186,21 +184,25 @@ class TcpServer:
                 return exit_
         return None
 
-    def endpoints(self, reactor: Any) -> list[tuple[int | None, Any]]:
+    def endpoints(self, reactor: Any, inherited: Mapping[tuple[str, int], Any] | None = None) -> list[tuple[int | None, Any]]:
+        """(port, endpoint) per address; `inherited`: sockets a supervisor opened for this
+        worker (zillatw.workers), by (host, port) as configured, adopted instead of bound."""
         if self.endpoint is not None:
             return [(None, endpoints.serverFromString(reactor, self.endpoint))]
         interface = self.host or ""
         kind = endpoints.TCP6ServerEndpoint if ":" in interface else endpoints.TCP4ServerEndpoint
-        return [(port, INHERITED.get((interface, port)) or kind(reactor, port, backlog=self.backlog, interface=interface))
+        inherited = inherited or {}
+        return [(port, inherited.get((interface, port)) or kind(reactor, port, backlog=self.backlog, interface=interface))
                 for port in self.ports]
 
     @defer.inlineCallbacks
-    def listen(self, reactor: Any, skip: Iterable[Any] = ()) -> Any:
+    def listen(self, reactor: Any, skip: Iterable[Any] = (),
+               inherited: Mapping[tuple[str, int], Any] | None = None) -> Any:
         """Listen on every address but those in `skip` (kept from a previous configuration, see
-        hand_over); on a failure, close what was opened and fail."""
+        hand_over), adopting the `inherited` sockets; on a failure, close what was opened and fail."""
         skip = set(skip)
         try:
-            for address, (port, endpoint) in zip(self.addresses(), self.endpoints(reactor)):
+            for address, (port, endpoint) in zip(self.addresses(), self.endpoints(reactor, inherited)):
                 if address in skip:
                     continue
                 factory = ListenerFactory(self, port)
@@ -250,13 +252,12 @@ class ListenerFactory(Factory):
         return exit_.buildProtocol(addr) if exit_ is not None else None
 
 
+@implementer(IUpstreamConnector)
 class TcpClient:
     """A tcp client binding: connects a protocol factory to the upstream."""
 
     def __init__(self, name: str, host: str | None = None, port: int | None = None,
-                 conditions: Iterable[dict[str, Any]] = (), reactor: Any = None):
-        if reactor is None:
-            from twisted.internet import reactor
+                 conditions: Iterable[dict[str, Any]] = (), *, reactor: Any):
         self.name = name
         self.host = host
         self.port = port
@@ -291,9 +292,12 @@ def build(binding: BindingConfig, graph: Any) -> TcpServer | TcpClient:
     if binding.kind == "client":
         return TcpClient(binding.name, options.get("host"),
                          parse_ports(options["port"])[0] if "port" in options else None,
-                         [w for route in binding.routes for w in route.when])
-    routes = [(route, graph.binding(route.exit)) for route in binding.routes]
+                         [w for route in binding.routes for w in route.when], reactor=graph.reactor)
+    routes = [(route, graph.exit(route.exit, binding)) for route in binding.routes]
     return TcpServer(
         binding.name, routes, host=options.get("host"),
         ports=parse_ports(options["port"]) if "port" in options else (),
         endpoint=options.get("endpoint"), backlog=options.get("backlog", BACKLOG))
+
+
+PLUGIN = BindingType("tcp", SCHEMA_PATCH, STREAMS, build, check=check, unguarded_why=UNGUARDED_WHY)

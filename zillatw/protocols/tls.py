@@ -15,7 +15,7 @@ from typing import Any
 
 from cryptography import x509
 from OpenSSL import SSL
-from twisted.internet.interfaces import IAddress, IHandshakeListener, IOpenSSLServerConnectionCreator
+from twisted.internet.interfaces import IAddress, IHandshakeListener, IOpenSSLServerConnectionCreator, IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -23,16 +23,18 @@ from zope.interface import implementer
 
 from zillatw.config import BindingConfig, Route
 from zillatw.errors import ConfigError, did_you_mean
+from zillatw.events import Events
 from zillatw.guards import Authorization, Rejected, Session
 from zillatw.guards.x509 import X509Guard
 from zillatw.matching import matcher
+from zillatw.plugins import BindingType
 from zillatw.protocols.tcp import parse_ports
 from zillatw.schema import FORBIDDEN, PORT_SPEC, route_schema
-from zillatw.telemetry import Events
+from zillatw.stream import IUpstreamConnector
 from zillatw.tlsclient import TlsClient
-from zillatw.tlscontext import (VERSIONS, Handshake, Peer, PeerTrust, TlsRoutes, classify, dns_names, guarded, make_context,
-                                name_matches, reason_text, set_servername_callback, state_of,
-                                use_key, verify_error)
+from zillatw.tlscontext import (VERSIONS, Handshake, Peer, PeerTrust, TlsRoutes, classify, dns_names, guarded,
+                                make_context, name_matches, reason_text, set_servername_callback, state_of, use_key,
+                                verify_error)
 from zillatw.vault import FilesystemVault, KeyEntry
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds, Zilla's zilla.binding.tls.handshake.timeout
@@ -151,7 +153,7 @@ def guard_references(binding: BindingConfig) -> Iterator[tuple[str, str]]:
 
 # ---------------------------------------------------------------------------- server
 
-@implementer(IOpenSSLServerConnectionCreator)
+@implementer(IOpenSSLServerConnectionCreator, IProtocolFactory)
 class TlsServer:
     """The tls server binding: an IProtocolFactory that terminates TLS and routes."""
 
@@ -162,9 +164,7 @@ class TlsServer:
                  trust: PeerTrust = PeerTrust(), version: str = "TLS",
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, namespace: str = "default",
                  guard: Any = None, route_trust: Callable[[Sequence[str]], Sequence[x509.Certificate]] = lambda a: (),
-                 events: Events | None = None, reactor: Any = None):
-        if reactor is None:
-            from twisted.internet import reactor
+                 events: Events | None = None, reactor: Any):
         self.name = name
         self.guard = guard  # the x509 guard of options.authorization
         self.namespace = namespace
@@ -378,12 +378,13 @@ def build(binding: BindingConfig, graph: Any) -> TlsServer | TlsClient:
             problems.append(f"{where}.options.signers: no key in vault '{binding.vault}' is issued by these signers")
     if problems:
         raise ConfigError(problems)
-    routes = [(route, graph.binding(route.exit)) for route in binding.routes]
+    routes = [(route, graph.exit(route.exit, binding)) for route in binding.routes]
     # Both kinds pass bytes on, but a server's exit takes connections (a factory) and a
     # client's makes them (connect): the stream kinds alone do not tell a tcp client apart.
-    needed, role = ("connect", "connect upstream") if binding.kind == "client" else ("buildProtocol", "take connections")
+    needed, role = (IUpstreamConnector, "connect upstream") if binding.kind == "client" \
+        else (IProtocolFactory, "take connections")
     for route, exit_ in routes:
-        if not hasattr(exit_, needed):
+        if not needed.providedBy(exit_):
             path = f"{where}.exit" if binding.exit and route is binding.routes[-1] else f"{where}.routes[{route.index}].exit"
             raise ConfigError(f"{path}: '{route.exit.partition(':')[2]}' cannot {role} for a tls {binding.kind}")
     events = graph.events(binding.namespace)
@@ -408,7 +409,8 @@ def build(binding: BindingConfig, graph: Any) -> TlsServer | TlsClient:
                      mutual=mutual, trust=PeerTrust(tuple(trust), options.get("trustcacerts", False), crls),
                      version=version,
                      handshake_timeout=options.get("handshake-timeout", HANDSHAKE_TIMEOUT),
-                     namespace=binding.namespace, guard=guard, route_trust=route_trust, events=events)
+                     namespace=binding.namespace, guard=guard, route_trust=route_trust, events=events,
+                     reactor=graph.reactor)
 
 
 HTTP_SERVED = "http/1.1"  # what an http server behind a tls server speaks (h2 is not served yet)
@@ -455,3 +457,7 @@ def _route_trust(binding: BindingConfig, vault: FilesystemVault | None, trust: S
     if problems:
         raise ConfigError(problems)
     return lambda aliases: [c for alias in aliases for c in vault.certificates("trust", alias)]  # type: ignore
+
+
+PLUGIN = BindingType("tls", SCHEMA_PATCH, STREAMS, build, check=check, guard_references=guard_references,
+                     guarded_kinds=frozenset(GUARDED_KINDS))

@@ -22,14 +22,15 @@ from zillatw.config import BindingConfig, Route
 from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, permits
 from zillatw.http1 import HttpError, Request, ResponseError, ResponseHeadParser, render_response
 from zillatw.matching import matcher
+from zillatw.plugins import BindingType, IDrainsGracefully, IHoldsConnections
 from zillatw.schema import FORBIDDEN, refused, route_schema
-from zillatw.stream import (ABNORMAL, IHttpConnection, IStreamEnd, IStreamExit, StreamInfo, StreamRefused,
+from zillatw.stream import (ABNORMAL, IHttpConnection, IHttpExit, IStreamEnd, IStreamExit, StreamInfo, StreamRefused,
                             SubprotocolOffer)
-from zillatw.validation import MESSAGES, check_models, validating_routes  # noqa: F401 - check_models: config's hook
+from zillatw.validation import MESSAGES, check_models, validating_routes
 from zillatw.wire import (CloseCode, Connection, NegotiationError, Role, State, client_accept, client_offer,
                          server_accept)
 from zillatw.wire.deflate import can_relay
-from zillatw.wshandshake import (HandshakeRefused, check_response, check_text, check_upgrade, client_request, new_key,
+from zillatw.wshandshake import (HandshakeRefused, check_response, check_upgrade, client_request, new_key,
                                  offered_protocols, select_route, server_response)
 from zillatw.wsstream import GATHER, Deadlines, WsRelay, no_delay
 
@@ -128,6 +129,7 @@ class WsRoutes:
         return None
 
 
+@implementer(IHttpExit, IDrainsGracefully)
 class WsServer:
     """The ws server binding: routes, limits and timers for its connections."""
 
@@ -135,10 +137,12 @@ class WsServer:
                  max_message_size: int = MAX_MESSAGE_SIZE, max_frame_size: int = 0,
                  permessage_deflate: bool = True, close_timeout: float = CLOSE_TIMEOUT,
                  ping_interval: float = PING_INTERVAL, ping_timeout: float = PING_TIMEOUT,
-                 max_connections: int = 0, reactor: Any = None):
+                 max_connections: int = 0, reactor: Any = None, observer: Any = None):
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
+        # zillatw.metrics.WsServerObserver: told each upgrade's outcome (metrics, events), or None
+        self.observer = observer
         self.name = name
         self.namespace = namespace
         self.connections: set[WsServerProtocol] = set()  # open ones, for shutdown and stats
@@ -158,9 +162,22 @@ class WsServer:
 
     def accept_request(self, request: Request, headers: dict[str, str], transport: Any,
                        trace_id: int = 0, authorization: Authorization = NO_AUTHORIZATION) -> "WsServerProtocol":
-        """Check the upgrade and choose the route; the protocol returned takes the socket."""
-        check_upgrade(request)
-        check_text(request)
+        """Check the upgrade and choose the route; the protocol returned takes the socket.
+        The observer hears of a refusal, and of the exit chosen (whose outcome it reports)."""
+        try:
+            connection = self._accept(request, headers, trace_id, authorization)
+        except HttpError as e:
+            if self.observer is not None:
+                self.observer.rejected(trace_id, e.status, e.reason)
+            raise
+        if self.observer is not None:
+            connection.stream_exit = self.observer.opening(trace_id, connection.info, connection.shown_path,
+                                                           connection.stream_exit)
+        return connection
+
+    def _accept(self, request: Request, headers: dict[str, str], trace_id: int,
+                authorization: Authorization) -> "WsServerProtocol":
+        check_upgrade(request)  # and that the handshake headers are ASCII tokens
         if self.max_connections and len(self.connections) + len(self.handshaking) >= self.max_connections:
             raise HttpError(503, f"too many WebSocket connections (limit {self.max_connections})")
         scheme, authority, path = headers[":scheme"], headers.get(":authority"), headers[":path"]
@@ -369,7 +386,7 @@ class WsServerProtocol(WsRelay):
             self.transport.abortConnection()
 
 
-@implementer(IStreamExit)
+@implementer(IStreamExit, IHoldsConnections)
 class WsClient:
     """The ws client binding: opens an upstream WebSocket per stream. The stream opens (and
     the downstream gets its 101) when the upstream has answered 101 with an offered
@@ -561,12 +578,12 @@ class WsClientProtocol(WsRelay):
 def build(binding: BindingConfig, graph: Any) -> WsServer | WsClient:
 
     options = binding.options
-    routes = [(route, graph.binding(route.exit)) for route in binding.routes]
+    routes = [(route, graph.exit(route.exit, binding)) for route in binding.routes]
     if binding.kind == "client":
         return WsClient(binding.name, routes, defaults=dict(options.get("defaults") or {}),
                         timeout=options.get("timeout", UPSTREAM_TIMEOUT),
                         max_message_size=options.get("max-message-size", MAX_MESSAGE_SIZE),
-                        permessage_deflate=options.get("permessage-deflate", True))
+                        permessage_deflate=options.get("permessage-deflate", True), reactor=graph.reactor)
     routes = validating_routes(binding, graph, routes, options.get("max-message-size", MAX_MESSAGE_SIZE))
     return WsServer(binding.name, routes, namespace=binding.namespace,
                     max_message_size=options.get("max-message-size", MAX_MESSAGE_SIZE),
@@ -575,4 +592,10 @@ def build(binding: BindingConfig, graph: Any) -> WsServer | WsClient:
                     close_timeout=options.get("close-timeout", CLOSE_TIMEOUT),
                     ping_interval=options.get("ping-interval", PING_INTERVAL),
                     ping_timeout=options.get("ping-timeout", PING_TIMEOUT),
-                    max_connections=options.get("max-connections", 0))
+                    max_connections=options.get("max-connections", 0), reactor=graph.reactor,
+                    observer=graph.ws_server_observer(binding))
+
+
+PLUGIN = BindingType("ws", SCHEMA_PATCH, STREAMS, build, guarded_kinds=frozenset(GUARDED_KINDS),
+                     unguarded_why=UNGUARDED_WHY,
+                     check_in_namespace=lambda binding, namespace, registry: check_models(binding, namespace, registry.catalogs))

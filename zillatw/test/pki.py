@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def issue(ca: Issued, cn: str, dns: list[str] | None = None, ips: list[str] | No
     return Issued(key, builder.sign(ca.key, hashes.SHA256()), [ca.certificate])
 
 
-def make_crl(ca: Issued, revoked: list[Issued] = (), expired: bool = False) -> x509.CertificateRevocationList:
+def make_crl(ca: Issued, revoked: Sequence[Issued] = (), expired: bool = False) -> x509.CertificateRevocationList:
     """`ca`'s CRL listing `revoked`; valid for a day, or past its nextUpdate if `expired`."""
     now = datetime.datetime.now(datetime.timezone.utc)
     next_update = now - datetime.timedelta(minutes=1) if expired else now + datetime.timedelta(days=1)

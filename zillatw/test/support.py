@@ -10,12 +10,17 @@ import struct
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateResponse, \
-    PerMessageDeflateResponseAccept
+from autobahn.websocket.compress import (
+    PerMessageDeflateOffer,
+    PerMessageDeflateResponse,
+    PerMessageDeflateResponseAccept,
+)
 from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from zillatw import build_gateway
 
@@ -70,11 +75,33 @@ def start_gateway(case: Any, config: Any) -> Any:
     """Start a gateway for the test; it and its events are cleaned up after. -> (gateway, port)"""
     events = io.StringIO()
     gateway = build_gateway(config, event_stream=events)
-    gateway.events_text = events
+    # The tests' handle on what the gateway logged; Gateway itself keeps only the stream's writer.
+    gateway.events_text = events  # type: ignore[attr-defined]
     gateway.startService()
     case.addCleanup(gateway.stopService)
     ports = yield gateway.listening
     return gateway, (ports[0] if ports else None)
+
+
+class OnAClock:
+    """A gateway built and started on a MemoryReactorClock: nothing listens, time moves only
+    with `clock.advance`, and `connect()` hands a tcp server's listener a connection over a
+    StringTransport (what the gateway writes is `transport.value()`)."""
+
+    def __init__(self, config: Any, watch_interval: float | None = None, **kwargs: Any):
+        self.clock = MemoryReactorClock()
+        self.events = io.StringIO()
+        self.gateway = build_gateway(config, reactor=self.clock, event_stream=self.events, **kwargs)
+        self.gateway.watch_interval = watch_interval
+        self.gateway.startService()
+        self.clock.run()  # MemoryReactor: runs the callWhenRunning hooks, then counts as stopped
+
+    def connect(self, listener: int = 0, client_port: int = 40000) -> tuple[Any, StringTransport]:
+        factory = self.clock.tcpServers[listener][1]
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", client_port))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", client_port))
+        protocol.makeConnection(transport)
+        return protocol, transport
 
 
 def wait(seconds: float) -> defer.Deferred:
@@ -116,7 +143,7 @@ class RecordingClient(WebSocketClientProtocol):
     def onMessageEnd(self) -> None:
         self.received += 1
         self.messages.put((self.message_is_binary, self._frames))
-        self.message_data = None
+        self.message_data = None  # type: ignore[assignment]  # as Autobahn's own onMessageEnd: frames released
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if not self.opened.called:
@@ -144,7 +171,12 @@ def connect_ws(port: int, path: str = "/", protocols: list[str] | None = None, c
     factory.setProtocolOptions(**options)
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
     d = endpoint.connect(factory)
-    return d.addCallback(lambda client: client.opened)
+    return d.addCallback(when_opened)
+
+
+def when_opened(client: Any) -> defer.Deferred:
+    """For endpoint.connect(...).addCallback: the RecordingClient, once its handshake is done."""
+    return client.opened
 
 
 @defer.inlineCallbacks

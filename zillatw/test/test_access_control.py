@@ -13,9 +13,18 @@ from twisted.trial import unittest
 
 from zillatw import ConfigError, build_gateway
 from zillatw.accesscontrol import AccessControl, Policy, normalise_origin
-from zillatw.test.support import ReactorTimer
-from zillatw.test.support import (RecordingClient, chain, client_frame, close_ws, raw_exchange, split_response,
-                                  start_gateway, upgrade_request)
+from zillatw.test.support import (
+    ReactorTimer,
+    RecordingClient,
+    chain,
+    client_frame,
+    close_ws,
+    raw_exchange,
+    split_response,
+    start_gateway,
+    upgrade_request,
+    when_opened,
+)
 from zillatw.test.test_jwt import Signer, guarded_config
 
 
@@ -275,7 +284,7 @@ def connect(port: int, origin: str | None = None, headers: dict[str, str] | None
     factory.protocol = RecordingClient
     factory._batched_timer = ReactorTimer()
     d = TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
-    return d.addCallback(lambda client: client.opened)
+    return d.addCallback(when_opened)
 
 
 @defer.inlineCallbacks

@@ -11,13 +11,13 @@ from typing import Any
 
 from twisted.trial import unittest
 
-from zillatw import config as config_module
 from zillatw.config import Config, load
 from zillatw.errors import ConfigError, did_you_mean
-from zillatw.protocols import binding_types
+from zillatw.metrics import SUPPORTED_EXPORTERS
+from zillatw.standard import standard_registry
 from zillatw.test.support import CONF
 
-TYPES = binding_types()
+TYPES = standard_registry()
 
 
 def echo_chain() -> dict[str, Any]:
@@ -89,13 +89,12 @@ class ExampleConfigTests(ConfigTestCase):
         config = load(path, TYPES, env={})
         self.assertEqual(config.source, path)
         self.assertEqual(config.base_dir, Path(CONF).resolve())
-        binding = config.binding("example:north_ws_server")
-        self.assertEqual(binding.resolve_path("tls/keys.p12"), Path(CONF).resolve() / "tls" / "keys.p12")
+        self.assertEqual(config.binding("example:north_ws_server").base_dir, Path(CONF).resolve())
 
     def test_explicit_base_dir(self):
         config = load(echo_chain(), TYPES, env={}, base_dir="/srv/zilla")
         self.assertEqual(config.source, "<dict>")
-        self.assertEqual(config.binding("test:ws0").resolve_path("a/b"), Path("/srv/zilla/a/b").resolve())
+        self.assertEqual(config.binding("test:ws0").base_dir, Path("/srv/zilla"))
 
     def test_binding_exit_becomes_the_last_unconditional_route(self):
         config = load(changed(lambda c: c["bindings"]["ws0"].update(
@@ -115,6 +114,23 @@ class ExampleConfigTests(ConfigTestCase):
         self.assertIn("      host: 127.0.0.2\n", dumped)
         self.assertNotIn("env.HOST", dumped)
         self.assertTrue(dumped.startswith("name: test\nbindings:\n  tcp0:\n"))
+
+    def test_dump_writes_secrets_redacted(self):
+        # -v prints the resolved configuration: passwords come in from ${{env.NAME}}
+        def secrets(config):
+            config["vaults"] = {"v": {"type": "filesystem", "options": {
+                "keys": {"store": "k.p12", "type": "pkcs12", "password": "${{env.KEYSTORE_PASSWORD}}"}}}}
+            config["guards"] = {"g": {"type": "jwt", "options": {"issuer": "i", "audience": "a", "keys": [
+                {"kty": "oct", "kid": "o", "k": "c2VjcmV0LWtleS1ieXRlcw"},
+                {"kty": "RSA", "kid": "r", "n": "public-modulus", "e": "AQAB"}]}}}
+            config["bindings"]["fan0"] = {"type": "fan", "kind": "server", "exit": "echo_server",
+                                          "options": {"redis": {"url": "redis://alice:pa55word@redis:6379/0"}}}
+        dumped = load(changed(secrets), TYPES, env={"KEYSTORE_PASSWORD": "hunter2"}).dump()
+        for secret in ("hunter2", "c2VjcmV0LWtleS1ieXRlcw", "pa55word"):
+            self.assertNotIn(secret, dumped)
+        self.assertIn("password: REDACTED", dumped)
+        self.assertIn("redis://alice:REDACTED@redis:6379/0", dumped)
+        self.assertIn("n: public-modulus", dumped)  # what is public stays readable
 
 
 class NamespaceTests(ConfigTestCase):
@@ -312,7 +328,7 @@ class BindingSchemaTests(ConfigTestCase):
     def test_unknown_binding_type(self):
         self.assertProblems(changed(lambda c: c["bindings"]["ws0"].update(type="mqtt")), [
             "bindings.ws0.type: unknown binding type 'mqtt' (zillatw serves: "
-            + ", ".join(sorted(TYPES)) + ")"])
+            + ", ".join(sorted(TYPES.bindings)) + ")"])
 
     def test_misspelt_binding_type_suggests_one(self):
         problems = self.problems(changed(lambda c: c["bindings"]["echo_server"].update(type="ech")))
@@ -350,7 +366,7 @@ class BindingSchemaTests(ConfigTestCase):
     def test_unsupported_exporter_refused_by_name(self):
         self.assertProblems(changed(lambda c: c.update(telemetry={"exporters": {"p": {"type": "otlp"}}})), [
             "telemetry.exporters.p.type: exporter type 'otlp' is not supported by this zillatw yet "
-            "(supported: " + ", ".join(config_module.SUPPORTED_EXPORTERS) + ")"])
+            "(supported: " + ", ".join(SUPPORTED_EXPORTERS) + ")"])
 
     def test_unsupported_guard_vault_and_catalog_refused_by_name(self):
         def change(c):
@@ -362,11 +378,11 @@ class BindingSchemaTests(ConfigTestCase):
             return f" (supported: {', '.join(names)})" if names else ""
         self.assertProblems(changed(change), [
             "guards.my_guard.type: guard type 'oauth2-introspection' is not supported by this zillatw yet"
-            + supported(config_module.SUPPORTED_GUARDS),
+            + supported(TYPES.guards),
             "vaults.my_vault.type: vault type 'hashicorp-vault' is not supported by this zillatw yet"
-            + supported(config_module.SUPPORTED_VAULTS),
+            + supported(TYPES.vaults),
             "catalogs.my_catalog.type: catalog type 'aws-glue' is not supported by this zillatw yet"
-            + supported(config_module.SUPPORTED_CATALOGS),
+            + supported(TYPES.catalogs),
         ])
 
     def test_guard_vault_and_catalog_need_a_type(self):
@@ -455,7 +471,7 @@ class AllProblemsTests(ConfigTestCase):
         problems = self.problems(changed(change))
         self.assertEqual(sorted(problems), sorted([
             "telemetry.exporters.p.type: exporter type 'otlp' is not supported by this zillatw yet "
-            "(supported: " + ", ".join(config_module.SUPPORTED_EXPORTERS) + ")",
+            "(supported: " + ", ".join(SUPPORTED_EXPORTERS) + ")",
             "bindings.tcp0.options.port: range '9-1' ends before it starts",
             "bindings.http0.routes[0].exit: 'echo_server' is an echo server, which cannot take the HTTP requests "
             "a http server hands on (bindings that can: ws0)",

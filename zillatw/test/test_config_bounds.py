@@ -20,7 +20,7 @@ from twisted.trial import unittest
 from zillatw import build_gateway, load_config
 from zillatw.config import load
 from zillatw.errors import ConfigError
-from zillatw.protocols import binding_types
+from zillatw.standard import standard_registry
 from zillatw.test.support import CONF, chain
 from zillatw.yamlload import DEFAULT_LIMITS, MAX_BYTES, MAX_DEPTH, MAX_NODES, Limits, limit_flags, limits_from, load_text
 
@@ -247,4 +247,4 @@ class NoListenerTests(Files):
         listening = chain()
         self.assertEqual([ns.name for ns in load_config([north, listening]).namespaces], ["north", "test"])
         # config.load itself models fragments (as tests of one binding type do).
-        self.assertEqual(len(load(north, binding_types()).namespaces[0].bindings), 1)
+        self.assertEqual(len(load(north, standard_registry()).namespaces[0].bindings), 1)

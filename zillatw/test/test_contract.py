@@ -13,13 +13,13 @@ from twisted.trial import unittest
 from zillatw.config import load
 from zillatw.errors import ConfigError
 from zillatw.guards import Session, permits, resolve_role
-from zillatw.protocols import binding_types
+from zillatw.standard import standard_registry
 from zillatw.test.support import chain, close_ws, connect_ws, raw_exchange, start_gateway, upgrade_request
 from zillatw.test.test_config import echo_chain
 from zillatw.test.test_jwt import Signer, connect, guarded_config, status_of
 from zillatw.test.test_proxy import proxy_config, start_upstream
 
-TYPES = binding_types()
+TYPES = standard_registry()
 
 
 def problems_of(config: dict[str, Any]) -> list[str]:
@@ -146,8 +146,10 @@ class DynamicRoleTests(unittest.SynchronousTestCase):
         request = {":method": "GET", ":path": "/items?access_token=t"}
         self.assertEqual(resolve_role("${method}${path}", request), "GET/items")
         self.assertTrue(permits({"g": ("${method}${path}", "read")}, self.session, "ns", request))
-        self.assertFalse(permits({"g": ("${method}${path}",)}, self.session, "ns", {":method": "POST", ":path": "/items"}))
-        self.assertFalse(permits({"g": ("${method}${path}",)}, self.session, "ns", {":method": "GET", ":path": "/other"}))
+        self.assertFalse(permits({"g": ("${method}${path}",)}, self.session, "ns",
+                                 {":method": "POST", ":path": "/items"}))
+        self.assertFalse(permits({"g": ("${method}${path}",)}, self.session, "ns",
+                                 {":method": "GET", ":path": "/other"}))
 
     def test_without_a_request_the_role_stays_as_written(self):
         self.assertEqual(resolve_role("${method}${path}", None), "${method}${path}")

@@ -377,7 +377,8 @@ class ConfigTests(unittest.TestCase):
         config = reflect("rediss://localhost:6379")
         with self.assertRaises(ConfigError) as caught:
             build_gateway(config)
-        self.assertIn("bindings.north_fan_server.options.redis.url: expected a redis://host:port URL", str(caught.exception))
+        self.assertIn("bindings.north_fan_server.options.redis.url: expected a redis://host:port URL",
+                      str(caught.exception))
         config = copy.deepcopy(config)
         config["bindings"]["north_fan_server"]["options"] = {"redis": {"channel": "x"}}
         with self.assertRaises(ConfigError) as caught:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -17,15 +18,23 @@ from zillatw.config import Route
 from zillatw.http1 import RequestHeadParser
 from zillatw.protocols import ws as ws_binding
 from zillatw.protocols.http import pseudo_headers
+from zillatw.test import pki
 from zillatw.test.support import (chain, client_frame, connect_raw, eventually, parse_server_frames, raw_exchange,
                                   split_response, start_gateway, upgrade_request, wait)
 from zillatw.test.test_jwt import Signer, guarded_config
 from zillatw.test.test_proxy import proxy_config
+from zillatw.test.test_tls import PASSWORD, client_tls, raw_tls_exchange, tls_chain
 from zillatw.wshandshake import accept_key
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 BARE_LF_UPGRADE = (b"GET /echo HTTP/1.1\nHost: localhost\nUpgrade: websocket\nConnection: Upgrade\n"
                    b"Sec-WebSocket-Key: " + KEY.encode() + b"\nSec-WebSocket-Version: 13\n")
+
+
+def resident_kib() -> int:
+    """This process's resident set (the gateway runs in it), from /proc."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
 
 
 class HeldUpstream(Protocol):
@@ -100,6 +109,15 @@ class HandshakeHeadTests(unittest.TestCase):
         status, headers, _ = split_response(data)
         self.assertEqual(status, "HTTP/1.1 101 Switching Protocols")
         self.assertNotIn("sec-websocket-extensions", headers)
+
+    @defer.inlineCallbacks
+    def test_a_handshake_header_with_a_non_ascii_byte_is_400_before_it_is_accepted(self):
+        for name in ("Sec-WebSocket-Extensions", "Sec-WebSocket-Protocol", "Host"):
+            data = yield raw_exchange(self.port, upgrade_request("/", {name: "x\xe9"}))
+            status, _, body = split_response(data)
+            self.assertEqual(status, "HTTP/1.1 400 Bad Request", name)
+            self.assertIn(b"must be ASCII" if name != "Host" else b"Host header", body)
+        self.assertNotIn("ACCEPTED", self.gateway.events_text.getvalue())
 
     @defer.inlineCallbacks
     def test_a_header_hidden_behind_a_vertical_tab_is_400(self):
@@ -193,6 +211,7 @@ class ProxyHandOverTests(unittest.TestCase):
         sender.sendall(upgrade_request("/"))
         yield eventually(lambda: len(self.upstream.connections) == 2)
         sent = [0]
+        rss_before = resident_kib()
 
         def flood() -> None:
             sender.settimeout(1.0)
@@ -207,6 +226,8 @@ class ProxyHandOverTests(unittest.TestCase):
         while thread.is_alive():
             yield wait(0.05)
         self.assertLess(sent[0], 400 * len(frame))  # it stopped reading
+        # what the client pushed sits in the kernel's socket buffers, not in the gateway
+        self.assertLess(resident_kib() - rss_before, 16 * 1024, f"{sent[0]} bytes sent")
         held = [c._held for c in self.ws_server().handshaking if c._held is not None]
         self.assertEqual(len(held), 2)
         self.assertLessEqual(max(len(h) for h in held), ws_binding.PENDING_LIMIT + 256 * 1024)
@@ -307,3 +328,23 @@ class OpenTimeoutTests(unittest.SynchronousTestCase):
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 504 Gateway Timeout\r\n"), transport.value())
         self.assertEqual(cancelled, [never])  # the exit lets go of what it was opening
         self.assertEqual(transport.value().count(b"HTTP/1.1"), 1)  # one answer, not a second for the cancel
+
+
+class BareLineFeedOverTlsTests(unittest.TestCase):
+    """Finding 1 over TLS: the same head through a tls server binding is upgraded at once."""
+
+    @defer.inlineCallbacks
+    def test_bare_lf_head_over_tls_is_upgraded_at_once(self):
+        folder = Path(self.mktemp())
+        folder.mkdir(parents=True)
+        ca = pki.make_ca("hostile test CA")
+        server = pki.issue(ca, "localhost", dns=["localhost"])
+        store = pki.write(folder / "localhost.p12", server.p12("localhost", PASSWORD))
+        config = tls_chain({"keys": {"store": store, "type": "pkcs12", "password": PASSWORD}}, {"keys": ["localhost"]})
+        config["bindings"]["http0"]["routes"] = [{"exit": "ws0"}]
+        gateway, port = yield start_gateway(self, config)
+        head = BARE_LF_UPGRADE + b"\n" + client_frame(0x2, b"ping") + client_frame(0x8, b"\x03\xe8")
+        data = yield raw_tls_exchange(port, client_tls(ca), head)
+        status, _, rest = split_response(data)
+        self.assertEqual(status, "HTTP/1.1 101 Switching Protocols", data)
+        self.assertEqual(parse_server_frames(rest)[:2], [(0x2, True, b"ping"), (0x8, True, b"\x03\xe8")])

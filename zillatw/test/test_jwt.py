@@ -20,18 +20,38 @@ from autobahn.twisted.websocket import WebSocketClientFactory
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from twisted.internet import defer, reactor
+from twisted.internet.base import DelayedCall
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web import resource, server
+from twisted.web.client import ResponseDone
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from zillatw.errors import ConfigError
 from zillatw.guards import Rejected
-from zillatw.guards.jwt import JwtGuard
+from zillatw.guards.jwt import JwksKeys, JwtGuard
 from zillatw.test.support import ReactorTimer
 from zillatw.service import load_config
-from zillatw.test.support import (CONF, RecordingClient, chain, client_frame, close_ws, connect_raw, eventually,
-                                  on_ephemeral_port, parse_server_frames, raw_exchange, split_response,
-                                  start_gateway, upgrade_request, wait)
+from zillatw.test.support import (
+    CONF,
+    OnAClock,
+    RecordingClient,
+    chain,
+    client_frame,
+    close_ws,
+    connect_raw,
+    eventually,
+    on_ephemeral_port,
+    parse_server_frames,
+    raw_exchange,
+    split_response,
+    start_gateway,
+    upgrade_request,
+    wait,
+    when_opened,
+)
 
 ISSUER = "https://auth.example.com"
 AUDIENCE = "https://api.example.com"
@@ -52,22 +72,24 @@ class Signer:
 
     def __init__(self, kind: str = "RSA", kid: str = "rsa-1"):
         self.kid = kid
+        self.private: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | bytes
+        jwk: dict[str, Any]
         if kind == "RSA":
-            self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            rsa_key = self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
             self.alg = "RS256"
-            jwk = jwt.algorithms.RSAAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+            jwk = jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key.public_key(), as_dict=True)
         elif kind == "EC":
-            self.private = ec.generate_private_key(ec.SECP256R1())
+            ec_key = self.private = ec.generate_private_key(ec.SECP256R1())
             self.alg = "ES256"
-            jwk = jwt.algorithms.ECAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+            jwk = jwt.algorithms.ECAlgorithm.to_jwk(ec_key.public_key(), as_dict=True)
         elif kind == "OKP":
-            self.private = ed25519.Ed25519PrivateKey.generate()
+            okp_key = self.private = ed25519.Ed25519PrivateKey.generate()
             self.alg = "EdDSA"
-            jwk = jwt.algorithms.OKPAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+            jwk = jwt.algorithms.OKPAlgorithm.to_jwk(okp_key.public_key(), as_dict=True)
         else:  # oct
-            self.private = os.urandom(32)
+            secret = self.private = os.urandom(32)
             self.alg = "HS256"
-            jwk = {"kty": "oct", "k": b64(self.private)}
+            jwk = {"kty": "oct", "k": b64(secret)}
         self.jwk = {**jwk, "kid": kid, "alg": self.alg}
 
     def token(self, **claims: Any) -> str:
@@ -109,7 +131,7 @@ def connect(port: int, path: str = "/", headers: dict[str, str] | None = None) -
     factory.protocol = RecordingClient
     factory._batched_timer = ReactorTimer()
     d = TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
-    return d.addCallback(lambda client: client.opened)
+    return d.addCallback(when_opened)
 
 
 @defer.inlineCallbacks
@@ -121,7 +143,8 @@ def status_of(port: int, path: str = "/", headers: dict[str, str] | None = None)
 
 
 def session_timers() -> list[Any]:
-    return [c for c in reactor.getDelayedCalls() if getattr(c.func, "__name__", "") == "_session_expired"]
+    return [c for c in reactor.getDelayedCalls()
+            if isinstance(c, DelayedCall) and getattr(c.func, "__name__", "") == "_session_expired"]
 
 
 class JwtHandshakeTests(unittest.TestCase):
@@ -259,18 +282,21 @@ class JwtHandshakeTests(unittest.TestCase):
         yield self._refused(404, self.signer.token(scope=None))
         self.assertNotIn("GUARD_JWT_AUTHORIZATION_FAILED", self.events())
 
-    @defer.inlineCallbacks
     def test_expiry_closes_an_open_connection_with_1008(self):
-        exp = int(time.time()) + 2
-        client = yield connect(self.port, headers={"Authorization": f"Bearer {self.signer.token(exp=exp)}"})
-        client.sendMessage(b"still here")
-        self.assertEqual((yield client.messages.get()), (False, [b"still here"]))
-        self.assertEqual(len(session_timers()), 1)
-        was_clean, code, reason = yield client.closed
-        late = time.time() - exp
-        self.assertEqual((was_clean, code, reason), (True, 1008, "token expired"))
-        self.assertTrue(-0.01 <= late < 1.0, f"closed {late:.3f} s after exp")
-        self.assertEqual(session_timers(), [])
+        on = OnAClock(guarded_config([self.signer.jwk]))
+        on.clock.advance(time.time())  # a session ends at its token's exp, in epoch seconds
+        exp = int(on.clock.seconds()) + 2
+        connection, transport = on.connect()
+        connection.dataReceived(upgrade_request(headers={"Authorization": f"Bearer {self.signer.token(exp=exp)}"}))
+        self.assertIn(b"101 Switching Protocols", transport.value())
+        opened = len(transport.value())
+        timers = [c for c in on.clock.getDelayedCalls() if c.func.__name__ == "_session_expired"]
+        self.assertEqual([timer.getTime() for timer in timers], [exp])
+        on.clock.advance(exp - on.clock.seconds() - 0.001)
+        self.assertEqual(transport.value()[opened:], b"")  # open until exp...
+        on.clock.advance(0.001)
+        self.assertEqual(parse_server_frames(transport.value()[opened:]),  # ...and closed then
+                         [(0x8, True, (1008).to_bytes(2, "big") + b"token expired")])
 
     @defer.inlineCallbacks
     def test_closing_before_expiry_cancels_the_timer(self):
@@ -333,10 +359,16 @@ class RolesAndRoutesTests(unittest.TestCase):
         config = guarded_config([signer.jwk], ws_routes=ws_routes, apps=apps, http_guarded=False)
         gateway, port = yield start_gateway(self, config)
         opened = []
+
+        def recording(name: str, original: Any) -> Any:
+            def open_and_record(info: Any, peer: Any) -> Any:
+                opened.append((name, info.identity))
+                return original(info, peer)
+            return open_and_record
+
         for name in apps:
             binding = gateway.binding(name)
-            binding.open = (lambda original, name: lambda info, peer: opened.append((name, info.identity))
-                            or original(info, peer))(binding.open, name)
+            binding.open = recording(name, binding.open)
         for scope, sub in ((f"admin {ROLE}", "root"), (ROLE, "alice")):
             client = yield connect(port, headers={"Cookie": f"access_token={signer.token(scope=scope, sub=sub)}"})
             yield close_ws(client)
@@ -457,6 +489,50 @@ class JwksUrlTests(unittest.TestCase):
         yield self.listening.stopListening()
         self.assertEqual((yield self._status(Signer("EC", "a"))), 403)
         self.assertIn("unknown kid 'a' (JWKS fetch failed:", self.gateway.events_text.getvalue())
+
+
+class _Answer:
+    """A JWKS answer as twisted.web.client's Agent gives one (enough for readBody)."""
+    code, phrase, length = 200, b"OK", UNKNOWN_LENGTH
+
+    def __init__(self, body: bytes):
+        self.body = body
+
+    def deliverBody(self, protocol: Any) -> None:
+        protocol.dataReceived(self.body)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
+class JwksOnAClockTests(unittest.TestCase):
+    """JwksKeys' intervals, on the reactor it is given (a Clock), with an agent that answers
+    at once (`answer`) or never (None)."""
+
+    def keys(self, answer: bytes | None) -> tuple[Clock, JwksKeys]:
+        clock = Clock()
+
+        class Agent:
+            def request(self, method: bytes, url: bytes, headers: Any = None) -> defer.Deferred:
+                return defer.succeed(_Answer(answer)) if answer is not None else defer.Deferred()
+        return clock, JwksKeys("http://keys.example/jwks.json", clock, Agent(), timeout=10, min_refresh=30)
+
+    def test_a_fetch_is_not_repeated_before_min_refresh(self):
+        signer = Signer("EC", "a")
+        clock, keys = self.keys(json.dumps({"keys": [signer.jwk]}).encode())
+        self.successResultOf(keys.refresh())
+        self.assertEqual((keys.fetches, list(keys.keys)), (1, ["a"]))
+        clock.advance(29.9)
+        self.assertFalse(keys.can_refresh())  # an unknown kid meanwhile is refused without a fetch
+        clock.advance(0.1)
+        self.assertTrue(keys.can_refresh())
+
+    def test_a_fetch_that_is_not_answered_ends_at_the_timeout(self):
+        clock, keys = self.keys(None)
+        fetched = keys.refresh()
+        clock.advance(9.99)
+        self.assertNoResult(fetched)
+        clock.advance(0.01)
+        self.assertIsNone(self.successResultOf(fetched))  # never fails: the error is kept
+        self.assertIn("10", keys.error)
 
 
 class GuardUnitTests(unittest.TestCase):

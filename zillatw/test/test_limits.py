@@ -9,12 +9,11 @@ import tracemalloc
 import zlib
 
 from twisted.internet import defer, reactor
-from twisted.internet.task import LoopingCall
 from twisted.trial import unittest
 
 from zillatw import ConfigError, build_gateway
 from zillatw.wire import deflate
-from zillatw.test.support import (chain, client_frame, close_ws, connect_raw, connect_ws, eventually,
+from zillatw.test.support import (OnAClock, chain, client_frame, close_ws, connect_raw, connect_ws, eventually,
                                   parse_server_frames, split_response, start_gateway, upgrade_request, wait)
 
 MiB = 1024 * 1024
@@ -127,32 +126,22 @@ class MessageSizeTests(unittest.TestCase):
 
 
 class HandshakeTimeoutTests(unittest.TestCase):
-    @defer.inlineCallbacks
     def test_a_request_head_dribbled_byte_by_byte_is_dropped_at_the_deadline(self):
         config = chain()
         config["bindings"]["http0"]["options"] = {"head-timeout": 0.5}
-        _, port = yield start_gateway(self, config)
+        on = OnAClock(config)
+        connection, transport = on.connect()
         request = upgrade_request()
-        raw = yield connect_raw(port)
-        began = time.monotonic()
-        sent = [0]
-
-        def dribble():  # a byte every 20 ms: the whole head would take about 3.5 s
-            if sent[0] < len(request) and raw.transport.connected:
-                raw.transport.write(request[sent[0]:sent[0] + 1])
-                sent[0] += 1
-        dribbling = LoopingCall(dribble)
-        dribbling.start(0.02)
-        try:
-            yield raw.done
-        finally:
-            dribbling.stop()
-        elapsed = time.monotonic() - began
-        self.assertTrue(raw.data.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), raw.data)
-        self.assertIn(b"Connection: close", raw.data)
-        self.assertLess(sent[0], len(request) // 2)  # the head was far from complete
-        self.assertGreaterEqual(elapsed, 0.45)
-        self.assertLess(elapsed, 2.0)  # each byte arriving did not push the deadline back (3.5 s)
+        for index in range(24):  # a byte every 20 ms: 0.48 s, far from the whole head
+            connection.dataReceived(request[index:index + 1])
+            on.clock.advance(0.02)
+        self.assertEqual(transport.value(), b"")  # each byte arriving did not push the deadline back...
+        on.clock.advance(0.019)
+        self.assertEqual(transport.value(), b"")
+        on.clock.advance(0.001)  # ...and at 0.5 s from accept the request is refused
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 Request Timeout\r\n"), transport.value())
+        self.assertIn(b"Connection: close", transport.value())
+        self.assertTrue(transport.disconnecting)
 
     @defer.inlineCallbacks
     def test_default_head_timeout_is_10_seconds(self):

@@ -7,13 +7,17 @@ import copy
 import os
 import signal
 
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 
 from zillatw import ConfigError, build_gateway
-from zillatw.test.support import (CONF, chain, client_frame, close_ws, connect_raw, connect_ws, eventually,
+from zillatw.metrics import MeteredExit
+from zillatw.test.support import (CONF, OnAClock, chain, client_frame, close_ws, connect_raw, connect_ws, eventually,
                                   parse_server_frames, raw_exchange, split_response, start_gateway,
                                   upgrade_request)
 
@@ -66,7 +70,7 @@ def of(samples: dict, binding: str) -> dict:
 
 
 def value(gateway, name: str, binding: str):
-    return gateway.telemetry.registry.get_sample_value(name, {"namespace": "test", "binding": binding})
+    return gateway.metrics.registry.get_sample_value(name, {"namespace": "test", "binding": binding})
 
 
 class PrometheusTests(unittest.TestCase):
@@ -304,19 +308,21 @@ class PrometheusTests(unittest.TestCase):
                  if s.name == "stream_opens_received_total"}
         self.assertEqual(opens, {("test", "http0"): 1, ("test", "ws0"): 1, ("test", "echo"): 1, ("other", "echo"): 2})
 
-    @defer.inlineCallbacks
     def test_http_duration_lasts_until_the_websocket_closes(self):
-        from zillatw.test.support import wait
-        gateway, port = yield start_gateway(self, metered(bindings={"http0": ["http.duration"]}))
-        client = yield connect_ws(port, protocols=["echo"])
-        yield wait(0.15)
-        yield close_ws(client)
-        yield eventually(lambda: value(gateway, "http_duration_milliseconds_count", "http0") == 1)
-        samples, text = yield scrape(gateway)
-        http0 = of(samples, "http0")
-        self.assertEqual(http0['http_duration_milliseconds_bucket{le="100.0"}'], 0)
-        self.assertEqual(http0['http_duration_milliseconds_bucket{le="+Inf"}'], 1)
-        self.assertGreaterEqual(http0["http_duration_milliseconds_sum"], 150)
+        on = OnAClock(metered(bindings={"http0": ["http.duration"]}))  # timed on the gateway's reactor
+        connection, transport = on.connect()
+        connection.dataReceived(upgrade_request(headers={"Sec-WebSocket-Protocol": "echo"}))
+        self.assertIn(b"101 Switching Protocols", transport.value())
+        on.clock.advance(0.15)
+        self.assertEqual(value(on.gateway, "http_duration_milliseconds_count", "http0"), 0)  # still open
+        connection.connectionLost(Failure(ConnectionDone()))
+        text = generate_latest(on.gateway.metrics.registry).decode()
+        http0 = {s.name + s.labels.get("le", ""): s.value for f in text_string_to_metric_families(text)
+                 for s in f.samples if s.labels["binding"] == "http0"}
+        self.assertEqual((http0["http_duration_milliseconds_bucket100.0"],
+                          http0["http_duration_milliseconds_bucket500.0"],
+                          http0["http_duration_milliseconds_bucket+Inf"]), (0, 1, 1))
+        self.assertAlmostEqual(http0["http_duration_milliseconds_sum"], 150)
         self.assertIn("# TYPE http_duration_milliseconds histogram", text)
         self.assertEqual(len(http0), 2 + 14)  # _count, _sum and 13 buckets and +Inf
 
@@ -357,9 +363,9 @@ class NoMetricsTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_bindings_without_metrics_are_not_wrapped(self):
         gateway, port = yield start_gateway(self, chain())  # stdout exporter, no metrics
-        self.assertNotIn("open", vars(gateway.binding("echo")))
-        self.assertNotIn("buildProtocol", vars(gateway.binding("http0")))
-        self.assertNotIn("route", vars(gateway.binding("tcp0")))
+        caller = gateway.config.binding("test:ws0")
+        self.assertIs(gateway.graph.exit("test:echo", caller), gateway.binding("echo"))
+        self.assertIs(gateway.graph.exit("test:http0", gateway.config.binding("test:tcp0")), gateway.binding("http0"))
         self.assertEqual(gateway.metrics_ports(), [])
         client = yield connect_ws(port)
         client.sendMessage(b"still echoes")
@@ -367,11 +373,21 @@ class NoMetricsTests(unittest.TestCase):
         yield close_ws(client)
 
     @defer.inlineCallbacks
-    def test_no_telemetry_at_all_leaves_the_ws_server_untouched(self):
+    def test_metering_decorates_and_leaves_the_built_bindings_unchanged(self):
+        gateway, _ = yield start_gateway(self, metered(bindings={"tcp0": ["stream.*"], "http0": ["stream.*"],
+                                                                 "ws0": ["stream.*"], "echo": ["stream.*"]}))
+        for name, method in (("echo", "open"), ("http0", "buildProtocol"), ("tcp0", "route"),
+                             ("ws0", "accept_request")):
+            self.assertNotIn(method, vars(gateway.binding(name)))
+        self.assertIsInstance(gateway.graph.exit("test:echo", gateway.config.binding("test:ws0")), MeteredExit)
+        self.assertIsNotNone(gateway.binding("ws0").observer)
+
+    @defer.inlineCallbacks
+    def test_no_telemetry_at_all_gives_the_ws_server_no_observer(self):
         config = chain()
         del config["telemetry"]
         gateway, _ = yield start_gateway(self, config)
-        self.assertNotIn("accept_request", vars(gateway.binding("ws0")))
+        self.assertIsNone(gateway.binding("ws0").observer)
 
 
 class WsEventTests(unittest.TestCase):
@@ -394,7 +410,7 @@ class WsEventTests(unittest.TestCase):
     def test_binding_events_helper(self):
         import io
 
-        from zillatw.telemetry import Events
+        from zillatw.events import Events
         out = io.StringIO()
         events = Events.from_telemetry({"exporters": {"s": {"type": "stdout"}}}, out).binding("ns", "b0", "ws")
         events.accepted(1, "- GET ws://h/ echo")

@@ -14,19 +14,17 @@ from typing import Any
 
 from twisted.trial import unittest
 
-from zillatw.catalogs import catalog_types
 from zillatw.config import load
 from zillatw.errors import ConfigError
-from zillatw.guards import guard_types
-from zillatw.protocols import binding_types
 from zillatw.schema import engine_schema
+from zillatw.standard import standard_registry
 from zillatw.test.test_reference_samples import BASES, SAMPLES
 
 REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "config-reference.md"
-TYPES = binding_types()
-SCHEMA = engine_schema({t: m.SCHEMA_PATCH for t, m in TYPES.items()},
-                       {t: m.SCHEMA_PATCH for t, m in guard_types().items()},
-                       {t: m.SCHEMA_PATCH for t, m in catalog_types().items()})
+TYPES = standard_registry()
+SCHEMA = engine_schema({t: plugin.schema_patch for t, plugin in TYPES.bindings.items()},
+                       {t: plugin.schema_patch for t, plugin in TYPES.guards.items()},
+                       {t: plugin.schema_patch for t, plugin in TYPES.catalogs.items()})
 # Keys documented generically (section "bindings"), not again under each type.
 GENERIC = {"type", "kind", "options", "routes", "routes[].exit", "routes[].when", "routes[].guarded", "exit",
            "telemetry", "telemetry.metrics", "telemetry.attributes"}
@@ -67,16 +65,14 @@ def schema_sections() -> dict[str, set[str]]:
                              stop=("bindings.<name>", "guards.<name>.options", "catalogs.<name>.options")),
         "bindings": keys_of(binding),
     }
-    for name, module in TYPES.items():
-        keys = keys_of(module.SCHEMA_PATCH)
-        sections[name] = _collapse(keys - GENERIC | (keys & _forbidden(module.SCHEMA_PATCH)), COLLAPSED.get(name, ()))
-    for name, module in guard_types().items():
-        sections[f"guard {name}"] = _collapse(keys_of(module.SCHEMA_PATCH), COLLAPSED.get(f"guard {name}", ()))
-    seen = set()
-    for name, module in catalog_types().items():
-        if module not in seen:  # aliases share a module, and a section
-            seen.add(module)
-            sections[f"catalog {name}"] = keys_of(module.SCHEMA_PATCH)
+    for name, binding_type in TYPES.bindings.items():
+        keys = keys_of(binding_type.schema_patch)
+        sections[name] = _collapse(keys - GENERIC | (keys & _forbidden(binding_type.schema_patch)),
+                                   COLLAPSED.get(name, ()))
+    for name, guard_type in TYPES.guards.items():
+        sections[f"guard {name}"] = _collapse(keys_of(guard_type.schema_patch), COLLAPSED.get(f"guard {name}", ()))
+    for catalog_type in {id(c): c for c in TYPES.catalogs.values()}.values():  # aliases share a section
+        sections[f"catalog {catalog_type.names[0]}"] = keys_of(catalog_type.schema_patch)
     return sections
 
 
@@ -213,7 +209,8 @@ class DocumentedOutcomeTests(unittest.SynchronousTestCase):
         for row in table():
             if row.section in BEYOND_SCHEMA and row.section.startswith("vault"):
                 continue  # vaults open at build time; zillatw.test.test_tls covers their keys
-            for kind in row.kinds or [None]:
+            kinds: list[str | None] = list(row.kinds) or [None]
+            for kind in kinds:
                 base, root = BASES[(row.section, kind)] if (row.section, kind) in BASES else BASES[(row.section, None)]
                 yield row, kind, base, root
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import threading
 import time
 
 import yaml
@@ -17,7 +16,8 @@ from twisted.trial import unittest
 
 from zillatw import build_gateway
 from zillatw.reload import watched_files
-from zillatw.test.support import (chain, close_ws, connect_raw, connect_ws, eventually, split_response,
+from zillatw.service import load_config
+from zillatw.test.support import (OnAClock, chain, close_ws, connect_raw, connect_ws, eventually, split_response,
                                   upgrade_request, wait)
 from zillatw.test.test_tap import ENV, ROOT, TWISTD, Collect, free_port
 
@@ -148,22 +148,22 @@ class ReloadTests(GatewayOnAFile):
         yield gateway.stopService()
         self.assertEqual((yield old.closed)[1], 1001)
 
-    @defer.inlineCallbacks
     def test_the_watcher_reloads_on_a_change_not_on_a_touch(self):
-        gateway, port = yield self.start(routed(["/a"]))
-        gateway.stopService()
-        gateway = build_gateway(self.path, event_stream=self.events)
-        gateway.watch_interval = 0.05
-        gateway.startService()
-        self.addCleanup(lambda: gateway.stopService() if gateway.running else None)
-        port = (yield gateway.listening)[0]
-        os.utime(self.path, ns=(1, 1))  # the same text, another mtime
-        yield wait(0.3)
-        self.assertNotIn("CONFIG_RELOAD", self.events.getvalue())
-        write(self.path, routed(["/a", "/b"]))
-        yield eventually(lambda: "CONFIG_RELOADED" in self.events.getvalue())
-        client = yield connect_ws(port, "/b")
-        yield close_ws(client)
+        path = os.path.abspath(self.mktemp())
+        write(path, routed(["/a"]))
+        on = OnAClock(path, watch_interval=1.0)  # no thread pool: the file loads in the reactor thread
+        os.utime(path, ns=(1, 1))  # the same text, another mtime
+        on.clock.advance(1.0)
+        self.assertNotIn("CONFIG_RELOAD", on.events.getvalue())
+        write(path, routed(["/a", "/b"]))
+        on.clock.advance(0.9)
+        self.assertNotIn("CONFIG_RELOAD", on.events.getvalue())  # not looked at yet
+        on.clock.advance(0.1)
+        self.assertIn("CONFIG_RELOADED", on.events.getvalue())
+        connection, transport = on.connect()  # the same listener, routing to the new bindings
+        connection.dataReceived(upgrade_request("/b"))
+        self.assertIn(b"101 Switching Protocols", transport.value())
+        self.assertEqual(len(on.clock.tcpServers), 1)  # the kept socket: nothing listened anew
 
     def test_vault_stores_are_watched_with_the_file(self):
         config = routed(["/a"])
@@ -289,31 +289,30 @@ def many_routes(count, port=0):
 
 
 class HeldLoads:
-    """Wraps service.load_config: each load runs, then waits (in its thread) until released,
-    so a test can act while a reload is under way; counts loads running at once."""
+    """Stands in for the gateway's load off the reactor thread: each load is a Deferred the
+    test fires (`release()`, with the file as it is then), so a test acts while a reload is
+    under way, on a clock, without threads or sleeps; counts loads under way at once."""
 
-    def __init__(self, case):
-        from zillatw import service
-        self.real, self.calls, self.running, self.most = service.load_config, 0, 0, 0
-        self.loaded = threading.Event()
-        self.release = threading.Event()
-        self.lock = threading.Lock()
-        case.patch(service, "load_config", self)
-        case.addCleanup(self.release.set)  # never leave a pool thread waiting
+    def __init__(self, case, gateway):
+        self.gateway, self.calls, self.most = gateway, 0, 0
+        self.pending: list[defer.Deferred] = []
+        case.patch(gateway, "_load_off_reactor", self.load)
 
-    def __call__(self, *args, **kwargs):
-        with self.lock:
-            self.calls += 1
-            self.running += 1
-            self.most = max(self.most, self.running)
-        try:
-            config = self.real(*args, **kwargs)
-            self.loaded.set()
-            self.release.wait(10)
-            return config
-        finally:
-            with self.lock:
-                self.running -= 1
+    def load(self) -> defer.Deferred:
+        self.calls += 1
+        self.pending.append(defer.Deferred())
+        self.most = max(self.most, len(self.pending))
+        return self.pending[-1]
+
+    def release(self) -> None:
+        gateway = self.gateway
+        self.pending.pop(0).callback(load_config(gateway.source, gateway.env, gateway.limits, gateway.registry))
+
+
+def upgrades(on: OnAClock, path: str) -> bool:
+    connection, transport = on.connect()
+    connection.dataReceived(upgrade_request(path))
+    return b"101 Switching Protocols" in transport.value()
 
 
 class ReloadOffTheReactorTests(GatewayOnAFile):
@@ -363,54 +362,58 @@ class ReloadOffTheReactorTests(GatewayOnAFile):
         self.assertNotIn("CONFIG_RELOADED", self.events.getvalue())
         yield close_ws(client)
 
-    @defer.inlineCallbacks
+class ReloadQueueTests(unittest.TestCase):
+    """One reload at a time, on a clock: what is asked for meanwhile runs after it."""
+
     def test_reloads_asked_for_during_one_run_once_after_it(self):
-        gateway, port = yield self.start(routed(["/a"]))
-        held = HeldLoads(self)
-        write(self.path, routed(["/a", "/b"]))
-        first = gateway.reload()
-        yield eventually(held.loaded.is_set)
-        write(self.path, routed(["/a", "/c"]))  # changed while the first reload runs
-        second, third = gateway.reload(), gateway.reload()
-        yield wait(0.1)
-        self.assertEqual((held.calls, first.called, second.called), (1, False, False))
-        held.release.set()
-        self.assertEqual([(yield first), (yield second), (yield third)], [True, True, True])
-        self.assertEqual((held.calls, held.most), (2, 1))  # one more, never two at once
-        self.assertEqual((yield status_of(port, "/b")), "HTTP/1.1 404 Not Found")
-        client = yield connect_ws(port, "/c")
-        yield close_ws(client)
-
-    @defer.inlineCallbacks
-    def test_the_watcher_picks_up_a_change_made_during_a_reload(self):
-        gateway, port = yield self.start(routed(["/a"]))
-        gateway.stopService()
-        gateway = build_gateway(self.path, event_stream=self.events)
-        gateway.watch_interval = 0.05
-        gateway.startService()
-        self.addCleanup(lambda: gateway.stopService() if gateway.running else None)
-        port = (yield gateway.listening)[0]
-        held = HeldLoads(self)
-        write(self.path, routed(["/a", "/b"]))
-        yield eventually(held.loaded.is_set)
-        write(self.path, routed(["/a", "/c"]))
-        yield wait(0.2)
+        path = os.path.abspath(self.mktemp())
+        write(path, routed(["/a"]))
+        on = OnAClock(path)
+        held = HeldLoads(self, on.gateway)
+        write(path, routed(["/a", "/b"]))
+        first = on.gateway.reload()
+        write(path, routed(["/a", "/c"]))  # changed while the first reload runs
+        second, third = on.gateway.reload(), on.gateway.reload()
         self.assertEqual(held.calls, 1)
-        held.release.set()
-        yield eventually(lambda: self.events.getvalue().count("CONFIG_RELOADED") == 2)
-        self.assertEqual(held.most, 1)
-        client = yield connect_ws(port, "/c")
-        yield close_ws(client)
+        self.assertNoResult(second)
+        held.release()
+        self.assertTrue(self.successResultOf(first))
+        self.assertEqual(held.calls, 2)  # one more for both asked meanwhile, the file as it is now
+        self.assertNoResult(second)
+        held.release()
+        self.assertEqual([self.successResultOf(second), self.successResultOf(third)], [True, True])
+        self.assertEqual((held.calls, held.most), (2, 1))  # never two at once
+        self.assertEqual((upgrades(on, "/b"), upgrades(on, "/c")), (False, True))
 
-    @defer.inlineCallbacks
+    def test_the_watcher_picks_up_a_change_made_during_a_reload(self):
+        path = os.path.abspath(self.mktemp())
+        write(path, routed(["/a"]))
+        on = OnAClock(path, watch_interval=1.0)
+        held = HeldLoads(self, on.gateway)
+        write(path, routed(["/a", "/b"]))
+        on.clock.advance(1.0)
+        self.assertEqual(held.calls, 1)
+        write(path, routed(["/a", "/c"]))
+        on.clock.advance(1.0)  # a look while reloading starts nothing
+        self.assertEqual(held.calls, 1)
+        held.release()
+        self.assertEqual(on.events.getvalue().count("CONFIG_RELOADED"), 1)
+        on.clock.advance(1.0)  # the next look sees the change made meanwhile
+        self.assertEqual(held.calls, 2)
+        held.release()
+        self.assertEqual(on.events.getvalue().count("CONFIG_RELOADED"), 2)
+        self.assertEqual((held.most, upgrades(on, "/b"), upgrades(on, "/c")), (1, False, True))
+
     def test_a_gateway_stopped_during_a_reload_does_not_switch(self):
-        gateway, port = yield self.start(routed(["/a"]))
-        held = HeldLoads(self)
-        write(self.path, routed(["/a", "/b"]))
-        reloading = gateway.reload()
-        yield eventually(held.loaded.is_set)
-        yield gateway.stopService()
-        held.release.set()
-        self.assertFalse((yield reloading))
-        self.assertEqual(gateway.ports(), [])
-        self.assertNotIn("CONFIG_RELOAD", self.events.getvalue())
+        path = os.path.abspath(self.mktemp())
+        write(path, routed(["/a"]))
+        on = OnAClock(path)
+        held = HeldLoads(self, on.gateway)
+        serving = on.gateway.generation
+        write(path, routed(["/a", "/b"]))
+        reloading = on.gateway.reload()
+        self.successResultOf(on.gateway.stopService())
+        held.release()
+        self.assertFalse(self.successResultOf(reloading))
+        self.assertIs(on.gateway.generation, serving)
+        self.assertNotIn("CONFIG_RELOAD", on.events.getvalue())

@@ -14,8 +14,8 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.trial import unittest
 
 from zillatw import build_gateway
-from zillatw.test.support import (chain, client_frame, close_ws, connect_raw, connect_ws, eventually,
-                                  parse_server_frames, split_response, start_gateway, upgrade_request)
+from zillatw.test.support import (OnAClock, chain, connect_raw, connect_ws, eventually, parse_server_frames,
+                                  split_response, upgrade_request)
 from zillatw.test.test_proxy import proxy_config, start_upstream
 from zillatw.test.test_tap import ENV, ROOT, TWISTD, Collect, free_port
 
@@ -43,23 +43,23 @@ class StopServiceTests(unittest.TestCase):
         self.assertEqual(gateway.binding("ws0").open_count(), 0)
         yield self.assertFailure(connect_ws(port), ConnectionRefusedError)  # no longer accepting
 
-    @defer.inlineCallbacks
     def test_a_peer_that_does_not_close_is_dropped_at_the_drain_timeout(self):
         config = chain(ws_options={"close-timeout": 30})  # only the drain timeout can end it
-        gateway, port = yield start_own_gateway(self, config, drain_timeout=0.5)
-        raw = yield connect_raw(port)
-        raw.transport.write(upgrade_request())
-        yield eventually(lambda: b"\r\n\r\n" in raw.data)
-        start = raw.data.index(b"\r\n\r\n") + 4
-        began = time.monotonic()
-        yield gateway.stopService()
-        elapsed = time.monotonic() - began
-        yield raw.done
-        frames = parse_server_frames(raw.data[start:])
+        on = OnAClock(config, drain_timeout=0.5)
+        connection, transport = on.connect()
+        connection.dataReceived(upgrade_request())
+        self.assertIn(b"101 Switching Protocols", transport.value())
+        start = transport.value().index(b"\r\n\r\n") + 4
+        stopped = on.gateway.stopService()
+        frames = parse_server_frames(transport.value()[start:])
         self.assertEqual(frames[0][0], 0x8)
         self.assertEqual(int.from_bytes(frames[0][2][:2], "big"), 1001)
-        self.assertGreaterEqual(elapsed, 0.45)
-        self.assertLess(elapsed, 3)
+        on.clock.pump([0.01] * 48)
+        self.assertNoResult(stopped)  # the peer has not answered: still draining at 0.48 s
+        self.assertFalse(transport.disconnected)
+        on.clock.pump([0.01] * 3)
+        self.successResultOf(stopped)  # and dropped once the 0.5 s are up
+        self.assertTrue(transport.disconnected)
 
     @defer.inlineCallbacks
     def test_a_request_still_being_read_gets_503(self):

@@ -8,19 +8,32 @@ import os
 import socket
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketServerFactory
-from twisted.internet import defer, reactor, ssl as tssl, threads
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from twisted.internet import defer, reactor, threads
+from twisted.internet import ssl as tssl
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.interfaces import IReactorSSL, IStreamClientEndpoint
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
 from zillatw.test.support import ReactorTimer
 from zillatw.test import pki
-from zillatw.test.support import (RawClient, RecordingClient, close_ws, eventually, split_response,
-                                  start_gateway, upgrade_request)
+from zillatw.test.support import (
+    RawClient,
+    RecordingClient,
+    close_ws,
+    eventually,
+    split_response,
+    start_gateway,
+    upgrade_request,
+    when_opened,
+)
 from zillatw.test.test_proxy import Upstream
 
 PASSWORD = "s3cret"
@@ -66,10 +79,11 @@ def tls_chain(vault: dict[str, Any], tls_options: dict[str, Any], tls_routes: li
             "bindings": bindings, "telemetry": {"exporters": {"stdout": {"type": "stdout"}}}}
 
 
-def client_tls(ca: pki.Issued | None = None, name: str = "localhost", client: pki.Issued | None = None,
-               alpn: list[str] | None = None) -> Any:
+def client_tls(ca: pki.Issued | x509.Certificate | None = None, name: str = "localhost",
+               client: pki.Issued | None = None, alpn: list[str] | None = None) -> Any:
     """Twisted client TLS options: trust `ca`, send SNI `name`, verify the name."""
-    trust = tssl.Certificate.loadPEM(ca.cert_pem()) if ca else None
+    ca_pem = ca.public_bytes(serialization.Encoding.PEM) if isinstance(ca, x509.Certificate) else ca and ca.cert_pem()
+    trust = tssl.Certificate.loadPEM(ca_pem) if ca_pem else None
     own = tssl.PrivateCertificate.loadPEM(client.key_pem() + client.cert_pem()) if client else None
     return tssl.optionsForClientTLS(name, trustRoot=trust, clientCertificate=own,
                                     acceptableProtocols=[p.encode() for p in alpn] if alpn else None)
@@ -83,10 +97,10 @@ def connect_wss(port: int, options: Any, host: str = "localhost", path: str = "/
     factory.protocol = RecordingClient
     factory._batched_timer = ReactorTimer()
     factory.setProtocolOptions(autoFragmentSize=0, openHandshakeTimeout=5)
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    endpoint: IStreamClientEndpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
     if tls:
         endpoint = wrapClientTLS(options, endpoint)
-    return endpoint.connect(factory).addCallback(lambda client: client.opened)
+    return endpoint.connect(factory).addCallback(when_opened)
 
 
 def stdlib_handshake(port: int, server_name: str | None, cafile: str, alpn: list[str] | None = None,
@@ -103,8 +117,11 @@ def stdlib_handshake(port: int, server_name: str | None, cafile: str, alpn: list
             context.maximum_version = maximum
         with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
             with context.wrap_socket(raw, server_hostname=server_name) as tls:
-                subject = dict(item[0] for item in tls.getpeercert()["subject"])
-                return tls.version(), tls.cipher()[0], subject["commonName"], tls.selected_alpn_protocol()
+                peer, cipher, version = tls.getpeercert(), tls.cipher(), tls.version()
+                assert peer is not None and cipher is not None and version is not None, "no handshake"
+                rdns = cast(tuple[tuple[tuple[str, str], ...], ...], peer["subject"])
+                subject = dict(rdn[0] for rdn in rdns)
+                return version, cipher[0], subject["commonName"], tls.selected_alpn_protocol()
     return threads.deferToThread(run)
 
 
@@ -165,11 +182,12 @@ class WssTests(TlsTestCase):
         config = tls_chain({"keys": {"store": self.keystore(), "password": PASSWORD}}, {"keys": ["localhost"]})
         gateway, port = yield start_gateway(self, config)
 
-        def run() -> tuple[str, str]:
+        def run() -> tuple[str | bytes, Any]:
             import asyncio
+
             from websockets.asyncio.client import connect
 
-            async def talk() -> tuple[str, str]:
+            async def talk() -> tuple[str | bytes, Any]:
                 context = ssl.create_default_context(cafile=self.pki.ca_pem)
                 async with connect(f"wss://localhost:{port}/", ssl=context) as ws:
                     await ws.send("hello from websockets")
@@ -444,15 +462,28 @@ class MutualTlsTests(TlsTestCase):
         yield eventually(lambda: "BINDING_TLS_PEER_NOT_VERIFIED" in self.gateway.events_text.getvalue())
 
 
+class UpstreamFactory(WebSocketServerFactory):
+    """What test_proxy's Upstream records and is told: the first offered subprotocol, echo on."""
+    protocol = Upstream
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._batched_timer = ReactorTimer()
+        self.requests: list[Any] = []
+        self.closes: list[tuple[int | None, str | None]] = []
+        self.connections: list[Upstream] = []
+        self.echo = True
+        self.received = 0
+
+    def select(self, offered: list[str]) -> str | None:
+        return offered[0] if offered else None
+
+
 def start_wss_upstream(case: unittest.TestCase, issued: pki.Issued, client_ca: pki.Issued | None = None,
                        alpn: list[bytes] | None = None) -> Any:
     """An Autobahn echo server over TLS (Twisted's own TLS), optionally requiring client certs."""
-    factory = WebSocketServerFactory()
-    factory.protocol = Upstream
-    factory._batched_timer = ReactorTimer()
+    factory = UpstreamFactory()
     factory.setProtocolOptions(echoCloseCodeReason=True, autoFragmentSize=0)
-    factory.requests, factory.closes, factory.connections = [], [], []
-    factory.select, factory.echo, factory.received = (lambda offered: offered[0] if offered else None), True, 0
     own = tssl.PrivateCertificate.loadPEM(issued.key_pem() + issued.cert_pem())
     if client_ca is not None:
         options = own.options(tssl.Certificate.loadPEM(client_ca.cert_pem()))
@@ -461,9 +492,11 @@ def start_wss_upstream(case: unittest.TestCase, issued: pki.Issued, client_ca: p
     if alpn:
         options = tssl.CertificateOptions(privateKey=own.privateKey.original, certificate=own.original,
                                           acceptableProtocols=alpn)
-    port = reactor.listenSSL(0, factory, options, interface="127.0.0.1")
+    port = IReactorSSL(reactor).listenSSL(0, factory, options, interface="127.0.0.1")
     case.addCleanup(port.stopListening)
-    return factory, port.getHost().port
+    address = port.getHost()
+    assert isinstance(address, IPv4Address)
+    return factory, address.port
 
 
 class ProxyOverTlsTests(TlsTestCase):
@@ -476,12 +509,14 @@ class ProxyOverTlsTests(TlsTestCase):
             "south_http_client": {"type": "http", "kind": "client", "exit": "south_tls_client"},
             "south_tls_client": {"type": "tls", "kind": "client", "vault": "clients", "options": client_options,
                                  "exit": "south_tcp_client"},
-            "south_tcp_client": {"type": "tcp", "kind": "client", "options": {"host": "127.0.0.1", "port": upstream_port}},
+            "south_tcp_client": {"type": "tcp", "kind": "client",
+                                 "options": {"host": "127.0.0.1", "port": upstream_port}},
         })
         return config
 
     def truststore(self) -> str:
-        return pki.write(self.folder / "truststore.p12", pki.truststore_p12({"backend": self.pki.ca.certificate}, PASSWORD))
+        return pki.write(self.folder / "truststore.p12",
+                         pki.truststore_p12({"backend": self.pki.ca.certificate}, PASSWORD))
 
     @defer.inlineCallbacks
     def test_wss_to_wss_upstream_with_verification(self):

@@ -5,24 +5,27 @@ with a message naming its YAML path."""
 from __future__ import annotations
 
 import copy
+import datetime
 import sys
 from typing import Any
 
 import yaml
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import mldsa
 from twisted.trial import unittest
 
 from zillatw import ConfigError, build_gateway
 from zillatw.__main__ import main as check_main
 from zillatw.config import load
+from zillatw.events import Events
 from zillatw.guards import Rejected
 from zillatw.guards.x509 import X509Guard, fields
-from zillatw.protocols import binding_types
-from zillatw.telemetry import Events
+from zillatw.standard import standard_registry
 from zillatw.test import pki
 from zillatw.test.test_tls import PASSWORD, TlsTestCase, tls_chain
 
-TYPES = binding_types()
+TYPES = standard_registry()
 
 
 def server(options: dict[str, Any], routes: list[dict[str, Any]] | None = None,
@@ -64,7 +67,8 @@ class LoadTests(unittest.TestCase):
         self.loads(server({"keys": ["localhost"], "trust": ["ca"], "authorization": authorization}))
         self.loads(server({"keys": ["localhost"], "trust": ["ca"], "authorization": {"certs": {}}}))
         self.refused(server({"keys": ["localhost"], "authorization": authorization}),
-                     "bindings.tls0.options.authorization: no client certificate is asked for (give 'trust' or 'mutual')")
+                     "bindings.tls0.options.authorization: no client certificate is asked for "
+                     "(give 'trust' or 'mutual')")
         self.refused(server({"keys": ["localhost"], "trust": ["ca"], "authorization": {"other": {}}}),
                      "bindings.tls0.options.authorization.other: no guard named 'other'")
         self.refused(server({"keys": ["localhost"], "trust": ["ca"],
@@ -73,7 +77,8 @@ class LoadTests(unittest.TestCase):
         self.refused(server({"keys": ["localhost"], "trust": ["ca"], "authorization": {"certs": {}, "more": {}}}),
                      "bindings.tls0.options.authorization")
         self.refused(client({"trust": ["ca"], "authorization": authorization}),
-                     "bindings.tls_out.options.authorization: only for a tls server (it authorizes client certificates)")
+                     "bindings.tls_out.options.authorization: only for a tls server "
+                     "(it authorizes client certificates)")
 
     def test_route_conditions_on_the_client_certificate(self):
         options = {"keys": ["localhost"], "trust": ["ca"], "mutual": "requested"}
@@ -116,7 +121,8 @@ class LoadTests(unittest.TestCase):
         options = {"identity": "san.email", "roles": {"ops": [{"issuer.cn": "CA", "san.dns": "*.example"},
                                                               {"x5t.s256": "abc"}, {"subject.2.5.4.10": "Org"}]}}
         self.loads(server({"keys": ["localhost"]}, guards={"certs": {"type": "x509", "options": options}}))
-        for bad, expected in [({"identity": "subject"}, "guards.certs.options.identity: 'subject' is not a certificate field"),
+        for bad, expected in [({"identity": "subject"},
+                               "guards.certs.options.identity: 'subject' is not a certificate field"),
                               ({"roles": {"ops": [{"san.dn": "x"}]}}, "guards.certs.options.roles.ops[0].san.dn: not a "
                                                                      "certificate field"),
                               ({"roles": {"ops": []}}, "guards.certs.options.roles.ops"),
@@ -129,7 +135,8 @@ class BuildTests(TlsTestCase):
     def vault(self) -> dict[str, Any]:
         trust = pki.write(self.folder / "trust.p12", pki.truststore_p12(
             {"clients": self.pki.ca.certificate, "partners": self.pki.rogue_ca.certificate}, PASSWORD))
-        return {"keys": {"store": self.keystore(), "password": PASSWORD}, "trust": {"store": trust, "password": PASSWORD}}
+        return {"keys": {"store": self.keystore(), "password": PASSWORD},
+                "trust": {"store": trust, "password": PASSWORD}}
 
     def refused(self, config: dict[str, Any], *expected: str) -> None:
         error = self.assertRaises(ConfigError, build_gateway, config)
@@ -231,7 +238,8 @@ class VaultErrorTests(TlsTestCase):
                                         {"keys": ["localhots"], "trust": ["ca"], "mutual": "required"}),
                             "bindings.tls0.options.keys[0]: no key 'localhots' in vault 'server' "
                             "(did you mean 'localhost'?) (it has: localhost)",
-                            "bindings.tls0.options.trust[0]: no certificate 'ca' in vault 'server' (it has: no trust store)")
+                            "bindings.tls0.options.trust[0]: no certificate 'ca' in vault 'server' "
+                            "(it has: no trust store)")
 
     def test_unreadable_file_relative_to_the_config_folder(self):
         config = self.config({"keys": {"store": "tls/missing.p12", "password": PASSWORD}})
@@ -249,7 +257,8 @@ class VaultErrorTests(TlsTestCase):
                               "trust": {"store": str(self.folder / "keys"), "type": "pem", "passwrd": "x"},
                               "signers": {"store": encrypted, "type": "jks"}})
         self.assertProblems(config,
-                            f"vaults.server.options.keys.store: '{junk}' is not a PKCS#12 file (set type: pem for PEM files)",
+                            f"vaults.server.options.keys.store: '{junk}' is not a PKCS#12 file "
+                            "(set type: pem for PEM files)",
                             "vaults.server.options.trust: unknown key 'passwrd' (did you mean 'password'?) "
                             "(expected one of: store, type, password, entries)",
                             "vaults.server.options.signers.type: jks is not supported: convert the store with "
@@ -261,6 +270,21 @@ class VaultErrorTests(TlsTestCase):
         self.assertProblems(self.config({"keys": {"store": encrypted, "type": "pem", "password": "wrong"}}),
                             f"vaults.server.options.keys.password: cannot read the private key in '{encrypted}': "
                             "wrong password")
+
+    def test_a_key_tls_cannot_sign_with_is_refused_by_its_type(self):
+        # An ML-DSA key with its own certificate: a well-formed PEM entry OpenSSL cannot serve TLS with.
+        key = mldsa.MLDSA44PrivateKey.generate()
+        name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "post-quantum")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                       .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+                       .sign(key, None))
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        pem = pki.write(self.folder / "pq.pem", certificate.public_bytes(serialization.Encoding.PEM) + key_pem)
+        self.assertProblems(self.config({"keys": {"store": pem, "type": "pem"}}),
+                            f"vaults.server.options.keys.store: in '{pem}', the private key is a MLDSA44PrivateKey, "
+                            "which cannot sign a TLS handshake (expected an RSA, EC, Ed25519, Ed448 or DSA key)")
 
     def test_binding_checks_name_the_yaml_path(self):
         config = self.config({"keys": {"store": self.keystore(), "password": PASSWORD}},
@@ -310,7 +334,8 @@ class VaultErrorTests(TlsTestCase):
     def test_unsupported_vault_options_are_refused_by_name(self):
         keys = {"store": self.keystore(), "password": PASSWORD}
         self.assertProblems(self.config({"keys": keys, "revocation": "ocsp", "secrets": {}, "crl": {}}),
-                            "vaults.server.options.revocation: 'ocsp' is not a revocation method (expected crl or none)",
+                            "vaults.server.options.revocation: 'ocsp' is not a revocation method "
+                            "(expected crl or none)",
                             "vaults.server.options.secrets: not supported by this zillatw (Zilla's incubating "
                             "secrets store; give secrets to zilla.yaml as ${{env.NAME}})",
                             "vaults.server.options: unknown key 'crl' (did you mean 'crls'?) (expected one of: "
@@ -341,7 +366,8 @@ class VaultErrorTests(TlsTestCase):
                  "trust": {"store": trust, "password": PASSWORD, "entries": ["clients"]}}
         build_gateway(self.config(vault, {"keys": ["localhost"], "trust": ["clients"]}))
         self.assertProblems(self.config(vault, {"keys": ["localhost"], "trust": ["others"]}),
-                            "bindings.tls0.options.trust[0]: no certificate 'others' in vault 'server' (it has: clients)")
+                            "bindings.tls0.options.trust[0]: no certificate 'others' in vault 'server' "
+                            "(it has: clients)")
         vault["trust"]["entries"] = ["client"]
         vault["keys"]["entries"] = "localhost"
         self.assertProblems(self.config(vault),

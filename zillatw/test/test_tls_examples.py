@@ -62,8 +62,8 @@ class ConfExampleTests(unittest.TestCase):
         gateway, _ = yield start_gateway(self, str(self.folder / "zilla.yaml"))
         return gateway
 
-    def trusted(self, name: str) -> pki.Issued:
-        return pki.Issued(None, x509.load_pem_x509_certificate((self.folder / "tls" / f"{name}.crt").read_bytes()))
+    def trusted(self, name: str) -> x509.Certificate:
+        return x509.load_pem_x509_certificate((self.folder / "tls" / f"{name}.crt").read_bytes())
 
     @defer.inlineCallbacks
     def test_ws_echo_tls_serves_wss_and_ws_from_one_config(self):

@@ -18,7 +18,7 @@ from zillatw.catalogs.registry import Framing
 from zillatw.config import load
 from zillatw.errors import ConfigError
 from zillatw.models import compile_schema
-from zillatw.protocols import binding_types
+from zillatw.standard import standard_registry
 from zillatw.test.support import (CONF, chain, close_ws, connect_ws, eventually, on_ephemeral_port, raw_exchange,
                                   split_response, start_gateway, upgrade_request, wait)
 
@@ -590,7 +590,7 @@ class ExampleTests(ValidationCase):
 class ConfigTests(unittest.TestCase):
     def problems(self, catalogs: dict, messages: list) -> list[str]:
         try:
-            load(config(catalogs, messages), binding_types())
+            load(config(catalogs, messages), standard_registry())
         except ConfigError as e:
             return e.problems
         return []

@@ -11,13 +11,26 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateResponseAccept
 from twisted.internet import defer, threads
+from twisted.internet.address import IPv4Address
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from zillatw.wire import (CloseCode, CloseReceived, Connection, Delivery, Fragment, LocalProtocolError, Opcode,
-                          Ping, Role, State, clip_reason, is_wire_code)
-from zillatw.wire.state import TRANSITIONS, Transition, next_state
 from zillatw.test.wire_echo import CoreEchoFactory
-from zillatw.test.wire_support import close_payload, failure, feed, messages, raw_frame, sent, server
+from zillatw.test.wire_support import close_payload, failure, failure_code, feed, messages, raw_frame, sent, server
+from zillatw.wire import (
+    CloseCode,
+    CloseReceived,
+    Connection,
+    Delivery,
+    Fragment,
+    LocalProtocolError,
+    Opcode,
+    Ping,
+    Role,
+    State,
+    clip_reason,
+    is_wire_code,
+)
+from zillatw.wire.state import TRANSITIONS, Transition, next_state
 
 KOSME = "κόσμε".encode()
 
@@ -132,7 +145,7 @@ class Utf8Tests(SynchronousTestCase):
             events = feed(server(), b"".join(frames))
             self.assertEqual(failure(events) is None, valid, payload)
             if not valid:
-                self.assertEqual(failure(events)[0], CloseCode.INVALID_DATA)
+                self.assertEqual(failure_code(events), CloseCode.INVALID_DATA)
 
     def test_fails_fast_inside_a_frame(self) -> None:
         """6.4.3/6.4.4: the frame arrives in pieces; the piece with the bad byte fails it."""
@@ -149,7 +162,7 @@ class Utf8Tests(SynchronousTestCase):
         """6.4.1/6.4.2: the bad fragment fails the connection before the last one comes."""
         conn = server()
         self.assertIsNone(failure(feed(conn, raw_frame(1, KOSME, fin=False))))
-        self.assertEqual(failure(feed(conn, raw_frame(0, b"\xf4\x90\x80\x80", fin=False)))[0],
+        self.assertEqual(failure_code(feed(conn, raw_frame(0, b"\xf4\x90\x80\x80", fin=False))),
                          CloseCode.INVALID_DATA)
         self.assertIs(conn.state, State.CLOSED)
 
@@ -361,18 +374,18 @@ class LimitTests(SynchronousTestCase):
         conn = server(max_message_size=1000)
         events = feed(conn, raw_frame(2, b"x" * 600, fin=False), raw_frame(0, b"x" * 401)[:8])
         self.assertEqual(messages(events), [])
-        self.assertEqual(failure(events)[0], CloseCode.MESSAGE_TOO_BIG)
+        self.assertEqual(failure_code(events), CloseCode.MESSAGE_TOO_BIG)
 
     def test_message_limit_on_a_single_frame(self) -> None:
         for size in (0x10000, 1 << 40):
             head = bytes([0x82, 0xFF]) + size.to_bytes(8, "big") + b"\0\0\0\0"
-            self.assertEqual(failure(feed(server(max_message_size=1000), head))[0], CloseCode.MESSAGE_TOO_BIG)
+            self.assertEqual(failure_code(feed(server(max_message_size=1000), head)), CloseCode.MESSAGE_TOO_BIG)
 
     def test_small_limits_hold_for_small_frames(self) -> None:
         for options in ({"max_message_size": 10}, {"max_frame_size": 10}):
             conn = server(**options)
             self.assertEqual(messages(feed(conn, raw_frame(2, b"x" * 10))), [(2, b"x" * 10)])
-            self.assertEqual(failure(feed(conn, raw_frame(1, b"x" * 11)))[0], CloseCode.MESSAGE_TOO_BIG)
+            self.assertEqual(failure_code(feed(conn, raw_frame(1, b"x" * 11))), CloseCode.MESSAGE_TOO_BIG)
 
     def test_exactly_the_limit_passes(self) -> None:
         conn = server(max_message_size=1000, max_frame_size=500)
@@ -461,7 +474,9 @@ class RealClientTests(TestCase):
         self.factory = CoreEchoFactory(reactor)
         port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        return port.getHost().port
+        address = port.getHost()
+        assert isinstance(address, IPv4Address)
+        return address.port
 
     def fragments_read(self) -> int:
         return self.factory.connections[-1].fragments_read
@@ -521,7 +536,19 @@ def _utf8_pieces(payload: bytes, step: int) -> list[bytes]:
     return pieces
 
 
+class _AutobahnFactory(WebSocketClientFactory):
+    """Sends `messages` one at a time, each after the previous one's echo; `done` fires on close."""
+
+    def __init__(self, url: str, messages: list[tuple[Opcode, bytes]]) -> None:
+        super().__init__(url)
+        self.protocol = _AutobahnClient
+        self.messages = messages
+        self.done: defer.Deferred[_AutobahnClient] = defer.Deferred()
+
+
 class _AutobahnClient(WebSocketClientProtocol):
+    factory: _AutobahnFactory
+
     def onOpen(self) -> None:
         self.received: list[tuple[Opcode, bytes]] = []
         self.compressed = self._perMessageCompress is not None
@@ -547,10 +574,7 @@ class _AutobahnClient(WebSocketClientProtocol):
 def _autobahn_exchange(port: int, compress: bool, sent_messages: list[tuple[Opcode, bytes]],
                        fragment_size: int) -> defer.Deferred:
     from twisted.internet import reactor
-    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}/")
-    factory.protocol = _AutobahnClient
-    factory.messages = sent_messages
-    factory.done = defer.Deferred()
+    factory = _AutobahnFactory(f"ws://127.0.0.1:{port}/", sent_messages)
     factory.setProtocolOptions(
         autoFragmentSize=fragment_size, maxMessagePayloadSize=0, maxFramePayloadSize=0,
         perMessageCompressionOffers=[PerMessageDeflateOffer()] if compress else [],

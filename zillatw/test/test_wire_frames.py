@@ -8,10 +8,21 @@ import struct
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from zillatw.test.wire_support import (
+    MASK,
+    close_payload,
+    failure,
+    failure_code,
+    feed,
+    messages,
+    raw_frame,
+    read_frames,
+    sent,
+    server,
+    xor,
+)
 from zillatw.wire import CloseCode, Connection, Fragment, Opcode, Ping, Pong, Role, State
 from zillatw.wire.frames import _py_apply_mask, apply_mask, encode_frame, frame_head, parse_head, rotate_mask
-from zillatw.test.wire_support import MASK, close_payload, failure, feed, messages, raw_frame, read_frames, sent, \
-    server, xor
 
 
 class MaskTests(SynchronousTestCase):
@@ -138,7 +149,7 @@ class FramingTests(SynchronousTestCase):
     def test_non_minimal_lengths_fail(self) -> None:
         for frame in (raw_frame(2, b"x" * 10, length_form=16), raw_frame(2, b"x" * 300, length_form=64)):
             events = feed(server(), frame)
-            self.assertEqual(failure(events)[0], CloseCode.PROTOCOL_ERROR)
+            self.assertEqual(failure_code(events), CloseCode.PROTOCOL_ERROR)
 
     def test_server_sends_unmasked_frames(self) -> None:
         conn = server()
@@ -202,7 +213,7 @@ class ReservedBitsTests(SynchronousTestCase):
                 events = feed(conn, raw_frame(1, b"before") + raw_frame(opcode, b"x", rsv=rsv)
                               + raw_frame(9, b"after"))
                 self.assertEqual(events[0], Fragment(Opcode.TEXT, b"before", True))
-                self.assertEqual(failure(events)[0], CloseCode.PROTOCOL_ERROR)
+                self.assertEqual(failure_code(events), CloseCode.PROTOCOL_ERROR)
                 self.assertNotIn(Ping(b"after"), events)  # nothing after the failure is read
                 self.assertEqual([f[2] for f in sent(conn)], [Opcode.CLOSE])
 

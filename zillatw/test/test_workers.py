@@ -6,15 +6,19 @@ import os
 import re
 import signal
 import time
+from typing import Any
 
 import yaml
 from twisted.internet import defer, reactor
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionRefusedError, ProcessTerminated
+from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from zillatw.test.support import chain, close_ws, connect_raw, connect_ws, eventually, upgrade_request, wait
 from zillatw.test.test_tap import ENV, ROOT, TWISTD, Collect, free_port
+from zillatw.workers import Supervisor
 
 
 def server_pid(client, pids):
@@ -135,21 +139,6 @@ class WorkerTests(unittest.TestCase):
         yield self.assertFailure(connect_ws(self.port), ConnectionRefusedError)
 
     @defer.inlineCallbacks
-    def test_a_worker_that_keeps_dying_is_restarted_with_a_backoff(self):
-        child, process = yield self.start(2)
-        delays = []
-        for _ in range(3):
-            pid = worker_pids(child.out)[2]
-            os.kill(pid, signal.SIGKILL)
-            yield eventually(lambda: worker_pids(child.out)[2] != pid and alive(worker_pids(child.out)[2]),
-                             timeout=20)
-            delays.append(float(re.findall(rb"worker 2 \(pid \d+\) exited \(signal 9\); starting it again in "
-                                           rb"([\d.]+) s", child.out)[-1]))
-        self.assertEqual(delays, [0.5, 1.0, 2.0])
-        process.signalProcess(signal.SIGTERM)
-        self.assertEqual((yield child.ended), (0, None))
-
-    @defer.inlineCallbacks
     def test_sighup_reaches_every_worker(self):
         child, process = yield self.start(2, "--no-watch")
         config = chain(ws_routes=[{"when": [{"path": "/b"}], "exit": "echo"}])
@@ -223,3 +212,54 @@ class WorkerTests(unittest.TestCase):
         process.signalProcess(signal.SIGTERM)
         yield child.ended
         self.assertFalse(os.path.exists(ready))
+
+
+class _ProcessReactor(MemoryReactorClock):
+    """A clock whose spawnProcess starts nothing: it hands the worker a transport with a pid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[Any] = []
+
+    def spawnProcess(self, worker: Any, *args: Any, **kwargs: Any) -> Any:
+        transport = type("Process", (), {"pid": 1000 + len(self.spawned)})()
+        self.spawned.append(worker)
+        worker.makeConnection(transport)
+        return transport
+
+
+TICK = 1 / 1024  # a binary fraction: the clock's sums stay exact
+
+
+class RestartBackoffTests(unittest.TestCase):
+    """The supervisor's restart delays, on a clock: 0.5 s doubling with each death in a row
+    up to 30 s; a worker that ran STEADY (10 s) resets it."""
+
+    def setUp(self):
+        self.clock = _ProcessReactor()
+        self.supervisor = Supervisor(self.clock, 1, [], [])
+        self.supervisor.startService()
+
+    def die(self, after: float) -> float:
+        """Let the current worker run `after` seconds, kill it: the delay before its restart."""
+        self.clock.advance(after)
+        worker = self.clock.spawned[-1]
+        worker.processEnded(Failure(ProcessTerminated(signal=signal.SIGKILL)))
+        delay = self.supervisor.restarts[1].getTime() - self.clock.seconds()
+        self.clock.advance(delay - TICK)
+        self.assertIs(self.clock.spawned[-1], worker)  # not a moment before the delay...
+        self.clock.advance(TICK)
+        self.assertIsNot(self.clock.spawned[-1], worker)  # ...started again then
+        return delay
+
+    def test_a_worker_that_keeps_dying_is_restarted_with_a_backoff(self):
+        self.assertEqual([self.die(TICK) for _ in range(8)], [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0])
+
+    def test_a_worker_that_ran_steadily_starts_again_at_once(self):
+        self.assertEqual([self.die(TICK), self.die(TICK), self.die(10.0), self.die(TICK)], [0.5, 1.0, 0.5, 1.0])
+
+    def test_stopping_cancels_a_pending_restart(self):
+        self.clock.spawned[-1].processEnded(Failure(ProcessTerminated(signal=signal.SIGKILL)))
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.successResultOf(self.supervisor.stopService())
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -8,7 +8,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import Protocol, ServerFactory
 
 from zillatw.wire import Connection, Fragment, Role, State, server_accept
 from zillatw.wshandshake import accept_key
@@ -18,6 +19,8 @@ CLOSE_TIMEOUT = 2.0
 
 
 class CoreEcho(Protocol):
+    transport: ITCPTransport  # listenTCP's: abortConnection for the close timeout
+
     def __init__(self, reactor: Any, deflate: bool = True, max_message_size: int | None = None) -> None:
         self.reactor = reactor
         self.deflate = deflate
@@ -36,13 +39,13 @@ class CoreEcho(Protocol):
                 return
             head, _, data = self.head.partition(b"\r\n\r\n")
             self.head = b""
-            self._upgrade(head)
+            self.conn = self._upgrade(head)
         self.conn.receive_data(data)
-        self._drain()
+        self._drain(self.conn)
 
-    def _upgrade(self, head: bytes) -> None:
+    def _upgrade(self, head: bytes) -> Connection:
         lines = head.decode("latin-1").split("\r\n")
-        headers = {}
+        headers: dict[str, str] = {}
         for line in lines[1:]:
             name, _, value = line.partition(":")
             name = name.strip().lower()
@@ -53,11 +56,9 @@ class CoreEcho(Protocol):
         if agreed is not None:
             response.append("Sec-WebSocket-Extensions: " + agreed[1])
         self.transport.write("\r\n".join(response).encode("latin-1") + b"\r\n\r\n")
-        self.conn = Connection(Role.SERVER, deflate=agreed[0] if agreed else None,
-                               max_message_size=self.max_message_size)
+        return Connection(Role.SERVER, deflate=agreed[0] if agreed else None, max_message_size=self.max_message_size)
 
-    def _drain(self) -> None:
-        conn = self.conn
+    def _drain(self, conn: Connection) -> None:
         for event in conn.events_received():
             if type(event) is Fragment and conn.may_send:
                 self.fragments_read += not event.fin
@@ -77,7 +78,7 @@ class CoreEcho(Protocol):
             self.close_timer.cancel()
 
 
-class CoreEchoFactory(Factory):
+class CoreEchoFactory(ServerFactory):
     noisy = False
 
     def __init__(self, reactor: Any, **options: Any) -> None:

@@ -76,7 +76,8 @@ def feed(conn: Connection, *chunks: bytes) -> list[Any]:
 
 def messages(events: list[Any]) -> list[tuple[int, bytes]]:
     """Fragment events put back together into (opcode, payload) messages."""
-    result, opcode, parts = [], None, []
+    result: list[tuple[int, bytes]] = []
+    opcode, parts = None, []
     for event in events:
         if isinstance(event, Fragment):
             if opcode is None:
@@ -86,6 +87,11 @@ def messages(events: list[Any]) -> list[tuple[int, bytes]]:
                 result.append((opcode, b"".join(parts)))
                 opcode, parts = None, []
     return result
+
+
+def failure_code(events: list[Any]) -> int | None:
+    found = failure(events)
+    return found[0] if found else None
 
 
 def failure(events: list[Any]) -> tuple[int, str] | None:

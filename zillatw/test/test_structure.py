@@ -1,0 +1,112 @@
+"""The package's structure: no import cycles, function-level imports included."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from twisted.trial import unittest
+
+import zillatw
+
+PACKAGE = Path(zillatw.__file__).parent
+
+
+def module_name(path: Path, root: Path = PACKAGE) -> str:
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _type_checking_only(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+
+
+def imports_of(path: Path, modules: set[str], root: Path = PACKAGE) -> set[str]:
+    """The package's modules `path` imports anywhere in it (a function's body too), but
+    under `if TYPE_CHECKING:`, which never runs. A package's own __init__, which importing
+    one of its modules runs first, is not counted: only what is imported from it by name."""
+    name = module_name(path, root)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if _type_checking_only(node):
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            for alias in node.names:  # `from pkg import module` imports the module, a name: pkg
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(), str(path)))
+    return {m for m in found if m in modules and m != name}
+
+
+def import_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
+    paths = [p for p in root.rglob("*.py") if "test" not in p.relative_to(root).parts]
+    modules = {module_name(p, root) for p in paths}
+    return {module_name(p, root): imports_of(p, modules, root) for p in paths}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Each strongly connected group of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def connect(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for imported in sorted(graph[module]):
+            if imported not in index:
+                connect(imported)
+                low[module] = min(low[module], low[imported])
+            elif imported in stack:
+                low[module] = min(low[module], index[imported])
+        if low[module] == index[module]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for module in sorted(graph):
+        if module not in index:
+            connect(module)
+    return found
+
+
+class ImportCycleTests(unittest.TestCase):
+    def test_the_package_has_no_import_cycle(self):
+        graph = import_graph()
+        self.assertIn("zillatw.service", graph)
+        self.assertEqual(cycles(graph), [])
+
+    def test_the_config_model_imports_no_plug_in_or_metrics(self):
+        imported = import_graph()["zillatw.config"]
+        self.assertEqual({m for m in imported if m.startswith(("zillatw.protocols", "zillatw.guards",
+                                                                "zillatw.catalogs", "zillatw.metrics",
+                                                                "zillatw.service"))}, set())
+
+    def test_a_cycle_through_a_function_level_import_is_found(self):
+        root = Path(self.mktemp()) / "zillatw"
+        (root / "sub").mkdir(parents=True)
+        (root / "__init__.py").write_text("")
+        (root / "a.py").write_text("from zillatw.sub import b\n")
+        (root / "sub" / "__init__.py").write_text("")
+        (root / "sub" / "b.py").write_text("def later():\n    from .. import a\n")
+        (root / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from zillatw import a\n")
+        graph = import_graph(root)
+        self.assertEqual(graph["zillatw.c"], set())  # under TYPE_CHECKING: never imported
+        self.assertEqual(cycles(graph), [["zillatw.a", "zillatw.sub.b"]])
+
