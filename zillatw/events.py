@@ -100,6 +100,8 @@ def _line_writer(stream: TextIO | None) -> Callable[[str], None]:
         # The process's own stdout: twistd replaces sys.stdout with its log, which would
         # wrap each line in a log record.
         out = stream or sys.__stdout__
+        if out is None:  # no stdout at all (a daemon with its streams closed): nowhere to write
+            return
         out.write(line + "\n")
         out.flush()
     return write

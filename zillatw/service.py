@@ -192,17 +192,23 @@ class Gateway(Service):
             waiters, self.reload_waiters = self.reload_waiters, []
             if waiters:
                 again = self.reload()  # the file as it is now, which they may have changed
-                again.addCallback(lambda switched: [waiter.callback(switched) for waiter in waiters])
+                def answer(switched: bool) -> None:
+                    for waiter in waiters:
+                        waiter.callback(switched)
+                again.addCallback(answer)
             return result
         return self._reload().addBoth(next_one)
 
     def _load_off_reactor(self) -> defer.Deferred:
         """load_config in a thread of the reactor's pool (in the reactor's own thread if it
         has none, as a test's fake reactor)."""
+        source = self.source
+        if source is None:  # _reload refuses before asking
+            return defer.fail(ConfigError("the configuration was not read from a file: nothing to reload"))
         if not IReactorThreads.providedBy(self.reactor):
-            return defer.maybeDeferred(load_config, self.source, self.env, self.limits, self.registry)
+            return defer.maybeDeferred(load_config, source, self.env, self.limits, self.registry)
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), load_config,
-                                         self.source, self.env, self.limits, self.registry)
+                                         source, self.env, self.limits, self.registry)
 
     @defer.inlineCallbacks
     def _reload(self) -> Any:

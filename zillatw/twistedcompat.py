@@ -43,6 +43,7 @@ from typing import Any
 from twisted.internet import tcp
 from twisted.python import log
 
+epollreactor: Any
 try:
     from twisted.internet import epollreactor
 except ImportError:  # pragma: no cover - not Linux

@@ -1,7 +1,8 @@
 """Sans-IO checks of a WebSocket opening handshake (RFC 6455 §4.2.1) and Zilla's
 subprotocol selection; the heads zillatw writes itself (a server's 101, a client's upgrade
-request) and the check of an upstream's answer (§4.1). Zilla's runtime answers most bad handshakes with 404; zillatw answers
-as the RFC says: 400 with the reason, 426 with `Sec-WebSocket-Version: 13`.
+request) and the check of an upstream's answer (§4.1). Zilla's runtime answers most bad
+handshakes with 404; zillatw answers as the RFC says: 400 with the reason, 426 with
+`Sec-WebSocket-Version: 13`.
 """
 
 from __future__ import annotations

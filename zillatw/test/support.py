@@ -99,6 +99,7 @@ class OnAClock:
     def connect(self, listener: int = 0, client_port: int = 40000) -> tuple[Any, StringTransport]:
         factory = self.clock.tcpServers[listener][1]
         protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", client_port))
+        assert protocol is not None, "the listener refused the connection"
         transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", client_port))
         protocol.makeConnection(transport)
         return protocol, transport

@@ -5,8 +5,15 @@ from __future__ import annotations
 
 from twisted.trial import unittest
 
-from zillatw.http1 import (HttpError, Request, RequestHeadParser, Response, ResponseError, ResponseHeadParser,
-                          render_response)
+from zillatw.http1 import (
+    HttpError,
+    Request,
+    RequestHeadParser,
+    Response,
+    ResponseError,
+    ResponseHeadParser,
+    render_response,
+)
 
 UPGRADE = (b"GET /echo?x=1 HTTP/1.1\r\n"
            b"Host: localhost:7114\r\n"
@@ -364,7 +371,8 @@ class ResponseHeadTests(unittest.SynchronousTestCase):
         return response, parser.rest
 
     def test_a_101_fed_in_pieces_and_what_follows_it(self):
-        head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nX-A: 1\r\nX-A: 2\r\n\r\n"
+        head = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"X-A: 1\r\nX-A: 2\r\n\r\n")
         parser = ResponseHeadParser()
         for byte in head[:-1]:
             self.assertIsNone(parser.feed(bytes([byte])))

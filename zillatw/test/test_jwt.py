@@ -32,11 +32,11 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from zillatw.errors import ConfigError
 from zillatw.guards import Rejected
 from zillatw.guards.jwt import JwksKeys, JwtGuard
-from zillatw.test.support import ReactorTimer
 from zillatw.service import load_config
 from zillatw.test.support import (
     CONF,
     OnAClock,
+    ReactorTimer,
     RecordingClient,
     chain,
     client_frame,

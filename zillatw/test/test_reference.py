@@ -9,6 +9,7 @@ import copy
 import importlib
 import inspect
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ def schema_sections() -> dict[str, set[str]]:
     return sections
 
 
-def _forbidden(patch: dict[str, Any]) -> set[str]:
+def _forbidden(patch: Mapping[str, Any]) -> set[str]:
     """The binding keys a type's patch (or one of its kinds) forbids."""
     found = set()
     for schema in (patch, patch.get("then") or {}, patch.get("else") or {}):

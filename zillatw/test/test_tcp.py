@@ -12,8 +12,8 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.trial import unittest
 
-from zillatw.test.support import ReactorTimer
 from zillatw.test.support import (
+    ReactorTimer,
     RecordingClient,
     chain,
     close_ws,

@@ -22,10 +22,10 @@ from twisted.internet.interfaces import IReactorSSL, IStreamClientEndpoint
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
-from zillatw.test.support import ReactorTimer
 from zillatw.test import pki
 from zillatw.test.support import (
     RawClient,
+    ReactorTimer,
     RecordingClient,
     close_ws,
     eventually,

@@ -180,9 +180,9 @@ class Utf8Tests(SynchronousTestCase):
     def test_without_inspection_uncompressed_text_is_still_checked(self) -> None:
         # only compressed messages pass unchecked (test_wire_deflate.RelayTests): plain text
         # costs no inflating, and failing at its first invalid byte is what peers expect
-        self.assertEqual(failure(feed(server(inspect=False), raw_frame(1, b"ok \xff")))[0], CloseCode.INVALID_DATA)
-        self.assertEqual(failure(feed(server(inspect=False), raw_frame(1, b"ok", fin=False) + raw_frame(0, b"\xff")))[0],
-                         CloseCode.INVALID_DATA)
+        self.assertEqual(failure_code(feed(server(inspect=False), raw_frame(1, b"ok \xff"))), CloseCode.INVALID_DATA)
+        fragmented = raw_frame(1, b"ok", fin=False) + raw_frame(0, b"\xff")
+        self.assertEqual(failure_code(feed(server(inspect=False), fragmented)), CloseCode.INVALID_DATA)
 
 
 class GatherTests(SynchronousTestCase):
@@ -590,7 +590,7 @@ class DeferredFailureTests(SynchronousTestCase):
         conn = server(defer_failure=True)
         events = feed(conn, raw_frame(1, b"valid") + raw_frame(3, b"reserved opcode"))
         self.assertEqual(messages(events), [(1, b"valid")])
-        self.assertEqual(failure(events)[0], CloseCode.PROTOCOL_ERROR)
+        self.assertEqual(failure_code(events), CloseCode.PROTOCOL_ERROR)
         self.assertIs(conn.state, State.OPEN)
         self.assertEqual(conn.data_to_send(), [])
         conn.send_fragment(Opcode.TEXT, b"valid")  # the echo of the valid one still goes

@@ -7,8 +7,17 @@ from __future__ import annotations
 from twisted.trial import unittest
 
 from zillatw.http1 import HttpError, Request, RequestHeadParser, Response
-from zillatw.wshandshake import (HandshakeRefused, accept_key, check_response, check_upgrade, client_request, new_key,
-                                 offered_protocols, select_route, server_response)
+from zillatw.wshandshake import (
+    HandshakeRefused,
+    accept_key,
+    check_response,
+    check_upgrade,
+    client_request,
+    new_key,
+    offered_protocols,
+    select_route,
+    server_response,
+)
 
 VALID = {
     "host": "localhost:7114",
