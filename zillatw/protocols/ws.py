@@ -40,12 +40,8 @@ PING_INTERVAL = 20.0  # seconds between server pings (keepalive), as the `websoc
 PING_TIMEOUT = 20.0  # seconds a ping may go unanswered before the connection is dropped; 0: never
 GOING_AWAY = 1001  # the close code of a shutting-down gateway (RFC 6455 §7.4.1)
 UPSTREAM_TIMEOUT = 10.0  # seconds for an upstream to connect and answer its handshake
-# Seconds from the upgrade request to the 101: the exit's own limit answers first (a ws
-# client's timeout, 504); this one bounds any exit that never answers.
-OPEN_TIMEOUT = 60.0
-# Bytes a client may send before its 101 (they are WebSocket frames, held until the stream
-# opens); beyond this the connection stops being read until then.
-PENDING_LIMIT = 64 * 1024
+OPEN_TIMEOUT = 60.0  # seconds to the 101 for an exit that never answers (a ws client's own 504 comes first)
+PENDING_LIMIT = 64 * 1024  # bytes held before the 101 (frames, for when it opens); then reading pauses
 _FIELDS = ("protocol", "scheme", "authority", "path")
 log = Logger()
 
@@ -328,7 +324,11 @@ class WsServerProtocol(WsRelay):
     def _open_timed_out(self) -> None:
         self._open_timer = None
         if self.conn is None:
-            self._refuse(504, f"the stream did not open within {OPEN_TIMEOUT:g} s")
+            reason = f"the stream did not open within {OPEN_TIMEOUT:g} s"
+            self._refuse(504, reason)
+            observer = self.binding.observer
+            if observer is not None:  # the exit never answered: the ws server refuses, and says so
+                observer.rejected(self.trace_id, 504, reason, self.info.identity)
             opening, self._opening = self._opening, None
             if opening is not None:
                 opening.cancel()  # the exit lets go of what it was opening
@@ -576,7 +576,6 @@ class WsClientProtocol(WsRelay):
 
 
 def build(binding: BindingConfig, graph: Any) -> WsServer | WsClient:
-
     options = binding.options
     routes = [(route, graph.exit(route.exit, binding)) for route in binding.routes]
     if binding.kind == "client":
@@ -590,8 +589,7 @@ def build(binding: BindingConfig, graph: Any) -> WsServer | WsClient:
                     max_frame_size=options.get("max-frame-size", 0),
                     permessage_deflate=options.get("permessage-deflate", True),
                     close_timeout=options.get("close-timeout", CLOSE_TIMEOUT),
-                    ping_interval=options.get("ping-interval", PING_INTERVAL),
-                    ping_timeout=options.get("ping-timeout", PING_TIMEOUT),
+                    ping_interval=options.get("ping-interval", PING_INTERVAL), ping_timeout=options.get("ping-timeout", PING_TIMEOUT),
                     max_connections=options.get("max-connections", 0), reactor=graph.reactor,
                     observer=graph.ws_server_observer(binding))
 

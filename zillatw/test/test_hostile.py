@@ -315,10 +315,20 @@ class OpenTimeoutTests(unittest.SynchronousTestCase):
             def open(self, info: Any, peer: Any) -> defer.Deferred:
                 return never
 
-        server = ws_binding.WsServer("ws0", [(Route(0, "test:x"), NeverOpens())], reactor=clock)
+        class Recording:  # the ws server's observer (metrics, events): what it was told
+            rejections: list[tuple[int, int, str]] = []
+
+            def rejected(self, trace_id: int, status: int, reason: str, identity: str | None = None) -> None:
+                self.rejections.append((trace_id, status, reason))
+
+            def opening(self, trace_id: int, info: Any, shown_path: str, exit_: Any) -> Any:
+                return exit_
+
+        observer = Recording()
+        server = ws_binding.WsServer("ws0", [(Route(0, "test:x"), NeverOpens())], reactor=clock, observer=observer)
         request = RequestHeadParser().feed(upgrade_request("/"))
         request.shown_target = request.target
-        connection = server.accept_request(request, pseudo_headers(request, False), None)
+        connection = server.accept_request(request, pseudo_headers(request, False), None, trace_id=7)
         transport = StringTransport()
         connection.makeConnection(transport)
         connection.take_over(request, b"")
@@ -328,6 +338,7 @@ class OpenTimeoutTests(unittest.SynchronousTestCase):
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 504 Gateway Timeout\r\n"), transport.value())
         self.assertEqual(cancelled, [never])  # the exit lets go of what it was opening
         self.assertEqual(transport.value().count(b"HTTP/1.1"), 1)  # one answer, not a second for the cancel
+        self.assertEqual(observer.rejections, [(7, 504, f"the stream did not open within {ws_binding.OPEN_TIMEOUT:g} s")])
 
 
 class BareLineFeedOverTlsTests(unittest.TestCase):
