@@ -8,6 +8,7 @@ an 8 KiB header block (431), and a request line capped likewise (414).
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass, field
 
@@ -66,6 +67,51 @@ def render_response(status: int, reason: str = "", headers: tuple[tuple[str, str
     if body:
         lines.append("Content-Type: text/plain; charset=utf-8")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class FieldProblem(enum.Enum):
+    FOLDING = "obsolete line folding"
+    MALFORMED = "a line that is not `name: value`"
+    TOO_MANY = "more header lines than allowed"
+    CONTROL = "a control byte in a value"
+
+
+class FieldError(ValueError):
+    """A header line breaking RFC 9112 §5 / RFC 9110 §5.5; each parser words it for its reader.
+    `detail`: the header's name (CONTROL), or what of a malformed line can be named safely."""
+
+    def __init__(self, problem: FieldProblem, detail: str = ""):
+        super().__init__(problem, detail)
+        self.problem = problem
+        self.detail = detail
+
+
+def header_fields(lines: list[bytes], max_headers: int) -> dict[str, str]:
+    """The header lines of a request or response head (CRLF or LF ended, already free of bare
+    CR and NUL): names lower-cased, values trimmed, duplicates joined with ", " as Zilla does."""
+    headers: dict[str, str] = {}
+    count = 0
+    for line in lines:
+        line = line.rstrip(b"\r")
+        if not line:
+            continue
+        if line[:1] in b" \t":
+            raise FieldError(FieldProblem.FOLDING)
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.match(name):
+            # Name only what cannot be a credential: a malformed line may hold a token.
+            shown = re.match(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{0,32}", line)
+            raise FieldError(FieldProblem.MALFORMED, shown.group().decode("ascii") if shown else "")
+        count += 1
+        if count > max_headers:
+            raise FieldError(FieldProblem.TOO_MANY)
+        key = name.decode("ascii").lower()
+        value = value.strip(b" \t")
+        if _CONTROL.search(value):
+            raise FieldError(FieldProblem.CONTROL, key)
+        text = value.decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    return headers
 
 
 def check_origin_form(target: str) -> None:
@@ -150,29 +196,17 @@ class RequestHeadParser:
         method_text = method.decode("ascii")
         if method_text not in KNOWN_METHODS:
             raise HttpError(501, f"method {method_text} is not implemented")
-        headers: dict[str, str] = {}
-        count = 0
-        for line in lines[1:]:
-            line = line.rstrip(b"\r")
-            if not line:
-                continue
-            if line[:1] in b" \t":
-                raise HttpError(400, "obsolete header line folding is not allowed")
-            name, colon, value = line.partition(b":")
-            if not colon or not _TOKEN.match(name):
-                # Name only what cannot be a credential: a malformed line may hold a token.
-                shown = re.match(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{0,32}", line).group().decode("ascii")
-                raise HttpError(400, f"malformed header line (starting {shown!r})" if shown
-                                else "malformed header line")
-            count += 1
-            if count > self.max_headers:
-                raise HttpError(431, f"more than {self.max_headers} request headers")
-            key = name.decode("ascii").lower()
-            value = value.strip(b" \t")
-            if _CONTROL.search(value):
-                raise HttpError(400, f"the {key} header contains a control character")
-            text = value.decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        try:
+            headers = header_fields(lines[1:], self.max_headers)
+        except FieldError as e:
+            if e.problem is FieldProblem.FOLDING:
+                raise HttpError(400, "obsolete header line folding is not allowed") from None
+            if e.problem is FieldProblem.MALFORMED:
+                raise HttpError(400, f"malformed header line (starting {e.detail!r})" if e.detail
+                                else "malformed header line") from None
+            if e.problem is FieldProblem.TOO_MANY:
+                raise HttpError(431, f"more than {self.max_headers} request headers") from None
+            raise HttpError(400, f"the {e.detail} header contains a control character") from None
         return Request(method_text, target.decode("latin-1"), (major, minor), headers, raw_head)
 
 
@@ -246,24 +280,13 @@ class ResponseHeadParser:
         major, minor = int(match.group(1)), int(match.group(2))
         if major != 1:
             raise ResponseError(f"HTTP version {major}.{minor} in the status line")
-        headers: dict[str, str] = {}
-        count = 0
-        for line in lines[1:]:
-            line = line.rstrip(b"\r")
-            if not line:
-                continue
-            if line[:1] in b" \t":
-                raise ResponseError("obsolete header line folding in the response")
-            name, colon, value = line.partition(b":")
-            if not colon or not _TOKEN.match(name):
-                raise ResponseError("malformed header line in the response")
-            count += 1
-            if count > self.max_headers:
-                raise ResponseError(f"more than {self.max_headers} response headers")
-            key = name.decode("ascii").lower()
-            value = value.strip(b" \t")
-            if _CONTROL.search(value):
-                raise ResponseError(f"the {key} response header contains a control character")
-            text = value.decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        try:
+            headers = header_fields(lines[1:], self.max_headers)
+        except FieldError as e:
+            raise ResponseError({
+                FieldProblem.FOLDING: "obsolete header line folding in the response",
+                FieldProblem.MALFORMED: "malformed header line in the response",
+                FieldProblem.TOO_MANY: f"more than {self.max_headers} response headers",
+                FieldProblem.CONTROL: f"the {e.detail} response header contains a control character",
+            }[e.problem]) from None
         return Response(int(match.group(3)), (match.group(4) or b"").decode("latin-1"), (major, minor), headers)
