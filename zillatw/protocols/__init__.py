@@ -1,3 +1,3 @@
-"""One module per binding type, each describing itself with a `PLUGIN` record
-(zillatw.plugins.BindingType): its schema patch, the stream kinds it accepts and hands on,
-its checks and its build(binding, graph). zillatw.standard lists the built-in ones."""
+"""Moved: the binding types live in zillatw.bindings (one package each). These modules keep the
+embedding imports of zillatw 0.1 working (`zillatw.protocols.http.HttpServer`,
+`zillatw.protocols.ws.WsServer`); new code imports from zillatw.bindings."""

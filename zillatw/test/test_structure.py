@@ -89,14 +89,38 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 class ImportCycleTests(unittest.TestCase):
     def test_the_package_has_no_import_cycle(self):
         graph = import_graph()
-        self.assertIn("zillatw.service", graph)
+        self.assertIn("zillatw.runtime.gateway", graph)
         self.assertEqual(cycles(graph), [])
 
     def test_the_config_model_imports_no_plug_in_or_metrics(self):
-        imported = import_graph()["zillatw.config"]
-        self.assertEqual({m for m in imported if m.startswith(("zillatw.protocols", "zillatw.guards",
-                                                                "zillatw.catalogs", "zillatw.metrics",
-                                                                "zillatw.service"))}, set())
+        imported = import_graph()["zillatw.config.loading"]
+        self.assertEqual({m for m in imported if m.startswith(("zillatw.bindings", "zillatw.guards",
+                                                                "zillatw.catalogs", "zillatw.telemetry.metrics",
+                                                                "zillatw.runtime.gateway"))}, set())
+
+    def test_no_layer_imports_a_layer_above_it(self):
+        """wire/ is sans-IO and stands alone; config/ knows no binding, telemetry or runtime;
+        nothing below runtime/ imports it; guards, catalogs, vaults and telemetry know no
+        binding (a binding hands its counters to telemetry, not the other way round)."""
+        allowed = {
+            "zillatw.wire": ("zillatw.wire",),
+            "zillatw.config": ("zillatw.config", "zillatw.errors", "zillatw.matching"),
+        }
+        below_runtime = ("zillatw.config", "zillatw.wire", "zillatw.bindings", "zillatw.guards",
+                         "zillatw.catalogs", "zillatw.vaults", "zillatw.telemetry", "zillatw.stream")
+        no_bindings = ("zillatw.guards", "zillatw.catalogs", "zillatw.vaults", "zillatw.telemetry")
+        graph = import_graph()
+        self.assertIn("zillatw.bindings.ws.binding", graph)
+        upward = []
+        for module, imported in sorted(graph.items()):
+            for layer, permitted in allowed.items():
+                if module.startswith(layer):
+                    upward += [(module, m) for m in imported if not m.startswith(permitted)]
+            if module.startswith(below_runtime):
+                upward += [(module, m) for m in imported if m.startswith("zillatw.runtime")]
+            if module.startswith(no_bindings):
+                upward += [(module, m) for m in imported if m.startswith("zillatw.bindings")]
+        self.assertEqual(upward, [])
 
     def test_a_cycle_through_a_function_level_import_is_found(self):
         root = Path(self.mktemp()) / "zillatw"

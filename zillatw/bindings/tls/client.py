@@ -21,10 +21,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from zillatw.config import Route
-from zillatw.events import Events
-from zillatw.stream import IUpstreamConnector, StreamRefused
-from zillatw.tlscontext import (
+from zillatw.bindings.tls.context import (
     VERSIONS,
     Handshake,
     PeerTrust,
@@ -36,7 +33,10 @@ from zillatw.tlscontext import (
     use_key,
     verify_error,
 )
-from zillatw.vault import KeyEntry
+from zillatw.config import Route
+from zillatw.stream import IUpstreamConnector, StreamRefused
+from zillatw.telemetry.events import Events
+from zillatw.vaults.filesystem import KeyEntry
 
 
 class _ClientTLSProtocol(TLSMemoryBIOProtocol):

@@ -14,7 +14,7 @@ evicted: closed with 1013 (try again later) behind that bounded backlog, which i
 Scale-out (ours): with `options.redis` the group spans every gateway on the same Redis
 channel. What the exit sends back is delivered to the local members at once and published
 once to Redis; what other gateways publish is delivered to the local members (see
-zillatw.fanredis). While Redis cannot take what we publish, or while every local member is
+zillatw.bindings.fan.redis). While Redis cannot take what we publish, or while every local member is
 congested, the group stops reading its members (and the subscription).
 """
 
@@ -25,10 +25,10 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
+from zillatw.bindings.fan.redis import MAX_DELAY, RedisLink, parse_url
 from zillatw.config import BindingConfig
-from zillatw.fanredis import MAX_DELAY, RedisLink, parse_url
-from zillatw.plugins import BindingType, IRunsInBackground
-from zillatw.schema import FORBIDDEN
+from zillatw.config.plugins import BindingType, IRunsInBackground
+from zillatw.config.schema import FORBIDDEN
 from zillatw.stream import CONTINUATION, IStreamEnd, IStreamExit, StreamInfo
 
 MAX_LAG = 4 * 1024 * 1024  # bytes queued for a member whose socket is full
@@ -321,7 +321,7 @@ def build(binding: BindingConfig, graph: Any) -> FanServer:
                           events.binding(binding.namespace, binding.name, "fan") if events.enabled else None,
                           reactor=graph.reactor)
         if graph.metrics is not None:  # its prometheus exporter serves the link's counters
-            graph.metrics.fan_redis_links.links.append((binding.namespace, binding.name, redis))
+            graph.metrics.add_samples(binding.namespace, binding.name, redis)
     return FanServer(binding.name, graph.exit(binding.exit, binding), redis=redis,
                      max_lag=binding.options.get("max-lag", MAX_LAG),
                      max_lag_messages=binding.options.get("max-lag-messages", MAX_LAG_MESSAGES),

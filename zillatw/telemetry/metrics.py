@@ -34,8 +34,7 @@ from zope.interface import directlyProvides, implementer, providedBy
 
 from zillatw.config import BindingConfig, Config
 from zillatw.errors import did_you_mean
-from zillatw.events import BindingEvents, Events
-from zillatw.fanredis import RedisCollector
+from zillatw.telemetry.events import BindingEvents, Events
 from zillatw.matching import matcher
 from zillatw.stream import ABNORMAL, IStreamEnd, IStreamExit, StreamRefused
 
@@ -54,7 +53,7 @@ STREAM_METRICS = {
 }
 HTTP_METRICS = {"http.active.requests": ("gauge", ""), "http.duration": ("histogram", "milliseconds")}
 METRICS = {**STREAM_METRICS, **HTTP_METRICS}
-# The exporters zillatw serves: stdout (events, zillatw.events) and prometheus (metrics);
+# The exporters zillatw serves: stdout (events, zillatw.telemetry.events) and prometheus (metrics);
 # Zilla's others pass the schema and are refused by name.
 SUPPORTED_EXPORTERS = ("stdout", "prometheus")
 # Zilla's, not recorded by zillatw yet: refused by name when declared.
@@ -482,6 +481,26 @@ class MeteredFactory:
         return getattr(self.wrappedFactory, name)
 
 
+class SampleSources:
+    """prometheus-client's view of counters a binding keeps itself (a fan's Redis link): each
+    source's `samples()` gives (name, "counter" | "gauge", help, value), labelled with the
+    namespace and binding that added it (`Metrics.add_samples`)."""
+
+    def __init__(self) -> None:
+        self.sources: list[tuple[str, str, Any]] = []
+
+    def collect(self) -> Iterator[Any]:
+        families: dict[str, Any] = {}
+        for namespace, binding, source in self.sources:
+            for name, kind, help_, value in source.samples():
+                family = families.get(name)
+                if family is None:
+                    family_type = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                    family = families[name] = family_type(name, help_, labels=["namespace", "binding"])
+                family.add_metric([namespace, binding], value)
+        yield from families.values()
+
+
 # ---------------------------------------------------------------------------- the whole
 
 class Metrics:
@@ -492,9 +511,9 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self._collector = _Collector()
         self.registry.register(self._collector)
-        # the fan bindings' Redis links (zillatw.fanredis), which they add as they are built
-        self.fan_redis_links = RedisCollector()
-        self.registry.register(self.fan_redis_links)
+        # counters bindings keep themselves (a fan's Redis link), added as they are built
+        self._sources = SampleSources()
+        self.registry.register(self._sources)
         self._events = dict(events or {})
         self._metrics: dict[str, BindingMetrics | None] = {}
         self._declared = {ns.name: tuple(ns.telemetry.get("metrics") or ()) for ns in config.namespaces}
@@ -506,6 +525,10 @@ class Metrics:
                     for endpoint in exporter["options"]["endpoints"]:
                         self.endpoints.setdefault(endpoint["port"], set()).add(endpoint.get("path", "/metrics"))
         self._listening: list[Any] = []
+
+    def add_samples(self, namespace: str, binding: str, source: Any) -> None:
+        """Serve the counters `source.samples()` gives, labelled with its binding."""
+        self._sources.sources.append((namespace, binding, source))
 
     def metrics(self, binding: BindingConfig) -> BindingMetrics | None:
         """The binding's counters (one set per binding), if it records any metric."""

@@ -36,7 +36,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from zillatw.events import BindingEvents
+from zillatw.telemetry.events import BindingEvents
 
 MAGIC = b"zw\x01"         # ours, version 1: magic, instance id, opcode, payload
 ID_SIZE = 8
@@ -327,22 +327,3 @@ class RedisLink:
 
 def _ignore(failure: Any) -> None:
     """A publish or subscribe whose connection went away: the connection's loss is reported."""
-
-
-class RedisCollector:
-    """prometheus-client's view of the fan bindings' Redis counters."""
-
-    def __init__(self) -> None:
-        self.links: list[tuple[str, str, RedisLink]] = []
-
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-        families: dict[str, Any] = {}
-        for namespace, binding, link in self.links:
-            for name, kind, help_, value in link.samples():
-                family = families.get(name)
-                if family is None:
-                    family_type = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-                    family = families[name] = family_type(name, help_, labels=["namespace", "binding"])
-                family.add_metric([namespace, binding], value)
-        yield from families.values()

@@ -5,8 +5,8 @@ from __future__ import annotations
 from zope.interface import implementer
 
 from zillatw.config import BindingConfig
-from zillatw.plugins import BindingType
-from zillatw.schema import FORBIDDEN
+from zillatw.config.plugins import BindingType
+from zillatw.config.schema import FORBIDDEN
 from zillatw.stream import IStreamEnd, IStreamExit, StreamInfo
 
 SCHEMA_PATCH = {

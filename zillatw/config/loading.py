@@ -1,8 +1,8 @@
 """Load zilla.yaml: parse, resolve `${{env.NAME}}`, validate, cross-check, and model it.
 
 Nothing here knows of sockets, and nothing here imports a binding, guard, catalog or
-metrics module: the types served come in a registry (zillatw.plugins.Registry; the built-in
-ones: zillatw.standard.standard_registry()), each giving its schema patch, the stream kinds
+metrics module: the types served come in a registry (zillatw.config.plugins.Registry; the built-in
+ones: zillatw.runtime.standard.standard_registry()), each giving its schema patch, the stream kinds
 it accepts and emits, and its checks.
 An invalid file raises ConfigError listing every problem as `path: what was expected`.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -20,95 +19,19 @@ from typing import TYPE_CHECKING, Any
 import jsonschema
 import yaml
 
+from zillatw.config.checks import cross_check
+from zillatw.config.model import BindingConfig, Config, NamespaceConfig, Route
 from zillatw.errors import ConfigError, did_you_mean
-from zillatw.schema import FORBIDDEN, KINDS, engine_schema
-from zillatw.yamlload import DEFAULT_LIMITS, Limits, read_documents
+from zillatw.config.schema import FORBIDDEN, KINDS, engine_schema
+from zillatw.config.yamlload import DEFAULT_LIMITS, Limits, read_documents
 
 if TYPE_CHECKING:
-    from zillatw.plugins import BindingType, Registry
+    from zillatw.config.plugins import BindingType, Registry
 
 _EXPRESSION = re.compile(r"\$\{\{\s*([a-zA-Z0-9_.\-#]+)\s*\}\}")
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    index: int
-    exit: str | None  # qualified "namespace:binding"
-    when: tuple[Mapping[str, Any], ...] = ()
-    guarded: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    with_: Mapping[str, Any] | None = None
 
-
-@dataclass(frozen=True, slots=True)
-class BindingConfig:
-    namespace: str
-    name: str
-    type: str
-    kind: str
-    options: Mapping[str, Any]
-    # Zilla appends the binding-level `exit` as a last unconditional route.
-    routes: tuple[Route, ...]
-    exit: str | None
-    vault: str | None
-    telemetry: Mapping[str, Any]
-    base_dir: Path
-
-    @property
-    def qname(self) -> str:
-        return f"{self.namespace}:{self.name}"
-
-
-@dataclass(frozen=True, slots=True)
-class NamespaceConfig:
-    name: str
-    bindings: Mapping[str, BindingConfig]
-    telemetry: Mapping[str, Any]
-    guards: Mapping[str, Any] = field(default_factory=dict)
-    vaults: Mapping[str, Any] = field(default_factory=dict)
-    catalogs: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Config:
-    namespaces: tuple[NamespaceConfig, ...]
-    source: str
-    base_dir: Path
-    documents: tuple[Mapping[str, Any], ...] = field(repr=False, default=())
-
-    def binding(self, qname: str) -> BindingConfig:
-        namespace, _, name = qname.partition(":")
-        for ns in self.namespaces:
-            if ns.name == namespace and name in ns.bindings:
-                return ns.bindings[name]
-        raise KeyError(qname)
-
-    def bindings(self) -> Iterator[BindingConfig]:
-        for ns in self.namespaces:
-            yield from ns.bindings.values()
-
-    def dump(self) -> str:
-        """The resolved configuration as YAML (for `-v`), secrets written REDACTED: it goes
-        to logs, and `${{env.NAME}}` resolves passwords into it."""
-        return yaml.safe_dump_all([_redacted(d) for d in self.documents], sort_keys=False)
-
-
-# Keys whose values are secrets wherever they appear: passwords, and an oct JWK's key `k`
-# (RFC 7518 §6.4.1; the jwt guard's schema refuses the private members of other key types).
-SECRET_KEYS = frozenset({"password", "secret", "k"})
-_URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.\-]*://[^/@:]*):[^/@]*@", re.IGNORECASE)
-
-
-def _redacted(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: "REDACTED" if k in SECRET_KEYS and isinstance(v, str) else _redacted(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redacted(v) for v in value]
-    if isinstance(value, str):
-        return _URL_PASSWORD.sub(r"\1:REDACTED@", value)  # redis://user:password@host
-    return value
-
-
-# ---------------------------------------------------------------------------- loading
 
 def load(source: str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, Any]],
          registry: Registry,
@@ -116,7 +39,7 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, 
          base_dir: str | os.PathLike[str] | None = None,
          limits: Limits = DEFAULT_LIMITS) -> Config:
     """Load a configuration from a file path, a dict, or a list of dicts (namespaces).
-    A file is read within `limits` (size, nodes, nesting: zillatw.yamlload)."""
+    A file is read within `limits` (size, nodes, nesting: zillatw.config.yamlload)."""
     env = os.environ if env is None else env
     if isinstance(source, Mapping):
         documents, origin = [source], "<dict>"
@@ -180,7 +103,7 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, 
         raise ConfigError(problems)
 
     config = _model(resolved, origin, folder)
-    problems.extend(_cross_check(config, registry, prefix_names))
+    problems.extend(cross_check(config, registry, prefix_names))
     if problems:
         raise ConfigError(problems)
     return config
@@ -347,121 +270,3 @@ def _model(documents: list[Mapping[str, Any]], origin: str, folder: Path) -> Con
     return Config(tuple(namespaces), origin, folder, tuple(documents))
 
 
-# ---------------------------------------------------------------------------- cross-checks
-
-# The placeholders of a dynamic role (zillatw.guards.resolve_role), and the request header
-# each is replaced with.
-ROLE_PLACEHOLDERS = {"${method}": ":method", "${path}": ":path"}
-_PLACEHOLDER = re.compile(r"\$\{[^}]*\}")
-
-
-def check_roles(roles: tuple[str, ...] | list[str]) -> Iterator[tuple[int, str]]:
-    """(index, problem) for each role with a placeholder Zilla does not resolve."""
-    for index, role in enumerate(roles):
-        for placeholder in _PLACEHOLDER.findall(role):
-            if placeholder not in ROLE_PLACEHOLDERS:
-                yield index, (f"unknown placeholder '{placeholder}'{did_you_mean(placeholder, ROLE_PLACEHOLDERS)} "
-                              f"(a dynamic role may use {' and '.join(ROLE_PLACEHOLDERS)})")
-
-
-def _cross_check(config: Config, registry: Registry, prefix: bool) -> Iterable[str]:
-    types = registry.bindings
-    names = [ns.name for ns in config.namespaces]
-    if len(set(names)) != len(names):
-        yield f"name: namespace '{next(n for n in names if names.count(n) > 1)}' is defined twice"
-    everything = {b.qname: b for b in config.bindings()}
-    for ns in config.namespaces:
-        where = f"{ns.name}: " if prefix else ""
-        # Names the schema admits (Zilla's) but this registry does not serve are refused by
-        # name, so that a guard, vault or catalog is never silently ignored.
-        sections: tuple[tuple[str, Mapping[str, Any], Mapping[str, Any]], ...] = (
-            ("guards", ns.guards, registry.guards), ("vaults", ns.vaults, registry.vaults),
-            ("catalogs", ns.catalogs, registry.catalogs))
-        for section, items, supported in sections:
-            for name, item in items.items():
-                if item["type"] not in supported:
-                    yield (f"{where}{section}.{name}.type: {section[:-1]} type '{item['type']}' is not supported "
-                           f"by this zillatw yet" + (f" (supported: {', '.join(supported)})" if supported else ""))
-                elif section != "vaults":
-                    for subpath, message in supported[item["type"]].check(name, item.get("options") or {}):
-                        yield f"{where}{section}.{name}.{subpath}: {message}"
-        for check_namespace in registry.namespace_checks:  # telemetry: metrics names, exporters, globs
-            yield from check_namespace(ns, where)
-        for binding in ns.bindings.values():
-            base = f"{where}bindings.{binding.name}"
-            plugin = types[binding.type]
-            emits = plugin.streams.get(binding.kind, (None, None))[1]
-            if binding.vault and binding.vault not in ns.vaults:
-                yield f"{base}.vault: no vault named '{binding.vault}'{did_you_mean(binding.vault, ns.vaults)}"
-            has_binding_exit = binding.exit is not None
-            for route in binding.routes:
-                is_binding_exit = has_binding_exit and route is binding.routes[-1]
-                rpath = f"{base}.exit" if is_binding_exit else f"{base}.routes[{route.index}]"
-                if route.exit is not None:
-                    epath = rpath if is_binding_exit else f"{rpath}.exit"
-                    yield from _check_exit(epath, route.exit, binding, everything, types, emits, ns.name)
-                if route.guarded and binding.kind not in plugin.guarded_kinds:
-                    yield (f"{rpath}.guarded: the routes of {_a(binding.type)} {binding.kind} cannot be guarded "
-                           f"in this zillatw ({plugin.unguarded_why})")
-                for guard, roles in route.guarded.items():
-                    if guard not in ns.guards:
-                        yield f"{rpath}.guarded: no guard named '{guard}'{did_you_mean(guard, ns.guards)}"
-                    for index, problem in check_roles(roles):
-                        yield f"{rpath}.guarded.{guard}[{index}]: {problem}"
-            for subpath, message in plugin.check(binding):
-                yield f"{base}.{subpath}: {message}"
-            for subpath, guard in plugin.guard_references(binding):
-                if guard not in ns.guards:
-                    yield f"{base}.{subpath}: no guard named '{guard}'{did_you_mean(guard, ns.guards)}"
-            for subpath, message in plugin.check_in_namespace(binding, ns, registry):
-                yield f"{base}.{subpath}: {message}"  # e.g. models and the catalogs they name
-    yield from _check_cycles(everything, prefix)
-
-
-_STREAM_WORDS = {"bytes": "connections", "http": "HTTP requests", "messages": "WebSocket messages"}
-
-
-def _check_exit(path: str, exit_: str, binding: BindingConfig, everything: Mapping[str, BindingConfig],
-                types: Mapping[str, BindingType], emits: str | None, namespace: str) -> Iterable[str]:
-    target = everything.get(exit_)
-    if target is None:
-        local = [q.partition(":")[2] for q in everything if q.startswith(namespace + ":")]
-        shown = exit_.partition(":")[2] if exit_.startswith(namespace + ":") else exit_
-        yield f"{path}: no binding named '{shown}'{did_you_mean(shown, local)}"
-        return
-    accepts = types[target.type].streams.get(target.kind, (None, None))[0]
-    if emits is not None and accepts != emits:
-        fitting = sorted(q.partition(":")[2] for q, b in everything.items()
-                         if types[b.type].streams.get(b.kind, (None,))[0] == emits)
-        words = _STREAM_WORDS.get(emits, emits)
-        yield (f"{path}: '{target.name}' is {_a(target.type)} {target.kind}, which cannot take the {words} "
-               f"{_a(binding.type)} {binding.kind} hands on" + (f" (bindings that can: {', '.join(fitting)})" if fitting else ""))
-
-
-def _a(word: str) -> str:
-    """'an echo', 'a ws' (the same vowel rule as _binding_of's)."""
-    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
-
-
-def _check_cycles(everything: Mapping[str, BindingConfig], prefix: bool) -> Iterable[str]:
-    """A chain of exits that comes back to itself would never reach an application."""
-    state: dict[str, int] = {}  # 1 visiting, 2 done
-
-    def visit(qname: str, trail: list[str]) -> list[str] | None:
-        if state.get(qname) == 2 or qname not in everything:
-            return None
-        if state.get(qname) == 1:
-            return trail[trail.index(qname):] + [qname]
-        state[qname] = 1
-        for route in everything[qname].routes:
-            if route.exit and (found := visit(route.exit, trail + [qname])):
-                return found
-        state[qname] = 2
-        return None
-
-    for qname in everything:
-        if (loop := visit(qname, [])) is not None:
-            first = everything[loop[0]]  # a binding in the loop, not where the search began
-            where = f"{first.namespace}: " if prefix else ""
-            yield f"{where}bindings.{first.name}: exits form a loop ({' -> '.join(q.partition(':')[2] for q in loop)})"
-            return
