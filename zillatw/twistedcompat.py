@@ -11,9 +11,10 @@ Each touch is listed here, and test_twistedcompat fails loudly when a release ch
    the byte order; what is not sent goes to `transport.write`, so buffering, producer
    pausing and error handling stay Twisted's. Reads `tcp.Connection.dataBuffer`,
    `_tempDataBuffer`, `connected`, `disconnecting`, `_aborting`, `_writeDisconnecting`,
-   `TLS` and calls `writeSomeData` (which zillatw.telemetry.metrics also wraps, to count bytes); a
-   frame's head and payload go in one `sendmsg` on `tcp.Connection.socket` (the same object
-   as `getHandle()`), unless writeSomeData is wrapped.
+   `TLS` and calls `writeSomeData`; a frame's head and payload go in one `sendmsg` on
+   `tcp.Connection.socket` (the same object as `getHandle()`). A `CountedTransport` (the
+   metrics' byte count, a wrapper in the manner of ProtocolWrapper) is seen through: its
+   count is taken and its transport written through.
 
 2. The epoll reactor without its per-event log context (`EPollReactor`, installed by
    zillatw.runtime.reactor). EPollReactor.doPoll calls each handler through `log.callWithLogger`,
@@ -37,11 +38,12 @@ is only used for its public UTF-8 validator.
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import tcp
 from twisted.python import log
+from zope.interface import directlyProvides, providedBy
 
 epollreactor: Any
 try:
@@ -50,6 +52,29 @@ except ImportError:  # pragma: no cover - not Linux
     epollreactor = None
 
 _TCP = (tcp.Server, tcp.Client)
+
+
+class CountedTransport:
+    """A transport whose writes are counted (the bytes a binding sends, for its metrics). It
+    stands between a protocol and the real transport, which does everything else; it
+    provides what the real one provides (ISSLTransport, ITCPTransport...). `write` and
+    `write_sequence` below see through it, so a counted socket is still written through."""
+
+    def __init__(self, transport: Any, count: Callable[[int], None]):
+        self.transport = transport
+        self.count = count
+        directlyProvides(self, providedBy(transport))
+
+    def write(self, data: bytes) -> None:
+        self.count(len(data))
+        self.transport.write(data)
+
+    def writeSequence(self, data: Sequence[bytes]) -> None:
+        self.count(sum(map(len, data)))
+        self.transport.writeSequence(data)
+
+    def __getattr__(self, name: str) -> Any:  # loseConnection, getPeer, registerProducer, ...
+        return getattr(self.transport, name)
 
 
 def _idle(transport: Any) -> bool:
@@ -61,6 +86,9 @@ def _idle(transport: Any) -> bool:
 
 def write(transport: Any, data: bytes) -> None:
     """transport.write(data), sent at once when the socket is idle."""
+    while type(transport) is CountedTransport:  # counted by each metered binding it passes
+        transport.count(len(data))
+        transport = transport.transport
     if _idle(transport):
         sent = transport.writeSomeData(data)  # an int, or an exception instance when the connection is lost
         if type(sent) is int and sent > 0:
@@ -72,38 +100,28 @@ def write(transport: Any, data: bytes) -> None:
 
 def write_sequence(transport: Any, chunks: Sequence[bytes]) -> None:
     """transport.writeSequence(chunks) (a frame's head and payload: no concatenation),
-    sent at once when the socket is idle: in one sendmsg (scatter-gather), or, when
-    zillatw.telemetry.metrics counts what writeSomeData sends, chunk by chunk through it."""
+    sent at once in one sendmsg (scatter-gather) when the socket is idle."""
     if len(chunks) == 1:
         write(transport, chunks[0])
         return
-    if _idle(transport) and "writeSomeData" not in transport.__dict__:
-        try:
-            sent = transport.socket.sendmsg(chunks)
-        except BlockingIOError:
-            sent = 0
-        except OSError:  # the connection is failing: Twisted's own write finds out and reports it
-            transport.writeSequence(chunks)
+    while type(transport) is CountedTransport:
+        transport.count(sum(map(len, chunks)))
+        transport = transport.transport
+    if not _idle(transport):
+        transport.writeSequence(chunks)
+        return
+    try:
+        sent = transport.socket.sendmsg(chunks)
+    except BlockingIOError:
+        sent = 0
+    except OSError:  # the connection is failing: Twisted's own write finds out and reports it
+        transport.writeSequence(chunks)
+        return
+    for index, chunk in enumerate(chunks):
+        if sent < len(chunk):
+            transport.writeSequence([chunk[sent:], *chunks[index + 1:]] if sent else list(chunks[index:]))
             return
-        for index, chunk in enumerate(chunks):
-            if sent < len(chunk):
-                transport.writeSequence([chunk[sent:], *chunks[index + 1:]] if sent else list(chunks[index:]))
-                return
-            sent -= len(chunk)
-        return
-    if _idle(transport):
-        for index, chunk in enumerate(chunks):
-            sent = transport.writeSomeData(chunk)
-            if type(sent) is not int or sent != len(chunk):
-                rest = list(chunks[index + 1:])
-                if type(sent) is int and sent > 0:
-                    rest.insert(0, chunk[sent:])
-                elif type(sent) is not int or not sent:
-                    rest.insert(0, chunk)
-                transport.writeSequence(rest)
-                return
-        return
-    transport.writeSequence(chunks)
+        sent -= len(chunk)
 
 
 if epollreactor is not None:

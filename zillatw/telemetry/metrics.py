@@ -35,6 +35,7 @@ from zope.interface import directlyProvides, implementer, providedBy
 from zillatw.config import BindingConfig, Config
 from zillatw.errors import did_you_mean
 from zillatw.telemetry.events import BindingEvents, Events
+from zillatw.twistedcompat import CountedTransport
 from zillatw.matching import matcher
 from zillatw.stream import ABNORMAL, IStreamEnd, IStreamExit, StreamRefused
 
@@ -402,8 +403,8 @@ class WsServerObserver:
 class _MeteredConnection:
     """A server connection (tcp, tls, http) counted as one stream of bytes. It stands in for
     the binding's protocol toward the transport (reads are counted on the way in) and hands
-    that protocol the transport itself, its `write` counted in place: the layers above keep
-    the real transport (Autobahn wants the TLS protocol itself to find its channel id)."""
+    that protocol a CountedTransport (zillatw.twistedcompat), which counts what is written:
+    nothing is patched, and a counted socket is still written through."""
 
     def __init__(self, m: BindingMetrics, wrapped: Any, seconds: Callable[[], float]):
         self.wrappedProtocol = wrapped
@@ -418,29 +419,11 @@ class _MeteredConnection:
         m.active += 1
         if m.timed:
             self.started = self.seconds()
-        if hasattr(type(transport), "writeSomeData"):
-            # A socket (tcp.Server): count what reaches it, whether through write() and the
-            # reactor's doWrite or written through at once (zillatw.twistedcompat).
-            send = transport.writeSomeData
-
-            def counted_send(data: Any) -> Any:
-                sent = send(data)
-                if type(sent) is int:  # else the exception of a lost connection
-                    m.data_sent += sent
-                return sent
-            transport.writeSomeData = counted_send
-        else:  # TLS, or another protocol's transport
-            write = transport.write
-
-            def counted_write(data: bytes) -> None:
-                m.data_sent += len(data)
-                write(data)
-            # writeSequence through counted_write: some transports' writeSequence calls
-            # their own write (TLS), which would count twice
-            transport.write = counted_write
-            transport.writeSequence = lambda data: counted_write(b"".join(data))
         self.transport = transport
-        self.wrappedProtocol.makeConnection(transport)
+        self.wrappedProtocol.makeConnection(CountedTransport(transport, self._sent))
+
+    def _sent(self, size: int) -> None:
+        self.m.data_sent += size
 
     def dataReceived(self, data: bytes) -> None:
         self.m.data_received += len(data)

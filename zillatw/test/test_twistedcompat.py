@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 
 from twisted.internet import defer, epollreactor, reactor, tcp
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
@@ -74,14 +75,20 @@ class WriteThroughTests(unittest.TestCase):
         self.assertEqual(transport._tempDataBuffer, [b"late"])
 
     @defer.inlineCallbacks
-    def test_a_wrapped_writeSomeData_sees_every_chunk(self):
+    def test_a_counted_transport_is_counted_and_still_written_through(self):
         transport, sink = yield self.connected()
-        counted = []
-        send = transport.writeSomeData
-        transport.writeSomeData = lambda data: counted.append(len(data)) or send(data)  # as zillatw.telemetry.metrics
-        twistedcompat.write_sequence(transport, [b"head", b"payload"])
-        self.assertEqual(counted, [4, 7])
-        yield eventually(lambda: sink.data == b"headpayload")
+        outer, inner = [], []
+        counted = twistedcompat.CountedTransport(
+            twistedcompat.CountedTransport(transport, inner.append), outer.append)
+        twistedcompat.write_sequence(counted, [b"head", b"payload"])
+        twistedcompat.write(counted, b"!")
+        self.assertNotIn(transport, reactor.getWriters())  # through to the socket at once
+        self.assertEqual((outer, inner), ([11, 1], [11, 1]))
+        counted.writeSequence([b"x", b"yz"])  # a protocol's own write: counted, then Twisted's
+        self.assertEqual((outer[-1], inner[-1]), (3, 3))
+        self.assertEqual(counted.getPeer(), transport.getPeer())
+        self.assertTrue(ITCPTransport.providedBy(counted))
+        yield eventually(lambda: sink.data == b"headpayload!xyz")
 
     @defer.inlineCallbacks
     def test_a_full_socket_keeps_the_rest_in_order(self):
