@@ -18,7 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+
+from zillatw.fetch import SingleFlight
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +34,7 @@ class SchemaHandle:
     """A handle on one schema of a catalog; see the module docstring."""
 
     __slots__ = ("describe", "value", "error", "_fetch", "_seconds", "_max_age", "_fetched_at", "_retry_at",
-                 "_backoff", "_waiting", "fetches")
+                 "_backoff", "_flight", "fetches")
 
     def __init__(self, describe: str, fetch: Callable[[], Deferred] | None, seconds: Callable[[], float],
                  max_age: float, value: Resolved | None = None):
@@ -45,15 +47,15 @@ class SchemaHandle:
         self._fetched_at = seconds() if value is not None else 0.0
         self._retry_at = 0.0
         self._backoff = 0.0
-        self._waiting: list[Deferred] | None = None
+        self._flight = SingleFlight()
         self.fetches = 0
 
     def current(self) -> Resolved | None:
         """The schema for a message now; a stale one starts a refresh in the background."""
-        if self._fetch is not None and self._waiting is None:
+        if self._fetch is not None and not self._flight.in_flight:
             now = self._seconds()
             if now - self._fetched_at >= self._max_age and now >= self._retry_at:
-                self._start()
+                self._flight.start(self._fetching)
         return self.value
 
     def ensure(self) -> Deferred:
@@ -63,43 +65,26 @@ class SchemaHandle:
             return succeed(self.value)
         if self._fetch is None:
             return succeed(None)
-        if self._waiting is None:
-            if self._seconds() < self._retry_at:  # failed a moment ago: do not hammer the registry
-                return succeed(None)
-            self._start()
-            if self._waiting is None:  # the fetch ended at once
-                return succeed(self.value)
-        d: Deferred = Deferred()
-        self._waiting.append(d)  # type: ignore[union-attr]
-        return d
+        if not self._flight.in_flight and self._seconds() < self._retry_at:
+            return succeed(None)  # failed a moment ago: do not hammer the registry
+        return self._flight.join(self._fetching).addCallback(lambda _: self.value)
 
-    def _start(self) -> None:
-        self._waiting = []
+    def _fetching(self) -> Deferred:
         self.fetches += 1
-        try:
-            fetching = self._fetch()  # type: ignore[misc]
-        except Exception as e:  # noqa: BLE001 - a bug in a fetch must not wedge the handle
-            fetching = Deferred()
-            fetching.errback(e)
-        fetching.addCallbacks(self._fetched, self._failed)
+        # maybeDeferred: a fetch that raises is a failed fetch (backed off), not a wedged handle
+        assert self._fetch is not None  # a static handle is never fetched
+        return maybeDeferred(self._fetch).addCallbacks(self._fetched, self._failed)
 
     def _fetched(self, value: Resolved) -> None:
         self.value, self.error = value, None
         self._fetched_at = self._seconds()
         self._backoff = 0.0
-        self._settle()
 
     def _failed(self, failure: Any) -> None:
         self.error = failure.getErrorMessage() or failure.type.__name__
         # Retry after 1 s, doubling up to max-age; meanwhile the cached value (if any) serves.
         self._backoff = min(max(self._backoff * 2, 1.0), max(self._max_age, 1.0))
         self._retry_at = self._seconds() + self._backoff
-        self._settle()
-
-    def _settle(self) -> None:
-        waiting, self._waiting = self._waiting or [], None
-        for d in waiting:
-            d.callback(self.value)
 
 
 # The handle's former name, which zillatw.catalogs.validation still imports.

@@ -1,4 +1,4 @@
-"""What the registry catalogs (apicurio-registry, schema-registry) share: fetching with treq,
+"""What the registry catalogs (apicurio-registry, schema-registry) share: fetching (zillatw.fetch),
 the schema handles' cache, the id framing of messages, and Zilla's catalog events.
 
 Schemas by id never change in a registry, so they are cached for good; a subject's version
@@ -19,6 +19,7 @@ from urllib.parse import quote
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from zillatw import fetch
 from zillatw.catalogs import Resolved, SchemaHandle, Unavailable
 
 FETCH_TIMEOUT = 10.0            # seconds for a registry to answer
@@ -63,9 +64,7 @@ class RegistryCatalog:
     framing: Framing
 
     def __init__(self, namespace: str, name: str, options: Mapping[str, Any], *, events: Any = None,
-                 reactor: Any = None, client: Any = None, timeout: float = FETCH_TIMEOUT):
-        if reactor is None:
-            from twisted.internet import reactor
+                 reactor: Any, agent: Any = None, timeout: float = FETCH_TIMEOUT):
         self.namespace = namespace
         self.local_name = name
         self.name = f"{namespace}:{name}"
@@ -75,11 +74,7 @@ class RegistryCatalog:
         self.timeout = timeout
         self.events = events
         self.headers: dict[bytes, list[bytes]] = {b"Accept": [b"application/json"]}
-        if client is None:
-            import treq.client
-            from twisted.web.client import Agent, HTTPConnectionPool
-            client = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
-        self.client = client
+        self.agent = agent or fetch.agent(reactor)
         self.requests = 0     # HTTP requests sent, for tests and curiosity
         self._subjects: dict[tuple[str, str], SchemaHandle] = {}
         self._ids: dict[int, SchemaHandle] = {}
@@ -175,28 +170,22 @@ class RegistryCatalog:
     def get(self, path: str, parse_json: bool = True) -> Deferred:
         """GET url+path: the JSON document (or text) of a 200, else a RegistryError."""
         self.requests += 1
-        d = self.client.get(self.url + path, headers=self.headers, timeout=self.timeout)
-        return d.addCallback(self._read, path, parse_json)
+        fetching = fetch.get(self.agent, self.url + path, headers=self.headers, max_bytes=MAX_SCHEMA_BYTES,
+                             timeout=self.timeout, reactor=self.reactor)
+        return fetching.addCallbacks(self._parse, self._refused, callbackArgs=(path, parse_json), errbackArgs=(path,))
 
-    def _read(self, response: Any, path: str, parse_json: bool) -> Deferred:
-        length = response.length
-        if isinstance(length, int) and length > MAX_SCHEMA_BYTES:
-            raise RegistryError(f"{path}: response larger than {MAX_SCHEMA_BYTES} bytes")
-
-        def body(content: bytes) -> Any:
-            if response.code != 200:
-                raise RegistryError(f"HTTP {response.code} for {path}")
-            if len(content) > MAX_SCHEMA_BYTES:
-                raise RegistryError(f"{path}: response larger than {MAX_SCHEMA_BYTES} bytes")
+    @staticmethod
+    def _parse(content: bytes, path: str, parse_json: bool) -> Any:
+        try:
             text = content.decode("utf-8")
-            if not parse_json:
-                return text
-            try:
-                return json.loads(text)
-            except ValueError:
-                raise RegistryError(f"{path}: not JSON") from None
-        import treq
-        return treq.content(response).addCallback(body)
+            return json.loads(text) if parse_json else text
+        except ValueError:
+            raise RegistryError(f"{path}: not {'JSON' if parse_json else 'UTF-8'}") from None
+
+    @staticmethod
+    def _refused(failure: Any, path: str) -> Any:
+        failure.trap(fetch.FetchError)
+        raise RegistryError(f"{failure.getErrorMessage()} for {path}")
 
     @staticmethod
     def quote(segment: Any) -> str:

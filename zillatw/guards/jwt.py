@@ -25,9 +25,8 @@ from urllib.parse import urlsplit
 import jwt as pyjwt
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
-from twisted.web.http_headers import Headers
 
+from zillatw import fetch
 from zillatw.config.plugins import GuardType
 from zillatw.config.schema import NAME
 from zillatw.guards import Rejected, Session
@@ -36,6 +35,7 @@ from zillatw.telemetry.events import Events
 FETCH_TIMEOUT = 10.0   # seconds for a JWKS URL to answer
 MIN_REFRESH = 5.0      # seconds between fetches triggered by unknown kids
 MAX_JWKS_BYTES = 1024 * 1024
+JWKS_ACCEPT = {b"Accept": [b"application/jwk-set+json, application/json"]}
 
 # Which algorithms fit which key type: a key is only ever used with its own `alg`.
 ALGORITHMS = {
@@ -153,48 +153,31 @@ class JwksKeys:
                  min_refresh: float = MIN_REFRESH):
         self.url = url
         self.reactor = reactor
-        self.agent = agent or Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+        self.agent = agent or fetch.agent(reactor)
         self.timeout = timeout
         self.min_refresh = min_refresh
         self.keys: dict[str, Key] = {}
         self.fetches = 0
         self.error: str | None = None
         self._fetched_at = -math.inf
-        self._waiting: list[Deferred] | None = None
+        self._flight = fetch.SingleFlight()
 
     def get(self, kid: str) -> Key | None:
         return self.keys.get(kid)
 
     def can_refresh(self) -> bool:
-        return self._waiting is not None or self.reactor.seconds() - self._fetched_at >= self.min_refresh
+        return self._flight.in_flight or self.reactor.seconds() - self._fetched_at >= self.min_refresh
 
     def refresh(self) -> Deferred:
         """Fires (never fails) once a fetch, in flight or new, has ended."""
-        d: Deferred = Deferred()
-        if self._waiting is not None:
-            self._waiting.append(d)
-            return d
-        self._waiting = [d]
+        return self._flight.join(self._fetch)
+
+    def _fetch(self) -> Deferred:
         self._fetched_at = self.reactor.seconds()
         self.fetches += 1
-        fetching = self.agent.request(b"GET", self.url.encode("ascii"),
-                                      Headers({b"Accept": [b"application/jwk-set+json, application/json"]}))
-        fetching.addCallback(self._read)
-        fetching.addTimeout(self.timeout, self.reactor)
-        fetching.addCallbacks(self._loaded, self._failed)
-        fetching.addBoth(self._settled)
-        return d
-
-    def _read(self, response: Any) -> Deferred:
-        if isinstance(response.length, int) and response.length > MAX_JWKS_BYTES:
-            response.deliverBody(_Discard())
-            raise ValueError(f"JWKS larger than {MAX_JWKS_BYTES} bytes")
-        body = readBody(response)
-        if response.code != 200:
-            def refuse(_: Any) -> None:
-                raise ValueError(f"HTTP {response.code}")
-            body.addBoth(refuse)
-        return body
+        fetching = fetch.get(self.agent, self.url, headers=JWKS_ACCEPT,
+                             max_bytes=MAX_JWKS_BYTES, timeout=self.timeout, reactor=self.reactor)
+        return fetching.addCallbacks(self._loaded, self._failed)
 
     def _loaded(self, body: bytes) -> None:
         document = json.loads(body)
@@ -214,11 +197,6 @@ class JwksKeys:
     def _failed(self, failure: Any) -> None:
         self.error = failure.getErrorMessage() or failure.type.__name__
         log.warn("zillatw: cannot fetch the JWKS {url}: {error}", url=self.url, error=self.error)
-
-    def _settled(self, _: Any) -> None:
-        waiting, self._waiting = self._waiting or [], None
-        for d in waiting:
-            d.callback(None)
 
 
 class StaticKeys:
@@ -343,19 +321,6 @@ class JwtGuard:
         self.events.emit(self.namespace, self.local_name, trace_id, "GUARD_JWT_AUTHORIZATION_FAILED",
                          f"JWT token authorization failed for identity ({shown}). {reason}")
         return Rejected(reason, shown)
-
-
-class _Discard:
-    """Reads and drops an error response's body."""
-
-    def makeConnection(self, transport: Any) -> None:
-        pass
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-    def connectionLost(self, reason: Any) -> None:
-        pass
 
 
 def build(namespace: str, name: str, options: Mapping[str, Any], graph: Any) -> JwtGuard:
