@@ -49,13 +49,18 @@ class SubprotocolOffer:
 class StreamInfo:
     """What a ws server learned from the handshake; a ws client reuses it upstream.
     `protocol` is the one the route chose (the first offered when it fixes none);
-    `offer`, when the route fixes none, lets the exit choose another of those offered."""
+    `offer`, when the route fixes none, lets the exit choose another of those offered;
+    `compressing`, whether the client offered permessage-deflate."""
     protocol: str | None = None
     scheme: str | None = None
     authority: str | None = None
     path: str | None = None
     identity: str | None = None
     offer: SubprotocolOffer | None = None
+    # Whether the client offered permessage-deflate (and its ws server would take it); None
+    # when the stream did not come from a ws server. A proxy offers compression upstream
+    # only to a client that compresses: relayed frames are then not re-encoded either way.
+    compressing: bool | None = None
 
 
 class StreamRefused(Exception):

@@ -341,13 +341,14 @@ class UpstreamAnswerTests(unittest.TestCase):
     proper 101 is a 502, and the event log says what was wrong."""
 
     @defer.inlineCallbacks
-    def refused_with(self, answer, detail: str, protocols=None):
+    def refused_with(self, answer, detail: str, protocols=None, compress=False):
         factory = Factory.forProtocol(_Answering)
         factory.answer, factory.heads = answer, []
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         gateway, gateway_port = yield start_gateway(self, proxy_config(port.getHost().port))
-        failure = yield self.assertFailure(connect_ws(gateway_port, protocols=protocols), ConnectionError)
+        failure = yield self.assertFailure(connect_ws(gateway_port, protocols=protocols, compress=compress),
+                                           ConnectionError)
         self.assertIn("502", str(failure))
         self.assertIn(detail, gateway.events_text.getvalue())
         return factory.heads[0]
@@ -359,8 +360,14 @@ class UpstreamAnswerTests(unittest.TestCase):
         self.assertEqual((head["upgrade"], head["connection"], head["sec-websocket-version"]),
                          ("websocket", "Upgrade", "13"))
         self.assertEqual(head["sec-websocket-protocol"], "a, b")
-        self.assertEqual(head["sec-websocket-extensions"], "permessage-deflate; client_max_window_bits")
+        self.assertNotIn("sec-websocket-extensions", head)  # the client compresses nothing: nor do we
         self.assertNotIn("user-agent", head)
+
+    @defer.inlineCallbacks
+    def test_compression_is_offered_upstream_to_a_client_that_offers_it(self):
+        head = yield self.refused_with(lambda h: b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+                                       "it answered 404 Not Found", compress=True)
+        self.assertEqual(head["sec-websocket-extensions"], "permessage-deflate; client_max_window_bits")
 
     def test_a_wrong_accept_key(self):
         return self.refused_with(lambda h: _switching(accept_key("not our key")),

@@ -197,8 +197,9 @@ class WsServer:
         connection.stream_exit = exit_
         connection.trace_id = trace_id  # the request's, for this connection's later events (validation)
         connection.shown_path = request.shown_target or path  # for events: credentials redacted
+        compressing = self.permessage_deflate and "permessage-deflate" in headers.get("sec-websocket-extensions", "")
         connection.info = StreamInfo(protocol, scheme, authority, path,
-                                     session.identity if session is not None else None, offer)
+                                     session.identity if session is not None else None, offer, compressing)
         self.handshaking.add(connection)
         return connection
 
@@ -428,7 +429,7 @@ class WsClient:
         request = getattr(found[1], "request_headers", dict)(headers)
         offer = info.offer
         protocols = offer.offered if offer is not None else ((info.protocol,) if info.protocol else ())
-        attempt = _Upstream(self, peer, request, protocols, offer)
+        attempt = _Upstream(self, peer, request, protocols, offer, info.compressing)
         connecting = found[1].connect(attempt, headers, self.timeout)
         connecting.addErrback(_connect_failed, attempt.opened)
         timeout = self.reactor.callLater(self.timeout, attempt.timed_out)
@@ -448,12 +449,9 @@ class _Upstream(Factory):
     noisy = False  # one per upstream connection: no start/stop log lines
 
     def __init__(self, client: WsClient, peer: IStreamEnd, request: Mapping[str, str], protocols: tuple[str, ...],
-                 offer: SubprotocolOffer | None):
-        self.client = client
-        self.peer = peer
-        self.request = request
-        self.protocols = protocols
-        self.offer = offer
+                 offer: SubprotocolOffer | None, compressing: bool | None):
+        self.client, self.peer, self.request = client, peer, request
+        self.protocols, self.offer, self.compressing = protocols, offer, compressing
         self.upstream: WsClientProtocol | None = None
         # cancelled when the downstream leaves (or gives up): the upstream goes at once
         self.opened: Deferred = Deferred(canceller=lambda _: self.abort())
@@ -505,7 +503,7 @@ class WsClientProtocol(WsRelay):
         self.attempt: _Upstream | None = attempt
         self._parser: ResponseHeadParser | None = ResponseHeadParser()
         self._key = new_key()
-        self._offered_deflate = client.permessage_deflate
+        self._offered_deflate = client.permessage_deflate and attempt.compressing is not False
 
     def connectionMade(self) -> None:
         self.binding.connections.add(self)
