@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zillatw import metrics, vault
+from zillatw import health, metrics, vault
 from zillatw.catalogs import apicurio, inline, schema_registry
 from zillatw.guards import jwt, x509
 from zillatw.plugins import Plugin, Registry
@@ -19,7 +19,7 @@ BUILT_IN: tuple[Plugin, ...] = (
 def standard_registry() -> Registry:
     """A new registry of the built-in types (a copy each time: registering a type of one's
     own on it changes no other gateway's)."""
-    registry = Registry(namespace_checks=[metrics.check])
+    registry = Registry(namespace_checks=[metrics.check, health.check])
     for plugin in BUILT_IN:
         registry.register(plugin)
     return registry
