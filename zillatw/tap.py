@@ -24,6 +24,11 @@ class Options(usage.Options):
         # orchestrator allows between SIGTERM and SIGKILL is the deployment's to say.
         ["drain-timeout", None, DRAIN_TIMEOUT, "on SIGTERM/SIGINT, seconds to wait for connections to close "
                                                "after sending 1001 (a second signal exits at once)", float])
+    optParameters.append(
+        # Also the process's: how many clients may come back at once depends on what stands
+        # beside it (zillatw.closespread).
+        ["close-spread", None, 0.0, "on SIGTERM/SIGINT, spread the 1001 closes evenly over this many seconds "
+                                    "(0: all at once), within the drain timeout", float])
     optFlags = [["verbose", "v", "print the resolved configuration before serving"]]
     # Hot reload and workers: zillatw.reload, zillatw.workers.
     optParameters += [["workers", "w", 1, "worker processes accepting on the same sockets (a supervisor restarts them)", int],
@@ -33,6 +38,12 @@ class Options(usage.Options):
     optParameters += [[flag, None, getattr(DEFAULT_LIMITS, field), HELP[field], int] for field, flag in FLAGS.items()]
 
     def postOptions(self) -> None:
+        spread, drain = self["close-spread"], self["drain-timeout"]
+        if spread < 0:
+            raise usage.UsageError(f"--close-spread {spread:g}: expected 0 or more seconds")
+        if spread > drain:
+            raise usage.UsageError(f"--close-spread {spread:g}: longer than --drain-timeout {drain:g}; "
+                                   "the closes must all be sent within the drain")
         try:
             self["limits"] = limits_from({flag: self[flag] for flag in FLAGS.values()})
         except ValueError as e:
@@ -42,7 +53,8 @@ class Options(usage.Options):
 def makeService(options: Options) -> Gateway:
     install_reactor()  # zillatw's epoll reactor, unless `twistd -r` installed one
     try:
-        gateway = build_gateway(options["config"], drain_timeout=options["drain-timeout"], limits=options["limits"])
+        gateway = build_gateway(options["config"], drain_timeout=options["drain-timeout"], limits=options["limits"],
+                                close_spread=options["close-spread"])
     except ConfigError as e:
         raise SystemExit(f"zillaws: {options['config']}: invalid configuration:\n{e}") from None
     gateway.ready_file = options["ready-file"]

@@ -246,7 +246,8 @@ def make_supervisor(reactor: Any, gateway: Any, options: Any, graceful: Any) -> 
                         "(each worker would count its own connections)")
     if problems:
         raise SystemExit(f"zillaws: {options['config']}: cannot run workers:\n  " + "\n  ".join(problems))
-    args = ["-c", os.path.abspath(options["config"]), "--drain-timeout", str(options["drain-timeout"])]
+    args = ["-c", os.path.abspath(options["config"]), "--drain-timeout", str(options["drain-timeout"]),
+            "--close-spread", str(options["close-spread"])]
     if options["no-watch"]:
         args.append("--no-watch")
     args += limit_flags(gateway.limits)
