@@ -32,7 +32,8 @@ class Options(usage.Options):
     optFlags = [["verbose", "v", "print the resolved configuration before serving"]]
     # Hot reload and workers: zillatw.reload, zillatw.workers.
     optParameters += [["workers", "w", 1, "worker processes accepting on the same sockets (a supervisor restarts them)", int],
-                      ["listen-fds", None, None, "(set by the supervisor of -w for its workers)"]]
+                      ["listen-fds", None, None, "(set by the supervisor of -w for its workers)"],
+                      ["metrics-socket", None, None, "(set by the supervisor of -w for its workers)"]]
     optFlags += [["no-watch", None, "do not poll the configuration file for changes (SIGHUP still reloads)"]]
     # Bounds on reading the file, at startup and on every reload (zillatw.yamlload).
     optParameters += [[flag, None, getattr(DEFAULT_LIMITS, field), HELP[field], int] for field, flag in FLAGS.items()]
@@ -68,7 +69,7 @@ def makeService(options: Options) -> Gateway:
         return make_supervisor(reactor, gateway, options, graceful)
     if options["listen-fds"] is not None:
         from zillatw.workers import become_worker
-        become_worker(reactor, options["listen-fds"], gateway)
+        become_worker(reactor, options["listen-fds"], gateway, options["metrics-socket"])
     gateway.watch_interval = None if options["no-watch"] else WATCH_INTERVAL
     gateway.verbose = options["verbose"]  # print a reloaded configuration too
     install_sighup(reactor, gateway)
