@@ -133,6 +133,24 @@ class HealthGatewayTests(unittest.TestCase):
         self.assertIn("CONFIG_RELOAD_FAILED cannot listen", self.events.getvalue())
 
 
+    @defer.inlineCallbacks
+    def test_a_worker_serves_no_exporter_and_refuses_a_reload_that_moves_one(self):
+        gateway = self.build(with_health(chain()))
+        gateway.serves_exporters = False  # what zillatw.workers.become_worker sets: the supervisor serves them
+        seen: list[Readiness] = []
+        gateway.readiness_listeners.append(seen.append)
+        gateway.startService()
+        yield gateway.listening
+        self.assertEqual(gateway.health_ports(), [])
+        from zillatw.test.test_tap import free_port
+        other = build_generation(load_config(with_health(chain(), free_port())), gateway.reactor, io.StringIO())
+        self.assertFalse((yield gateway.switch_to(other)))
+        self.assertIn("CONFIG_RELOAD_FAILED telemetry.exporters: with workers (-w), the supervisor serves the "
+                      "prometheus and health endpoints, so a reload cannot change them", self.events.getvalue())
+        yield gateway.stopService()
+        self.assertEqual(seen, [Readiness.READY, Readiness.DRAINING])  # what a worker reports
+
+
 class HealthBoundsTests(unittest.SynchronousTestCase):
     def connect(self, factory: HealthFactory, port: int = 40000) -> tuple[Any, StringTransport]:
         protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))

@@ -14,11 +14,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from zillatw.health import Readiness
 from zillatw.prometheus_workers import Aggregate
 from zillatw.test.support import chain, connect_raw, connect_ws, eventually, upgrade_request
 from zillatw.test.test_health import probe
 from zillatw.test.test_tap import free_port
-from zillatw.test.test_workers import server_pid, spawn_workers, worker_pids
+from zillatw.test.test_workers import _ProcessReactor, server_pid, spawn_workers, worker_pids
+from zillatw.workers import STATUS_FD, Supervisor
 
 METRICS = ["stream.opens.received", "stream.active.received", "stream.data.received", "http.duration"]
 
@@ -188,3 +190,28 @@ class AggregateTests(unittest.SynchronousTestCase):
         # worker 2 timed out this time: no update; its last answer stands
         self.aggregate.update(1, answer(c=11, g=4))
         self.assertEqual(values(self.aggregate)[("c_total", (("b", "x"),))], 12)
+
+
+class SupervisorReadinessTests(unittest.SynchronousTestCase):
+    """The supervisor's /ready from its workers' status lines, on a clock."""
+
+    def test_ready_while_every_worker_is(self):
+        clock = _ProcessReactor()
+        supervisor = Supervisor(clock, 2, [], [])
+        supervisor.startService()
+        first, second = clock.spawned
+        self.assertIs(supervisor.readiness(), Readiness.STARTING)
+        first.childDataReceived(STATUS_FD, b"rea")  # a line may come in pieces
+        first.childDataReceived(STATUS_FD, b"dy\n")
+        self.assertTrue(first.ready)
+        self.assertIs(supervisor.readiness(), Readiness.STARTING)
+        second.childDataReceived(STATUS_FD, b"ready\n")
+        self.assertIs(supervisor.readiness(), Readiness.READY)
+        second.childDataReceived(STATUS_FD, b"x" * 10_000)  # no line: nothing kept beyond a line's bound
+        self.assertLessEqual(len(second._status), 64)
+        second.childDataReceived(STATUS_FD, b"\ndraining\n")  # e.g. orphaned, stopping on its own
+        self.assertIs(supervisor.readiness(), Readiness.STARTING)
+        second.childDataReceived(STATUS_FD, b"ready\n")
+        self.assertIs(supervisor.readiness(), Readiness.READY)
+        supervisor.stopService()
+        self.assertIs(supervisor.readiness(), Readiness.DRAINING)
