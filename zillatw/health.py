@@ -170,10 +170,13 @@ class HealthEndpoints:
         self.factory = HealthFactory(reactor, readiness)
         self.listening: dict[Address, Any] = {}
 
-    @defer.inlineCallbacks
-    def open(self, addresses: Iterable[Address]) -> Any:
-        """Listen on those of `addresses` not listened on yet; on a failure, close the ones
-        this call opened and fail (CannotListenError)."""
+    def open(self, addresses: Iterable[Address]) -> defer.Deferred:
+        """open_now, as a Deferred (the gateway's listeners are Deferreds)."""
+        return defer.maybeDeferred(self.open_now, addresses)
+
+    def open_now(self, addresses: Iterable[Address]) -> list[int]:
+        """Listen on those of `addresses` not listened on yet, and return the ports; on a
+        failure, close the ones this call opened and raise (CannotListenError)."""
         opened: list[Address] = []
         try:
             for host, port in addresses:
@@ -181,7 +184,7 @@ class HealthEndpoints:
                     self.listening[(host, port)] = self.reactor.listenTCP(port, self.factory, interface=host)
                     opened.append((host, port))
         except Exception:
-            yield self._close([address for address in opened])
+            self._close(opened)  # stopListening on a TCP port is immediate
             raise
         return self.ports()
 

@@ -189,7 +189,7 @@ class SupervisorExporters:
 
     def listen(self) -> None:
         """Listen on every endpoint now (CannotListenError if one cannot)."""
-        self.health.open(self.health_addresses)  # synchronous: listenTCP
+        self.health.open_now(self.health_addresses)
         for port, paths in sorted(self.endpoints.items()):
             root = Resource()
             for path in sorted(paths):

@@ -9,7 +9,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import CannotListenError, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
@@ -132,6 +132,16 @@ class HealthGatewayTests(unittest.TestCase):
         self.assertEqual((yield probe(before, "/ready"))[0], 200)
         self.assertIn("CONFIG_RELOAD_FAILED cannot listen", self.events.getvalue())
 
+
+    @defer.inlineCallbacks
+    def test_a_health_address_in_use_fails_the_start(self):
+        first = self.build(with_health(chain()))
+        first.startService()
+        yield first.listening
+        second = self.build(with_health(chain(), first.health_ports()[0]))
+        second.startService()
+        yield self.assertFailure(second.listening, CannotListenError)
+        self.assertIs(second.readiness, Readiness.STARTING)
 
     @defer.inlineCallbacks
     def test_a_worker_serves_no_exporter_and_refuses_a_reload_that_moves_one(self):
