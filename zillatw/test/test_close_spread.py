@@ -1,8 +1,10 @@
 """`--close-spread SECONDS`: a stop's 1001 closes spread evenly over the window, on a Clock;
-and through real sockets, proxied connections still close with 1001 on both sides."""
+through real sockets, proxied connections still close with 1001 on both sides; and the flag
+through `twistd zillaws`."""
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 from twisted.internet import defer
@@ -11,6 +13,7 @@ from twisted.trial import unittest
 
 from zillatw.closespread import CloseSpread
 from zillatw.tap import Options
+from zillatw.test import test_shutdown
 from zillatw.test.support import OnAClock, chain, connect_ws, eventually, parse_server_frames, upgrade_request
 from zillatw.test.test_proxy import proxy_config, start_upstream
 from zillatw.test.test_shutdown import start_own_gateway
@@ -147,3 +150,17 @@ class CloseSpreadProxyTests(unittest.TestCase):
         results = yield defer.gatherResults([client.closed for client in clients])
         self.assertEqual([result[1] for result in results], [1001] * 3)
         self.assertEqual([code for code, _ in upstream.closes], [1001] * 3)
+
+
+class CloseSpreadTwistdTests(unittest.TestCase):
+    start_twistd = test_shutdown.SignalTests.start_twistd  # twistd -n zillaws on chain(), in a child
+
+    @defer.inlineCallbacks
+    def test_sigterm_with_a_spread_closes_every_websocket_with_1001_and_exits_0(self):
+        child, process, port = yield self.start_twistd(extra_args=["--drain-timeout", "5", "--close-spread", "0.5"])
+        clients = yield defer.gatherResults([connect_ws(port) for _ in range(20)])
+        process.signalProcess(signal.SIGTERM)
+        results = yield defer.gatherResults([client.closed for client in clients])
+        self.assertEqual([result[:2] for result in results], [(True, 1001)] * 20)
+        self.assertEqual((yield child.ended), (0, None), child.out)
+        self.assertIn(b"closing 20 connections over 0.5 s", child.out)
