@@ -11,7 +11,7 @@ from twisted.internet import defer
 from twisted.python import usage
 from twisted.trial import unittest
 
-from zillatw.closespread import CloseSpread
+from zillatw.runtime.closespread import CloseSpread
 from zillatw.tap import Options
 from zillatw.test import test_shutdown
 from zillatw.test.support import OnAClock, chain, connect_ws, eventually, parse_server_frames, upgrade_request

@@ -15,8 +15,8 @@ from twisted.trial import unittest
 
 from zillatw import build_gateway
 from zillatw.errors import ConfigError
-from zillatw.health import HEAD_TIMEOUT, MAX_CONNECTIONS, HealthFactory, Readiness, answer
-from zillatw.service import build_generation, load_config
+from zillatw.telemetry.health import HEAD_TIMEOUT, MAX_CONNECTIONS, HealthFactory, Readiness, answer
+from zillatw.runtime.gateway import build_generation, load_config
 from zillatw.test.support import chain, connect_raw, connect_ws, raw_exchange, split_response, upgrade_request
 
 
@@ -146,7 +146,7 @@ class HealthGatewayTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_a_worker_serves_no_exporter_and_refuses_a_reload_that_moves_one(self):
         gateway = self.build(with_health(chain()))
-        gateway.serves_exporters = False  # what zillatw.workers.become_worker sets: the supervisor serves them
+        gateway.serves_exporters = False  # what zillatw.runtime.workers.become_worker sets: the supervisor serves them
         seen: list[Readiness] = []
         gateway.readiness_listeners.append(seen.append)
         gateway.startService()
