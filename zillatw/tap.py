@@ -24,15 +24,27 @@ class Options(usage.Options):
         # orchestrator allows between SIGTERM and SIGKILL is the deployment's to say.
         ["drain-timeout", None, DRAIN_TIMEOUT, "on SIGTERM/SIGINT, seconds to wait for connections to close "
                                                "after sending 1001 (a second signal exits at once)", float])
+    optParameters.append(
+        # Also the process's: how many clients may come back at once depends on what stands
+        # beside it (zillatw.runtime.closespread).
+        ["close-spread", None, 0.0, "on SIGTERM/SIGINT, spread the 1001 closes evenly over this many seconds "
+                                    "(0: all at once), within the drain timeout", float])
     optFlags = [["verbose", "v", "print the resolved configuration before serving"]]
     # Hot reload and workers: zillatw.runtime.reload, zillatw.runtime.workers.
     optParameters += [["workers", "w", 1, "worker processes accepting on the same sockets (a supervisor restarts them)", int],
-                      ["listen-fds", None, None, "(set by the supervisor of -w for its workers)"]]
+                      ["listen-fds", None, None, "(set by the supervisor of -w for its workers)"],
+                      ["metrics-socket", None, None, "(set by the supervisor of -w for its workers)"]]
     optFlags += [["no-watch", None, "do not poll the configuration file for changes (SIGHUP still reloads)"]]
     # Bounds on reading the file, at startup and on every reload (zillatw.config.yamlload).
     optParameters += [[flag, None, getattr(DEFAULT_LIMITS, field), HELP[field], int] for field, flag in FLAGS.items()]
 
     def postOptions(self) -> None:
+        spread, drain = self["close-spread"], self["drain-timeout"]
+        if spread < 0:
+            raise usage.UsageError(f"--close-spread {spread:g}: expected 0 or more seconds")
+        if spread > drain:
+            raise usage.UsageError(f"--close-spread {spread:g}: longer than --drain-timeout {drain:g}; "
+                                   "the closes must all be sent within the drain")
         try:
             self["limits"] = limits_from({flag: self[flag] for flag in FLAGS.values()})
         except ValueError as e:
@@ -42,7 +54,8 @@ class Options(usage.Options):
 def makeService(options: Options) -> Gateway:
     install_reactor()  # zillatw's epoll reactor, unless `twistd -r` installed one
     try:
-        gateway = build_gateway(options["config"], drain_timeout=options["drain-timeout"], limits=options["limits"])
+        gateway = build_gateway(options["config"], drain_timeout=options["drain-timeout"], limits=options["limits"],
+                                close_spread=options["close-spread"])
     except ConfigError as e:
         raise SystemExit(f"zillaws: {options['config']}: invalid configuration:\n{e}") from None
     gateway.ready_file = options["ready-file"]
@@ -56,7 +69,7 @@ def makeService(options: Options) -> Gateway:
         return make_supervisor(reactor, gateway, options, graceful)
     if options["listen-fds"] is not None:
         from zillatw.runtime.workers import become_worker
-        become_worker(reactor, options["listen-fds"], gateway)
+        become_worker(reactor, options["listen-fds"], gateway, options["metrics-socket"])
     gateway.watch_interval = None if options["no-watch"] else WATCH_INTERVAL
     gateway.verbose = options["verbose"]  # print a reloaded configuration too
     install_sighup(reactor, gateway)

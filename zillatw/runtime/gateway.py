@@ -26,10 +26,12 @@ from zillatw.config import Config, load
 from zillatw.config.plugins import IDrainsGracefully, IHoldsConnections, IRunsInBackground, Registry
 from zillatw.config.yamlload import DEFAULT_LIMITS, Limits
 from zillatw.errors import ConfigError
+from zillatw.runtime.closespread import drain_spread
 from zillatw.runtime.graph import BindingGraph
 from zillatw.runtime.reload import ConfigWatcher
 from zillatw.runtime.standard import standard_registry
 from zillatw.telemetry.events import Events
+from zillatw.telemetry.health import HealthEndpoints, Readiness, health_addresses
 from zillatw.telemetry.metrics import Metrics
 
 Source = str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, Any]] | Config
@@ -105,7 +107,11 @@ def build_generation(config: Config, reactor: Any, event_stream: TextIO | None =
 
 
 class Gateway(Service):
-    """Serves one configuration at a time. `listening` fires once every listener is up."""
+    """Serves one configuration at a time. `listening` fires once every listener is up.
+
+    Its readiness (zillatw.telemetry.health.Readiness, served by the health exporter's `/ready`) moves
+    one way: STARTING until every listener is bound, READY, then DRAINING from stopService on.
+    A reload does not change it: the old generation serves while the new one binds."""
 
     log = Logger()
     # A file written once every listener (and metrics endpoint) listens, removed on stop:
@@ -118,13 +124,26 @@ class Gateway(Service):
     env: Mapping[str, str] | None = None
     limits: Limits = DEFAULT_LIMITS  # on reading the file again (zillatw.config.yamlload)
     verbose = False  # print a reloaded configuration, as at startup with -v
+    # Whether this process serves the prometheus and health exporters: a worker of `-w N`
+    # does not, its supervisor does (zillatw.runtime.workers).
+    serves_exporters = True
 
     def __init__(self, config: Config, reactor: Any = None, event_stream: TextIO | None = None,
-                 drain_timeout: float = DRAIN_TIMEOUT, registry: Registry | None = None):
+                 drain_timeout: float = DRAIN_TIMEOUT, registry: Registry | None = None,
+                 close_spread: float = 0.0):
         if reactor is None:  # an embedder's default; tests pass theirs
             from twisted.internet import reactor
+        if not 0 <= close_spread <= drain_timeout:
+            raise ValueError(f"close spread {close_spread:g} s: expected between 0 and the drain timeout "
+                             f"({drain_timeout:g} s)")
         self.reactor = reactor
         self.drain_timeout = drain_timeout
+        # On stop, the WebSockets' 1001 closes are spread evenly over this many seconds
+        # (zillatw.runtime.closespread) instead of sent at once: no reconnect storm on a neighbour.
+        self.close_spread = close_spread
+        self.readiness = Readiness.STARTING
+        self.readiness_listeners: list[Any] = []  # called with each new Readiness (a worker's report)
+        self.health = HealthEndpoints(reactor, lambda: self.readiness)
         self.event_stream = event_stream
         self.registry = registry or standard_registry()
         # Listening sockets a supervisor opened for this worker process (zillatw.runtime.workers), by
@@ -161,13 +180,30 @@ class Gateway(Service):
         """Ports the prometheus exporters listen on; useful with port 0."""
         return self.metrics.ports()
 
+    def health_ports(self) -> list[int]:
+        """Ports the health exporters listen on; useful with port 0."""
+        return self.health.ports()
+
+    def _set_readiness(self, readiness: Readiness) -> None:
+        if readiness is not self.readiness:
+            self.readiness = readiness
+            for listener in list(self.readiness_listeners):
+                listener(readiness)
+
+    def _listen_exporters(self, generation: Generation) -> defer.Deferred:
+        if not self.serves_exporters:
+            return defer.succeed(None)
+        return generation.metrics.listen(self.reactor)
+
     def startService(self) -> None:
         super().startService()
         self._remove_ready_file()  # a stale one from a crashed run would lie until we listen
         self.generation.start()
-        d = defer.gatherResults([server.listen(self.reactor, inherited=self.inherited_listeners)
-                                 for server in self.servers()]
-                                + [self.metrics.listen(self.reactor)], consumeErrors=True)
+        # The health listeners first, so that a probe hears "starting" rather than nothing.
+        health = self.health.open(health_addresses(self.config)) if self.serves_exporters else defer.succeed(None)
+        d = health.addCallback(lambda _: defer.gatherResults(
+            [server.listen(self.reactor, inherited=self.inherited_listeners) for server in self.servers()]
+            + [self._listen_exporters(self.generation)], consumeErrors=True))
         # Announce (event, ready file, `listening`) once the reactor runs: twistd starts
         # services before reactor.run(), and the drain-on-SIGTERM handlers (zillatw.runtime.shutdown)
         # are installed only then, so whoever acts on "started" may send SIGTERM at once.
@@ -257,18 +293,29 @@ class Gateway(Service):
             self._reload_failed(["tcp listeners: with workers (-w), the supervisor holds the listening sockets, "
                                  "so a reload cannot add or remove listener addresses; restart to change them"])
             return False
-        # 1. Open the new addresses (and the metrics endpoints); a failure undoes it all.
+        if not self.serves_exporters and (health_addresses(new.config) != health_addresses(old.config)
+                                          or new.metrics.endpoints != old.metrics.endpoints):
+            self._reload_failed(["telemetry.exporters: with workers (-w), the supervisor serves the prometheus and "
+                                 "health endpoints, so a reload cannot change them; restart to change them"])
+            return False
+        # 1. Open the new addresses (and the metrics endpoints); a failure undoes it all. The
+        #    health listeners whose address stays keep answering (and readiness stays READY).
         yield old.metrics.stop()
+        old_health = list(self.health.listening)
         opened = []
         try:
             for server in new_servers:
                 yield server.listen(self.reactor, skip=old_listeners, inherited=self.inherited_listeners)
                 opened.append(server)
-            yield new.metrics.listen(self.reactor)
+            yield self._listen_exporters(new)
+            if self.serves_exporters:
+                yield self.health.open(health_addresses(new.config))
         except Exception as e:
             error = e.subFailure.value if hasattr(e, "subFailure") else e
             yield defer.gatherResults([server.stop() for server in opened], consumeErrors=True)
-            yield old.metrics.listen(self.reactor)
+            yield new.metrics.stop()
+            yield self.health.close_except(old_health)
+            yield self._listen_exporters(old)
             self._reload_failed([f"cannot listen: {error}"])
             return False
         # 2. Start the new bindings, then hand the kept sockets over: from here on, new
@@ -282,7 +329,8 @@ class Gateway(Service):
         # 3. Close the listeners that are gone; their connections, like every open one, stay on
         #    the old bindings until they close.
         yield defer.gatherResults([defer.maybeDeferred(listener.port.stopListening)
-                                   for listener in old_listeners.values()], consumeErrors=True)
+                                   for listener in old_listeners.values()]
+                                  + [self.health.close_except(health_addresses(new.config))], consumeErrors=True)
         self.retired.append(old)
         self.prune_retired()
         self.log.info("zillatw: {source}: configuration reloaded", source=new.config.source)
@@ -302,6 +350,8 @@ class Gateway(Service):
 
     def _started(self, _: Any) -> None:
         self.generation.emit("ENGINE_STARTED", "Engine Started.")
+        if self.running:
+            self._set_readiness(Readiness.READY)
         if self.ready_file and self.running:
             with open(self.ready_file, "w") as ready:
                 ready.write(f"{os.getpid()}\n")
@@ -324,24 +374,25 @@ class Gateway(Service):
         503), and fire once all connections are closed or `drain_timeout` has passed, when
         the ones left are dropped."""
         super().stopService()
+        self._set_readiness(Readiness.DRAINING)  # /ready says 503 from now on; /health stays 200
         self._remove_ready_file()
         if self._watcher is not None:
             self._watcher.stop()
         stopped = defer.gatherResults([server.stop() for server in self.servers()] + [self.metrics.stop()],
                                       consumeErrors=True)
         stopped.addErrback(lambda failure: self.log.failure("zillatw: stopping a listener", failure))
-        return stopped.addCallback(lambda _: self._drain()).addCallback(lambda _: self.generation.stop())
+        stopped.addCallback(lambda _: self._drain()).addCallback(lambda _: self.generation.stop())
+        return stopped.addBoth(lambda result: self.health.stop().addCallback(lambda _: result))
 
     def _drain(self) -> defer.Deferred:
         draining = [b for generation in [self.generation, *self.retired] for b in generation.holding()]
-        for binding in draining:
-            if IDrainsGracefully.providedBy(binding):  # a ws client's upstreams get 1001 from their ws server
-                binding.going_away()
+        spread = drain_spread(self.reactor, draining, self.close_spread)
         open_count = lambda: sum(binding.open_count() for binding in draining)  # noqa: E731
         drained: defer.Deferred = defer.Deferred()
         if open_count():
-            self.log.info("zillatw: closing {count} connections (waiting up to {seconds:g} s)",
-                          count=open_count(), seconds=self.drain_timeout)
+            self.log.info("zillatw: closing {count} connections{spread} (waiting up to {seconds:g} s)",
+                          count=open_count(), seconds=self.drain_timeout,
+                          spread=f" over {self.close_spread:g} s" if spread is not None else "")
         deadline = self.reactor.seconds() + self.drain_timeout
 
         def poll() -> None:
@@ -349,6 +400,8 @@ class Gateway(Service):
             if left and self.reactor.seconds() < deadline:
                 self.reactor.callLater(0.02, poll)
                 return
+            if spread is not None:
+                spread.cancel()
             if left:
                 self.log.warn("zillatw: dropping {count} connections still open after {seconds:g} s",
                               count=left, seconds=self.drain_timeout)
@@ -361,14 +414,17 @@ class Gateway(Service):
 
 def build_gateway(source: Source, reactor: Any = None, env: Mapping[str, str] | None = None,
                   event_stream: TextIO | None = None, drain_timeout: float = DRAIN_TIMEOUT,
-                  limits: Limits = DEFAULT_LIMITS, registry: Registry | None = None) -> Gateway:
+                  limits: Limits = DEFAULT_LIMITS, registry: Registry | None = None,
+                  close_spread: float = 0.0) -> Gateway:
     """Embedding API: a Gateway service for a path, dict or Config. Start it with
     `gateway.startService()` (or attach it to an Application); ConfigError if invalid.
     A file is read within `limits`, at startup and on every reload; `reactor` is the one
     every binding uses (a test passes a MemoryReactorClock); `registry` the types served
-    (zillatw.runtime.standard.standard_registry(), with types of one's own registered on it)."""
+    (zillatw.runtime.standard.standard_registry(), with types of one's own registered on it);
+    `close_spread` the seconds over which a stop's 1001 closes are spread (zillatw.runtime.closespread)."""
     registry = registry or standard_registry()
-    gateway = Gateway(load_config(source, env, limits, registry), reactor, event_stream, drain_timeout, registry)
+    gateway = Gateway(load_config(source, env, limits, registry), reactor, event_stream, drain_timeout, registry,
+                      close_spread)
     gateway.limits = limits
     if isinstance(source, (str, os.PathLike)):
         gateway.source, gateway.env = os.path.abspath(source), env

@@ -11,7 +11,7 @@ from zillatw.bindings.ws import binding as ws
 from zillatw.catalogs import apicurio, inline, schema_registry
 from zillatw.config.plugins import Plugin, Registry
 from zillatw.guards import jwt, x509
-from zillatw.telemetry import metrics
+from zillatw.telemetry import health, metrics
 from zillatw.vaults import filesystem as vault
 
 BUILT_IN: tuple[Plugin, ...] = (
@@ -25,7 +25,7 @@ BUILT_IN: tuple[Plugin, ...] = (
 def standard_registry() -> Registry:
     """A new registry of the built-in types (a copy each time: registering a type of one's
     own on it changes no other gateway's)."""
-    registry = Registry(namespace_checks=[metrics.check])
+    registry = Registry(namespace_checks=[metrics.check, health.check])
     for plugin in BUILT_IN:
         registry.register(plugin)
     return registry

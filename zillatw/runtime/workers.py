@@ -9,18 +9,24 @@ kernel hands each new connection to one of the workers. The supervisor serves no
 - SIGTERM/SIGINT go to every worker, each drains its connections (1001) and exits, then the
   supervisor exits 0; a second signal is passed on as well, and everything exits at once;
 - SIGHUP goes to every worker: each reloads the file (zillatw.runtime.reload), as each watches it;
-- `--ready-file` is written once every worker listens.
+- `--ready-file` is written once every worker listens;
+- the prometheus and health exporters are the supervisor's (zillatw.telemetry.prometheus_workers): a
+  scrape is the sum over the workers, `/ready` is 200 while every worker is ready. A worker
+  reports its readiness on its status pipe (a line: `ready`, `draining`) and serves its
+  metrics on a UNIX socket in a directory made for the run.
 
-A worker is a whole gateway: each has its own fan groups (see the README, "Workers"),
-metrics and connection limits.
+A worker is a whole gateway: each has its own fan groups (see the README, "Workers")
+and connection limits.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from typing import Any
 
 from twisted.application.service import Service
@@ -30,9 +36,12 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
 from zillatw.config.yamlload import limit_flags
+from zillatw.telemetry.health import Readiness, health_addresses
+from zillatw.telemetry.prometheus_workers import SupervisorExporters, serve_worker_metrics
 
 log = Logger()
-STATUS_FD = 3           # a worker writes "ready" on it once it listens
+STATUS_FD = 3           # a worker writes its readiness on it, a line each change ("ready", "draining")
+MAX_STATUS_LINE = 64
 FIRST_FD = 4            # the listening sockets, from here on, in the order of --listen-fds
 RESTART_DELAY, MAX_RESTART_DELAY, STEADY = 0.5, 30.0, 10.0
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
@@ -59,9 +68,10 @@ class AdoptedEndpoint:
         return defer.execute(self.reactor.adoptStreamPort, self.fd, self.family, factory)
 
 
-def become_worker(reactor: Any, spec: str, gateway: Any) -> None:
-    """In a worker: adopt the sockets `--listen-fds` names, say "ready" once listening, and
-    stop (draining) if the supervisor is gone."""
+def become_worker(reactor: Any, spec: str, gateway: Any, metrics_socket: str | None = None) -> None:
+    """In a worker: adopt the sockets `--listen-fds` names, report readiness ("ready" once
+    listening, "draining" once stopping), serve metrics on `metrics_socket` (the supervisor
+    serves the exporters), and stop (draining) if the supervisor is gone."""
     for item in filter(None, spec.split(",")):
         address, _, fd = item.rpartition("=")
         host, _, port = address.rpartition(":")
@@ -72,12 +82,16 @@ def become_worker(reactor: Any, spec: str, gateway: Any) -> None:
     os.setpgid(0, 0)
     parent = os.getppid()
 
-    def ready(result: Any) -> Any:
+    def report(readiness: Readiness) -> None:
         try:
-            os.write(STATUS_FD, b"ready\n")
-        except OSError:
+            os.write(STATUS_FD, readiness.value.encode() + b"\n")
+        except OSError:  # the supervisor is gone: orphaned() stops us
             pass
-        return result
+
+    gateway.serves_exporters = False
+    gateway.readiness_listeners.append(report)
+    if metrics_socket:
+        serve_worker_metrics(reactor, metrics_socket, lambda: gateway.metrics.registry)
 
     def orphaned() -> None:
         if os.getppid() != parent:
@@ -88,7 +102,6 @@ def become_worker(reactor: Any, spec: str, gateway: Any) -> None:
             except ReactorNotRunning:  # already stopping
                 pass
 
-    gateway.listening.addCallback(ready)
     from twisted.internet import task
     watch = task.LoopingCall(orphaned)
     watch.clock = reactor
@@ -100,16 +113,25 @@ class Worker(ProcessProtocol):
         self.supervisor = supervisor
         self.index = index
         self.pid: int | None = None
-        self.ready = False
+        self.ready = False      # its last report: ready (not starting, not draining)
+        self.listening = False  # it has been ready once: its metrics socket answers
         self.started = supervisor.reactor.seconds()
+        self._status = b""
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
-        if fd == STATUS_FD and b"ready" in data and not self.ready:
-            self.ready = True
-            self.supervisor.worker_ready(self)
+        if fd != STATUS_FD:
+            return
+        *lines, self._status = (self._status + data).split(b"\n")
+        self._status = self._status[-MAX_STATUS_LINE:]  # a line is a word: keep no more
+        for line in lines:
+            if line == b"ready" and not self.ready:
+                self.ready = self.listening = True
+                self.supervisor.worker_ready(self)
+            elif line == b"draining":
+                self.ready = False
 
     def processEnded(self, reason: Any) -> None:
         self.supervisor.worker_ended(self, reason.value)
@@ -125,7 +147,8 @@ class Supervisor(Service):
     """The parent of `-w N`: holds the sockets, runs and restarts the workers."""
 
     def __init__(self, reactor: Any, count: int, addresses: list[tuple[str, int, int]], worker_args: list[str],
-                 ready_file: str | None = None):
+                 ready_file: str | None = None, metrics_endpoints: dict[int, set[str]] | None = None,
+                 health: list[tuple[str, int]] | None = None):
         self.reactor = reactor
         self.count = count
         self.addresses = addresses        # (host, port, backlog), as configured
@@ -137,17 +160,40 @@ class Supervisor(Service):
         self.restarts: dict[int, Any] = {}
         self.stopping = False
         self._stopped: defer.Deferred | None = None
+        # the workers' metrics sockets, in a directory made for the run (if there are endpoints)
+        self.metrics_dir: str | None = None
+        self.exporters = SupervisorExporters(reactor, metrics_endpoints or {}, health or [], self.readiness,
+                                             self._scraped)
+
+    def readiness(self) -> Readiness:
+        """Ready while every worker is (a restarting one is not); draining once stopping."""
+        if self.stopping:
+            return Readiness.DRAINING
+        ready = len(self.workers) == self.count and all(w.ready for w in self.workers.values())
+        return Readiness.READY if ready else Readiness.STARTING
+
+    def metrics_socket(self, index: int) -> str | None:
+        return os.path.join(self.metrics_dir, f"worker-{index}.sock") if self.metrics_dir else None
+
+    def _scraped(self) -> list[tuple[int, str]]:
+        """(pid, metrics socket) of every worker that has listened: those a scrape asks."""
+        return [(w.pid, path) for index, w in sorted(self.workers.items())
+                if w.listening and w.pid is not None and (path := self.metrics_socket(index))]
 
     def startService(self) -> None:
         super().startService()
         try:
+            self.exporters.listen()  # health first: a probe hears "starting" while workers start
             self.sockets = [listen_socket(host, port, backlog) for host, port, backlog in self.addresses]
-        except OSError as e:
+        except Exception as e:
             for sock in self.sockets:
                 sock.close()
-            log.error("zillatw: cannot listen: {error}", error=e)
+            self.exporters.stop()
+            log.error("zillatw: cannot listen: {error}", error=getattr(e, "socketError", None) or e)
             self.reactor.callWhenRunning(self.reactor.stop)
             return
+        if self.exporters.endpoints:
+            self.metrics_dir = tempfile.mkdtemp(prefix="zillatw-metrics-")  # 0700
         for index in range(1, self.count + 1):
             self.spawn(index)
 
@@ -160,9 +206,13 @@ class Supervisor(Service):
         child_fds: dict[int, Any] = {0: 0, 1: 1, 2: 2, STATUS_FD: "r"}
         child_fds.update({FIRST_FD + n: sock.fileno() for n, sock in enumerate(self.sockets)})
         worker = self.workers[index] = Worker(self, index)
+        metrics = self.metrics_socket(index)
         self.reactor.spawnProcess(worker, TWISTD[0], TWISTD + ["-n", "--pidfile=", "zillaws", *self.worker_args,
-                                                               "--listen-fds", fds],
+                                                               "--listen-fds", fds,
+                                                               *(["--metrics-socket", metrics] if metrics else [])],
                                   env=os.environ.copy(), childFDs=child_fds)
+        if worker.pid is not None:
+            self.exporters.aggregate.worker_started(worker.pid)
         log.info("zillatw: worker {index} started (pid {pid})", index=index, pid=worker.pid)
 
     def worker_ready(self, worker: Worker) -> None:
@@ -175,6 +225,8 @@ class Supervisor(Service):
     def worker_ended(self, worker: Worker, status: Any) -> None:
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
+        if worker.pid is not None:  # what it counted stays in the sum
+            self.exporters.aggregate.worker_gone(worker.pid)
         how = f"signal {status.signal}" if getattr(status, "signal", None) else f"code {status.exitCode}"
         if self.stopping:
             log.info("zillatw: worker {index} (pid {pid}) exited ({how})", index=worker.index, pid=worker.pid, how=how)
@@ -213,7 +265,13 @@ class Supervisor(Service):
             self.signal_workers(signal.SIGTERM)
         for sock in self.sockets:  # the workers hold their own copies until they stop listening
             sock.close()
-        return self._stopped
+        # The exporters answer (/ready: 503) until the workers are gone.
+        return self._stopped.addBoth(self._stop_exporters)
+
+    def _stop_exporters(self, result: Any) -> Any:
+        if self.metrics_dir:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        return self.exporters.stop().addBoth(lambda _: result)
 
     def install_signals(self, graceful: Any) -> None:
         """Once running: SIGHUP to the workers; SIGTERM/SIGINT to the workers too when it is
@@ -241,15 +299,14 @@ def make_supervisor(reactor: Any, gateway: Any, options: Any, graceful: Any) -> 
         if server.endpoint is not None:
             problems.append(f"bindings.{server.name}.options.endpoint: with -w, tcp servers listen on host and port")
         addresses.extend((server.host or "", port, server.backlog) for port in server.ports)
-    if gateway.metrics.endpoints:
-        problems.append("telemetry.exporters: prometheus exporters are not served with -w yet "
-                        "(each worker would count its own connections)")
     if problems:
         raise SystemExit(f"zillaws: {options['config']}: cannot run workers:\n  " + "\n  ".join(problems))
-    args = ["-c", os.path.abspath(options["config"]), "--drain-timeout", str(options["drain-timeout"])]
+    args = ["-c", os.path.abspath(options["config"]), "--drain-timeout", str(options["drain-timeout"]),
+            "--close-spread", str(options["close-spread"])]
     if options["no-watch"]:
         args.append("--no-watch")
     args += limit_flags(gateway.limits)
-    supervisor = Supervisor(reactor, options["workers"], addresses, args, options["ready-file"])
+    supervisor = Supervisor(reactor, options["workers"], addresses, args, options["ready-file"],
+                            gateway.metrics.endpoints, health_addresses(gateway.config))
     supervisor.install_signals(graceful)
     return supervisor

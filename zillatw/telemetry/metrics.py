@@ -54,9 +54,10 @@ STREAM_METRICS = {
 }
 HTTP_METRICS = {"http.active.requests": ("gauge", ""), "http.duration": ("histogram", "milliseconds")}
 METRICS = {**STREAM_METRICS, **HTTP_METRICS}
-# The exporters zillatw serves: stdout (events, zillatw.telemetry.events) and prometheus (metrics);
-# Zilla's others pass the schema and are refused by name.
-SUPPORTED_EXPORTERS = ("stdout", "prometheus")
+# The exporters zillatw serves: stdout (events, zillatw.telemetry.events), prometheus (metrics) and
+# health (ours: zillatw.telemetry.health checks its options); Zilla's others pass the schema and are
+# refused by name.
+SUPPORTED_EXPORTERS = ("stdout", "prometheus", "health")
 # Zilla's, not recorded by zillatw yet: refused by name when declared.
 UNRECORDED_METRICS = ("http.request.size", "http.response.size",
            "grpc.active.requests", "grpc.duration", "grpc.request.size", "grpc.response.size",

@@ -90,6 +90,8 @@ BASES: dict[tuple[str, str | None], tuple[Callable[[], dict[str, Any]], list[Any
                                         ["catalogs", "x"]),
     ("exporter prometheus", None): (_with("telemetry.exporters", {"p": {"type": "prometheus", "options": {
         "endpoints": [{"scheme": "http", "port": 9090}]}}}), ["telemetry", "exporters", "p"]),
+    ("exporter health", None): (_with("telemetry.exporters", {"h": {"type": "health", "options": {"port": 7180}}}),
+                                ["telemetry", "exporters", "h"]),
 }
 
 
@@ -363,4 +365,7 @@ SAMPLES: dict[tuple[str, ...], Any] = {
     ("catalog schema-registry", "options.tls"): {},
     # exporter prometheus
     ("exporter prometheus", "options.endpoints"): [{"scheme": "http", "port": 9091, "path": "/m"}],
+    # exporter health
+    ("exporter health", "options.host"): "127.0.0.1",
+    ("exporter health", "options.port"): 7181,
 }
