@@ -15,7 +15,8 @@ from typing import Any
 
 NAME_PATTERN = r"^[a-zA-Z]+[a-zA-Z0-9\._\-]*$"
 KINDS = ["client", "server", "proxy", "remote_client", "remote_server", "cache_client", "cache_server"]
-EXPORTER_TYPES = ["stdout", "prometheus", "otlp", "syslog", "aws-cloudwatch", "health"]  # health: ours (zillatw.telemetry.health)
+# Zilla's exporter types, and health: ours (zillatw.telemetry.health)
+EXPORTER_TYPES = ["stdout", "prometheus", "otlp", "syslog", "aws-cloudwatch", "health"]
 
 NAME = {"type": "string", "pattern": NAME_PATTERN}
 # A key a binding type forbids. (A bare `false` schema would lose the key from error paths.)

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 
 from zillatw.bindings.tcp.binding import TcpServer
 from zillatw.config import Config, load
-from zillatw.config.plugins import IDrainsGracefully, IHoldsConnections, IRunsInBackground, Registry
+from zillatw.config.plugins import IHoldsConnections, IRunsInBackground, Registry
 from zillatw.config.yamlload import DEFAULT_LIMITS, Limits
 from zillatw.errors import ConfigError
 from zillatw.runtime.closespread import drain_spread

@@ -15,8 +15,8 @@ from twisted.trial import unittest
 
 from zillatw import build_gateway
 from zillatw.errors import ConfigError
-from zillatw.telemetry.health import HEAD_TIMEOUT, MAX_CONNECTIONS, HealthFactory, Readiness, answer
 from zillatw.runtime.gateway import build_generation, load_config
+from zillatw.telemetry.health import HEAD_TIMEOUT, MAX_CONNECTIONS, HealthFactory, Readiness, answer
 from zillatw.test.support import chain, connect_raw, connect_ws, raw_exchange, split_response, upgrade_request
 
 

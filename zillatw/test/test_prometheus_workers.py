@@ -14,13 +14,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from zillatw.runtime.workers import STATUS_FD, Supervisor
 from zillatw.telemetry.health import Readiness
 from zillatw.telemetry.prometheus_workers import Aggregate
 from zillatw.test.support import chain, connect_raw, connect_ws, eventually, upgrade_request
 from zillatw.test.test_health import probe
 from zillatw.test.test_tap import free_port
 from zillatw.test.test_workers import _ProcessReactor, server_pid, spawn_workers, worker_pids
-from zillatw.runtime.workers import STATUS_FD, Supervisor
 
 METRICS = ["stream.opens.received", "stream.active.received", "stream.data.received", "http.duration"]
 
