@@ -26,6 +26,7 @@ from zillatw.service import load_config
 from zillatw.stream import StreamRefused
 from zillatw.test.support import ReactorTimer, close_ws, connect_ws, eventually, start_gateway
 from zillatw.test.test_proxy import Upstream, proxy_config
+from zillatw.test.test_tls import PASSWORD, ProxyOverTlsTests, TlsTestCase, client_tls, connect_wss, start_wss_upstream
 from zillatw.upstreams import PASSIVE_REJOIN, Pool
 
 A, B, C = ("10.0.0.1", 80), ("10.0.0.2", 80), ("10.0.0.3", 80)
@@ -413,6 +414,31 @@ class EndToEndTests(unittest.TestCase):
         self.assertIn(f"zillatw_upstream_active_streams{{{first}}} 3.0", text)
         self.assertIn(f"zillatw_upstream_connect_failures_total{{{second}}} 1.0", text)
         self.assertIn(f"zillatw_upstream_up{{{first}}} 1.0", text)
+
+
+class OverTlsTests(TlsTestCase):
+    @defer.inlineCallbacks
+    def test_a_tls_client_in_front_of_a_pool_verifies_each_upstream(self):
+        """tls client -> pooled tcp client: the TLS connection rides the counted connection."""
+        upstreams = [start_wss_upstream(self, self.pki.localhost) for _ in range(2)]
+        config = ProxyOverTlsTests.proxy_config(self, 0, {"trust": ["backend"], "sni": ["localhost"]},
+                                                {"trust": {"store": ProxyOverTlsTests.truststore(self),
+                                                           "password": PASSWORD}})
+        config["bindings"]["south_tcp_client"]["options"] = {
+            "upstreams": [{"host": "127.0.0.1", "port": port} for _, port in upstreams], "balance": "least-connections"}
+        gateway, port = yield start_gateway(self, config)
+        clients = []
+        for _ in range(4):
+            client = yield connect_wss(port, client_tls(self.pki.ca), protocols=["echo"])
+            client.sendMessage(b"through a pool", isBinary=True)
+            self.assertEqual(b"".join((yield client.messages.get())[1]), b"through a pool")
+            clients.append(client)
+        self.assertEqual([len(factory.connections) for factory, _ in upstreams], [2, 2])
+        pool = gateway.binding("south_tcp_client").pool
+        self.assertEqual([pool.state(u).active for u in pool.upstreams], [2, 2])
+        for client in clients:
+            yield close_ws(client)
+        yield eventually(lambda: [pool.state(u).active for u in pool.upstreams] == [0, 0])
 
 
 class ConfigTests(unittest.SynchronousTestCase):
