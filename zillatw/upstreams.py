@@ -146,6 +146,15 @@ class PoolStates:
 
     def __init__(self) -> None:
         self._states: dict[Key, UpstreamState] = {}
+        self.listed: frozenset[Key] | None = None  # the serving configuration's, once one adopted them
+
+    def takes_new(self, key: Key) -> bool:
+        """Whether `key` may get a new stream: listed now (a drained one stays out, even for
+        a retired configuration's pool that still lists it) and up."""
+        if self.listed is not None and key not in self.listed:
+            return False
+        state = self._states.get(key)
+        return state is None or state.up
 
     def state(self, key: Key) -> UpstreamState:
         state = self._states.get(key)
@@ -159,7 +168,7 @@ class PoolStates:
     def adopt(self, listed: Iterable[Key]) -> list[Key]:
         """The upstreams a new configuration lists serve (a re-listed one stops draining);
         the others drain. Returns those that began draining; drained ones are forgotten."""
-        listed = set(listed)
+        listed = self.listed = frozenset(listed)
         started = []
         for key, state in list(self._states.items()):
             if key in listed:
@@ -200,7 +209,7 @@ class Pool:
 
     def available(self, exclude: Iterable[Key] = ()) -> list[Upstream]:
         excluded = set(exclude)
-        return [u for u in self.upstreams if u.key not in excluded and self.state(u).available]
+        return [u for u in self.upstreams if u.key not in excluded and self.states.takes_new(u.key)]
 
     def choose(self, exclude: Iterable[Key] = ()) -> Upstream | None:
         """The upstream for a new stream (not one in `exclude`: tried already), or None

@@ -156,6 +156,9 @@ class MembershipTests(unittest.SynchronousTestCase):
         self.assertIn(B.key, states.known())
         old.release(B)
         self.assertEqual(states.known(), [A.key])
+        # forgotten, it stays out of the old pool's choices and is not known again
+        self.assertEqual({old.choose().host for _ in range(4)}, {A.host})
+        self.assertEqual(states.known(), [A.key])
 
     def test_health_and_load_carry_over_to_the_next_configuration(self):
         states = PoolStates()
