@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from zillatw.config import BindingConfig, Route
 from zillatw.matching import matcher
-from zillatw.plugins import BindingType
+from zillatw.plugins import BindingType, IRunsInBackground
 from zillatw.protocols import tcp_pool
 from zillatw.schema import FORBIDDEN, PORT, PORT_SPEC, refused, route_schema
 from zillatw.stream import IUpstreamConnector, StreamRefused
@@ -272,13 +272,14 @@ class ListenerFactory(Factory):
         return exit_.buildProtocol(addr) if exit_ is not None else None
 
 
-@implementer(IUpstreamConnector)
+@implementer(IUpstreamConnector, IRunsInBackground)
 class TcpClient:
     """A tcp client binding: connects a protocol factory to the upstream."""
 
     def __init__(self, name: str, host: str | None = None, port: int | None = None,
-                 conditions: Iterable[dict[str, Any]] = (), *, reactor: Any):
+                 conditions: Iterable[dict[str, Any]] = (), *, reactor: Any, qname: str | None = None):
         self.name = name
+        self.qname = qname or name
         self.host = host
         self.port = port
         self.reactor = reactor
@@ -297,6 +298,14 @@ class TcpClient:
             raise StreamRefused(502, f"destination {authority} is not allowed by tcp client {self.name}'s routes")
         return destination
 
+    def start_service(self) -> None:
+        # A reload that replaced this binding's pool of upstreams with one host: the pool's
+        # probes stop and its upstreams drain (zillatw.protocols.tcp_pool).
+        tcp_pool.superseded(self.reactor, self.qname)
+
+    def stop_service(self) -> None:
+        pass
+
     def connect(self, factory: IProtocolFactory, authority: str | None, timeout: float) -> defer.Deferred:
         """Connect `factory`'s protocol; fails with the endpoint's error (refused, timeout, DNS)."""
         try:
@@ -314,7 +323,8 @@ def build(binding: BindingConfig, graph: Any) -> TcpServer | TcpClient | tcp_poo
     if binding.kind == "client":
         return TcpClient(binding.name, options.get("host"),
                          parse_ports(options["port"])[0] if "port" in options else None,
-                         [w for route in binding.routes for w in route.when], reactor=graph.reactor)
+                         [w for route in binding.routes for w in route.when], reactor=graph.reactor,
+                         qname=binding.qname)
     routes = [(route, graph.exit(route.exit, binding)) for route in binding.routes]
     return TcpServer(
         binding.name, routes, host=options.get("host"),

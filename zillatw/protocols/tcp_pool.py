@@ -8,8 +8,9 @@ State across reloads: a tcp client built from a reloaded file shares its upstrea
 down nor how loaded each one is, and an upstream no longer listed drains (its live streams
 go on, it gets no new ones). They are kept here, in `_SHARED`, keyed by the reactor and the
 binding's qualified name (`namespace:name`), from when a configuration using them starts
-serving until the last one using them stops; the one serving newest probes, the others
-only connect (a retired configuration's connections that are still open may ask for more).
+serving until the last one using them stops. Only the newest probes: a configuration's
+probes stop when the next one's tcp client of that name starts (with a pool, or with host
+and port: `superseded`), or when it stops.
 """
 
 from __future__ import annotations
@@ -200,6 +201,18 @@ class PooledTcpClient:
             rejoins.pop(upstream.key, None)
             self.report(upstream, self.pool.rejoin(upstream), f"tried again after {PASSIVE_REJOIN:g} s")
         rejoins[upstream.key] = self.reactor.callLater(PASSIVE_REJOIN, rejoin)
+
+
+def superseded(reactor: Any, qname: str) -> None:
+    """The tcp client `qname` serves without a pool now (a reload gave it host and port):
+    nothing probes the pool's upstreams any more, and they drain."""
+    shared = _SHARED.get((id(reactor), qname))
+    if shared is None:
+        return
+    if shared.prober is not None:
+        shared.prober.stop()
+        shared.prober = None
+    shared.states.adopt(())
 
 
 def _address(key: Key) -> str:

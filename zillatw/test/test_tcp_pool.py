@@ -21,6 +21,7 @@ from twisted.trial import unittest
 from zillatw import build_gateway
 from zillatw.errors import ConfigError
 from zillatw.events import Events
+from zillatw.protocols.tcp import TcpClient
 from zillatw.protocols.tcp_pool import _SHARED, PooledTcpClient, _CountedFactory, pool_options
 from zillatw.service import load_config
 from zillatw.stream import StreamRefused
@@ -173,6 +174,18 @@ class HealthTests(PoolOnAClock):
         old.stop_service()  # the retired one's last connection closed
         self.clock.advance(1)
         self.assertEqual(Counter(key for key, _, probe in self.dial.calls if probe), {A: 2, C: 2})
+
+
+    def test_a_reload_to_a_single_host_stops_the_probes_and_drains_the_pool(self):
+        old = self.pooled(A, B, health={"interval": 1, "timeout": 1})
+        old.start_service()
+        TcpClient("pool0", "10.0.0.9", 80, reactor=self.clock, qname="test:pool0").start_service()
+        calls = len(self.dial.calls)
+        self.clock.advance(5)
+        self.assertEqual(len(self.dial.calls), calls)
+        self.assertEqual(old.pool.available(), [])  # the retired configuration sends none there either
+        old.stop_service()
+        self.assertNotIn((id(self.clock), "test:pool0"), _SHARED)
 
 
 class AttemptTests(PoolOnAClock):
