@@ -219,6 +219,11 @@ def _address(key: Key) -> str:
     return Upstream(*key).address
 
 
+def _in_a_row(failures: int, why: str) -> str:
+    """Why an upstream went down: the failures that did it, and the last one's reason."""
+    return f"{failures} failure{'s' if failures != 1 else ''}, the last: {why}"
+
+
 class _Attempts:
     """One connection's attempts, on distinct upstreams, until one connects or none is left
     to try: `retries` more after the first, within the caller's timeout, which each
@@ -253,7 +258,7 @@ class _Attempts:
         self.tried.append(upstream.key)
         lease = _Lease(pool, upstream)
         counted = _CountedFactory(self.factory, lease)
-        connecting = client.dial(client.reactor, upstream.host, upstream.port, timeout, counted)
+        connecting = defer.maybeDeferred(client.dial, client.reactor, upstream.host, upstream.port, timeout, counted)
         self.current = connecting
         connecting.addCallbacks(self._connected, self._failed, callbackArgs=(upstream, lease),
                                 errbackArgs=(upstream, lease, timeout))
@@ -278,9 +283,8 @@ class _Attempts:
         self.failures.append(f"{upstream.address} {why}")
         client = self.client
         client.emit(PoolEvent.FAILED, f"{upstream.address} {why}")
-        state = client.pool.state(upstream)
-        fails = state.check.failures + 1
-        client.report(upstream, client.pool.connect_failed(upstream), f"{fails} failures, the last: {why}")
+        fails = _in_a_row(client.pool.state(upstream).check.failures + 1, why)
+        client.report(upstream, client.pool.connect_failed(upstream), fails)
         self.next()
 
     def _give_up(self, remaining: float) -> None:
@@ -398,7 +402,8 @@ class _Prober:
             return
         client = self.client
         settings = client.pool.settings
-        probing = client.dial(client.reactor, upstream.host, upstream.port, settings.timeout, _PROBES)
+        probing = defer.maybeDeferred(client.dial, client.reactor, upstream.host, upstream.port, settings.timeout,
+                                      _PROBES)
         self.in_flight[upstream.key] = probing
         probing.addCallbacks(self._passed, self._failed, callbackArgs=(upstream,), errbackArgs=(upstream,))
 
@@ -414,8 +419,8 @@ class _Prober:
         pool = self.client.pool
         why = (f"no connection within {pool.settings.timeout:g} s" if failure.check(error.TimeoutError)
                else failure.getErrorMessage())
-        fails = pool.state(upstream).check.failures + 1
-        self.client.report(upstream, pool.probe_failed(upstream), f"{fails} failures, the last: {why}")
+        fails = _in_a_row(pool.state(upstream).check.failures + 1, why)
+        self.client.report(upstream, pool.probe_failed(upstream), fails)
 
     def stop(self) -> None:
         self.stopped = True
