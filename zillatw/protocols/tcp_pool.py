@@ -79,10 +79,6 @@ def check_pool(options: Mapping[str, Any]) -> Iterator[Problem]:
         where = seen.setdefault((item["host"], item["port"]), index)
         if where != index:
             yield f"options.upstreams[{index}]", f"the same host and port as upstreams[{where}]"
-    retries = options.get("retries")
-    if retries is not None and retries > len(upstreams) - 1:
-        yield "options.retries", (f"{retries} retries need {retries + 1} upstreams (no upstream is tried twice "
-                                  f"for one connection); there are {len(upstreams)}")
     health = options.get("health") or {}
     if health.get("timeout", DEFAULT_TIMEOUT) > health.get("interval", DEFAULT_INTERVAL):
         yield "options.health.timeout", "longer than options.health.interval: probes would overlap"
@@ -90,7 +86,9 @@ def check_pool(options: Mapping[str, Any]) -> Iterator[Problem]:
 
 def pool_options(options: Mapping[str, Any]) -> tuple[list[Upstream], Balance, int, HealthSettings]:
     """(upstreams, balance, retries, health) from checked options; retries default to
-    every other upstream once, no `health` means no probes (failed connects still count)."""
+    every other upstream once (more than that try each other one once: the issue's own
+    example has `retries: 2` over two upstreams), no `health` means no probes (failed
+    connects still count)."""
     upstreams = [Upstream(item["host"], item["port"], item.get("weight", 1)) for item in options["upstreams"]]
     balance = Balance(options.get("balance", Balance.ROUND_ROBIN.value))
     retries = options.get("retries", len(upstreams) - 1)

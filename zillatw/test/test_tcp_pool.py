@@ -199,6 +199,12 @@ class AttemptTests(PoolOnAClock):
         for address in ("10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"):
             self.assertIn(f"{address} Connection was refused", refusal.detail)
 
+    def test_more_retries_than_other_upstreams_try_each_once(self):
+        client = self.pooled(A, B, retries=5)
+        self.dial.behaviour[A] = self.dial.behaviour[B] = "refused"
+        self.failureResultOf(self.connect(client), StreamRefused)
+        self.assertEqual(sorted(self.dial.real()), [A, B])
+
     def test_retries_bound_the_attempts(self):
         client = self.pooled(A, B, C, retries=1)
         for key in (A, B, C):
@@ -473,12 +479,25 @@ class ConfigTests(unittest.SynchronousTestCase):
         self.assertEqual(len(problems), 2)
         self.assertTrue(all("only with 'upstreams'" in p for p in problems))
 
-    def test_an_upstream_twice_too_many_retries_and_overlapping_probes_are_refused(self):
-        problems = self.problems(upstreams=[{"host": "h", "port": 1}, {"host": "h", "port": 1}], retries=2,
+    def test_an_upstream_twice_and_overlapping_probes_are_refused(self):
+        problems = self.problems(upstreams=[{"host": "h", "port": 1}, {"host": "h", "port": 1}],
                                  health={"interval": 1, "timeout": 2})
         self.assertEqual([p.split(":")[0] for p in problems], [
-            "bindings.south_tcp_client.options.upstreams[1]", "bindings.south_tcp_client.options.retries",
-            "bindings.south_tcp_client.options.health.timeout"])
+            "bindings.south_tcp_client.options.upstreams[1]", "bindings.south_tcp_client.options.health.timeout"])
+
+    def test_the_issues_example_loads(self):
+        """retries: 2 over two upstreams, as issue 17 writes it: each other one is tried once."""
+        config = proxy_config(1)
+        config["bindings"]["south_tcp_client"]["options"] = yaml.safe_load("""
+            upstreams:
+              - {host: 127.0.0.1, port: 8081}
+              - {host: 127.0.0.1, port: 8082, weight: 2}
+            balance: least-connections
+            retries: 2
+            health: {interval: 2, timeout: 1, fails: 2, passes: 1}
+        """)
+        binding = load_config(config).binding("test:south_tcp_client")
+        self.assertEqual(pool_options(binding.options)[2], 2)
 
     def test_pool_keys_on_a_tcp_server_are_refused(self):
         config = proxy_config(1)
