@@ -1,4 +1,4 @@
-"""The tcp client's upstream pools (zillatw.protocols.tcp_pool): attempts, retries, probes
+"""The tcp client's upstream pools (zillatw.bindings.tcp.pool): attempts, retries, probes
 and their timing on a Clock with a dialer that needs no socket; then end to end, a ws proxy
 in front of two real upstream WebSocket servers on loopback."""
 
@@ -20,15 +20,15 @@ from twisted.trial import unittest
 
 from zillatw import build_gateway
 from zillatw.errors import ConfigError
-from zillatw.events import Events
-from zillatw.protocols.tcp import TcpClient
-from zillatw.protocols.tcp_pool import _SHARED, PooledTcpClient, _CountedFactory, pool_options
-from zillatw.service import load_config
+from zillatw.telemetry.events import Events
+from zillatw.bindings.tcp.binding import TcpClient
+from zillatw.bindings.tcp.pool import _SHARED, PooledTcpClient, _CountedFactory, pool_options
+from zillatw.runtime.gateway import load_config
 from zillatw.stream import StreamRefused
 from zillatw.test.support import ReactorTimer, close_ws, connect_ws, eventually, start_gateway
 from zillatw.test.test_proxy import Upstream, proxy_config
 from zillatw.test.test_tls import PASSWORD, ProxyOverTlsTests, TlsTestCase, client_tls, connect_wss, start_wss_upstream
-from zillatw.upstreams import PASSIVE_REJOIN, Pool
+from zillatw.bindings.tcp.upstreams import PASSIVE_REJOIN, Pool
 
 A, B, C = ("10.0.0.1", 80), ("10.0.0.2", 80), ("10.0.0.3", 80)
 

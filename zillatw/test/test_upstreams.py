@@ -1,4 +1,4 @@
-"""zillatw.upstreams, sans-IO: selection (smooth weighted round-robin, weighted
+"""zillatw.bindings.tcp.upstreams, sans-IO: selection (smooth weighted round-robin, weighted
 least-connections), the health state machine, and membership across reloads."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from collections import Counter
 
 from twisted.trial import unittest
 
-from zillatw.upstreams import (
+from zillatw.bindings.tcp.upstreams import (
     MAX_UPSTREAMS,
     Balance,
     Health,
