@@ -154,6 +154,21 @@ def _under(key: str, value: Any, **siblings: Any) -> Callable[[dict[str, Any], l
     return apply
 
 
+def _pooled(key: str, value: Any) -> Callable[[dict[str, Any], list[Any]], str]:
+    """A tcp client key of a pool: `upstreams` instead of host and port (docs/upstreams.md)."""
+    def apply(config: dict[str, Any], root: list[Any]) -> str:
+        node: Any = config
+        for part in root:
+            node = node[part]
+        options = node.setdefault("options", {})
+        options.pop("host", None)
+        options.pop("port", None)
+        options.setdefault("upstreams", [{"host": "127.0.0.1", "port": 8081}])
+        options[key] = copy.deepcopy(value)
+        return ".".join([*map(str, root), "options", key])
+    return apply
+
+
 def _guarded_ws_route(config: dict[str, Any]) -> None:
     config["guards"] = {"g": copy.deepcopy(JWT)}
     config["bindings"]["ws0"]["routes"][0]["guarded"] = {"g": ["${method}${path}", "reader"]}
@@ -226,6 +241,17 @@ SAMPLES: dict[tuple[str, ...], Any] = {
     ("tcp", "options.port"): 7115,
     ("tcp", "options.backlog"): 128,
     ("tcp", "options.endpoint"): _under("options", {"endpoint": "tcp:0"}),
+    ("tcp", "options.upstreams"): _pooled("upstreams", [{"host": "127.0.0.1", "port": 8081}]),
+    ("tcp", "options.upstreams[].host"): _pooled("upstreams", [{"host": "localhost", "port": 8081}]),
+    ("tcp", "options.upstreams[].port"): _pooled("upstreams", [{"host": "127.0.0.1", "port": 8082}]),
+    ("tcp", "options.upstreams[].weight"): _pooled("upstreams", [{"host": "127.0.0.1", "port": 8081, "weight": 2}]),
+    ("tcp", "options.balance"): _pooled("balance", "least-connections"),
+    ("tcp", "options.retries"): _pooled("retries", 0),
+    ("tcp", "options.health"): _pooled("health", {"interval": 2, "timeout": 1, "fails": 2, "passes": 1}),
+    ("tcp", "options.health.interval"): _pooled("health", {"interval": 2}),
+    ("tcp", "options.health.timeout"): _pooled("health", {"timeout": 1}),
+    ("tcp", "options.health.fails"): _pooled("health", {"fails": 3}),
+    ("tcp", "options.health.passes"): _pooled("health", {"passes": 2}),
     ("tcp", "routes[].when[].authority"): "localhost",
     ("tcp", "routes[].when[].cidr"): "127.0.0.0/8",
     ("tcp", "routes[].when[].port"): 7114,

@@ -1,6 +1,7 @@
 """tcp server: listens on host and ports (or any Twisted server endpoint string) and hands
 each accepted connection to the exit its routes choose. tcp client: connects upstream, to
-options.host:port, or without them to the authority it is given, which its routes must allow.
+options.host:port, or without them to the authority it is given, which its routes must allow;
+or, with options.upstreams, to one of a pool of them (zillatw.bindings.tcp.pool).
 
 Routes match `port` (the listening port the client reached), `cidr` (the client's address;
 Zilla's code tests the local address, but restricting clients is what a cidr route is for)
@@ -20,9 +21,11 @@ from zope.interface import implementer
 
 from zillatw.config import BindingConfig, Route
 from zillatw.matching import matcher
-from zillatw.config.plugins import BindingType
-from zillatw.config.schema import FORBIDDEN, PORT_SPEC, route_schema
+from zillatw.config.plugins import BindingType, IRunsInBackground
+from zillatw.bindings.tcp import pool as tcp_pool
+from zillatw.config.schema import FORBIDDEN, PORT, PORT_SPEC, refused, route_schema
 from zillatw.stream import IUpstreamConnector, StreamRefused
+from zillatw.bindings.tcp.upstreams import MAX_FAILS, MAX_PASSES, MAX_UPSTREAMS, MAX_WEIGHT, Balance
 
 MAX_PORTS = 1024
 
@@ -40,6 +43,18 @@ SCHEMA_PATCH = {
                 "backlog": {"type": "integer", "minimum": 1},
                 # zillatw: any Twisted server endpoint string, e.g. "unix:/run/zilla.sock" or "systemd:domain=INET:index=0"
                 "endpoint": {"type": "string"},
+                # zillatw, a client's pool (docs/upstreams.md): instead of host and port
+                "upstreams": {"type": "array", "minItems": 1, "maxItems": MAX_UPSTREAMS, "items": {
+                    "type": "object", "additionalProperties": False, "required": ["host", "port"],
+                    "properties": {"host": {"type": "string", "minLength": 1}, "port": {**PORT, "minimum": 1},
+                                   "weight": {"type": "integer", "minimum": 1, "maximum": MAX_WEIGHT}}}},
+                "balance": {"enum": [b.value for b in Balance]},
+                "retries": {"type": "integer", "minimum": 0, "maximum": MAX_UPSTREAMS - 1},
+                "health": {"type": "object", "additionalProperties": False, "properties": {
+                    "interval": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
+                    "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
+                    "fails": {"type": "integer", "minimum": 1, "maximum": MAX_FAILS},
+                    "passes": {"type": "integer", "minimum": 1, "maximum": MAX_PASSES}}},
             },
         },
         "routes": {"type": "array", "items": route_schema(exit_required=False, condition={
@@ -54,6 +69,8 @@ SCHEMA_PATCH = {
     },
     "if": {"properties": {"kind": {"const": "client"}}},
     "then": {"properties": {"exit": FORBIDDEN}},
+    "else": {"properties": {"options": {"properties": {
+        key: refused("a tcp server listens: upstreams are a tcp client's") for key in tcp_pool.POOL_KEYS}}}},
 }
 STREAMS = {"server": (None, "bytes"), "client": ("bytes", None)}
 BACKLOG = 50  # Twisted's default, and what Java's bind() uses for Zilla's backlog 0
@@ -119,6 +136,9 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
 
 def _check_client(binding: BindingConfig) -> Iterator[tuple[str, str]]:
     options = binding.options
+    yield from tcp_pool.check_pool(options)
+    if "upstreams" in options:
+        return
     if "endpoint" in options:
         yield "options.endpoint", "a tcp client connects to host and port"
     if "port" in options:
@@ -252,13 +272,14 @@ class ListenerFactory(Factory):
         return exit_.buildProtocol(addr) if exit_ is not None else None
 
 
-@implementer(IUpstreamConnector)
+@implementer(IUpstreamConnector, IRunsInBackground)
 class TcpClient:
     """A tcp client binding: connects a protocol factory to the upstream."""
 
     def __init__(self, name: str, host: str | None = None, port: int | None = None,
-                 conditions: Iterable[dict[str, Any]] = (), *, reactor: Any):
+                 conditions: Iterable[dict[str, Any]] = (), *, reactor: Any, qname: str | None = None):
         self.name = name
+        self.qname = qname or name
         self.host = host
         self.port = port
         self.reactor = reactor
@@ -277,6 +298,14 @@ class TcpClient:
             raise StreamRefused(502, f"destination {authority} is not allowed by tcp client {self.name}'s routes")
         return destination
 
+    def start_service(self) -> None:
+        # A reload that replaced this binding's pool of upstreams with one host: the pool's
+        # probes stop and its upstreams drain (zillatw.bindings.tcp.pool).
+        tcp_pool.superseded(self.reactor, self.qname)
+
+    def stop_service(self) -> None:
+        pass
+
     def connect(self, factory: IProtocolFactory, authority: str | None, timeout: float) -> defer.Deferred:
         """Connect `factory`'s protocol; fails with the endpoint's error (refused, timeout, DNS)."""
         try:
@@ -287,12 +316,15 @@ class TcpClient:
         return endpoint.connect(factory)
 
 
-def build(binding: BindingConfig, graph: Any) -> TcpServer | TcpClient:
+def build(binding: BindingConfig, graph: Any) -> TcpServer | TcpClient | tcp_pool.PooledTcpClient:
     options = binding.options
+    if binding.kind == "client" and "upstreams" in options:
+        return tcp_pool.build_client(binding, graph)
     if binding.kind == "client":
         return TcpClient(binding.name, options.get("host"),
                          parse_ports(options["port"])[0] if "port" in options else None,
-                         [w for route in binding.routes for w in route.when], reactor=graph.reactor)
+                         [w for route in binding.routes for w in route.when], reactor=graph.reactor,
+                         qname=binding.qname)
     routes = [(route, graph.exit(route.exit, binding)) for route in binding.routes]
     return TcpServer(
         binding.name, routes, host=options.get("host"),
