@@ -21,6 +21,8 @@ from zope.interface import implementer
 from zillatw.config import BindingConfig, Route
 from zillatw.matching import matcher
 from zillatw.plugins import BindingType
+from zillatw.protocols import tcp_proxyprotocol
+from zillatw.protocols.tcp_proxyprotocol import ProxyProtocol
 from zillatw.schema import FORBIDDEN, PORT_SPEC, route_schema
 from zillatw.stream import IUpstreamConnector, StreamRefused
 
@@ -40,6 +42,8 @@ SCHEMA_PATCH = {
                 "backlog": {"type": "integer", "minimum": 1},
                 # zillatw: any Twisted server endpoint string, e.g. "unix:/run/zilla.sock" or "systemd:domain=INET:index=0"
                 "endpoint": {"type": "string"},
+                # zillatw: connections start with a PROXY protocol header (v1 or v2) stating the client
+                "proxy-protocol": tcp_proxyprotocol.SCHEMA,
             },
         },
         "routes": {"type": "array", "items": route_schema(exit_required=False, condition={
@@ -78,6 +82,7 @@ def parse_ports(spec: Any) -> list[int]:
 
 
 def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
+    yield from tcp_proxyprotocol.check(binding)
     if binding.kind == "client":
         yield from _check_client(binding)
         return
@@ -157,8 +162,10 @@ class TcpServer:
     """A tcp server binding: its routes, and the listeners it opens."""
 
     def __init__(self, name: str, routes: Iterable[tuple[Route, Any]], host: str | None = None,
-                 ports: Iterable[int] = (), endpoint: str | None = None, backlog: int = BACKLOG):
+                 ports: Iterable[int] = (), endpoint: str | None = None, backlog: int = BACKLOG,
+                 proxy_protocol: ProxyProtocol | None = None):
         self.name = name
+        self.proxy_protocol = proxy_protocol  # each connection's PROXY header states its client, or None
         self.host = host
         self.ports = list(ports)
         self.endpoint = endpoint
@@ -248,6 +255,8 @@ class ListenerFactory(Factory):
         self.local_port = local_port
 
     def buildProtocol(self, addr: IAddress) -> Protocol | None:
+        if self.server.proxy_protocol is not None:  # routed once the header has said who the client is
+            return self.server.proxy_protocol.accept(self, addr)
         exit_ = self.server.route(self.local_port, addr)
         return exit_.buildProtocol(addr) if exit_ is not None else None
 
@@ -297,7 +306,8 @@ def build(binding: BindingConfig, graph: Any) -> TcpServer | TcpClient:
     return TcpServer(
         binding.name, routes, host=options.get("host"),
         ports=parse_ports(options["port"]) if "port" in options else (),
-        endpoint=options.get("endpoint"), backlog=options.get("backlog", BACKLOG))
+        endpoint=options.get("endpoint"), backlog=options.get("backlog", BACKLOG),
+        proxy_protocol=ProxyProtocol(graph.reactor) if options.get("proxy-protocol") else None)
 
 
 PLUGIN = BindingType("tcp", SCHEMA_PATCH, STREAMS, build, check=check, unguarded_why=UNGUARDED_WHY)
