@@ -125,8 +125,8 @@ class Admission:
         if entry is None:
             entry = self._idle.pop(client, None)
             if entry is None:
-                if not self.handshake_rate:
-                    return ADMITTED  # no bucket to keep, no connection open: no entry needed yet
+                if not self.handshake_rate:  # no bucket to keep, no connection open: no entry yet
+                    return ADMITTED if len(self._busy) < self.max_clients else self._refuse(Refusal.TOO_MANY_CLIENTS)
                 entry = self._new_entry(now)
                 if entry is None:
                     return self._refuse(Refusal.TOO_MANY_CLIENTS)

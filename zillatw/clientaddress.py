@@ -206,7 +206,7 @@ def from_x_forwarded_for(peer: str, value: str, trusted: TrustedProxies) -> str:
         item = item.strip()
         if not item:
             continue
-        if normalize(item) is not None:  # a bare IPv6 address (its colons are not a port)
+        if ":" in item and normalize(item) is not None:  # a bare IPv6 address (its colons are not a port)
             item = f"[{item}]"
         nodes.append(item)
     if not nodes:
