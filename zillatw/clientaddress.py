@@ -115,67 +115,67 @@ def _node(text: str) -> str | None:
     return address
 
 
+def _skip_spaces(value: str, i: int) -> int:
+    while i < len(value) and value[i] in " \t":
+        i += 1
+    return i
+
+
+def _quoted(value: str, i: int) -> tuple[str, int]:
+    """The quoted-string starting at value[i] (its opening quote), unescaped, and where it ends."""
+    chars: list[str] = []
+    i += 1
+    while i < len(value):
+        c = value[i]
+        if c == '"':
+            return "".join(chars), i + 1
+        if c == "\\":
+            i += 1
+            if i >= len(value):
+                break
+            c = value[i]
+        chars.append(c)
+        i += 1
+    raise ValueError("unterminated quoted string")
+
+
+def _pair(value: str, i: int) -> tuple[str, str, int]:
+    """The forwarded-pair `token=value` at value[i]: its lower-cased name, value, and end."""
+    match = _TOKEN.match(value, i)
+    if match is None:
+        raise ValueError(f"a parameter name expected at {i}")
+    name, i = match.group().lower(), match.end()
+    if i >= len(value) or value[i] != "=":
+        raise ValueError(f"'=' expected after {name}")
+    i += 1
+    if i < len(value) and value[i] == '"':
+        text, i = _quoted(value, i)
+    else:
+        match = _TOKEN.match(value, i)
+        if match is None:
+            raise ValueError(f"a value expected for {name}")
+        text, i = match.group(), match.end()
+    return name, text, i
+
+
 def forwarded_elements(value: str) -> list[dict[str, str]]:
     """The elements of a Forwarded value (RFC 7239 §4), each its parameters (names
     lower-cased, values unquoted); ValueError if the value breaks the grammar."""
-    elements: list[dict[str, str]] = []
-    pairs: dict[str, str] = {}
-    i, n = 0, len(value)
-    while True:
-        while i < n and value[i] in " \t":
-            i += 1
-        if i >= n:
-            break
-        c = value[i]
-        if c == ",":
-            elements.append(pairs)
-            pairs = {}
-            i += 1
+    elements: list[dict[str, str]] = [{}]
+    i = _skip_spaces(value, 0)
+    while i < len(value):
+        if value[i] == ",":
+            elements.append({})
+        elif value[i] != ";":
+            name, text, i = _pair(value, i)
+            if name in elements[-1]:
+                raise ValueError(f"'{name}' twice in one element")
+            elements[-1][name] = text
+            i = _skip_spaces(value, i)
+            if i < len(value) and value[i] not in ",;":
+                raise ValueError(f"',' or ';' expected at {i}")
             continue
-        if c == ";":
-            i += 1
-            continue
-        match = _TOKEN.match(value, i)
-        if match is None:
-            raise ValueError(f"a parameter name expected at {i}")
-        name = match.group().lower()
-        i = match.end()
-        if i >= n or value[i] != "=":
-            raise ValueError(f"'=' expected after {name}")
-        i += 1
-        if i < n and value[i] == '"':
-            i += 1
-            chars = []
-            while True:
-                if i >= n:
-                    raise ValueError("unterminated quoted string")
-                c = value[i]
-                if c == "\\":
-                    if i + 1 >= n:
-                        raise ValueError("unterminated quoted string")
-                    chars.append(value[i + 1])
-                    i += 2
-                elif c == '"':
-                    i += 1
-                    break
-                else:
-                    chars.append(c)
-                    i += 1
-            text = "".join(chars)
-        else:
-            match = _TOKEN.match(value, i)
-            if match is None:
-                raise ValueError(f"a value expected for {name}")
-            text = match.group()
-            i = match.end()
-        if name in pairs:
-            raise ValueError(f"'{name}' twice in one element")
-        pairs[name] = text
-        while i < n and value[i] in " \t":
-            i += 1
-        if i < n and value[i] not in ",;":
-            raise ValueError(f"',' or ';' expected at {i}")
-    elements.append(pairs)
+        i = _skip_spaces(value, i + 1)
     return [element for element in elements if element]  # 1#: empty list elements are allowed
 
 

@@ -26,10 +26,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IAddress, IProtocolFactory
+from twisted.internet.interfaces import IAddress, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from zillatw.config import BindingConfig
 
@@ -43,6 +44,7 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
         yield "options.proxy-protocol", "a tcp server option: a tcp client does not send a PROXY header"
 
 
+@implementer(IStreamServerEndpoint)
 class _Capture:
     """An endpoint that only keeps the factory it is asked to listen with."""
 
@@ -109,7 +111,7 @@ class _AwaitingHeader(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._cancel_timer()
-        wrapper = self.transport  # Twisted's wrapper: its getPeer() is the stated source now
+        wrapper: Any = self.transport  # Twisted's wrapper: its getPeer() is the stated source now
         stated = wrapper.getPeer()
         listener = self.listener
         exit_ = listener.server.route(listener.local_port, stated)
@@ -123,7 +125,8 @@ class _AwaitingHeader(Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
-        self.transport.abortConnection()
+        transport: Any = self.transport
+        transport.abortConnection()
 
     def _cancel_timer(self) -> None:
         timer, self._timer = self._timer, None

@@ -16,8 +16,17 @@ from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from zillatw.admission import Refusal
-from zillatw.test.support import (OnAClock, chain, client_frame, connect_raw, eventually, parse_server_frames,
-                                  split_response, start_gateway, upgrade_request)
+from zillatw.test.support import (
+    OnAClock,
+    chain,
+    client_frame,
+    connect_raw,
+    eventually,
+    parse_server_frames,
+    split_response,
+    start_gateway,
+    upgrade_request,
+)
 from zillatw.test.test_proxy import proxy_config
 from zillatw.wsadmission import MESSAGE_RATE_EXCEEDED, MessageRateLimit
 
@@ -37,7 +46,7 @@ async def attempt(url: str, **kwargs: Any) -> Any:
         return await connect(url, open_timeout=10, **kwargs)
     except InvalidStatus as e:
         response = e.response
-        return Refused(response.status_code, response.headers.get("Retry-After"), response.body)
+        return Refused(response.status_code, response.headers.get("Retry-After"), bytes(response.body))
 
 
 async def attempt_until_open(url: str, **kwargs: Any) -> Any:
@@ -84,7 +93,8 @@ class PerClientCapTests(unittest.TestCase):
             return third, echoed
 
         third, echoed = yield in_thread(script())
-        self.assertEqual((third.status, third.body), (503, b"too many WebSocket connections from 127.0.0.1 (limit 2)\n"))
+        self.assertEqual((third.status, third.body),
+                         (503, b"too many WebSocket connections from 127.0.0.1 (limit 2)\n"))
         self.assertEqual(echoed, "still served")
         self.assertIn("BINDING_WS_REQUEST_REJECTED - 503 too many WebSocket connections from 127.0.0.1 (limit 2)",
                       gateway.events_text.getvalue())
@@ -101,13 +111,14 @@ class PerClientCapTests(unittest.TestCase):
         url = f"ws://127.0.0.1:{port}"
 
         async def script() -> Any:
+            from websockets.exceptions import ConnectionClosed
             no_route = await attempt(f"{url}/nowhere")  # admitted, then no route: 404
             broken = await attempt(f"{url}/echo")
             broken.transport.write(b"\x83\x80\x00\x00\x00\x00")  # a frame with a reserved opcode, by hand
             try:
                 await broken.recv()
-            except Exception as e:  # the server fails the connection with 1002
-                code = e.rcvd.code if getattr(e, "rcvd", None) is not None else None
+            except ConnectionClosed as e:  # the server fails the connection with 1002
+                code = e.rcvd.code if e.rcvd is not None else None
             after = await attempt_until_open(f"{url}/echo")
             await after.close()
             return no_route, code
@@ -203,6 +214,7 @@ class MessageRateTests(unittest.TestCase):
                 while True:
                     echoed.append(await ws.recv())
             except ConnectionClosed as e:
+                assert e.rcvd is not None, "closed without a close frame"
                 return echoed, e.rcvd.code, e.rcvd.reason
 
         echoed, code, reason = yield in_thread(script())

@@ -6,8 +6,17 @@ from __future__ import annotations
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.trial import unittest
 
-from zillatw.clientaddress import (UNIX_PEER, TrustedProxies, check, client_address, forwarded_elements,
-                                   from_forwarded, from_x_forwarded_for, normalize, peer_host)
+from zillatw.clientaddress import (
+    UNIX_PEER,
+    TrustedProxies,
+    check,
+    client_address,
+    forwarded_elements,
+    from_forwarded,
+    from_x_forwarded_for,
+    normalize,
+    peer_host,
+)
 
 TRUSTED = TrustedProxies(["10.0.0.0/8", "2001:db8:ffff::/48", "192.0.2.1"])
 PROXY = IPv4Address("TCP", "10.1.2.3", 40000)
