@@ -313,3 +313,31 @@ class TrustedProxiesTests(unittest.TestCase):
             build_gateway(config)
         self.assertIn("bindings.http0.options.trusted-proxies[1]: not an address or CIDR block",
                       "\n".join(raised.exception.problems))
+
+
+class OverTlsTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_behind_the_tls_server_the_client_is_the_socket_peer(self):
+        import ssl
+        from pathlib import Path
+
+        from zillatw.test import pki
+        from zillatw.test.test_tls import PASSWORD, Pki, tls_chain
+        folder = Path(self.mktemp())
+        folder.mkdir(parents=True)
+        keys = Pki(folder)
+        store = pki.write(folder / "localhost.p12", keys.localhost.p12("localhost", PASSWORD))
+        config = tls_chain({"keys": {"store": store, "password": PASSWORD}}, {"keys": ["localhost"]})
+        config["bindings"]["ws0"]["options"] = {"max-connections-per-client": 1}
+        gateway, port = yield start_gateway(self, config)
+        context = ssl.create_default_context(cafile=keys.ca_pem)
+
+        async def script() -> Any:
+            first = await attempt(f"wss://localhost:{port}/", ssl=context)
+            second = await attempt(f"wss://localhost:{port}/", ssl=context)
+            await first.close()
+            return second
+
+        second = yield in_thread(script())
+        self.assertEqual(second.status, 503)
+        self.assertIn("503 too many WebSocket connections from 127.0.0.1 (limit 1)", gateway.events_text.getvalue())
