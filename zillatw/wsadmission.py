@@ -102,7 +102,7 @@ class WsAdmission:
         if self.message_rate is None:
             return peer
         rate, burst = self.message_rate
-        return MessageRateLimit(self, connection, peer, TokenBucket(rate, burst, self.reactor.seconds()))
+        return MessageRateLimit(self, connection, peer, rate, burst)
 
     def exceeded(self, connection: Any, end: Any) -> None:
         """`connection`'s client sent faster than its message rate: close 1008, tell the
@@ -122,37 +122,33 @@ class WsAdmission:
 
 
 @implementer(IStreamEnd)
-class MessageRateLimit:
-    """The exit's stream end as a connection with a message rate sees it: each message's
-    first fragment takes a token; without one the connection is closed (1008)."""
+class MessageRateLimit(TokenBucket):
+    """The exit's stream end as a connection with a message rate sees it, and that
+    connection's bucket: each message's first fragment takes a token (continuations, opcode
+    0, are part of a message counted); without one the connection is closed (1008). Once it
+    is, the connection no longer calls it (its stream peer is gone)."""
 
-    __slots__ = ("_owner", "_connection", "_end", "_bucket", "_seconds", "_closed", "stream_end",
-                 "pauseProducing", "resumeProducing", "stopProducing")
+    __slots__ = ("_owner", "_connection", "_end", "_seconds", "stream_end", "pauseProducing", "resumeProducing",
+                 "stopProducing")
 
-    def __init__(self, owner: WsAdmission, connection: Any, end: Any, bucket: TokenBucket) -> None:
+    def __init__(self, owner: WsAdmission, connection: Any, end: Any, rate: float, burst: int) -> None:
+        super().__init__(rate, burst, owner.reactor.seconds())
         self._owner = owner
         self._connection = connection
         self._end = end
-        self._bucket = bucket
         self._seconds = owner.reactor.seconds
-        self._closed = False
         self.stream_end = end.stream_end
         self.pauseProducing, self.resumeProducing = end.pauseProducing, end.resumeProducing
         self.stopProducing = end.stopProducing
 
-    def _allowed(self, opcode: int) -> bool:
-        if self._closed:
-            return False
-        if not opcode or self._bucket.take(self._seconds()):  # 0: a continuation, part of a message counted
-            return True
-        self._closed = True
-        self._owner.exceeded(self._connection, self._end)
-        return False
-
     def stream_data(self, opcode: int, payload: bytes, fin: bool) -> None:
-        if self._allowed(opcode):
-            self._end.stream_data(opcode, payload, fin)
+        if opcode and not self.take(self._seconds()):
+            self._owner.exceeded(self._connection, self._end)
+            return
+        self._end.stream_data(opcode, payload, fin)
 
     def stream_deflated(self, opcode: int, payload: bytes, fin: bool) -> None:
-        if self._allowed(opcode):
-            self._end.stream_deflated(opcode, payload, fin)
+        if opcode and not self.take(self._seconds()):
+            self._owner.exceeded(self._connection, self._end)
+            return
+        self._end.stream_deflated(opcode, payload, fin)

@@ -31,12 +31,13 @@ class TokenBucketTests(unittest.SynchronousTestCase):
         fast.take(0.0)
         self.assertEqual(fast.retry_after(), 1)  # never 0: a client told 0 comes straight back
 
-    def test_a_clock_set_back_neither_refills_nor_drains(self):
-        bucket = TokenBucket(rate=1.0, burst=1, now=50.0)
+    def test_a_clock_set_back_neither_refills_nor_drains_and_counts_on_from_there(self):
+        bucket = TokenBucket(rate=1.0, burst=2, now=50.0)
         self.assertTrue(bucket.take(50.0))
+        self.assertTrue(bucket.take(10.0))  # 40 s back: the token left is still there
         self.assertFalse(bucket.take(10.0))
-        self.assertFalse(bucket.take(50.5))
-        self.assertTrue(bucket.take(51.0))
+        self.assertFalse(bucket.take(10.5))
+        self.assertTrue(bucket.take(11.0))  # a second after the step, as if nothing had happened
 
     def test_a_bucket_needs_a_rate_and_a_burst(self):
         self.assertRaises(ValueError, TokenBucket, 0.0, 1, 0.0)
