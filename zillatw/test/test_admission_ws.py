@@ -21,13 +21,14 @@ from zillatw.test.support import (
     chain,
     client_frame,
     connect_raw,
+    connect_ws,
     eventually,
     parse_server_frames,
     split_response,
     start_gateway,
     upgrade_request,
 )
-from zillatw.test.test_proxy import proxy_config
+from zillatw.test.test_proxy import proxy_config, start_upstream
 from zillatw.wsadmission import MESSAGE_RATE_EXCEEDED, MessageRateLimit
 
 
@@ -223,6 +224,22 @@ class MessageRateTests(unittest.TestCase):
         self.assertRegex(gateway.events_text.getvalue(),
                          f"test:ws0 .* {MESSAGE_RATE_EXCEEDED} - 127.0.0.1 1008 more than 0.001 messages per second")
         self.assertEqual(gateway.binding("ws0").admission.rate_closes, 1)
+
+    @defer.inlineCallbacks
+    def test_a_proxied_upstream_is_told_1008_too(self):
+        upstream, upstream_port = start_upstream(self)
+        config = proxy_config(upstream_port)
+        config["bindings"]["ws0"]["options"] = {"message-rate": {"rate": 0.001, "burst": 1}}
+        gateway, port = yield start_gateway(self, config)
+        client = yield connect_ws(port, protocols=["echo"])
+        client.sendMessage(b"one")
+        self.assertEqual((yield client.messages.get())[1], [b"one"])
+        client.sendMessage(b"two")
+        _, code, reason = yield client.closed
+        self.assertEqual((code, reason), (1008, "message rate exceeded"))
+        yield eventually(lambda: upstream.closes)
+        self.assertEqual(upstream.closes[0], (1008, "message rate exceeded"))
+        self.assertEqual(upstream.received, len(b"one"))  # the message beyond the rate never went upstream
 
     def open_on_a_clock(self, options: dict[str, Any]) -> tuple[OnAClock, Any, Any, int]:
         on = OnAClock(chain(ws_options=options))
