@@ -424,11 +424,12 @@ def build(binding: BindingConfig, graph: Any) -> HttpServer | HttpClient:
     authorization = None
     for guard, config in (binding.options.get("authorization") or {}).items():
         authorization = HttpAuthorization(graph.guard(f"{binding.namespace}:{guard}"), config["credentials"])
+    trusted = binding.options.get("trusted-proxies")
     return HttpServer(binding.name, routes, namespace=binding.namespace, events=graph.events(binding.namespace),
                       head_timeout=binding.options.get("head-timeout", HEAD_TIMEOUT), authorization=authorization,
                       overrides=overrides, access_control=AccessControl(binding.options.get("access-control")),
-                      reactor=graph.reactor, trusted_proxies=clientaddress.TrustedProxies(binding.options["trusted-proxies"])
-                      if "trusted-proxies" in binding.options else None)
+                      reactor=graph.reactor,
+                      trusted_proxies=clientaddress.TrustedProxies(trusted) if trusted is not None else None)
 
 
 PLUGIN = BindingType("http", SCHEMA_PATCH, STREAMS, build, check=check, guard_references=guard_references,
