@@ -17,6 +17,7 @@ from typing import Any
 
 from zope.interface import implementer
 
+from zillatw import admission as rules
 from zillatw.admission import Admission, Refusal, TokenBucket
 from zillatw.http1 import HttpError
 from zillatw.stream import IStreamEnd
@@ -52,7 +53,8 @@ def from_options(options: dict[str, Any], reactor: Any, observer: Any = None) ->
     admission = None
     if per_client or handshakes:
         rate = handshakes["per-client"] if handshakes else 0.0
-        admission = Admission(per_client, rate, _burst(rate, handshakes.get("burst")) if handshakes else 1)
+        admission = Admission(per_client, rate, _burst(rate, handshakes.get("burst")) if handshakes else 1,
+                              rules.MAX_CLIENTS)
     message_rate = (messages["rate"], _burst(messages["rate"], messages.get("burst"))) if messages else None
     return WsAdmission(admission, message_rate, reactor, observer)
 

@@ -14,7 +14,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from zillatw import build_gateway
+from zillatw import admission, build_gateway
 from zillatw.errors import ConfigError
 from zillatw.protocols.tcp_proxyprotocol import PROXY_HEADER_TIMEOUT, _AwaitingHeader
 from zillatw.test import pki
@@ -30,9 +30,11 @@ from zillatw.test.support import (
 from zillatw.test.test_admission_ws import Refused, attempt, in_thread
 from zillatw.test.test_metrics import metered
 from zillatw.test.test_proxy import proxy_config
+from zillatw.test.test_reload import GatewayOnAFile, write
 from zillatw.test.test_tls import PASSWORD, Pki, tls_chain
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+CLOSE = b"\x88\x80\x00\x00\x00\x00"  # a client's close frame (masked, empty)
 
 
 def v1(source: str, port: int = 5555) -> bytes:
@@ -138,7 +140,7 @@ class AddressTests(unittest.TestCase):
         config["bindings"]["tcp0"]["routes"] = [{"when": [{"cidr": "203.0.113.0/24"}], "exit": "http0"}]
         del config["bindings"]["tcp0"]["exit"]
         _, port = yield start_gateway(self, config)
-        data = yield raw_exchange(port, v1("203.0.113.7") + upgrade_request() + b"\x88\x80\x00\x00\x00\x00")
+        data = yield raw_exchange(port, v1("203.0.113.7") + upgrade_request() + CLOSE)
         self.assertTrue(data.startswith(b"HTTP/1.1 101 "), data)
         data = yield raw_exchange(port, v1("198.51.100.7") + upgrade_request())
         self.assertEqual(data, b"")  # no route for that client: closed
@@ -181,6 +183,53 @@ class MeteredTests(unittest.TestCase):
         self.assertEqual((tcp.opens_received, tcp.active), (1, 0))
         self.assertGreater(tcp.data_received, len(b"counted"))
         self.assertIn("BINDING_WS_REQUEST_ACCEPTED", gateway.events_text.getvalue())
+
+
+class ManyClientsTests(unittest.TestCase):
+    def test_many_stated_addresses_never_grow_the_table_beyond_its_bound(self):
+        self.patch(admission, "MAX_CLIENTS", 50)
+        on = OnAClock(proxied(chain(), **{"max-connections-per-client": 2, "handshake-rate": {"per-client": 1}}))
+        table = on.gateway.binding("ws0").admission.admission
+        self.assertEqual(table.max_clients, 50)
+        held = []
+        for n in range(1000):  # each from its own address; one in 20 stays open, the 50th last
+            protocol, transport = on.connect(client_port=10000 + n)
+            protocol.dataReceived(v1(f"198.51.{n >> 8}.{n & 255}") + upgrade_request())
+            self.assertEqual(split_response(transport.value())[0], "HTTP/1.1 101 Switching Protocols", n)
+            if n % 20 != 19:
+                protocol.connectionLost(None)
+            else:
+                held.append((protocol, f"198.51.{n >> 8}.{n & 255}"))
+            self.assertLessEqual(len(table), 50)
+            on.clock.advance(0.001)
+        self.assertEqual(len(table), 50)
+        # the 50 held are all there (never dropped); the rest came and went through the room left
+        self.assertEqual(sorted(table.clients()), sorted(address for _, address in held))
+        protocol, transport = on.connect(client_port=20000)
+        protocol.dataReceived(v1("203.0.113.1") + upgrade_request())
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 503 "), transport.value())
+        self.assertIn("503 too many clients (limit 50 addresses)", on.events.getvalue())
+        held[0][0].connectionLost(None)
+        protocol, transport = on.connect(client_port=20001)
+        protocol.dataReceived(v1("203.0.113.1") + upgrade_request())
+        self.assertEqual(split_response(transport.value())[0], "HTTP/1.1 101 Switching Protocols")
+        self.assertNotIn(held[0][1], table.clients())  # the idle entry made room
+
+
+class ReloadTests(GatewayOnAFile):
+    @defer.inlineCallbacks
+    def test_a_reload_turns_the_option_on_and_off_on_the_socket_it_keeps(self):
+        gateway, port = yield self.start(chain())
+        plain, with_header = upgrade_request() + CLOSE, v1("203.0.113.7") + upgrade_request() + CLOSE
+        self.assertTrue((yield raw_exchange(port, plain)).startswith(b"HTTP/1.1 101 "))
+        write(self.path, proxied(chain(), **{"max-connections": 10}))
+        self.assertTrue((yield gateway.reload()))
+        self.assertEqual(gateway.ports(), [port])
+        self.assertEqual((yield raw_exchange(port, plain)), b"")
+        self.assertTrue((yield raw_exchange(port, with_header)).startswith(b"HTTP/1.1 101 "))
+        write(self.path, chain())
+        self.assertTrue((yield gateway.reload()))
+        self.assertTrue((yield raw_exchange(port, plain)).startswith(b"HTTP/1.1 101 "))
 
 
 class RefusedTests(unittest.TestCase):
