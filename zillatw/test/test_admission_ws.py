@@ -152,6 +152,25 @@ class PerClientCapTests(unittest.TestCase):
         yield eventually(lambda: admission_of(gateway).open_count("127.0.0.1") == 0)
 
 
+    @defer.inlineCallbacks
+    def test_a_client_leaving_before_its_101_gives_the_place_back(self):
+        from twisted.internet import reactor
+        from twisted.internet.protocol import Factory, Protocol
+        silent = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")  # never answers
+        self.addCleanup(silent.stopListening)
+        config = proxy_config(silent.getHost().port)
+        config["bindings"]["ws0"]["options"] = {"max-connections-per-client": 1}
+        gateway, port = yield start_gateway(self, config)
+        ws = gateway.binding("ws0")
+        raw = yield connect_raw(port)
+        raw.transport.write(upgrade_request())
+        yield eventually(lambda: ws.handshaking)  # waiting for the upstream's 101
+        self.assertEqual(ws.admission.admission.open_count("127.0.0.1"), 1)
+        raw.transport.abortConnection()
+        yield raw.done
+        yield eventually(lambda: ws.admission.admission.open_count("127.0.0.1") == 0 and not ws.handshaking)
+
+
 class HandshakeRateTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_beyond_the_burst_is_429_with_retry_after(self):
