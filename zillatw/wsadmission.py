@@ -90,7 +90,7 @@ class WsAdmission:
         raise HttpError(503, f"too many clients (limit {admission.max_clients} addresses)")
 
     def opened(self, client: str) -> str | None:
-        """Count an admitted connection of `client`: the key to close(), or None if not counted."""
+        """Count an admitted connection of `client`: the key for closed(), or None if not counted."""
         admission = self.admission
         return client if admission is not None and admission.opened(client) else None
 
