@@ -98,7 +98,7 @@ class IHttpExit(Interface):
                        client_address: str | None = None) -> Any:
         """The protocol (an IHttpConnection) that takes the connection; raise HttpError to
         refuse the request. `client_address` is the client's, as the http server decided it
-        (zillatw.clientaddress: the peer's, or the one a trusted proxy stated)."""
+        (zillatw.bindings.http.clientaddress: the peer's, or the one a trusted proxy stated)."""
 
 
 class IHttpConnection(Interface):

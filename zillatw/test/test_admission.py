@@ -1,10 +1,10 @@
-"""zillatw.admission, sans-IO: token buckets and the per-client table, with plain numbers."""
+"""zillatw.bindings.ws.ratelimits, sans-IO: token buckets and the per-client table, with plain numbers."""
 
 from __future__ import annotations
 
 from twisted.trial import unittest
 
-from zillatw.admission import ADMITTED, MAX_CLIENTS, Admission, Refusal, TokenBucket, Verdict
+from zillatw.bindings.ws.ratelimits import ADMITTED, MAX_CLIENTS, Admission, Refusal, TokenBucket, Verdict
 
 
 class TokenBucketTests(unittest.SynchronousTestCase):

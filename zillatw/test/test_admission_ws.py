@@ -15,7 +15,7 @@ from typing import Any
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from zillatw.admission import Refusal
+from zillatw.bindings.ws.ratelimits import Refusal
 from zillatw.test.support import (
     OnAClock,
     chain,
@@ -29,7 +29,7 @@ from zillatw.test.support import (
     upgrade_request,
 )
 from zillatw.test.test_proxy import proxy_config, start_upstream
-from zillatw.wsadmission import MESSAGE_RATE_EXCEEDED, MessageRateLimit
+from zillatw.bindings.ws.admission import MESSAGE_RATE_EXCEEDED, MessageRateLimit
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""zillatw.clientaddress: the peer's address, or the one a trusted proxy states (Forwarded per
+"""zillatw.bindings.http.clientaddress: the peer's address, or the one a trusted proxy states (Forwarded per
 RFC 7239, X-Forwarded-For), read from the right; CIDR matching with ipaddress."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.trial import unittest
 
-from zillatw.clientaddress import (
+from zillatw.bindings.http.clientaddress import (
     UNIX_PEER,
     TrustedProxies,
     check,

@@ -16,7 +16,7 @@ from twisted.trial import unittest
 
 from zillatw import admission, build_gateway
 from zillatw.errors import ConfigError
-from zillatw.protocols.tcp_proxyprotocol import PROXY_HEADER_TIMEOUT, _AwaitingHeader
+from zillatw.bindings.tcp.proxyprotocol import PROXY_HEADER_TIMEOUT, _AwaitingHeader
 from zillatw.test import pki
 from zillatw.test.support import (
     OnAClock,
