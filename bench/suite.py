@@ -17,6 +17,8 @@ zillatw's and the others its peers in that scenario (bench/README.md has the det
   deflate    zillatw echo and websockets, a websockets client offering permessage-deflate,
              1 KiB and 64 KiB JSON text messages
   workers    zillatw echo with twistd zillaws -w 2, and in one process
+  admission  zillatw echo with every admission limit on (bench/echo.admission.yaml, limits that
+             never trip), and without (docs/admission.md: the checks' cost)
   fan        bench/fan.py's in-process fan measurement (100 members), for the record
   idle       --idle-connections (10,000) idle connections to each fresh server process: RSS
              per connection and the time to open them (bench/idle.py); --idle-workers N runs
@@ -71,6 +73,7 @@ ROUND_TRIPS = (
     Scenario("wss-proxy", ("zillatw wss proxy", "nginx wss proxy"), (64, 16 * KIB, MIB), tls=True),
     Scenario("deflate", ("zillatw echo", "websockets"), (KIB, 64 * KIB), deflate=True),
     Scenario("workers", ("zillatw echo -w 2", "zillatw echo"), (64, 16 * KIB)),
+    Scenario("admission", ("zillatw echo admission", "zillatw echo"), (64,)),
 )
 SCENARIOS = tuple(s.name for s in ROUND_TRIPS) + ("fan", "idle")
 UPSTREAM = "picows"  # every proxy's upstream
@@ -80,7 +83,8 @@ GOAL_IDLE_KIB = 10.0
 GOALS = [("echo", "zillatw echo", "autobahn", 64, 1.5),
          ("echo", "zillatw echo", "websockets", 64, 1.0),
          ("echo", "zillatw echo", "websockets", 16 * KIB, 1.0),
-         ("proxy", "zillatw proxy", "nginx proxy", 16 * KIB, 1.0)]
+         ("proxy", "zillatw proxy", "nginx proxy", 16 * KIB, 1.0),
+         ("admission", "zillatw echo admission", "zillatw echo", 64, 0.9)]
 
 
 def human(size: int) -> str:
@@ -151,7 +155,8 @@ class Servers:
         procs, tmp = self.procs, self.tmp
         upstream = lambda: self.start(UPSTREAM)[0]  # noqa: E731 - started on first need
         zillatw = {"zillatw echo": ("echo.yaml", False, 1), "zillatw proxy": ("proxy.yaml", False, 1),
-                   "zillatw wss echo": ("echo.tls.yaml", True, 1), "zillatw wss proxy": ("proxy.tls.yaml", True, 1)}
+                   "zillatw wss echo": ("echo.tls.yaml", True, 1), "zillatw wss proxy": ("proxy.tls.yaml", True, 1),
+                   "zillatw echo admission": ("echo.admission.yaml", False, 1)}
         if name.startswith("zillatw echo -w "):  # twistd zillaws -w N
             zillatw[name] = ("echo.yaml", False, int(name.rsplit(" ", 1)[1]))
         if name in zillatw:

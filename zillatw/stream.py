@@ -99,9 +99,11 @@ class IStreamExit(Interface):
 class IHttpExit(Interface):
     """A binding that takes over an HTTP request's connection (the ws server)."""
 
-    def accept_request(request: Any, headers: Any, transport: Any, trace_id: int = 0, authorization: Any = None) -> Any:
+    def accept_request(request: Any, headers: Any, transport: Any, trace_id: int = 0, authorization: Any = None,
+                       client_address: str | None = None) -> Any:
         """The protocol (an IHttpConnection) that takes the connection; raise HttpError to
-        refuse the request."""
+        refuse the request. `client_address` is the client's, as the http server decided it
+        (zillatw.bindings.http.clientaddress: the peer's, or the one a trusted proxy stated)."""
 
 
 class IHttpConnection(Interface):

@@ -95,8 +95,8 @@ class HttpProtocolTests(unittest.SynchronousTestCase):
         seen = []
         ws = WsServer("ws", [(Route(0, "t:app", when=({"authority": "example.com:80"},)), EchoServer())],
                       reactor=Clock())
-        ws.accept_request = lambda request, headers, transport, trace_id=0: seen.append(headers) or \
-            WsServer.accept_request(ws, request, headers, transport, trace_id)
+        ws.accept_request = lambda request, headers, transport, trace_id=0, **kw: seen.append(headers) or \
+            WsServer.accept_request(ws, request, headers, transport, trace_id, **kw)
         protocol, transport = connect(HttpServer("http", [(Route(0, "t:ws"), ws)], reactor=Clock()))
         protocol.dataReceived(upgrade_request(headers={"Host": "example.com"}))
         self.assertEqual(seen[0][":authority"], "example.com:80")

@@ -27,7 +27,7 @@ _HOST = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~]+)(?::(\d{1,5}))?$")
 
 REASONS = {
     101: "Switching Protocols", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-    404: "Not Found", 408: "Request Timeout", 414: "URI Too Long", 426: "Upgrade Required",
+    404: "Not Found", 408: "Request Timeout", 414: "URI Too Long", 426: "Upgrade Required", 429: "Too Many Requests",
     431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
     502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
 }

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from zillatw.bindings.http import accesscontrol
+from zillatw.bindings.http import accesscontrol, clientaddress
 from zillatw.bindings.http.accesscontrol import AccessControl
 from zillatw.config import BindingConfig, Route
 from zillatw.telemetry.events import Events, next_trace_id
@@ -63,6 +63,8 @@ SCHEMA_PATCH = {
                 "requests": {"type": "array"},
                 # zillatw's extension: seconds from accept to a complete request head (408)
                 "head-timeout": {"type": "number", "exclusiveMinimum": 0},
+                # zillatw's extension: peers whose Forwarded / X-Forwarded-For is believed (docs/admission.md)
+                "trusted-proxies": {"type": "array", "items": {"type": "string"}},
             },
         },
         "routes": {"type": "array", "items": route_schema(condition={
@@ -123,6 +125,7 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
         if key in binding.options:
             yield f"options.{key}", f"not supported by this zillatw yet ({feature})"
     yield from accesscontrol.check(binding.options.get("access-control"))
+    yield from clientaddress.check(binding.options.get("trusted-proxies"))
     if not binding.routes:
         yield "routes", "an http server needs 'exit' or routes with an exit"
     authorizations = binding.options.get("authorization") or {}
@@ -224,8 +227,10 @@ class HttpServer(Factory):
                  events: Events | None = None, head_timeout: float = HEAD_TIMEOUT,
                  max_header_bytes: int = 8192, *, reactor: Any,
                  authorization: HttpAuthorization | None = None, overrides: Mapping[str, str] | None = None,
-                 access_control: AccessControl | None = None):
+                 access_control: AccessControl | None = None,
+                 trusted_proxies: clientaddress.TrustedProxies | None = None):
         self.name = name
+        self.trusted_proxies = trusted_proxies  # whose forwarding headers name the client
         self.overrides = dict(overrides or {})  # set on a request once routed, as Zilla
         self.namespace = namespace
         self.events = events or Events()
@@ -333,7 +338,10 @@ class HttpServerProtocol(Protocol):
             headers.update(factory.overrides)  # after routing: the exit sees the overridden request
         try:
             extra = {} if authorization is NO_AUTHORIZATION else {"authorization": authorization}
-            taken = exit_.accept_request(request, headers, self.transport, trace_id=self.trace_id, **extra)
+            # the one place the client's address is decided: the exit is told, never guesses
+            client = clientaddress.client_address(self.transport.getPeer(), headers, factory.trusted_proxies)
+            taken = exit_.accept_request(request, headers, self.transport, trace_id=self.trace_id,
+                                         client_address=client, **extra)
         except HttpError as e:
             self._refuse(e.status, e.reason, e.headers)
             return
@@ -416,10 +424,12 @@ def build(binding: BindingConfig, graph: Any) -> HttpServer | HttpClient:
     authorization = None
     for guard, config in (binding.options.get("authorization") or {}).items():
         authorization = HttpAuthorization(graph.guard(f"{binding.namespace}:{guard}"), config["credentials"])
+    trusted = binding.options.get("trusted-proxies")
     return HttpServer(binding.name, routes, namespace=binding.namespace, events=graph.events(binding.namespace),
                       head_timeout=binding.options.get("head-timeout", HEAD_TIMEOUT), authorization=authorization,
                       overrides=overrides, access_control=AccessControl(binding.options.get("access-control")),
-                      reactor=graph.reactor)
+                      reactor=graph.reactor,
+                      trusted_proxies=clientaddress.TrustedProxies(trusted) if trusted is not None else None)
 
 
 PLUGIN = BindingType("http", SCHEMA_PATCH, STREAMS, build, check=check, guard_references=guard_references,

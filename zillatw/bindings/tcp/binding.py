@@ -19,13 +19,15 @@ from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFacto
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
-from zillatw.config import BindingConfig, Route
-from zillatw.matching import matcher
-from zillatw.config.plugins import BindingType, IRunsInBackground
 from zillatw.bindings.tcp import pool as tcp_pool
-from zillatw.config.schema import FORBIDDEN, PORT, PORT_SPEC, refused, route_schema
-from zillatw.stream import IUpstreamConnector, StreamRefused
+from zillatw.bindings.tcp import proxyprotocol as tcp_proxyprotocol
+from zillatw.bindings.tcp.proxyprotocol import ProxyProtocol
 from zillatw.bindings.tcp.upstreams import MAX_FAILS, MAX_PASSES, MAX_UPSTREAMS, MAX_WEIGHT, Balance
+from zillatw.config import BindingConfig, Route
+from zillatw.config.plugins import BindingType, IRunsInBackground
+from zillatw.config.schema import FORBIDDEN, PORT, PORT_SPEC, refused, route_schema
+from zillatw.matching import matcher
+from zillatw.stream import IUpstreamConnector, StreamRefused
 
 MAX_PORTS = 1024
 
@@ -55,6 +57,8 @@ SCHEMA_PATCH = {
                     "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
                     "fails": {"type": "integer", "minimum": 1, "maximum": MAX_FAILS},
                     "passes": {"type": "integer", "minimum": 1, "maximum": MAX_PASSES}}},
+                # zillatw: connections start with a PROXY protocol header (v1 or v2) stating the client
+                "proxy-protocol": tcp_proxyprotocol.SCHEMA,
             },
         },
         "routes": {"type": "array", "items": route_schema(exit_required=False, condition={
@@ -95,6 +99,7 @@ def parse_ports(spec: Any) -> list[int]:
 
 
 def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
+    yield from tcp_proxyprotocol.check(binding)
     if binding.kind == "client":
         yield from _check_client(binding)
         return
@@ -177,8 +182,10 @@ class TcpServer:
     """A tcp server binding: its routes, and the listeners it opens."""
 
     def __init__(self, name: str, routes: Iterable[tuple[Route, Any]], host: str | None = None,
-                 ports: Iterable[int] = (), endpoint: str | None = None, backlog: int = BACKLOG):
+                 ports: Iterable[int] = (), endpoint: str | None = None, backlog: int = BACKLOG,
+                 proxy_protocol: ProxyProtocol | None = None):
         self.name = name
+        self.proxy_protocol = proxy_protocol  # each connection's PROXY header states its client, or None
         self.host = host
         self.ports = list(ports)
         self.endpoint = endpoint
@@ -268,6 +275,8 @@ class ListenerFactory(Factory):
         self.local_port = local_port
 
     def buildProtocol(self, addr: IAddress) -> Protocol | None:
+        if self.server.proxy_protocol is not None:  # routed once the header has said who the client is
+            return self.server.proxy_protocol.accept(self, addr)
         exit_ = self.server.route(self.local_port, addr)
         return exit_.buildProtocol(addr) if exit_ is not None else None
 
@@ -329,7 +338,8 @@ def build(binding: BindingConfig, graph: Any) -> TcpServer | TcpClient | tcp_poo
     return TcpServer(
         binding.name, routes, host=options.get("host"),
         ports=parse_ports(options["port"]) if "port" in options else (),
-        endpoint=options.get("endpoint"), backlog=options.get("backlog", BACKLOG))
+        endpoint=options.get("endpoint"), backlog=options.get("backlog", BACKLOG),
+        proxy_protocol=ProxyProtocol(graph.reactor) if options.get("proxy-protocol") else None)
 
 
 PLUGIN = BindingType("tcp", SCHEMA_PATCH, STREAMS, build, check=check, unguarded_why=UNGUARDED_WHY)

@@ -19,9 +19,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from zillatw.config import BindingConfig, Route
-from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, permits
+from zillatw.guards import NO_AUTHORIZATION, Authorization
 from zillatw.wire.http1 import HttpError, Request, ResponseError, ResponseHeadParser, render_response
-from zillatw.matching import matcher
 from zillatw.config.plugins import BindingType, IDrainsGracefully, IHoldsConnections
 from zillatw.config.schema import FORBIDDEN, refused, route_schema
 from zillatw.stream import (ABNORMAL, IHttpConnection, IHttpExit, IStreamEnd, IStreamExit, StreamInfo, StreamRefused,
@@ -30,8 +29,12 @@ from zillatw.catalogs.validation import MESSAGES, check_models, validating_route
 from zillatw.wire import (CloseCode, Connection, NegotiationError, Role, State, client_accept, client_offer,
                          server_accept)
 from zillatw.wire.deflate import can_relay
+from zillatw.bindings.ws.admission import OPTIONS as ADMISSION_OPTIONS
+from zillatw.bindings.ws.admission import WsAdmission, from_options
 from zillatw.wire.handshake import (HandshakeRefused, check_response, check_upgrade, client_request, new_key,
                                  offered_protocols, select_route, server_response)
+from zillatw.bindings.ws.routes import FIELDS as _FIELDS
+from zillatw.bindings.ws.routes import WsRoutes
 from zillatw.bindings.ws.relay import GATHER, Deadlines, WsRelay, no_delay
 
 MAX_MESSAGE_SIZE = 1024 * 1024
@@ -42,7 +45,6 @@ GOING_AWAY = 1001  # the close code of a shutting-down gateway (RFC 6455 §7.4.1
 UPSTREAM_TIMEOUT = 10.0  # seconds for an upstream to connect and answer its handshake
 OPEN_TIMEOUT = 60.0  # seconds to the 101 for an exit that never answers (a ws client's own 504 comes first)
 PENDING_LIMIT = 64 * 1024  # bytes held before the 101 (frames, for when it opens); then reading pauses
-_FIELDS = ("protocol", "scheme", "authority", "path")
 log = Logger()
 
 SERVER_OPTIONS = {
@@ -57,6 +59,7 @@ SERVER_OPTIONS = {
         "ping-interval": {"type": "number", "minimum": 0},
         "ping-timeout": {"type": "number", "minimum": 0},
         "max-connections": {"type": "integer", "minimum": 1},
+        **ADMISSION_OPTIONS,  # per client and per connection (zillatw.bindings.ws.admission, docs/admission.md)
         "allowed-origins": refused("no longer supported: use the http server's options.access-control: "
                                    "policy cross-origin with allow.origins (see docs/access-control.md)"),
         "messages": MESSAGES,  # validation rules, see zillatw.catalogs.validation
@@ -97,34 +100,6 @@ GUARDED_KINDS = ("server",)  # the http server's session reaches the ws server o
 UNGUARDED_WHY = "the session stays with the ws server in front of it: guard that server's routes"
 
 
-class WsRoutes:
-    """Zilla's ws route resolution, shared by server and client."""
-
-    def __init__(self, routes: list[tuple[Route, Any]], namespace: str = "default"):
-        self._routes = []
-        self._namespace = namespace
-        # whether a route names the subprotocol: one that does not lets the exit choose (issue 15)
-        self.fixes_protocol: list[bool] = []
-        for route, exit_ in routes:
-            alternatives = [tuple(matcher(w.get(k)) for k in _FIELDS) for w in route.when]
-            self._routes.append((alternatives, exit_, route.guarded))
-            self.fixes_protocol.append(any(w.get("protocol") is not None for w in route.when))
-
-    def resolve(self, protocol: str | None, scheme: str | None, authority: str | None,
-                path: str | None, session: Session | None = None,
-                headers: Mapping[str, str] | None = None) -> tuple[int, Any] | None:
-        """The first route (index, exit) whose conditions match and whose guards the session
-        satisfies, as Zilla's resolve(); dynamic roles are resolved against the request's
-        `headers` (Zilla's ws binding leaves them as written)."""
-        for index, (alternatives, exit_, guarded) in enumerate(self._routes):
-            if guarded and not permits(guarded, session, self._namespace, headers):
-                continue
-            if not alternatives or any(p(protocol) and s(scheme) and a(authority) and q(path)
-                                       for p, s, a, q in alternatives):
-                return index, exit_
-        return None
-
-
 @implementer(IHttpExit, IDrainsGracefully)
 class WsServer:
     """The ws server binding: routes, limits and timers for its connections."""
@@ -133,7 +108,8 @@ class WsServer:
                  max_message_size: int = MAX_MESSAGE_SIZE, max_frame_size: int = 0,
                  permessage_deflate: bool = True, close_timeout: float = CLOSE_TIMEOUT,
                  ping_interval: float = PING_INTERVAL, ping_timeout: float = PING_TIMEOUT,
-                 max_connections: int = 0, reactor: Any = None, observer: Any = None):
+                 max_connections: int = 0, reactor: Any = None, observer: Any = None,
+                 admission: WsAdmission | None = None):
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -144,6 +120,7 @@ class WsServer:
         self.connections: set[WsServerProtocol] = set()  # open ones, for shutdown and stats
         self.handshaking: set[WsServerProtocol] = set()  # accepted, waiting for the exit (no 101 yet)
         self.max_connections = max_connections  # open + handshaking; 0: no limit
+        self.admission = admission  # per-client limits and the message rate, or None
         self.routes = WsRoutes(routes, namespace)
         self.resolve = self.routes.resolve
         self.max_message_size = max_message_size  # also bounds inflation (deflate bombs)
@@ -157,11 +134,12 @@ class WsServer:
         self.pongs = Deadlines(reactor, ping_timeout, WsRelay._pong_missed) if ping_interval and ping_timeout else None
 
     def accept_request(self, request: Request, headers: dict[str, str], transport: Any,
-                       trace_id: int = 0, authorization: Authorization = NO_AUTHORIZATION) -> "WsServerProtocol":
+                       trace_id: int = 0, authorization: Authorization = NO_AUTHORIZATION,
+                       client_address: str | None = None) -> "WsServerProtocol":
         """Check the upgrade and choose the route; the protocol returned takes the socket.
         The observer hears of a refusal, and of the exit chosen (whose outcome it reports)."""
         try:
-            connection = self._accept(request, headers, trace_id, authorization)
+            connection = self._accept(request, headers, trace_id, authorization, client_address)
         except HttpError as e:
             if self.observer is not None:
                 self.observer.rejected(trace_id, e.status, e.reason)
@@ -172,10 +150,11 @@ class WsServer:
         return connection
 
     def _accept(self, request: Request, headers: dict[str, str], trace_id: int,
-                authorization: Authorization) -> "WsServerProtocol":
+                authorization: Authorization, client_address: str | None) -> "WsServerProtocol":
         check_upgrade(request)  # and that the handshake headers are ASCII tokens
         if self.max_connections and len(self.connections) + len(self.handshaking) >= self.max_connections:
             raise HttpError(503, f"too many WebSocket connections (limit {self.max_connections})")
+        client = self.admission.admit(client_address) if self.admission is not None else None  # or 429, 503
         scheme, authority, path = headers[":scheme"], headers.get(":authority"), headers[":path"]
         session = authorization.session
         offered = offered_protocols(headers.get("sec-websocket-protocol"))
@@ -200,6 +179,9 @@ class WsServer:
         compressing = self.permessage_deflate and "permessage-deflate" in headers.get("sec-websocket-extensions", "")
         connection.info = StreamInfo(protocol, scheme, authority, path,
                                      session.identity if session is not None else None, offer, compressing)
+        connection.client_address = client_address
+        if client is not None:  # counted until connectionLost, whichever way the connection ends
+            connection.admitted = self.admission.opened(client)
         self.handshaking.add(connection)
         return connection
 
@@ -226,7 +208,7 @@ class WsServerProtocol(WsRelay):
     then reading pauses), so it can only ever be WebSocket frames of this one connection."""
 
     __slots__ = ("stream_exit", "info", "trace_id", "shown_path", "_key", "_extensions", "_opening",
-                 "_open_timer", "_held", "_held_paused", "_answered")
+                 "_open_timer", "_held", "_held_paused", "_answered", "client_address", "admitted")
 
     def __init__(self, binding: WsServer) -> None:
         super().__init__(binding)
@@ -241,6 +223,8 @@ class WsServerProtocol(WsRelay):
         self._held: bytearray | None = None
         self._held_paused = False
         self._answered = False  # a refusal was written
+        self.client_address: str | None = None  # as the http server decided it (zillatw.bindings.http.clientaddress)
+        self.admitted: str | None = None  # the key this connection is counted under by the admission
 
     # ---- opening: the 101 goes out once the exit has accepted the stream
 
@@ -304,6 +288,8 @@ class WsServerProtocol(WsRelay):
         binding.connections.add(self)
         self._key = ""
         self._extensions = None
+        if binding.admission is not None:
+            peer = binding.admission.limit_messages(self, peer)
         self.start(conn, peer)
         held, self._held = self._held, None
         if self._held_paused:
@@ -361,6 +347,9 @@ class WsServerProtocol(WsRelay):
         binding = self.binding
         binding.handshaking.discard(self)
         binding.connections.discard(self)
+        admitted, self.admitted = self.admitted, None
+        if admitted is not None:
+            binding.admission.closed(admitted)
         super().connectionLost(reason)
 
     def going_away(self, reason: str) -> None:
@@ -589,7 +578,8 @@ def build(binding: BindingConfig, graph: Any) -> WsServer | WsClient:
                     close_timeout=options.get("close-timeout", CLOSE_TIMEOUT),
                     ping_interval=options.get("ping-interval", PING_INTERVAL), ping_timeout=options.get("ping-timeout", PING_TIMEOUT),
                     max_connections=options.get("max-connections", 0), reactor=graph.reactor,
-                    observer=graph.ws_server_observer(binding))
+                    observer=(observer := graph.ws_server_observer(binding)),
+                    admission=from_options(options, graph.reactor, observer))
 
 
 PLUGIN = BindingType("ws", SCHEMA_PATCH, STREAMS, build, guarded_kinds=frozenset(GUARDED_KINDS),
