@@ -180,7 +180,7 @@ class OtlpExporter:
         self._collect = collect
         self.records = records if "logs" in self.signals else None
         self._emit = emit
-        self._clock = clock
+        self.clock = clock  # times the interval: the reactor (a test may set a Clock before start)
         self._call_from_thread = call_from_thread
         self._loop: task.LoopingCall | None = None
         self._jobs: queue.Queue[Any] = queue.Queue(maxsize=len(OVERRIDES))  # one post per signal at most
@@ -198,7 +198,7 @@ class OtlpExporter:
             self._thread = threading.Thread(target=self._work, name=f"zillatw-otlp-{self.name}", daemon=True)
             self._thread.start()
         self._loop = task.LoopingCall(self.export)
-        self._loop.clock = self._clock
+        self._loop.clock = self.clock
         self._loop.start(self.interval, now=False)
 
     def stop(self) -> None:

@@ -11,8 +11,17 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from zillatw.sessions import SessionObserver
-from zillatw.test.support import (OnAClock, chain, client_frame, close_ws, connect_raw, connect_ws, eventually,
-                                  start_gateway, upgrade_request)
+from zillatw.test.support import (
+    OnAClock,
+    chain,
+    client_frame,
+    close_ws,
+    connect_raw,
+    connect_ws,
+    eventually,
+    start_gateway,
+    upgrade_request,
+)
 from zillatw.test.test_proxy import proxy_config, start_upstream
 
 
