@@ -54,6 +54,13 @@ class Receiver(Resource):
 class _Site(Site):
     """Keeps its connections, to end them with the test (the exporter's are kept alive)."""
 
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource)
+        self.connections: list[Any] = []
+
+    def log(self, request: Any) -> None:
+        """No access log line per request."""
+
     def buildProtocol(self, addr: Any) -> Any:
         protocol = super().buildProtocol(addr)
         self.connections.append(protocol)
@@ -63,9 +70,7 @@ class _Site(Site):
 def start_receiver(case: unittest.TestCase) -> tuple[Receiver, int]:
     receiver = Receiver()
     site = _Site(receiver)
-    site.connections = []
-    site.log = lambda request: None
-    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    port: Any = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[arg-type]
 
     def open_ones() -> list[Any]:
         # the transport is the HTTP channel's, inside the protocol Site builds
