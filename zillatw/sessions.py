@@ -6,8 +6,8 @@ It is a decoration of the ws server's observer (zillatw.metrics.WsServerObserver
 only when the namespace has an exporter of events (stdout, otlp logs): without one, the ws
 server's streams are not touched. With one, each stream's two ends are wrapped once when it
 opens (`_FromClient`, `_ToClient`): one call and two additions per message fragment, as
-the metrics' own wrappers; like them, a wrapped end is not a bare WebSocket, so compressed
-messages are inflated and compressed again instead of passed as they are.
+the metrics' own wrappers. Unlike those, they keep compressed messages passing between two
+WebSockets as they are (`relay_behind`): a passed message's bytes are its compressed ones.
 
 Who closed:
 - `client`: its close frame came first, or its connection ended without one (1006; a
@@ -100,9 +100,20 @@ class _FromClient:
             session.messages_in += 1
         self._end.stream_data(opcode, payload, fin)
 
+    def stream_deflated(self, opcode: int, payload: bytes, fin: bool) -> None:
+        """A compressed message passed as it is (zillatw.wsstream): its compressed bytes counted."""
+        session = self._session
+        session.bytes_in += len(payload)
+        if fin:
+            session.messages_in += 1
+        self._end.stream_deflated(opcode, payload, fin)
+
     def stream_end(self, code: int, reason: str) -> None:
         self._session.end(CLIENT, code)
         self._end.stream_end(code, reason)
+
+    def __getattr__(self, name: str) -> Any:  # the end's own (its connection, its trace id...)
+        return getattr(self._end, name)
 
 
 @implementer(IStreamEnd)
@@ -123,6 +134,13 @@ class _ToClient:
             session.messages_out += 1
         self._end.stream_data(opcode, payload, fin)
 
+    def stream_deflated(self, opcode: int, payload: bytes, fin: bool) -> None:
+        session = self._session
+        session.bytes_out += len(payload)
+        if fin:
+            session.messages_out += 1
+        self._end.stream_deflated(opcode, payload, fin)
+
     def stream_end(self, code: int, reason: str) -> None:
         self._end.stream_end(code, reason)  # first: the code the client gets is then known
         self._session.end(UPSTREAM, code)
@@ -131,6 +149,16 @@ class _ToClient:
         """A fan evicting a member that fell behind: the gateway's decision."""
         self._end.stream_evicted(code, reason, drain_timeout)
         self._session.end(GATEWAY, code)
+
+    def __getattr__(self, name: str) -> Any:  # the ws server connection's own (trace id, transport...)
+        return getattr(self._end, name)
+
+
+def relay_behind(end: Any) -> Any:
+    """The end a session's wrapper stands for (the exit's own, e.g. a ws client's upstream
+    WebSocket), so that two WebSockets whose deflate parameters fit still pass compressed
+    messages as they are (zillatw.protocols.ws): counting does not cost them that."""
+    return end._end if type(end) is _FromClient else end
 
 
 class _SessionExit:

@@ -23,6 +23,7 @@ from zillatw.test.support import (
     upgrade_request,
 )
 from zillatw.test.test_proxy import proxy_config, start_upstream
+from zillatw.wire import deflate
 
 
 def json_events(config: dict) -> dict:
@@ -91,6 +92,26 @@ class SessionEventTests(unittest.TestCase):
                                                   "bytes_received", "messages_sent")},
                          {"route": "south_ws_client", "protocol": "chat", "code": 4001, "closed_by": "upstream",
                           "messages_received": 1, "bytes_received": 10, "messages_sent": 0})
+
+    @defer.inlineCallbacks
+    def test_compressed_messages_still_pass_as_they_are_and_are_counted(self):
+        worked = []
+        for name, method in (("Inflater", "inflate"), ("Deflater", "compress")):
+            cls = getattr(deflate, name)
+            original = getattr(cls, method)
+            self.patch(cls, method, lambda self, *a, _o=original, _n=name: worked.append(_n) or _o(self, *a))
+        _, upstream_port = start_upstream(self, compress=True)
+        gateway, port = yield start_gateway(self, json_events(proxy_config(upstream_port)))
+        client = yield connect_ws(port, compress=True)
+        for _ in range(3):
+            client.sendMessage(b"compressible " * 1000, True)
+            yield client.messages.get()
+        yield close_ws(client)
+        yield eventually(lambda: sessions(gateway))
+        [session] = sessions(gateway)
+        self.assertEqual(worked, [])  # counting did not make the gateway inflate or compress
+        self.assertEqual((session["messages_received"], session["messages_sent"]), (3, 3))
+        self.assertLess(session["bytes_received"], 3 * 13000)  # compressed bytes, as they passed
 
     def test_duration_on_the_gateways_clock(self):
         on = OnAClock(json_events(chain()))
