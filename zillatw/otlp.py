@@ -347,7 +347,7 @@ class OtlpExporter:
             counts = [c - p for c, p in zip(cumulative, [0, *cumulative[:-1]], strict=True)]
             bounds = [bound for bound, _ in buckets if bound != float("inf")]
             points.append(HistogramDataPoint(self._point(dict(labels)), start, now, entry["count"], entry["sum"],
-                                             counts, bounds, float("nan"), float("nan")))
+                                             counts, bounds, None, None))  # type: ignore[arg-type]  # unknown: unset
         return points
 
     def log_records(self, records: list[EventRecord]) -> list[Any]:

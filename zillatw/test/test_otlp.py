@@ -17,6 +17,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from zillatw import build_gateway
 from zillatw.errors import ConfigError
+from zillatw.otlp import OtlpExporter
 from zillatw.test.support import chain, close_ws, connect_ws, eventually
 
 
@@ -273,3 +274,27 @@ class ConfigTests(unittest.TestCase):
             build_gateway(config)
         self.assertTrue(any(p.startswith("bindings.ws0.telemetry.attributes: not supported by this zillatw yet")
                             for p in caught.exception.problems), caught.exception.problems)
+
+
+class DataModelTests(unittest.SynchronousTestCase):
+    def test_histograms_become_per_bucket_counts_under_zillas_names(self):
+        from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+        from prometheus_client.core import HistogramMetricFamily
+
+        from zillatw.metrics import METRICS, prometheus_name
+        family = HistogramMetricFamily("http_duration_milliseconds", "d", labels=["namespace", "binding"])
+        family.add_metric(["ns", "http0"], [("1.0", 1), ("5.0", 3), ("+Inf", 4)], 42.0)
+        other = HistogramMetricFamily("http_duration_milliseconds", "d", labels=["namespace", "binding"])
+        other.add_metric(["elsewhere", "http0"], [("+Inf", 9)], 1.0)  # another namespace's: not this exporter's
+        exporter = OtlpExporter("ns", "o", {"endpoint": {"location": "http://x"}}, {"service.name": "s"},
+                                collect=lambda: [], records=None, emit=lambda *a: None, clock=Clock(),
+                                call_from_thread=lambda *a: None,
+                                names={prometheus_name(m): (m, METRICS[m][1]) for m in METRICS})
+        request = encode_metrics(exporter.metrics_data([family, other], 1))
+        [metric] = request.resource_metrics[0].scope_metrics[0].metrics  # the other namespace's left out
+        self.assertEqual((metric.name, metric.unit), ("http.server.duration", "milliseconds"))
+        [point] = metric.histogram.data_points
+        self.assertEqual((list(point.bucket_counts), list(point.explicit_bounds), point.count, point.sum),
+                         ([1, 2, 1], [1.0, 5.0], 4, 42.0))
+        self.assertFalse(point.HasField("min"))  # not known: not sent
+        self.assertEqual(attributes(point.attributes), {"namespace": "ns", "binding": "http0", "service.name": "s"})

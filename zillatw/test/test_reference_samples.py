@@ -90,7 +90,8 @@ BASES: dict[tuple[str, str | None], tuple[Callable[[], dict[str, Any]], list[Any
                                         ["catalogs", "x"]),
     ("exporter prometheus", None): (_with("telemetry.exporters", {"p": {"type": "prometheus", "options": {
         "endpoints": [{"scheme": "http", "port": 9090}]}}}), ["telemetry", "exporters", "p"]),
-    ("exporter stdout", None): (_with("telemetry.exporters", {"s": {"type": "stdout"}}), ["telemetry", "exporters", "s"]),
+    ("exporter stdout", None): (_with("telemetry.exporters", {"s": {"type": "stdout"}}),
+                                ["telemetry", "exporters", "s"]),
     ("exporter otlp", None): (_with("telemetry.exporters", {"o": {"type": "otlp", "options": {
         "endpoint": {"location": "http://127.0.0.1:4318"}}}}), ["telemetry", "exporters", "o"]),
 }
