@@ -50,9 +50,12 @@ class JsonLinesTests(unittest.TestCase):
         rejected = next(line for line in lines if line["event"] == "BINDING_WS_REQUEST_REJECTED")
         self.assertEqual((rejected["level"], rejected["status"]), ("warning", 404))
         self.assertIn("offered subprotocols: chat", rejected["reason"])
-        # an event without fields of its own keeps its details line as one key
         http = next(line for line in lines if line["event"] == "BINDING_HTTP_REQUEST_ACCEPTED")
-        self.assertIn("/room?access_token=REDACTED&x=1", http["details"])
+        self.assertEqual((http["binding"], http["method"], http["scheme"], http["path"], http["trace"]),
+                         ("http0", "GET", "http", "/room?access_token=REDACTED&x=1", accepted["trace"]))
+        # an event without fields of its own keeps its details line as one key
+        started = next(line for line in lines if line["event"] == "ENGINE_STARTED")
+        self.assertEqual(started["details"], "Engine Started.")
         session = next(line for line in lines if line["event"] == "BINDING_WS_SESSION_ENDED")
         self.assertEqual((session["messages_received"], session["bytes_received"], session["closed_by"]),
                          (1, 5, "client"))
