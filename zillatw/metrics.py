@@ -114,8 +114,10 @@ def check(namespace: Any, where: str) -> Iterator[str]:
         elif name not in METRICS:
             yield f"{where}telemetry.metrics[{index}]: unknown metric '{name}'{did_you_mean(name, METRICS)}"
     for name, exporter in (telemetry.get("exporters") or {}).items():
-        at, check_options = f"{where}telemetry.exporters.{name}.options", _OPTION_CHECKS.get(exporter["type"])
-        yield from check_options(at, exporter.get("options")) if check_options is not None else ()
+        check_options = {"prometheus": _check_prometheus, "stdout": check_stdout, "otlp": otlp.check_options}.get(
+            exporter["type"])
+        yield from check_options(f"{where}telemetry.exporters.{name}.options", exporter.get("options")) \
+            if check_options is not None else ()
     for binding in namespace.bindings.values():
         base = f"{where}bindings.{binding.name}.telemetry"
         if "attributes" in binding.telemetry:
@@ -159,9 +161,6 @@ def _check_prometheus(path: str, options: Any) -> Iterator[str]:
         path_ = endpoint.get("path", "/metrics")
         if not isinstance(path_, str) or not path_.startswith("/"):
             yield f"{at}.path: expected a path starting with '/', got {path_!r}"
-
-
-_OPTION_CHECKS = {"prometheus": _check_prometheus, "stdout": check_stdout, "otlp": otlp.check_options}
 
 
 # ---------------------------------------------------------------------------- counters
@@ -579,7 +578,8 @@ class Metrics:
                 site.log = lambda request: None  # no access log line per scrape
                 listening = yield endpoints.TCP4ServerEndpoint(reactor, port).listen(site)
                 self._listening.append(listening)
-            [exporter.start() for exporter in self.otlp]
+            for exporter in self.otlp:  # and the otlp exporters' intervals (zillatw.otlp)
+                exporter.start()
             return self.ports()
 
         d = start()

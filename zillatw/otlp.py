@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from zillatw.accesslog import OTLP_SIGNALS, EventRecord, RecordQueue
@@ -53,6 +53,7 @@ OVERRIDES = {"metrics": "/v1/metrics", "logs": "/v1/logs"}
 OPTIONS = ("interval", "signals", "endpoint", "credentials", "tls")
 LOG_BATCH = 1000  # events sent per export at most; the rest wait (bounded) for the next
 MAX_TIMEOUT = 10.0  # seconds a post may take, at most (and less than the interval)
+FINAL_WAIT = 2.0  # seconds a stopping configuration waits for its last export, at most
 # Zilla's OTLP names for an http server's metrics
 SERVER_NAMES = {"http.duration": "http.server.duration", "http.active.requests": "http.server.active_requests"}
 SCOPE = "zillatw"
@@ -183,12 +184,15 @@ class OtlpExporter:
         self.clock = clock  # times the interval: the reactor (a test may set a Clock before start)
         self._call_from_thread = call_from_thread
         self._loop: task.LoopingCall | None = None
-        self._jobs: queue.Queue[Any] = queue.Queue(maxsize=len(OVERRIDES))  # one post per signal at most
+        # posts for the thread: one per signal an interval (none while the last is out), and
+        # the final export's (finish); so never more than a dozen
+        self._jobs: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
         self.busy: set[str] = set()  # signals with a post still out
         self.failing: set[str] = set()
         self.started_ns = time.time_ns()
         self.exported = {"metrics": 0, "logs": 0}  # successful posts, for tests and stats
+        self._finished: defer.Deferred | None = None
 
     def start(self) -> None:
         if self._loop is not None:
@@ -202,13 +206,29 @@ class OtlpExporter:
         self._loop.start(self.interval, now=False)
 
     def stop(self) -> None:
-        """No more exports (the thread ends after the post it may be in, unwaited for)."""
+        """No more interval exports (a reload's first step: `start` may follow); the thread
+        stays for `finish`."""
         loop, self._loop = self._loop, None
         if loop is not None and loop.running:
             loop.stop()
-        if self._thread is not None:
-            self._thread = None
-            self._jobs.put(None)
+
+    def finish(self) -> defer.Deferred:
+        """The configuration is done with (shutdown, or a reloaded one's last connection
+        closed): one last export of the metrics and of every event still queued, then the
+        thread ends. Fires when it has, or after FINAL_WAIT seconds: a shutdown waits that
+        long at most for a collector that does not answer."""
+        self.stop()
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return defer.succeed(None)
+        if "metrics" in self.signals:
+            self._submit("metrics", list(self._collect()))
+        while self.records is not None and len(self.records):
+            self._submit("logs", self.records.take(LOG_BATCH))
+        self._jobs.put(None)
+        finished = self._finished = defer.Deferred()
+        timer = self.clock.callLater(FINAL_WAIT, self._end)
+        return finished.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
 
     def export(self) -> None:
         """One interval's snapshot, handed to the thread (reactor thread; never blocks)."""
@@ -219,11 +239,13 @@ class OtlpExporter:
             self._submit("logs", records.take(LOG_BATCH))
 
     def _submit(self, signal: str, payload: Any) -> None:
-        try:
-            self._jobs.put_nowait((signal, payload, time.time_ns()))
-        except queue.Full:  # cannot happen with one job per signal; never wait for the thread
-            return
+        self._jobs.put_nowait((signal, payload, time.time_ns()))  # unbounded: never waits
         self.busy.add(signal)
+
+    def _end(self) -> None:
+        finished, self._finished = self._finished, None
+        if finished is not None:
+            finished.callback(None)
 
     # ---- the exporter's thread
 
@@ -232,6 +254,7 @@ class OtlpExporter:
         while True:
             job = self._jobs.get()
             if job is None:
+                self._call_from_thread(self._end)
                 return
             signal, payload, now = job
             try:

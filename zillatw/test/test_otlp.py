@@ -17,7 +17,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from zillatw import build_gateway
 from zillatw.errors import ConfigError
-from zillatw.otlp import OtlpExporter
+from zillatw.otlp import FINAL_WAIT, OtlpExporter
 from zillatw.test.support import chain, close_ws, connect_ws, eventually
 
 
@@ -101,14 +101,15 @@ def otlp_config(location: str, **options: Any) -> dict:
 
 
 @defer.inlineCallbacks
-def start_on_a_clock(case: unittest.TestCase, config: dict) -> Any:
+def start_on_a_clock(case: unittest.TestCase, config: dict, stop: bool = True) -> Any:
     """A gateway on the real reactor whose otlp exporters count time on a Clock."""
     gateway = build_gateway(config, event_stream=io.StringIO())
     clock = Clock()
     for exporter in gateway.metrics.otlp:
         exporter.clock = clock
     gateway.startService()
-    case.addCleanup(gateway.stopService)
+    if stop:
+        case.addCleanup(gateway.stopService)
     ports = yield gateway.listening
     return gateway, ports[0], clock
 
@@ -185,6 +186,21 @@ class ExportTests(unittest.TestCase):
         self.assertEqual(receiver.posts[0][0], "/base/collect/m")
 
 
+    @defer.inlineCallbacks
+    def test_shutdown_sends_what_is_left(self):
+        receiver, port = start_receiver(self)
+        gateway, ws_port, clock = yield start_on_a_clock(self, otlp_config(f"http://127.0.0.1:{port}"), stop=False)
+        client = yield connect_ws(ws_port)
+        yield gateway.stopService()  # no interval passed: the last export carries it all
+        _, code, _ = yield client.closed
+        self.assertEqual(code, 1001)
+        self.assertEqual(sorted(path for path, _, _ in receiver.posts), ["/v1/logs", "/v1/metrics"])
+        [logs] = receiver.bodies("/v1/logs", ExportLogsServiceRequest)
+        records = [attributes(r.attributes) for scope in logs.resource_logs[0].scope_logs for r in scope.log_records]
+        [session] = [r for r in records if r["event.name"] == "BINDING_WS_SESSION_ENDED"]
+        self.assertEqual((session["code"], session["closed_by"]), (1001, "gateway"))  # written while draining
+
+
 class FailureTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_a_refusing_collector_is_one_event_then_one_when_it_recovers(self):
@@ -239,6 +255,12 @@ class FailureTests(unittest.TestCase):
         self.assertTrue(exporter.busy)
         yield close_ws(client)
         yield eventually(lambda: not exporter.busy)  # the posts time out within the interval
+        receiver.posts.clear()
+        finished = exporter.finish()  # a shutdown waits FINAL_WAIT at most for the last export
+        yield eventually(lambda: receiver.posts)
+        self.assertFalse(finished.called)
+        clock.advance(FINAL_WAIT)
+        self.assertTrue(finished.called)
 
 
 class ConfigTests(unittest.TestCase):
