@@ -139,25 +139,33 @@ def shown_url(url: str) -> str:
 
 # ---------------------------------------------------------------------------- the exporter
 
-class _LastError(logging.Handler):
-    """What the OTLP exporter's library said last, per thread: its failures come as log
-    records, which become our one event instead of a line per interval."""
+THREAD_PREFIX = "zillatw-otlp-"
+
+
+class _LastError(logging.Filter):
+    """What the OTLP exporter library says in our exporters' threads: its failures come as
+    log records, one per interval, which become our one event instead; kept per thread,
+    and off stderr. Its records in anyone else's threads (an embedder's own exporter) pass."""
 
     def __init__(self) -> None:
-        super().__init__(logging.WARNING)
+        super().__init__()
         self.last: dict[int, str] = {}
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.last[threading.get_ident()] = record.getMessage()[:200]
+    def filter(self, record: logging.LogRecord) -> bool:
+        thread = threading.current_thread()
+        if not thread.name.startswith(THREAD_PREFIX):
+            return True
+        if record.levelno >= logging.WARNING:
+            self.last[thread.ident or 0] = record.getMessage()[:200]
+        return False
 
     def take(self) -> str | None:
         return self.last.pop(threading.get_ident(), None)
 
 
 _errors = _LastError()
-_library_log = logging.getLogger("opentelemetry.exporter.otlp.proto.http")
-_library_log.addHandler(_errors)
-_library_log.propagate = False  # not on stderr once per interval: OTLP_EXPORT_FAILED says it once
+for _name in ("_log_exporter", "metric_exporter"):
+    logging.getLogger(f"opentelemetry.exporter.otlp.proto.http.{_name}").addFilter(_errors)
 
 
 class OtlpExporter:
@@ -199,7 +207,7 @@ class OtlpExporter:
             return
         if self._thread is None:
             # a daemon: a collector that hangs must not hold the process's exit
-            self._thread = threading.Thread(target=self._work, name=f"zillatw-otlp-{self.name}", daemon=True)
+            self._thread = threading.Thread(target=self._work, name=THREAD_PREFIX + self.name, daemon=True)
             self._thread.start()
         self._loop = task.LoopingCall(self.export)
         self._loop.clock = self.clock

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 from typing import Any
 
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
@@ -212,11 +213,18 @@ class FailureTests(unittest.TestCase):
         exporter = gateway.metrics.otlp[0]
         out = io.StringIO()
         gateway.events["test"]._sinks.append(lambda record: out.write(record.event + " " + record.details + "\n"))
+        library_lines: list[logging.LogRecord] = []
+        handler = logging.Handler()
+        handler.emit = library_lines.append  # type: ignore[method-assign]
+        logging.getLogger("opentelemetry").addHandler(handler)
+        self.addCleanup(logging.getLogger("opentelemetry").removeHandler, handler)
         for count in range(1, 4):
             clock.advance(5)
             yield eventually(lambda count=count: len(receiver.posts) == count and not exporter.busy)
         self.assertEqual(out.getvalue().count("OTLP_EXPORT_FAILED"), 1)
         self.assertIn(f"OTLP_EXPORT_FAILED - metrics http://127.0.0.1:{port}/v1/metrics", out.getvalue())
+        self.assertIn("400", out.getvalue())  # the library's reason, once, in the event
+        self.assertEqual(library_lines, [])  # and not a line of its own per interval
         receiver.status = 200
         clock.advance(5)
         yield eventually(lambda: "OTLP_EXPORT_RECOVERED" in out.getvalue())
