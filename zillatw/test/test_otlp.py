@@ -297,6 +297,12 @@ class ConfigTests(unittest.TestCase):
             self.assertTrue(any(p.startswith(expected) for p in problems), (expected, problems))
             self.assertFalse(any("secret-value" in p for p in problems))
 
+    def test_the_authorization_header_is_not_in_the_dumped_configuration(self):
+        config = otlp_config("http://127.0.0.1:4318", credentials={"headers": {"authorization": "Bearer t0ken"}})
+        dumped = build_gateway(config).config.dump()  # what -v prints
+        self.assertNotIn("t0ken", dumped)
+        self.assertIn("authorization: REDACTED", dumped)
+
     def test_binding_attributes_stay_refused(self):
         config = otlp_config("http://127.0.0.1:4318")
         config["bindings"]["ws0"]["telemetry"]["attributes"] = {"path": "${http.request.path}"}
