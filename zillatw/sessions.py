@@ -26,7 +26,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from zillatw.stream import ABNORMAL, IStreamEnd, StreamInfo
+from zillatw.stream import ABNORMAL, IStreamEnd, IStreamExit, StreamInfo
 
 CLIENT, GATEWAY, UPSTREAM = "client", "gateway", "upstream"
 
@@ -161,6 +161,7 @@ def relay_behind(end: Any) -> Any:
     return end._end if type(end) is _FromClient else end
 
 
+@implementer(IStreamExit)
 class _SessionExit:
     """The route's exit, whose streams are counted as sessions; anything else is the exit's."""
 

@@ -113,6 +113,21 @@ class SessionEventTests(unittest.TestCase):
         self.assertEqual((session["messages_received"], session["messages_sent"]), (3, 3))
         self.assertLess(session["bytes_received"], 3 * 13000)  # compressed bytes, as they passed
 
+    @defer.inlineCallbacks
+    def test_with_metrics_on_the_same_streams(self):
+        config = json_events(chain())
+        config["telemetry"]["metrics"] = ["stream.data.received"]
+        config["bindings"]["ws0"]["telemetry"] = {"metrics": ["stream.*"]}
+        gateway, port = yield start_gateway(self, config)
+        client = yield connect_ws(port)
+        client.sendMessage(b"metered")
+        yield client.messages.get()
+        yield close_ws(client)
+        yield eventually(lambda: sessions(gateway))
+        [session] = sessions(gateway)
+        self.assertEqual((session["bytes_received"], session["closed_by"]), (7, "client"))
+        self.assertEqual(gateway.metrics.metrics(gateway.config.binding("test:ws0")).data_received, 7)
+
     def test_duration_on_the_gateways_clock(self):
         on = OnAClock(json_events(chain()))
         connection, transport = on.connect(client_port=40123)
