@@ -300,7 +300,9 @@ class OtlpExporter:
             self.exported[signal] += 1
             if signal in self.failing:
                 self.failing.discard(signal)
-                self._emit("OTLP_EXPORT_RECOVERED", f"- {signal} {url}")
+                dropped = f" ({self.records.dropped} events dropped so far)" \
+                    if signal == "logs" and self.records is not None and self.records.dropped else ""
+                self._emit("OTLP_EXPORT_RECOVERED", f"- {signal} {url}{dropped}")
         elif signal not in self.failing:
             self.failing.add(signal)
             log.warn("zillatw: otlp exporter {name}: cannot export {signal} to {url}: {why}", name=self.name,

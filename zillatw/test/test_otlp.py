@@ -334,3 +334,18 @@ class DataModelTests(unittest.SynchronousTestCase):
                          ([1, 2, 1], [1.0, 5.0], 4, 42.0))
         self.assertFalse(point.HasField("min"))  # not known: not sent
         self.assertEqual(attributes(point.attributes), {"namespace": "ns", "binding": "http0", "service.name": "s"})
+
+    def test_recovering_says_how_many_events_were_dropped(self):
+        from zillatw.accesslog import EventRecord, RecordQueue
+        records = RecordQueue(limit=2)
+        for n in range(5):
+            records(EventRecord(n, "ns", "b", n, "E", "-"))
+        said: list[str] = []
+        exporter = OtlpExporter("ns", "o", {"endpoint": {"location": "http://user:pw@127.0.0.1:4318"}}, {},
+                                collect=lambda: [], records=records, emit=lambda e, d: said.append(f"{e} {d}"),
+                                clock=Clock(), call_from_thread=lambda *a: None)
+        exporter._done("logs", False, "refused")
+        exporter._done("logs", False, "refused again")  # still failing: nothing more said
+        exporter._done("logs", True, "")
+        self.assertEqual(said, ["OTLP_EXPORT_FAILED - logs http://127.0.0.1:4318/v1/logs refused",
+                                "OTLP_EXPORT_RECOVERED - logs http://127.0.0.1:4318/v1/logs (3 events dropped so far)"])
