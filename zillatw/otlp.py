@@ -142,7 +142,7 @@ def shown_url(url: str) -> str:
 THREAD_PREFIX = "zillatw-otlp-"
 
 
-class _LastError(logging.Filter):
+class _LibraryLog(logging.Filter):
     """What the OTLP exporter library says in our exporters' threads: its failures come as
     log records, one per interval, which become our one event instead; kept per thread,
     and off stderr. Its records in anyone else's threads (an embedder's own exporter) pass."""
@@ -155,15 +155,15 @@ class _LastError(logging.Filter):
         thread = threading.current_thread()
         if not thread.name.startswith(THREAD_PREFIX):
             return True
-        if record.levelno >= logging.WARNING:
-            self.last[thread.ident or 0] = record.getMessage()[:200]
+        if record.levelno >= logging.WARNING:  # a post's first says most (a retry's cause)
+            self.last.setdefault(thread.ident or 0, record.getMessage()[:200])
         return False
 
     def take(self) -> str | None:
         return self.last.pop(threading.get_ident(), None)
 
 
-_errors = _LastError()
+_errors = _LibraryLog()
 for _name in ("_log_exporter", "metric_exporter"):
     logging.getLogger(f"opentelemetry.exporter.otlp.proto.http.{_name}").addFilter(_errors)
 
@@ -289,7 +289,8 @@ class OtlpExporter:
                 exporter = exporters[signal] = OTLPLogExporter(self.urls[signal], headers=self._headers,
                                                                timeout=timeout)
             ok = exporter.export(self.log_records(payload)) is LogRecordExportResult.SUCCESS
-        return ok, ("" if ok else _errors.take() or "the collector did not accept it")
+        why = _errors.take()  # taken either way: a retry that succeeded leaves its warning
+        return ok, ("" if ok else why or "the collector did not accept it")
 
     def _done(self, signal: str, ok: bool, why: str) -> None:
         """A post's outcome, in the reactor thread: one event when a signal starts failing,
