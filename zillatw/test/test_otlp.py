@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import logging
+import os
 from typing import Any
 
+import yaml
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from twisted.internet import defer, reactor
@@ -19,7 +22,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from zillatw import build_gateway
 from zillatw.errors import ConfigError
 from zillatw.otlp import FINAL_WAIT, OtlpExporter
-from zillatw.test.support import chain, close_ws, connect_ws, eventually
+from zillatw.test.support import CONF, chain, close_ws, connect_ws, eventually, on_ephemeral_port
 
 
 class Receiver(Resource):
@@ -102,9 +105,11 @@ def otlp_config(location: str, **options: Any) -> dict:
 
 
 @defer.inlineCallbacks
-def start_on_a_clock(case: unittest.TestCase, config: dict, stop: bool = True) -> Any:
+def start_on_a_clock(case: unittest.TestCase, config: dict, stop: bool = True, env: Any = None) -> Any:
     """A gateway on the real reactor whose otlp exporters count time on a Clock."""
-    gateway = build_gateway(config, event_stream=io.StringIO())
+    events = io.StringIO()
+    gateway = build_gateway(config, event_stream=events, env=env)
+    gateway.events_text = events  # type: ignore[attr-defined]
     clock = Clock()
     for exporter in gateway.metrics.otlp:
         exporter.clock = clock
@@ -200,6 +205,27 @@ class ExportTests(unittest.TestCase):
         records = [attributes(r.attributes) for scope in logs.resource_logs[0].scope_logs for r in scope.log_records]
         [session] = [r for r in records if r["event.name"] == "BINDING_WS_SESSION_ENDED"]
         self.assertEqual((session["code"], session["closed_by"]), (1001, "gateway"))  # written while draining
+
+
+    @defer.inlineCallbacks
+    def test_the_example_configuration(self):
+        with open(os.path.join(CONF, "ws.echo.otlp.yaml")) as f:
+            config = on_ephemeral_port(yaml.safe_load(f), "north_tcp_server")
+        receiver, port = start_receiver(self)
+        gateway, ws_port, clock = yield start_on_a_clock(self, config, env={"OTLP_COLLECTOR": f"http://127.0.0.1:{port}"})
+        self.assertEqual(gateway.metrics.otlp[0].interval, 30)
+        client = yield connect_ws(ws_port, protocols=["echo"])
+        client.sendMessage(b"hello")
+        yield client.messages.get()
+        yield close_ws(client)
+        clock.advance(30)
+        yield eventually(lambda: len(receiver.posts) == 2)
+        [logs] = receiver.bodies("/v1/logs", ExportLogsServiceRequest)
+        names = [attributes(r.attributes)["event.name"] for r in logs.resource_logs[0].scope_logs[0].log_records]
+        self.assertIn("BINDING_WS_SESSION_ENDED", names)
+        self.assertEqual(attributes(logs.resource_logs[0].resource.attributes)["service.name"], "zillatw-ws-echo")
+        lines = [json.loads(line) for line in gateway.events_text.getvalue().splitlines()]
+        self.assertIn("BINDING_WS_SESSION_ENDED", [line["event"] for line in lines])
 
 
 class FailureTests(unittest.TestCase):
