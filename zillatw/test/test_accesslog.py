@@ -1,4 +1,4 @@
-"""The stdout exporter's formats (zillatw.accesslog): Zilla's text line by default, one JSON
+"""The stdout exporter's formats (zillatw.telemetry.accesslog): Zilla's text line by default, one JSON
 object per line with `options.format: json`; and the bounded queue an exporter's events wait in."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from zillatw import build_gateway
-from zillatw.accesslog import EventRecord, RecordQueue, format_json, format_text, rfc3339
+from zillatw.telemetry.accesslog import EventRecord, RecordQueue, format_json, format_text, rfc3339
 from zillatw.errors import ConfigError
 from zillatw.test.support import chain, close_ws, connect_ws, raw_exchange, start_gateway, upgrade_request
 

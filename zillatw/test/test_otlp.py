@@ -1,4 +1,4 @@
-"""The otlp exporter (zillatw.otlp) against a real OTLP/HTTP receiver on loopback, which
+"""The otlp exporter (zillatw.telemetry.otlp) against a real OTLP/HTTP receiver on loopback, which
 decodes the protobuf bodies with opentelemetry-proto; the interval on a Clock."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from zillatw import build_gateway
 from zillatw.errors import ConfigError
-from zillatw.otlp import FINAL_WAIT, OtlpExporter
+from zillatw.telemetry.otlp import FINAL_WAIT, OtlpExporter
 from zillatw.test.support import CONF, chain, close_ws, connect_ws, eventually, on_ephemeral_port
 
 
@@ -343,7 +343,7 @@ class DataModelTests(unittest.SynchronousTestCase):
         from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
         from prometheus_client.core import HistogramMetricFamily
 
-        from zillatw.metrics import METRICS, prometheus_name
+        from zillatw.telemetry.metrics import METRICS, prometheus_name
         family = HistogramMetricFamily("http_duration_milliseconds", "d", labels=["namespace", "binding"])
         family.add_metric(["ns", "http0"], [("1.0", 1), ("5.0", 3), ("+Inf", 4)], 42.0)
         other = HistogramMetricFamily("http_duration_milliseconds", "d", labels=["namespace", "binding"])
@@ -362,7 +362,7 @@ class DataModelTests(unittest.SynchronousTestCase):
         self.assertEqual(attributes(point.attributes), {"namespace": "ns", "binding": "http0", "service.name": "s"})
 
     def test_recovering_says_how_many_events_were_dropped(self):
-        from zillatw.accesslog import EventRecord, RecordQueue
+        from zillatw.telemetry.accesslog import EventRecord, RecordQueue
         records = RecordQueue(limit=2)
         for n in range(5):
             records(EventRecord(n, "ns", "b", n, "E", "-"))

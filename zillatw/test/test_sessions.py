@@ -1,4 +1,4 @@
-"""The ws server's session event (zillatw.sessions): BINDING_WS_SESSION_ENDED with the
+"""The ws server's session event (zillatw.telemetry.sessions): BINDING_WS_SESSION_ENDED with the
 client, route, subprotocol, identity, duration, counts each way, close code and closer."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from zillatw.sessions import SessionObserver
+from zillatw.telemetry.sessions import SessionObserver
 from zillatw.test.support import (
     OnAClock,
     chain,
