@@ -76,9 +76,10 @@ class Config:
         return yaml.safe_dump_all([_redacted(d) for d in self.documents], sort_keys=False)
 
 
-# Keys whose values are secrets wherever they appear: passwords, and an oct JWK's key `k`
-# (RFC 7518 §6.4.1; the jwt guard's schema refuses the private members of other key types).
-SECRET_KEYS = frozenset({"password", "secret", "k"})
+# Keys whose values are secrets wherever they appear: passwords, an oct JWK's key `k`
+# (RFC 7518 §6.4.1; the jwt guard's schema refuses the private members of other key types),
+# and the `authorization` header an exporter or a catalog sends (credentials.headers).
+SECRET_KEYS = frozenset({"password", "secret", "k", "authorization"})
 _URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.\-]*://[^/@:]*):[^/@]*@", re.IGNORECASE)
 
 

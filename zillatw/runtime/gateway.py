@@ -85,9 +85,10 @@ class Generation:
                 binding.start_service()
 
     def stop(self) -> defer.Deferred:
-        """What bindings hold besides their connections (a fan's Redis)."""
+        """What bindings hold besides their connections (a fan's Redis; the otlp exporters)."""
         stopping = [binding.stop_service() for binding in self.bindings.values()
                     if IRunsInBackground.providedBy(binding)]
+        stopping += [exporter.finish() for exporter in self.metrics.otlp]  # their last export (zillatw.telemetry.otlp)
         return defer.gatherResults([d for d in stopping if d is not None], consumeErrors=True)
 
     def emit(self, event: str, details: str) -> None:

@@ -7,10 +7,11 @@ never per message. Format of Zilla's current code (`"%s [%s] [%016xd] %s %s"`):
 from __future__ import annotations
 
 import itertools
-import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
+
+from zillatw.telemetry.accesslog import EventRecord, RecordQueue, format_text, otlp_signals, stdout_writer
 
 _trace_ids = itertools.count(1)
 
@@ -22,31 +23,47 @@ def next_trace_id() -> int:
 
 def format_event(namespace: str, binding: str, trace_id: int, event: str, details: str,
                  now: float | None = None) -> str:
-    stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(time.time() if now is None else now))
-    return f"{namespace}:{binding} [{stamp}] [{trace_id:016x}d] {event} {details}"
+    return format_text(EventRecord(time.time() if now is None else now, namespace, binding, trace_id, event, details))
 
 
 class Events:
-    """Where bindings report events; a no-op when no exporter is configured."""
+    """Where bindings report events; a no-op when no exporter is configured. `writers` take
+    Zilla's text line, `sinks` the whole record (zillatw.telemetry.accesslog: the stdout exporter's
+    formats, the otlp exporter's queue in `queues`, by exporter name)."""
 
-    def __init__(self, writers: list[Callable[[str], None]] | None = None):
+    def __init__(self, writers: list[Callable[[str], None]] | None = None,
+                 sinks: list[Callable[[EventRecord], None]] | None = None):
         self._writers = writers or []
-        self.enabled = bool(self._writers)
+        self._sinks = sinks or []
+        self.queues: dict[str, RecordQueue] = {}
+        self.enabled = bool(self._writers or self._sinks)
 
     @classmethod
     def from_telemetry(cls, telemetry: Mapping[str, Any], stream: TextIO | None = None) -> "Events":
-        writers = []
-        for exporter in (telemetry.get("exporters") or {}).values():
+        sinks: list[Callable[[EventRecord], None]] = []
+        queues: dict[str, RecordQueue] = {}
+        for name, exporter in (telemetry.get("exporters") or {}).items():
             if exporter["type"] == "stdout":
-                writers.append(_line_writer(stream))
-        return cls(writers)
+                sinks.append(stdout_writer(exporter.get("options"), stream))
+            elif exporter["type"] == "otlp" and "logs" in otlp_signals(exporter.get("options")):
+                sinks.append(queues.setdefault(name, RecordQueue()))
+        events = cls(sinks=sinks)
+        events.queues = queues
+        return events
 
-    def emit(self, namespace: str, binding: str, trace_id: int, event: str, details: str = "-") -> None:
+    def emit(self, namespace: str, binding: str, trace_id: int, event: str, details: str = "-",
+             fields: Mapping[str, Any] | None = None) -> None:
+        """One event; `fields` are its facts as separate values, for the json format and
+        otlp (the details line says the same for Zilla's text format)."""
         if not self.enabled:
             return
-        line = format_event(namespace, binding, trace_id, event, details)
-        for write in self._writers:
-            write(line)
+        record = EventRecord(time.time(), namespace, binding, trace_id, event, details, fields)
+        if self._writers:
+            line = format_text(record)
+            for write in self._writers:
+                write(line)
+        for sink in self._sinks:
+            sink(record)
 
     def binding(self, namespace: str, name: str, type_: str) -> "BindingEvents":
         """The events of one binding, bound once at build time (see BindingEvents)."""
@@ -76,14 +93,19 @@ class BindingEvents:
         self._prefix = f"BINDING_{type_.upper().replace('-', '_')}_"
         self.enabled = events.enabled
 
-    def emit(self, trace_id: int, event: str, details: str = "-") -> None:
-        self._events.emit(self.namespace, self.name, trace_id, event, details)
+    def emit(self, trace_id: int, event: str, details: str = "-", fields: Mapping[str, Any] | None = None) -> None:
+        self._events.emit(self.namespace, self.name, trace_id, event, details, fields)
 
-    def accepted(self, trace_id: int, details: str) -> None:
-        self.emit(trace_id, self._prefix + "REQUEST_ACCEPTED", details)
+    def accepted(self, trace_id: int, details: str, fields: Mapping[str, Any] | None = None) -> None:
+        self.emit(trace_id, self._prefix + "REQUEST_ACCEPTED", details, fields)
 
     def rejected(self, trace_id: int, status: int, reason: str, identity: str | None = None) -> None:
-        self.emit(trace_id, self._prefix + "REQUEST_REJECTED", f"{identity or '-'} {status} {reason}")
+        self.emit(trace_id, self._prefix + "REQUEST_REJECTED", f"{identity or '-'} {status} {reason}",
+                  {"identity": identity, "status": status, "reason": reason})
+
+    def session_ended(self, trace_id: int, details: str, fields: Mapping[str, Any]) -> None:
+        """A WebSocket session's end (zillatw.telemetry.sessions): BINDING_WS_SESSION_ENDED."""
+        self.emit(trace_id, self._prefix + "SESSION_ENDED", details, fields)
 
     def guard_failed(self, trace_id: int, guard_type: str, details: str) -> None:
         self.emit(trace_id, f"GUARD_{guard_type.upper()}_AUTHORIZATION_FAILED", details)
@@ -94,14 +116,3 @@ class BindingEvents:
     def engine(self, event: str, details: str = "-") -> None:
         self._events.emit(self.namespace, "engine", 0, event, details)
 
-
-def _line_writer(stream: TextIO | None) -> Callable[[str], None]:
-    def write(line: str) -> None:
-        # The process's own stdout: twistd replaces sys.stdout with its log, which would
-        # wrap each line in a log record.
-        out = stream or sys.__stdout__
-        if out is None:  # no stdout at all (a daemon with its streams closed): nowhere to write
-            return
-        out.write(line + "\n")
-        out.flush()
-    return write

@@ -32,11 +32,14 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
+from zillatw.telemetry import otlp
+from zillatw.telemetry.accesslog import check_stdout
 from zillatw.config import BindingConfig, Config
 from zillatw.errors import did_you_mean
 from zillatw.telemetry.events import BindingEvents, Events
 from zillatw.twistedcompat import CountedTransport
 from zillatw.matching import matcher
+from zillatw.telemetry.sessions import SessionObserver, request_fields
 from zillatw.stream import ABNORMAL, IStreamEnd, IStreamExit, StreamRefused
 
 # Zilla's metric names: kind, unit (the Prometheus suffix), and what zillatw records.
@@ -54,10 +57,10 @@ STREAM_METRICS = {
 }
 HTTP_METRICS = {"http.active.requests": ("gauge", ""), "http.duration": ("histogram", "milliseconds")}
 METRICS = {**STREAM_METRICS, **HTTP_METRICS}
-# The exporters zillatw serves: stdout (events, zillatw.telemetry.events), prometheus (metrics) and
-# health (ours: zillatw.telemetry.health checks its options); Zilla's others pass the schema and are
-# refused by name.
-SUPPORTED_EXPORTERS = ("stdout", "prometheus", "health")
+# The exporters zillatw serves: stdout (events, zillatw.telemetry.events), prometheus (metrics),
+# otlp (zillatw.telemetry.otlp) and health (ours: zillatw.telemetry.health); Zilla's others pass
+# the schema and are refused by name.
+SUPPORTED_EXPORTERS = ("stdout", "prometheus", "otlp", "health")
 # Zilla's, not recorded by zillatw yet: refused by name when declared.
 UNRECORDED_METRICS = ("http.request.size", "http.response.size",
            "grpc.active.requests", "grpc.duration", "grpc.request.size", "grpc.response.size",
@@ -104,8 +107,7 @@ def check(namespace: Any, where: str) -> Iterator[str]:
         if exporter["type"] not in SUPPORTED_EXPORTERS:
             yield (f"{where}telemetry.exporters.{name}.type: exporter type '{exporter['type']}' is not "
                    f"supported by this zillatw yet (supported: {', '.join(SUPPORTED_EXPORTERS)})")
-    if "attributes" in telemetry:
-        yield f"{where}telemetry.attributes: not supported by this zillatw yet"
+    yield from otlp.check_attributes(f"{where}telemetry.attributes", telemetry.get("attributes"))
     for index, name in enumerate(declared):
         if name in UNRECORDED_METRICS:
             yield (f"{where}telemetry.metrics[{index}]: metric '{name}' is not recorded by this zillatw yet "
@@ -113,12 +115,14 @@ def check(namespace: Any, where: str) -> Iterator[str]:
         elif name not in METRICS:
             yield f"{where}telemetry.metrics[{index}]: unknown metric '{name}'{did_you_mean(name, METRICS)}"
     for name, exporter in (telemetry.get("exporters") or {}).items():
-        if exporter["type"] == "prometheus":
-            yield from _check_prometheus(f"{where}telemetry.exporters.{name}.options", exporter.get("options"))
+        check_options = {"prometheus": _check_prometheus, "stdout": check_stdout, "otlp": otlp.check_options}.get(
+            exporter["type"])
+        yield from check_options(f"{where}telemetry.exporters.{name}.options", exporter.get("options")) \
+            if check_options is not None else ()
     for binding in namespace.bindings.values():
         base = f"{where}bindings.{binding.name}.telemetry"
         if "attributes" in binding.telemetry:
-            yield f"{base}.attributes: not supported by this zillatw yet"
+            yield f"{base}.attributes: not supported by this zillatw yet (per-request metric attributes)"
         globs = binding.telemetry.get("metrics") or ()
         for index, glob in enumerate(globs):
             match = matcher(glob)
@@ -385,7 +389,7 @@ class WsServerObserver:
 
     def accepted(self, trace_id: int, info: Any, shown_path: str) -> None:
         if self.events is not None:
-            self.events.accepted(trace_id, _ws_details(info, shown_path))
+            self.events.accepted(trace_id, _ws_details(info, shown_path), request_fields(info, shown_path))
 
     def opening(self, trace_id: int, info: Any, shown_path: str, exit_: Any) -> Any:
         if self.m is not None:
@@ -509,6 +513,8 @@ class Metrics:
                     for endpoint in exporter["options"]["endpoints"]:
                         self.endpoints.setdefault(endpoint["port"], set()).add(endpoint.get("path", "/metrics"))
         self._listening: list[Any] = []
+        self.otlp = otlp.exporters(config, self._events, self.registry.collect, reactor,  # zillatw.telemetry.otlp
+                                   {prometheus_name(m): (m, METRICS[m][1]) for m in METRICS})
 
     def add_samples(self, namespace: str, binding: str, source: Any) -> None:
         """Serve the counters `source.samples()` gives, labelled with its binding."""
@@ -548,7 +554,9 @@ class Metrics:
         binding_events = events.binding(binding.namespace, binding.name, binding.type) \
             if events is not None and events.enabled else None
         m = self.metrics(binding)
-        return WsServerObserver(m, binding_events) if m is not None or binding_events is not None else None
+        if binding_events is not None:  # and its session events (zillatw.telemetry.sessions)
+            return SessionObserver(WsServerObserver(m, binding_events), binding_events, self.reactor.seconds)
+        return WsServerObserver(m, None) if m is not None else None
 
     # ---- the prometheus exporters
 
@@ -577,6 +585,8 @@ class Metrics:
                 site.log = lambda request: None  # no access log line per scrape
                 listening = yield endpoints.TCP4ServerEndpoint(reactor, port).listen(site)
                 self._listening.append(listening)
+            for exporter in self.otlp:  # and the otlp exporters' intervals (zillatw.telemetry.otlp)
+                exporter.start()
             return self.ports()
 
         d = start()
@@ -591,5 +601,7 @@ class Metrics:
         return [p.getHost().port for p in self._listening]
 
     def stop(self) -> Deferred:
+        for exporter in self.otlp:
+            exporter.stop()
         listening, self._listening = self._listening, []
         return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in listening])

@@ -364,8 +364,8 @@ class BindingSchemaTests(ConfigTestCase):
                             ["bindings.ws0.options.max-message-size: expected an integer, got a string"])
 
     def test_unsupported_exporter_refused_by_name(self):
-        self.assertProblems(changed(lambda c: c.update(telemetry={"exporters": {"p": {"type": "otlp"}}})), [
-            "telemetry.exporters.p.type: exporter type 'otlp' is not supported by this zillatw yet "
+        self.assertProblems(changed(lambda c: c.update(telemetry={"exporters": {"p": {"type": "syslog"}}})), [
+            "telemetry.exporters.p.type: exporter type 'syslog' is not supported by this zillatw yet "
             "(supported: " + ", ".join(SUPPORTED_EXPORTERS) + ")"])
 
     def test_unsupported_guard_vault_and_catalog_refused_by_name(self):
@@ -467,10 +467,10 @@ class AllProblemsTests(ConfigTestCase):
             c["bindings"]["ws0"]["exit"] = "echo_sever"
             c["bindings"]["tcp0"]["options"]["port"] = "9-1"
             c["bindings"]["http0"]["routes"][0]["exit"] = "echo_server"
-            c["telemetry"] = {"exporters": {"p": {"type": "otlp"}}}
+            c["telemetry"] = {"exporters": {"p": {"type": "syslog"}}}
         problems = self.problems(changed(change))
         self.assertEqual(sorted(problems), sorted([
-            "telemetry.exporters.p.type: exporter type 'otlp' is not supported by this zillatw yet "
+            "telemetry.exporters.p.type: exporter type 'syslog' is not supported by this zillatw yet "
             "(supported: " + ", ".join(SUPPORTED_EXPORTERS) + ")",
             "bindings.tcp0.options.port: range '9-1' ends before it starts",
             "bindings.http0.routes[0].exit: 'echo_server' is an echo server, which cannot take the HTTP requests "

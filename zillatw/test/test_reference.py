@@ -32,7 +32,7 @@ GENERIC = {"type", "kind", "options", "routes", "routes[].exit", "routes[].when"
 # Subtrees the table describes in one row (their own reference: README's Validation, RFC 7517).
 COLLAPSED = {"ws": ("options.messages",), "guard jwt": ("options.keys",)}
 # Sections whose options our schema leaves to code (the module that checks them is named).
-BEYOND_SCHEMA = ("vault filesystem", "exporter prometheus", "exporter health")
+BEYOND_SCHEMA = ("vault filesystem", "exporter prometheus", "exporter health", "exporter stdout", "exporter otlp")
 OUTCOMES = ("works", "differs", "ours", "refused")
 
 

@@ -92,6 +92,10 @@ BASES: dict[tuple[str, str | None], tuple[Callable[[], dict[str, Any]], list[Any
         "endpoints": [{"scheme": "http", "port": 9090}]}}}), ["telemetry", "exporters", "p"]),
     ("exporter health", None): (_with("telemetry.exporters", {"h": {"type": "health", "options": {"port": 7180}}}),
                                 ["telemetry", "exporters", "h"]),
+    ("exporter stdout", None): (_with("telemetry.exporters", {"s": {"type": "stdout"}}),
+                                ["telemetry", "exporters", "s"]),
+    ("exporter otlp", None): (_with("telemetry.exporters", {"o": {"type": "otlp", "options": {
+        "endpoint": {"location": "http://127.0.0.1:4318"}}}}), ["telemetry", "exporters", "o"]),
 }
 
 
@@ -403,4 +407,19 @@ SAMPLES: dict[tuple[str, ...], Any] = {
     # exporter health
     ("exporter health", "options.host"): "127.0.0.1",
     ("exporter health", "options.port"): 7181,
+    # exporter stdout
+    ("exporter stdout", "options.format"): "json",
+    # exporter otlp
+    ("exporter otlp", "options.interval"): 10,
+    ("exporter otlp", "options.signals"): ["logs"],
+    ("exporter otlp", "options.endpoint"): {"location": "https://collector.example:4318", "protocol": "http"},
+    ("exporter otlp", "options.endpoint.protocol"): "http",
+    ("exporter otlp", "options.endpoint.location"): "http://collector.example:4318/otlp/",
+    ("exporter otlp", "options.endpoint.overrides"): {"metrics": "/m", "logs": "http://other.example/l"},
+    ("exporter otlp", "options.endpoint.overrides.metrics"): "v2/metrics",
+    ("exporter otlp", "options.endpoint.overrides.logs"): "/v2/logs",
+    ("exporter otlp", "options.credentials"): {"headers": {"authorization": "Bearer x"}},
+    ("exporter otlp", "options.credentials.headers"): {"authorization": "Bearer x"},
+    ("exporter otlp", "options.credentials.headers.authorization"): "Basic eDp5",
+    ("exporter otlp", "options.tls"): {"trust": ["ca"]},
 }

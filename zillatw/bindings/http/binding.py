@@ -353,7 +353,10 @@ class HttpServerProtocol(Protocol):
         identity = session.identity if session is not None and session.identity is not None else "-"
         factory.events.emit(factory.namespace, factory.name, self.trace_id, "BINDING_HTTP_REQUEST_ACCEPTED",
                             f"{identity} {request.method} {headers[':scheme']}://{headers.get(':authority', '')}"
-                            f"{request.shown_target}")
+                            f"{request.shown_target}",
+                            {"identity": None if identity == "-" else identity, "method": request.method,  # json
+                             "scheme": headers[":scheme"], "authority": headers.get(":authority"),
+                             "path": request.shown_target})
         # The exit's protocol takes the socket: Twisted calls our dataReceived and
         # connectionLost, so bind theirs in our place. It is given the request we parsed
         # (never the client's bytes to parse again) and what followed it.
@@ -391,7 +394,7 @@ class HttpServerProtocol(Protocol):
         factory = self.factory
         factory.pending.discard(self)
         factory.events.emit(factory.namespace, factory.name, self.trace_id, "BINDING_HTTP_REQUEST_REJECTED",
-                            f"- {status} {reason}")
+                            f"- {status} {reason}", {"identity": None, "status": status, "reason": reason})
         self.dataReceived = _discard  # type: ignore[method-assign]
         self.transport.write(render_response(status, reason, headers))
         self.transport.loseConnection()

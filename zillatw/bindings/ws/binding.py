@@ -23,6 +23,9 @@ from zillatw.guards import NO_AUTHORIZATION, Authorization
 from zillatw.wire.http1 import HttpError, Request, ResponseError, ResponseHeadParser, render_response
 from zillatw.config.plugins import BindingType, IDrainsGracefully, IHoldsConnections
 from zillatw.config.schema import FORBIDDEN, refused, route_schema
+from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, permits
+from zillatw.matching import matcher
+from zillatw.telemetry.sessions import relay_behind
 from zillatw.stream import (ABNORMAL, IHttpConnection, IHttpExit, IStreamEnd, IStreamExit, StreamInfo, StreamRefused,
                             SubprotocolOffer)
 from zillatw.catalogs.validation import MESSAGES, check_models, validating_routes
@@ -273,14 +276,14 @@ class WsServerProtocol(WsRelay):
         params = agreed[0] if agreed is not None else None
         self.transport.write(server_response(self._key, protocol, agreed[1] if agreed is not None else None))
         inspect = True
-        if params is not None and isinstance(peer, WsRelay) and peer.conn is not None:
-            # Ends that meet with nothing between (no validation, no metering) pass compressed
-            # messages as they are when the parameters allow it, each way on its own.
-            upstream = peer.conn.deflate
+        if params is not None and isinstance(relay := relay_behind(peer), WsRelay) and relay.conn is not None:
+            # Ends that meet with nothing between (no validation, no metering; sessions' counts
+            # are seen through) pass compressed messages as they are if the parameters allow it.
+            upstream = relay.conn.deflate
             if upstream is not None:
                 inspect = not can_relay(params, True, upstream, False)
                 if can_relay(upstream, False, params, True):
-                    peer.conn.inspect = False
+                    relay.conn.inspect = False
         conn = Connection(Role.SERVER, deflate=params, max_message_size=binding.max_message_size,
                           max_frame_size=binding.max_frame_size, gather=GATHER, answer_close=False,
                           defer_failure=True, inspect=inspect, auto_pong=False)
