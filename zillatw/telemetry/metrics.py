@@ -21,26 +21,30 @@ What a "stream" is, per binding:
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from twisted.internet import defer, endpoints, error
+from twisted.internet import defer, endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.python.failure import Failure
-from zope.interface import directlyProvides, implementer, providedBy
 
-from zillatw.telemetry import otlp
-from zillatw.telemetry.accesslog import check_stdout
 from zillatw.config import BindingConfig, Config
 from zillatw.errors import did_you_mean
-from zillatw.telemetry.events import BindingEvents, Events
-from zillatw.twistedcompat import CountedTransport
 from zillatw.matching import matcher
-from zillatw.telemetry.sessions import SessionObserver, request_fields
-from zillatw.stream import ABNORMAL, IStreamEnd, IStreamExit, StreamRefused
+from zillatw.stream import IStreamExit
+from zillatw.telemetry import otlp
+from zillatw.telemetry.accesslog import check_stdout
+from zillatw.telemetry.events import Events
+from zillatw.telemetry.instrument import (
+    BindingMetrics,
+    MeteredExit,
+    MeteredFactory,
+    WsServerObserver,
+    metered_open,
+)
+from zillatw.telemetry.sessions import SessionObserver
 
 # Zilla's metric names: kind, unit (the Prometheus suffix), and what zillatw records.
 STREAM_METRICS = {
@@ -71,8 +75,6 @@ _HELP = {
     "errors": "streams ended by an error", "closes": "streams closed", "requests": "requests in progress",
     "duration": "from a request's first byte until its response ends (an upgraded one's WebSocket closes)",
 }
-# http.duration's buckets, in milliseconds (upper bounds; +Inf follows)
-DURATION_BUCKETS = (1, 5, 10, 50, 100, 500, 1_000, 5_000, 10_000, 60_000, 300_000, 3_600_000, 86_400_000)
 
 
 def prometheus_name(metric: str) -> str:
@@ -164,42 +166,7 @@ def _check_prometheus(path: str, options: Any) -> Iterator[str]:
             yield f"{at}.path: expected a path starting with '/', got {path_!r}"
 
 
-# ---------------------------------------------------------------------------- counters
-
-class BindingMetrics:
-    """One binding's counters. Plain integers: the data path only adds to them."""
-
-    __slots__ = ("namespace", "binding", "names", "opens_received", "opens_sent", "data_received", "data_sent",
-                 "errors_received", "errors_sent", "closes_received", "closes_sent", "active",
-                 "durations", "duration_sum", "timed")
-
-    def __init__(self, namespace: str, binding: str, names: tuple[str, ...]):
-        self.namespace = namespace
-        self.binding = binding
-        self.names = names
-        self.opens_received = self.opens_sent = self.data_received = self.data_sent = 0
-        self.errors_received = self.errors_sent = self.closes_received = self.closes_sent = 0
-        self.active = 0
-        self.timed = "http.duration" in names
-        self.durations = [0] * (len(DURATION_BUCKETS) + 1)  # per bucket, not cumulative; the last is +Inf
-        self.duration_sum = 0.0
-
-    def observe_duration(self, milliseconds: float) -> None:
-        self.durations[bisect.bisect_left(DURATION_BUCKETS, milliseconds)] += 1
-        self.duration_sum += milliseconds
-
-    def histogram(self) -> list[tuple[str, int]]:
-        buckets, total = [], 0
-        for bound, count in zip([*map(str, map(float, DURATION_BUCKETS)), "+Inf"], self.durations):
-            total += count
-            buckets.append((bound, total))
-        return buckets
-
-    def value(self, metric: str) -> int:
-        if metric in ("stream.active.received", "stream.active.sent", "http.active.requests"):
-            return self.active
-        return getattr(self, metric.partition(".")[2].replace(".", "_"))
-
+# ---------------------------------------------------------------------------- the prometheus view
 
 class _Collector:
     """prometheus-client's view of every binding's counters, read at scrape time."""
@@ -223,250 +190,6 @@ class _Collector:
                 else:
                     family.add_metric([m.namespace, m.binding], m.value(metric))
             yield family
-
-
-# ---------------------------------------------------------------------------- streams (messages)
-
-class _Stream:
-    """One metered stream's state: which directions have ended."""
-    __slots__ = ("m", "received_ended", "sent_ended")
-
-    def __init__(self, m: BindingMetrics):
-        self.m = m
-        self.received_ended = self.sent_ended = False
-
-    def end_received(self, code: int) -> None:
-        """The caller's side ended: the stream is over for this binding."""
-        if self.received_ended:
-            return
-        self.received_ended = True
-        m = self.m
-        m.active -= 1
-        if code == ABNORMAL:
-            m.errors_received += 1
-        else:
-            m.closes_received += 1
-        if not self.sent_ended:  # the reply ends with it
-            self.sent_ended = True
-            m.closes_sent += 1
-
-    def end_sent(self, code: int) -> None:
-        """The exit's side ended (it closes, or fails with 1006/1011)."""
-        if self.sent_ended:
-            return
-        self.sent_ended = True
-        if code in (ABNORMAL, 1011):
-            self.m.errors_sent += 1
-        else:
-            self.m.closes_sent += 1
-
-
-@implementer(IStreamEnd)
-class _ToExit:
-    """Wraps the exit's stream end: what the caller sends through it was received."""
-    __slots__ = ("_end", "_m", "_stream", "pauseProducing", "resumeProducing", "stopProducing")
-
-    def __init__(self, end: IStreamEnd, stream: _Stream):
-        self._end, self._m, self._stream = end, stream.m, stream
-        self.pauseProducing, self.resumeProducing = end.pauseProducing, end.resumeProducing
-        self.stopProducing = end.stopProducing
-
-    def stream_data(self, opcode: int, payload: bytes, fin: bool) -> None:
-        self._m.data_received += len(payload)
-        self._end.stream_data(opcode, payload, fin)
-
-    def stream_end(self, code: int, reason: str) -> None:
-        self._stream.end_received(code)
-        self._end.stream_end(code, reason)
-
-
-@implementer(IStreamEnd)
-class _ToPeer:
-    """Wraps the caller's stream end as the exit sees it: what the exit sends was sent."""
-    __slots__ = ("_end", "_m", "_stream", "pauseProducing", "resumeProducing", "stopProducing")
-
-    def __init__(self, end: IStreamEnd, stream: _Stream):
-        self._end, self._m, self._stream = end, stream.m, stream
-        self.pauseProducing, self.resumeProducing = end.pauseProducing, end.resumeProducing
-        self.stopProducing = end.stopProducing
-
-    def stream_data(self, opcode: int, payload: bytes, fin: bool) -> None:
-        self._m.data_sent += len(payload)
-        self._end.stream_data(opcode, payload, fin)
-
-    def stream_end(self, code: int, reason: str) -> None:
-        self._stream.end_sent(code)
-        self._end.stream_end(code, reason)
-
-
-def metered_open(open_: Any, m: BindingMetrics | None, count_received: bool = True,
-                 on_open: Any = None, on_refused: Any = None) -> Any:
-    """An exit's `open(info, peer)` that meters the stream for `m`'s binding (opens, data,
-    ends) and reports the outcome to on_open() / on_refused(StreamRefused)."""
-
-    def opened(end: IStreamEnd, stream: _Stream | None) -> IStreamEnd:
-        if on_open is not None:
-            on_open()
-        if stream is None:
-            return end
-        stream.m.opens_sent += 1
-        stream.m.active += 1
-        return _ToExit(end, stream)
-
-    def refused(refusal: StreamRefused) -> None:
-        if m is not None:
-            m.errors_sent += 1
-        if on_refused is not None:
-            on_refused(refusal)
-
-    def open(info: Any, peer: IStreamEnd) -> Any:
-        stream = None
-        if m is not None:
-            if count_received:
-                m.opens_received += 1
-            stream = _Stream(m)
-            peer = _ToPeer(peer, stream)
-        try:
-            end = open_(info, peer)
-        except StreamRefused as e:
-            refused(e)
-            raise
-        if isinstance(end, Deferred):
-            def failed(failure: Failure) -> Failure:
-                if failure.check(StreamRefused):
-                    refused(failure.value)
-                return failure
-            return end.addCallbacks(opened, failed, callbackArgs=(stream,))
-        return opened(end, stream)
-
-    return open
-
-
-@implementer(IStreamExit)
-class MeteredExit:
-    """A stream exit (echo, fan, ws client) as its callers see it when it records metrics:
-    every stream opened through it is metered for its binding. Anything else asked of it
-    (its name, its connections) is the exit's own."""
-
-    __slots__ = ("exit", "open")
-
-    def __init__(self, exit_: Any, open_: Any):
-        self.exit = exit_
-        self.open = open_
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.exit, name)
-
-
-def _ws_details(info: Any, shown_path: str) -> str:
-    scheme = {"http": "ws", "https": "wss"}.get(info.scheme, info.scheme)
-    return f"{info.identity or '-'} GET {scheme}://{info.authority or ''}{shown_path} {info.protocol or '-'}"
-
-
-class WsServerObserver:
-    """What a ws server tells its metrics and events (BINDING_WS_REQUEST_ACCEPTED/REJECTED)
-    about each upgrade request: a stream is received with the request and sent (opened)
-    when the exit its routes chose accepts it. The ws server calls:
-
-    - rejected(trace_id, status, reason, identity=None) when it refuses the upgrade itself;
-    - opening(trace_id, info, shown_path, exit_) with the exit it chose, and opens the stream
-      through the exit this returns, which reports accepted(trace_id, info, shown_path) or
-      the exit's refusal.
-    """
-
-    __slots__ = ("m", "events")
-
-    def __init__(self, m: BindingMetrics | None, events: BindingEvents | None):
-        self.m = m
-        self.events = events
-
-    def rejected(self, trace_id: int, status: int, reason: str, identity: str | None = None) -> None:
-        if self.m is not None:
-            self.m.opens_received += 1
-            self.m.errors_sent += 1
-        if self.events is not None:
-            self.events.rejected(trace_id, status, reason, identity)
-
-    def accepted(self, trace_id: int, info: Any, shown_path: str) -> None:
-        if self.events is not None:
-            self.events.accepted(trace_id, _ws_details(info, shown_path), request_fields(info, shown_path))
-
-    def opening(self, trace_id: int, info: Any, shown_path: str, exit_: Any) -> Any:
-        if self.m is not None:
-            self.m.opens_received += 1
-        events = self.events
-
-        def refused(refusal: StreamRefused) -> None:
-            if events is not None:
-                events.rejected(trace_id, refusal.status, refusal.logged, info.identity)
-        return MeteredExit(exit_, metered_open(exit_.open, self.m, False,
-                                               lambda: self.accepted(trace_id, info, shown_path), refused))
-
-
-# ---------------------------------------------------------------------------- connections (bytes)
-
-class _MeteredConnection:
-    """A server connection (tcp, tls, http) counted as one stream of bytes. It stands in for
-    the binding's protocol toward the transport (reads are counted on the way in) and hands
-    that protocol a CountedTransport (zillatw.twistedcompat), which counts what is written:
-    nothing is patched, and a counted socket is still written through."""
-
-    def __init__(self, m: BindingMetrics, wrapped: Any, seconds: Callable[[], float]):
-        self.wrappedProtocol = wrapped
-        self.m = m
-        self.seconds = seconds  # the reactor's clock, for http.duration
-        directlyProvides(self, providedBy(wrapped))  # half-close, TLS handshake listeners
-
-    def makeConnection(self, transport: Any) -> None:
-        m = self.m
-        m.opens_received += 1
-        m.opens_sent += 1
-        m.active += 1
-        if m.timed:
-            self.started = self.seconds()
-        self.transport = transport
-        self.wrappedProtocol.makeConnection(CountedTransport(transport, self._sent))
-
-    def _sent(self, size: int) -> None:
-        self.m.data_sent += size
-
-    def dataReceived(self, data: bytes) -> None:
-        self.m.data_received += len(data)
-        self.wrappedProtocol.dataReceived(data)
-
-    def connectionLost(self, reason: Failure = None) -> None:
-        m = self.m
-        m.active -= 1
-        if reason is None or reason.check(error.ConnectionDone):
-            m.closes_received += 1
-        else:
-            m.errors_received += 1
-        m.closes_sent += 1
-        if m.timed:
-            m.observe_duration((self.seconds() - self.started) * 1000)
-        self.wrappedProtocol.connectionLost(reason)
-
-    def __getattr__(self, name: str) -> Any:  # logPrefix, readConnectionLost, handshakeCompleted...
-        return getattr(self.wrappedProtocol, name)
-
-
-@implementer(IProtocolFactory)
-class MeteredFactory:
-    """A factory of server connections (an http or tls server as the exit of a tcp or tls
-    server; or, for a tcp server, each exit it hands connections to) whose protocols are
-    metered as streams of one binding. Everything else is the factory's own."""
-
-    def __init__(self, factory: Any, m: BindingMetrics, seconds: Callable[[], float]):
-        self.wrappedFactory = factory
-        self.m = m
-        self.seconds = seconds
-
-    def buildProtocol(self, addr: Any) -> Any:
-        protocol = self.wrappedFactory.buildProtocol(addr)
-        return None if protocol is None else _MeteredConnection(self.m, protocol, self.seconds)
-
-    def __getattr__(self, name: str) -> Any:  # doStart, doStop, logPrefix, the binding's own
-        return getattr(self.wrappedFactory, name)
 
 
 class SampleSources:

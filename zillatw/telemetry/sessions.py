@@ -2,7 +2,7 @@
 with the client's address, the route's exit, the subprotocol, the identity, how long it
 lasted, messages and bytes each way, the close code and who closed.
 
-It is a decoration of the ws server's observer (zillatw.telemetry.metrics.WsServerObserver), added
+It is a decoration of the ws server's observer (zillatw.telemetry.instrument.WsServerObserver), added
 only when the namespace has an exporter of events (stdout, otlp logs): without one, the ws
 server's streams are not touched. With one, each stream's two ends are wrapped once when it
 opens (`_FromClient`, `_ToClient`): one call and two additions per message fragment, as

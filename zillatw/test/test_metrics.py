@@ -16,7 +16,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 
 from zillatw import ConfigError, build_gateway
-from zillatw.telemetry.metrics import MeteredExit
+from zillatw.telemetry.instrument import MeteredExit
 from zillatw.test.support import (CONF, OnAClock, chain, client_frame, close_ws, connect_raw, connect_ws, eventually,
                                   parse_server_frames, raw_exchange, split_response, start_gateway,
                                   upgrade_request)
@@ -327,7 +327,7 @@ class PrometheusTests(unittest.TestCase):
         self.assertEqual(len(http0), 2 + 14)  # _count, _sum and 13 buckets and +Inf
 
     def test_duration_buckets(self):
-        from zillatw.telemetry.metrics import DURATION_BUCKETS, BindingMetrics
+        from zillatw.telemetry.instrument import DURATION_BUCKETS, BindingMetrics
         m = BindingMetrics("ns", "b", ("http.duration",))
         for ms in (0.2, 1, 1.5, 7, 99_999_999):
             m.observe_duration(ms)

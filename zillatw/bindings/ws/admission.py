@@ -67,7 +67,7 @@ class WsAdmission:
         self.admission = admission
         self.message_rate = message_rate  # (rate, burst) per connection, or None
         self.reactor = reactor
-        self.observer = observer  # zillatw.telemetry.metrics.WsServerObserver, for the message-rate event
+        self.observer = observer  # zillatw.telemetry.instrument.WsServerObserver, for the message-rate event
         self.rate_closes = 0  # connections closed for their message rate
 
     def admit(self, client_address: str | None) -> str | None:

@@ -116,7 +116,7 @@ class WsServer:
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
-        # zillatw.telemetry.metrics.WsServerObserver: told each upgrade's outcome (metrics, events), or None
+        # zillatw.telemetry.instrument.WsServerObserver: told each upgrade's outcome (metrics, events), or None
         self.observer = observer
         self.name = name
         self.namespace = namespace
