@@ -111,10 +111,8 @@ class WsServer:
                  max_message_size: int = MAX_MESSAGE_SIZE, max_frame_size: int = 0,
                  permessage_deflate: bool = True, close_timeout: float = CLOSE_TIMEOUT,
                  ping_interval: float = PING_INTERVAL, ping_timeout: float = PING_TIMEOUT,
-                 max_connections: int = 0, reactor: Any = None, observer: Any = None,
+                 max_connections: int = 0, reactor: Any, observer: Any = None,
                  admission: WsAdmission | None = None):
-        if reactor is None:
-            from twisted.internet import reactor
         self.reactor = reactor
         # zillatw.telemetry.instrument.WsServerObserver: told each upgrade's outcome (metrics, events), or None
         self.observer = observer
@@ -390,9 +388,7 @@ class WsClient:
 
     def __init__(self, name: str, routes: list[tuple[Route, Any]], *, defaults: dict[str, str] | None = None,
                  timeout: float = UPSTREAM_TIMEOUT, max_message_size: int = MAX_MESSAGE_SIZE,
-                 permessage_deflate: bool = True, reactor: Any = None):
-        if reactor is None:
-            from twisted.internet import reactor
+                 permessage_deflate: bool = True, reactor: Any):
         self.name = name
         self.resolve = WsRoutes(routes).resolve
         self.defaults = StreamInfo(**{k: (defaults or {}).get(k) for k in _FIELDS})
