@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
+from twisted.application.service import IService
 from twisted.python import usage
 
+from zillatw.config.yamlload import DEFAULT_LIMITS, FLAGS, HELP, limits_from
 from zillatw.errors import ConfigError
+from zillatw.runtime.gateway import DRAIN_TIMEOUT, build_gateway
 from zillatw.runtime.reactor import install as install_reactor
 from zillatw.runtime.reload import WATCH_INTERVAL, install_sighup
-from zillatw.runtime.gateway import DRAIN_TIMEOUT, Gateway, build_gateway
 from zillatw.runtime.shutdown import install_when_running
-from zillatw.config.yamlload import DEFAULT_LIMITS, FLAGS, HELP, limits_from
 
 
 class Options(usage.Options):
     synopsis = "[-c zilla.yaml] [-v]"
     longdesc = "Serve a Zilla configuration (zilla.yaml) with zillatw."
-    optParameters = [["config", "c", "zilla.yaml", "the configuration file"],
+    optParameters: list[list[Any]] = [["config", "c", "zilla.yaml", "the configuration file"],
                      ["ready-file", None, None, "write this file once listening, remove it on stop (health checks)"]]
     optParameters.append(
         # A process setting, like Zilla's engine properties (-P), not a binding's: how long the
@@ -29,9 +31,10 @@ class Options(usage.Options):
         # beside it (zillatw.runtime.closespread).
         ["close-spread", None, 0.0, "on SIGTERM/SIGINT, spread the 1001 closes evenly over this many seconds "
                                     "(0: all at once), within the drain timeout", float])
-    optFlags = [["verbose", "v", "print the resolved configuration before serving"]]
+    optFlags: list[list[Any]] = [["verbose", "v", "print the resolved configuration before serving"]]
     # Hot reload and workers: zillatw.runtime.reload, zillatw.runtime.workers.
-    optParameters += [["workers", "w", 1, "worker processes accepting on the same sockets (a supervisor restarts them)", int],
+    optParameters += [["workers", "w", 1,
+                       "worker processes accepting on the same sockets (a supervisor restarts them)", int],
                       ["listen-fds", None, None, "(set by the supervisor of -w for its workers)"],
                       ["metrics-socket", None, None, "(set by the supervisor of -w for its workers)"]]
     optFlags += [["no-watch", None, "do not poll the configuration file for changes (SIGHUP still reloads)"]]
@@ -51,7 +54,7 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
 
-def makeService(options: Options) -> Gateway:
+def makeService(options: Options) -> IService:
     install_reactor()  # zillatw's epoll reactor, unless `twistd -r` installed one
     try:
         gateway = build_gateway(options["config"], drain_timeout=options["drain-timeout"], limits=options["limits"],

@@ -119,6 +119,7 @@ class Worker(ProcessProtocol):
         self._status = b""
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.pid = self.transport.pid
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
@@ -138,7 +139,7 @@ class Worker(ProcessProtocol):
 
     def signal(self, number: int) -> None:
         try:
-            self.transport.signalProcess(number)
+            self.transport.signalProcess(number)  # type: ignore[union-attr]  # None: gone, caught below
         except Exception:  # already gone (ProcessExitedAlready)
             pass
 
@@ -294,7 +295,7 @@ class Supervisor(Service):
 def make_supervisor(reactor: Any, gateway: Any, options: Any, graceful: Any) -> Supervisor:
     """The supervisor for `-w N`, from a validated gateway (not started) and the options."""
     problems = []
-    addresses = []
+    addresses: list[tuple[str, int, int]] = []
     for server in gateway.servers():
         if server.endpoint is not None:
             problems.append(f"bindings.{server.name}.options.endpoint: with -w, tcp servers listen on host and port")

@@ -270,7 +270,7 @@ class Metrics:
             exit_ = MeteredFactory(exit_, handing_on, self.reactor.seconds)
         return exit_
 
-    def ws_server_observer(self, binding: BindingConfig) -> WsServerObserver | None:
+    def ws_server_observer(self, binding: BindingConfig) -> WsServerObserver | SessionObserver | None:
         """What a ws server reports its upgrades to, or None if it records no metric and
         its namespace has no events."""
         events = self._events.get(binding.namespace)
@@ -305,7 +305,7 @@ class Metrics:
                     parent.putChild(segments[-1], MetricsResource(self.registry))
                 site = Site(root)
                 site.noisy = False
-                site.log = lambda request: None  # no access log line per scrape
+                site.log = lambda request: None  # type: ignore[method-assign]  # no access log line per scrape
                 listening = yield endpoints.TCP4ServerEndpoint(reactor, port).listen(site)
                 self._listening.append(listening)
             for exporter in self.otlp:  # and the otlp exporters' intervals (zillatw.telemetry.otlp)

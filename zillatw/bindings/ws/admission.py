@@ -13,6 +13,7 @@ without it the per-message path is what it was.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from zope.interface import implementer
@@ -43,7 +44,7 @@ def _burst(rate: float, burst: int | None) -> int:
     return burst if burst is not None else max(1, math.ceil(rate))
 
 
-def from_options(options: dict[str, Any], reactor: Any, observer: Any = None) -> WsAdmission | None:
+def from_options(options: Mapping[str, Any], reactor: Any, observer: Any = None) -> WsAdmission | None:
     """The admission control a ws server's options ask for, or None when they set none."""
     handshakes = options.get("handshake-rate")
     messages = options.get("message-rate")

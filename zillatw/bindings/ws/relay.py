@@ -49,6 +49,18 @@ def no_delay(transport: Any) -> None:
             pass
 
 
+MAX_MESSAGE_SIZE = 1024 * 1024
+CLOSE_TIMEOUT = 2.0  # seconds to wait for the peer's close frame before dropping
+GOING_AWAY = 1001  # the close code of a shutting-down gateway (RFC 6455 §7.4.1)
+
+
+def drop(protocols: list[Any]) -> None:
+    """Abort each still-connected protocol's socket (a binding's drop_all at the drain's end)."""
+    for protocol in protocols:
+        if protocol.connected:
+            protocol.transport.abortConnection()
+
+
 class Deadlines:
     """One delay, many connections, one reactor call: a binding's keepalive. Each idle
     connection would otherwise hold a DelayedCall (about 500 bytes, with its dicts); here it
@@ -164,28 +176,28 @@ class WsRelay:
             return
         conn.receive_data(data)
         for event in conn.events_received():
-            kind = type(event)
-            if kind is Fragment:
+            if type(event) is Fragment:
                 peer = self.stream_peer
                 if peer is not None:
-                    if event.compressed:
-                        peer.stream_deflated(event.opcode, event.data, event.fin)
+                    if event.compressed:  # only ever set toward a WsRelay peer (wire.deflate.can_relay)
+                        peer.stream_deflated(event.opcode, event.data, event.fin)  # type: ignore[attr-defined]
                     else:
                         peer.stream_data(event.opcode, event.data, event.fin)
-            elif kind is Ping:  # answered here, in order: after what answers the frames before it
+            elif type(event) is Ping:  # answered here, in order: after what answers the frames before it
                 if conn.may_send:
                     conn.send_pong(event.data)
                     write_sequence(self.transport, conn.data_to_send())
-            elif kind is Pong:
+            elif type(event) is Pong:
                 self._pong(event.data)
-            elif kind is CloseReceived:
+            elif type(event) is CloseReceived:
                 self._close_received(event.code, event.reason)
-            elif kind is Failed:
+            elif type(event) is Failed:
                 self._failed(event.code, event.reason)
         self._flush()
 
     def _flush(self) -> None:
         conn = self.conn
+        assert conn is not None  # flushed only once open
         out = conn.data_to_send()
         if out:
             write_sequence(self.transport, out)
@@ -203,7 +215,7 @@ class WsRelay:
             reactor = self.binding.reactor
             if not self.is_server:
                 self._close_call = reactor.callLater(CLIENT_CLOSE_WAIT, self._lose)
-            elif self.conn.failure is not None:
+            elif self.conn is not None and self.conn.failure is not None:
                 # Failed: our close frame, then FIN, while what the peer still sends is read
                 # (and ignored): closing a socket with unread bytes would send a RST, which
                 # can discard the close frame before the peer reads it.
@@ -229,6 +241,7 @@ class WsRelay:
 
     def _close_received(self, code: int, reason: str) -> None:
         conn = self.conn
+        assert conn is not None  # an event of the open connection
         peer, self.stream_peer = self.stream_peer, None
         if peer is not None:
             peer.stream_end(code, reason)
@@ -236,6 +249,7 @@ class WsRelay:
             conn.send_close(code, reason)  # the core read it: NO_STATUS or a code a close frame may carry
 
     def _failed(self, code: int, reason: str) -> None:
+        assert self.conn is not None  # an event of the open connection
         self.conn.complete_failure()
         peer, self.stream_peer = self.stream_peer, None
         if peer is not None:
@@ -265,7 +279,7 @@ class WsRelay:
 
     def _ping(self) -> None:
         conn = self.conn
-        if conn.state is not _OPEN:
+        if conn is None or conn.state is not _OPEN:
             return
         self.pings_sent += 1
         conn.send_ping(self.pings_sent.to_bytes(4, "big"))
