@@ -32,12 +32,13 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
+from zillatw.bytestream import MeteredBytesExit
 from zillatw.config import BindingConfig, Config
 from zillatw.errors import did_you_mean
 from zillatw.events import BindingEvents, Events
 from zillatw.fanredis import RedisCollector
 from zillatw.matching import matcher
-from zillatw.stream import ABNORMAL, IStreamEnd, IStreamExit, StreamRefused
+from zillatw.stream import ABNORMAL, IBytesExit, IStreamEnd, IStreamExit, StreamRefused
 
 # Zilla's metric names: kind, unit (the Prometheus suffix), and what zillatw records.
 STREAM_METRICS = {
@@ -529,9 +530,12 @@ class Metrics:
                 exit_ = MeteredExit(built, metered_open(built.open, m))
             elif IProtocolFactory.providedBy(built):
                 exit_ = MeteredFactory(built, m, self.reactor.seconds)
+            if IBytesExit.providedBy(built):  # echo, fan: byte streams counted too (issue 15)
+                exit_ = MeteredBytesExit(exit_, m)
         handing_on = self.metrics(caller) if caller.type == "tcp" and caller.kind == "server" else None
         if handing_on is not None:
-            exit_ = MeteredFactory(exit_, handing_on, self.reactor.seconds)
+            exit_ = MeteredBytesExit(exit_, handing_on) if IBytesExit.providedBy(exit_) \
+                else MeteredFactory(exit_, handing_on, self.reactor.seconds)
         return exit_
 
     def ws_server_observer(self, binding: BindingConfig) -> WsServerObserver | None:

@@ -11,6 +11,13 @@ most `max-lag` more bytes and `max-lag-messages` more messages are queued for it
 evicted: closed with 1013 (try again later) behind that bounded backlog, which it has
 `drain-timeout` seconds to read before its socket is aborted (see docs/fan.md).
 
+Byte streams (issue 15: Zilla's tcp.reflect and tls.reflect): a tcp or tls server's
+connection joins the same group (IBytesExit). A byte stream has no message boundaries: each
+chunk as it was read is one unit, published as one BINARY message (to the exit, to Redis, to
+every member); a byte member is sent each unit's payload, with nothing added. The flow and
+eviction rules are the ws members': an evicted byte member's connection is closed behind its
+bounded backlog, and aborted if not read within `drain-timeout`.
+
 Scale-out (ours): with `options.redis` the group spans every gateway on the same Redis
 channel. What the exit sends back is delivered to the local members at once and published
 once to Redis; what other gateways publish is delivered to the local members (see
@@ -25,11 +32,12 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
+from zillatw.bytestream import ByteStreams
 from zillatw.config import BindingConfig
 from zillatw.fanredis import MAX_DELAY, RedisLink, parse_url
-from zillatw.plugins import BindingType, IRunsInBackground
+from zillatw.plugins import BindingType, IDrainsGracefully, IRunsInBackground
 from zillatw.schema import FORBIDDEN
-from zillatw.stream import CONTINUATION, IStreamEnd, IStreamExit, StreamInfo
+from zillatw.stream import BINARY, CONTINUATION, IBytesEnd, IBytesExit, IStreamEnd, IStreamExit, StreamInfo
 
 MAX_LAG = 4 * 1024 * 1024  # bytes queued for a member whose socket is full
 MAX_LAG_MESSAGES = 4096    # ... and messages (each a Python object in the transport's buffer)
@@ -63,7 +71,7 @@ SCHEMA_PATCH = {
         "routes": FORBIDDEN, "vault": FORBIDDEN, "catalog": FORBIDDEN,
     },
 }
-STREAMS = {"server": ("messages", "messages")}
+STREAMS = {"server": (("messages", "bytes"), "messages")}
 
 
 @implementer(IStreamEnd)
@@ -223,11 +231,69 @@ class FanGroup:
         self.stream_end(1001, "fan group's exit went away")
 
 
-@implementer(IStreamExit, IRunsInBackground)
+@implementer(IStreamEnd)
+class _BytesPeer:
+    """A byte member's connection as the group sees it: each unit goes out as its bytes."""
+
+    __slots__ = ("peer", "server", "pauseProducing", "resumeProducing", "stopProducing")
+
+    def __init__(self, peer: IBytesEnd, server: "FanServer"):
+        self.peer = peer
+        self.server = server
+        self.pauseProducing = peer.pauseProducing
+        self.resumeProducing = peer.resumeProducing
+        self.stopProducing = peer.stopProducing
+
+    def stream_data(self, opcode: int, payload: bytes, fin: bool) -> None:
+        self.peer.bytes_data(payload)
+
+    def stream_end(self, code: int, reason: str) -> None:
+        self.server.byte_streams.remove(self.peer)
+        self.peer.bytes_end(reason)
+
+    def stream_evicted(self, code: int, reason: str, drain_timeout: float) -> None:
+        """Closed behind its backlog (bounded by max-lag); aborted if not read in time."""
+        self.stream_end(code, reason)
+        if self.server.reactor is not None:
+            self.server.reactor.callLater(drain_timeout, self.peer.stopProducing)
+
+
+@implementer(IBytesEnd)
+class _BytesMember:
+    """A byte member's end, which its connection calls: each chunk is one unit."""
+
+    __slots__ = ("member", "peer", "server")
+
+    def __init__(self, member: FanMember, peer: IBytesEnd, server: "FanServer"):
+        self.member = member
+        self.peer = peer
+        self.server = server
+
+    def bytes_data(self, data: bytes) -> None:
+        self.member.stream_data(BINARY, data, True)
+
+    def bytes_end(self, reason: str) -> None:
+        self.server.byte_streams.remove(self.peer)
+        self.member.stream_end(1000, reason)
+
+    def pauseProducing(self) -> None:
+        self.member.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.member.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.member.stopProducing()
+
+
+@implementer(IStreamExit, IBytesExit, IRunsInBackground, IDrainsGracefully)
 class FanServer:
     def __init__(self, name: str, exit_: Any, max_lag: int = MAX_LAG, redis: RedisLink | None = None,
-                 max_lag_messages: int = MAX_LAG_MESSAGES, drain_timeout: float = DRAIN_TIMEOUT):
+                 max_lag_messages: int = MAX_LAG_MESSAGES, drain_timeout: float = DRAIN_TIMEOUT,
+                 reactor: Any = None):
         self.name = name
+        self.reactor = reactor  # for an evicted byte member's deadline
+        self.byte_streams = ByteStreams()  # its byte members' connections (ws members are their server's)
         self.exit = exit_
         self.max_lag = max_lag
         self.max_lag_messages = max_lag_messages
@@ -272,6 +338,26 @@ class FanServer:
             group.waiting.append(waiter)
             return waiter.addCallback(lambda _: self._join(group, member))
         return self._join(group, member)
+
+    def open_bytes(self, info: StreamInfo, peer: IBytesEnd) -> "_BytesMember | Deferred":
+        joined = self.open(info, _BytesPeer(peer, self))
+        self.byte_streams.add(peer)
+        if isinstance(joined, Deferred):
+            def failed(failure: Any) -> Any:
+                self.byte_streams.remove(peer)
+                return failure
+            return joined.addCallbacks(lambda member: _BytesMember(member, peer, self), failed)
+        return _BytesMember(joined, peer, self)
+
+    # the gateway's stop (IDrainsGracefully), for its byte members
+    def open_count(self) -> int:
+        return self.byte_streams.open_count()
+
+    def going_away(self) -> None:
+        self.byte_streams.going_away()
+
+    def drop_all(self) -> None:
+        self.byte_streams.drop_all()
 
     def _join(self, group: FanGroup, member: FanMember) -> FanMember:
         group.members[member] = None
@@ -325,7 +411,7 @@ def build(binding: BindingConfig, graph: Any) -> FanServer:
     return FanServer(binding.name, graph.exit(binding.exit, binding), redis=redis,
                      max_lag=binding.options.get("max-lag", MAX_LAG),
                      max_lag_messages=binding.options.get("max-lag-messages", MAX_LAG_MESSAGES),
-                     drain_timeout=binding.options.get("drain-timeout", DRAIN_TIMEOUT))
+                     drain_timeout=binding.options.get("drain-timeout", DRAIN_TIMEOUT), reactor=graph.reactor)
 
 
 PLUGIN = BindingType("fan", SCHEMA_PATCH, STREAMS, build, check=check)

@@ -18,11 +18,12 @@ from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFacto
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
+from zillatw.bytestream import BytesConnection, server_info
 from zillatw.config import BindingConfig, Route
 from zillatw.matching import matcher
 from zillatw.plugins import BindingType
 from zillatw.schema import FORBIDDEN, PORT_SPEC, route_schema
-from zillatw.stream import IUpstreamConnector, StreamRefused
+from zillatw.stream import IBytesExit, IUpstreamConnector, StreamRefused
 
 MAX_PORTS = 1024
 
@@ -249,7 +250,11 @@ class ListenerFactory(Factory):
 
     def buildProtocol(self, addr: IAddress) -> Protocol | None:
         exit_ = self.server.route(self.local_port, addr)
-        return exit_.buildProtocol(addr) if exit_ is not None else None
+        if exit_ is None:
+            return None
+        if IBytesExit.providedBy(exit_):  # echo, fan: the connection as a byte stream
+            return BytesConnection(exit_, server_info("tcp"))
+        return exit_.buildProtocol(addr)
 
 
 @implementer(IUpstreamConnector)
