@@ -58,6 +58,7 @@ class BytesConnection(Protocol):
     """A server connection handed whole to an IBytesExit."""
 
     log = Logger()
+    transport: Any  # a socket's or TLS's: producer, abortConnection
 
     def __init__(self, exit_: Any, info: StreamInfo):
         self.exit = exit_

@@ -525,17 +525,19 @@ class Metrics:
         connections it hands on. Unwrapped, at no cost, when neither records any."""
         exit_ = built
         m = self.metrics(target) if not (target.type == "ws" and target.kind == "server") else None
+        # a tcp or tls server hands echo or fan byte streams (issue 15): counted as such
+        as_bytes = caller.kind == "server" and caller.type in ("tcp", "tls") and IBytesExit.providedBy(built)
         if m is not None:
-            if IStreamExit.providedBy(built):
+            if as_bytes:
+                exit_ = MeteredBytesExit(built, m)
+            elif IStreamExit.providedBy(built):
                 exit_ = MeteredExit(built, metered_open(built.open, m))
             elif IProtocolFactory.providedBy(built):
                 exit_ = MeteredFactory(built, m, self.reactor.seconds)
-            if IBytesExit.providedBy(built):  # echo, fan: byte streams counted too (issue 15)
-                exit_ = MeteredBytesExit(exit_, m)
         handing_on = self.metrics(caller) if caller.type == "tcp" and caller.kind == "server" else None
         if handing_on is not None:
-            exit_ = MeteredBytesExit(exit_, handing_on) if IBytesExit.providedBy(exit_) \
-                else MeteredFactory(exit_, handing_on, self.reactor.seconds)
+            exit_ = MeteredBytesExit(exit_, handing_on) if as_bytes else MeteredFactory(exit_, handing_on,
+                                                                                        self.reactor.seconds)
         return exit_
 
     def ws_server_observer(self, binding: BindingConfig) -> WsServerObserver | None:

@@ -138,6 +138,7 @@ class IBytesExit(Interface):
     """A binding that takes byte streams from a tcp or tls server (echo, fan). A binding
     may provide it besides IStreamExit: the methods differ so one object can be both."""
 
-    def open_bytes(info: StreamInfo, peer: IBytesEnd) -> IBytesEnd:
-        """Accept a byte stream from `peer`; raise StreamRefused to decline it (the
+    def open_bytes(info: StreamInfo, peer: IBytesEnd) -> "IBytesEnd | Deferred[IBytesEnd]":
+        """Accept a byte stream from `peer` (or a Deferred of its end, when the exit has to
+        wait: the connection is not read meanwhile); raise StreamRefused to decline it (the
         connection is closed)."""

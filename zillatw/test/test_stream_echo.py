@@ -108,7 +108,8 @@ def localhost_keystore(folder: Path, password: str = "generated") -> pki.Issued:
     """tls/localhost.p12 (alias localhost), signed by the CA returned."""
     ca = pki.make_ca("Test CA")
     (folder / "tls").mkdir(parents=True, exist_ok=True)
-    pki.write(folder / "tls" / "localhost.p12", pki.issue(ca, "localhost", dns=["localhost"]).p12("localhost", password))
+    server = pki.issue(ca, "localhost", dns=["localhost"])
+    pki.write(folder / "tls" / "localhost.p12", server.p12("localhost", password))
     return ca
 
 
@@ -180,8 +181,9 @@ class TlsEchoTests(unittest.TestCase):
 
 
 class ZillaTlsEchoUnchangedTests(unittest.TestCase):
-    """Zilla's examples/tls.echo/etc/zilla.yaml as shipped (only host and port changed here): x509-guarded `secure-echo` next to open `echo`, mutual TLS
-    requested, keystores made at run time with the aliases the example names."""
+    """Zilla's examples/tls.echo/etc/zilla.yaml as shipped (only host and port changed
+    here): x509-guarded `secure-echo` next to open `echo`, mutual TLS requested, keystores
+    made at run time with the aliases the example names."""
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -192,8 +194,8 @@ class ZillaTlsEchoUnchangedTests(unittest.TestCase):
             {"client-ca": client_ca.certificate, "other-ca": other_ca.certificate}, "trust"))
         self.client = pki.issue(client_ca, "client-1", client=True)
         self.other = pki.issue(other_ca, "client-1", client=True)
-        for name, value in (("KEYSTORE_PASSWORD", "keys"), ("TRUSTSTORE_PASSWORD", "trust")):
-            os.environ[name] = value
+        for name, password in (("KEYSTORE_PASSWORD", "keys"), ("TRUSTSTORE_PASSWORD", "trust")):
+            os.environ[name] = password
             self.addCleanup(os.environ.pop, name)
         self.port = free_port()
         text = ZILLA_TLS_ECHO.replace("0.0.0.0", "127.0.0.1").replace("23456", str(self.port))
