@@ -34,6 +34,7 @@ from zope.interface import implementer
 
 from zillatw.bytestream import ByteStreams
 from zillatw.config import BindingConfig
+from zillatw.errors import ConfigError
 from zillatw.fanredis import MAX_DELAY, RedisLink, parse_url
 from zillatw.plugins import BindingType, IDrainsGracefully, IRunsInBackground
 from zillatw.schema import FORBIDDEN
@@ -61,14 +62,16 @@ SCHEMA_PATCH = {
                     "additionalProperties": False,
                     "required": ["url"],
                     "properties": {
-                        "url": {"type": "string"},             # redis://[[user]:password@]host[:port][/db]
+                        "url": {"type": "string"},             # redis[s]://[[user]:password@]host[:port][/db]
                         "channel": {"type": "string", "minLength": 1},  # default zillatw:fan:<ns>:<binding>
                         "max-reconnect-delay": {"type": "number", "exclusiveMinimum": 0},
+                        # rediss: trust entries of the binding's vault (default: the system's CAs)
+                        "trust": {"type": "array", "items": {"type": "string"}, "minItems": 1},
                     },
                 },
             },
         },
-        "routes": FORBIDDEN, "vault": FORBIDDEN, "catalog": FORBIDDEN,
+        "routes": FORBIDDEN, "catalog": FORBIDDEN,  # vault: for options.redis.trust
     },
 }
 STREAMS = {"server": (("messages", "bytes"), "messages")}
@@ -386,11 +389,41 @@ class FanServer:
 
 def check(binding: BindingConfig) -> Any:
     redis = binding.options.get("redis")
-    if redis is not None:
-        try:
-            parse_url(redis["url"])
-        except ValueError as e:
-            yield "options.redis.url", str(e)
+    if redis is None:
+        if binding.vault:
+            yield "vault", "a fan's vault holds the trust for options.redis (rediss://), which it has not"
+        return
+    try:
+        tls = parse_url(redis["url"])["tls"]
+    except ValueError as e:
+        yield "options.redis.url", str(e)
+        return
+    if "trust" in redis:
+        if not tls:
+            yield "options.redis.trust", "trust is for a rediss:// URL (TLS); this one is redis://"
+        elif not binding.vault:
+            yield "options.redis.trust", "names trust entries of the binding's vault, and it has no 'vault'"
+    elif binding.vault:
+        yield "vault", "unused: give options.redis.trust (the aliases of its trust entries to verify Redis with)"
+
+
+def _redis_trust(binding: BindingConfig, graph: Any) -> list[Any] | None:
+    """The certificates options.redis.trust names in the fan's vault (None: the system's)."""
+    aliases = binding.options["redis"].get("trust")
+    if not aliases:
+        return None
+    vault = graph.vault(binding.namespace, binding.vault)
+    where = (f"{binding.namespace}: " if len(graph.config.namespaces) > 1 else "") + f"bindings.{binding.name}"
+    problems, certificates = [], []
+    for index, alias in enumerate(aliases):
+        if alias not in vault.aliases("trust"):
+            problems.append(f"{where}.options.redis.trust[{index}]: no trust entry '{alias}' in vault "
+                            f"'{binding.vault}' (it has: {', '.join(vault.aliases('trust')) or 'none'})")
+        else:
+            certificates.extend(vault.certificates("trust", alias))
+    if problems:
+        raise ConfigError(problems)
+    return certificates
 
 
 def default_channel(binding: BindingConfig) -> str:
@@ -405,7 +438,7 @@ def build(binding: BindingConfig, graph: Any) -> FanServer:
         redis = RedisLink(options["url"], options.get("channel") or default_channel(binding),
                           options.get("max-reconnect-delay", MAX_DELAY),
                           events.binding(binding.namespace, binding.name, "fan") if events.enabled else None,
-                          reactor=graph.reactor)
+                          reactor=graph.reactor, trust=_redis_trust(binding, graph))
         if graph.metrics is not None:  # its prometheus exporter serves the link's counters
             graph.metrics.fan_redis_links.links.append((binding.namespace, binding.name, redis))
     return FanServer(binding.name, graph.exit(binding.exit, binding), redis=redis,
