@@ -71,7 +71,8 @@ SCHEMA_PATCH = {
                 },
             },
         },
-        "routes": FORBIDDEN, "catalog": FORBIDDEN,  # vault: for options.redis.trust
+        "vault": {"type": "string"},  # ours: the trust for options.redis (rediss)
+        "routes": FORBIDDEN, "catalog": FORBIDDEN,
     },
 }
 STREAMS = {"server": (("messages", "bytes"), "messages")}
