@@ -331,7 +331,8 @@ SAMPLES: dict[tuple[str, ...], Any] = {
     ("fan", "options.max-lag-messages"): 100,
     ("fan", "options.drain-timeout"): 5,
     ("fan", "routes"): [],
-    ("fan", "options.redis.trust"): lambda config, root: _fan_vault(config, root) and "bindings.fan0.options.redis.trust",
+    ("fan", "options.redis.trust"): lambda config, root: (_fan_vault(config, root)
+                                                          and "bindings.fan0.options.redis.trust"),
     ("fan", "vault"): _fan_vault,
     ("fan", "catalog"): {},
     # guard x509
