@@ -65,6 +65,7 @@ class BytesConnection(Protocol):
         self.info = info
         self.end: IBytesEnd | None = None
         self.lost = False
+        self.closing = False
         self._early: list[bytes] | None = None
 
     def connectionMade(self) -> None:
@@ -103,6 +104,8 @@ class BytesConnection(Protocol):
     # ---- from the socket
 
     def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return  # the exit ended the stream: what the client still sends is not for anyone
         end = self.end
         if end is not None:
             end.bytes_data(data)
@@ -137,7 +140,9 @@ class BytesConnection(Protocol):
             self.transport.write(data)
 
     def bytes_end(self, reason: str) -> None:
-        self.end = None  # the exit is done: it is not told again
+        """The exit is done: what it sent is flushed, then the connection closes; the exit
+        is still told when it is gone (connectionLost), which is when it stops counting it."""
+        self.closing = True
         if not self.lost:
             self.transport.loseConnection()
 

@@ -436,6 +436,15 @@ def _check_exit(path: str, exit_: str, binding: BindingConfig, everything: Mappi
         words = _STREAM_WORDS.get(emits, emits)
         yield (f"{path}: '{target.name}' is {_a(target.type)} {target.kind}, which cannot take the {words} "
                f"{_a(binding.type)} {binding.kind} hands on" + (f" (bindings that can: {', '.join(fitting)})" if fitting else ""))
+    elif emits is not None and target.kind == "client" and binding.kind == "server" and emits == "bytes":
+        # A server's connection is for a server binding to take; a client opens its own
+        # (no tcp proxy yet: issue 15's pairing check)
+        yield (f"{path}: '{target.name}' is {_a(target.type)} client, which connects upstream for the bindings "
+               f"before it; the connections {_a(binding.type)} server accepts are taken by a server binding "
+               f"(a tcp or tls proxy is not served by this zillatw)")
+    elif emits is not None and binding.kind == "client" and target.kind != "client":
+        yield (f"{path}: '{target.name}' is {_a(target.type)} {target.kind}; {_a(binding.type)} client's exit "
+               f"carries its upstream connection, so it must be a client binding")
 
 
 def _accepted(types: Mapping[str, BindingType], binding: BindingConfig) -> tuple[str | None, ...]:

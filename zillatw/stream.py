@@ -130,8 +130,9 @@ class IBytesEnd(IPushProducer):
         """A chunk of the stream."""
 
     def bytes_end(reason: str) -> None:
-        """The other side is done: its connection closed (or the exit ended the stream);
-        the owner flushes what it holds and closes."""
+        """The other side is done. To the exit: the connection is gone (told once, also
+        when the exit ended the stream first). To the connection: the exit ended the
+        stream; it flushes what it holds and closes."""
 
 
 class IBytesExit(Interface):

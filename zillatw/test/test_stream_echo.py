@@ -10,7 +10,9 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from zillatw.test import pki
@@ -242,6 +244,18 @@ class FlowTests(unittest.TestCase):
         self.assertEqual(transport.producerState, "paused")
         transport.producer.resumeProducing()
         self.assertEqual(transport.producerState, "producing")
+
+    def test_a_connection_closed_on_stop_is_no_longer_counted_once_gone(self):
+        gateway = OnAClock(self.CONFIG)
+        protocol, transport = gateway.connect()
+        echo = gateway.gateway.generation.bindings["t:echo0"]
+        echo.going_away()
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(echo.open_count(), 1)  # until its last bytes are written
+        protocol.dataReceived(b"late")          # read after the close: for no one
+        self.assertEqual(transport.value(), b"")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(echo.open_count(), 0)
 
     def test_drop_all_at_the_drain_timeout_aborts(self):
         gateway = OnAClock(self.CONFIG)
