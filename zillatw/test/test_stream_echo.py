@@ -268,6 +268,34 @@ class FlowTests(unittest.TestCase):
         self.assertEqual(echo.open_count(), 0)
 
 
+class BackPressureTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_a_client_that_does_not_read_is_not_read_either(self):
+        """16 MiB sent by a client that reads nothing: once the gateway's socket buffer is
+        full, echo stops reading the client; the gateway holds a bounded amount; all of it
+        comes back, in order, once the client reads."""
+        port = free_port()
+        gateway, _ = yield start_gateway(self, {"name": "bp", "bindings": {
+            "tcp0": {"type": "tcp", "kind": "server", "options": {"host": "127.0.0.1", "port": port}, "exit": "echo0"},
+            "echo0": {"type": "echo", "kind": "server"}}})
+        client = yield connect_raw(port)
+        client.transport.pauseProducing()  # reads nothing
+        chunk, count = os.urandom(64 * 1024), 256
+        for _ in range(count):
+            client.transport.write(chunk)
+        echo = gateway.generation.bindings["bp:echo0"]
+        yield eventually(lambda: echo.open_count() == 1)
+        server_side = next(iter(echo.byte_streams.peers)).transport
+        yield eventually(lambda: server_side not in reactor.getReaders())  # the client is not read
+        held = len(server_side.dataBuffer) + server_side._tempDataLen
+        self.assertLess(held, 512 * 1024)  # Twisted's 64 KiB buffer plus what one read brought
+        client.transport.resumeProducing()
+        received = yield client.until(len(chunk) * count)
+        self.assertEqual(received, chunk * count)
+        client.transport.loseConnection()
+        yield client.done
+
+
 class MetricsTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_byte_streams_are_counted_for_echo_and_the_tcp_server(self):
