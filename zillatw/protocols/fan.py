@@ -239,11 +239,12 @@ class FanGroup:
 class _BytesPeer:
     """A byte member's connection as the group sees it: each unit goes out as its bytes."""
 
-    __slots__ = ("peer", "server", "pauseProducing", "resumeProducing", "stopProducing")
+    __slots__ = ("peer", "server", "deadline", "pauseProducing", "resumeProducing", "stopProducing")
 
     def __init__(self, peer: IBytesEnd, server: "FanServer"):
         self.peer = peer
         self.server = server
+        self.deadline: Any = None  # an evicted member's drain-timeout
         self.pauseProducing = peer.pauseProducing
         self.resumeProducing = peer.resumeProducing
         self.stopProducing = peer.stopProducing
@@ -259,7 +260,13 @@ class _BytesPeer:
         """Closed behind its backlog (bounded by max-lag); aborted if not read in time."""
         self.stream_end(code, reason)
         if self.server.reactor is not None:
-            self.server.reactor.callLater(drain_timeout, self.peer.stopProducing)
+            self.deadline = self.server.reactor.callLater(drain_timeout, self.peer.stopProducing)
+
+    def gone(self) -> None:
+        """Its connection is closed: no deadline left to keep."""
+        deadline, self.deadline = self.deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
 
 
 @implementer(IBytesEnd)
@@ -278,6 +285,9 @@ class _BytesMember:
 
     def bytes_end(self, reason: str) -> None:
         self.server.byte_streams.remove(self.peer)
+        group_side = self.member.peer
+        if isinstance(group_side, _BytesPeer):
+            group_side.gone()
         self.member.stream_end(1000, reason)
 
     def pauseProducing(self) -> None:

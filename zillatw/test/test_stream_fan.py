@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from zillatw.test.support import OnAClock, close_ws, connect_raw, connect_ws, eventually, start_gateway
@@ -136,6 +138,16 @@ class FlowTests(unittest.TestCase):
         fan = gateway.gateway.generation.bindings["t:fan0"]
         self.assertEqual(fan.members(), 1)
         self.assertFalse(fast_socket.disconnecting)
+
+    def test_an_evicted_member_that_reads_its_backlog_leaves_no_deadline(self):
+        gateway = self.gateway(**{"max-lag": 10, "drain-timeout": 5})
+        (fast, _), (slow, slow_socket) = gateway.connect(client_port=1), gateway.connect(client_port=2)
+        slow_socket.producer.pauseProducing()
+        fast.dataReceived(b"z" * 11)
+        self.assertTrue(slow_socket.disconnecting)
+        self.assertEqual(len(gateway.clock.getDelayedCalls()), 1)
+        slow.connectionLost(Failure(ConnectionDone()))  # it read all, the close went through
+        self.assertEqual(gateway.clock.getDelayedCalls(), [])
 
     def test_max_lag_messages_counts_chunks(self):
         gateway = self.gateway(**{"max-lag-messages": 3})
