@@ -216,7 +216,7 @@ class _Counted:
 
 class MeteredBytesExit:
     """`exit_` (an IBytesExit, maybe also a metered IStreamExit) whose byte streams are
-    counted for `m` (zillatw.metrics.BindingMetrics): opens, data each way, closes, active.
+    counted for `m` (zillatw.telemetry.metrics.BindingMetrics): opens, data each way, closes, active.
     Anything else asked of it is the exit's own."""
 
     def __init__(self, exit_: Any, m: Any):

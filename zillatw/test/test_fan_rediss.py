@@ -19,8 +19,8 @@ from twisted.trial import unittest
 from zillatw import build_gateway
 from zillatw.config import load
 from zillatw.errors import ConfigError
-from zillatw.fanredis import parse_url, shown_url
-from zillatw.standard import standard_registry
+from zillatw.bindings.fan.redis import parse_url, shown_url
+from zillatw.runtime.standard import standard_registry
 from zillatw.test import pki
 from zillatw.test.support import connect_raw, eventually, start_gateway
 from zillatw.test.test_fan_redis import free_port, redis_server_binary

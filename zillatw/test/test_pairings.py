@@ -23,8 +23,8 @@ from twisted.web import resource, server
 
 from zillatw.config import load
 from zillatw.errors import ConfigError
-from zillatw.graph import BindingGraph
-from zillatw.standard import standard_registry
+from zillatw.runtime.graph import BindingGraph
+from zillatw.runtime.standard import standard_registry
 from zillatw.test import pki
 from zillatw.test.support import RawClient, close_ws, connect_raw, connect_ws, start_gateway
 from zillatw.test.test_proxy import start_upstream

@@ -28,7 +28,7 @@ from zillatw.test import pki
 from zillatw.test.support import CONF, close_ws, start_gateway, upgrade_request
 from zillatw.test.test_stream_echo import tls_connect
 from zillatw.test.test_tls import client_tls, connect_wss, free_port, start_wss_upstream
-from zillatw.tlscontext import pinned_by_common_name
+from zillatw.bindings.tls.context import pinned_by_common_name
 
 PASSWORD = "generated"
 

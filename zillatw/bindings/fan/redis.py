@@ -44,7 +44,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from zillatw.events import BindingEvents
+from zillatw.telemetry.events import BindingEvents
 
 MAGIC = b"zw\x01"         # ours, version 1: magic, instance id, opcode, payload
 ID_SIZE = 8

@@ -1,8 +1,8 @@
 """Load zilla.yaml: parse, resolve `${{env.NAME}}`, validate, cross-check, and model it.
 
 Nothing here knows of sockets, and nothing here imports a binding, guard, catalog or
-metrics module: the types served come in a registry (zillatw.plugins.Registry; the built-in
-ones: zillatw.standard.standard_registry()), each giving its schema patch, the stream kinds
+metrics module: the types served come in a registry (zillatw.config.plugins.Registry; the built-in
+ones: zillatw.runtime.standard.standard_registry()), each giving its schema patch, the stream kinds
 it accepts and emits, and its checks.
 An invalid file raises ConfigError listing every problem as `path: what was expected`.
 """
@@ -21,11 +21,11 @@ import jsonschema
 import yaml
 
 from zillatw.errors import ConfigError, did_you_mean
-from zillatw.schema import FORBIDDEN, KINDS, engine_schema
-from zillatw.yamlload import DEFAULT_LIMITS, Limits, read_documents
+from zillatw.config.schema import FORBIDDEN, KINDS, engine_schema
+from zillatw.config.yamlload import DEFAULT_LIMITS, Limits, read_documents
 
 if TYPE_CHECKING:
-    from zillatw.plugins import BindingType, Registry
+    from zillatw.config.plugins import BindingType, Registry
 
 _EXPRESSION = re.compile(r"\$\{\{\s*([a-zA-Z0-9_.\-#]+)\s*\}\}")
 
@@ -116,7 +116,7 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, 
          base_dir: str | os.PathLike[str] | None = None,
          limits: Limits = DEFAULT_LIMITS) -> Config:
     """Load a configuration from a file path, a dict, or a list of dicts (namespaces).
-    A file is read within `limits` (size, nodes, nesting: zillatw.yamlload)."""
+    A file is read within `limits` (size, nodes, nesting: zillatw.config.yamlload)."""
     env = os.environ if env is None else env
     if isinstance(source, Mapping):
         documents, origin = [source], "<dict>"
@@ -180,7 +180,7 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, 
         raise ConfigError(problems)
 
     config = _model(resolved, origin, folder)
-    problems.extend(_cross_check(config, registry, prefix_names))
+    problems.extend(cross_check(config, registry, prefix_names))
     if problems:
         raise ConfigError(problems)
     return config
@@ -364,7 +364,7 @@ def check_roles(roles: tuple[str, ...] | list[str]) -> Iterator[tuple[int, str]]
                               f"(a dynamic role may use {' and '.join(ROLE_PLACEHOLDERS)})")
 
 
-def _cross_check(config: Config, registry: Registry, prefix: bool) -> Iterable[str]:
+def cross_check(config: Config, registry: Registry, prefix: bool) -> Iterable[str]:
     types = registry.bindings
     names = [ns.name for ns in config.namespaces]
     if len(set(names)) != len(names):

@@ -22,9 +22,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from zillatw.config import Route
-from zillatw.events import Events
+from zillatw.telemetry.events import Events
 from zillatw.stream import IUpstreamConnector, StreamRefused
-from zillatw.tlscontext import (
+from zillatw.bindings.tls.context import (
     VERSIONS,
     Handshake,
     PeerTrust,
@@ -37,7 +37,7 @@ from zillatw.tlscontext import (
     use_key,
     verify_error,
 )
-from zillatw.vault import KeyEntry
+from zillatw.vaults.filesystem import KeyEntry
 
 
 class _ClientTLSProtocol(TLSMemoryBIOProtocol):

@@ -8,7 +8,7 @@ kernel hands each new connection to one of the workers. The supervisor serves no
   30 s (a worker that ran 10 s resets it), so a crashing configuration never spins;
 - SIGTERM/SIGINT go to every worker, each drains its connections (1001) and exits, then the
   supervisor exits 0; a second signal is passed on as well, and everything exits at once;
-- SIGHUP goes to every worker: each reloads the file (zillatw.reload), as each watches it;
+- SIGHUP goes to every worker: each reloads the file (zillatw.runtime.reload), as each watches it;
 - `--ready-file` is written once every worker listens.
 
 A worker is a whole gateway: each has its own fan groups (see the README, "Workers"),
@@ -29,7 +29,7 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
-from zillatw.yamlload import limit_flags
+from zillatw.config.yamlload import limit_flags
 
 log = Logger()
 STATUS_FD = 3           # a worker writes "ready" on it once it listens

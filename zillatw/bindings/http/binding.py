@@ -18,17 +18,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from zillatw import accesscontrol
-from zillatw.accesscontrol import AccessControl
+from zillatw.bindings.http import accesscontrol
+from zillatw.bindings.http.accesscontrol import AccessControl
 from zillatw.config import BindingConfig, Route
 from zillatw.errors import ConfigError
-from zillatw.events import Events, next_trace_id
+from zillatw.telemetry.events import Events, next_trace_id
 from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, connection_authorization, permits
-from zillatw.http1 import HttpError, Request, RequestHeadParser, check_host, check_origin_form, render_response
-from zillatw.httpauth import CONVENTIONAL_SECRETS, PLACEHOLDER, HttpAuthorization, redact_target
+from zillatw.wire.http1 import HttpError, Request, RequestHeadParser, check_host, check_origin_form, render_response
+from zillatw.bindings.http.auth import CONVENTIONAL_SECRETS, PLACEHOLDER, HttpAuthorization, redact_target
 from zillatw.matching import Matcher, matcher
-from zillatw.plugins import BindingType, IDrainsGracefully
-from zillatw.schema import FORBIDDEN, NAME, refused, route_schema
+from zillatw.config.plugins import BindingType, IDrainsGracefully
+from zillatw.config.schema import FORBIDDEN, NAME, refused, route_schema
 from zillatw.stream import IHttpConnection, IHttpExit, StreamRefused
 
 HEAD_TIMEOUT = 10.0  # seconds for a client to send its request head (slowloris)

@@ -23,14 +23,14 @@ from twisted.logger import Logger
 
 from zillatw.config import Config, load
 from zillatw.errors import ConfigError
-from zillatw.events import Events
-from zillatw.graph import BindingGraph
-from zillatw.metrics import Metrics
-from zillatw.plugins import IDrainsGracefully, IHoldsConnections, IRunsInBackground, Registry
-from zillatw.protocols.tcp import TcpServer
-from zillatw.reload import ConfigWatcher
-from zillatw.standard import standard_registry
-from zillatw.yamlload import DEFAULT_LIMITS, Limits
+from zillatw.telemetry.events import Events
+from zillatw.runtime.graph import BindingGraph
+from zillatw.telemetry.metrics import Metrics
+from zillatw.config.plugins import IDrainsGracefully, IHoldsConnections, IRunsInBackground, Registry
+from zillatw.bindings.tcp.binding import TcpServer
+from zillatw.runtime.reload import ConfigWatcher
+from zillatw.runtime.standard import standard_registry
+from zillatw.config.yamlload import DEFAULT_LIMITS, Limits
 
 Source = str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, Any]] | Config
 DRAIN_TIMEOUT = 10.0  # seconds stopService waits for connections to close before dropping them
@@ -39,7 +39,7 @@ DRAIN_TIMEOUT = 10.0  # seconds stopService waits for connections to close befor
 def load_config(source: Source, env: Mapping[str, str] | None = None, limits: Limits = DEFAULT_LIMITS,
                 registry: Registry | None = None) -> Config:
     """Load and validate a zilla.yaml (path, dict or list of dicts), a file within `limits`
-    (zillatw.yamlload), with the types of `registry` (the built-in ones by default); raises
+    (zillatw.config.yamlload), with the types of `registry` (the built-in ones by default); raises
     ConfigError, also for a configuration that listens on nothing."""
     if isinstance(source, Config):
         return source
@@ -111,12 +111,12 @@ class Gateway(Service):
     # A file written once every listener (and metrics endpoint) listens, removed on stop:
     # Zilla's /var/run/zilla/ready, for health checks. `twistd zillaws --ready-file PATH`.
     ready_file: str | None = None
-    # Seconds between looks at the configuration file for changes (zillatw.reload), or None
+    # Seconds between looks at the configuration file for changes (zillatw.runtime.reload), or None
     # not to watch; `twistd zillaws` watches (every 1 s) unless --no-watch.
     watch_interval: float | None = None
     source: str | None = None  # the configuration file's absolute path, if read from one
     env: Mapping[str, str] | None = None
-    limits: Limits = DEFAULT_LIMITS  # on reading the file again (zillatw.yamlload)
+    limits: Limits = DEFAULT_LIMITS  # on reading the file again (zillatw.config.yamlload)
     verbose = False  # print a reloaded configuration, as at startup with -v
 
     def __init__(self, config: Config, reactor: Any = None, event_stream: TextIO | None = None,
@@ -127,7 +127,7 @@ class Gateway(Service):
         self.drain_timeout = drain_timeout
         self.event_stream = event_stream
         self.registry = registry or standard_registry()
-        # Listening sockets a supervisor opened for this worker process (zillatw.workers), by
+        # Listening sockets a supervisor opened for this worker process (zillatw.runtime.workers), by
         # address ((host, port) as configured): the tcp servers adopt them instead of binding.
         self.inherited_listeners: dict[tuple[str, int], Any] = {}
         self.reloading = False
@@ -169,7 +169,7 @@ class Gateway(Service):
                                  for server in self.servers()]
                                 + [self.metrics.listen(self.reactor)], consumeErrors=True)
         # Announce (event, ready file, `listening`) once the reactor runs: twistd starts
-        # services before reactor.run(), and the drain-on-SIGTERM handlers (zillatw.shutdown)
+        # services before reactor.run(), and the drain-on-SIGTERM handlers (zillatw.runtime.shutdown)
         # are installed only then, so whoever acts on "started" may send SIGTERM at once.
         d.addCallbacks(lambda _: self.reactor.callWhenRunning(self._started, None), self._failed)
         if self.watch_interval and self.source:
@@ -366,7 +366,7 @@ def build_gateway(source: Source, reactor: Any = None, env: Mapping[str, str] | 
     `gateway.startService()` (or attach it to an Application); ConfigError if invalid.
     A file is read within `limits`, at startup and on every reload; `reactor` is the one
     every binding uses (a test passes a MemoryReactorClock); `registry` the types served
-    (zillatw.standard.standard_registry(), with types of one's own registered on it)."""
+    (zillatw.runtime.standard.standard_registry(), with types of one's own registered on it)."""
     registry = registry or standard_registry()
     gateway = Gateway(load_config(source, env, limits, registry), reactor, event_stream, drain_timeout, registry)
     gateway.limits = limits

@@ -1,4 +1,4 @@
-"""What the tls server and client bindings (zillatw.protocols.tls, zillatw.tlsclient) share:
+"""What the tls server and client bindings (zillatw.bindings.tls.binding, zillatw.bindings.tls.client) share:
 the OpenSSL context they start from, loading keys and trust into it, the state a handshake's
 callbacks record, and how an OpenSSL failure becomes one of Zilla's events.
 
@@ -21,11 +21,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from zillatw.config import Route
-from zillatw.events import next_trace_id
+from zillatw.telemetry.events import next_trace_id
 from zillatw.guards import Session, permits
 from zillatw.matching import matcher
-from zillatw.protocols.tcp import parse_ports
-from zillatw.vault import KeyEntry
+from zillatw.bindings.tcp.binding import parse_ports
+from zillatw.vaults.filesystem import KeyEntry
 
 if TYPE_CHECKING:
     from OpenSSL.crypto import X509Store

@@ -21,8 +21,8 @@ from zope.interface import implementer
 from zillatw.bytestream import BytesConnection, server_info
 from zillatw.config import BindingConfig, Route
 from zillatw.matching import matcher
-from zillatw.plugins import BindingType
-from zillatw.schema import FORBIDDEN, PORT_SPEC, route_schema
+from zillatw.config.plugins import BindingType
+from zillatw.config.schema import FORBIDDEN, PORT_SPEC, route_schema
 from zillatw.stream import IBytesExit, IUpstreamConnector, StreamRefused
 
 MAX_PORTS = 1024
@@ -187,7 +187,7 @@ class TcpServer:
 
     def endpoints(self, reactor: Any, inherited: Mapping[tuple[str, int], Any] | None = None) -> list[tuple[int | None, Any]]:
         """(port, endpoint) per address; `inherited`: sockets a supervisor opened for this
-        worker (zillatw.workers), by (host, port) as configured, adopted instead of bound."""
+        worker (zillatw.runtime.workers), by (host, port) as configured, adopted instead of bound."""
         if self.endpoint is not None:
             return [(None, endpoints.serverFromString(reactor, self.endpoint))]
         interface = self.host or ""

@@ -1,10 +1,10 @@
 """Hot reload: when to reload. A gateway serving a file takes a changed configuration
-without a restart; `Gateway.reload` (zillatw.service) does it, this module says when.
+without a restart; `Gateway.reload` (zillatw.runtime.gateway) does it, this module says when.
 
 `Gateway.reload()` validates the file as startup does (load, then build every vault and
 binding) and, if it is valid, switches to it (`Gateway.switch_to`). Reading, parsing,
 validating and modelling the file run in a thread of the reactor's pool, within the
-gateway's limits (zillatw.yamlload), so that traffic flows while a large file loads; only
+gateway's limits (zillatw.config.yamlload), so that traffic flows while a large file loads; only
 building the bindings and switching run in the reactor thread. One reload runs at a time:
 one asked for meanwhile (SIGHUP, a call) runs once it is done, and the watcher looks again
 after it.
@@ -73,7 +73,7 @@ def _digest(files: list[Path]) -> str:
 
 
 class Reloadable(Protocol):
-    """What the watcher needs of a gateway (zillatw.service.Gateway)."""
+    """What the watcher needs of a gateway (zillatw.runtime.gateway.Gateway)."""
 
     config: Config
     reloading: bool

@@ -2,7 +2,7 @@
 opens a stream to the route's exit, and answers the 101 itself once the exit has accepted.
 ws client: opens an upstream WebSocket through its exit (http client -> tcp client, or tls
 client) for each stream it is given, writing the upgrade request and checking the answer.
-Both then relay the stream through zillatw.wsstream on zillatw.wire, our own protocol core
+Both then relay the stream through zillatw.bindings.ws.relay on zillatw.wire, our own protocol core
 (framing, UTF-8, closing handshake, permessage-deflate); nothing of Autobahn's.
 """
 
@@ -20,19 +20,19 @@ from zope.interface import implementer
 
 from zillatw.config import BindingConfig, Route
 from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, permits
-from zillatw.http1 import HttpError, Request, ResponseError, ResponseHeadParser, render_response
+from zillatw.wire.http1 import HttpError, Request, ResponseError, ResponseHeadParser, render_response
 from zillatw.matching import matcher
-from zillatw.plugins import BindingType, IDrainsGracefully, IHoldsConnections
-from zillatw.schema import FORBIDDEN, refused, route_schema
+from zillatw.config.plugins import BindingType, IDrainsGracefully, IHoldsConnections
+from zillatw.config.schema import FORBIDDEN, refused, route_schema
 from zillatw.stream import (ABNORMAL, IHttpConnection, IHttpExit, IStreamEnd, IStreamExit, StreamInfo, StreamRefused,
                             SubprotocolOffer)
-from zillatw.validation import MESSAGES, check_models, validating_routes
+from zillatw.catalogs.validation import MESSAGES, check_models, validating_routes
 from zillatw.wire import (CloseCode, Connection, NegotiationError, Role, State, client_accept, client_offer,
                          server_accept)
 from zillatw.wire.deflate import can_relay
-from zillatw.wshandshake import (HandshakeRefused, check_response, check_upgrade, client_request, new_key,
+from zillatw.wire.handshake import (HandshakeRefused, check_response, check_upgrade, client_request, new_key,
                                  offered_protocols, select_route, server_response)
-from zillatw.wsstream import GATHER, Deadlines, WsRelay, no_delay
+from zillatw.bindings.ws.relay import GATHER, Deadlines, WsRelay, no_delay
 
 MAX_MESSAGE_SIZE = 1024 * 1024
 CLOSE_TIMEOUT = 2.0  # seconds to wait for the peer's close frame before dropping
@@ -59,7 +59,7 @@ SERVER_OPTIONS = {
         "max-connections": {"type": "integer", "minimum": 1},
         "allowed-origins": refused("no longer supported: use the http server's options.access-control: "
                                    "policy cross-origin with allow.origins (see docs/access-control.md)"),
-        "messages": MESSAGES,  # validation rules, see zillatw.validation
+        "messages": MESSAGES,  # validation rules, see zillatw.catalogs.validation
     },
 }
 SCHEMA_PATCH = {
@@ -137,7 +137,7 @@ class WsServer:
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
-        # zillatw.metrics.WsServerObserver: told each upgrade's outcome (metrics, events), or None
+        # zillatw.telemetry.metrics.WsServerObserver: told each upgrade's outcome (metrics, events), or None
         self.observer = observer
         self.name = name
         self.namespace = namespace

@@ -21,7 +21,7 @@ bounded backlog, and aborted if not read within `drain-timeout`.
 Scale-out (ours): with `options.redis` the group spans every gateway on the same Redis
 channel. What the exit sends back is delivered to the local members at once and published
 once to Redis; what other gateways publish is delivered to the local members (see
-zillatw.fanredis). While Redis cannot take what we publish, or while every local member is
+zillatw.bindings.fan.redis). While Redis cannot take what we publish, or while every local member is
 congested, the group stops reading its members (and the subscription).
 """
 
@@ -35,9 +35,9 @@ from zope.interface import implementer
 from zillatw.bytestream import ByteStreams
 from zillatw.config import BindingConfig
 from zillatw.errors import ConfigError
-from zillatw.fanredis import MAX_DELAY, RedisLink, parse_url
-from zillatw.plugins import BindingType, IDrainsGracefully, IRunsInBackground
-from zillatw.schema import FORBIDDEN
+from zillatw.bindings.fan.redis import MAX_DELAY, RedisLink, parse_url
+from zillatw.config.plugins import BindingType, IDrainsGracefully, IRunsInBackground
+from zillatw.config.schema import FORBIDDEN
 from zillatw.stream import BINARY, CONTINUATION, IBytesEnd, IBytesExit, IStreamEnd, IStreamExit, StreamInfo
 
 MAX_LAG = 4 * 1024 * 1024  # bytes queued for a member whose socket is full

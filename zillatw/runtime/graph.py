@@ -11,8 +11,8 @@ from typing import Any
 
 from zillatw.config import BindingConfig, Config
 from zillatw.errors import ConfigError
-from zillatw.events import Events
-from zillatw.plugins import Registry
+from zillatw.telemetry.events import Events
+from zillatw.config.plugins import Registry
 
 
 class BindingGraph:
@@ -24,7 +24,7 @@ class BindingGraph:
                  metrics: Any = None, *, reactor: Any):
         self.config = config
         self.reactor = reactor
-        self.metrics = metrics  # zillatw.metrics.Metrics: meters the exits it hands out, or None
+        self.metrics = metrics  # zillatw.telemetry.metrics.Metrics: meters the exits it hands out, or None
         self.registry = registry
         self._built: dict[str, Any] = {}
         self._events = dict(events or {})
@@ -45,7 +45,7 @@ class BindingGraph:
         return built
 
     def exit(self, qname: str, caller: BindingConfig) -> Any:
-        """The binding `qname` as an exit of `caller`'s routes: metered (zillatw.metrics)
+        """The binding `qname` as an exit of `caller`'s routes: metered (zillatw.telemetry.metrics)
         when either records metrics, else the built binding itself."""
         built = self.binding(qname)
         if self.metrics is None:

@@ -8,8 +8,8 @@ from zope.interface import implementer
 
 from zillatw.bytestream import ByteStreams
 from zillatw.config import BindingConfig
-from zillatw.plugins import BindingType, IDrainsGracefully
-from zillatw.schema import FORBIDDEN
+from zillatw.config.plugins import BindingType, IDrainsGracefully
+from zillatw.config.schema import FORBIDDEN
 from zillatw.stream import IBytesEnd, IBytesExit, IStreamEnd, IStreamExit, StreamInfo
 
 SCHEMA_PATCH = {

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
-from zillatw.http1 import HttpError, Request, Response
+from zillatw.wire.http1 import HttpError, Request, Response
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _LIST_SPLIT = re.compile(r"\s*,\s*")

@@ -35,8 +35,7 @@ from zope.interface import directlyProvides, implementer, providedBy
 from zillatw.bytestream import MeteredBytesExit
 from zillatw.config import BindingConfig, Config
 from zillatw.errors import did_you_mean
-from zillatw.events import BindingEvents, Events
-from zillatw.fanredis import RedisCollector
+from zillatw.telemetry.events import BindingEvents, Events
 from zillatw.matching import matcher
 from zillatw.stream import ABNORMAL, IBytesExit, IStreamEnd, IStreamExit, StreamRefused
 
@@ -55,7 +54,7 @@ STREAM_METRICS = {
 }
 HTTP_METRICS = {"http.active.requests": ("gauge", ""), "http.duration": ("histogram", "milliseconds")}
 METRICS = {**STREAM_METRICS, **HTTP_METRICS}
-# The exporters zillatw serves: stdout (events, zillatw.events) and prometheus (metrics);
+# The exporters zillatw serves: stdout (events, zillatw.telemetry.events) and prometheus (metrics);
 # Zilla's others pass the schema and are refused by name.
 SUPPORTED_EXPORTERS = ("stdout", "prometheus")
 # Zilla's, not recorded by zillatw yet: refused by name when declared.
@@ -493,7 +492,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self._collector = _Collector()
         self.registry.register(self._collector)
-        # the fan bindings' Redis links (zillatw.fanredis), which they add as they are built
+        # the fan bindings' Redis links (zillatw.bindings.fan.redis), which they add as they are built
         self.fan_redis_links = RedisCollector()
         self.registry.register(self.fan_redis_links)
         self._events = dict(events or {})

@@ -6,12 +6,12 @@ A type is one module that describes itself with one record, its `PLUGIN`:
 
 Every hook is a field of that record, with a default that does nothing, so nothing is ever
 looked up by name on a module (no `hasattr`/`getattr` probing). A `Registry` holds the
-records; it is passed to config loading (zillatw.config.load) and to the binding graph
-(zillatw.graph), so an embedder serves a type of its own with `registry.register(PLUGIN)`
-on a copy of `zillatw.standard.standard_registry()`.
+records; it is passed to config loading (zillatw.config.loading.load) and to the binding graph
+(zillatw.runtime.graph), so an embedder serves a type of its own with `registry.register(PLUGIN)`
+on a copy of `zillatw.runtime.standard.standard_registry()`.
 
 What a built binding may also do is declared with the zope interfaces below, tested with
-`providedBy` by the gateway (zillatw.service): connections to drain on shutdown, background
+`providedBy` by the gateway (zillatw.runtime.gateway): connections to drain on shutdown, background
 work (a fan's Redis link) to start and stop.
 """
 
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from zope.interface import Interface
 
 if TYPE_CHECKING:
-    from zillatw.config import BindingConfig, NamespaceConfig
+    from zillatw.config.loading import BindingConfig, NamespaceConfig
 
 # (sub-path under the checked entry, what is wrong there)
 Problem = tuple[str, str]
@@ -47,7 +47,7 @@ def _no_schema_text(options: Mapping[str, Any], ref: Mapping[str, Any]) -> str |
 class BindingType:
     """A binding type (zillatw.protocols.*).
 
-    - schema_patch: the JSON Schema its bindings must satisfy, on top of zillatw.schema's;
+    - schema_patch: the JSON Schema its bindings must satisfy, on top of zillatw.config.schema's;
     - streams: kind -> (the stream kind it accepts, or a tuple of kinds, the kind it hands
       its exits, or None); stream kinds are "bytes" (a connection), "http" (a request),
       "messages" (WebSocket);
@@ -115,7 +115,7 @@ Plugin = BindingType | GuardType | CatalogType | VaultType
 class Registry:
     """The types a gateway serves, by the name zilla.yaml gives them, plus checks of a
     namespace as a whole (`namespace_checks`: (namespace, where) -> problem strings, e.g.
-    zillatw.metrics.check for `telemetry`)."""
+    zillatw.telemetry.metrics.check for `telemetry`)."""
 
     bindings: dict[str, BindingType] = field(default_factory=dict)
     guards: dict[str, GuardType] = field(default_factory=dict)

@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from zillatw.errors import ConfigError, did_you_mean
-from zillatw.plugins import VaultType
+from zillatw.config.plugins import VaultType
 
 STORES = ("keys", "trust", "signers")
 STORE_TYPES = ("pkcs12", "pem")

@@ -43,7 +43,7 @@ from zope.interface import implementer
 
 from zillatw.catalogs import Schema, Unavailable
 from zillatw.matching import matcher
-from zillatw.models import (CATALOGED, EVENT_NAMES, MODELS, NOT_YET, SchemaError, compile_schema, string_check)
+from zillatw.catalogs.models import (CATALOGED, EVENT_NAMES, MODELS, NOT_YET, SchemaError, compile_schema, string_check)
 from zillatw.stream import CONTINUATION, IStreamEnd, IStreamExit, StreamInfo, StreamRefused
 from zillatw.telemetry import next_trace_id
 
@@ -106,7 +106,7 @@ def _model(value: Any) -> Mapping[str, Any]:
 
 def check_models(binding: Any, namespace: Any, types: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     """(sub-path, problem) for the `messages` rules of a ws server binding; `types`: the
-    catalog types served (zillatw.plugins.CatalogType, by name)."""
+    catalog types served (zillatw.config.plugins.CatalogType, by name)."""
     from zillatw.errors import did_you_mean
     for index, rule in enumerate(binding.options.get("messages") or ()):
         base = f"options.messages[{index}]"

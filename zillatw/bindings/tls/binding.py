@@ -1,11 +1,11 @@
 """tls server: terminates TLS on the connections a tcp server (or any bytes binding) hands
 it, then hands the decrypted connection to the exit its routes choose by `authority` (the
 client's SNI), `alpn` (the protocol negotiated) and `port` (the listening port).
-tls client (zillatw.tlsclient): wraps the upstream connection an http client asks for in
+tls client (zillatw.bindings.tls.client): wraps the upstream connection an http client asks for in
 TLS, and connects it through its exit (a tcp client).
 
-Keys, trust and signers are aliases in the binding's vault (zillatw.vault). TLS is
-OpenSSL's through pyOpenSSL and Twisted's TLSMemoryBIOProtocol (zillatw.tlscontext).
+Keys, trust and signers are aliases in the binding's vault (zillatw.vaults.filesystem). TLS is
+OpenSSL's through pyOpenSSL and Twisted's TLSMemoryBIOProtocol (zillatw.bindings.tls.context).
 """
 
 from __future__ import annotations
@@ -24,19 +24,19 @@ from zope.interface import implementer
 from zillatw.bytestream import BytesConnection, server_info
 from zillatw.config import BindingConfig, Route
 from zillatw.errors import ConfigError, did_you_mean
-from zillatw.events import Events
+from zillatw.telemetry.events import Events
 from zillatw.guards import Authorization, Rejected, Session
 from zillatw.guards.x509 import X509Guard
 from zillatw.matching import matcher
-from zillatw.plugins import BindingType
-from zillatw.protocols.tcp import parse_ports
-from zillatw.schema import FORBIDDEN, PORT_SPEC, route_schema
+from zillatw.config.plugins import BindingType
+from zillatw.bindings.tcp.binding import parse_ports
+from zillatw.config.schema import FORBIDDEN, PORT_SPEC, route_schema
 from zillatw.stream import IBytesExit, IUpstreamConnector
-from zillatw.tlsclient import TlsClient
-from zillatw.tlscontext import (VERSIONS, Handshake, Peer, PeerTrust, TlsRoutes, classify, dns_names, guarded,
+from zillatw.bindings.tls.client import TlsClient
+from zillatw.bindings.tls.context import (VERSIONS, Handshake, Peer, PeerTrust, TlsRoutes, classify, dns_names, guarded,
                                 make_context, name_matches, reason_text, set_servername_callback, state_of, use_key,
                                 verify_error)
-from zillatw.vault import FilesystemVault, KeyEntry
+from zillatw.vaults.filesystem import FilesystemVault, KeyEntry
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds, Zilla's zilla.binding.tls.handshake.timeout
 MUTUAL = ("required", "requested", "none")
