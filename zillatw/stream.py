@@ -124,3 +124,29 @@ class IUpstreamConnector(Interface):
 
     def connect(factory: Any, authority: str | None, timeout: float) -> Any:
         """Connect `factory`'s protocol upstream: a Deferred of it, failing with why not."""
+
+
+# ---------------------------------------------------------------------------- byte streams
+
+class IBytesEnd(IPushProducer):
+    """One end of a byte stream (a tcp or tls connection handed on whole, issue 15); calls
+    on it carry data *to* the binding that owns it. No message boundaries: each call is one
+    chunk as it was read. Flow control as IStreamEnd's: push-producer, both ways."""
+
+    def bytes_data(data: bytes) -> None:
+        """A chunk of the stream."""
+
+    def bytes_end(reason: str) -> None:
+        """The other side is done. To the exit: the connection is gone (told once, also
+        when the exit ended the stream first). To the connection: the exit ended the
+        stream; it flushes what it holds and closes."""
+
+
+class IBytesExit(Interface):
+    """A binding that takes byte streams from a tcp or tls server (echo, fan). A binding
+    may provide it besides IStreamExit: the methods differ so one object can be both."""
+
+    def open_bytes(info: StreamInfo, peer: IBytesEnd) -> "IBytesEnd | Deferred[IBytesEnd]":
+        """Accept a byte stream from `peer` (or a Deferred of its end, when the exit has to
+        wait: the connection is not read meanwhile); raise StreamRefused to decline it (the
+        connection is closed)."""

@@ -108,14 +108,29 @@ def _check_exit(path: str, exit_: str, binding: BindingConfig, everything: Mappi
         shown = exit_.partition(":")[2] if exit_.startswith(namespace + ":") else exit_
         yield f"{path}: no binding named '{shown}'{did_you_mean(shown, local)}"
         return
-    accepts = types[target.type].streams.get(target.kind, (None, None))[0]
-    if emits is not None and accepts != emits:
+    if emits is not None and emits not in _accepted(types, target):
+        # never the binding itself (a tls server takes connections, but not from itself)
         fitting = sorted(q.partition(":")[2] for q, b in everything.items()
-                         if types[b.type].streams.get(b.kind, (None,))[0] == emits)
+                         if emits in _accepted(types, b) and q != binding.qname)
         words = _STREAM_WORDS.get(emits, emits)
         can = f" (bindings that can: {', '.join(fitting)})" if fitting else ""
         yield (f"{path}: '{target.name}' is {_a(target.type)} {target.kind}, which cannot take the {words} "
                f"{_a(binding.type)} {binding.kind} hands on{can}")
+    elif emits is not None and target.kind == "client" and binding.kind == "server" and emits == "bytes":
+        # A server's connection is for a server binding to take; a client opens its own
+        # (there is no tcp or tls proxy)
+        yield (f"{path}: '{target.name}' is {_a(target.type)} client, which connects upstream for the bindings "
+               f"before it; the connections {_a(binding.type)} server accepts are taken by a server binding "
+               f"(a tcp or tls proxy is not served by this zillatw)")
+    elif emits is not None and binding.kind == "client" and target.kind != "client":
+        yield (f"{path}: '{target.name}' is {_a(target.type)} {target.kind}; {_a(binding.type)} client's exit "
+               f"carries its upstream connection, so it must be a client binding")
+
+
+def _accepted(types: Mapping[str, BindingType], binding: BindingConfig) -> tuple[str | None, ...]:
+    """The stream kinds a binding takes: one, or several (echo takes messages and bytes)."""
+    accepts = types[binding.type].streams.get(binding.kind, (None, None))[0]
+    return accepts if isinstance(accepts, tuple) else (accepts,)
 
 
 def _a(word: str) -> str:

@@ -30,6 +30,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.python.failure import Failure
 
+from zillatw.bytestream import MeteredBytesExit
 from zillatw.config import BindingConfig, Config
 from zillatw.errors import did_you_mean
 from zillatw.matching import matcher
@@ -45,6 +46,8 @@ from zillatw.telemetry.instrument import (
     metered_open,
 )
 from zillatw.telemetry.sessions import SessionObserver
+from zillatw.telemetry.events import BindingEvents, Events
+from zillatw.stream import ABNORMAL, IBytesExit, IStreamEnd, IStreamExit, StreamRefused
 
 # Zilla's metric names: kind, unit (the Prometheus suffix), and what zillatw records.
 STREAM_METRICS = {
@@ -260,14 +263,19 @@ class Metrics:
         connections it hands on. Unwrapped, at no cost, when neither records any."""
         exit_ = built
         m = self.metrics(target) if not (target.type == "ws" and target.kind == "server") else None
+        # a tcp or tls server hands echo or fan byte streams (issue 15): counted as such
+        as_bytes = caller.kind == "server" and caller.type in ("tcp", "tls") and IBytesExit.providedBy(built)
         if m is not None:
-            if IStreamExit.providedBy(built):
+            if as_bytes:
+                exit_ = MeteredBytesExit(built, m)
+            elif IStreamExit.providedBy(built):
                 exit_ = MeteredExit(built, metered_open(built.open, m))
             elif IProtocolFactory.providedBy(built):
                 exit_ = MeteredFactory(built, m, self.reactor.seconds)
         handing_on = self.metrics(caller) if caller.type == "tcp" and caller.kind == "server" else None
         if handing_on is not None:
-            exit_ = MeteredFactory(exit_, handing_on, self.reactor.seconds)
+            exit_ = MeteredBytesExit(exit_, handing_on) if as_bytes else MeteredFactory(exit_, handing_on,
+                                                                                        self.reactor.seconds)
         return exit_
 
     def ws_server_observer(self, binding: BindingConfig) -> WsServerObserver | SessionObserver | None:

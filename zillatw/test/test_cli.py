@@ -90,7 +90,7 @@ class CheckCommandTests(unittest.SynchronousTestCase):
             "3 problems:",
             "  bindings.north_ws_server.exit: no binding named 'echo_sever' (did you mean 'echo_server'?)",
             "  bindings.north_tcp_server.exit: 'north_ws_server' is a ws server, which cannot take the connections "
-            "a tcp server hands on",
+            "a tcp server hands on (bindings that can: echo_server)",  # echo takes byte streams too
             "  bindings.north_tcp_server.options.port: range '7010-7000' ends before it starts",
         ])
 

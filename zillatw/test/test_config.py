@@ -274,16 +274,16 @@ class ExitTests(ConfigTestCase):
                             ["bindings.http0.routes[0].exit: no binding named 'ws1' (did you mean 'ws0'?)"])
 
     def test_wrong_stream_kind_explained(self):
-        self.assertProblems(changed(lambda c: c["bindings"]["tcp0"].update(exit="echo_server")), [
-            "bindings.tcp0.exit: 'echo_server' is an echo server, which cannot take the connections "
-            "a tcp server hands on (bindings that can: http0)"])
+        self.assertProblems(changed(lambda c: c["bindings"]["tcp0"].update(exit="ws0")), [
+            "bindings.tcp0.exit: 'ws0' is a ws server, which cannot take the connections "
+            "a tcp server hands on (bindings that can: echo_server, http0)"])
 
     def test_wrong_stream_kind_for_messages(self):
         def change(c):
             c["bindings"]["fan0"] = {"type": "fan", "kind": "server", "exit": "http0"}
         self.assertProblems(changed(change), [
             "bindings.fan0.exit: 'http0' is a http server, which cannot take the WebSocket messages "
-            "a fan server hands on (bindings that can: echo_server, fan0)"])
+            "a fan server hands on (bindings that can: echo_server)"])  # not fan0 itself
 
     def test_wrong_stream_kind_for_http_requests(self):
         self.assertProblems(changed(lambda c: c["bindings"]["http0"]["routes"][0].update(exit="echo_server")), [

@@ -366,18 +366,19 @@ class AuthTests(unittest.TestCase):
 class ConfigTests(unittest.TestCase):
     def test_urls(self):
         self.assertEqual(parse_url("redis://u:p%40ss@example.com:6380/2"),
-                         {"host": "example.com", "port": 6380, "username": "u", "password": "p@ss"})
+                         {"host": "example.com", "port": 6380, "username": "u", "password": "p@ss", "tls": False})
         self.assertEqual(parse_url("redis://:secret@localhost")["password"], "secret")
         self.assertEqual(parse_url("redis://localhost")["port"], 6379)
-        for bad in ("rediss://localhost", "http://localhost", "redis://", "redis://h:99999", "redis://h/x"):
+        self.assertTrue(parse_url("rediss://localhost")["tls"])  # test_fan_rediss
+        for bad in ("http://localhost", "redis://", "redis://h:99999", "redis://h/x"):
             self.assertRaises(ValueError, parse_url, bad)
 
     def test_options_are_checked(self):
         from zillatw import ConfigError, build_gateway
-        config = reflect("rediss://localhost:6379")
+        config = reflect("http://localhost:6379")
         with self.assertRaises(ConfigError) as caught:
             build_gateway(config)
-        self.assertIn("bindings.north_fan_server.options.redis.url: expected a redis://host:port URL",
+        self.assertIn("bindings.north_fan_server.options.redis.url: expected a redis:// or rediss:// URL",
                       str(caught.exception))
         config = copy.deepcopy(config)
         config["bindings"]["north_fan_server"]["options"] = {"redis": {"channel": "x"}}

@@ -143,6 +143,13 @@ def _cross_origin(key: str, value: Any) -> Callable[[dict[str, Any], list[Any]],
     return apply
 
 
+def _fan_vault(config: dict[str, Any], root: list[Any]) -> str:
+    """A fan's vault holds the trust for rediss."""
+    config["vaults"] = {"v": {"type": "filesystem", "options": {"trust": {"store": "trust.p12"}}}}
+    config["bindings"]["fan0"].update(vault="v", options={"redis": {"url": "rediss://127.0.0.1", "trust": ["ca"]}})
+    return "bindings.fan0.vault"
+
+
 def _under(key: str, value: Any, **siblings: Any) -> Callable[[dict[str, Any], list[Any]], str]:
     """Set a dotted key below the root, with the siblings it needs."""
     def apply(config: dict[str, Any], root: list[Any]) -> str:
@@ -365,7 +372,9 @@ SAMPLES: dict[tuple[str, ...], Any] = {
     ("fan", "options.max-lag-messages"): 100,
     ("fan", "options.drain-timeout"): 5,
     ("fan", "routes"): [],
-    ("fan", "vault"): "v",
+    ("fan", "options.redis.trust"): lambda config, root: (_fan_vault(config, root)
+                                                          and "bindings.fan0.options.redis.trust"),
+    ("fan", "vault"): _fan_vault,
     ("fan", "catalog"): {},
     # guard x509
     ("guard x509", "options"): {"identity": "subject.cn"},

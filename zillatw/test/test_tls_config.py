@@ -318,7 +318,9 @@ class VaultErrorTests(TlsTestCase):
         config = self.config({"keys": {"store": self.keystore(), "password": PASSWORD}})
         config["bindings"]["tls0"]["exit"] = "tcp_out"
         config["bindings"]["tcp_out"] = {"type": "tcp", "kind": "client", "options": {"host": "localhost", "port": 1}}
-        self.assertProblems(config, "bindings.tls0.exit: 'tcp_out' cannot take connections for a tls server")
+        self.assertProblems(config, "bindings.tls0.exit: 'tcp_out' is a tcp client, which connects upstream for the "
+                                    "bindings before it; the connections a tls server accepts are taken by a server "
+                                    "binding (a tcp or tls proxy is not served by this zillatw)")
 
     def test_an_invalid_vault_never_starts_a_listener_and_check_reports_it(self):
         config = self.config({"keys": {"store": "tls/missing.p12"}})

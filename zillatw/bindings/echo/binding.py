@@ -1,13 +1,16 @@
-"""echo server: returns every message to its sender, fragment by fragment, same opcode."""
+"""echo server: returns every message to its sender, fragment by fragment, same opcode; on
+a byte stream (a tcp or tls server's connection, Zilla's tcp.echo and tls.echo), every chunk
+as it was read (see zillatw.bytestream)."""
 
 from __future__ import annotations
 
 from zope.interface import implementer
 
+from zillatw.bytestream import ByteStreams
 from zillatw.config import BindingConfig
-from zillatw.config.plugins import BindingType
+from zillatw.config.plugins import BindingType, IDrainsGracefully
 from zillatw.config.schema import FORBIDDEN
-from zillatw.stream import IStreamEnd, IStreamExit, StreamInfo
+from zillatw.stream import IBytesEnd, IBytesExit, IStreamEnd, IStreamExit, StreamInfo
 
 SCHEMA_PATCH = {
     "properties": {
@@ -15,7 +18,7 @@ SCHEMA_PATCH = {
         "options": FORBIDDEN, "routes": FORBIDDEN, "exit": FORBIDDEN, "vault": FORBIDDEN, "catalog": FORBIDDEN,
     },
 }
-STREAMS = {"server": ("messages", None)}
+STREAMS = {"server": (("messages", "bytes"), None)}
 
 
 @implementer(IStreamEnd)
@@ -35,13 +38,48 @@ class EchoEnd:
         """The peer's connection is gone; echo holds nothing else."""
 
 
-@implementer(IStreamExit)
+@implementer(IBytesEnd)
+class EchoBytesEnd:
+    """A byte stream's chunks straight back to the peer, as EchoEnd does with messages."""
+
+    __slots__ = ("bytes_data", "pauseProducing", "resumeProducing", "stopProducing", "_peer", "_streams")
+
+    def __init__(self, peer: IBytesEnd, streams: ByteStreams):
+        self.bytes_data = peer.bytes_data
+        self.pauseProducing = peer.pauseProducing
+        self.resumeProducing = peer.resumeProducing
+        self.stopProducing = peer.stopProducing
+        self._peer = peer
+        self._streams = streams
+
+    def bytes_end(self, reason: str) -> None:
+        self._streams.remove(self._peer)
+        self._peer.bytes_end(reason)
+
+
+@implementer(IStreamExit, IBytesExit, IDrainsGracefully)
 class EchoServer:
     def __init__(self, name: str = "echo_server"):
         self.name = name
+        # the byte connections it serves (a ws server holds its own WebSockets)
+        self.byte_streams = ByteStreams()
 
     def open(self, info: StreamInfo, peer: IStreamEnd) -> EchoEnd:
         return EchoEnd(peer)
+
+    def open_bytes(self, info: StreamInfo, peer: IBytesEnd) -> EchoBytesEnd:
+        self.byte_streams.add(peer)
+        return EchoBytesEnd(peer, self.byte_streams)
+
+    # the gateway's stop (IDrainsGracefully), for its byte connections
+    def open_count(self) -> int:
+        return self.byte_streams.open_count()
+
+    def going_away(self) -> None:
+        self.byte_streams.going_away()
+
+    def drop_all(self) -> None:
+        self.byte_streams.drop_all()
 
 
 def build(binding: BindingConfig, graph: object) -> EchoServer:

@@ -11,6 +11,13 @@ most `max-lag` more bytes and `max-lag-messages` more messages are queued for it
 evicted: closed with 1013 (try again later) behind that bounded backlog, which it has
 `drain-timeout` seconds to read before its socket is aborted (see docs/fan.md).
 
+Byte streams (issue 15: Zilla's tcp.reflect and tls.reflect): a tcp or tls server's
+connection joins the same group (IBytesExit). A byte stream has no message boundaries: each
+chunk as it was read is one unit, published as one BINARY message (to the exit, to Redis, to
+every member); a byte member is sent each unit's payload, with nothing added. The flow and
+eviction rules are the ws members': an evicted byte member's connection is closed behind its
+bounded backlog, and aborted if not read within `drain-timeout`.
+
 Scale-out (ours): with `options.redis` the group spans every gateway on the same Redis
 channel. What the exit sends back is delivered to the local members at once and published
 once to Redis; what other gateways publish is delivered to the local members (see
@@ -26,10 +33,12 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from zillatw.bindings.fan.redis import MAX_DELAY, RedisLink, parse_url
+from zillatw.bytestream import ByteStreams
 from zillatw.config import BindingConfig
-from zillatw.config.plugins import BindingType, IRunsInBackground
+from zillatw.config.plugins import BindingType, IDrainsGracefully, IRunsInBackground
 from zillatw.config.schema import FORBIDDEN
-from zillatw.stream import CONTINUATION, IStreamEnd, IStreamExit, StreamInfo
+from zillatw.errors import ConfigError
+from zillatw.stream import BINARY, CONTINUATION, IBytesEnd, IBytesExit, IStreamEnd, IStreamExit, StreamInfo
 
 MAX_LAG = 4 * 1024 * 1024  # bytes queued for a member whose socket is full
 MAX_LAG_MESSAGES = 4096    # ... and messages (each a Python object in the transport's buffer)
@@ -53,17 +62,20 @@ SCHEMA_PATCH = {
                     "additionalProperties": False,
                     "required": ["url"],
                     "properties": {
-                        "url": {"type": "string"},             # redis://[[user]:password@]host[:port][/db]
+                        "url": {"type": "string"},             # redis[s]://[[user]:password@]host[:port][/db]
                         "channel": {"type": "string", "minLength": 1},  # default zillatw:fan:<ns>:<binding>
                         "max-reconnect-delay": {"type": "number", "exclusiveMinimum": 0},
+                        # rediss: trust entries of the binding's vault (default: the system's CAs)
+                        "trust": {"type": "array", "items": {"type": "string"}, "minItems": 1},
                     },
                 },
             },
         },
-        "routes": FORBIDDEN, "vault": FORBIDDEN, "catalog": FORBIDDEN,
+        "vault": {"type": "string"},  # ours: the trust for options.redis (rediss)
+        "routes": FORBIDDEN, "catalog": FORBIDDEN,
     },
 }
-STREAMS = {"server": ("messages", "messages")}
+STREAMS = {"server": (("messages", "bytes"), "messages")}
 
 
 @implementer(IStreamEnd)
@@ -223,11 +235,79 @@ class FanGroup:
         self.stream_end(1001, "fan group's exit went away")
 
 
-@implementer(IStreamExit, IRunsInBackground)
+@implementer(IStreamEnd)
+class _BytesPeer:
+    """A byte member's connection as the group sees it: each unit goes out as its bytes."""
+
+    __slots__ = ("peer", "server", "deadline", "pauseProducing", "resumeProducing", "stopProducing")
+
+    def __init__(self, peer: IBytesEnd, server: "FanServer"):
+        self.peer = peer
+        self.server = server
+        self.deadline: Any = None  # an evicted member's drain-timeout
+        self.pauseProducing = peer.pauseProducing
+        self.resumeProducing = peer.resumeProducing
+        self.stopProducing = peer.stopProducing
+
+    def stream_data(self, opcode: int, payload: bytes, fin: bool) -> None:
+        self.peer.bytes_data(payload)
+
+    def stream_end(self, code: int, reason: str) -> None:
+        self.server.byte_streams.remove(self.peer)
+        self.peer.bytes_end(reason)
+
+    def stream_evicted(self, code: int, reason: str, drain_timeout: float) -> None:
+        """Closed behind its backlog (bounded by max-lag); aborted if not read in time."""
+        self.stream_end(code, reason)
+        if self.server.reactor is not None:
+            self.deadline = self.server.reactor.callLater(drain_timeout, self.peer.stopProducing)
+
+    def gone(self) -> None:
+        """Its connection is closed: no deadline left to keep."""
+        deadline, self.deadline = self.deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+
+@implementer(IBytesEnd)
+class _BytesMember:
+    """A byte member's end, which its connection calls: each chunk is one unit."""
+
+    __slots__ = ("member", "peer", "server")
+
+    def __init__(self, member: FanMember, peer: IBytesEnd, server: "FanServer"):
+        self.member = member
+        self.peer = peer
+        self.server = server
+
+    def bytes_data(self, data: bytes) -> None:
+        self.member.stream_data(BINARY, data, True)
+
+    def bytes_end(self, reason: str) -> None:
+        self.server.byte_streams.remove(self.peer)
+        group_side = self.member.peer
+        if isinstance(group_side, _BytesPeer):
+            group_side.gone()
+        self.member.stream_end(1000, reason)
+
+    def pauseProducing(self) -> None:
+        self.member.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.member.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.member.stopProducing()
+
+
+@implementer(IStreamExit, IBytesExit, IRunsInBackground, IDrainsGracefully)
 class FanServer:
     def __init__(self, name: str, exit_: Any, max_lag: int = MAX_LAG, redis: RedisLink | None = None,
-                 max_lag_messages: int = MAX_LAG_MESSAGES, drain_timeout: float = DRAIN_TIMEOUT):
+                 max_lag_messages: int = MAX_LAG_MESSAGES, drain_timeout: float = DRAIN_TIMEOUT,
+                 reactor: Any = None):
         self.name = name
+        self.reactor = reactor  # for an evicted byte member's deadline
+        self.byte_streams = ByteStreams()  # its byte members' connections (ws members are their server's)
         self.exit = exit_
         self.max_lag = max_lag
         self.max_lag_messages = max_lag_messages
@@ -273,6 +353,26 @@ class FanServer:
             return waiter.addCallback(lambda _: self._join(group, member))
         return self._join(group, member)
 
+    def open_bytes(self, info: StreamInfo, peer: IBytesEnd) -> "_BytesMember | Deferred":
+        joined = self.open(info, _BytesPeer(peer, self))
+        self.byte_streams.add(peer)
+        if isinstance(joined, Deferred):
+            def failed(failure: Any) -> Any:
+                self.byte_streams.remove(peer)
+                return failure
+            return joined.addCallbacks(lambda member: _BytesMember(member, peer, self), failed)
+        return _BytesMember(joined, peer, self)
+
+    # the gateway's stop (IDrainsGracefully), for its byte members
+    def open_count(self) -> int:
+        return self.byte_streams.open_count()
+
+    def going_away(self) -> None:
+        self.byte_streams.going_away()
+
+    def drop_all(self) -> None:
+        self.byte_streams.drop_all()
+
     def _join(self, group: FanGroup, member: FanMember) -> FanMember:
         group.members[member] = None
         reading = group.reading
@@ -300,11 +400,41 @@ class FanServer:
 
 def check(binding: BindingConfig) -> Any:
     redis = binding.options.get("redis")
-    if redis is not None:
-        try:
-            parse_url(redis["url"])
-        except ValueError as e:
-            yield "options.redis.url", str(e)
+    if redis is None:
+        if binding.vault:
+            yield "vault", "a fan's vault holds the trust for options.redis (rediss://), which it has not"
+        return
+    try:
+        tls = parse_url(redis["url"])["tls"]
+    except ValueError as e:
+        yield "options.redis.url", str(e)
+        return
+    if "trust" in redis:
+        if not tls:
+            yield "options.redis.trust", "trust is for a rediss:// URL (TLS); this one is redis://"
+        elif not binding.vault:
+            yield "options.redis.trust", "names trust entries of the binding's vault, and it has no 'vault'"
+    elif binding.vault:
+        yield "vault", "unused: give options.redis.trust (the aliases of its trust entries to verify Redis with)"
+
+
+def _redis_trust(binding: BindingConfig, graph: Any) -> list[Any] | None:
+    """The certificates options.redis.trust names in the fan's vault (None: the system's)."""
+    aliases = binding.options["redis"].get("trust")
+    if not aliases:
+        return None
+    vault = graph.vault(binding.namespace, binding.vault)
+    where = (f"{binding.namespace}: " if len(graph.config.namespaces) > 1 else "") + f"bindings.{binding.name}"
+    problems, certificates = [], []
+    for index, alias in enumerate(aliases):
+        if alias not in vault.aliases("trust"):
+            problems.append(f"{where}.options.redis.trust[{index}]: no trust entry '{alias}' in vault "
+                            f"'{binding.vault}' (it has: {', '.join(vault.aliases('trust')) or 'none'})")
+        else:
+            certificates.extend(vault.certificates("trust", alias))
+    if problems:
+        raise ConfigError(problems)
+    return certificates
 
 
 def default_channel(binding: BindingConfig) -> str:
@@ -319,13 +449,13 @@ def build(binding: BindingConfig, graph: Any) -> FanServer:
         redis = RedisLink(options["url"], options.get("channel") or default_channel(binding),
                           options.get("max-reconnect-delay", MAX_DELAY),
                           events.binding(binding.namespace, binding.name, "fan") if events.enabled else None,
-                          reactor=graph.reactor)
+                          reactor=graph.reactor, trust=_redis_trust(binding, graph))
         if graph.metrics is not None:  # its prometheus exporter serves the link's counters
             graph.metrics.add_samples(binding.namespace, binding.name, redis)
     return FanServer(binding.name, graph.exit(binding.exit, binding), redis=redis,
                      max_lag=binding.options.get("max-lag", MAX_LAG),
                      max_lag_messages=binding.options.get("max-lag-messages", MAX_LAG_MESSAGES),
-                     drain_timeout=binding.options.get("drain-timeout", DRAIN_TIMEOUT))
+                     drain_timeout=binding.options.get("drain-timeout", DRAIN_TIMEOUT), reactor=graph.reactor)
 
 
 PLUGIN = BindingType("fan", SCHEMA_PATCH, STREAMS, build, check=check)

@@ -21,6 +21,8 @@ from zope.interface import implementer
 from zillatw.bindings.http import accesscontrol, clientaddress
 from zillatw.bindings.http.accesscontrol import AccessControl
 from zillatw.config import BindingConfig, Route
+from zillatw.bindings.http import accesscontrol
+from zillatw.errors import ConfigError
 from zillatw.telemetry.events import Events, next_trace_id
 from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, connection_authorization, permits
 from zillatw.wire.http1 import HttpError, Request, RequestHeadParser, check_host, check_origin_form, render_response
@@ -29,6 +31,7 @@ from zillatw.matching import Matcher, matcher
 from zillatw.config.plugins import BindingType, IDrainsGracefully
 from zillatw.config.schema import FORBIDDEN, NAME, refused, route_schema
 from zillatw.stream import IHttpConnection, StreamRefused
+from zillatw.stream import IHttpConnection, IHttpExit, StreamRefused
 
 HEAD_TIMEOUT = 10.0  # seconds for a client to send its request head (slowloris)
 log = Logger()
@@ -424,6 +427,12 @@ def build(binding: BindingConfig, graph: Any) -> HttpServer | HttpClient:
     overrides = {name.lower(): value for name, value in (binding.options.get("overrides") or {}).items()}
     if binding.kind == "client":
         return HttpClient(binding.name, routes, overrides)
+    for route, exit_ in routes:  # plain requests (to an http client) are not served on this branch
+        if not IHttpExit.providedBy(exit_):
+            path = "exit" if binding.exit and route is binding.routes[-1] else f"routes[{route.index}].exit"
+            where = f"{binding.namespace}: " if len(graph.config.namespaces) > 1 else ""
+            raise ConfigError(f"{where}bindings.{binding.name}.{path}: '{route.exit.partition(':')[2]}' cannot take "
+                              f"upgraded connections from an http server (plain HTTP proxying is not served yet)")
     authorization = None
     for guard, config in (binding.options.get("authorization") or {}).items():
         authorization = HttpAuthorization(graph.guard(f"{binding.namespace}:{guard}"), config["credentials"])

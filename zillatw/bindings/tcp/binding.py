@@ -23,11 +23,15 @@ from zillatw.bindings.tcp import pool as tcp_pool
 from zillatw.bindings.tcp import proxyprotocol as tcp_proxyprotocol
 from zillatw.bindings.tcp.proxyprotocol import ProxyProtocol
 from zillatw.bindings.tcp.upstreams import MAX_FAILS, MAX_PASSES, MAX_UPSTREAMS, MAX_WEIGHT, Balance
+from zillatw.bytestream import BytesConnection, server_info
 from zillatw.config import BindingConfig, Route
 from zillatw.config.plugins import BindingType, IRunsInBackground
 from zillatw.config.schema import FORBIDDEN, PORT, PORT_SPEC, refused, route_schema
 from zillatw.matching import matcher
 from zillatw.stream import IUpstreamConnector, StreamRefused
+from zillatw.config.plugins import BindingType
+from zillatw.config.schema import FORBIDDEN, PORT_SPEC, route_schema
+from zillatw.stream import IBytesExit, IUpstreamConnector, StreamRefused
 
 MAX_PORTS = 1024
 
@@ -278,7 +282,11 @@ class ListenerFactory(Factory):
         if self.server.proxy_protocol is not None:  # routed once the header has said who the client is
             return self.server.proxy_protocol.accept(self, addr)
         exit_ = self.server.route(self.local_port, addr)
-        return exit_.buildProtocol(addr) if exit_ is not None else None
+        if exit_ is None:
+            return None
+        if IBytesExit.providedBy(exit_):  # echo, fan: the connection as a byte stream
+            return BytesConnection(exit_, server_info("tcp"))
+        return exit_.buildProtocol(addr)
 
 
 @implementer(IUpstreamConnector, IRunsInBackground)

@@ -21,6 +21,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from zillatw.bytestream import BytesConnection, server_info
 from zillatw.config import BindingConfig, Route
 from zillatw.errors import ConfigError, did_you_mean
 from zillatw.telemetry.events import Events
@@ -31,6 +32,7 @@ from zillatw.config.plugins import BindingType
 from zillatw.bindings.tcp.binding import parse_ports
 from zillatw.config.schema import FORBIDDEN, PORT_SPEC, route_schema
 from zillatw.stream import IUpstreamConnector
+from zillatw.stream import IBytesExit, IUpstreamConnector
 from zillatw.bindings.tls.client import TlsClient
 from zillatw.bindings.tls.context import (VERSIONS, Handshake, Peer, PeerTrust, TlsRoutes, classify, dns_names, guarded,
                                 make_context, name_matches, reason_text, set_servername_callback, state_of, use_key,
@@ -303,7 +305,10 @@ class _Dispatch(Protocol):
             self.transport.zillatw_authorization = Authorization(session=session, credentials_found=True)
         exit_ = self.server.routes.resolve(state.sni, alpn.decode("ascii", "replace") if alpn else None, port,
                                            peer, session)
-        protocol = exit_.buildProtocol(self.addr) if exit_ is not None else None
+        if exit_ is not None and IBytesExit.providedBy(exit_):  # echo, fan: the decrypted bytes
+            protocol = BytesConnection(exit_, server_info("tls", state.sni))
+        else:
+            protocol = exit_.buildProtocol(self.addr) if exit_ is not None else None
         if protocol is None:
             self.transport.loseConnection()
             return
@@ -384,7 +389,7 @@ def build(binding: BindingConfig, graph: Any) -> TlsServer | TlsClient:
     needed, role = (IUpstreamConnector, "connect upstream") if binding.kind == "client" \
         else (IProtocolFactory, "take connections")
     for route, exit_ in routes:
-        if not needed.providedBy(exit_):
+        if not needed.providedBy(exit_) and not (binding.kind == "server" and IBytesExit.providedBy(exit_)):
             path = f"{where}.exit" if binding.exit and route is binding.routes[-1] else f"{where}.routes[{route.index}].exit"
             raise ConfigError(f"{path}: '{route.exit.partition(':')[2]}' cannot {role} for a tls {binding.kind}")
     events = graph.events(binding.namespace)

@@ -12,7 +12,7 @@ from typing import Any
 
 from cryptography import x509
 from OpenSSL import SSL
-from service_identity import VerificationError
+from service_identity import CertificateError, VerificationError
 from service_identity.pyopenssl import verify_hostname, verify_ip_address
 from twisted.internet import defer
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IProtocolFactory
@@ -29,6 +29,7 @@ from zillatw.bindings.tls.context import (
     classify,
     guarded,
     make_context,
+    pinned_by_common_name,
     reason_text,
     use_key,
     verify_error,
@@ -89,16 +90,29 @@ class _Attempt:
         if self.client.verify_hostname and name:
             try:
                 (verify_ip_address if _is_ip(name) else verify_hostname)(connection, name)
-            except VerificationError as e:
+            except (VerificationError, CertificateError) as e:
+                # CertificateError: no subjectAltName at all (Zilla's ws.proxy backend)
                 certificate = connection.get_peer_certificate(as_cryptography=True)
-                names = ", ".join(_all_names(certificate)) if certificate is not None else "no certificate"
-                self.state.refuse("BINDING_TLS_PEER_NOT_VERIFIED",
-                                  f"certificate does not match '{name}' (it is for: {names})")
-                self.state.done = False
-                self.state.transport.failVerification(Failure(e))
-                return
+                if isinstance(e, CertificateError) and not _is_ip(name) and \
+                        pinned_by_common_name(certificate, self.client.trust.certificates, name):
+                    pass  # that very certificate is pinned in the trust store, for this CN
+                else:
+                    self._not_verified(e, certificate, name)
+                    return
         if not self.done.called:
             self.done.callback(self.state.transport)
+
+    def _not_verified(self, error: Exception, certificate: x509.Certificate | None, name: str) -> None:
+        assert self.state is not None
+        names = ", ".join(_all_names(certificate)) if certificate is not None else "no certificate"
+        if isinstance(error, CertificateError):
+            why = (f"certificate for {names} has no subjectAltName, so it is for no name; a CN alone "
+                   f"is accepted only from a certificate pinned in the trust store, for '{name}'")
+        else:
+            why = f"certificate does not match '{name}' (it is for: {names})"
+        self.state.refuse("BINDING_TLS_PEER_NOT_VERIFIED", why)
+        self.state.done = False
+        self.state.transport.failVerification(Failure(error))
 
     def lost(self, reason: Failure) -> None:
         if self.done.called:
@@ -181,6 +195,7 @@ class TlsClient:
         self.namespace = namespace
         self.events = events or Events()
         self.sni = list(sni)
+        self.trust = trust  # its certificates: the pinned ones a CN-only certificate may be
         self.verify_hostname = verify_hostname
         self.send_sni = send_sni
         self.routes = TlsRoutes(routes)

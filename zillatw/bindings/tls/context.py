@@ -114,6 +114,28 @@ def dns_names(certificate: x509.Certificate) -> list[str]:
         return [str(a.value).lower() for a in certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
 
 
+def pinned_by_common_name(certificate: x509.Certificate | None, trust: Sequence[x509.Certificate],
+                          name: str) -> bool:
+    """Zilla's ws.proxy example pins its backend's certificate, which has a CN and no
+    subjectAltName (the JVM falls back to the CN; RFC 6125 §6.4.4 and RFC 9525 do not).
+    Such a certificate passes for `name` only when it is itself one of the trust entries
+    (the trust store holds this very certificate, not just its issuer) and its one CN is
+    `name`, exactly: no wildcard, no IP address. Every other certificate gets the RFC
+    checks (service-identity), and one with any subjectAltName never falls back to its CN."""
+    if certificate is None or not name or certificate not in trust:
+        return False
+    try:
+        certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        return False
+    except x509.ExtensionNotFound:
+        pass
+    common_names = certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    if len(common_names) != 1:
+        return False
+    common_name = str(common_names[0].value).lower().rstrip(".")
+    return "*" not in common_name and common_name == name.lower().rstrip(".")
+
+
 def name_matches(pattern: str, name: str) -> bool:
     """RFC 6125 matching of a certificate's DNS name: a wildcard covers one left-most label."""
     if pattern.startswith("*."):
