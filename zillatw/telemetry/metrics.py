@@ -34,7 +34,7 @@ from zillatw.bytestream import MeteredBytesExit
 from zillatw.config import BindingConfig, Config
 from zillatw.errors import did_you_mean
 from zillatw.matching import matcher
-from zillatw.stream import IStreamExit
+from zillatw.stream import IBytesExit, IStreamExit
 from zillatw.telemetry import otlp
 from zillatw.telemetry.accesslog import check_stdout
 from zillatw.telemetry.events import Events
@@ -46,8 +46,6 @@ from zillatw.telemetry.instrument import (
     metered_open,
 )
 from zillatw.telemetry.sessions import SessionObserver
-from zillatw.telemetry.events import BindingEvents, Events
-from zillatw.stream import ABNORMAL, IBytesExit, IStreamEnd, IStreamExit, StreamRefused
 
 # Zilla's metric names: kind, unit (the Prometheus suffix), and what zillatw records.
 STREAM_METRICS = {
