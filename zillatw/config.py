@@ -429,13 +429,18 @@ def _check_exit(path: str, exit_: str, binding: BindingConfig, everything: Mappi
         shown = exit_.partition(":")[2] if exit_.startswith(namespace + ":") else exit_
         yield f"{path}: no binding named '{shown}'{did_you_mean(shown, local)}"
         return
-    accepts = types[target.type].streams.get(target.kind, (None, None))[0]
-    if emits is not None and accepts != emits:
+    if emits is not None and not _accepts(types[target.type], target.kind, emits):
         fitting = sorted(q.partition(":")[2] for q, b in everything.items()
-                         if types[b.type].streams.get(b.kind, (None,))[0] == emits)
+                         if _accepts(types[b.type], b.kind, emits))
         words = _STREAM_WORDS.get(emits, emits)
         yield (f"{path}: '{target.name}' is {_a(target.type)} {target.kind}, which cannot take the {words} "
                f"{_a(binding.type)} {binding.kind} hands on" + (f" (bindings that can: {', '.join(fitting)})" if fitting else ""))
+
+
+def _accepts(plugin: "BindingType", kind: str, stream: str) -> bool:
+    """Whether a binding of this type and kind takes `stream` (it may take several kinds)."""
+    accepts = plugin.streams.get(kind, (None, None))[0]
+    return accepts == stream if not isinstance(accepts, tuple) else stream in accepts
 
 
 def _a(word: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -53,6 +54,8 @@ class Request:
     raw_head: bytes = b""
     # the target as it may be logged or answered (credentials redacted); set by the http server
     shown_target: str = ""
+    # the body's framing and length (zillatw.http1body.request_framing); set by the http server
+    framing: tuple[Any, int] = (None, 0)
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)

@@ -37,7 +37,7 @@ from zillatw.errors import did_you_mean
 from zillatw.events import BindingEvents, Events
 from zillatw.fanredis import RedisCollector
 from zillatw.matching import matcher
-from zillatw.stream import ABNORMAL, IStreamEnd, IStreamExit, StreamRefused
+from zillatw.stream import ABNORMAL, IHttpRequestExit, IStreamEnd, IStreamExit, StreamRefused
 
 # Zilla's metric names: kind, unit (the Prometheus suffix), and what zillatw records.
 STREAM_METRICS = {
@@ -353,6 +353,14 @@ class MeteredExit:
         return getattr(self.exit, name)
 
 
+@implementer(IHttpRequestExit)
+class MeteredRequestExit(MeteredExit):
+    """A metered stream exit that also answers plain HTTP requests (echo): those pass to
+    it unmetered (open_request is the exit's own, by __getattr__)."""
+
+    __slots__ = ()
+
+
 def _ws_details(info: Any, shown_path: str) -> str:
     scheme = {"http": "ws", "https": "wss"}.get(info.scheme, info.scheme)
     return f"{info.identity or '-'} GET {scheme}://{info.authority or ''}{shown_path} {info.protocol or '-'}"
@@ -526,7 +534,8 @@ class Metrics:
         m = self.metrics(target) if not (target.type == "ws" and target.kind == "server") else None
         if m is not None:
             if IStreamExit.providedBy(built):
-                exit_ = MeteredExit(built, metered_open(built.open, m))
+                metered = MeteredRequestExit if IHttpRequestExit.providedBy(built) else MeteredExit
+                exit_ = metered(built, metered_open(built.open, m))
             elif IProtocolFactory.providedBy(built):
                 exit_ = MeteredFactory(built, m, self.reactor.seconds)
         handing_on = self.metrics(caller) if caller.type == "tcp" and caller.kind == "server" else None

@@ -48,7 +48,8 @@ class BindingType:
     """A binding type (zillatw.protocols.*).
 
     - schema_patch: the JSON Schema its bindings must satisfy, on top of zillatw.schema's;
-    - streams: kind -> (the stream kind it accepts, the kind it hands its exits, or None);
+    - streams: kind -> (the stream kind it accepts, or a tuple of them, the kind it hands its
+      exits, or None);
       stream kinds are "bytes" (a connection), "http" (a request), "messages" (WebSocket);
     - build(binding, graph): the binding's Twisted factory or stream exit; `graph.reactor`
       is the reactor it must use for time and sockets;
@@ -62,7 +63,7 @@ class BindingType:
 
     name: str
     schema_patch: Mapping[str, Any]
-    streams: Mapping[str, tuple[str | None, str | None]]
+    streams: Mapping[str, tuple[str | tuple[str, ...] | None, str | None]]
     build: Callable[["BindingConfig", Any], Any]
     check: Callable[["BindingConfig"], Iterable[Problem]] = _no_problems
     guard_references: Callable[["BindingConfig"], Iterable[tuple[str, str]]] = _no_problems

@@ -1,4 +1,5 @@
-"""echo server: returns every message to its sender, fragment by fragment, same opcode."""
+"""echo server: returns every message to its sender, fragment by fragment, same opcode;
+behind an http server, answers each plain request with its body (zillatw.protocols.echo_http)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ from zope.interface import implementer
 
 from zillatw.config import BindingConfig
 from zillatw.plugins import BindingType
+from zillatw.protocols import echo_http
 from zillatw.schema import FORBIDDEN
-from zillatw.stream import IStreamEnd, IStreamExit, StreamInfo
+from zillatw.stream import HttpHead, IHttpExchangeEnd, IHttpRequestExit, IStreamEnd, IStreamExit, StreamInfo
 
 SCHEMA_PATCH = {
     "properties": {
@@ -15,7 +17,7 @@ SCHEMA_PATCH = {
         "options": FORBIDDEN, "routes": FORBIDDEN, "exit": FORBIDDEN, "vault": FORBIDDEN, "catalog": FORBIDDEN,
     },
 }
-STREAMS = {"server": ("messages", None)}
+STREAMS = {"server": (("messages", "http"), None)}
 
 
 @implementer(IStreamEnd)
@@ -35,13 +37,16 @@ class EchoEnd:
         """The peer's connection is gone; echo holds nothing else."""
 
 
-@implementer(IStreamExit)
+@implementer(IStreamExit, IHttpRequestExit)
 class EchoServer:
     def __init__(self, name: str = "echo_server"):
         self.name = name
 
     def open(self, info: StreamInfo, peer: IStreamEnd) -> EchoEnd:
         return EchoEnd(peer)
+
+    def open_request(self, head: HttpHead, peer: IHttpExchangeEnd, trace_id: int) -> IHttpExchangeEnd:
+        return echo_http.open_request(head, peer)
 
 
 def build(binding: BindingConfig, graph: object) -> EchoServer:
