@@ -68,12 +68,12 @@ def start(protocol: "HttpServerProtocol", exit_: Any, request: Request, headers:
     """Open the exchange with the exit and feed it what followed the head."""
     factory = protocol.factory
     kind, length = framing
-    exchange = ServerExchange(protocol, request, headers, kind)
     try:
         decoder = BodyDecoder(kind, length, factory.max_request_body)
     except BodyError as e:
         protocol._refuse(413, str(e))
         return
+    exchange = ServerExchange(protocol, request, headers, kind)
     exchange.decoder = decoder
     head = request_head(headers, length if kind is not Framing.CHUNKED else None)
     protocol.exchange = exchange
