@@ -99,6 +99,8 @@ def parse_replies(data: bytes, head_only: bool = False) -> tuple[list[Reply], by
 class HttpClientConn(Protocol):
     """A raw client connection that collects complete responses."""
 
+    transport: Any
+
     def __init__(self) -> None:
         self.data = b""
         self.raw = b""  # everything received

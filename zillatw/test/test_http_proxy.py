@@ -22,7 +22,7 @@ from zillatw.test.support import eventually, start_gateway
 from zillatw.test.test_http_plain import connect_http, request
 
 
-class UpstreamFactory(Factory):
+class UpstreamFactory(Factory):  # type: ignore[type-arg]
     """What the upstream saw: its connections, and each request's head and body size."""
 
     def __init__(self) -> None:
@@ -34,7 +34,7 @@ class UpstreamFactory(Factory):
         self.pause_after: int | None = None  # body bytes after which reading pauses for PAUSE s
         self.paused: defer.Deferred = defer.Deferred()  # fires (with the sender) when reading resumes
 
-    def buildProtocol(self, addr: Any) -> "Upstream":
+    def buildProtocol(self, addr: Any) -> Any:
         protocol = Upstream()
         protocol.factory = self
         self.connections.append(protocol)
@@ -87,6 +87,8 @@ class Upstream(Protocol):
     /hang      never answer;    /garbage  not HTTP;    /close  answer with Connection: close."""
 
     factory: UpstreamFactory
+    transport: Any
+    current: Any
 
     def connectionMade(self) -> None:
         self.parser = RequestHeadParser()
@@ -189,7 +191,7 @@ class ProxyCase(unittest.TestCase):
     def serve(self, client_options: dict[str, Any] | None = None,
               server_options: dict[str, Any] | None = None) -> Any:
         self.upstream = UpstreamFactory()
-        listening = reactor.listenTCP(0, self.upstream, interface="127.0.0.1")
+        listening: Any = reactor.listenTCP(0, self.upstream, interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
         self.addCleanup(listening.stopListening)
         self.gateway, self.port = yield start_gateway(
             self, proxy_chain(listening.getHost().port, client_options, server_options))
@@ -202,6 +204,7 @@ class ProxyCase(unittest.TestCase):
         return client
 
     def cleanup_upstreams(self) -> None:
+        connection: Any
         for connection in self.upstream.connections:
             connection.transport.loseConnection()
 
@@ -420,6 +423,8 @@ class Sender:
 class Counting(Protocol):
     """A client that counts the response's bytes without keeping them; after `pause_after`
     bytes it stops reading for PAUSE seconds (a slow client), then `paused` fires."""
+
+    transport: Any
 
     def __init__(self, pause_after: int) -> None:
         self.head = b""
