@@ -1,9 +1,9 @@
 """Sans-IO HTTP/1.1 request head parsing (RFC 9112 §2-5), bytes in, Request or HttpError out;
 and, for the ws client, an upstream's response head (Response or ResponseError) by the same rules.
 
-Only the head is parsed: zillatw's http server routes requests and hands the connection over
-(a WebSocket upgrade) or answers with an error, so bodies never reach it. Limits are Zilla's:
-an 8 KiB header block (431), and a request line capped likewise (414).
+Only the head is parsed here: a WebSocket upgrade's connection is handed over, and a plain
+request's body is framed by zillatw.http1body. Limits are Zilla's: an 8 KiB header block
+(431), and a request line capped likewise (414).
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
     yield from _check_overrides(binding)
     if binding.kind == "client":
         for key in binding.options:
-            if key not in ("versions", "overrides", *CLIENT_OPTIONS):
+            if key not in ("versions", "overrides", "idle-timeout", *CLIENT_OPTIONS):
                 yield f"options.{key}", "not supported on an http client by this zillatw yet"
         if not binding.routes:
             yield "routes", "an http client needs 'exit' or routes with an exit"
