@@ -367,7 +367,10 @@ class UpstreamExchange:
             # A kept-alive connection the upstream closed as we reused it: once more, fresh.
             self.connection, self.reused = None, False
             self.peer.pauseProducing()
-            self.pool.acquire(self, fresh=True)
+            try:
+                self.pool.acquire(self, fresh=True)
+            except StreamRefused as e:
+                self.upstream_failed(e.status, e.reason, "while retrying on a new connection")
             return
         detail = reason.getErrorMessage() if reason is not None else "closed"
         self.upstream_failed(502, "the upstream closed the connection before its response was complete", detail)

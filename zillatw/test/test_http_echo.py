@@ -140,3 +140,21 @@ class HttpEchoExampleTests(unittest.TestCase):
                                       agent=Agent(reactor, pool=self.pool))
         self.assertEqual(response.code, 404)
         yield treq.content(response)
+
+
+class MeteredEchoTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_echo_recording_metrics_still_answers_plain_requests(self):
+        config = plain_chain()
+        config["telemetry"]["metrics"] = ["stream.opens.received", "stream.active.received",
+                                          "http.active.requests", "http.duration"]
+        config["bindings"]["echo0"]["telemetry"] = {"metrics": ["stream.*"]}
+        config["bindings"]["http0"]["telemetry"] = {"metrics": ["stream.*", "http.*"]}
+        gateway, port = yield start_gateway(self, config)
+        self.assertTrue(IHttpRequestExit.providedBy(gateway.graph.exit("test:echo0", gateway.config.binding(
+            "test:http0"))))
+        client = yield connect_http(port)
+        self.addCleanup(client.transport.loseConnection)
+        client.send(request("POST", "/", b"metered"))
+        (reply,) = yield client.responses(1)
+        self.assertEqual(reply.body, b"metered")

@@ -94,6 +94,7 @@ class Upstream(Protocol):
     /echo      the request's body back, same framing (Content-Length or chunked), streamed;
     /count     read the body, answer its size (JSON, with the headers it got);
     /big?N     N bytes of body (chunked when ?chunked is in the path);
+    /drop-next answer, then close as the next request on this connection arrives;
     /hang      never answer;    /garbage  not HTTP;    /close  answer with Connection: close;
     any other  a small text/html page naming the path."""
 
@@ -105,6 +106,7 @@ class Upstream(Protocol):
         self.parser = RequestHeadParser()
         self.decoder: BodyDecoder | None = None
         self.current: dict[str, Any] | None = None
+        self.drop_next = False
 
     def dataReceived(self, data: bytes) -> None:
         while data:
@@ -117,6 +119,9 @@ class Upstream(Protocol):
                 self.decoder = BodyDecoder(kind, length)
                 self.current = {"method": head.method, "path": head.target, "headers": head.headers, "size": 0}
                 self.factory.requests.append(self.current)
+                if self.drop_next:  # closed as the request came: a keep-alive race
+                    self.transport.loseConnection()
+                    return
                 self.start_response(head)
                 if self.decoder.done:
                     self.body_done()
@@ -172,6 +177,9 @@ class Upstream(Protocol):
             self.transport.loseConnection()
         elif path == "/hang":
             pass
+        elif path == "/drop-next":
+            self.drop_next = True
+            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
         else:  # a page, as the example's nginx serves
             body = f"<html>{path}</html>".encode()
             self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: %d\r\n\r\n"
@@ -267,6 +275,25 @@ class ForwardingTests(ProxyCase):
         self.assertNotIn("connection", reply.headers)  # the upstream's close is its own leg's
         client.send(request("GET", "/count"))
         yield client.responses(2)
+        self.assertEqual(len(self.upstream.connections), 2)
+        self.cleanup_upstreams()
+
+    @defer.inlineCallbacks
+    def test_reused_connection_closed_by_upstream_retried_for_a_bodiless_request(self):
+        yield self.serve()
+        client = yield self.client()
+        client.send(request("GET", "/drop-next"))
+        yield client.responses(1)
+        client.send(request("GET", "/count"))
+        replies = yield client.responses(2)
+        self.assertEqual(replies[1].status, 200)
+        self.assertEqual(len(self.upstream.connections), 2)
+        # a request with a body is not sent twice: 502
+        client.send(request("GET", "/drop-next"))
+        yield client.responses(3)
+        client.send(request("POST", "/count", b"once"))
+        yield client.closed
+        self.assertIn(b"HTTP/1.1 502 ", client.raw)
         self.assertEqual(len(self.upstream.connections), 2)
         self.cleanup_upstreams()
 
