@@ -206,7 +206,7 @@ class HeaderRoutes:
         return None
 
 
-@implementer(IHttpRequestExit)
+@implementer(IHttpRequestExit, IDrainsGracefully)
 class HttpClient:
     """The http client binding: picks the exit (tcp client) for an upstream request. The
     upgrade request itself is written by the ws client's protocol; plain requests are
@@ -223,6 +223,16 @@ class HttpClient:
 
     def open_request(self, head: HttpHead, peer: IHttpExchangeEnd, trace_id: int) -> IHttpExchangeEnd:
         return self.forwarder.open_request(head, peer, trace_id)
+
+    # its pooled upstream connections: idle ones close on shutdown, busy ones after their response
+    def going_away(self) -> None:
+        self.forwarder.going_away()
+
+    def open_count(self) -> int:
+        return self.forwarder.connection_count()
+
+    def drop_all(self) -> None:
+        self.forwarder.drop_all()
 
     def request_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
         """The upstream request's headers after `options.overrides` (Zilla applies them when

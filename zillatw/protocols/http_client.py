@@ -73,6 +73,7 @@ class Forwarder:
         self.events = events
         self.limits = limits
         self.pools: dict[tuple[int, str], UpstreamPool] = {}
+        self.closing = False  # shutting down: no connection goes back to a pool
 
     def open_request(self, head: HttpHead, peer: IHttpExchangeEnd, trace_id: int) -> "UpstreamExchange":
         headers = {**head.headers, **self.overrides}
@@ -102,6 +103,18 @@ class Forwarder:
     def connection_count(self) -> int:
         return sum(pool.total for pool in self.pools.values())
 
+    def going_away(self) -> None:
+        """Shutdown: idle connections close now, busy ones once their response is done."""
+        self.closing = True
+        for pool in self.pools.values():
+            for connection in list(pool.idle):
+                connection.close()
+
+    def drop_all(self) -> None:
+        for pool in self.pools.values():
+            for connection in list(pool.connections):
+                connection.transport.abortConnection()
+
 
 class _OneConnection(Factory):
     """The factory of one upstream connection attempt (its protocol is kept for the pool)."""
@@ -114,6 +127,7 @@ class _OneConnection(Factory):
 
     def buildProtocol(self, addr: Any) -> "UpstreamConnection":
         self.connection = UpstreamConnection(self.pool)
+        self.pool.connections.add(self.connection)
         return self.connection
 
 
@@ -128,6 +142,7 @@ class UpstreamPool:
         self.authority = authority
         self.limits = forwarder.limits
         self.idle: list[UpstreamConnection] = []
+        self.connections: set[UpstreamConnection] = set()  # open ones (busy and idle)
         self.total = 0   # connecting, busy and idle
         self.waiting: deque[UpstreamExchange] = deque()
         self.opened = 0  # connections ever opened (tests count reuse by it)
@@ -175,7 +190,7 @@ class UpstreamPool:
 
     def release(self, connection: "UpstreamConnection", reusable: bool) -> None:
         """An exchange is done with `connection`: reuse it, or close it."""
-        if not reusable or connection.lost:
+        if not reusable or connection.lost or self.forwarder.closing:
             connection.close()
             return
         while self.waiting:
@@ -190,6 +205,7 @@ class UpstreamPool:
         """A connection closed (whoever closed it): it no longer counts."""
         if connection in self.idle:
             self.idle.remove(connection)
+        self.connections.discard(connection)
         self.total -= 1
         self._serve_waiting()
 

@@ -216,6 +216,7 @@ class ProxyCase(unittest.TestCase):
         self.upstream = UpstreamFactory()
         listening: Any = reactor.listenTCP(0, self.upstream, interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
         self.addCleanup(listening.stopListening)
+        self.addCleanup(self.cleanup_upstreams)
         self.gateway, self.port = yield start_gateway(
             self, proxy_chain(listening.getHost().port, client_options, server_options))
         return self.port
@@ -249,7 +250,6 @@ class ForwardingTests(ProxyCase):
         other.send(request("GET", "/count"))
         yield other.responses(1)
         self.assertEqual(len(self.upstream.connections), 1)
-        self.cleanup_upstreams()
 
     @defer.inlineCallbacks
     def test_concurrent_requests_open_connections_up_to_the_bound(self):
@@ -263,7 +263,6 @@ class ForwardingTests(ProxyCase):
             (reply,) = yield client.responses(1)
             self.assertEqual(len(reply.body), 1000)
         self.assertLessEqual(len(self.upstream.connections), 2)
-        self.cleanup_upstreams()
 
     @defer.inlineCallbacks
     def test_connection_close_from_upstream_not_reused(self):
@@ -276,7 +275,6 @@ class ForwardingTests(ProxyCase):
         client.send(request("GET", "/count"))
         yield client.responses(2)
         self.assertEqual(len(self.upstream.connections), 2)
-        self.cleanup_upstreams()
 
     @defer.inlineCallbacks
     def test_reused_connection_closed_by_upstream_retried_for_a_bodiless_request(self):
@@ -295,7 +293,6 @@ class ForwardingTests(ProxyCase):
         yield client.closed
         self.assertIn(b"HTTP/1.1 502 ", client.raw)
         self.assertEqual(len(self.upstream.connections), 2)
-        self.cleanup_upstreams()
 
     @defer.inlineCallbacks
     def test_chunked_and_length_both_ways(self):
@@ -313,7 +310,6 @@ class ForwardingTests(ProxyCase):
         client.send(request("GET", "/big?70000&chunked"))
         replies = yield client.responses(3)
         self.assertEqual(len(replies[2].body), 70000)
-        self.cleanup_upstreams()
 
     @defer.inlineCallbacks
     def test_hop_by_hop_headers_removed_and_host_forwarded(self):
@@ -332,7 +328,19 @@ class ForwardingTests(ProxyCase):
         self.assertEqual((headers["host"], headers["x-end"]), ("localhost:9090", "e"))
         self.assertNotIn("x-hop", reply.headers)  # named by the upstream's Connection
         self.assertEqual(reply.headers["x-kept"], "yes")
-        self.cleanup_upstreams()
+
+    @defer.inlineCallbacks
+    def test_shutdown_closes_pooled_and_kept_alive_connections(self):
+        yield self.serve()
+        client = yield self.client()
+        client.send(request("GET", "/count"))
+        yield client.responses(1)
+        self.assertEqual(self.gateway.binding("http_client0").open_count(), 1)
+        yield self.gateway.stopService()
+        yield client.closed  # the idle client connection is closed, with no unasked-for answer
+        self.assertEqual(len(client.replies), 1)
+        yield eventually(lambda: self.upstream.lost == 1)
+        self.assertEqual(self.gateway.binding("http_client0").open_count(), 0)
 
     @defer.inlineCallbacks
     def test_authority_override(self):
@@ -342,7 +350,6 @@ class ForwardingTests(ProxyCase):
         (reply,) = yield client.responses(1)
         headers = json.loads(reply.body)["headers"]
         self.assertEqual((headers["host"], headers["x-added"]), ("backend.internal:8080", "1"))
-        self.cleanup_upstreams()
 
 
 class FailureTests(ProxyCase):
@@ -543,11 +550,10 @@ class LargeBodyTests(ProxyCase):
         (answer,) = yield reply
         # while the upstream read nothing, the client was paused: what it sent meanwhile sits
         # in socket buffers and the transports' (bounded) buffers, not in the gateway
-        self.assertLess(sent_at_pause[0] - 20 * 1000 * 1000, 16 * 1024 * 1024)
+        self.assertLess(sent_at_pause[0] - 20 * 1000 * 1000, self.BOUND)
         self.assertEqual(json.loads(answer.body)["size"], self.SIZE)
         self.assertLess(peak, self.BOUND)
         self.assertLessEqual(held, 1 << 20)
-        self.cleanup_upstreams()
 
     @defer.inlineCallbacks
     def test_200_mb_response_body_streams_through(self):
@@ -561,14 +567,13 @@ class LargeBodyTests(ProxyCase):
             self.upstream.generators[0].written - received))
         peak, held = yield self.watch(client.closed)
         # while the client read nothing, the upstream was paused: written but not received
-        # is what socket and transport buffers hold (a few MB), not the 180 MB still to come
-        self.assertLess(written_at_pause[0], 16 * 1024 * 1024)
+        # is what socket and transport buffers hold (tens of MB at most), not the 180 MB to come
+        self.assertLess(written_at_pause[0], self.BOUND)
         self.assertTrue(client.head.startswith(b"HTTP/1.1 200 OK"))
         self.assertGreater(client.received, self.SIZE)
         self.assertLess(client.received, self.SIZE + 1000)
         self.assertLess(peak, self.BOUND)
         self.assertLessEqual(held, 1 << 20)
-        self.cleanup_upstreams()
 
     @defer.inlineCallbacks
     def test_first_bytes_arrive_before_the_last_are_sent(self):
@@ -579,7 +584,6 @@ class LargeBodyTests(ProxyCase):
         client.send(b"-last")
         (reply,) = yield client.responses(1)
         self.assertEqual(reply.body, b"first-last")
-        self.cleanup_upstreams()
 
 
 def deferred_later(seconds: float) -> defer.Deferred:
