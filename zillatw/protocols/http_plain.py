@@ -89,6 +89,8 @@ def start(protocol: "HttpServerProtocol", exit_: Any, request: Request, headers:
         return
     finally:
         exchange.opening = False
+    if exchange.head_sent and not exchange.finished:
+        exchange.register()  # answered within open_request (echo): its end paces it now
     exchange.body_received(rest)
     if exchange.finished and not exchange.request_ended:
         exchange.closing = True
@@ -248,7 +250,12 @@ class ServerExchange:
             lines.append("Connection: close")
         self.no_body = bodiless
         self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        if self.exit_end is not None and not self._registered:
+        if self.exit_end is not None:
+            self.register()
+
+    def register(self) -> None:
+        """The exit's end produces the response: the client's connection pauses it."""
+        if not self._registered:
             self._registered = True
             self.transport.registerProducer(self.exit_end, True)
 

@@ -158,3 +158,31 @@ class MeteredEchoTests(unittest.TestCase):
         client.send(request("POST", "/", b"metered"))
         (reply,) = yield client.responses(1)
         self.assertEqual(reply.body, b"metered")
+
+
+class EchoBackPressureTests(unittest.TestCase):
+    SIZE = 200 * 1000 * 1000
+    BOUND = 64 * 1024 * 1024
+
+    @defer.inlineCallbacks
+    def test_a_client_not_reading_its_echo_stops_being_read(self):
+        """200 MB sent to echo by a client that reads nothing for a second: the gateway
+        stops reading it (what was sent meanwhile is bounded by socket buffers), then the
+        whole body comes back once it reads."""
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+        from twisted.internet.task import deferLater
+
+        from zillatw.test.test_http_proxy import Counting, Sender
+        gateway, port = yield start_gateway(self, plain_chain())
+        client = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Counting(pause_after=None))
+        client.transport.pauseProducing()
+        client.transport.write(request("POST", "/", None, {"Content-Length": str(self.SIZE), "Connection": "close"}))
+        sender = Sender(client.transport, self.SIZE, chunked=False)
+        sender.start()
+        yield deferLater(reactor, 1.0, lambda: None)
+        self.assertLess(self.SIZE - max(sender.left, 0), self.BOUND)
+        client.transport.resumeProducing()
+        yield client.closed
+        self.assertTrue(client.head.startswith(b"HTTP/1.1 200 OK"))
+        self.assertGreater(client.received, self.SIZE)
+        self.assertLess(client.received, self.SIZE + 200)

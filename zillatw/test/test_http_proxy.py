@@ -475,7 +475,7 @@ class Counting(Protocol):
 
     transport: Any
 
-    def __init__(self, pause_after: int) -> None:
+    def __init__(self, pause_after: int | None) -> None:
         self.head = b""
         self.received = 0
         self.pause_after: int | None = pause_after
