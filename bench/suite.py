@@ -17,6 +17,8 @@ zillatw's and the others its peers in that scenario (bench/README.md has the det
   deflate    zillatw echo and websockets, a websockets client offering permessage-deflate,
              1 KiB and 64 KiB JSON text messages
   workers    zillatw echo with twistd zillaws -w 2, and in one process
+  http-proxy bench/httpproxy.py: plain HTTP through zillatw's http server and client next to
+             nginx, the same upstream, 1 KiB and 1 MiB bodies, keep-alive (req/s, p50/p99)
   fan        bench/fan.py's in-process fan measurement (100 members), for the record
   idle       --idle-connections (10,000) idle connections to each fresh server process: RSS
              per connection and the time to open them (bench/idle.py); --idle-workers N runs
@@ -72,7 +74,7 @@ ROUND_TRIPS = (
     Scenario("deflate", ("zillatw echo", "websockets"), (KIB, 64 * KIB), deflate=True),
     Scenario("workers", ("zillatw echo -w 2", "zillatw echo"), (64, 16 * KIB)),
 )
-SCENARIOS = tuple(s.name for s in ROUND_TRIPS) + ("fan", "idle")
+SCENARIOS = tuple(s.name for s in ROUND_TRIPS) + ("http-proxy", "fan", "idle")
 UPSTREAM = "picows"  # every proxy's upstream
 IDLE_SERVERS = ("zillatw echo", "autobahn", "websockets", "picows")
 GOAL_IDLE_KIB = 10.0
@@ -470,7 +472,11 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="zillatw-bench-suite-"))
     measured = Measured()
     run_round_trips(args, scenarios, "fan" in only, tmp, measured)
+    http_results = None
     try:
+        if "http-proxy" in only:
+            import httpproxy  # bench/httpproxy.py
+            http_results = httpproxy.run(tmp, args.seconds, args.rounds, args.warmup)
         if "idle" in only:
             run_idle_rounds(args, idle_servers, tmp, measured)
     finally:
@@ -483,6 +489,8 @@ def main() -> int:
         print_round_trip_method(args)
         for scenario in scenarios:
             print_round_trips(scenario, results, measured.extensions)
+    if http_results:
+        httpproxy.report(http_results, args.seconds, args.rounds, args.warmup)
     if measured.fan:
         print_fan(measured.fan)
     idle_summary = print_idle(measured.idle, args.idle_connections, args.rounds) if measured.idle else {}
