@@ -34,6 +34,8 @@ class BodyError(ValueError):
 
 
 def _content_length(value: str) -> int:
+    if value.isdigit() and len(value) <= 18 and value.isascii():
+        return int(value)  # the usual case, checked as the slow path would
     # RFC 9110 §8.6: a list of identical values may be taken as one; anything else is refused.
     values = {v.strip() for v in value.split(",")}
     if len(values) != 1 or not _DIGITS.match(next(iter(values))) or len(next(iter(values))) > 18:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 PIPELINE_BOUND = 65536  # bytes of pipelined requests held while a response is written
 BODY_TIMEOUT = 30.0     # seconds a request body may go without a byte (while we read it)
 IDLE_TIMEOUT = 60.0     # seconds a kept-alive connection may wait for its next request
+PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
 
 
 def is_plain_exit(exit_: Any) -> bool:
@@ -227,11 +228,7 @@ class ServerExchange:
         self.head_sent = True
         headers = head.headers
         status = int(headers.get(":status", "200"))
-        try:
-            phrase = http.HTTPStatus(status).phrase
-        except ValueError:
-            phrase = "Unknown"
-        lines = [f"HTTP/1.1 {status} {phrase}"]
+        lines = [f"HTTP/1.1 {status} {PHRASES.get(status, 'Unknown')}"]
         names = [name for name in headers if not name.startswith(":")]
         lines += [f"{name}: {headers[name]}" for name in names]
         lines += [f"{name}: {value}" for name, value in

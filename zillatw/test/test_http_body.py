@@ -38,7 +38,8 @@ class FramingTests(unittest.TestCase):
     def test_smuggling_shapes_refused(self):
         for headers in ({"content-length": "5", "transfer-encoding": "chunked"},
                         {"content-length": "5, 6"}, {"content-length": "-1"}, {"content-length": "0x10"},
-                        {"content-length": "1" * 19}, {"transfer-encoding": "gzip, chunked"},
+                        {"content-length": "1" * 19}, {"content-length": "\u0661\u0662"},
+                        {"transfer-encoding": "gzip, chunked"},
                         {"transfer-encoding": "chunked, chunked"}):
             with self.assertRaises(BodyError, msg=headers):
                 request_framing(headers)
