@@ -15,6 +15,7 @@ import http
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 PIPELINE_BOUND = 65536  # bytes of pipelined requests held while a response is written
 BODY_TIMEOUT = 30.0     # seconds a request body may go without a byte (while we read it)
 IDLE_TIMEOUT = 60.0     # seconds a kept-alive connection may wait for its next request
+log = Logger()
 PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
 
 
@@ -44,8 +46,11 @@ def wants_close(request: Request) -> bool:
 
 
 def request_head(headers: Mapping[str, str], length: int | None) -> HttpHead:
-    """What the exit is given: the pseudo-headers and the end-to-end headers."""
-    return HttpHead(end_to_end_headers(headers), length)
+    """What the exit is given: the pseudo-headers and the end-to-end headers (not Expect:
+    this server has answered it)."""
+    forwarded = end_to_end_headers(headers)
+    forwarded.pop("expect", None)
+    return HttpHead(forwarded, length)
 
 
 def preflight_answer(protocol: "HttpServerProtocol", request: Request, headers: dict[str, str]) -> None:
@@ -85,8 +90,14 @@ def start(protocol: "HttpServerProtocol", exit_: Any, request: Request, headers:
     try:
         exchange.exit_end = exit_.open_request(head, exchange, protocol.trace_id)
     except StreamRefused as e:
-        protocol.exchange = None
+        exchange.close_quietly()
         protocol._refuse(e.status, e.reason, detail=e.detail)
+        return
+    except Exception:  # a bug must cost this request, never the client a traceback or a hang
+        log.failure("zillatw: {binding} failed to open request {trace_id:016x}",
+                    binding=factory.name, trace_id=protocol.trace_id)
+        exchange.close_quietly()
+        protocol._refuse(500, "internal error")
         return
     finally:
         exchange.opening = False
@@ -191,6 +202,13 @@ class ServerExchange:
                                                   self._body_stalled)
             return
         self._fail_request(408, f"request body stalled for {timeout:g} s")
+
+    def close_quietly(self) -> None:
+        """The exit refused the request: nothing more happens on this exchange."""
+        self.finished = self._moved_on = True
+        self._cancel_timer()
+        if self.protocol.exchange is self:
+            self.protocol.exchange = None
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

@@ -317,13 +317,14 @@ class ForwardingTests(ProxyCase):
         client = yield self.client()
         client.send(request("POST", "/count", b"12345", {
             "Connection": "keep-alive, X-Private", "X-Private": "p", "Keep-Alive": "timeout=1", "TE": "trailers",
-            "Proxy-Authorization": "Basic eA==", "Upgrade": "h2c", "X-End": "e"}, host="localhost:9090"))
+            "Proxy-Authorization": "Basic eA==", "Upgrade": "h2c", "X-End": "e", "Expect": "100-continue"},
+            host="localhost:9090"))
         (reply,) = yield client.responses(1)
         seen = json.loads(reply.body)
         self.assertEqual(seen["size"], 5)
         headers = seen["headers"]
         for name in ("connection", "x-private", "keep-alive", "te", "proxy-authorization", "upgrade", "via",
-                     "forwarded"):
+                     "forwarded", "expect"):
             self.assertNotIn(name, headers)
         self.assertEqual((headers["host"], headers["x-end"]), ("localhost:9090", "e"))
         self.assertNotIn("x-hop", reply.headers)  # named by the upstream's Connection
@@ -424,6 +425,21 @@ class FailureTests(ProxyCase):
         yield eventually(lambda: len(client.raw) > 100000)
         client.transport.abortConnection()
         yield eventually(lambda: self.upstream.lost == 1, timeout=1.0)
+
+    @defer.inlineCallbacks
+    def test_no_route_in_the_client_is_502_and_leaves_no_timer(self):
+        """A refused request with a body: its body timer goes with it (trial checks)."""
+        self.upstream = UpstreamFactory()
+        config = proxy_chain(1)
+        client_binding = config["bindings"]["http_client0"]
+        del client_binding["exit"]
+        client_binding["routes"] = [{"when": [{"headers": {":path": "/api/*"}}], "exit": "tcp_client0"}]
+        self.gateway, self.port = yield start_gateway(self, config)
+        client = yield self.client()
+        client.send(request("POST", "/elsewhere", b"body"))
+        yield client.closed
+        self.assertTrue(client.raw.startswith(b"HTTP/1.1 502 "), client.raw)
+        self.assertIn("502 no upstream for this request", self.gateway.events_text.getvalue())
 
     @defer.inlineCallbacks
     def test_request_without_host_refused(self):
