@@ -263,6 +263,8 @@ class ServerExchange:
                 self.closing = True  # HTTP/1.0 and no length: the close ends the body
         if self.closing:
             lines.append("Connection: close")
+        elif self.request.version < (1, 1):
+            lines.append("Connection: keep-alive")  # an HTTP/1.0 client keeps it only when told
         self.no_body = bodiless
         self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         if self.exit_end is not None:

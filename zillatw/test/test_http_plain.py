@@ -216,6 +216,17 @@ class KeepAliveTests(unittest.TestCase):
         yield client.closed
 
     @defer.inlineCallbacks
+    def test_http_1_0_keep_alive_when_asked(self):
+        port = yield self.serve()
+        client = yield connect_http(port)
+        self.addCleanup(client.transport.loseConnection)
+        for index in range(2):
+            client.send(request("POST", "/", b"old", {"Connection": "keep-alive"}, version="HTTP/1.0", host=None))
+            replies = yield client.responses(index + 1)
+            self.assertEqual(replies[index].headers.get("connection"), "keep-alive")
+        self.assertFalse(client.is_closed)
+
+    @defer.inlineCallbacks
     def test_head_request_gets_no_body(self):
         port = yield self.serve()
         client = yield connect_http(port)
