@@ -88,10 +88,12 @@ http {{
     upstream backend {{
         server 127.0.0.1:{upstream};
         keepalive 64;
+        keepalive_requests 100000000;
     }}
     server {{
         listen 127.0.0.1:{port};
         client_max_body_size 0;
+        keepalive_requests 100000000;  # nginx closes a connection after 1000 requests by default
         location / {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
