@@ -8,7 +8,7 @@ Embedding::
 """
 
 from zillatw.errors import ConfigError
-from zillatw.service import Gateway, build_gateway, load_config
+from zillatw.runtime.gateway import Gateway, build_gateway, load_config
 
 __all__ = ["ConfigError", "Gateway", "build_gateway", "load_config"]
 __version__ = "0.1.0"

@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from zillatw.errors import ConfigError
-from zillatw.graph import BindingGraph
-from zillatw.service import load_config
-from zillatw.standard import standard_registry
-from zillatw.yamlload import DEFAULT_LIMITS, FLAGS, HELP, limits_from
+from zillatw.runtime.graph import BindingGraph
+from zillatw.runtime.gateway import load_config
+from zillatw.runtime.standard import standard_registry
+from zillatw.config.yamlload import DEFAULT_LIMITS, FLAGS, HELP, limits_from
 
 
 def main(argv: list[str] | None = None) -> int:

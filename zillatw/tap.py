@@ -7,11 +7,11 @@ import sys
 from twisted.python import usage
 
 from zillatw.errors import ConfigError
-from zillatw.reactor import install as install_reactor
-from zillatw.reload import WATCH_INTERVAL, install_sighup
-from zillatw.service import DRAIN_TIMEOUT, Gateway, build_gateway
-from zillatw.shutdown import install_when_running
-from zillatw.yamlload import DEFAULT_LIMITS, FLAGS, HELP, limits_from
+from zillatw.runtime.reactor import install as install_reactor
+from zillatw.runtime.reload import WATCH_INTERVAL, install_sighup
+from zillatw.runtime.gateway import DRAIN_TIMEOUT, Gateway, build_gateway
+from zillatw.runtime.shutdown import install_when_running
+from zillatw.config.yamlload import DEFAULT_LIMITS, FLAGS, HELP, limits_from
 
 
 class Options(usage.Options):
@@ -25,11 +25,11 @@ class Options(usage.Options):
         ["drain-timeout", None, DRAIN_TIMEOUT, "on SIGTERM/SIGINT, seconds to wait for connections to close "
                                                "after sending 1001 (a second signal exits at once)", float])
     optFlags = [["verbose", "v", "print the resolved configuration before serving"]]
-    # Hot reload and workers: zillatw.reload, zillatw.workers.
+    # Hot reload and workers: zillatw.runtime.reload, zillatw.runtime.workers.
     optParameters += [["workers", "w", 1, "worker processes accepting on the same sockets (a supervisor restarts them)", int],
                       ["listen-fds", None, None, "(set by the supervisor of -w for its workers)"]]
     optFlags += [["no-watch", None, "do not poll the configuration file for changes (SIGHUP still reloads)"]]
-    # Bounds on reading the file, at startup and on every reload (zillatw.yamlload).
+    # Bounds on reading the file, at startup and on every reload (zillatw.config.yamlload).
     optParameters += [[flag, None, getattr(DEFAULT_LIMITS, field), HELP[field], int] for field, flag in FLAGS.items()]
 
     def postOptions(self) -> None:
@@ -52,10 +52,10 @@ def makeService(options: Options) -> Gateway:
     from twisted.internet import reactor
     graceful = install_when_running(reactor)
     if options["workers"] > 1:
-        from zillatw.workers import make_supervisor
+        from zillatw.runtime.workers import make_supervisor
         return make_supervisor(reactor, gateway, options, graceful)
     if options["listen-fds"] is not None:
-        from zillatw.workers import become_worker
+        from zillatw.runtime.workers import become_worker
         become_worker(reactor, options["listen-fds"], gateway)
     gateway.watch_interval = None if options["no-watch"] else WATCH_INTERVAL
     gateway.verbose = options["verbose"]  # print a reloaded configuration too

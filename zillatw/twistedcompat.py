@@ -11,12 +11,12 @@ Each touch is listed here, and test_twistedcompat fails loudly when a release ch
    the byte order; what is not sent goes to `transport.write`, so buffering, producer
    pausing and error handling stay Twisted's. Reads `tcp.Connection.dataBuffer`,
    `_tempDataBuffer`, `connected`, `disconnecting`, `_aborting`, `_writeDisconnecting`,
-   `TLS` and calls `writeSomeData` (which zillatw.metrics also wraps, to count bytes); a
+   `TLS` and calls `writeSomeData` (which zillatw.telemetry.metrics also wraps, to count bytes); a
    frame's head and payload go in one `sendmsg` on `tcp.Connection.socket` (the same object
    as `getHandle()`), unless writeSomeData is wrapped.
 
 2. The epoll reactor without its per-event log context (`EPollReactor`, installed by
-   zillatw.reactor). EPollReactor.doPoll calls each handler through `log.callWithLogger`,
+   zillatw.runtime.reactor). EPollReactor.doPoll calls each handler through `log.callWithLogger`,
    which asks the selectable for its logPrefix and pushes a copy of the legacy log context
    around the call: ~6 % of the gateway's CPU per relayed message in the proxy benchmark.
    Ours calls `_doReadOrWrite` directly, from `_poller.poll` and `_selectables`. What
@@ -24,7 +24,7 @@ Each touch is listed here, and test_twistedcompat fails loudly when a release ch
    prefixed with "-" instead of the connection's logPrefix; `twisted.logger` events never
    used that context.
 
-3. pyOpenSSL's cffi bindings (`OpenSSL._util.ffi` / `lib`), in zillatw.tlscontext: the
+3. pyOpenSSL's cffi bindings (`OpenSSL._util.ffi` / `lib`), in zillatw.bindings.tls.context: the
    text OpenSSL has for a certificate verify error code, and a servername callback that
    can answer an unknown SNI name with the `unrecognized_name` alert (pyOpenSSL's own
    callback cannot send an alert). Should those move, refused names still fail the
@@ -73,7 +73,7 @@ def write(transport: Any, data: bytes) -> None:
 def write_sequence(transport: Any, chunks: Sequence[bytes]) -> None:
     """transport.writeSequence(chunks) (a frame's head and payload: no concatenation),
     sent at once when the socket is idle: in one sendmsg (scatter-gather), or, when
-    zillatw.metrics counts what writeSomeData sends, chunk by chunk through it."""
+    zillatw.telemetry.metrics counts what writeSomeData sends, chunk by chunk through it."""
     if len(chunks) == 1:
         write(transport, chunks[0])
         return

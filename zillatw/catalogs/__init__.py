@@ -1,8 +1,8 @@
 """Catalogs: where the schemas that models validate against come from.
 
 One module per catalog type, each describing itself with a `PLUGIN` record
-(zillatw.plugins.CatalogType: its schema patch, checks of the entry and of the schema
-references models make, and build(); the catalog object is used by zillatw.validation).
+(zillatw.config.plugins.CatalogType: its schema patch, checks of the entry and of the schema
+references models make, and build(); the catalog object is used by zillatw.catalogs.validation).
 
 A catalog hands out SchemaHandles: one per (subject, version) or id, shared by every stream
 that uses it. A handle is ready when it holds a schema (`value`); `ensure()` fetches it when
@@ -102,7 +102,7 @@ class SchemaHandle:
             d.callback(self.value)
 
 
-# The handle's former name, which zillatw.validation still imports.
+# The handle's former name, which zillatw.catalogs.validation still imports.
 Schema = SchemaHandle
 
 

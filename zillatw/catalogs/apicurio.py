@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred
 
 from zillatw.catalogs import Resolved, registry
 from zillatw.catalogs.registry import MAX_AGE, Framing, RegistryCatalog, RegistryError
-from zillatw.plugins import CatalogType
+from zillatw.config.plugins import CatalogType
 
 # A model's reference to this catalog, checked with the configuration; schemas come at run time.
 check_reference = registry.check_reference

@@ -17,8 +17,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from zillatw.catalogs import Resolved, SchemaHandle, Unavailable
-from zillatw.plugins import CatalogType
-from zillatw.schema import NAME
+from zillatw.config.plugins import CatalogType
+from zillatw.config.schema import NAME
 
 SCHEMA_PATCH = {
     "required": ["options"],

@@ -1,7 +1,7 @@
 """Guards: what authorizes a session and what a `guarded` route asks of it.
 
 One module per guard type, each describing itself with a `PLUGIN` record
-(zillatw.plugins.GuardType). A guard's `authorize(credentials, trace_id)` returns a Session,
+(zillatw.config.plugins.GuardType). A guard's `authorize(credentials, trace_id)` returns a Session,
 or a Deferred of one while keys are being fetched, and raises (or fails with) Rejected when
 the credentials do not verify; `challenge` is how many seconds before expiry a session is
 told to re-authorize (None: never).

@@ -28,10 +28,10 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 from twisted.web.http_headers import Headers
 
-from zillatw.events import Events
+from zillatw.telemetry.events import Events
 from zillatw.guards import Rejected, Session
-from zillatw.plugins import GuardType
-from zillatw.schema import NAME
+from zillatw.config.plugins import GuardType
+from zillatw.config.schema import NAME
 
 FETCH_TIMEOUT = 10.0   # seconds for a JWKS URL to answer
 MIN_REFRESH = 5.0      # seconds between fetches triggered by unknown kids

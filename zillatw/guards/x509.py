@@ -33,9 +33,9 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from zillatw.events import Events
+from zillatw.telemetry.events import Events
 from zillatw.guards import Rejected, Session
-from zillatw.plugins import GuardType
+from zillatw.config.plugins import GuardType
 
 _FIELD = {"type": "string", "pattern": r"^[a-zA-Z]+[a-zA-Z0-9._-]*$"}
 SCHEMA_PATCH = {

@@ -1,5 +1,5 @@
 """The http server's access-control (Zilla's `options.access-control`): the decisions of
-zillatw.accesscontrol on header dicts, then the policy end to end over loopback sockets,
+zillatw.bindings.http.accesscontrol on header dicts, then the policy end to end over loopback sockets,
 including the cross-site WebSocket hijacking it exists to stop."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial import unittest
 
 from zillatw import ConfigError, build_gateway
-from zillatw.accesscontrol import AccessControl, Policy, normalise_origin
+from zillatw.bindings.http.accesscontrol import AccessControl, Policy, normalise_origin
 from zillatw.test.support import (
     ReactorTimer,
     RecordingClient,

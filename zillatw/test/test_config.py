@@ -1,4 +1,4 @@
-"""zillatw.config.load with zillatw.schema and zillatw.errors, without sockets: the example
+"""zillatw.config.loading.load with zillatw.config.schema and zillatw.errors, without sockets: the example
 configs load; YAML documents are namespaces; `${{env.NAME}}` is resolved; and every invalid
 configuration raises ConfigError whose .problems name each problem's YAML path, all of them."""
 
@@ -13,8 +13,8 @@ from twisted.trial import unittest
 
 from zillatw.config import Config, load
 from zillatw.errors import ConfigError, did_you_mean
-from zillatw.metrics import SUPPORTED_EXPORTERS
-from zillatw.standard import standard_registry
+from zillatw.telemetry.metrics import SUPPORTED_EXPORTERS
+from zillatw.runtime.standard import standard_registry
 from zillatw.test.support import CONF
 
 TYPES = standard_registry()

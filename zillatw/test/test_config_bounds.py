@@ -1,4 +1,4 @@
-"""zillatw.yamlload and load_config against the files of issue 12 (findings 5 and 12): a
+"""zillatw.config.yamlload and load_config against the files of issue 12 (findings 5 and 12): a
 9 MB file, a 1 KB alias bomb, 50,000-deep nesting, a file that is not UTF-8, a key given
 twice, a configuration that listens on nothing. Each is refused fast, small, and with an
 error naming the limit or both places; what a real zilla.yaml holds still loads the same."""
@@ -20,9 +20,9 @@ from twisted.trial import unittest
 from zillatw import build_gateway, load_config
 from zillatw.config import load
 from zillatw.errors import ConfigError
-from zillatw.standard import standard_registry
+from zillatw.runtime.standard import standard_registry
 from zillatw.test.support import CONF, chain
-from zillatw.yamlload import DEFAULT_LIMITS, MAX_BYTES, MAX_DEPTH, MAX_NODES, Limits, limit_flags, limits_from, load_text
+from zillatw.config.yamlload import DEFAULT_LIMITS, MAX_BYTES, MAX_DEPTH, MAX_NODES, Limits, limit_flags, limits_from, load_text
 
 ECHO = Path(CONF, "ws.echo.yaml").read_text()
 
@@ -56,7 +56,7 @@ def generated(bindings: int) -> str:
 
 
 class Files(unittest.SynchronousTestCase):
-    loader: Any = None  # zillatw.yamlload.LOADER (libyaml's parser when PyYAML has it)
+    loader: Any = None  # zillatw.config.yamlload.LOADER (libyaml's parser when PyYAML has it)
 
     def write(self, content: str | bytes) -> str:
         path = os.path.abspath(self.mktemp() + ".yaml")
@@ -66,7 +66,7 @@ class Files(unittest.SynchronousTestCase):
     def refused(self, content: str | bytes, limits: Limits = DEFAULT_LIMITS, seconds: float = 2.0) -> str:
         """The one problem loading `content` gives, checked to come within `seconds`."""
         if self.loader is not None:
-            self.patch(sys.modules["zillatw.yamlload"], "LOADER", self.loader)
+            self.patch(sys.modules["zillatw.config.yamlload"], "LOADER", self.loader)
         path = self.write(content)
         started = time.perf_counter()
         with self.assertRaises(ConfigError) as caught:

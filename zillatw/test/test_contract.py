@@ -1,6 +1,6 @@
 """The config contract: keys Zilla accepts that zillatw used to accept and ignore are now
 either served (http `overrides`, dynamic `guarded` roles) or refused by name; shown through
-zillatw.config.load and, for what is served, on the wire."""
+zillatw.config.loading.load and, for what is served, on the wire."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from twisted.trial import unittest
 from zillatw.config import load
 from zillatw.errors import ConfigError
 from zillatw.guards import Session, permits, resolve_role
-from zillatw.standard import standard_registry
+from zillatw.runtime.standard import standard_registry
 from zillatw.test.support import chain, close_ws, connect_ws, raw_exchange, start_gateway, upgrade_request
 from zillatw.test.test_config import echo_chain
 from zillatw.test.test_jwt import Signer, connect, guarded_config, status_of

@@ -19,10 +19,10 @@ from zope.interface import implementer
 
 from zillatw import ConfigError, build_gateway
 from zillatw.config import Route
-from zillatw.protocols.echo import EchoServer
-from zillatw.protocols.fan import DRAIN_TIMEOUT, MAX_LAG, MAX_LAG_MESSAGES, FanServer
-from zillatw.protocols.http import HttpServer
-from zillatw.protocols.ws import WsServer
+from zillatw.bindings.echo.binding import EchoServer
+from zillatw.bindings.fan.binding import DRAIN_TIMEOUT, MAX_LAG, MAX_LAG_MESSAGES, FanServer
+from zillatw.bindings.http.binding import HttpServer
+from zillatw.bindings.ws.binding import WsServer
 from zillatw.stream import BINARY, IStreamEnd, StreamInfo
 from zillatw.test.test_tls import PASSWORD, TlsTestCase, client_tls, connect_wss, tls_chain
 from zillatw.test.support import (RawClient, chain, client_frame, connect_ws, eventually, parse_server_frames,

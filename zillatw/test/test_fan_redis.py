@@ -15,7 +15,7 @@ import yaml
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
-from zillatw.fanredis import RedisLink, parse_url
+from zillatw.bindings.fan.redis import RedisLink, parse_url
 from zillatw.test.support import CONF, close_ws, connect_ws, eventually, on_ephemeral_port, start_gateway, wait
 from zillatw.test.test_metrics import get
 
@@ -467,8 +467,8 @@ class FlowTests(unittest.TestCase):
     """The group's pacing with a Redis link (no Redis needed: the link is never started)."""
 
     def setUp(self):
-        from zillatw.protocols.echo import EchoServer
-        from zillatw.protocols.fan import FanServer
+        from zillatw.bindings.echo.binding import EchoServer
+        from zillatw.bindings.fan.binding import FanServer
         from zillatw.stream import StreamInfo
         self.link = RedisLink("redis://127.0.0.1:1", "c")
         self.server = FanServer("fan", EchoServer(), redis=self.link)

@@ -15,16 +15,16 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from zillatw.config import Route
-from zillatw.http1 import RequestHeadParser
-from zillatw.protocols import ws as ws_binding
-from zillatw.protocols.http import pseudo_headers
+from zillatw.wire.http1 import RequestHeadParser
+from zillatw.bindings.ws import binding as ws_binding
+from zillatw.bindings.http.binding import pseudo_headers
 from zillatw.test import pki
 from zillatw.test.support import (chain, client_frame, connect_raw, eventually, parse_server_frames, raw_exchange,
                                   split_response, start_gateway, upgrade_request, wait)
 from zillatw.test.test_jwt import Signer, guarded_config
 from zillatw.test.test_proxy import proxy_config
 from zillatw.test.test_tls import PASSWORD, client_tls, raw_tls_exchange, tls_chain
-from zillatw.wshandshake import accept_key
+from zillatw.wire.handshake import accept_key
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 BARE_LF_UPGRADE = (b"GET /echo HTTP/1.1\nHost: localhost\nUpgrade: websocket\nConnection: Upgrade\n"

@@ -1,11 +1,11 @@
-"""zillatw.http1 without sockets: RequestHeadParser (whole, byte by byte, split anywhere),
+"""zillatw.wire.http1 without sockets: RequestHeadParser (whole, byte by byte, split anywhere),
 its limits and status codes (400, 414, 431, 501, 505), and render_response's bytes."""
 
 from __future__ import annotations
 
 from twisted.trial import unittest
 
-from zillatw.http1 import (
+from zillatw.wire.http1 import (
     HttpError,
     Request,
     RequestHeadParser,

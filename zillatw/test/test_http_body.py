@@ -1,10 +1,10 @@
-"""zillatw.http1body: body framing, bytes in and body pieces out, with its bounds."""
+"""zillatw.wire.http1body: body framing, bytes in and body pieces out, with its bounds."""
 
 from __future__ import annotations
 
 from twisted.trial import unittest
 
-from zillatw.http1body import (
+from zillatw.wire.http1body import (
     LAST_CHUNK,
     MAX_CHUNK_LINE,
     MAX_TRAILER_BYTES,

@@ -16,7 +16,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
-from zillatw.protocols.echo import EchoServer
+from zillatw.bindings.echo.binding import EchoServer
 from zillatw.stream import HttpHead, IHttpRequestExit
 from zillatw.test.support import CONF, eventually, start_gateway
 from zillatw.test.test_http_plain import connect_http, plain_chain, request

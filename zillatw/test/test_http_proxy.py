@@ -24,8 +24,8 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from zope.interface import implementer
 
-from zillatw.http1 import RequestHeadParser
-from zillatw.http1body import LAST_CHUNK, BodyDecoder, chunk, request_framing
+from zillatw.wire.http1 import RequestHeadParser
+from zillatw.wire.http1body import LAST_CHUNK, BodyDecoder, chunk, request_framing
 from zillatw.test import pki
 from zillatw.test.support import CONF, eventually, start_gateway
 from zillatw.test.test_http_plain import connect_http, request

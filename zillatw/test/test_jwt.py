@@ -32,7 +32,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from zillatw.errors import ConfigError
 from zillatw.guards import Rejected
 from zillatw.guards.jwt import JwksKeys, JwtGuard
-from zillatw.service import load_config
+from zillatw.runtime.gateway import load_config
 from zillatw.test.support import (
     CONF,
     OnAClock,

@@ -16,7 +16,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
 
 from zillatw import ConfigError, build_gateway
-from zillatw.metrics import MeteredExit
+from zillatw.telemetry.metrics import MeteredExit
 from zillatw.test.support import (CONF, OnAClock, chain, client_frame, close_ws, connect_raw, connect_ws, eventually,
                                   parse_server_frames, raw_exchange, split_response, start_gateway,
                                   upgrade_request)
@@ -327,7 +327,7 @@ class PrometheusTests(unittest.TestCase):
         self.assertEqual(len(http0), 2 + 14)  # _count, _sum and 13 buckets and +Inf
 
     def test_duration_buckets(self):
-        from zillatw.metrics import DURATION_BUCKETS, BindingMetrics
+        from zillatw.telemetry.metrics import DURATION_BUCKETS, BindingMetrics
         m = BindingMetrics("ns", "b", ("http.duration",))
         for ms in (0.2, 1, 1.5, 7, 99_999_999):
             m.observe_duration(ms)
@@ -410,7 +410,7 @@ class WsEventTests(unittest.TestCase):
     def test_binding_events_helper(self):
         import io
 
-        from zillatw.events import Events
+        from zillatw.telemetry.events import Events
         out = io.StringIO()
         events = Events.from_telemetry({"exporters": {"s": {"type": "stdout"}}}, out).binding("ns", "b0", "ws")
         events.accepted(1, "- GET ws://h/ echo")

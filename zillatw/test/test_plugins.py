@@ -1,4 +1,4 @@
-"""The plug-in contract (zillatw.plugins): a binding type of one's own, registered on a
+"""The plug-in contract (zillatw.config.plugins): a binding type of one's own, registered on a
 registry, is validated, checked, built and served like the built-in ones."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from zope.interface import implementer
 
 from zillatw import ConfigError, build_gateway
 from zillatw.config import BindingConfig
-from zillatw.plugins import BindingType, Registry
-from zillatw.schema import FORBIDDEN
-from zillatw.standard import standard_registry
+from zillatw.config.plugins import BindingType, Registry
+from zillatw.config.schema import FORBIDDEN
+from zillatw.runtime.standard import standard_registry
 from zillatw.stream import IStreamEnd, IStreamExit, StreamInfo
 from zillatw.test.support import chain, close_ws, connect_ws, start_gateway
 

@@ -10,10 +10,10 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from zillatw.config import Route
-from zillatw.protocols.echo import EchoEnd, EchoServer
-from zillatw.protocols.http import HttpServer
-from zillatw.protocols.ws import WsServer
-from zillatw.wsstream import Deadlines
+from zillatw.bindings.echo.binding import EchoEnd, EchoServer
+from zillatw.bindings.http.binding import HttpServer
+from zillatw.bindings.ws.binding import WsServer
+from zillatw.bindings.ws.relay import Deadlines
 from zillatw.stream import IStreamExit, StreamRefused
 from zillatw.test.support import client_frame, parse_server_frames, split_response, upgrade_request
 

@@ -15,7 +15,7 @@ from twisted.trial import unittest
 
 from zillatw.test.support import ReactorTimer, chain, close_ws, connect_ws, eventually, start_gateway, wait
 from zillatw.wire import deflate
-from zillatw.wshandshake import accept_key
+from zillatw.wire.handshake import accept_key
 
 MESSAGE = 512 * 1024
 

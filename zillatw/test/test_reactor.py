@@ -1,11 +1,11 @@
-"""zillatw's epoll reactor (zillatw.reactor): Twisted's, less the per-event log context."""
+"""zillatw's epoll reactor (zillatw.runtime.reactor): Twisted's, less the per-event log context."""
 
 from __future__ import annotations
 
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.trial import unittest
 
-from zillatw.reactor import EPollReactor
+from zillatw.runtime.reactor import EPollReactor
 
 
 class ReactorTests(unittest.TestCase):

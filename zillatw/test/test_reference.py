@@ -1,7 +1,7 @@
 """docs/config-reference.md against the code: the table lists exactly the keys our JSON Schema
 has (walked here), every key the table says works is read by the function it names, every
 key it says is refused is refused with the message it quotes, and every key's documented
-outcome is what zillatw.config.load does with a valid and with an invalid value."""
+outcome is what zillatw.config.loading.load does with a valid and with an invalid value."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from twisted.trial import unittest
 
 from zillatw.config import load
 from zillatw.errors import ConfigError
-from zillatw.schema import engine_schema
-from zillatw.standard import standard_registry
+from zillatw.config.schema import engine_schema
+from zillatw.runtime.standard import standard_registry
 from zillatw.test.test_reference_samples import BASES, SAMPLES
 
 REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "config-reference.md"

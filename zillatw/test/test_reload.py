@@ -15,8 +15,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
 
 from zillatw import build_gateway
-from zillatw.reload import watched_files
-from zillatw.service import load_config
+from zillatw.runtime.reload import watched_files
+from zillatw.runtime.gateway import load_config
 from zillatw.test.support import (OnAClock, chain, close_ws, connect_raw, connect_ws, eventually, split_response,
                                   upgrade_request, wait)
 from zillatw.test.test_tap import ENV, ROOT, TWISTD, Collect, free_port
@@ -175,7 +175,7 @@ class ReloadTests(GatewayOnAFile):
             open(os.path.join(folder, "pems", name), "w").close()
         path = os.path.join(folder, "zilla.yaml")
         write(path, config)
-        from zillatw.service import load_config
+        from zillatw.runtime.gateway import load_config
         files = [str(p) for p in watched_files(load_config(path))]
         self.assertEqual(files, [path, os.path.join(folder, "keys.p12"),
                                  os.path.join(folder, "pems", "a.pem"), os.path.join(folder, "pems", "b.pem")])

@@ -1,4 +1,4 @@
-"""The tls binding's and x509 guard's keys through zillatw.config.load (and build_gateway
+"""The tls binding's and x509 guard's keys through zillatw.config.loading.load (and build_gateway
 where the vault's files are needed): each valid value loads, each invalid one is refused
 with a message naming its YAML path."""
 
@@ -18,10 +18,10 @@ from twisted.trial import unittest
 from zillatw import ConfigError, build_gateway
 from zillatw.__main__ import main as check_main
 from zillatw.config import load
-from zillatw.events import Events
+from zillatw.telemetry.events import Events
 from zillatw.guards import Rejected
 from zillatw.guards.x509 import X509Guard, fields
-from zillatw.standard import standard_registry
+from zillatw.runtime.standard import standard_registry
 from zillatw.test import pki
 from zillatw.test.test_tls import PASSWORD, TlsTestCase, tls_chain
 

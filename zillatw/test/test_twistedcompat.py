@@ -78,7 +78,7 @@ class WriteThroughTests(unittest.TestCase):
         transport, sink = yield self.connected()
         counted = []
         send = transport.writeSomeData
-        transport.writeSomeData = lambda data: counted.append(len(data)) or send(data)  # as zillatw.metrics
+        transport.writeSomeData = lambda data: counted.append(len(data)) or send(data)  # as zillatw.telemetry.metrics
         twistedcompat.write_sequence(transport, [b"head", b"payload"])
         self.assertEqual(counted, [4, 7])
         yield eventually(lambda: sink.data == b"headpayload")
@@ -115,7 +115,7 @@ class ReactorInternalsTests(unittest.TestCase):
 
 
 class PyOpenSSLInternalsTests(unittest.TestCase):
-    """Touch 3: the cffi bindings zillatw.tlscontext uses."""
+    """Touch 3: the cffi bindings zillatw.bindings.tls.context uses."""
 
     def test_the_cffi_names_exist(self):
         from OpenSSL._util import ffi, lib

@@ -17,8 +17,8 @@ from twisted.web import resource, server
 from zillatw.catalogs.registry import Framing
 from zillatw.config import load
 from zillatw.errors import ConfigError
-from zillatw.models import compile_schema
-from zillatw.standard import standard_registry
+from zillatw.catalogs.models import compile_schema
+from zillatw.runtime.standard import standard_registry
 from zillatw.test.support import (CONF, chain, close_ws, connect_ws, eventually, on_ephemeral_port, raw_exchange,
                                   split_response, start_gateway, upgrade_request, wait)
 

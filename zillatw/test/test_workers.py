@@ -18,7 +18,7 @@ from twisted.trial import unittest
 
 from zillatw.test.support import chain, close_ws, connect_raw, connect_ws, eventually, upgrade_request, wait
 from zillatw.test.test_tap import ENV, ROOT, TWISTD, Collect, free_port
-from zillatw.workers import Supervisor
+from zillatw.runtime.workers import Supervisor
 
 
 def server_pid(client, pids):

@@ -1,4 +1,4 @@
-"""zillatw.wshandshake without sockets: check_upgrade's status and reason for each kind of bad
+"""zillatw.wire.handshake without sockets: check_upgrade's status and reason for each kind of bad
 opening handshake (RFC 6455 §4.2.1), offered_protocols parsing, Zilla's select_route rule and
 accept_key against the RFC's example."""
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from twisted.trial import unittest
 
-from zillatw.http1 import HttpError, Request, RequestHeadParser, Response
-from zillatw.wshandshake import (
+from zillatw.wire.http1 import HttpError, Request, RequestHeadParser, Response
+from zillatw.wire.handshake import (
     HandshakeRefused,
     accept_key,
     check_response,

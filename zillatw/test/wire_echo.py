@@ -12,7 +12,7 @@ from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Protocol, ServerFactory
 
 from zillatw.wire import Connection, Fragment, Role, State, server_accept
-from zillatw.wshandshake import accept_key
+from zillatw.wire.handshake import accept_key
 
 MAX_HEAD = 16 * 1024
 CLOSE_TIMEOUT = 2.0

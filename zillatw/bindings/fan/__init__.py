@@ -1,0 +1,1 @@
+"""The fan binding, in one process or across hosts via Redis."""

@@ -1,0 +1,547 @@
+"""http server: reads an HTTP/1.1 request head, routes it on its headers (with Zilla's
+pseudo-headers :method :scheme :authority :path), and hands the connection to the exit
+(a ws server) or answers with an error and closes. After an upgrade the exit's protocol
+receives the socket's bytes directly: this binding adds no call per message. A plain
+request to an exit that answers them (echo, an http client: IHttpRequestExit) is served
+by zillatw.bindings.http.plain, and the connection kept for the next request.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IAddress, ISSLTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from zillatw.bindings.http import accesscontrol
+from zillatw.bindings.http.accesscontrol import AccessControl
+from zillatw.config import BindingConfig, Route
+from zillatw.telemetry.events import Events, next_trace_id
+from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, connection_authorization, permits
+from zillatw.wire.http1 import HttpError, Request, RequestHeadParser, check_host, check_origin_form, render_response
+from zillatw.wire.http1body import BodyError, request_framing
+from zillatw.bindings.http.auth import CONVENTIONAL_SECRETS, PLACEHOLDER, HttpAuthorization, redact_target
+from zillatw.matching import Matcher, matcher
+from zillatw.config.plugins import BindingType, IDrainsGracefully
+from zillatw.bindings.http import plain as http_plain
+from zillatw.bindings.http.client import CLIENT_OPTIONS, ClientLimits, Forwarder
+from zillatw.config.schema import FORBIDDEN, NAME, refused, route_schema
+from zillatw.stream import HttpHead, IHttpConnection, IHttpExchangeEnd, IHttpRequestExit, StreamRefused
+
+HEAD_TIMEOUT = 10.0  # seconds for a client to send its request head (slowloris)
+log = Logger()
+
+SCHEMA_PATCH = {
+    "properties": {
+        "kind": {"enum": ["server", "client"]},
+        "vault": FORBIDDEN, "catalog": FORBIDDEN,
+        "options": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "versions": {"type": "array", "minItems": 1, "items": {"enum": ["http/1.1", "h2"]}},
+                "access-control": accesscontrol.SCHEMA,
+                "authorization": {
+                    "type": "object",
+                    "propertyNames": NAME,
+                    "additionalProperties": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["credentials"],
+                        "properties": {"credentials": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "minProperties": 1,
+                            "properties": {where: {"type": "object", "additionalProperties": {"type": "string"}}
+                                           for where in ("headers", "query", "cookies")},
+                        }},
+                    },
+                },
+                "overrides": {"type": "object", "minProperties": 1, "additionalProperties": {"type": "string"}},
+                "requests": {"type": "array"},
+                # zillatw's extension: seconds from accept to a complete request head (408)
+                "head-timeout": {"type": "number", "exclusiveMinimum": 0},
+                # zillatw's, for plain requests (docs/http.md): keep-alive wait, body stall, body size
+                "idle-timeout": {"type": "number", "exclusiveMinimum": 0},
+                "body-timeout": {"type": "number", "exclusiveMinimum": 0},
+                "max-request-body": {"type": "integer", "minimum": 0},
+                **CLIENT_OPTIONS,
+            },
+        },
+        "routes": {"type": "array", "items": route_schema(condition={
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"headers": {"type": "object", "additionalProperties": {"type": "string"}}},
+        }, with_=refused("not supported by this zillatw yet (options.overrides applies after every route)"))},
+    },
+}
+STREAMS = {"server": ("bytes", "http"), "client": ("http", "bytes")}
+UNSERVED_OPTIONS = {"requests": "request validation"}  # Zilla's, refused by name
+GUARDED_KINDS = ("server",)  # the client's routes see no session
+UNGUARDED_WHY = "the session stays with the servers in front of it: guard the ws or http server's routes"
+H2_NOT_SERVED = "zillatw serves http/1.1; h2 is not served yet"
+
+# What an override may set. On the server, after routing, only what its exit (a ws server)
+# reads of the request: a header nothing reads would be accepted and ignored. On the client,
+# the upstream upgrade request's target, authority and extra headers.
+SERVER_OVERRIDES = frozenset({":scheme", ":authority", ":path", "origin"})
+CLIENT_PSEUDO_OVERRIDES = frozenset({":authority", ":path"})
+HANDSHAKE_HEADERS = frozenset({"host", "upgrade", "connection", "content-length", "transfer-encoding",
+                               "sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol",
+                               "sec-websocket-extensions", "sec-websocket-accept"})
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+def _check_overrides(binding: BindingConfig) -> Iterator[tuple[str, str]]:
+    for name, value in (binding.options.get("overrides") or {}).items():
+        where, lowered = f"options.overrides.{name}", name.lower()
+        if any(c in value for c in "\r\n\0"):
+            yield where, "a header value cannot hold CR, LF or NUL"
+        if lowered in HANDSHAKE_HEADERS:
+            yield where, ("override ':authority' instead" if lowered == "host"
+                          else "a header of the WebSocket handshake itself cannot be overridden")
+        elif binding.kind == "server" and lowered not in SERVER_OVERRIDES:
+            yield where, (f"an http server's overrides reach its exit, a ws server, which reads only "
+                          f"{', '.join(sorted(SERVER_OVERRIDES))} of a request (as Zilla's ws server, it passes "
+                          "no other header on)")
+        elif binding.kind == "client" and lowered.startswith(":") and lowered not in CLIENT_PSEUDO_OVERRIDES:
+            yield where, (f"an upstream upgrade request takes {' and '.join(sorted(CLIENT_PSEUDO_OVERRIDES))} "
+                          "of the pseudo-headers (its method is GET, its scheme the tls binding's)")
+        elif not lowered.startswith(":") and not _TOKEN.match(name):
+            yield where, f"'{name}' is not a valid header name"
+
+
+def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
+    if "h2" in binding.options.get("versions", ()):
+        yield "options.versions", H2_NOT_SERVED
+    yield from _check_overrides(binding)
+    if binding.kind == "client":
+        for key in binding.options:
+            if key not in ("versions", "overrides", "idle-timeout", *CLIENT_OPTIONS):
+                yield f"options.{key}", "not supported on an http client by this zillatw yet"
+        if not binding.routes:
+            yield "routes", "an http client needs 'exit' or routes with an exit"
+        return
+    for key, feature in UNSERVED_OPTIONS.items():
+        if key in binding.options:
+            yield f"options.{key}", f"not supported by this zillatw yet ({feature})"
+    for key in CLIENT_OPTIONS:
+        if key in binding.options:
+            yield f"options.{key}", "an http client's option (the server's are head-timeout, idle-timeout, ...)"
+    yield from accesscontrol.check(binding.options.get("access-control"))
+    if not binding.routes:
+        yield "routes", "an http server needs 'exit' or routes with an exit"
+    authorizations = binding.options.get("authorization") or {}
+    if len(authorizations) > 1:
+        yield "options.authorization", f"one guard only, got {len(authorizations)}: {', '.join(authorizations)}"
+    for guard, authorization in authorizations.items():
+        for where, patterns in authorization["credentials"].items():
+            for name, pattern in patterns.items():
+                if pattern.count(PLACEHOLDER) != 1:
+                    yield (f"options.authorization.{guard}.credentials.{where}.{name}",
+                           f"'{pattern}' must contain {PLACEHOLDER} once")
+
+
+def guard_references(binding: BindingConfig) -> Iterator[tuple[str, str]]:
+    """The guards an http server's authorization names (config checks they exist)."""
+    for guard in binding.options.get("authorization") or {}:
+        yield f"options.authorization.{guard}", guard
+
+
+# Header values that HTTP defines as case-insensitive tokens (RFC 6455 §4.2.1: `Upgrade:
+# WebSocket` is a valid upgrade, and Autobahn clients send it). Zilla matches every value
+# case-sensitively, so its `upgrade: websocket` route would refuse them; we do not.
+CASELESS_HEADERS = frozenset({"upgrade", "connection"})
+
+
+def _header_matcher(name: str, pattern: str) -> Matcher:
+    if name in CASELESS_HEADERS:
+        match = matcher(pattern.lower(), named_groups=True)
+        return lambda value: value is not None and match(value.lower())
+    return matcher(pattern, named_groups=True, query_tail=name == ":path")
+
+
+def pseudo_headers(request: Request, secure: bool) -> dict[str, str]:
+    """Zilla's view of a request: pseudo-headers plus the lower-cased headers."""
+    scheme = "https" if secure else "http"
+    headers = dict(request.headers)
+    host = headers.get("host")
+    if host is not None:
+        bracket = host.rfind("]")
+        if host.rfind(":") <= bracket:  # no port given: add the scheme's default
+            host = f"{host}:{443 if secure else 80}"
+        headers[":authority"] = host
+    headers[":method"] = request.method
+    headers[":scheme"] = scheme
+    headers[":path"] = request.target
+    return headers
+
+
+class HeaderRoutes:
+    """Routes on headers (pseudo-headers included): all of a `when` entry's must match."""
+
+    def __init__(self, routes: list[tuple[Route, Any]], namespace: str = "default"):
+        self._routes: list[tuple[list[list[tuple[str, Matcher]]], Any, Any]] = []
+        self._namespace = namespace
+        for route, exit_ in routes:
+            alternatives = [[(name.lower(), _header_matcher(name.lower(), pattern))
+                             for name, pattern in (w.get("headers") or {}).items()] for w in route.when]
+            self._routes.append((alternatives, exit_, route.guarded))
+
+    def route(self, headers: dict[str, str], session: Session | None = None) -> Any | None:
+        """The first route's exit whose headers match and whose guards the session satisfies."""
+        for alternatives, exit_, guarded in self._routes:
+            if guarded and not permits(guarded, session, self._namespace, headers):
+                continue  # Zilla: a failing guard falls through to the next route
+            if not alternatives or any(all(match(headers.get(name)) for name, match in conditions)
+                                       for conditions in alternatives):
+                return exit_
+        return None
+
+
+@implementer(IHttpRequestExit, IDrainsGracefully)
+class HttpClient:
+    """The http client binding: picks the exit (tcp client) for an upstream request. The
+    upgrade request itself is written by the ws client's protocol; plain requests are
+    forwarded over pooled connections (zillatw.bindings.http.client)."""
+
+    def __init__(self, name: str, routes: list[tuple[Route, Any]], overrides: Mapping[str, str] | None = None,
+                 *, reactor: Any = None, events: Events | None = None, namespace: str = "default",
+                 limits: ClientLimits | None = None):
+        self.name = name
+        self._routes = HeaderRoutes(routes)
+        self.overrides = dict(overrides or {})
+        self.forwarder = Forwarder(name, namespace, self._routes.route, self.overrides, reactor,
+                                   events or Events(), limits or ClientLimits())
+
+    def open_request(self, head: HttpHead, peer: IHttpExchangeEnd, trace_id: int) -> IHttpExchangeEnd:
+        return self.forwarder.open_request(head, peer, trace_id)
+
+    # its pooled upstream connections: idle ones close on shutdown, busy ones after their response
+    def going_away(self) -> None:
+        self.forwarder.going_away()
+
+    def open_count(self) -> int:
+        return self.forwarder.connection_count()
+
+    def drop_all(self) -> None:
+        self.forwarder.drop_all()
+
+    def request_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
+        """The upstream request's headers after `options.overrides` (Zilla applies them when
+        it writes the request; the route and the connection follow the request as asked)."""
+        return {**headers, **self.overrides}
+
+    def connect(self, factory: Any, headers: dict[str, str], timeout: float) -> Any:
+        exit_ = self._routes.route(headers)
+        if exit_ is None:
+            return fail(StreamRefused(502, f"http client {self.name} has no route for {headers.get(':authority')}"))
+        return exit_.connect(factory, headers.get(":authority"), timeout)
+
+
+@implementer(IDrainsGracefully)
+class HttpServer(Factory):
+    """The http server binding: routes and limits, and the factory of its connections."""
+
+    noisy = False
+
+    def __init__(self, name: str, routes: list[tuple[Route, Any]], namespace: str = "default",
+                 events: Events | None = None, head_timeout: float = HEAD_TIMEOUT,
+                 max_header_bytes: int = 8192, *, reactor: Any,
+                 authorization: HttpAuthorization | None = None, overrides: Mapping[str, str] | None = None,
+                 access_control: AccessControl | None = None, idle_timeout: float = http_plain.IDLE_TIMEOUT,
+                 body_timeout: float = http_plain.BODY_TIMEOUT, max_request_body: int | None = None):
+        self.name = name
+        self.idle_timeout = idle_timeout
+        self.body_timeout = body_timeout
+        self.max_request_body = max_request_body
+        self.shutting_down = False
+        self.kept: set[HttpServerProtocol] = set()  # kept-alive connections: in an exchange or idle
+        self.overrides = dict(overrides or {})  # set on a request once routed, as Zilla
+        self.namespace = namespace
+        self.events = events or Events()
+        self.head_timeout = head_timeout
+        self.max_header_bytes = max_header_bytes
+        self.reactor = reactor  # the graph's: head timeouts and session expiry run on it
+        self.route = HeaderRoutes(routes, namespace).route
+        self.authorization = authorization
+        # query parameters whose values are never logged nor answered
+        self.secret_params = authorization.secret_params if authorization is not None else CONVENTIONAL_SECRETS
+        self.access_control = access_control or AccessControl()  # absent: same-origin, as Zilla
+        self.pending: set[HttpServerProtocol] = set()  # connections still reading their head
+
+    def going_away(self) -> None:
+        """Shutdown: requests still being read get 503 and the connection closes; an idle
+        kept-alive connection closes, one in an exchange closes after its response."""
+        self.shutting_down = True
+        for protocol in list(self.pending):
+            protocol._gone = True  # a guard still fetching keys must not route it afterwards
+            protocol._refuse(503, "the gateway is shutting down")
+        for protocol in list(self.kept):
+            if protocol.exchange is None:
+                protocol.transport.loseConnection()
+
+    def open_count(self) -> int:
+        return len(self.pending) + len(self.kept)
+
+    def drop_all(self) -> None:
+        for protocol in list(self.pending) + list(self.kept):
+            protocol.transport.abortConnection()
+
+    def buildProtocol(self, addr: IAddress) -> "HttpServerProtocol":
+        protocol = HttpServerProtocol()
+        protocol.factory = self
+        return protocol
+
+
+class HttpServerProtocol(Protocol):
+    """One connection until its request head is read; then an error or a handover."""
+
+    factory: HttpServer
+    _gone = False
+    exchange: "http_plain.ServerExchange | None" = None  # the plain request being served
+    _idle = False         # kept alive, waiting for the next request
+    _feeding = False      # serving pipelined bytes (request_done only queues them)
+    _queued = b""
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        self.trace_id = next_trace_id()
+        self._parser = RequestHeadParser(max_header_bytes=factory.max_header_bytes)
+        # One deadline from accept, never extended by bytes arriving (slowloris).
+        self._timeout = factory.reactor.callLater(factory.head_timeout, self._head_timed_out)
+        factory.pending.add(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.exchange is not None:
+            self.exchange.body_received(data)
+            return
+        if self._idle:
+            self._next_request_started()
+        try:
+            request = self._parser.feed(data)
+        except HttpError as e:
+            self._refuse(e.status, e.reason, e.headers)
+            return
+        if request is not None:
+            self._cancel_timeout()
+            self._dispatch(request)
+
+    def _dispatch(self, request: Request) -> None:
+        factory = self.factory
+        try:
+            check_origin_form(request.target)
+            check_host(request.headers.get("host"))
+            framing = request_framing(request.headers)
+        except HttpError as e:
+            self._refuse(e.status, e.reason, e.headers)
+            return
+        except BodyError as e:
+            self._refuse(400, str(e))
+            return
+        request.shown_target = redact_target(request.target, factory.secret_params)
+        secure = ISSLTransport.providedBy(self.transport)
+        headers = pseudo_headers(request, secure)
+        # Before the guard: a page from a foreign origin must not get to use a visitor's
+        # cookies (cross-site WebSocket hijacking), nor make the guard fetch keys.
+        refusal = factory.access_control.refusal(headers)
+        if refusal is not None:
+            self._refuse(403, refusal)
+            return
+        request.framing = framing
+        if factory.access_control.is_preflight(headers):  # answered here, before any guard (Zilla)
+            http_plain.preflight_answer(self, request, headers)
+            return
+        if factory.authorization is None:
+            self._route(request, headers, connection_authorization(self.transport))
+            return
+        authorization = factory.authorization.authorize(headers, self.trace_id)
+        if isinstance(authorization, Deferred):
+            # The guard is fetching keys: hold the connection (not the reactor) until then.
+            self.dataReceived = self._hold  # type: ignore[method-assign]
+            self.transport.pauseProducing()
+            authorization.addCallback(self._authorized, request, headers)
+        else:
+            self._route(request, headers, authorization)
+
+    def _hold(self, data: bytes) -> None:
+        self._parser.rest += data
+
+    def _authorized(self, authorization: Authorization, request: Request, headers: dict[str, str]) -> None:
+        if self._gone:
+            return
+        self.transport.resumeProducing()
+        self._route(request, headers, authorization)
+
+    def _route(self, request: Request, headers: dict[str, str], authorization: Authorization) -> None:
+        factory = self.factory
+        session = authorization.session
+        exit_ = factory.route(headers, session)
+        if exit_ is None:
+            status, text = authorization.refusal
+            self._refuse(status, f"no route for {request.method} {request.shown_target}" if status == 404 else text,
+                         (("WWW-Authenticate", "Bearer"),) if status == 401 else ())
+            return
+        if factory.overrides:
+            headers.update(factory.overrides)  # after routing: the exit sees the overridden request
+        if http_plain.is_plain_exit(exit_):
+            self._accepted(request, headers, session)
+            factory.pending.discard(self)
+            factory.kept.add(self)
+            rest, self._parser.rest = self._parser.rest, b""
+            self.__dict__.pop("dataReceived", None)  # _hold's, while a guard fetched keys
+            http_plain.start(self, exit_, request, headers, request.framing, rest)
+            return
+        try:
+            extra = {} if authorization is NO_AUTHORIZATION else {"authorization": authorization}
+            taken = exit_.accept_request(request, headers, self.transport, trace_id=self.trace_id, **extra)
+        except HttpError as e:
+            self._refuse(e.status, e.reason, e.headers)
+            return
+        except Exception:  # a bug must cost this request, never the client a traceback or a hang
+            log.failure("zillatw: {binding} failed to route request {trace_id:016x}",
+                        binding=factory.name, trace_id=self.trace_id)
+            self._refuse(500, "internal error")
+            return
+        self._accepted(request, headers, session)
+        # The exit's protocol takes the socket: Twisted calls our dataReceived and
+        # connectionLost, so bind theirs in our place. It is given the request we parsed
+        # (never the client's bytes to parse again) and what followed it.
+        factory.pending.discard(self)
+        self.dataReceived = taken.dataReceived  # type: ignore[method-assign]
+        self.connectionLost = taken.connectionLost  # type: ignore[method-assign]
+        if session is not None and session.expires_at != math.inf:
+            self._expire_at(session.expires_at, taken)
+        rest, self._parser = self._parser.rest, None
+        taken.makeConnection(self.transport)
+        taken.take_over(request, rest)
+
+    def _accepted(self, request: Request, headers: dict[str, str], session: Session | None) -> None:
+        factory = self.factory
+        identity = session.identity if session is not None and session.identity is not None else "-"
+        factory.events.emit(factory.namespace, factory.name, self.trace_id, "BINDING_HTTP_REQUEST_ACCEPTED",
+                            f"{identity} {request.method} {headers[':scheme']}://{headers.get(':authority', '')}"
+                            f"{request.shown_target}")
+
+    def request_done(self, closing: bool, pipelined: bytes) -> None:
+        """A plain exchange is over: close, or wait for the next request (what followed the
+        last one first). Pipelined requests are served in a loop here, not by recursion."""
+        factory = self.factory
+        if closing or factory.shutting_down or self._gone:
+            factory.kept.discard(self)
+            self.dataReceived = _discard  # type: ignore[method-assign]
+            self.transport.loseConnection()
+            return
+        self.trace_id = next_trace_id()
+        self._parser = RequestHeadParser(max_header_bytes=factory.max_header_bytes)
+        self._idle = True
+        self._timeout = factory.reactor.callLater(factory.idle_timeout, self._idle_timed_out)
+        self._queued += pipelined
+        if self._feeding:
+            return
+        self._feeding = True
+        try:
+            while self._queued and self.exchange is None and not self._gone and self.dataReceived != _discard:
+                data, self._queued = self._queued, b""
+                self.dataReceived(data)
+        finally:
+            self._feeding = False
+
+    def _next_request_started(self) -> None:
+        self._idle = False
+        self._cancel_timeout()
+        factory = self.factory
+        factory.kept.discard(self)
+        factory.pending.add(self)
+        self._timeout = factory.reactor.callLater(factory.head_timeout, self._head_timed_out)
+
+    def _idle_timed_out(self) -> None:
+        """A kept-alive connection with no new request: closed without a response."""
+        self._timeout = None
+        self.factory.kept.discard(self)
+        self.transport.loseConnection()
+
+    def _expire_at(self, when: float, taken: Any) -> None:
+        """End the connection when its session expires: IHttpConnection.session_expired() (the
+        ws server closes with 1008), else abort as Zilla does. The one timer per connection
+        is cancelled when the connection ends."""
+        reactor = self.factory.reactor
+        call = reactor.callLater(max(0.0, when - reactor.seconds()), self._session_expired, taken)
+        lost = taken.connectionLost
+
+        def connectionLost(reason: Failure = None) -> None:
+            if call.active():
+                call.cancel()
+            lost(reason)
+        self.connectionLost = connectionLost  # type: ignore[method-assign]
+
+    def _session_expired(self, taken: Any) -> None:
+        if IHttpConnection.providedBy(taken):
+            taken.session_expired()
+        else:
+            self.transport.abortConnection()
+
+    def _refuse(self, status: int, reason: str, headers: tuple[tuple[str, str], ...] = (),
+                detail: str = "") -> None:
+        """Answer with the gateway's own response and close; `detail` only in the event."""
+        self._cancel_timeout()
+        factory = self.factory
+        factory.pending.discard(self)
+        factory.kept.discard(self)
+        self.exchange = None
+        factory.events.emit(factory.namespace, factory.name, self.trace_id, "BINDING_HTTP_REQUEST_REJECTED",
+                            f"- {status} {reason} ({detail})" if detail else f"- {status} {reason}")
+        self.dataReceived = _discard  # type: ignore[method-assign]
+        self.transport.write(render_response(status, reason, headers))
+        self.transport.loseConnection()
+
+    def _head_timed_out(self) -> None:
+        self._timeout = None
+        self._refuse(408, f"request head not received within {self.factory.head_timeout:g} s")
+
+    def _cancel_timeout(self) -> None:
+        if self._timeout is not None:
+            if self._timeout.active():
+                self._timeout.cancel()
+            self._timeout = None
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._gone = True
+        self._cancel_timeout()
+        self.factory.pending.discard(self)
+        self.factory.kept.discard(self)
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.connection_lost(reason)
+
+
+def _discard(data: bytes) -> None:
+    """Bytes after an error response are ignored while the socket closes."""
+
+
+def build(binding: BindingConfig, graph: Any) -> HttpServer | HttpClient:
+    routes = [(route, graph.exit(route.exit, binding)) for route in binding.routes]
+    overrides = {name.lower(): value for name, value in (binding.options.get("overrides") or {}).items()}
+    if binding.kind == "client":
+        return HttpClient(binding.name, routes, overrides, reactor=graph.reactor, namespace=binding.namespace,
+                          events=graph.events(binding.namespace), limits=ClientLimits.of(binding.options))
+    authorization = None
+    for guard, config in (binding.options.get("authorization") or {}).items():
+        authorization = HttpAuthorization(graph.guard(f"{binding.namespace}:{guard}"), config["credentials"])
+    return HttpServer(binding.name, routes, namespace=binding.namespace, events=graph.events(binding.namespace),
+                      head_timeout=binding.options.get("head-timeout", HEAD_TIMEOUT), authorization=authorization,
+                      overrides=overrides, access_control=AccessControl(binding.options.get("access-control")),
+                      reactor=graph.reactor, idle_timeout=binding.options.get("idle-timeout", http_plain.IDLE_TIMEOUT),
+                      body_timeout=binding.options.get("body-timeout", http_plain.BODY_TIMEOUT),
+                      max_request_body=binding.options.get("max-request-body"))
+
+
+PLUGIN = BindingType("http", SCHEMA_PATCH, STREAMS, build, check=check, guard_references=guard_references,
+                     guarded_kinds=frozenset(GUARDED_KINDS), unguarded_why=UNGUARDED_WHY)

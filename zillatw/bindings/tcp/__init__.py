@@ -1,0 +1,1 @@
+"""The tcp binding: listeners (server) and upstream connections (client)."""

@@ -1,0 +1,1 @@
+"""The running gateway: the binding graph, generations, reload, shutdown, workers, the reactor."""

@@ -1,0 +1,1 @@
+"""Vault types: where keys, certificates and trust come from."""
