@@ -19,6 +19,8 @@ zillatw's and the others its peers in that scenario (bench/README.md has the det
   workers    zillatw echo with twistd zillaws -w 2, and in one process
   admission  zillatw echo with every admission limit on (bench/echo.admission.yaml, limits that
              never trip), and without (docs/admission.md: the checks' cost)
+  http-proxy bench/httpproxy.py: plain HTTP through zillatw's http server and client next to
+             nginx, the same upstream, 1 KiB and 1 MiB bodies, keep-alive (req/s, p50/p99)
   fan        bench/fan.py's in-process fan measurement (100 members), for the record
   idle       --idle-connections (10,000) idle connections to each fresh server process: RSS
              per connection and the time to open them (bench/idle.py); --idle-workers N runs
@@ -75,7 +77,7 @@ ROUND_TRIPS = (
     Scenario("workers", ("zillatw echo -w 2", "zillatw echo"), (64, 16 * KIB)),
     Scenario("admission", ("zillatw echo admission", "zillatw echo"), (64,)),
 )
-SCENARIOS = tuple(s.name for s in ROUND_TRIPS) + ("fan", "idle")
+SCENARIOS = tuple(s.name for s in ROUND_TRIPS) + ("http-proxy", "fan", "idle")
 UPSTREAM = "picows"  # every proxy's upstream
 IDLE_SERVERS = ("zillatw echo", "autobahn", "websockets", "picows")
 GOAL_IDLE_KIB = 10.0
@@ -475,7 +477,11 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="zillatw-bench-suite-"))
     measured = Measured()
     run_round_trips(args, scenarios, "fan" in only, tmp, measured)
+    http_results = None
     try:
+        if "http-proxy" in only:
+            import httpproxy  # bench/httpproxy.py
+            http_results = httpproxy.run(tmp, args.seconds, args.rounds, args.warmup)
         if "idle" in only:
             run_idle_rounds(args, idle_servers, tmp, measured)
     finally:
@@ -488,6 +494,8 @@ def main() -> int:
         print_round_trip_method(args)
         for scenario in scenarios:
             print_round_trips(scenario, results, measured.extensions)
+    if http_results:
+        httpproxy.report(http_results, args.seconds, args.rounds, args.warmup)
     if measured.fan:
         print_fan(measured.fan)
     idle_summary = print_idle(measured.idle, args.idle_connections, args.rounds) if measured.idle else {}

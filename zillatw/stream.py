@@ -150,3 +150,34 @@ class IBytesExit(Interface):
         """Accept a byte stream from `peer` (or a Deferred of its end, when the exit has to
         wait: the connection is not read meanwhile); raise StreamRefused to decline it (the
         connection is closed)."""
+# ---------------------------------------------------------------------------- plain HTTP
+@dataclass(slots=True)
+class HttpHead:
+    """A plain request's or response's head as it passes between bindings. `headers` are
+    lower-cased names, hop-by-hop fields already removed (the body's framing is the
+    receiver's to write); a request carries `:method :scheme :authority :path`, a response
+    `:status`. `length` is the body's size when known (0: no body), None when it streams
+    without one (chunked or until close)."""
+    headers: dict[str, str]
+    length: int | None = 0
+class IHttpExchangeEnd(IPushProducer):
+    """One end of a plain HTTP exchange; calls on it carry data *to* the binding that owns
+    it. The http server's end takes the response (`exchange_head` once, then the body); the
+    exit's end takes the request's body. Flow control is IStreamEnd's: the receiver calls
+    `pauseProducing()` / `resumeProducing()` on the sender's end; one call per piece, no
+    Deferred."""
+    def exchange_head(head: HttpHead) -> None:
+        """The response head (called on the server's end only, once, before any data)."""
+    def exchange_data(data: bytes) -> None:
+        """A piece of the body."""
+    def exchange_end() -> None:
+        """The body is complete."""
+    def exchange_abort(status: int, reason: str, detail: str) -> None:
+        """The other side failed (an upstream unreachable, a client gone). A server end that
+        has not sent a response head answers `status` with `reason` (detail goes to the
+        event); otherwise the exchange's connection is closed, never left half written."""
+class IHttpRequestExit(Interface):
+    """A binding that answers plain (non-upgrade) HTTP requests: echo, an http client."""
+    def open_request(head: HttpHead, peer: IHttpExchangeEnd, trace_id: int) -> IHttpExchangeEnd:
+        """Take a request whose head is `head`; the returned end receives its body, `peer`
+        receives the response. Raise StreamRefused to decline (its status is answered)."""

@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
-from zillatw.stream import ABNORMAL, IStreamEnd, IStreamExit, StreamRefused
+from zillatw.stream import ABNORMAL, IHttpRequestExit, IStreamEnd, IStreamExit, StreamRefused
 from zillatw.telemetry.events import BindingEvents
 from zillatw.telemetry.sessions import request_fields
 from zillatw.twistedcompat import CountedTransport
@@ -193,6 +193,14 @@ class MeteredExit:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.exit, name)
+
+
+@implementer(IHttpRequestExit)
+class MeteredRequestExit(MeteredExit):
+    """A metered stream exit that also answers plain HTTP requests (echo): those pass to
+    it unmetered (open_request is the exit's own, by __getattr__)."""
+
+    __slots__ = ()
 
 
 def _ws_details(info: Any, shown_path: str) -> str:

@@ -34,7 +34,7 @@ from zillatw.bytestream import MeteredBytesExit
 from zillatw.config import BindingConfig, Config
 from zillatw.errors import did_you_mean
 from zillatw.matching import matcher
-from zillatw.stream import IBytesExit, IStreamExit
+from zillatw.stream import IBytesExit, IHttpRequestExit, IStreamExit
 from zillatw.telemetry import otlp
 from zillatw.telemetry.accesslog import check_stdout
 from zillatw.telemetry.events import Events
@@ -42,6 +42,7 @@ from zillatw.telemetry.instrument import (
     BindingMetrics,
     MeteredExit,
     MeteredFactory,
+    MeteredRequestExit,
     WsServerObserver,
     metered_open,
 )
@@ -267,7 +268,8 @@ class Metrics:
             if as_bytes:
                 exit_ = MeteredBytesExit(built, m)
             elif IStreamExit.providedBy(built):
-                exit_ = MeteredExit(built, metered_open(built.open, m))
+                metered = MeteredRequestExit if IHttpRequestExit.providedBy(built) else MeteredExit
+                exit_ = metered(built, metered_open(built.open, m))
             elif IProtocolFactory.providedBy(built):
                 exit_ = MeteredFactory(built, m, self.reactor.seconds)
         handing_on = self.metrics(caller) if caller.type == "tcp" and caller.kind == "server" else None

@@ -286,9 +286,12 @@ class ExitTests(ConfigTestCase):
             "a fan server hands on (bindings that can: echo_server)"])  # not fan0 itself
 
     def test_wrong_stream_kind_for_http_requests(self):
-        self.assertProblems(changed(lambda c: c["bindings"]["http0"]["routes"][0].update(exit="echo_server")), [
-            "bindings.http0.routes[0].exit: 'echo_server' is an echo server, which cannot take the HTTP requests "
-            "a http server hands on (bindings that can: ws0)"])
+        def change(c):
+            c["bindings"]["http0"]["routes"][0]["exit"] = "fan0"
+            c["bindings"]["fan0"] = {"type": "fan", "kind": "server", "exit": "echo_server"}
+        self.assertProblems(changed(change), [
+            "bindings.http0.routes[0].exit: 'fan0' is a fan server, which cannot take the HTTP requests "
+            "a http server hands on (bindings that can: echo_server, ws0)"])
 
     def test_exit_loop(self):
         def change(c):
@@ -466,15 +469,16 @@ class AllProblemsTests(ConfigTestCase):
         def change(c):
             c["bindings"]["ws0"]["exit"] = "echo_sever"
             c["bindings"]["tcp0"]["options"]["port"] = "9-1"
-            c["bindings"]["http0"]["routes"][0]["exit"] = "echo_server"
+            c["bindings"]["http0"]["routes"][0]["exit"] = "fan0"
+            c["bindings"]["fan0"] = {"type": "fan", "kind": "server", "exit": "echo_server"}
             c["telemetry"] = {"exporters": {"p": {"type": "syslog"}}}
         problems = self.problems(changed(change))
         self.assertEqual(sorted(problems), sorted([
             "telemetry.exporters.p.type: exporter type 'syslog' is not supported by this zillatw yet "
             "(supported: " + ", ".join(SUPPORTED_EXPORTERS) + ")",
             "bindings.tcp0.options.port: range '9-1' ends before it starts",
-            "bindings.http0.routes[0].exit: 'echo_server' is an echo server, which cannot take the HTTP requests "
-            "a http server hands on (bindings that can: ws0)",
+            "bindings.http0.routes[0].exit: 'fan0' is a fan server, which cannot take the HTTP requests "
+            "a http server hands on (bindings that can: echo_server, ws0)",
             "bindings.ws0.exit: no binding named 'echo_sever' (did you mean 'echo_server'?)",
         ]))
 

@@ -76,8 +76,11 @@ CHAINS = [
     *[Chain([*UP, *after], "none", False, ("httpc", after[0]))
       for after in (["tls", "echo"], ["http", "ws", "echo"], ["echo"], ["fan", "echo"])],
     Chain(["tcp", "http", "ws", "wsc", "ws2", "echo"], "none", False, ("wsc", "ws2")),
-    # plain HTTP proxying (the http branch of issue 15): refused by name until it is served
-    Chain(["tcp", "http", "httpc", "tcpc"], "plain_http", False, ("http", "httpc")),
+    # plain HTTP: proxied through an http client, or answered by echo (Zilla's http.echo)
+    Chain(["tcp", "http", "httpc", "tcpc"], "plain_http"),
+    Chain(["tcp", "http", "echo"], "plain_echo"),
+    # a ws client's exit carries its upstream connection: echo is no client
+    Chain(["tcp", "http", "ws", "wsc", "echo"], "none", False, ("wsc", "echo")),
 ]
 
 
@@ -252,6 +255,15 @@ class Drivers:
         client.sendMessage(payload, isBinary=True)
         self.case.assertEqual(b"".join((yield client.messages.get())[1]), payload, chain.nodes)
         yield close_ws(client)
+
+    @defer.inlineCallbacks
+    def plain_echo(self, port: int, chain: Chain) -> Any:
+        client = yield connect_raw(port)
+        client.transport.write(b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\n"
+                               b"Content-Length: 5\r\nConnection: close\r\n\r\nhello")
+        response = yield client.done
+        self.case.assertTrue(response.startswith(b"HTTP/1.1 200 "), response)
+        self.case.assertTrue(response.endswith(b"hello"), response)
 
     @defer.inlineCallbacks
     def plain_http(self, port: int, chain: Chain) -> Any:

@@ -1,9 +1,9 @@
 """Sans-IO HTTP/1.1 request head parsing (RFC 9112 §2-5), bytes in, Request or HttpError out;
 and, for the ws client, an upstream's response head (Response or ResponseError) by the same rules.
 
-Only the head is parsed: zillatw's http server routes requests and hands the connection over
-(a WebSocket upgrade) or answers with an error, so bodies never reach it. Limits are Zilla's:
-an 8 KiB header block (431), and a request line capped likewise (414).
+Only the head is parsed here: a WebSocket upgrade's connection is handed over, and a plain
+request's body is framed by zillatw.wire.http1body. Limits are Zilla's: an 8 KiB header block
+(431), and a request line capped likewise (414).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -53,6 +54,8 @@ class Request:
     raw_head: bytes = b""
     # the target as it may be logged or answered (credentials redacted); set by the http server
     shown_target: str = ""
+    # the body's framing and length (zillatw.wire.http1body.request_framing); set by the http server
+    framing: tuple[Any, int] = (None, 0)
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)

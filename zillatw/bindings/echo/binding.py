@@ -1,16 +1,27 @@
 """echo server: returns every message to its sender, fragment by fragment, same opcode; on
 a byte stream (a tcp or tls server's connection, Zilla's tcp.echo and tls.echo), every chunk
-as it was read (see zillatw.bytestream)."""
+as it was read (see zillatw.bytestream); behind an http server, answers each plain request
+with its body (zillatw.bindings.echo.http)."""
 
 from __future__ import annotations
 
 from zope.interface import implementer
 
+from zillatw.bindings.echo import http as echo_http
 from zillatw.bytestream import ByteStreams
 from zillatw.config import BindingConfig
 from zillatw.config.plugins import BindingType, IDrainsGracefully
 from zillatw.config.schema import FORBIDDEN
-from zillatw.stream import IBytesEnd, IBytesExit, IStreamEnd, IStreamExit, StreamInfo
+from zillatw.stream import (
+    HttpHead,
+    IBytesEnd,
+    IBytesExit,
+    IHttpExchangeEnd,
+    IHttpRequestExit,
+    IStreamEnd,
+    IStreamExit,
+    StreamInfo,
+)
 
 SCHEMA_PATCH = {
     "properties": {
@@ -18,7 +29,7 @@ SCHEMA_PATCH = {
         "options": FORBIDDEN, "routes": FORBIDDEN, "exit": FORBIDDEN, "vault": FORBIDDEN, "catalog": FORBIDDEN,
     },
 }
-STREAMS = {"server": (("messages", "bytes"), None)}
+STREAMS = {"server": (("messages", "bytes", "http"), None)}
 
 
 @implementer(IStreamEnd)
@@ -57,7 +68,7 @@ class EchoBytesEnd:
         self._peer.bytes_end(reason)
 
 
-@implementer(IStreamExit, IBytesExit, IDrainsGracefully)
+@implementer(IStreamExit, IBytesExit, IHttpRequestExit, IDrainsGracefully)
 class EchoServer:
     def __init__(self, name: str = "echo_server"):
         self.name = name
@@ -80,6 +91,9 @@ class EchoServer:
 
     def drop_all(self) -> None:
         self.byte_streams.drop_all()
+
+    def open_request(self, head: HttpHead, peer: IHttpExchangeEnd, trace_id: int) -> IHttpExchangeEnd:
+        return echo_http.open_request(head, peer)
 
 
 def build(binding: BindingConfig, graph: object) -> EchoServer:

@@ -1,7 +1,9 @@
 """http server: reads an HTTP/1.1 request head, routes it on its headers (with Zilla's
 pseudo-headers :method :scheme :authority :path), and hands the connection to the exit
 (a ws server) or answers with an error and closes. After an upgrade the exit's protocol
-receives the socket's bytes directly: this binding adds no call per message.
+receives the socket's bytes directly: this binding adds no call per message. A plain
+request to an exit that answers them (echo, an http client: IHttpRequestExit) is served
+by zillatw.bindings.http.plain, and the connection kept for the next request.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ from zillatw.config.plugins import BindingType, IDrainsGracefully
 from zillatw.config.schema import FORBIDDEN, NAME, refused, route_schema
 from zillatw.stream import IHttpConnection, StreamRefused
 from zillatw.stream import IHttpConnection, IHttpExit, StreamRefused
+from zillatw.wire.http1body import BodyError, request_framing
+from zillatw.bindings.http import plain as http_plain
+from zillatw.bindings.http.client import CLIENT_OPTIONS, ClientLimits, Forwarder
+from zillatw.stream import HttpHead, IHttpConnection, IHttpExchangeEnd, IHttpRequestExit, StreamRefused
 
 HEAD_TIMEOUT = 10.0  # seconds for a client to send its request head (slowloris)
 log = Logger()
@@ -68,6 +74,11 @@ SCHEMA_PATCH = {
                 "head-timeout": {"type": "number", "exclusiveMinimum": 0},
                 # zillatw's extension: peers whose Forwarded / X-Forwarded-For is believed (docs/admission.md)
                 "trusted-proxies": {"type": "array", "items": {"type": "string"}},
+                # zillatw's, for plain requests (docs/http.md): keep-alive wait, body stall, body size
+                "idle-timeout": {"type": "number", "exclusiveMinimum": 0},
+                "body-timeout": {"type": "number", "exclusiveMinimum": 0},
+                "max-request-body": {"type": "integer", "minimum": 0},
+                **CLIENT_OPTIONS,
             },
         },
         "routes": {"type": "array", "items": route_schema(condition={
@@ -119,7 +130,7 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
     yield from _check_overrides(binding)
     if binding.kind == "client":
         for key in binding.options:
-            if key not in ("versions", "overrides"):
+            if key not in ("versions", "overrides", "idle-timeout", *CLIENT_OPTIONS):
                 yield f"options.{key}", "not supported on an http client by this zillatw yet"
         if not binding.routes:
             yield "routes", "an http client needs 'exit' or routes with an exit"
@@ -127,6 +138,9 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
     for key, feature in UNSERVED_OPTIONS.items():
         if key in binding.options:
             yield f"options.{key}", f"not supported by this zillatw yet ({feature})"
+    for key in CLIENT_OPTIONS:
+        if key in binding.options:
+            yield f"options.{key}", "an http client's option (the server's are head-timeout, idle-timeout, ...)"
     yield from accesscontrol.check(binding.options.get("access-control"))
     yield from clientaddress.check(binding.options.get("trusted-proxies"))
     if not binding.routes:
@@ -199,14 +213,33 @@ class HeaderRoutes:
         return None
 
 
+@implementer(IHttpRequestExit, IDrainsGracefully)
 class HttpClient:
     """The http client binding: picks the exit (tcp client) for an upstream request. The
-    upgrade request itself is written by the ws client's protocol."""
+    upgrade request itself is written by the ws client's protocol; plain requests are
+    forwarded over pooled connections (zillatw.bindings.http.client)."""
 
-    def __init__(self, name: str, routes: list[tuple[Route, Any]], overrides: Mapping[str, str] | None = None):
+    def __init__(self, name: str, routes: list[tuple[Route, Any]], overrides: Mapping[str, str] | None = None,
+                 *, reactor: Any = None, events: Events | None = None, namespace: str = "default",
+                 limits: ClientLimits | None = None):
         self.name = name
         self._routes = HeaderRoutes(routes)
         self.overrides = dict(overrides or {})
+        self.forwarder = Forwarder(name, namespace, self._routes.route, self.overrides, reactor,
+                                   events or Events(), limits or ClientLimits())
+
+    def open_request(self, head: HttpHead, peer: IHttpExchangeEnd, trace_id: int) -> IHttpExchangeEnd:
+        return self.forwarder.open_request(head, peer, trace_id)
+
+    # its pooled upstream connections: idle ones close on shutdown, busy ones after their response
+    def going_away(self) -> None:
+        self.forwarder.going_away()
+
+    def open_count(self) -> int:
+        return self.forwarder.connection_count()
+
+    def drop_all(self) -> None:
+        self.forwarder.drop_all()
 
     def request_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
         """The upstream request's headers after `options.overrides` (Zilla applies them when
@@ -231,9 +264,16 @@ class HttpServer(Factory):
                  max_header_bytes: int = 8192, *, reactor: Any,
                  authorization: HttpAuthorization | None = None, overrides: Mapping[str, str] | None = None,
                  access_control: AccessControl | None = None,
-                 trusted_proxies: clientaddress.TrustedProxies | None = None):
+                 trusted_proxies: clientaddress.TrustedProxies | None = None,
+                 idle_timeout: float = http_plain.IDLE_TIMEOUT,
+                 body_timeout: float = http_plain.BODY_TIMEOUT, max_request_body: int | None = None):
         self.name = name
         self.trusted_proxies = trusted_proxies  # whose forwarding headers name the client
+        self.idle_timeout = idle_timeout
+        self.body_timeout = body_timeout
+        self.max_request_body = max_request_body
+        self.shutting_down = False
+        self.kept: set[HttpServerProtocol] = set()  # kept-alive connections: in an exchange or idle
         self.overrides = dict(overrides or {})  # set on a request once routed, as Zilla
         self.namespace = namespace
         self.events = events or Events()
@@ -248,16 +288,21 @@ class HttpServer(Factory):
         self.pending: set[HttpServerProtocol] = set()  # connections still reading their head
 
     def going_away(self) -> None:
-        """Shutdown: requests still being read get 503 and the connection closes."""
+        """Shutdown: requests still being read get 503 and the connection closes; an idle
+        kept-alive connection closes, one in an exchange closes after its response."""
+        self.shutting_down = True
         for protocol in list(self.pending):
             protocol._gone = True  # a guard still fetching keys must not route it afterwards
             protocol._refuse(503, "the gateway is shutting down")
+        for protocol in list(self.kept):
+            if protocol.exchange is None:
+                protocol.transport.loseConnection()
 
     def open_count(self) -> int:
-        return len(self.pending)
+        return len(self.pending) + len(self.kept)
 
     def drop_all(self) -> None:
-        for protocol in list(self.pending):
+        for protocol in list(self.pending) + list(self.kept):
             protocol.transport.abortConnection()
 
     def buildProtocol(self, addr: IAddress) -> "HttpServerProtocol":
@@ -271,6 +316,10 @@ class HttpServerProtocol(Protocol):
 
     factory: HttpServer
     _gone = False
+    exchange: "http_plain.ServerExchange | None" = None  # the plain request being served
+    _idle = False         # kept alive, waiting for the next request
+    _feeding = False      # serving pipelined bytes (request_done only queues them)
+    _queued = b""
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -281,6 +330,11 @@ class HttpServerProtocol(Protocol):
         factory.pending.add(self)
 
     def dataReceived(self, data: bytes) -> None:
+        if self.exchange is not None:
+            self.exchange.body_received(data)
+            return
+        if self._idle:
+            self._next_request_started()
         try:
             request = self._parser.feed(data)
         except HttpError as e:
@@ -295,8 +349,12 @@ class HttpServerProtocol(Protocol):
         try:
             check_origin_form(request.target)
             check_host(request.headers.get("host"))
+            framing = request_framing(request.headers)
         except HttpError as e:
             self._refuse(e.status, e.reason, e.headers)
+            return
+        except BodyError as e:
+            self._refuse(400, str(e))
             return
         request.shown_target = redact_target(request.target, factory.secret_params)
         secure = ISSLTransport.providedBy(self.transport)
@@ -306,6 +364,10 @@ class HttpServerProtocol(Protocol):
         refusal = factory.access_control.refusal(headers)
         if refusal is not None:
             self._refuse(403, refusal)
+            return
+        request.framing = framing
+        if factory.access_control.is_preflight(headers):  # answered here, before any guard (Zilla)
+            http_plain.preflight_answer(self, request, headers)
             return
         if factory.authorization is None:
             self._route(request, headers, connection_authorization(self.transport))
@@ -339,6 +401,14 @@ class HttpServerProtocol(Protocol):
             return
         if factory.overrides:
             headers.update(factory.overrides)  # after routing: the exit sees the overridden request
+        if http_plain.is_plain_exit(exit_):
+            self._accepted(request, headers, session)
+            factory.pending.discard(self)
+            factory.kept.add(self)
+            rest, self._parser.rest = self._parser.rest, b""
+            self.__dict__.pop("dataReceived", None)  # _hold's, while a guard fetched keys
+            http_plain.start(self, exit_, request, headers, request.framing, rest)
+            return
         try:
             extra = {} if authorization is NO_AUTHORIZATION else {"authorization": authorization}
             # the one place the client's address is decided: the exit is told, never guesses
@@ -353,13 +423,7 @@ class HttpServerProtocol(Protocol):
                         binding=factory.name, trace_id=self.trace_id)
             self._refuse(500, "internal error")
             return
-        identity = session.identity if session is not None and session.identity is not None else "-"
-        factory.events.emit(factory.namespace, factory.name, self.trace_id, "BINDING_HTTP_REQUEST_ACCEPTED",
-                            f"{identity} {request.method} {headers[':scheme']}://{headers.get(':authority', '')}"
-                            f"{request.shown_target}",
-                            {"identity": None if identity == "-" else identity, "method": request.method,  # json
-                             "scheme": headers[":scheme"], "authority": headers.get(":authority"),
-                             "path": request.shown_target})
+        self._accepted(request, headers, session)
         # The exit's protocol takes the socket: Twisted calls our dataReceived and
         # connectionLost, so bind theirs in our place. It is given the request we parsed
         # (never the client's bytes to parse again) and what followed it.
@@ -371,6 +435,54 @@ class HttpServerProtocol(Protocol):
         rest, self._parser = self._parser.rest, None
         taken.makeConnection(self.transport)
         taken.take_over(request, rest)
+
+    def _accepted(self, request: Request, headers: dict[str, str], session: Session | None) -> None:
+        factory = self.factory
+        identity = session.identity if session is not None and session.identity is not None else "-"
+        factory.events.emit(factory.namespace, factory.name, self.trace_id, "BINDING_HTTP_REQUEST_ACCEPTED",
+                            f"{identity} {request.method} {headers[':scheme']}://{headers.get(':authority', '')}"
+                            f"{request.shown_target}",
+                            {"identity": None if identity == "-" else identity, "method": request.method,  # json
+                             "scheme": headers[":scheme"], "authority": headers.get(":authority"),
+                             "path": request.shown_target})
+
+    def request_done(self, closing: bool, pipelined: bytes) -> None:
+        """A plain exchange is over: close, or wait for the next request (what followed the
+        last one first). Pipelined requests are served in a loop here, not by recursion."""
+        factory = self.factory
+        if closing or factory.shutting_down or self._gone:
+            factory.kept.discard(self)
+            self.dataReceived = _discard  # type: ignore[method-assign]
+            self.transport.loseConnection()
+            return
+        self.trace_id = next_trace_id()
+        self._parser = RequestHeadParser(max_header_bytes=factory.max_header_bytes)
+        self._idle = True
+        self._timeout = factory.reactor.callLater(factory.idle_timeout, self._idle_timed_out)
+        self._queued += pipelined
+        if self._feeding:
+            return
+        self._feeding = True
+        try:
+            while self._queued and self.exchange is None and not self._gone and self.dataReceived != _discard:
+                data, self._queued = self._queued, b""
+                self.dataReceived(data)
+        finally:
+            self._feeding = False
+
+    def _next_request_started(self) -> None:
+        self._idle = False
+        self._cancel_timeout()
+        factory = self.factory
+        factory.kept.discard(self)
+        factory.pending.add(self)
+        self._timeout = factory.reactor.callLater(factory.head_timeout, self._head_timed_out)
+
+    def _idle_timed_out(self) -> None:
+        """A kept-alive connection with no new request: closed without a response."""
+        self._timeout = None
+        self.factory.kept.discard(self)
+        self.transport.loseConnection()
 
     def _expire_at(self, when: float, taken: Any) -> None:
         """End the connection when its session expires: IHttpConnection.session_expired() (the
@@ -392,12 +504,17 @@ class HttpServerProtocol(Protocol):
         else:
             self.transport.abortConnection()
 
-    def _refuse(self, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
+    def _refuse(self, status: int, reason: str, headers: tuple[tuple[str, str], ...] = (),
+                detail: str = "") -> None:
+        """Answer with the gateway's own response and close; `detail` only in the event."""
         self._cancel_timeout()
         factory = self.factory
         factory.pending.discard(self)
+        factory.kept.discard(self)
+        self.exchange = None
         factory.events.emit(factory.namespace, factory.name, self.trace_id, "BINDING_HTTP_REQUEST_REJECTED",
-                            f"- {status} {reason}", {"identity": None, "status": status, "reason": reason})
+                            f"- {status} {reason} ({detail})" if detail else f"- {status} {reason}",
+                            {"identity": None, "status": status, "reason": reason})
         self.dataReceived = _discard  # type: ignore[method-assign]
         self.transport.write(render_response(status, reason, headers))
         self.transport.loseConnection()
@@ -416,6 +533,10 @@ class HttpServerProtocol(Protocol):
         self._gone = True
         self._cancel_timeout()
         self.factory.pending.discard(self)
+        self.factory.kept.discard(self)
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.connection_lost(reason)
 
 
 def _discard(data: bytes) -> None:
@@ -426,13 +547,8 @@ def build(binding: BindingConfig, graph: Any) -> HttpServer | HttpClient:
     routes = [(route, graph.exit(route.exit, binding)) for route in binding.routes]
     overrides = {name.lower(): value for name, value in (binding.options.get("overrides") or {}).items()}
     if binding.kind == "client":
-        return HttpClient(binding.name, routes, overrides)
-    for route, exit_ in routes:  # plain requests (to an http client) are not served on this branch
-        if not IHttpExit.providedBy(exit_):
-            path = "exit" if binding.exit and route is binding.routes[-1] else f"routes[{route.index}].exit"
-            where = f"{binding.namespace}: " if len(graph.config.namespaces) > 1 else ""
-            raise ConfigError(f"{where}bindings.{binding.name}.{path}: '{route.exit.partition(':')[2]}' cannot take "
-                              f"upgraded connections from an http server (plain HTTP proxying is not served yet)")
+        return HttpClient(binding.name, routes, overrides, reactor=graph.reactor, namespace=binding.namespace,
+                          events=graph.events(binding.namespace), limits=ClientLimits.of(binding.options))
     authorization = None
     for guard, config in (binding.options.get("authorization") or {}).items():
         authorization = HttpAuthorization(graph.guard(f"{binding.namespace}:{guard}"), config["credentials"])
@@ -441,7 +557,10 @@ def build(binding: BindingConfig, graph: Any) -> HttpServer | HttpClient:
                       head_timeout=binding.options.get("head-timeout", HEAD_TIMEOUT), authorization=authorization,
                       overrides=overrides, access_control=AccessControl(binding.options.get("access-control")),
                       reactor=graph.reactor,
-                      trusted_proxies=clientaddress.TrustedProxies(trusted) if trusted is not None else None)
+                      trusted_proxies=clientaddress.TrustedProxies(trusted) if trusted is not None else None,
+                      idle_timeout=binding.options.get("idle-timeout", http_plain.IDLE_TIMEOUT),
+                      body_timeout=binding.options.get("body-timeout", http_plain.BODY_TIMEOUT),
+                      max_request_body=binding.options.get("max-request-body"))
 
 
 PLUGIN = BindingType("http", SCHEMA_PATCH, STREAMS, build, check=check, guard_references=guard_references,

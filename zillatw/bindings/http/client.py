@@ -1,0 +1,516 @@
+"""The http client's plain requests: each one forwarded upstream over a pooled HTTP/1.1
+connection of its tcp or tls client, its body streamed both ways.
+
+- A pool per (exit, authority) of at most `max-connections` connections; an idle one is
+  reused only after its last response ended cleanly (whole body, no `Connection: close`,
+  HTTP/1.1, nothing after it) and closed after `idle-timeout`. Requests beyond the pool
+  wait in order (at most MAX_WAITING, then 503).
+- The request goes up with `Host` from its :authority (after `options.overrides`, as Zilla
+  writes it), the end-to-end headers only (RFC 9110 §7.6.1) and its body re-framed.
+- Back-pressure end to end: the upstream connection's write buffer pauses the client's
+  reads, and the client connection's write buffer pauses the upstream's reads.
+- 502 when the upstream cannot be reached, goes away before its response head, or answers
+  what is not HTTP/1.1; 504 when its response head does not come within
+  `response-timeout` (from the request's arrival) or the connect times out. Each is the
+  gateway's own short response, the cause in the http server's event.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import error
+from twisted.internet.defer import CancelledError, TimeoutError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from zillatw.stream import HttpHead, IHttpExchangeEnd, StreamRefused
+from zillatw.telemetry.events import Events
+from zillatw.wire.http1 import ResponseError, ResponseHeadParser
+from zillatw.wire.http1body import (
+    LAST_CHUNK,
+    BodyDecoder,
+    BodyError,
+    Framing,
+    chunk,
+    end_to_end_headers,
+    response_framing,
+)
+
+MAX_CONNECTIONS = 32     # per upstream (exit and authority) of one http client
+IDLE_TIMEOUT = 30.0      # seconds a pooled connection stays open unused
+RESPONSE_TIMEOUT = 30.0  # seconds from a request's arrival to its response head; and of body silence
+CONNECT_TIMEOUT = 10.0   # seconds to connect upstream (and finish TLS)
+MAX_WAITING = 1024       # requests waiting for a pooled connection, per upstream
+MAX_POOLS = 256          # upstreams (authorities) one http client keeps pools for
+MAX_EARLY_BODY = 1 << 20  # request body bytes held before the upstream connects (one read's worth)
+
+CLIENT_OPTIONS: dict[str, Any] = {
+    "max-connections": {"type": "integer", "minimum": 1},
+    "response-timeout": {"type": "number", "exclusiveMinimum": 0},
+}
+
+
+@dataclass(frozen=True)
+class ClientLimits:
+    max_connections: int = MAX_CONNECTIONS
+    idle_timeout: float = IDLE_TIMEOUT
+    response_timeout: float = RESPONSE_TIMEOUT
+    connect_timeout: float = CONNECT_TIMEOUT
+
+    @classmethod
+    def of(cls, options: Mapping[str, Any]) -> "ClientLimits":
+        return cls(options.get("max-connections", MAX_CONNECTIONS), options.get("idle-timeout", IDLE_TIMEOUT),
+                   options.get("response-timeout", RESPONSE_TIMEOUT))
+
+
+class Forwarder:
+    """One http client binding's plain requests and its pools."""
+
+    def __init__(self, name: str, namespace: str, route: Callable[[dict[str, str]], Any],
+                 overrides: Mapping[str, str], reactor: Any, events: Events, limits: ClientLimits):
+        self.name = name
+        self.namespace = namespace
+        self.route = route
+        self.overrides = dict(overrides)
+        self.reactor = reactor
+        self.events = events
+        self.limits = limits
+        self.pools: dict[tuple[int, str], UpstreamPool] = {}
+        self.closing = False  # shutting down: no connection goes back to a pool
+
+    def open_request(self, head: HttpHead, peer: IHttpExchangeEnd, trace_id: int) -> "UpstreamExchange":
+        headers = {**head.headers, **self.overrides}
+        authority = headers.get(":authority")
+        if not authority:
+            raise StreamRefused(400, "the request needs a Host header")
+        exit_ = self.route(headers)
+        if exit_ is None:
+            raise StreamRefused(502, "no upstream for this request")
+        key = (id(exit_), authority)
+        pool = self.pools.get(key)
+        if pool is None:
+            if len(self.pools) >= MAX_POOLS:
+                self._drop_unused_pools()
+                if len(self.pools) >= MAX_POOLS:
+                    raise StreamRefused(503, "too many upstreams in use")
+            pool = self.pools[key] = UpstreamPool(self, key, exit_, authority)
+        exchange = UpstreamExchange(pool, HttpHead(headers, head.length), peer)
+        pool.acquire(exchange)
+        return exchange
+
+    def _drop_unused_pools(self) -> None:
+        for key, pool in list(self.pools.items()):
+            if pool.total == 0:
+                del self.pools[key]
+
+    def connection_count(self) -> int:
+        return sum(pool.total for pool in self.pools.values())
+
+    def going_away(self) -> None:
+        """Shutdown: idle connections close now, busy ones once their response is done."""
+        self.closing = True
+        for pool in self.pools.values():
+            for connection in list(pool.idle):
+                connection.close()
+
+    def drop_all(self) -> None:
+        for pool in self.pools.values():
+            for connection in list(pool.connections):
+                connection.transport.abortConnection()
+
+
+class _OneConnection(Factory):
+    """The factory of one upstream connection attempt (its protocol is kept for the pool)."""
+
+    noisy = False
+
+    def __init__(self, pool: "UpstreamPool"):
+        self.pool = pool
+        self.connection: UpstreamConnection | None = None
+
+    def buildProtocol(self, addr: Any) -> "UpstreamConnection":
+        self.connection = UpstreamConnection(self.pool)
+        self.pool.connections.add(self.connection)
+        return self.connection
+
+
+class UpstreamPool:
+    """The connections to one upstream: idle ones (most recent first), a count of all,
+    and the requests waiting for one."""
+
+    def __init__(self, forwarder: Forwarder, key: tuple[int, str], exit_: Any, authority: str):
+        self.forwarder = forwarder
+        self.key = key
+        self.exit = exit_
+        self.authority = authority
+        self.limits = forwarder.limits
+        self.idle: list[UpstreamConnection] = []
+        self.connections: set[UpstreamConnection] = set()  # open ones (busy and idle)
+        self.total = 0   # connecting, busy and idle
+        self.waiting: deque[UpstreamExchange] = deque()
+        self.opened = 0  # connections ever opened (tests count reuse by it)
+
+    def acquire(self, exchange: "UpstreamExchange", fresh: bool = False) -> None:
+        while self.idle and not fresh:
+            connection = self.idle.pop()
+            if connection.usable():
+                connection.leave_idle()
+                exchange.attach(connection, reused=True)
+                return
+        if self.total < self.limits.max_connections:
+            self._open(exchange)
+        elif len(self.waiting) >= MAX_WAITING:
+            raise StreamRefused(503, "too many requests waiting for the upstream")
+        else:
+            self.waiting.append(exchange)
+
+    def _open(self, exchange: "UpstreamExchange") -> None:
+        self.total += 1
+        self.opened += 1
+        factory = _OneConnection(self)
+        exchange.connecting = self.exit.connect(factory, self.authority, self.limits.connect_timeout)
+
+        def connected(_: Any) -> None:
+            exchange.connecting = None
+            connection = factory.connection
+            if connection is None or connection.lost:
+                exchange.upstream_failed(502, "the upstream went away", "closed while connecting")
+                return
+            exchange.attach(connection, reused=False)
+
+        def failed(failure: Failure) -> None:
+            exchange.connecting = None
+            if factory.connection is None:  # else its connectionLost has (or will have) counted it
+                self.total -= 1
+            self._serve_waiting()
+            if failure.check(CancelledError):
+                return  # the exchange ended and cancelled its attempt
+            timed_out = failure.check(TimeoutError, error.TimeoutError)
+            exchange.upstream_failed(504 if timed_out else 502,
+                                     "the upstream did not answer in time" if timed_out
+                                     else "the upstream could not be reached", failure.getErrorMessage())
+        exchange.connecting.addCallbacks(connected, failed)
+
+    def release(self, connection: "UpstreamConnection", reusable: bool) -> None:
+        """An exchange is done with `connection`: reuse it, or close it."""
+        if not reusable or connection.lost or self.forwarder.closing:
+            connection.close()
+            return
+        while self.waiting:
+            exchange = self.waiting.popleft()
+            if not exchange.finished:
+                exchange.attach(connection, reused=True)
+                return
+        connection.enter_idle(self.forwarder.reactor, self.limits.idle_timeout)
+        self.idle.append(connection)
+
+    def lost(self, connection: "UpstreamConnection") -> None:
+        """A connection closed (whoever closed it): it no longer counts."""
+        if connection in self.idle:
+            self.idle.remove(connection)
+        self.connections.discard(connection)
+        self.total -= 1
+        self._serve_waiting()
+
+    def _serve_waiting(self) -> None:
+        while self.waiting and self.total < self.limits.max_connections:
+            exchange = self.waiting.popleft()
+            if not exchange.finished:
+                self._open(exchange)
+
+    def forget(self, exchange: "UpstreamExchange") -> None:
+        if exchange in self.waiting:
+            self.waiting.remove(exchange)
+
+
+class UpstreamConnection(Protocol):
+    """One upstream connection: the bytes of the exchange it serves go to that exchange;
+    bytes while idle mean the upstream broke the protocol, and it is closed."""
+
+    exchange: "UpstreamExchange | None" = None
+    transport: Any  # a TCP or TLS transport: a push producer too
+    lost = False
+    _idle_timer: Any = None
+
+    def __init__(self, pool: UpstreamPool):
+        self.pool = pool
+        self.transport = None
+
+    def usable(self) -> bool:
+        return not self.lost and self.transport is not None
+
+    def enter_idle(self, reactor: Any, timeout: float) -> None:
+        self.exchange = None
+        self._idle_timer = reactor.callLater(timeout, self.close)
+
+    def leave_idle(self) -> None:
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
+
+    def close(self) -> None:
+        self.leave_idle()
+        if not self.lost and self.transport is not None:
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.exchange is not None:
+            self.exchange.upstream_data(data)
+        else:
+            self.transport.abortConnection()  # an answer to nothing: not an upstream to reuse
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.lost = True
+        self.leave_idle()
+        self.pool.lost(self)
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.upstream_lost(reason)
+
+
+def request_bytes(head: HttpHead) -> bytes:
+    """The request line and headers as the upstream gets them."""
+    headers = head.headers
+    lines = [f"{headers[':method']} {headers[':path']} HTTP/1.1", f"host: {headers[':authority']}"]
+    lines += [f"{name}: {value}" for name, value in headers.items() if not name.startswith(":")]
+    if head.length is None:
+        lines.append("transfer-encoding: chunked")
+    elif head.length or headers[":method"] in ("POST", "PUT", "PATCH"):
+        lines.append(f"content-length: {head.length}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+@implementer(IHttpExchangeEnd)
+class UpstreamExchange:
+    """The http client's end of one plain request: it takes the request's body from the
+    http server (its `peer`) and sends the upstream's response to it."""
+
+    connecting: Any = None
+
+    def __init__(self, pool: UpstreamPool, head: HttpHead, peer: IHttpExchangeEnd):
+        self.pool = pool
+        self.head = head
+        self.peer = peer
+        self.method = head.headers[":method"]
+        self.connection: UpstreamConnection | None = None
+        self.reused = False
+        self.early: list[bytes] = []   # body before the upstream is connected (peer paused)
+        self.early_size = 0
+        self.request_done = False
+        self.body_sent = False
+        self.response: Any = None
+        self.decoder: BodyDecoder | None = None
+        self.finished = False
+        self._parser = ResponseHeadParser()
+        self._client_paused = False  # the client's connection cannot take more response
+        self._producing = False      # the peer is registered as the upstream's producer
+        reactor = pool.forwarder.reactor
+        self._reactor = reactor
+        self._last = reactor.seconds()
+        self._timer = reactor.callLater(pool.limits.response_timeout, self._timed_out)
+        peer.pauseProducing()  # until there is an upstream to send the body to
+
+    # ---- the upstream connection
+
+    def attach(self, connection: UpstreamConnection, reused: bool) -> None:
+        if self.finished:
+            self.pool.release(connection, reusable=True)
+            return
+        self.connection, self.reused = connection, reused
+        connection.exchange = self
+        transport = connection.transport
+        transport.write(request_bytes(self.head))
+        if self.early:
+            for piece in self.early:
+                self._send(piece)
+            self.early, self.early_size = [], 0
+        if self.request_done:
+            self._send_end()
+        else:
+            self._producing = True
+            transport.registerProducer(self.peer, True)
+        self.peer.resumeProducing()
+
+    def upstream_data(self, data: bytes) -> None:
+        self._last = self._reactor.seconds()
+        if self.response is None:
+            try:
+                response = self._parser.feed(data)
+                while response is not None and 100 <= response.status < 200 and response.status != 101:
+                    # an interim answer (100 Continue): the final one follows
+                    rest, self._parser = self._parser.rest, ResponseHeadParser()
+                    response = self._parser.feed(rest)
+                if response is None:
+                    return
+                if response.status == 101:
+                    raise ResponseError("101 Switching Protocols to a request that asked for no upgrade")
+                kind, length = response_framing(response.headers, response.status, self.method)
+                self.decoder = BodyDecoder(kind, length)
+            except (ResponseError, BodyError) as e:
+                self.upstream_failed(502, "the upstream's response was not valid HTTP", str(e))
+                return
+            self.response = response
+            headers = {":status": str(response.status), **end_to_end_headers(response.headers)}
+            if kind is Framing.LENGTH:
+                shown: int | None = length
+            elif kind is Framing.NONE:
+                shown = int(response.headers["content-length"]) if self.method == "HEAD" \
+                    and response.headers.get("content-length", "").isdigit() else 0
+            else:
+                shown = None
+            self.peer.exchange_head(HttpHead(headers, shown))
+            data = self._parser.rest
+            if self.finished:
+                return
+        decoder = self.decoder
+        assert decoder is not None
+        try:
+            pieces = decoder.feed(data) if data else []
+        except BodyError as e:
+            self.upstream_failed(502, "the upstream's response was not valid HTTP", str(e))
+            return
+        peer = self.peer
+        for piece in pieces:
+            peer.exchange_data(piece)
+        if decoder.done and not self.finished:
+            self._response_complete(not decoder.rest)
+
+    def upstream_lost(self, reason: Failure | None) -> None:
+        if self.finished:
+            return
+        decoder = self.decoder
+        if decoder is not None and decoder.framing is Framing.UNTIL_CLOSE:
+            self._response_complete(False)
+            return
+        if self.response is None and self.reused and self.head.length == 0 and not self._parser_started():
+            # A kept-alive connection the upstream closed as we reused it: once more, fresh.
+            self.connection, self.reused = None, False
+            self.peer.pauseProducing()
+            try:
+                self.pool.acquire(self, fresh=True)
+            except StreamRefused as e:
+                self.upstream_failed(e.status, e.reason, "while retrying on a new connection")
+            return
+        detail = reason.getErrorMessage() if reason is not None else "closed"
+        self.upstream_failed(502, "the upstream closed the connection before its response was complete", detail)
+
+    def _parser_started(self) -> bool:
+        return bool(self._parser._buffer)
+
+    def upstream_failed(self, status: int, reason: str, detail: str) -> None:
+        """The upstream cannot serve this request: the client is told (or cut off)."""
+        if self.finished:
+            return
+        self._finish(reusable=False)
+        self.peer.exchange_abort(status, reason, detail)
+
+    def _response_complete(self, clean: bool) -> None:
+        response = self.response
+        keep = (clean and self.request_done and response.version >= (1, 1)
+                and "close" not in response.headers.get("connection", "").lower()
+                and self.decoder is not None and self.decoder.framing is not Framing.UNTIL_CLOSE)
+        self._finish(reusable=keep)
+        self.peer.exchange_end()
+
+    def _finish(self, reusable: bool) -> None:
+        self.finished = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self.connecting is not None:
+            self.connecting.cancel()
+        self.pool.forget(self)
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            if self._producing:
+                self._producing = False
+                connection.transport.unregisterProducer()
+            if self._client_paused:
+                connection.transport.resumeProducing()
+            connection.exchange = None
+            if reusable:
+                self.pool.release(connection, reusable=True)
+            else:
+                connection.leave_idle()
+                if not connection.lost:
+                    connection.transport.abortConnection()
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self.finished:
+            return
+        timeout = self.pool.limits.response_timeout
+        remaining = self._last + timeout - self._reactor.seconds()
+        if self.response is not None and (self._client_paused or remaining > 0):
+            # the body is flowing (or the client is the slow one): wait on
+            self._timer = self._reactor.callLater(timeout if self._client_paused else remaining, self._timed_out)
+            return
+        self.upstream_failed(504, "the upstream did not answer in time",
+                             f"no response within {timeout:g} s" if self.response is None
+                             else f"response body stalled for {timeout:g} s")
+
+    # ---- IHttpExchangeEnd: the request's body from the http server
+
+    def exchange_head(self, head: HttpHead) -> None:
+        """Only a server's end takes a response head."""
+
+    def exchange_data(self, data: bytes) -> None:
+        if self.finished:
+            return
+        if self.connection is None:
+            self.early.append(data)
+            self.early_size += len(data)
+            if self.early_size > MAX_EARLY_BODY:  # the peer ignored its pause: not ours to hold
+                self.upstream_failed(502, "the request body could not be held", "over the early-body bound")
+            return
+        self._send(data)
+
+    def _send(self, data: bytes) -> None:
+        assert self.connection is not None
+        self.body_sent = True
+        if self.head.length is None:
+            self.connection.transport.writeSequence(chunk(data))
+        else:
+            self.connection.transport.write(data)
+
+    def exchange_end(self) -> None:
+        if self.finished:
+            return
+        self.request_done = True
+        if self.connection is not None:
+            self._send_end()
+
+    def _send_end(self) -> None:
+        connection = self.connection
+        assert connection is not None
+        if self.head.length is None:
+            connection.transport.write(LAST_CHUNK)
+        if self._producing:
+            self._producing = False
+            connection.transport.unregisterProducer()
+
+    def exchange_abort(self, status: int, reason: str, detail: str) -> None:
+        """The client went away (or its request broke): the upstream connection goes too."""
+        if not self.finished:
+            self._finish(reusable=False)
+
+    # ---- IPushProducer: the client's connection paces the upstream's response
+
+    def pauseProducing(self) -> None:
+        self._client_paused = True
+        if self.connection is not None:
+            self.connection.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._client_paused = False
+        self._last = self._reactor.seconds()
+        if self.connection is not None:
+            self.connection.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.exchange_abort(502, "the client went away", "")

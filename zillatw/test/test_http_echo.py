@@ -1,0 +1,188 @@
+"""http.echo: echo behind an http server answers each plain request with its body and
+content-type (Zilla's http.echo example, conf/http.echo.yaml, driven as its README does
+with curl: here treq, over http and https)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import treq
+from twisted.internet import defer, reactor
+from twisted.internet import ssl as tssl
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial import unittest
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+
+from zillatw.bindings.echo.binding import EchoServer
+from zillatw.stream import HttpHead, IHttpRequestExit
+from zillatw.test.support import CONF, eventually, start_gateway
+from zillatw.test.test_http_plain import connect_http, plain_chain, request
+from zillatw.test.test_tls import free_port
+
+
+class Recorder:
+    """A server end that records what echo answers (pausing is recorded too)."""
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+
+    def exchange_head(self, head: HttpHead) -> None:
+        self.calls.append(("head", head.headers, head.length))
+
+    def exchange_data(self, data: bytes) -> None:
+        self.calls.append(("data", data))
+
+    def exchange_end(self) -> None:
+        self.calls.append(("end",))
+
+    def exchange_abort(self, status: int, reason: str, detail: str) -> None:
+        self.calls.append(("abort", status))
+
+    def pauseProducing(self) -> None:
+        self.calls.append(("pause",))
+
+    def resumeProducing(self) -> None:
+        self.calls.append(("resume",))
+
+    def stopProducing(self) -> None:
+        self.calls.append(("stop",))
+
+
+class EchoExchangeTests(unittest.TestCase):
+    def test_echo_answers_with_the_request(self):
+        echo = EchoServer()
+        self.assertTrue(IHttpRequestExit.providedBy(echo))
+        peer = Recorder()
+        end = echo.open_request(HttpHead({":method": "POST", "content-type": "text/plain", "x-other": "1"}, 5),
+                                peer, 1)
+        end.exchange_data(b"hel")
+        end.pauseProducing()
+        end.exchange_data(b"lo")
+        end.exchange_end()
+        self.assertEqual(peer.calls, [("head", {":status": "200", "content-type": "text/plain"}, 5),
+                                      ("data", b"hel"), ("pause",), ("data", b"lo"), ("end",)])
+
+    def test_bodiless_request_answered_at_once(self):
+        peer = Recorder()
+        EchoServer().open_request(HttpHead({":method": "GET"}, 0), peer, 1)
+        self.assertEqual(peer.calls, [("head", {":status": "200"}, 0), ("end",)])
+
+    def test_streamed_request_streams_back(self):
+        peer = Recorder()
+        EchoServer().open_request(HttpHead({":method": "POST"}, None), peer, 1)
+        self.assertEqual(peer.calls, [("head", {":status": "200"}, None)])
+
+    @defer.inlineCallbacks
+    def test_response_starts_before_the_request_ends(self):
+        gateway, port = yield start_gateway(self, plain_chain())
+        client = yield connect_http(port)
+        self.addCleanup(client.transport.loseConnection)
+        client.send(request("POST", "/", None, {"Transfer-Encoding": "chunked"}) + b"6\r\nfirst \r\n")
+        yield eventually(lambda: b"first " in client.raw)
+        client.send(b"4\r\nlast\r\n0\r\n\r\n")
+        (reply,) = yield client.responses(1)
+        self.assertEqual(reply.body, b"first last")
+
+
+class HttpEchoExampleTests(unittest.TestCase):
+    """conf/http.echo.yaml on free ports, with the keystores conf/tls/generate-keystore.py makes."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.folder = Path(self.mktemp())
+        (self.folder / "tls").mkdir(parents=True)
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable, [os.path.join(CONF, "tls", "generate-keystore.py"), str(self.folder / "tls")],
+            env={**os.environ, "KEYSTORE_PASSWORD": "generated"}, reactor=reactor)
+        self.assertEqual(code, 0, err)
+        os.environ["KEYSTORE_PASSWORD"] = "generated"
+        self.addCleanup(os.environ.pop, "KEYSTORE_PASSWORD")
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(self.pool.closeCachedConnections)
+
+    @defer.inlineCallbacks
+    def test_http_echo_as_its_readme_shows(self):
+        http_port, https_port = free_port(), free_port()
+        text = Path(CONF, "http.echo.yaml").read_text().replace("0.0.0.0", "127.0.0.1")
+        text = text.replace("7114", str(http_port)).replace("7143", str(https_port))
+        (self.folder / "zilla.yaml").write_text(text)
+        gateway, _ = yield start_gateway(self, str(self.folder / "zilla.yaml"))
+        server = gateway.binding("north_http_server")
+        connections: list[Any] = []
+        build = server.buildProtocol
+        server.buildProtocol = lambda addr: connections.append(addr) or build(addr)
+        ca = tssl.Certificate.loadPEM((self.folder / "tls" / "localhost.crt").read_bytes())
+        agent = Agent(reactor, BrowserLikePolicyForHTTPS(trustRoot=ca), pool=self.pool)
+        for url in (f"http://localhost:{http_port}/", f"https://localhost:{https_port}/"):
+            # curl -d "Hello, world" -H "Content-Type: text/plain" -X "POST" URL
+            for _ in range(2):  # twice: the second request rides the kept-alive connection
+                response = yield treq.request("POST", url, data=b"Hello, world",
+                                              headers={"Content-Type": "text/plain"}, agent=agent)
+                self.assertEqual(response.code, 200)
+                self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/plain"])
+                self.assertEqual((yield treq.content(response)), b"Hello, world")
+        events = gateway.events_text.getvalue()
+        self.assertEqual(events.count("BINDING_HTTP_REQUEST_ACCEPTED"), 4)
+        self.assertIn(f"POST https://localhost:{https_port}/", events)
+        self.assertEqual(len(connections), 2)  # one per scheme: kept alive for the second request
+
+    @defer.inlineCallbacks
+    def test_a_request_for_another_authority_is_404(self):
+        http_port, https_port = free_port(), free_port()
+        text = Path(CONF, "http.echo.yaml").read_text().replace("0.0.0.0", "127.0.0.1")
+        text = text.replace("7114", str(http_port)).replace("7143", str(https_port))
+        (self.folder / "zilla.yaml").write_text(text)
+        yield start_gateway(self, str(self.folder / "zilla.yaml"))
+        response = yield treq.request("POST", f"http://127.0.0.1:{http_port}/", data=b"x",
+                                      agent=Agent(reactor, pool=self.pool))
+        self.assertEqual(response.code, 404)
+        yield treq.content(response)
+
+
+class MeteredEchoTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_echo_recording_metrics_still_answers_plain_requests(self):
+        config = plain_chain()
+        config["telemetry"]["metrics"] = ["stream.opens.received", "stream.active.received",
+                                          "http.active.requests", "http.duration"]
+        config["bindings"]["echo0"]["telemetry"] = {"metrics": ["stream.*"]}
+        config["bindings"]["http0"]["telemetry"] = {"metrics": ["stream.*", "http.*"]}
+        gateway, port = yield start_gateway(self, config)
+        self.assertTrue(IHttpRequestExit.providedBy(gateway.graph.exit("test:echo0", gateway.config.binding(
+            "test:http0"))))
+        client = yield connect_http(port)
+        self.addCleanup(client.transport.loseConnection)
+        client.send(request("POST", "/", b"metered"))
+        (reply,) = yield client.responses(1)
+        self.assertEqual(reply.body, b"metered")
+
+
+class EchoBackPressureTests(unittest.TestCase):
+    SIZE = 200 * 1000 * 1000
+    BOUND = 64 * 1024 * 1024
+
+    @defer.inlineCallbacks
+    def test_a_client_not_reading_its_echo_stops_being_read(self):
+        """200 MB sent to echo by a client that reads nothing for a second: the gateway
+        stops reading it (what was sent meanwhile is bounded by socket buffers), then the
+        whole body comes back once it reads."""
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+        from twisted.internet.task import deferLater
+
+        from zillatw.test.test_http_proxy import Counting, Sender
+        gateway, port = yield start_gateway(self, plain_chain())
+        client = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Counting(pause_after=None))
+        client.transport.pauseProducing()
+        client.transport.write(request("POST", "/", None, {"Content-Length": str(self.SIZE), "Connection": "close"}))
+        sender = Sender(client.transport, self.SIZE, chunked=False)
+        sender.start()
+        yield deferLater(reactor, 1.0, lambda: None)
+        self.assertLess(self.SIZE - max(sender.left, 0), self.BOUND)
+        client.transport.resumeProducing()
+        yield client.closed
+        self.assertTrue(client.head.startswith(b"HTTP/1.1 200 OK"))
+        self.assertGreater(client.received, self.SIZE)
+        self.assertLess(client.received, self.SIZE + 200)

@@ -1,0 +1,410 @@
+"""Plain (non-upgrade) requests through the http server: keep-alive, pipelining, HTTP/1.0,
+`Connection: close`, the idle and body timeouts (on a Clock), the head and body limits,
+CORS, and upgrades on the same listener. Echo is the exit here; test_http_proxy covers the
+http client. Real loopback sockets, responses parsed by the small reader below (not by
+zillatw's own parsers)."""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from zillatw.test.support import close_ws, connect_ws, eventually, start_gateway
+
+
+def plain_chain(http_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """tcp (port 0) -> http: upgrades to ws -> echo, plain requests to echo."""
+    http: dict[str, Any] = {"type": "http", "kind": "server",
+                            "routes": [{"when": [{"headers": {"upgrade": "websocket"}}], "exit": "ws0"},
+                                       {"exit": "echo0"}]}
+    if http_options:
+        http["options"] = http_options
+    return {"name": "test", "bindings": {
+        "tcp0": {"type": "tcp", "kind": "server", "options": {"host": "127.0.0.1", "port": 0}, "exit": "http0"},
+        "http0": http,
+        "ws0": {"type": "ws", "kind": "server", "exit": "echo0"},
+        "echo0": {"type": "echo", "kind": "server"},
+    }, "telemetry": {"exporters": {"stdout": {"type": "stdout"}}}}
+
+
+class Reply:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes, head: str):
+        self.status, self.headers, self.body, self.head = status, headers, body, head
+
+
+_STATUS = re.compile(r"^HTTP/1\.[01] (\d{3})")
+
+
+def parse_replies(data: bytes, head_only: bool = False) -> tuple[list[Reply], bytes]:
+    """The complete responses at the start of `data` (Content-Length or chunked bodies, or
+    none after HEAD/204/304), and what is left."""
+    replies: list[Reply] = []
+    while True:
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return replies, data
+        head = data[:end].decode("latin-1")
+        lines = head.split("\r\n")
+        match = _STATUS.match(lines[0])
+        assert match, lines[0]
+        status = int(match.group(1))
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        rest = data[end + 4:]
+        if status == 100:
+            data = rest
+            continue
+        if head_only or status in (204, 304):
+            body, data = b"", rest
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            body_parts, at = [], 0
+            while True:
+                line_end = rest.find(b"\r\n", at)
+                if line_end < 0:
+                    return replies, data
+                size = int(rest[at:line_end].split(b";")[0], 16)
+                if size == 0:
+                    trailer_end = rest.find(b"\r\n\r\n", line_end - 2 if line_end >= 2 else 0)
+                    if rest[line_end:line_end + 4] == b"\r\n\r\n":
+                        at = line_end + 4
+                        break
+                    if trailer_end < 0:
+                        return replies, data
+                    at = trailer_end + 4
+                    break
+                if len(rest) < line_end + 2 + size + 2:
+                    return replies, data
+                body_parts.append(rest[line_end + 2:line_end + 2 + size])
+                at = line_end + 2 + size + 2
+            body, data = b"".join(body_parts), rest[at:]
+        elif "content-length" in headers:
+            length = int(headers["content-length"])
+            if len(rest) < length:
+                return replies, data
+            body, data = rest[:length], rest[length:]
+        else:
+            return replies, data  # until close: the caller reads .closed
+        replies.append(Reply(status, headers, body, head))
+
+
+class HttpClientConn(Protocol):
+    """A raw client connection that collects complete responses."""
+
+    transport: Any
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.raw = b""  # everything received
+        self.replies: list[Reply] = []
+        self.closed: defer.Deferred = defer.Deferred()
+        self.is_closed = False
+        self.head_only = False
+        self._waiting: list[tuple[int, defer.Deferred]] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.raw += data
+        self.data += data
+        replies, self.data = parse_replies(self.data, self.head_only)
+        self.replies += replies
+        self._check()
+
+    def _check(self) -> None:
+        for item in list(self._waiting):
+            if len(self.replies) >= item[0]:
+                self._waiting.remove(item)
+                item[1].callback(self.replies[:item[0]])
+
+    def responses(self, count: int) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self._waiting.append((count, d))
+        self._check()
+        return d
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.is_closed = True
+        for _, d in self._waiting:
+            d.errback(ConnectionError(f"closed with {len(self.replies)} responses and {self.data[:200]!r} left"))
+        self._waiting = []
+        self.closed.callback(None)
+
+
+def connect_http(port: int) -> defer.Deferred:
+    return connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), HttpClientConn())
+
+
+def request(method: str = "GET", path: str = "/", body: bytes | None = None, headers: dict[str, str] | None = None,
+            version: str = "HTTP/1.1", host: str | None = "localhost") -> bytes:
+    lines = [f"{method} {path} {version}"]
+    if host is not None:
+        lines.append(f"Host: {host}")
+    for name, value in (headers or {}).items():
+        lines.append(f"{name}: {value}")
+    if body is not None and not any(n.lower() == "transfer-encoding" for n in (headers or {})):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+
+
+class KeepAliveTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def serve(self, options: dict[str, Any] | None = None) -> Any:
+        self.gateway, self.port = yield start_gateway(self, plain_chain(options))
+        return self.port
+
+    @defer.inlineCallbacks
+    def test_requests_on_one_connection(self):
+        port = yield self.serve()
+        client = yield connect_http(port)
+        self.addCleanup(client.transport.loseConnection)
+        for index in range(3):
+            client.send(request("POST", "/", f"message {index}".encode(), {"Content-Type": "text/plain"}))
+            replies = yield client.responses(index + 1)
+            reply = replies[index]
+            self.assertEqual((reply.status, reply.body), (200, f"message {index}".encode()))
+            self.assertEqual(reply.headers["content-type"], "text/plain")
+            self.assertNotIn("connection", reply.headers)
+        self.assertFalse(client.is_closed)
+        events = self.gateway.events_text.getvalue()
+        self.assertEqual(events.count("BINDING_HTTP_REQUEST_ACCEPTED"), 3)
+
+    @defer.inlineCallbacks
+    def test_pipelined_requests_answered_in_order(self):
+        port = yield self.serve()
+        client = yield connect_http(port)
+        self.addCleanup(client.transport.loseConnection)
+        client.send(b"".join(request("POST", f"/{i}", b"x" * i + b"!") for i in range(50)))
+        replies = yield client.responses(50)
+        self.assertEqual([r.body for r in replies], [b"x" * i + b"!" for i in range(50)])
+
+    @defer.inlineCallbacks
+    def test_chunked_request_gets_chunked_echo(self):
+        port = yield self.serve()
+        client = yield connect_http(port)
+        self.addCleanup(client.transport.loseConnection)
+        client.send(request("POST", "/", None, {"Transfer-Encoding": "chunked"}) + b"5\r\nhello\r\n")
+        client.send(b"6\r\n world\r\n0\r\n\r\n")
+        (reply,) = yield client.responses(1)
+        self.assertEqual((reply.headers["transfer-encoding"], reply.body), ("chunked", b"hello world"))
+
+    @defer.inlineCallbacks
+    def test_connection_close_honoured(self):
+        port = yield self.serve()
+        client = yield connect_http(port)
+        client.send(request("GET", "/", headers={"Connection": "close"}))
+        (reply,) = yield client.responses(1)
+        self.assertEqual(reply.headers.get("connection"), "close")
+        yield client.closed
+
+    @defer.inlineCallbacks
+    def test_http_1_0_closes_after_the_response(self):
+        port = yield self.serve()
+        client = yield connect_http(port)
+        client.send(request("POST", "/", b"old", version="HTTP/1.0", host=None))
+        (reply,) = yield client.responses(1)
+        self.assertEqual((reply.body, reply.headers.get("connection")), (b"old", "close"))
+        yield client.closed
+
+    @defer.inlineCallbacks
+    def test_http_1_0_keep_alive_when_asked(self):
+        port = yield self.serve()
+        client = yield connect_http(port)
+        self.addCleanup(client.transport.loseConnection)
+        for index in range(2):
+            client.send(request("POST", "/", b"old", {"Connection": "keep-alive"}, version="HTTP/1.0", host=None))
+            replies = yield client.responses(index + 1)
+            self.assertEqual(replies[index].headers.get("connection"), "keep-alive")
+        self.assertFalse(client.is_closed)
+
+    @defer.inlineCallbacks
+    def test_head_request_gets_no_body(self):
+        port = yield self.serve()
+        client = yield connect_http(port)
+        self.addCleanup(client.transport.loseConnection)
+        client.head_only = True
+        client.send(request("HEAD", "/"))
+        (reply,) = yield client.responses(1)
+        self.assertEqual(reply.status, 200)
+        client.head_only = False
+        client.send(request("POST", "/", b"after"))
+        replies = yield client.responses(2)
+        self.assertEqual(replies[1].body, b"after")
+
+    @defer.inlineCallbacks
+    def test_expect_continue_answered(self):
+        port = yield self.serve()
+        client = yield connect_http(port)
+        self.addCleanup(client.transport.loseConnection)
+        client.send(request("POST", "/", None, {"Content-Length": "4", "Expect": "100-continue"}))
+        yield eventually(lambda: b"100 Continue" in client.raw)
+        client.send(b"body")
+        (reply,) = yield client.responses(1)
+        self.assertEqual(reply.body, b"body")
+
+    @defer.inlineCallbacks
+    def test_upgrade_on_the_same_listener_and_connection(self):
+        port = yield self.serve()
+        ws = yield connect_ws(port)
+        ws.sendMessage(b"ws still works")
+        self.assertEqual(b"".join((yield ws.messages.get())[1]), b"ws still works")
+        yield close_ws(ws)
+        client = yield connect_http(port)
+        self.addCleanup(client.transport.loseConnection)
+        client.send(request("POST", "/", b"plain first"))
+        yield client.responses(1)
+        client.send(request("GET", "/", headers={"Upgrade": "websocket", "Connection": "Upgrade",
+                                                 "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                                                 "Sec-WebSocket-Version": "13"}))
+        yield eventually(lambda: b"101 Switching Protocols" in client.raw)
+
+    @defer.inlineCallbacks
+    def test_idle_timeout_on_a_clock(self):
+        port = yield self.serve({"idle-timeout": 5})
+        clock = Clock()
+        self.gateway.binding("http0").reactor = clock
+        client = yield connect_http(port)
+        client.send(request("POST", "/", b"one"))
+        yield client.responses(1)
+        clock.advance(4)
+        self.assertFalse(client.is_closed)
+        clock.advance(2)
+        yield client.closed
+        self.assertEqual(len(client.replies), 1)  # closed without an unasked-for response
+        self.assertEqual(client.data, b"")
+
+    @defer.inlineCallbacks
+    def test_body_timeout_on_a_clock(self):
+        port = yield self.serve({"body-timeout": 7})
+        clock = Clock()
+        self.gateway.binding("http0").reactor = clock
+        client = yield connect_http(port)
+        client.send(request("POST", "/", None, {"Content-Length": "10"}) + b"abc")
+        yield eventually(lambda: b"abc" in client.raw)  # echo streamed the first bytes back
+        clock.advance(6)
+        self.assertFalse(client.is_closed)
+        clock.advance(2)
+        yield client.closed  # a response had begun: cut off, never completed
+
+
+class LimitTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def exchange(self, raw: bytes, options: dict[str, Any] | None = None) -> Any:
+        gateway, port = yield start_gateway(self, plain_chain(options))
+        client = yield connect_http(port)
+        client.send(raw)
+        yield client.closed
+        self.events = gateway.events_text.getvalue()
+        return client
+
+    @defer.inlineCallbacks
+    def assertRefused(self, raw: bytes, status: int, options: dict[str, Any] | None = None) -> Any:
+        client = yield self.exchange(raw, options)
+        self.assertTrue(client.raw.startswith(f"HTTP/1.1 {status} ".encode()), client.raw[:80])
+        self.assertNotIn(b"server:", client.raw.lower())
+        self.assertIn(f"BINDING_HTTP_REQUEST_REJECTED - {status}", self.events)
+
+    def test_both_framings_refused(self):
+        return self.assertRefused(request("POST", "/", None, {"Transfer-Encoding": "chunked",
+                                                              "Content-Length": "3"}) + b"abc", 400)
+
+    def test_unknown_coding_refused(self):
+        return self.assertRefused(request("POST", "/", None, {"Transfer-Encoding": "gzip"}), 400)
+
+    @defer.inlineCallbacks
+    def test_malformed_chunk_cuts_the_exchange(self):
+        """Echo's response has begun: a broken chunk ends the connection, never a whole reply."""
+        client = yield self.exchange(request("POST", "/", None, {"Transfer-Encoding": "chunked"}) + b"zz\r\n")
+        self.assertTrue(client.is_closed)
+        self.assertEqual(client.replies, [])  # aborted: what echo had begun never completes
+
+    def test_body_over_the_limit_refused(self):
+        return self.assertRefused(request("POST", "/", b"x" * 11), 413, {"max-request-body": 10})
+
+    def test_chunked_body_over_the_limit_cut_off(self):
+        """Echo answers as the body arrives; a chunk past the limit ends the connection."""
+        raw = request("POST", "/", None, {"Transfer-Encoding": "chunked"}) + b"5\r\nhello\r\n9\r\n"
+        d = self.exchange(raw, {"max-request-body": 8})
+
+        def check(client: Any) -> None:
+            self.assertTrue(client.is_closed)
+            self.assertEqual(client.replies, [])  # never a complete response
+        return d.addCallback(check)
+
+    def test_head_limit_applies(self):
+        return self.assertRefused(request("GET", "/", headers={"X-Big": "x" * 9000}), 431)
+
+    def test_origin_form_required(self):
+        return self.assertRefused(request("GET", "http://elsewhere/"), 400)
+
+    def test_host_checked(self):
+        return self.assertRefused(request("GET", "/", host="user@host"), 400)
+
+    @defer.inlineCallbacks
+    def test_secrets_redacted_in_events(self):
+        gateway, port = yield start_gateway(self, plain_chain())
+        client = yield connect_http(port)
+        self.addCleanup(client.transport.loseConnection)
+        client.send(request("GET", "/x?access_token=s3cr3t&a=1"))
+        yield client.responses(1)
+        events = gateway.events_text.getvalue()
+        self.assertIn("BINDING_HTTP_REQUEST_ACCEPTED", events)
+        self.assertNotIn("s3cr3t", events)
+
+
+class AccessControlTests(unittest.TestCase):
+    CROSS = {"access-control": {"policy": "cross-origin", "allow": {"origins": ["https://app.example"]}}}
+
+    @defer.inlineCallbacks
+    def exchange(self, raw: bytes, options: dict[str, Any] | None) -> Any:
+        gateway, port = yield start_gateway(self, plain_chain(copy.deepcopy(options)))
+        client = yield connect_http(port)
+        self.addCleanup(client.transport.loseConnection)
+        client.send(raw)
+        return client
+
+    @defer.inlineCallbacks
+    def test_preflight_answered_and_connection_kept(self):
+        client = yield self.exchange(request("OPTIONS", "/", headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST"}), self.CROSS)
+        (reply,) = yield client.responses(1)
+        self.assertEqual(reply.status, 204)
+        self.assertEqual(reply.headers["access-control-allow-origin"], "https://app.example")
+        self.assertEqual(reply.headers["access-control-allow-methods"], "*")  # allow.methods unset: all
+        client.send(request("POST", "/", b"then", {"Origin": "https://app.example"}))
+        replies = yield client.responses(2)
+        self.assertEqual(replies[1].body, b"then")
+        self.assertEqual(replies[1].headers["access-control-allow-origin"], "https://app.example")
+        self.assertEqual(replies[1].headers["vary"], "Origin")
+
+    @defer.inlineCallbacks
+    def test_preflight_from_another_origin_refused(self):
+        client = yield self.exchange(request("OPTIONS", "/", headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}), self.CROSS)
+        yield client.closed
+        self.assertTrue(client.raw.startswith(b"HTTP/1.1 403 "))
+
+    @defer.inlineCallbacks
+    def test_same_origin_refuses_a_foreign_page(self):
+        client = yield self.exchange(request("POST", "/", b"x", {"Origin": "https://evil.example"}), None)
+        yield client.closed
+        self.assertTrue(client.raw.startswith(b"HTTP/1.1 403 "))
+
+    @defer.inlineCallbacks
+    def test_exposed_headers_named(self):
+        options = copy.deepcopy(self.CROSS)
+        options["access-control"]["expose"] = {"headers": ["x-extra"]}
+        client = yield self.exchange(request("POST", "/", b"x", {"Origin": "https://app.example",
+                                                                 "Content-Type": "text/plain"}), options)
+        (reply,) = yield client.responses(1)
+        self.assertEqual(reply.headers["access-control-allow-origin"], "https://app.example")
+        self.assertNotIn("access-control-expose-headers", reply.headers)  # content-type is safelisted
