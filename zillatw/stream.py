@@ -15,12 +15,13 @@ wait (a proxy waiting for its upstream). Refusal is `raise StreamRefused(status,
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 CONTINUATION, TEXT, BINARY = 0x0, 0x1, 0x2
 
@@ -89,6 +90,25 @@ class IStreamEnd(IPushProducer):
         """The other side closed with `code` (NO_STATUS, ABNORMAL, or a wire close code)."""
 
 
+class IEvictableEnd(IStreamEnd):
+    """A stream end that can close behind what it has queued (a ws connection): a fan
+    evicting a slow member lets it read its backlog and the close first."""
+
+    def stream_evicted(code: int, reason: str, drain_timeout: float) -> None:
+        """Close with `code` after what is queued; abort if not drained in `drain_timeout` s."""
+
+
+class IHttpUpstream(Interface):
+    """An http client as a ws client's exit: the upgrade request's headers as the client's
+    overrides make them, and the connection to the upstream."""
+
+    def request_headers(headers: Mapping[str, str]) -> dict[str, str]:
+        """The request's headers (`:scheme :authority :path` and the rest) with the overrides."""
+
+    def connect(factory: Any, headers: dict[str, str], timeout: float) -> Any:
+        """Connect `factory`'s protocol to where `headers` route: a Deferred of it."""
+
+
 class IStreamExit(Interface):
     """A binding that accepts streams (echo, fan, ws client)."""
 
@@ -121,6 +141,9 @@ class IHttpConnection(Interface):
 class IUpstreamConnector(Interface):
     """A client binding that opens byte connections upstream (tcp client, tls client); a
     binding that takes byte connections is a Twisted IProtocolFactory (http, tls server)."""
+
+    host = Attribute("The one host it connects to as configured, or None (a pool, a tls client, "
+                     "a tcp client routing by authority): the name a tls client in front sends and verifies")
 
     def connect(factory: Any, authority: str | None, timeout: float) -> Any:
         """Connect `factory`'s protocol upstream: a Deferred of it, failing with why not."""

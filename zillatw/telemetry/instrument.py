@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IProtocolFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
-from zillatw.stream import ABNORMAL, IHttpRequestExit, IStreamEnd, IStreamExit, StreamRefused
+from zillatw.stream import ABNORMAL, IEvictableEnd, IHttpRequestExit, IStreamEnd, IStreamExit, StreamRefused
 from zillatw.telemetry.events import BindingEvents
 from zillatw.telemetry.sessions import request_fields
 from zillatw.twistedcompat import CountedTransport
@@ -136,6 +136,16 @@ class _ToPeer:
         self._end.stream_end(code, reason)
 
 
+@implementer(IEvictableEnd)
+class _ToEvictablePeer(_ToPeer):
+    """_ToPeer for a peer that closes behind its queue when a fan evicts it (a ws connection)."""
+    __slots__ = ()
+
+    def stream_evicted(self, code: int, reason: str, drain_timeout: float) -> None:
+        self._stream.end_sent(code)
+        self._end.stream_evicted(code, reason, drain_timeout)  # type: ignore[attr-defined]
+
+
 def metered_open(open_: Any, m: BindingMetrics | None, count_received: bool = True,
                  on_open: Any = None, on_refused: Any = None) -> Any:
     """An exit's `open(info, peer)` that meters the stream for `m`'s binding (opens, data,
@@ -162,7 +172,7 @@ def metered_open(open_: Any, m: BindingMetrics | None, count_received: bool = Tr
             if count_received:
                 m.opens_received += 1
             stream = _Stream(m)
-            peer = _ToPeer(peer, stream)
+            peer = (_ToEvictablePeer if IEvictableEnd.providedBy(peer) else _ToPeer)(peer, stream)
         try:
             end = open_(info, peer)
         except StreamRefused as e:

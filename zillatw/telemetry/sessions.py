@@ -26,7 +26,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from zillatw.stream import ABNORMAL, IStreamEnd, IStreamExit, StreamInfo
+from zillatw.stream import ABNORMAL, IEvictableEnd, IStreamEnd, IStreamExit, StreamInfo
 
 CLIENT, GATEWAY, UPSTREAM = "client", "gateway", "upstream"
 
@@ -120,7 +120,7 @@ class _FromClient:
         return getattr(self._end, name)
 
 
-@implementer(IStreamEnd)
+@implementer(IEvictableEnd)
 class _ToClient:
     """The ws server's connection as the exit sees it: what passes through goes to the client."""
 

@@ -38,7 +38,16 @@ from zillatw.config import BindingConfig
 from zillatw.config.plugins import BindingType, IDrainsGracefully, IRunsInBackground
 from zillatw.config.schema import FORBIDDEN
 from zillatw.errors import ConfigError
-from zillatw.stream import BINARY, CONTINUATION, IBytesEnd, IBytesExit, IStreamEnd, IStreamExit, StreamInfo
+from zillatw.stream import (
+    BINARY,
+    CONTINUATION,
+    IBytesEnd,
+    IBytesExit,
+    IEvictableEnd,
+    IStreamEnd,
+    IStreamExit,
+    StreamInfo,
+)
 
 MAX_LAG = 4 * 1024 * 1024  # bytes queued for a member whose socket is full
 MAX_LAG_MESSAGES = 4096    # ... and messages (each a Python object in the transport's buffer)
@@ -187,9 +196,8 @@ class FanGroup:
         reason = "fan member too slow: messages were not read in time"
         # A ws connection lets the member read its backlog and the 1013 before it closes;
         # any other stream end just ends.
-        evicted = getattr(member.peer, "stream_evicted", None)
-        if evicted is not None:
-            evicted(SLOW, reason, self.server.drain_timeout)
+        if IEvictableEnd.providedBy(member.peer):
+            member.peer.stream_evicted(SLOW, reason, self.server.drain_timeout)
         else:
             member.peer.stream_end(SLOW, reason)
 
@@ -235,7 +243,7 @@ class FanGroup:
         self.stream_end(1001, "fan group's exit went away")
 
 
-@implementer(IStreamEnd)
+@implementer(IEvictableEnd)
 class _BytesPeer:
     """A byte member's connection as the group sees it: each unit goes out as its bytes."""
 

@@ -32,7 +32,7 @@ from zillatw.bindings.http.auth import CONVENTIONAL_SECRETS, PLACEHOLDER, HttpAu
 from zillatw.matching import Matcher, matcher
 from zillatw.config.plugins import BindingType, IDrainsGracefully
 from zillatw.config.schema import FORBIDDEN, NAME, refused, route_schema
-from zillatw.stream import IHttpConnection, StreamRefused
+from zillatw.stream import IHttpUpstream, IHttpConnection, StreamRefused
 from zillatw.stream import IHttpConnection, IHttpExit, StreamRefused
 from zillatw.wire.http1body import BodyError, request_framing
 from zillatw.bindings.http import plain as http_plain
@@ -213,7 +213,7 @@ class HeaderRoutes:
         return None
 
 
-@implementer(IHttpRequestExit, IDrainsGracefully)
+@implementer(IHttpRequestExit, IHttpUpstream, IDrainsGracefully)
 class HttpClient:
     """The http client binding: picks the exit (tcp client) for an upstream request. The
     upgrade request itself is written by the ws client's protocol; plain requests are

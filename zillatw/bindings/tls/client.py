@@ -186,6 +186,8 @@ class TlsClient:
     """The tls client binding: `connect(factory, authority, timeout)` like a tcp client; the
     Deferred fires once the TLS handshake is done and the upstream's name verified."""
 
+    host = None  # its upstream is its exit's: a tls client in front of it names the authority's host
+
     def __init__(self, name: str, routes: list[tuple[Route, Any]], *, keys: Sequence[KeyEntry] = (),
                  trust: PeerTrust = SYSTEM_TRUST,
                  sni: Sequence[str] = (), alpn: Sequence[str] = (), version: str = "TLS",
@@ -214,7 +216,7 @@ class TlsClient:
         host, else the host of the stream's authority."""
         if self.sni:
             return self.sni[0]
-        return getattr(exit_, "host", None) or host
+        return exit_.host or host
 
     def connect(self, factory: IProtocolFactory, authority: str | None, timeout: float) -> defer.Deferred:
         host, port = _split_authority(authority)

@@ -28,6 +28,7 @@ from zillatw.bindings.ws.routes import WsRoutes
 from zillatw.config import Route
 from zillatw.config.plugins import IHoldsConnections
 from zillatw.stream import (
+    IHttpUpstream,
     IStreamEnd,
     IStreamExit,
     StreamInfo,
@@ -91,11 +92,12 @@ class WsClient:
         headers = {":scheme": info.scheme or "http", ":authority": info.authority or "localhost",
                    ":path": info.path or "/"}
         # The http client's overrides change the request written upstream, not where it goes.
-        request = getattr(found[1], "request_headers", dict)(headers)
+        upstream: IHttpUpstream = found[1]
+        request = upstream.request_headers(headers)
         offer = info.offer
         protocols = offer.offered if offer is not None else ((info.protocol,) if info.protocol else ())
         attempt = _Upstream(self, peer, request, protocols, offer, info.compressing)
-        connecting = found[1].connect(attempt, headers, self.timeout)
+        connecting = upstream.connect(attempt, headers, self.timeout)
         connecting.addErrback(_connect_failed, attempt.opened)
         timeout = self.reactor.callLater(self.timeout, attempt.timed_out)
 

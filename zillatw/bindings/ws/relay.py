@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from zillatw.stream import ABNORMAL, CONTINUATION, NO_STATUS, IStreamEnd
+from zillatw.stream import ABNORMAL, CONTINUATION, NO_STATUS, IEvictableEnd, IStreamEnd
 from zillatw.twistedcompat import write_sequence
 from zillatw.wire import CloseCode, CloseReceived, Connection, Failed, Fragment, Ping, Pong, State, is_wire_code
 
@@ -121,7 +121,7 @@ class Deadlines:
             self._call = self.reactor.callLater(max(0.0, due[next(iter(due))] - self.reactor.seconds()), self._run)
 
 
-@implementer(IProtocol, IStreamEnd)
+@implementer(IProtocol, IEvictableEnd)
 class WsRelay:
     """The relay; subclasses do the handshake, then call `start(connection, peer)`.
     `binding` gives the settings: reactor, close_timeout, ping_interval, ping_timeout."""
