@@ -252,6 +252,27 @@ class ForwardingTests(ProxyCase):
         self.assertEqual(len(self.upstream.connections), 1)
 
     @defer.inlineCallbacks
+    def test_pooled_connection_closed_after_the_idle_timeout_on_a_clock(self):
+        yield self.serve({"idle-timeout": 8})
+        clock = Clock()
+        self.gateway.binding("http_client0").forwarder.reactor = clock
+        client = yield self.client()
+        client.send(request("GET", "/count"))
+        yield client.responses(1)
+        clock.advance(7)
+        client.send(request("GET", "/count"))  # reused before the timeout: its clock starts again
+        yield client.responses(2)
+        self.assertEqual(len(self.upstream.connections), 1)
+        clock.advance(7)
+        self.assertEqual(self.upstream.lost, 0)
+        clock.advance(2)
+        yield eventually(lambda: self.upstream.lost == 1)
+        self.assertEqual(self.gateway.binding("http_client0").open_count(), 0)
+        client.send(request("GET", "/count"))  # the next request opens a new one
+        yield client.responses(3)
+        self.assertEqual(len(self.upstream.connections), 2)
+
+    @defer.inlineCallbacks
     def test_concurrent_requests_open_connections_up_to_the_bound(self):
         yield self.serve({"max-connections": 2})
         clients = []

@@ -320,6 +320,7 @@ class HttpServerProtocol(Protocol):
     _idle = False         # kept alive, waiting for the next request
     _feeding = False      # serving pipelined bytes (request_done only queues them)
     _queued = b""
+    relaying = False      # TCP_NODELAY set for plain exchanges
 
     def connectionMade(self) -> None:
         factory = self.factory

@@ -28,8 +28,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from zillatw.bindings.ws.relay import no_delay
 from zillatw.stream import HttpHead, IHttpExchangeEnd, StreamRefused
 from zillatw.telemetry.events import Events
+from zillatw.twistedcompat import write, write_sequence
 from zillatw.wire.http1 import ResponseError, ResponseHeadParser
 from zillatw.wire.http1body import (
     LAST_CHUNK,
@@ -236,25 +238,48 @@ class UpstreamConnection(Protocol):
     transport: Any  # a TCP or TLS transport: a push producer too
     lost = False
     _idle_timer: Any = None
+    _idle_since: float | None = None
 
     def __init__(self, pool: UpstreamPool):
         self.pool = pool
         self.transport = None
 
+    def connectionMade(self) -> None:
+        no_delay(self.transport)  # requests go out as they come: Nagle would hold them
+
     def usable(self) -> bool:
         return not self.lost and self.transport is not None
 
     def enter_idle(self, reactor: Any, timeout: float) -> None:
+        """Back in the pool. One timer per connection, re-armed only when it fires (not
+        per request): it closes the connection once it has been idle for `timeout`."""
         self.exchange = None
-        self._idle_timer = reactor.callLater(timeout, self.close)
+        self._idle_since = reactor.seconds()
+        self._reactor, self._idle_timeout = reactor, timeout
+        if self._idle_timer is None:
+            self._idle_timer = reactor.callLater(timeout, self._idle_check)
 
     def leave_idle(self) -> None:
+        self._idle_since = None  # busy: a pending timer finds so and lets go
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        if self.lost or self._idle_since is None:
+            return
+        remaining = self._idle_since + self._idle_timeout - self._reactor.seconds()
+        if remaining > 0:
+            self._idle_timer = self._reactor.callLater(remaining, self._idle_check)
+        else:
+            self.close()
+
+    def _cancel_idle_timer(self) -> None:
+        self._idle_since = None
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.cancel()
         self._idle_timer = None
 
     def close(self) -> None:
-        self.leave_idle()
+        self._cancel_idle_timer()
         if not self.lost and self.transport is not None:
             self.transport.loseConnection()
 
@@ -266,7 +291,7 @@ class UpstreamConnection(Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.lost = True
-        self.leave_idle()
+        self._cancel_idle_timer()
         self.pool.lost(self)
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
@@ -324,7 +349,7 @@ class UpstreamExchange:
         self.connection, self.reused = connection, reused
         connection.exchange = self
         transport = connection.transport
-        transport.write(request_bytes(self.head))
+        write(transport, request_bytes(self.head))
         if self.early:
             for piece in self.early:
                 self._send(piece)
@@ -474,9 +499,9 @@ class UpstreamExchange:
         assert self.connection is not None
         self.body_sent = True
         if self.head.length is None:
-            self.connection.transport.writeSequence(chunk(data))
+            write_sequence(self.connection.transport, chunk(data))
         else:
-            self.connection.transport.write(data)
+            write(self.connection.transport, data)
 
     def exchange_end(self) -> None:
         if self.finished:
@@ -489,7 +514,7 @@ class UpstreamExchange:
         connection = self.connection
         assert connection is not None
         if self.head.length is None:
-            connection.transport.write(LAST_CHUNK)
+            write(connection.transport, LAST_CHUNK)
         if self._producing:
             self._producing = False
             connection.transport.unregisterProducer()

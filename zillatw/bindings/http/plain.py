@@ -19,7 +19,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from zillatw.bindings.ws.relay import no_delay
 from zillatw.stream import HttpHead, IHttpExchangeEnd, IHttpRequestExit, StreamRefused
+from zillatw.twistedcompat import write, write_sequence
 from zillatw.wire.http1 import Request
 from zillatw.wire.http1body import LAST_CHUNK, BodyDecoder, BodyError, Framing, chunk, end_to_end_headers
 
@@ -81,6 +83,9 @@ def start(protocol: "HttpServerProtocol", exit_: Any, request: Request, headers:
         return
     exchange = ServerExchange(protocol, request, headers, kind)
     exchange.decoder = decoder
+    if not protocol.relaying:
+        protocol.relaying = True
+        no_delay(protocol.transport)  # responses go out as they come: Nagle would hold them
     head = request_head(headers, length if kind is not Framing.CHUNKED else None)
     protocol.exchange = exchange
     if request.version >= (1, 1) and kind is not Framing.NONE \
@@ -266,7 +271,7 @@ class ServerExchange:
         elif self.request.version < (1, 1):
             lines.append("Connection: keep-alive")  # an HTTP/1.0 client keeps it only when told
         self.no_body = bodiless
-        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        write(self.transport, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         if self.exit_end is not None:
             self.register()
 
@@ -280,9 +285,9 @@ class ServerExchange:
         if self.finished or self.no_body or not data:
             return
         if self.chunked:
-            self.transport.writeSequence(chunk(data))
+            write_sequence(self.transport, chunk(data))
         else:
-            self.transport.write(data)
+            write(self.transport, data)
 
     def exchange_end(self) -> None:
         if self.finished:
@@ -290,7 +295,7 @@ class ServerExchange:
         if not self.head_sent:
             self.exchange_head(HttpHead({":status": "200"}, 0))
         if self.chunked and not self.no_body:
-            self.transport.write(LAST_CHUNK)
+            write(self.transport, LAST_CHUNK)
         self.finished = True
         self._unregister()
         if self.opening:
