@@ -18,6 +18,7 @@ from autobahn.websocket.compress import (
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -68,6 +69,13 @@ def on_ephemeral_port(config: dict[str, Any], tcp: str) -> dict[str, Any]:
     for route in binding.get("routes", []):
         route.pop("when", None)
     return config
+
+
+def port_of(listening: IListeningPort) -> int:
+    """The port a listener on port 0 was given."""
+    address = listening.getHost()
+    assert isinstance(address, IPv4Address)
+    return address.port
 
 
 @defer.inlineCallbacks

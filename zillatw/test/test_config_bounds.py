@@ -19,10 +19,19 @@ from twisted.trial import unittest
 
 from zillatw import build_gateway, load_config
 from zillatw.config import load
+from zillatw.config.yamlload import (
+    DEFAULT_LIMITS,
+    MAX_BYTES,
+    MAX_DEPTH,
+    MAX_NODES,
+    Limits,
+    limit_flags,
+    limits_from,
+    load_text,
+)
 from zillatw.errors import ConfigError
 from zillatw.runtime.standard import standard_registry
 from zillatw.test.support import CONF, chain
-from zillatw.config.yamlload import DEFAULT_LIMITS, MAX_BYTES, MAX_DEPTH, MAX_NODES, Limits, limit_flags, limits_from, load_text
 
 ECHO = Path(CONF, "ws.echo.yaml").read_text()
 
@@ -171,7 +180,8 @@ class BoundsTests(Files):
         self.assertEqual(self.refused("name: t\n? [a]\n: 1\n"),
                          "FILE:2:3: a mapping key must be a scalar, not a mapping or a list")
         self.assertEqual(self.refused("name: t\nport: " + "9" * 5000 + "\n"),
-                         "FILE:2:7: '9999999999999999999999999999999999999999... (5,000 characters)' is not a valid int")
+                         "FILE:2:7: '9999999999999999999999999999999999999999... (5,000 characters)' "
+                         "is not a valid int")
         self.assertEqual(self.refused("name: t\nbindings:\n\tx: 1\n"),
                          "FILE:3:1: invalid YAML: found character that cannot start any token (a tab: YAML "
                          "indents with spaces only)" if self.loader in (None, yaml.CSafeLoader) else

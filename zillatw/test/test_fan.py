@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -18,15 +19,25 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from zillatw import ConfigError, build_gateway
-from zillatw.config import Route
 from zillatw.bindings.echo.binding import EchoServer
-from zillatw.bindings.fan.binding import DRAIN_TIMEOUT, MAX_LAG, MAX_LAG_MESSAGES, FanServer
+from zillatw.bindings.fan.binding import DRAIN_TIMEOUT, MAX_LAG, MAX_LAG_MESSAGES, FanMember, FanServer
 from zillatw.bindings.http.binding import HttpServer
 from zillatw.bindings.ws.binding import WsServer
+from zillatw.config import Route
 from zillatw.stream import BINARY, IStreamEnd, StreamInfo
+from zillatw.test.support import (
+    RawClient,
+    chain,
+    client_frame,
+    connect_ws,
+    eventually,
+    parse_server_frames,
+    split_response,
+    start_gateway,
+    upgrade_request,
+    wait,
+)
 from zillatw.test.test_tls import PASSWORD, TlsTestCase, client_tls, connect_wss, tls_chain
-from zillatw.test.support import (RawClient, chain, client_frame, connect_ws, eventually, parse_server_frames,
-                                  split_response, start_gateway, upgrade_request, wait)
 
 
 @implementer(IStreamEnd)
@@ -59,8 +70,13 @@ class EvictionBoundsTests(unittest.SynchronousTestCase):
         self.fan = FanServer("fan", EchoServer(), max_lag=1000, max_lag_messages=5)
         self.publisher_end = Member()
         self.slow_end = Member()
-        self.publisher = self.fan.open(StreamInfo(), self.publisher_end)
-        self.slow = self.fan.open(StreamInfo(), self.slow_end)
+        self.publisher = self.join(self.publisher_end)
+        self.slow = self.join(self.slow_end)
+
+    def join(self, end: Member) -> FanMember:
+        member = self.fan.open(StreamInfo(), end)
+        assert isinstance(member, FanMember)  # a fan without Redis opens at once
+        return member
 
     def publish(self, size: int, count: int = 1) -> None:
         for _ in range(count):
@@ -145,7 +161,7 @@ class DrainTimeoutTests(unittest.SynchronousTestCase):
 
     def member(self) -> tuple[Any, HalfClosingTransport]:
         transport = HalfClosingTransport()
-        protocol = self.http.buildProtocol(None)
+        protocol = self.http.buildProtocol(IPv4Address("TCP", "127.0.0.1", 0))
         protocol.makeConnection(transport)
         protocol.dataReceived(upgrade_request())
         status, _, _ = split_response(transport.value())
@@ -154,7 +170,9 @@ class DrainTimeoutTests(unittest.SynchronousTestCase):
         return protocol, transport
 
     def evict_slow(self) -> None:
-        self.slow_transport.producer.pauseProducing()  # what Twisted does when its buffer is full
+        producer = self.slow_transport.producer
+        assert producer is not None  # the ws connection registered itself
+        producer.pauseProducing()  # what Twisted does when its buffer is full
         self.slow_transport.pauseProducing()
         self.publisher.dataReceived(client_frame(0x2, b"backlog"))
         self.assertEqual(self.fan.members(), 1)

@@ -7,8 +7,18 @@ import hashlib
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from zillatw.test.support import (chain, client_frame, close_ws, connect_raw, connect_ws, eventually,
-                                  parse_server_frames, split_response, start_gateway, upgrade_request)
+from zillatw.test.support import (
+    chain,
+    client_frame,
+    close_ws,
+    connect_raw,
+    connect_ws,
+    eventually,
+    parse_server_frames,
+    split_response,
+    start_gateway,
+    upgrade_request,
+)
 
 MESSAGE = 64 * 1024
 

@@ -7,14 +7,28 @@ from __future__ import annotations
 import time
 import tracemalloc
 import zlib
+from collections.abc import Generator
+from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from zillatw import ConfigError, build_gateway
+from zillatw.test.support import (
+    OnAClock,
+    chain,
+    client_frame,
+    close_ws,
+    connect_raw,
+    connect_ws,
+    eventually,
+    parse_server_frames,
+    split_response,
+    start_gateway,
+    upgrade_request,
+    wait,
+)
 from zillatw.wire import deflate
-from zillatw.test.support import (OnAClock, chain, client_frame, close_ws, connect_raw, connect_ws, eventually,
-                                  parse_server_frames, split_response, start_gateway, upgrade_request, wait)
 
 MiB = 1024 * 1024
 
@@ -28,7 +42,7 @@ def close_code(frames: list[tuple[int, bool, bytes]]) -> int | None:
 
 
 @defer.inlineCallbacks
-def raw_upgrade(port: int, headers: dict[str, str] | None = None) -> defer.Deferred:
+def raw_upgrade(port: int, headers: dict[str, str] | None = None) -> Generator[Any, Any, Any]:
     """A raw client after its upgrade request's response head: (client, status line,
     response headers, offset of the first byte after the head)."""
     raw = yield connect_raw(port)
@@ -269,7 +283,7 @@ class ConnectionCapTests(unittest.TestCase):
 def cross_origin(allow: dict | None = None) -> dict:
     """The test chain whose http server lets other origins in (`allow` as Zilla's)."""
     config = chain()
-    access = {"policy": "cross-origin"}
+    access: dict[str, Any] = {"policy": "cross-origin"}
     if allow is not None:
         access["allow"] = allow
     config["bindings"]["http0"]["options"] = {"access-control": access}
@@ -285,7 +299,7 @@ class OriginTests(unittest.TestCase):
             "origins": ["https://app.example.com", "https://*.example.org", "http://localhost:*"]}))
 
     @defer.inlineCallbacks
-    def status_for(self, origin: str | None) -> defer.Deferred:
+    def status_for(self, origin: str | None) -> Generator[Any, Any, str]:
         raw, status, _, _ = yield raw_upgrade(self.port, {"Origin": origin} if origin else None)
         raw.transport.loseConnection()
         yield raw.done

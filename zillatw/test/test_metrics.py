@@ -17,9 +17,21 @@ from twisted.web.client import Agent, readBody
 
 from zillatw import ConfigError, build_gateway
 from zillatw.telemetry.metrics import MeteredExit
-from zillatw.test.support import (CONF, OnAClock, chain, client_frame, close_ws, connect_raw, connect_ws, eventually,
-                                  parse_server_frames, raw_exchange, split_response, start_gateway,
-                                  upgrade_request)
+from zillatw.test.support import (
+    CONF,
+    OnAClock,
+    chain,
+    client_frame,
+    close_ws,
+    connect_raw,
+    connect_ws,
+    eventually,
+    parse_server_frames,
+    raw_exchange,
+    split_response,
+    start_gateway,
+    upgrade_request,
+)
 
 STREAM = ["stream.active.received", "stream.active.sent", "stream.opens.received", "stream.opens.sent",
           "stream.data.received", "stream.data.sent", "stream.errors.received", "stream.errors.sent",
@@ -130,8 +142,8 @@ class PrometheusTests(unittest.TestCase):
         self.assertGreater(http0["stream_data_sent_bytes_total"], 1650 + 30 * 2)
         self.assertEqual(of(samples, "tcp0"), {}, "tcp0 has no telemetry.metrics: it records nothing")
         # http.duration: one observation per request (connection), in milliseconds
-        self.assertEqual((http0["http_duration_milliseconds_count"], http0['http_duration_milliseconds_bucket{le="+Inf"}']),
-                         (4, 4))
+        self.assertEqual((http0["http_duration_milliseconds_count"],
+                          http0['http_duration_milliseconds_bucket{le="+Inf"}']), (4, 4))
         self.assertEqual(http0['http_duration_milliseconds_bucket{le="86400000.0"}'], 4)
         self.assertGreater(http0["http_duration_milliseconds_sum"], 0)
         self.assertLess(http0["http_duration_milliseconds_sum"], 4 * 60_000)

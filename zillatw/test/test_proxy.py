@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+from collections.abc import Callable
+from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer, reactor
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.trial import unittest
 
-from zillatw.test.support import ReactorTimer, chain, close_ws, connect_ws, eventually, start_gateway, wait
+from zillatw.test.support import ReactorTimer, chain, close_ws, connect_ws, eventually, port_of, start_gateway, wait
 from zillatw.wire import deflate
 from zillatw.wire.handshake import accept_key
 
@@ -21,7 +23,7 @@ MESSAGE = 512 * 1024
 
 
 def proxy_config(upstream_port: int, **client_options) -> dict:
-    ws_client = {"type": "ws", "kind": "client", "exit": "south_http_client"}
+    ws_client: dict[str, Any] = {"type": "ws", "kind": "client", "exit": "south_http_client"}
     if client_options:
         ws_client["options"] = client_options
     return chain(ws_routes=[{"exit": "south_ws_client"}], apps={
@@ -331,6 +333,14 @@ class _Answering(Protocol):
             self.factory.answer = None
 
 
+class _AnsweringFactory(ServerFactory):
+    protocol = _Answering
+
+    def __init__(self, answer: Callable[[dict[str, str]], bytes]):
+        self.answer: Callable[[dict[str, str]], bytes] | None = answer
+        self.heads: list[dict[str, str]] = []
+
+
 def _switching(accept: str, *extra: str) -> bytes:
     return ("\r\n".join(["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
                          f"Sec-WebSocket-Accept: {accept}", *extra]) + "\r\n\r\n").encode("latin-1")
@@ -342,11 +352,10 @@ class UpstreamAnswerTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def refused_with(self, answer, detail: str, protocols=None):
-        factory = Factory.forProtocol(_Answering)
-        factory.answer, factory.heads = answer, []
+        factory = _AnsweringFactory(answer)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        gateway, gateway_port = yield start_gateway(self, proxy_config(port.getHost().port))
+        gateway, gateway_port = yield start_gateway(self, proxy_config(port_of(port)))
         failure = yield self.assertFailure(connect_ws(gateway_port, protocols=protocols), ConnectionError)
         self.assertIn("502", str(failure))
         self.assertIn(detail, gateway.events_text.getvalue())
@@ -387,12 +396,10 @@ class UpstreamAnswerTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_frames_right_behind_the_101_are_relayed(self):
-        factory = Factory.forProtocol(_Answering)
-        factory.heads = []
-        factory.answer = lambda h: _switching(accept_key(h["sec-websocket-key"])) + b"\x81\x05hello"
+        factory = _AnsweringFactory(lambda h: _switching(accept_key(h["sec-websocket-key"])) + b"\x81\x05hello")
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        gateway, gateway_port = yield start_gateway(self, proxy_config(port.getHost().port))
+        gateway, gateway_port = yield start_gateway(self, proxy_config(port_of(port)))
         client = yield connect_ws(gateway_port)
         self.assertEqual((yield client.messages.get()), (False, [b"hello"]))
         client.transport.abortConnection()

@@ -15,10 +15,19 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
 
 from zillatw import build_gateway
-from zillatw.runtime.reload import watched_files
 from zillatw.runtime.gateway import load_config
-from zillatw.test.support import (OnAClock, chain, close_ws, connect_raw, connect_ws, eventually, split_response,
-                                  upgrade_request, wait)
+from zillatw.runtime.reload import watched_files
+from zillatw.test.support import (
+    OnAClock,
+    chain,
+    close_ws,
+    connect_raw,
+    connect_ws,
+    eventually,
+    split_response,
+    upgrade_request,
+    wait,
+)
 from zillatw.test.test_tap import ENV, ROOT, TWISTD, Collect, free_port
 
 

@@ -14,8 +14,16 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.trial import unittest
 
 from zillatw import build_gateway
-from zillatw.test.support import (OnAClock, chain, connect_raw, connect_ws, eventually, parse_server_frames,
-                                  split_response, upgrade_request)
+from zillatw.test.support import (
+    OnAClock,
+    chain,
+    connect_raw,
+    connect_ws,
+    eventually,
+    parse_server_frames,
+    split_response,
+    upgrade_request,
+)
 from zillatw.test.test_proxy import proxy_config, start_upstream
 from zillatw.test.test_tap import ENV, ROOT, TWISTD, Collect, free_port
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Generator
+from typing import Any
 
 import fastavro
 from twisted.internet import defer, reactor
@@ -14,13 +16,24 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.trial import unittest
 from twisted.web import resource, server
 
+from zillatw.catalogs.models import compile_schema
 from zillatw.catalogs.registry import Framing
 from zillatw.config import load
 from zillatw.errors import ConfigError
-from zillatw.catalogs.models import compile_schema
 from zillatw.runtime.standard import standard_registry
-from zillatw.test.support import (CONF, chain, close_ws, connect_ws, eventually, on_ephemeral_port, raw_exchange,
-                                  split_response, start_gateway, upgrade_request, wait)
+from zillatw.test.support import (
+    CONF,
+    chain,
+    close_ws,
+    connect_ws,
+    eventually,
+    on_ephemeral_port,
+    raw_exchange,
+    split_response,
+    start_gateway,
+    upgrade_request,
+    wait,
+)
 
 ORDER = {"type": "object", "properties": {"id": {"type": "integer"}, "status": {"type": "string"}},
          "required": ["id", "status"], "additionalProperties": False}
@@ -56,6 +69,8 @@ class Registry(resource.Resource):
         self.requests: list[str] = []
         self.headers: list[dict[str, str]] = []
         self.hold: defer.Deferred | None = None  # answers wait for it when set
+        self.port: Any = None  # the listening port and its URL, once start_registry listens
+        self.url = ""
 
     def render_GET(self, request):  # noqa: N802 - twisted.web's name
         path = request.path.decode()
@@ -97,17 +112,17 @@ class Registry(resource.Resource):
             global_id = versions[number - 1]
             content_id = next(c for c, g in self.content_ids.items() if g == global_id)
             request.setHeader(b"content-type", b"application/json")
-            return json.dumps({"groupId": group, "id": artifact, "version": str(number), "type": self.schemas[global_id][1],
-                               "globalId": global_id, "contentId": content_id, "state": "ENABLED",
-                               "createdBy": "", "createdOn": "2026-11-25T12:00:00+0000"}).encode()
+            return json.dumps({"groupId": group, "id": artifact, "version": str(number),
+                               "type": self.schemas[global_id][1], "globalId": global_id, "contentId": content_id,
+                               "state": "ENABLED", "createdBy": "", "createdOn": "2026-11-25T12:00:00+0000"}).encode()
         if m := re.fullmatch(r"/apis/registry/v2/ids/(globalIds|contentIds)/(\d+)", path):
             kind, number = m.group(1), int(m.group(2))
-            global_id = number if kind == "globalIds" else self.content_ids.get(number)
-            if global_id not in self.schemas:
+            found = number if kind == "globalIds" else self.content_ids.get(number)
+            if found is None or found not in self.schemas:
                 request.setResponseCode(404)
                 return json.dumps({"error_code": 404, "message": f"No artifact with ID '{number}' was found."}).encode()
             request.setHeader(b"content-type", b"application/json")
-            return self.schemas[global_id][0].encode()  # the artifact's content itself
+            return self.schemas[found][0].encode()  # the artifact's content itself
         request.setResponseCode(404)
         return b'{"error_code": 404, "message": "HTTP 404 Not Found"}'
 
@@ -167,7 +182,7 @@ class ValidationCase(unittest.TestCase):
         self.assertEqual((got_binary, b"".join(frames)), (binary, payload))
 
     @defer.inlineCallbacks
-    def refused_status(self, path: str = "/") -> str:
+    def refused_status(self, path: str = "/") -> Generator[Any, Any, str]:
         """The refusal's status line and its body's first line, as 'HTTP/1.1 503 ...: body'."""
         data = yield raw_exchange(self.port, upgrade_request(path))
         status, _, body = split_response(data)

@@ -16,9 +16,9 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from zillatw.runtime.workers import Supervisor
 from zillatw.test.support import chain, close_ws, connect_raw, connect_ws, eventually, upgrade_request, wait
 from zillatw.test.test_tap import ENV, ROOT, TWISTD, Collect, free_port
-from zillatw.runtime.workers import Supervisor
 
 
 def server_pid(client, pids):
