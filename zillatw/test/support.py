@@ -1,27 +1,52 @@
-"""Test support: gateways on ephemeral loopback ports, an Autobahn client that records frames,
-and a raw TCP client for handshakes and frames no well-behaved client would send."""
+"""Test support: what more than one test module uses lives here, and no test module imports
+another (zillatw.test.test_structure fails if one does).
+
+- support.py (this module): gateways on ephemeral loopback ports or on a clock (OnAClock), the
+  configurations tests start from (chain, echo_chain, proxy_config), an Autobahn client that
+  records frames, a raw TCP client for handshakes and frames no well-behaved client would send,
+  an upstream WebSocket server, and twistd in a child process (TWISTD, Collect, spawn_workers).
+- pki.py: keys and certificates made at run time, the TLS clients and servers that use them
+  (tls_chain, connect_wss, TlsTestCase), JWT signing keys and guarded configurations.
+- wire_support.py, wire_echo.py: the sans-IO core's tests (zillatw.wire) and their echo server.
+- reference_samples.py: a value for every key of docs/config-reference.md (test_reference).
+"""
 
 from __future__ import annotations
 
 import copy
 import io
 import os
+import re
+import signal
+import socket
 import struct
+import sys
+from pathlib import Path
 from typing import Any
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+import yaml
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
 from autobahn.websocket.compress import (
     PerMessageDeflateOffer,
+    PerMessageDeflateOfferAccept,
     PerMessageDeflateResponse,
     PerMessageDeflateResponseAccept,
 )
+from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial import unittest
+from twisted.web.client import Agent, readBody
 
 from zillatw import build_gateway
 
@@ -166,9 +191,10 @@ class RecordingClient(WebSocketClientProtocol):
 
 
 def connect_ws(port: int, path: str = "/", protocols: list[str] | None = None, compress: bool = False,
-               max_message: int = 0) -> defer.Deferred:
-    """An open RecordingClient, or a failure if the handshake is refused."""
-    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}", protocols=protocols or [])
+               max_message: int = 0, headers: dict[str, str] | None = None) -> defer.Deferred:
+    """An open RecordingClient (sending `headers` with its handshake), or a failure if the
+    handshake is refused."""
+    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}", protocols=protocols or [], headers=headers or {})
     factory.protocol = RecordingClient
     factory._batched_timer = ReactorTimer()
     options: dict[str, Any] = {"maxMessagePayloadSize": max_message, "autoFragmentSize": 0}
@@ -293,3 +319,215 @@ def split_response(data: bytes) -> tuple[str, dict[str, str], bytes]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return lines[0], headers, rest
+
+
+# ---------------------------------------------------------------------------- configurations
+
+def echo_chain() -> dict[str, Any]:
+    """tcp -> http -> ws -> echo, as in ws.echo.yaml."""
+    return {
+        "name": "test",
+        "bindings": {
+            "tcp0": {"type": "tcp", "kind": "server", "options": {"host": "0.0.0.0", "port": 7114},
+                     "exit": "http0"},
+            "http0": {"type": "http", "kind": "server",
+                      "routes": [{"when": [{"headers": {"upgrade": "websocket"}}], "exit": "ws0"}]},
+            "ws0": {"type": "ws", "kind": "server", "exit": "echo_server"},
+            "echo_server": {"type": "echo", "kind": "server"},
+        },
+    }
+
+
+def proxy_config(upstream_port: int, **client_options) -> dict:
+    ws_client: dict[str, Any] = {"type": "ws", "kind": "client", "exit": "south_http_client"}
+    if client_options:
+        ws_client["options"] = client_options
+    return chain(ws_routes=[{"exit": "south_ws_client"}], apps={
+        "south_ws_client": ws_client,
+        "south_http_client": {"type": "http", "kind": "client", "exit": "south_tcp_client"},
+        "south_tcp_client": {"type": "tcp", "kind": "client",
+                             "options": {"host": "127.0.0.1", "port": upstream_port}},
+    })
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """'Billion laughs': 9 ** levels strings from about 1 KB of YAML."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "name: bomb\n" + "\n".join(lines) + "\n"
+
+
+def nine_megabytes() -> str:
+    """A valid-looking configuration of 9 MB: ws.echo with 120,000 routes, then a comment to 9 MB."""
+    routes = "".join(f"      - when:\n          - path: /p{i}\n        exit: north_echo_server\n"
+                     for i in range(120_000))
+    text = Path(CONF, "ws.echo.yaml").read_text()
+    text = text.replace("    kind: server\n    exit: north_echo_server\n",
+                        "    kind: server\n    routes:\n" + routes, 1)
+    return text + "#" * max(0, 9_000_000 - len(text)) + "\n"
+
+
+# ---------------------------------------------------------------------------- an upstream WebSocket server
+
+class Upstream(WebSocketServerProtocol):
+    """Echoes; `close:<code>` makes it close with that code, `drop` drops the TCP connection."""
+
+    def onConnect(self, request):
+        self.factory.requests.append(request)
+        if request.path == "/deny":
+            raise ConnectionDeny(404, "no such upstream path")
+        return self.factory.select(request.protocols)
+
+    def onOpen(self):
+        self.factory.connections.append(self)
+
+    def onMessage(self, payload, isBinary):
+        self.factory.received += len(payload)
+        if payload.startswith(b"close:"):
+            self.sendCloseFrame(int(payload[6:]), b"upstream says bye")
+        elif payload == b"drop":
+            self.transport.abortConnection()
+        elif self.factory.echo:
+            self.sendMessage(payload, isBinary)
+
+    def onClose(self, wasClean, code, reason):
+        self.factory.closes.append((code, reason))
+
+
+def start_upstream(case, select=lambda offered: offered[0] if offered else None, echo=True, compress=False):
+    factory = WebSocketServerFactory()
+    factory.protocol = Upstream
+    factory._batched_timer = ReactorTimer()
+    factory.setProtocolOptions(echoCloseCodeReason=True, maxMessagePayloadSize=0, autoFragmentSize=0)
+    if compress:
+        factory.setProtocolOptions(perMessageCompressionAccept=lambda offers: next(
+            (PerMessageDeflateOfferAccept(o) for o in offers if isinstance(o, PerMessageDeflateOffer)), None))
+    factory.requests, factory.closes, factory.connections = [], [], []
+    factory.select, factory.echo, factory.received = select, echo, 0
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    case.addCleanup(port.stopListening)
+    return factory, port.getHost().port
+
+
+# ---------------------------------------------------------------------------- HTTP, raw clients
+
+@defer.inlineCallbacks
+def status_of(port: int, path: str = "/", headers: dict[str, str] | None = None) -> Any:
+    """The status code (int) and headers a handshake gets, over a raw socket."""
+    data = yield raw_exchange(port, upgrade_request(path, headers) + client_frame(0x8, b"\x03\xe8"))
+    status, response_headers, _ = split_response(data)
+    return int(status.split(" ")[1]), response_headers
+
+
+@defer.inlineCallbacks
+def http_get(port: int, path: str = "/metrics") -> Any:
+    """(status code, body text) of a GET on loopback: /metrics by default."""
+    response = yield Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode())
+    body = yield readBody(response)
+    return response.code, body.decode()
+
+
+def buffered(transport) -> int:
+    """Bytes a Twisted TCP transport holds in user space, waiting for the socket."""
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+@defer.inlineCallbacks
+def raw_ws(port: int, protocols: str | None = None):
+    """A raw client past its handshake; returns (client, offset of the first frame byte)."""
+    client = yield connect_raw(port)
+    headers = {"Sec-WebSocket-Protocol": protocols} if protocols else None
+    client.transport.write(upgrade_request(headers=headers))
+    yield client.until(4)
+    while b"\r\n\r\n" not in client.data:
+        yield client.until(len(client.data) + 1)
+    status, _, rest = split_response(client.data)
+    assert "101" in status, status
+    return client, len(client.data) - len(rest)
+
+
+# ---------------------------------------------------------------------------- twistd in a child process
+
+ROOT = os.path.dirname(CONF)
+
+
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+ENV = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Collect(ProcessProtocol):
+    def __init__(self):
+        self.out = b""
+        self.ended: defer.Deferred = defer.Deferred()
+
+    def outReceived(self, data):
+        self.out += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self.ended.callback((reason.value.exitCode, getattr(reason.value, "signal", None)))
+
+
+def server_pid(client, pids):
+    """Which of `pids` holds the server end of a client's TCP connection: the socket whose
+    local and remote addresses are the client's, reversed (/proc/net/tcp), by its inode."""
+    local, remote = client.transport.getHost(), client.transport.getPeer()
+    wanted = (f"0100007F:{remote.port:04X}", f"0100007F:{local.port:04X}")
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    inodes = {row[9] for row in rows if (row[1], row[2]) == wanted}
+    assert len(inodes) == 1, (wanted, inodes)
+    link = f"socket:[{inodes.pop()}]"
+    owners = set()
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == link:
+                    owners.add(pid)
+            except OSError:
+                pass
+    assert len(owners) == 1, (link, owners)
+    return owners.pop()
+
+
+def worker_pids(out):
+    """{worker index: pid} of the latest start of each, from the supervisor's log."""
+    return {int(index): int(pid) for index, pid in re.findall(rb"worker (\d+) started \(pid (\d+)\)", out)}
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is not serving
+        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def spawn_workers(case: unittest.TestCase, config: dict, workers: int, *args: str):
+    """`twistd zillaws -w N` on `config` (written to a temp file), killed with all its workers
+    when the test ends. -> (Collect, process transport, the config file's path)"""
+    path = os.path.abspath(case.mktemp())
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    child = Collect()
+    process = reactor.spawnProcess(child, TWISTD[0], TWISTD + ["-n", "--pidfile=", "zillaws", "-c", path,
+                                                               "-w", str(workers), *args], env=ENV, path=ROOT)
+
+    def kill_all():
+        for pid in worker_pids(child.out).values():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if not child.ended.called:
+            process.signalProcess(signal.SIGKILL)
+    case.addCleanup(kill_all)
+    return child, process, path

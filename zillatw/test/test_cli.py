@@ -12,8 +12,7 @@ from pathlib import Path
 import yaml
 from twisted.trial import unittest
 
-from zillatw.test.support import CONF
-from zillatw.test.test_config_bounds import alias_bomb, nine_megabytes
+from zillatw.test.support import CONF, alias_bomb, nine_megabytes
 
 ROOT = os.path.dirname(CONF)
 ENV = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -31,25 +31,9 @@ from zillatw.config.yamlload import (
 )
 from zillatw.errors import ConfigError
 from zillatw.runtime.standard import standard_registry
-from zillatw.test.support import CONF, chain
+from zillatw.test.support import CONF, alias_bomb, chain, nine_megabytes
 
 ECHO = Path(CONF, "ws.echo.yaml").read_text()
-
-
-def alias_bomb(levels: int = 9) -> str:
-    """'Billion laughs': 9 ** levels strings from about 1 KB of YAML."""
-    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
-    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
-    return "name: bomb\n" + "\n".join(lines) + "\n"
-
-
-def nine_megabytes() -> str:
-    """A valid-looking configuration of 9 MB: ws.echo with 120,000 routes, then a comment to 9 MB."""
-    routes = "".join(f"      - when:\n          - path: /p{i}\n        exit: north_echo_server\n"
-                     for i in range(120_000))
-    text = ECHO.replace("    kind: server\n    exit: north_echo_server\n",
-                        "    kind: server\n    routes:\n" + routes, 1)
-    return text + "#" * max(0, 9_000_000 - len(text)) + "\n"
 
 
 def generated(bindings: int) -> str:

@@ -25,6 +25,7 @@ from zillatw.bindings.http.binding import HttpServer
 from zillatw.bindings.ws.binding import WsServer
 from zillatw.config import Route
 from zillatw.stream import BINARY, IStreamEnd, StreamInfo
+from zillatw.test.pki import PASSWORD, TlsTestCase, client_tls, connect_wss, tls_chain
 from zillatw.test.support import (
     RawClient,
     chain,
@@ -37,7 +38,6 @@ from zillatw.test.support import (
     upgrade_request,
     wait,
 )
-from zillatw.test.test_tls import PASSWORD, TlsTestCase, client_tls, connect_wss, tls_chain
 
 
 @implementer(IStreamEnd)

@@ -16,8 +16,17 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from zillatw.bindings.fan.redis import RedisLink, parse_url
-from zillatw.test.support import CONF, close_ws, connect_ws, eventually, on_ephemeral_port, start_gateway, wait
-from zillatw.test.test_metrics import get
+from zillatw.test.support import (
+    CONF,
+    close_ws,
+    connect_ws,
+    eventually,
+    free_port,
+    http_get,
+    on_ephemeral_port,
+    start_gateway,
+    wait,
+)
 
 ROOT = os.path.dirname(CONF)
 
@@ -37,12 +46,6 @@ def redis_server_binary() -> str:
                                  capture_output=True, text=True, stdin=subprocess.DEVNULL).stdout
             _binary.append(out.strip().splitlines()[-1])
     return _binary[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:
@@ -263,7 +266,7 @@ class RedisOutageTests(TwoGateways):
             events = gateway.events_text.getvalue()
             self.assertEqual(events.count("BINDING_FAN_REDIS_CONNECTED"), 2, events)
             self.assertEqual(self.link(gateway).disconnects, 1)
-            code, text = yield get(gateway.metrics_ports()[0])
+            code, text = yield http_get(gateway.metrics_ports()[0])
             self.assertEqual(code, 200)
             self.assertIn('zillatw_fan_redis_disconnects_total{binding="north_fan_server",namespace="example"} 1.0',
                           text)
@@ -404,7 +407,7 @@ class WorkerTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_workers_of_one_host_form_one_group_without_duplicates(self):
-        from zillatw.test.test_workers import server_pid, spawn_workers, worker_pids
+        from zillatw.test.support import server_pid, spawn_workers, worker_pids
         redis = RedisServer()
         redis.start()
         self.addCleanup(redis.crash)

@@ -8,38 +8,18 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from zillatw.test.support import (
+    buffered,
     chain,
     client_frame,
     close_ws,
-    connect_raw,
     connect_ws,
     eventually,
     parse_server_frames,
-    split_response,
+    raw_ws,
     start_gateway,
-    upgrade_request,
 )
 
 MESSAGE = 64 * 1024
-
-
-def buffered(transport) -> int:
-    """Bytes a Twisted TCP transport holds in user space, waiting for the socket."""
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-
-
-@defer.inlineCallbacks
-def raw_ws(port: int, protocols: str | None = None):
-    """A raw client past its handshake; returns (client, offset of the first frame byte)."""
-    client = yield connect_raw(port)
-    headers = {"Sec-WebSocket-Protocol": protocols} if protocols else None
-    client.transport.write(upgrade_request(headers=headers))
-    yield client.until(4)
-    while b"\r\n\r\n" not in client.data:
-        yield client.until(len(client.data) + 1)
-    status, _, rest = split_response(client.data)
-    assert "101" in status, status
-    return client, len(client.data) - len(rest)
 
 
 class EchoBackPressureTests(unittest.TestCase):

@@ -18,6 +18,7 @@ from zillatw.bindings.http.binding import pseudo_headers
 from zillatw.bindings.ws import binding as ws_binding
 from zillatw.config import Route
 from zillatw.test import pki
+from zillatw.test.pki import PASSWORD, Signer, client_tls, guarded_config, raw_tls_exchange, tls_chain
 from zillatw.test.support import (
     chain,
     client_frame,
@@ -25,15 +26,13 @@ from zillatw.test.support import (
     eventually,
     parse_server_frames,
     port_of,
+    proxy_config,
     raw_exchange,
     split_response,
     start_gateway,
     upgrade_request,
     wait,
 )
-from zillatw.test.test_jwt import Signer, guarded_config
-from zillatw.test.test_proxy import proxy_config
-from zillatw.test.test_tls import PASSWORD, client_tls, raw_tls_exchange, tls_chain
 from zillatw.wire.handshake import accept_key
 from zillatw.wire.http1 import RequestHeadParser
 

@@ -13,7 +13,6 @@ from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial import unittest
-from twisted.web.client import Agent, readBody
 
 from zillatw import ConfigError, build_gateway
 from zillatw.telemetry.metrics import MeteredExit
@@ -26,6 +25,7 @@ from zillatw.test.support import (
     connect_raw,
     connect_ws,
     eventually,
+    http_get,
     parse_server_frames,
     raw_exchange,
     split_response,
@@ -56,16 +56,9 @@ def metered(path: str = "/metrics", bindings: dict[str, list[str]] | None = None
 
 
 @defer.inlineCallbacks
-def get(port: int, path: str = "/metrics"):
-    response = yield Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode())
-    body = yield readBody(response)
-    return response.code, body.decode()
-
-
-@defer.inlineCallbacks
 def scrape(gateway, path: str = "/metrics"):
     """{(sample name, binding): value} of every sample; all must be in namespace 'test'."""
-    code, text = yield get(gateway.metrics_ports()[0], path)
+    code, text = yield http_get(gateway.metrics_ports()[0], path)
     assert code == 200, (code, text)
     samples = {}
     for family in text_string_to_metric_families(text):
@@ -313,7 +306,7 @@ class PrometheusTests(unittest.TestCase):
         for _ in range(2):
             client = yield connect_ws(other_port)
             yield close_ws(client)
-        code, text = yield get(gateway.metrics_ports()[0])
+        code, text = yield http_get(gateway.metrics_ports()[0])
         self.assertEqual(code, 200)
         opens = {(s.labels["namespace"], s.labels["binding"]): s.value
                  for family in text_string_to_metric_families(text) for s in family.samples
@@ -352,10 +345,10 @@ class PrometheusTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_custom_path_only(self):
         gateway, _ = yield start_gateway(self, metered(path="/ops/prom"))
-        code, text = yield get(gateway.metrics_ports()[0], "/ops/prom")
+        code, text = yield http_get(gateway.metrics_ports()[0], "/ops/prom")
         self.assertEqual(code, 200)
         self.assertIn("stream_opens_received_total", text)
-        code, _ = yield get(gateway.metrics_ports()[0], "/metrics")
+        code, _ = yield http_get(gateway.metrics_ports()[0], "/metrics")
         self.assertEqual(code, 404)
 
     @defer.inlineCallbacks
@@ -364,11 +357,11 @@ class PrometheusTests(unittest.TestCase):
         gateway.startService()
         yield gateway.listening
         port = gateway.metrics_ports()[0]
-        code, _ = yield get(port)
+        code, _ = yield http_get(port)
         self.assertEqual(code, 200)
         yield gateway.stopService()
         self.assertEqual(gateway.metrics_ports(), [])
-        yield self.assertFailure(get(port), ConnectionRefusedError, Exception)
+        yield self.assertFailure(http_get(port), ConnectionRefusedError, Exception)
 
 
 class NoMetricsTests(unittest.TestCase):
@@ -536,7 +529,7 @@ class ReadyFileTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_twistd_ready_file_and_metrics(self):
-        from zillatw.test.test_tap import ENV, ROOT, TWISTD, Collect, free_port
+        from zillatw.test.support import ENV, ROOT, TWISTD, Collect, free_port
         port, metrics_port = free_port(), free_port()
         with open(os.path.join(CONF, "ws.echo.metrics.yaml")) as f:  # on ports free here
             text = f.read().replace("7114", str(port)).replace("7190", str(metrics_port))
@@ -555,7 +548,7 @@ class ReadyFileTests(unittest.TestCase):
             client.sendMessage(b"0123456789")
             yield client.messages.get()
             yield close_ws(client)
-            code, body = yield get(metrics_port)
+            code, body = yield http_get(metrics_port)
             self.assertEqual(code, 200)
             self.assertIn('stream_opens_received_total{binding="north_echo_server",namespace="example"} 1.0', body)
             self.assertIn('stream_data_received_bytes_total{binding="north_echo_server",namespace="example"} 10.0',
@@ -575,7 +568,7 @@ class TlsMeteringTests(unittest.TestCase):
         (its route asks for :scheme https), tcp counts the encrypted bytes, ws the payload."""
         from pathlib import Path
 
-        from zillatw.test.test_tls import PASSWORD, Pki, client_tls, connect_wss, tls_chain
+        from zillatw.test.pki import PASSWORD, Pki, client_tls, connect_wss, tls_chain
         folder = Path(self.mktemp())
         folder.mkdir(parents=True)
         ca = Pki(folder)

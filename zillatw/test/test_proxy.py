@@ -6,72 +6,25 @@ import asyncio
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any
 
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
-from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.trial import unittest
 
-from zillatw.test.support import ReactorTimer, chain, close_ws, connect_ws, eventually, port_of, start_gateway, wait
+from zillatw.test.support import (
+    close_ws,
+    connect_ws,
+    eventually,
+    port_of,
+    proxy_config,
+    start_gateway,
+    start_upstream,
+    wait,
+)
 from zillatw.wire import deflate
 from zillatw.wire.handshake import accept_key
 
 MESSAGE = 512 * 1024
-
-
-def proxy_config(upstream_port: int, **client_options) -> dict:
-    ws_client: dict[str, Any] = {"type": "ws", "kind": "client", "exit": "south_http_client"}
-    if client_options:
-        ws_client["options"] = client_options
-    return chain(ws_routes=[{"exit": "south_ws_client"}], apps={
-        "south_ws_client": ws_client,
-        "south_http_client": {"type": "http", "kind": "client", "exit": "south_tcp_client"},
-        "south_tcp_client": {"type": "tcp", "kind": "client",
-                             "options": {"host": "127.0.0.1", "port": upstream_port}},
-    })
-
-
-class Upstream(WebSocketServerProtocol):
-    """Echoes; `close:<code>` makes it close with that code, `drop` drops the TCP connection."""
-
-    def onConnect(self, request):
-        self.factory.requests.append(request)
-        if request.path == "/deny":
-            raise ConnectionDeny(404, "no such upstream path")
-        return self.factory.select(request.protocols)
-
-    def onOpen(self):
-        self.factory.connections.append(self)
-
-    def onMessage(self, payload, isBinary):
-        self.factory.received += len(payload)
-        if payload.startswith(b"close:"):
-            self.sendCloseFrame(int(payload[6:]), b"upstream says bye")
-        elif payload == b"drop":
-            self.transport.abortConnection()
-        elif self.factory.echo:
-            self.sendMessage(payload, isBinary)
-
-    def onClose(self, wasClean, code, reason):
-        self.factory.closes.append((code, reason))
-
-
-def start_upstream(case, select=lambda offered: offered[0] if offered else None, echo=True, compress=False):
-    factory = WebSocketServerFactory()
-    factory.protocol = Upstream
-    factory._batched_timer = ReactorTimer()
-    factory.setProtocolOptions(echoCloseCodeReason=True, maxMessagePayloadSize=0, autoFragmentSize=0)
-    if compress:
-        factory.setProtocolOptions(perMessageCompressionAccept=lambda offers: next(
-            (PerMessageDeflateOfferAccept(o) for o in offers if isinstance(o, PerMessageDeflateOffer)), None))
-    factory.requests, factory.closes, factory.connections = [], [], []
-    factory.select, factory.echo, factory.received = select, echo, 0
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    case.addCleanup(port.stopListening)
-    return factory, port.getHost().port
 
 
 class ProxyTests(unittest.TestCase):

@@ -18,17 +18,21 @@ from zillatw import build_gateway
 from zillatw.runtime.gateway import load_config
 from zillatw.runtime.reload import watched_files
 from zillatw.test.support import (
+    ENV,
+    ROOT,
+    TWISTD,
+    Collect,
     OnAClock,
     chain,
     close_ws,
     connect_raw,
     connect_ws,
     eventually,
+    free_port,
     split_response,
     upgrade_request,
     wait,
 )
-from zillatw.test.test_tap import ENV, ROOT, TWISTD, Collect, free_port
 
 
 def routed(paths, max_message=1_000_000, port=0):
@@ -348,7 +352,7 @@ class ReloadOffTheReactorTests(GatewayOnAFile):
 
     @defer.inlineCallbacks
     def test_each_hostile_file_fails_the_reload_naming_why_and_the_old_one_serves(self):
-        from zillatw.test.test_config_bounds import alias_bomb, nine_megabytes
+        from zillatw.test.support import alias_bomb, nine_megabytes
         gateway, port = yield self.start(routed(["/a"]))
         client = yield connect_ws(port, "/a")
         kind_twice = "name: test\nbindings:\n  tcp0:\n    type: tcp\n    kind: server\n    kind: client\n"

@@ -15,17 +15,22 @@ from twisted.trial import unittest
 
 from zillatw import build_gateway
 from zillatw.test.support import (
+    ENV,
+    ROOT,
+    TWISTD,
+    Collect,
     OnAClock,
     chain,
     connect_raw,
     connect_ws,
     eventually,
+    free_port,
     parse_server_frames,
+    proxy_config,
     split_response,
+    start_upstream,
     upgrade_request,
 )
-from zillatw.test.test_proxy import proxy_config, start_upstream
-from zillatw.test.test_tap import ENV, ROOT, TWISTD, Collect, free_port
 
 
 @defer.inlineCallbacks

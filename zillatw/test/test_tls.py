@@ -7,100 +7,33 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-from pathlib import Path
 from typing import Any, cast
 
 import yaml
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketServerFactory
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer, reactor, threads
 from twisted.internet import ssl as tssl
-from twisted.internet.address import IPv4Address
-from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.interfaces import IReactorSSL, IStreamClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial import unittest
 
 from zillatw.test import pki
+from zillatw.test.pki import (
+    PASSWORD,
+    TlsTestCase,
+    client_tls,
+    connect_wss,
+    raw_tls_exchange,
+    start_wss_upstream,
+    tls_chain,
+)
 from zillatw.test.support import (
     RawClient,
-    ReactorTimer,
-    RecordingClient,
     close_ws,
     eventually,
+    free_port,
     split_response,
     start_gateway,
     upgrade_request,
-    when_opened,
 )
-from zillatw.test.test_proxy import Upstream
-
-PASSWORD = "s3cret"
-
-
-class Pki:
-    """One CA with server certificates for localhost and two other names, a client
-    certificate, and a second CA nobody trusts (with its own client certificate)."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.ca = pki.make_ca()
-        self.localhost = pki.issue(self.ca, "localhost", dns=["localhost"], ips=["127.0.0.1"])
-        self.alpha = pki.issue(self.ca, "alpha.test", dns=["alpha.test"])
-        self.beta = pki.issue(self.ca, "beta.test", dns=["beta.test", "*.beta.test"])
-        self.client = pki.issue(self.ca, "good client", client=True)
-        self.rogue_ca = pki.make_ca("rogue CA")
-        self.rogue_client = pki.issue(self.rogue_ca, "rogue client", client=True)
-        self.ca_pem = pki.write(folder / "ca.pem", self.ca.cert_pem())
-
-    def path(self, name: str) -> str:
-        return str(self.folder / name)
-
-
-def tls_chain(vault: dict[str, Any], tls_options: dict[str, Any], tls_routes: list[dict[str, Any]] | None = None,
-              http_routes: list[dict[str, Any]] | None = None, apps: dict[str, Any] | None = None) -> dict[str, Any]:
-    """tcp (port 0) -> tls (vault `server`) -> http -> ws -> echo."""
-    tls: dict[str, Any] = {"type": "tls", "kind": "server", "vault": "server", "options": tls_options}
-    if tls_routes is None:
-        tls["exit"] = "http0"
-    else:
-        tls["routes"] = tls_routes
-    bindings = {
-        "tcp0": {"type": "tcp", "kind": "server", "options": {"host": "127.0.0.1", "port": 0}, "exit": "tls0"},
-        "tls0": tls,
-        "http0": {"type": "http", "kind": "server",
-                  "routes": http_routes or [{"when": [{"headers": {"upgrade": "websocket"}}], "exit": "ws0"}]},
-        "ws0": {"type": "ws", "kind": "server", "exit": "echo"},
-        "echo": {"type": "echo", "kind": "server"},
-    }
-    bindings.update(apps or {})
-    return {"name": "test", "vaults": {"server": {"type": "filesystem", "options": vault}},
-            "bindings": bindings, "telemetry": {"exporters": {"stdout": {"type": "stdout"}}}}
-
-
-def client_tls(ca: pki.Issued | x509.Certificate | None = None, name: str = "localhost",
-               client: pki.Issued | None = None, alpn: list[str] | None = None) -> Any:
-    """Twisted client TLS options: trust `ca`, send SNI `name`, verify the name."""
-    ca_pem = ca.public_bytes(serialization.Encoding.PEM) if isinstance(ca, x509.Certificate) else ca and ca.cert_pem()
-    trust = tssl.Certificate.loadPEM(ca_pem) if ca_pem else None
-    own = tssl.PrivateCertificate.loadPEM(client.key_pem() + client.cert_pem()) if client else None
-    return tssl.optionsForClientTLS(name, trustRoot=trust, clientCertificate=own,
-                                    acceptableProtocols=[p.encode() for p in alpn] if alpn else None)
-
-
-def connect_wss(port: int, options: Any, host: str = "localhost", path: str = "/",
-                protocols: list[str] | None = None, tls: bool = True) -> defer.Deferred:
-    """An open RecordingClient over TLS (or plain TCP if tls is false); fails if refused."""
-    scheme = "wss" if tls else "ws"
-    factory = WebSocketClientFactory(f"{scheme}://{host}:{port}{path}", protocols=protocols or [])
-    factory.protocol = RecordingClient
-    factory._batched_timer = ReactorTimer()
-    factory.setProtocolOptions(autoFragmentSize=0, openHandshakeTimeout=5)
-    endpoint: IStreamClientEndpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-    if tls:
-        endpoint = wrapClientTLS(options, endpoint)
-    return endpoint.connect(factory).addCallback(when_opened)
 
 
 def stdlib_handshake(port: int, server_name: str | None, cafile: str, alpn: list[str] | None = None,
@@ -123,32 +56,6 @@ def stdlib_handshake(port: int, server_name: str | None, cafile: str, alpn: list
                 subject = dict(rdn[0] for rdn in rdns)
                 return version, cipher[0], subject["commonName"], tls.selected_alpn_protocol()
     return threads.deferToThread(run)
-
-
-@defer.inlineCallbacks
-def raw_tls_exchange(port: int, options: Any, request: bytes) -> Any:
-    """Send bytes over TLS, return what came back until the server closed."""
-    client = yield connectProtocol(SSL4ClientEndpoint(reactor, "127.0.0.1", port, options), RawClient())
-    client.transport.write(request)
-    data = yield client.done
-    return data
-
-
-class TlsTestCase(unittest.TestCase):
-    def setUp(self) -> None:
-        self.folder = Path(self.mktemp())
-        self.folder.mkdir(parents=True)
-        self.pki = Pki(self.folder)
-
-    def keystore(self, name: str = "localhost.p12", alias: str = "localhost",
-                 issued: pki.Issued | None = None) -> str:
-        return pki.write(self.folder / name, (issued or self.pki.localhost).p12(alias, PASSWORD))
-
-    def pem_keys(self, entries: dict[str, pki.Issued]) -> str:
-        folder = self.folder / "keys"
-        for alias, issued in entries.items():
-            pki.write(folder / f"{alias}.pem", issued.pem())
-        return str(folder)
 
 
 class WssTests(TlsTestCase):
@@ -462,43 +369,6 @@ class MutualTlsTests(TlsTestCase):
         yield eventually(lambda: "BINDING_TLS_PEER_NOT_VERIFIED" in self.gateway.events_text.getvalue())
 
 
-class UpstreamFactory(WebSocketServerFactory):
-    """What test_proxy's Upstream records and is told: the first offered subprotocol, echo on."""
-    protocol = Upstream
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._batched_timer = ReactorTimer()
-        self.requests: list[Any] = []
-        self.closes: list[tuple[int | None, str | None]] = []
-        self.connections: list[Upstream] = []
-        self.echo = True
-        self.received = 0
-
-    def select(self, offered: list[str]) -> str | None:
-        return offered[0] if offered else None
-
-
-def start_wss_upstream(case: unittest.TestCase, issued: pki.Issued, client_ca: pki.Issued | None = None,
-                       alpn: list[bytes] | None = None) -> Any:
-    """An Autobahn echo server over TLS (Twisted's own TLS), optionally requiring client certs."""
-    factory = UpstreamFactory()
-    factory.setProtocolOptions(echoCloseCodeReason=True, autoFragmentSize=0)
-    own = tssl.PrivateCertificate.loadPEM(issued.key_pem() + issued.cert_pem())
-    if client_ca is not None:
-        options = own.options(tssl.Certificate.loadPEM(client_ca.cert_pem()))
-    else:
-        options = own.options()
-    if alpn:
-        options = tssl.CertificateOptions(privateKey=own.privateKey.original, certificate=own.original,
-                                          acceptableProtocols=alpn)
-    port = IReactorSSL(reactor).listenSSL(0, factory, options, interface="127.0.0.1")
-    case.addCleanup(port.stopListening)
-    address = port.getHost()
-    assert isinstance(address, IPv4Address)
-    return factory, address.port
-
-
 class ProxyOverTlsTests(TlsTestCase):
     def proxy_config(self, upstream_port: int, client_options: dict[str, Any], client_vault: dict[str, Any]) -> dict:
         config = tls_chain({"keys": {"store": self.keystore(), "password": PASSWORD}}, {"keys": ["localhost"]})
@@ -628,7 +498,3 @@ class ProxyOverTlsTests(TlsTestCase):
         yield eventually(lambda: upstream.closes)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

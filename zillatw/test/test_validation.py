@@ -568,7 +568,7 @@ class ProxiedTests(ValidationCase):
 
     @defer.inlineCallbacks
     def test_validated_through_a_proxy(self):
-        from zillatw.test.test_proxy import proxy_config, start_upstream
+        from zillatw.test.support import proxy_config, start_upstream
         upstream, upstream_port = start_upstream(self)
         c = proxy_config(upstream_port)
         c["bindings"]["ws0"]["options"] = {"messages": [{"content": cataloged("json", subject="order"),
@@ -678,13 +678,12 @@ class FlowTests(unittest.TestCase):
         stops being read, and nothing is lost once it reads again."""
         import hashlib
 
-        from zillatw.test.support import client_frame, parse_server_frames
-        from zillatw.test.test_flow import MESSAGE, buffered, raw_ws
+        from zillatw.test.support import buffered, client_frame, parse_server_frames, raw_ws
         gateway, port = yield start_gateway(self, config({}, [{"content": "string", "server-content": "string"}]))
         client, start = yield raw_ws(port)
         client.transport.pauseProducing()
-        count = 400
-        payloads = [bytes([65 + i % 26]) * MESSAGE for i in range(count)]
+        count, size = 400, 64 * 1024  # as test_flow's: 64 KiB needs the 8-byte length form
+        payloads = [bytes([65 + i % 26]) * size for i in range(count)]
         client.transport.writeSequence([client_frame(0x2, p) for p in payloads])
         ws = gateway.binding("ws0")
         yield eventually(lambda: len(ws.connections) == 1)
@@ -693,7 +692,7 @@ class FlowTests(unittest.TestCase):
         self.assertLess(buffered(server.transport), 1024 * 1024)
         self.assertGreater(buffered(client.transport), 0, "the sender was not held back")
         client.transport.resumeProducing()
-        yield client.until(start + count * (10 + MESSAGE))
+        yield client.until(start + count * (10 + size))
         frames = parse_server_frames(client.data[start:])
         self.assertEqual(len(frames), count)
         self.assertEqual(hashlib.sha256(b"".join(f[2] for f in frames)).digest(),

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
 from typing import Any
 
 import yaml
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.internet.error import ConnectionRefusedError, ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.utils import getProcessOutputAndValue
@@ -17,64 +16,22 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from zillatw.runtime.workers import Supervisor
-from zillatw.test.support import chain, close_ws, connect_raw, connect_ws, eventually, upgrade_request, wait
-from zillatw.test.test_tap import ENV, ROOT, TWISTD, Collect, free_port
-
-
-def server_pid(client, pids):
-    """Which of `pids` holds the server end of a client's TCP connection: the socket whose
-    local and remote addresses are the client's, reversed (/proc/net/tcp), by its inode."""
-    local, remote = client.transport.getHost(), client.transport.getPeer()
-    wanted = (f"0100007F:{remote.port:04X}", f"0100007F:{local.port:04X}")
-    with open("/proc/net/tcp") as table:
-        rows = [line.split() for line in table.readlines()[1:]]
-    inodes = {row[9] for row in rows if (row[1], row[2]) == wanted}
-    assert len(inodes) == 1, (wanted, inodes)
-    link = f"socket:[{inodes.pop()}]"
-    owners = set()
-    for pid in pids:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == link:
-                    owners.add(pid)
-            except OSError:
-                pass
-    assert len(owners) == 1, (link, owners)
-    return owners.pop()
-
-
-def worker_pids(out):
-    """{worker index: pid} of the latest start of each, from the supervisor's log."""
-    return {int(index): int(pid) for index, pid in re.findall(rb"worker (\d+) started \(pid (\d+)\)", out)}
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as stat:  # a zombie is not serving
-        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def spawn_workers(case: unittest.TestCase, config: dict, workers: int, *args: str):
-    """`twistd zillaws -w N` on `config` (written to a temp file), killed with all its workers
-    when the test ends. -> (Collect, process transport, the config file's path)"""
-    path = os.path.abspath(case.mktemp())
-    with open(path, "w") as f:
-        yaml.safe_dump(config, f)
-    child = Collect()
-    process = reactor.spawnProcess(child, TWISTD[0], TWISTD + ["-n", "--pidfile=", "zillaws", "-c", path,
-                                                               "-w", str(workers), *args], env=ENV, path=ROOT)
-
-    def kill_all():
-        for pid in worker_pids(child.out).values():
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        if not child.ended.called:
-            process.signalProcess(signal.SIGKILL)
-    case.addCleanup(kill_all)
-    return child, process, path
+from zillatw.test.support import (
+    ENV,
+    TWISTD,
+    alive,
+    chain,
+    close_ws,
+    connect_raw,
+    connect_ws,
+    eventually,
+    free_port,
+    server_pid,
+    spawn_workers,
+    upgrade_request,
+    wait,
+    worker_pids,
+)
 
 
 class WorkerTests(unittest.TestCase):
