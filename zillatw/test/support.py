@@ -228,6 +228,7 @@ class RawClient(Protocol):
     def __init__(self) -> None:
         self.data = b""
         self.done: defer.Deferred = defer.Deferred()
+        self.reason: Any = None  # why the connection ended: ConnectionDone (a FIN) or ConnectionLost
         self._waiting: list[tuple[int, defer.Deferred]] = []
 
     def dataReceived(self, data: bytes) -> None:
@@ -249,6 +250,7 @@ class RawClient(Protocol):
         for _, d in self._waiting:
             d.errback(ConnectionError(f"closed after {len(self.data)} bytes"))
         self._waiting = []
+        self.reason = reason
         self.done.callback(self.data)
 
 
