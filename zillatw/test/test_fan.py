@@ -5,7 +5,6 @@ later while the others keep receiving."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -36,7 +35,6 @@ from zillatw.test.support import (
     split_response,
     start_gateway,
     upgrade_request,
-    wait,
 )
 
 
@@ -202,20 +200,13 @@ class DrainTimeoutTests(unittest.SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])  # the drain timer went with it
 
 
-class RecordingRawClient(RawClient):
-    def connectionLost(self, reason: Any = None) -> None:
-        self.reason = reason
-        self.lost_at = time.monotonic()
-        super().connectionLost(reason)
-
-
 class SlowMemberTests(unittest.TestCase):
-    """Over loopback: the attack that found the hole, a member that stops reading."""
+    """Over loopback: the attack that found the hole, a member that stops reading, its kernel
+    buffers full. What happens when (the close timeout does not apply to an evicted member,
+    the drain timeout does) is on a Clock: DrainTimeoutTests."""
 
     MESSAGE = 16 * 1024
     CLOSE_TIMEOUT = 0.5  # the ws server's: before, the evicted member was aborted this soon
-    STALL = 1.5          # seconds the member does not read after its eviction (> CLOSE_TIMEOUT)
-    BOUND = 1.0          # seconds from reading again to the 1013 and the socket's end (took 0.06)
 
     def config(self, **fan: Any) -> dict[str, Any]:
         return chain(apps={"fan": {"type": "fan", "kind": "server", "exit": "echo",
@@ -234,7 +225,7 @@ class SlowMemberTests(unittest.TestCase):
     def slow_member(self, port: int) -> Any:
         """A raw member past its 101 that then stops reading its socket; -> (client, offset
         of its first frame byte)."""
-        client = yield connectProtocol(self.raw_endpoint(port), RecordingRawClient())
+        client = yield connectProtocol(self.raw_endpoint(port), RawClient())
         client.transport.write(upgrade_request())
         yield eventually(lambda: b"\r\n\r\n" in client.data)
         status, _, rest = split_response(client.data)
@@ -262,7 +253,7 @@ class SlowMemberTests(unittest.TestCase):
             yield self.publish_batch(publisher, readers, sent)
 
     @defer.inlineCallbacks
-    def test_an_evicted_member_reads_its_backlog_then_its_1013_seconds_later(self):
+    def test_an_evicted_member_reads_its_backlog_then_its_1013(self):
         gateway, port = yield start_gateway(self, self.config())
         fan = gateway.binding("fan")
         self.assertEqual((fan.max_lag, fan.max_lag_messages, fan.drain_timeout), (256 * 1024, 64, DRAIN_TIMEOUT))
@@ -275,15 +266,14 @@ class SlowMemberTests(unittest.TestCase):
         evicted_at = len(sent)
         # the others keep receiving while the evicted member does not read
         for _ in range(3):
-            yield wait(self.STALL / 3)
             yield self.publish_batch(fast[0], fast, sent)
             self.assertFalse(slow.done.called, "the evicted member's socket was dropped while it stalled")
 
-        resumed = time.monotonic()
         slow.transport.resumeProducing()
         yield slow.done
-        self.assertLess(slow.lost_at - resumed, self.BOUND)
-        self.assertIsInstance(slow.reason.value, ConnectionDone)  # a FIN, not a reset
+        # a FIN, not a reset: neither the drain timeout's abort (DRAIN_TIMEOUT, 10 s) nor the
+        # close timeout's (CLOSE_TIMEOUT) ended it
+        self.assertIsInstance(slow.reason.value, ConnectionDone)
 
         frames = parse_server_frames(slow.data[start:])
         data, close = frames[:-1], frames[-1]
@@ -300,19 +290,16 @@ class SlowMemberTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_an_evicted_member_that_never_reads_again_is_dropped_after_drain_timeout(self):
-        gateway, port = yield start_gateway(self, self.config(**{"drain-timeout": 0.5}))
+        gateway, port = yield start_gateway(self, self.config(**{"drain-timeout": 0.1}))
         fan = gateway.binding("fan")
-        self.assertEqual(fan.drain_timeout, 0.5)
+        self.assertEqual(fan.drain_timeout, 0.1)
         fast = [(yield self.connect_member(port))]
         slow, _ = yield self.slow_member(port)
         yield eventually(lambda: fan.members() == 2)
         ws = gateway.binding("ws0")
         yield self.publish_until_evicted(fan, fast[0], fast, [])
-        evicted = time.monotonic()
+        self.assertEqual(len(ws.connections), 2)  # evicted, not dropped: it has drain-timeout to read
         yield eventually(lambda: len(ws.connections) == 1, timeout=5)
-        gone = time.monotonic() - evicted
-        self.assertGreater(gone, 0.4)
-        self.assertLess(gone, 2.0)
         slow.transport.loseConnection()
         yield slow.done
         yield _close(fast[0])
