@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import time
 
 import yaml
 from twisted.internet import defer, reactor
@@ -123,14 +122,12 @@ class SignalTests(unittest.TestCase):
         clients = yield defer.gatherResults([connect_ws(port) for _ in range(100)])
         clients[0].sendMessage(b"all open")
         self.assertEqual((yield clients[0].messages.get())[1], [b"all open"])
-        began = time.monotonic()
         process.signalProcess(signal.SIGTERM)
         results = yield defer.gatherResults([client.closed for client in clients])
         code, signal_number = yield child.ended
-        elapsed = time.monotonic() - began
+        # every close clean: none was left for the drain timeout to abort
         self.assertEqual([result[:2] for result in results], [(True, 1001)] * 100)
         self.assertEqual((code, signal_number), (0, None), child.out)
-        self.assertLess(elapsed, 5)
         self.assertIn(b"SIGTERM received", child.out)
         self.assertIn(b"closing 100 connections", child.out)
 
@@ -153,22 +150,19 @@ class SignalTests(unittest.TestCase):
         raw.transport.write(upgrade_request())
         yield eventually(lambda: b"\r\n\r\n" in raw.data)
         start = raw.data.index(b"\r\n\r\n") + 4
-        began = time.monotonic()
         process.signalProcess(signal.SIGTERM)
         yield eventually(lambda: parse_server_frames(raw.data[start:]), timeout=10)  # the 1001 went out
         self.assertFalse(child.ended.called)  # and the process waits for the peer
         process.signalProcess(signal.SIGTERM)
         code, signal_number = yield child.ended
-        self.assertEqual((code, signal_number), (None, signal.SIGTERM))
-        self.assertLess(time.monotonic() - began, 10)
+        self.assertEqual((code, signal_number), (None, signal.SIGTERM))  # not the drain's end, which exits 0
         raw.transport.loseConnection()
         yield raw.done
 
     @defer.inlineCallbacks
     def test_idle_gateway_exits_0_at_once(self):
-        child, process, port = yield self.start_twistd()
-        began = time.monotonic()
+        # a drain timeout longer than the test's own: an idle gateway must not wait for it
+        child, process, port = yield self.start_twistd(extra_args=["--drain-timeout", "600"])
         process.signalProcess(signal.SIGTERM)
         self.assertEqual((yield child.ended), (0, None))
-        self.assertLess(time.monotonic() - began, 5)
         self.assertIn(b"Main loop terminated.", child.out)
