@@ -515,15 +515,32 @@ def alive(pid):
         return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def spawn_twistd(case: unittest.TestCase, config: dict[str, Any] | str, *args: str) -> tuple[str, Collect, Any]:
+    """`twistd -n zillaws -c FILE *args` in a child process on `config` (a dict, written as YAML,
+    or the file's text), killed when the test ends. -> (the file's path, Collect, process)"""
+    path = os.path.abspath(case.mktemp())
+    with open(path, "w") as f:
+        f.write(config if isinstance(config, str) else yaml.safe_dump(config))
+    child = Collect()
+    process = reactor.spawnProcess(child, TWISTD[0], TWISTD + ["-n", "--pidfile=", "zillaws", "-c", path, *args],
+                                   env=ENV, path=ROOT)
+    case.addCleanup(lambda: None if child.ended.called else process.signalProcess(signal.SIGKILL))
+    return path, child, process
+
+
+@defer.inlineCallbacks
+def start_twistd(case: unittest.TestCase, config: dict[str, Any] | str, *args: str) -> Any:
+    """spawn_twistd, once the child has logged ENGINE_STARTED. -> (path, Collect, process)"""
+    path, child, process = spawn_twistd(case, config, *args)
+    yield eventually(lambda: b"ENGINE_STARTED" in child.out or child.ended.called, timeout=20)
+    case.assertIn(b"ENGINE_STARTED", child.out, child.out)
+    return path, child, process
+
+
 def spawn_workers(case: unittest.TestCase, config: dict, workers: int, *args: str):
     """`twistd zillaws -w N` on `config` (written to a temp file), killed with all its workers
     when the test ends. -> (Collect, process transport, the config file's path)"""
-    path = os.path.abspath(case.mktemp())
-    with open(path, "w") as f:
-        yaml.safe_dump(config, f)
-    child = Collect()
-    process = reactor.spawnProcess(child, TWISTD[0], TWISTD + ["-n", "--pidfile=", "zillaws", "-c", path,
-                                                               "-w", str(workers), *args], env=ENV, path=ROOT)
+    path, child, process = spawn_twistd(case, config, "-w", str(workers), *args)
 
     def kill_all():
         for pid in worker_pids(child.out).values():

@@ -17,10 +17,6 @@ from zillatw import build_gateway
 from zillatw.runtime.gateway import load_config
 from zillatw.runtime.reload import watched_files
 from zillatw.test.support import (
-    ENV,
-    ROOT,
-    TWISTD,
-    Collect,
     OnAClock,
     chain,
     close_ws,
@@ -29,6 +25,7 @@ from zillatw.test.support import (
     eventually,
     free_port,
     split_response,
+    start_twistd,
     upgrade_request,
     wait,
 )
@@ -214,21 +211,9 @@ class Connector:
 
 class TwistdReloadTests(unittest.TestCase):
     @defer.inlineCallbacks
-    def start_twistd(self, config, *args):
-        path = os.path.abspath(self.mktemp())
-        write(path, config)
-        child = Collect()
-        process = reactor.spawnProcess(child, TWISTD[0], TWISTD + ["-n", "--pidfile=", "zillaws", "-c", path, *args],
-                                       env=ENV, path=ROOT)
-        self.addCleanup(lambda: None if child.ended.called else process.signalProcess(signal.SIGKILL))
-        yield eventually(lambda: b"ENGINE_STARTED" in child.out or child.ended.called, timeout=20)
-        self.assertIn(b"ENGINE_STARTED", child.out, child.out)
-        return path, child, process
-
-    @defer.inlineCallbacks
     def test_sighup_reloads(self):
         port = free_port()
-        path, child, process = yield self.start_twistd(routed(["/a"], port=port), "--no-watch", "-v")
+        path, child, process = yield start_twistd(self, routed(["/a"], port=port), "--no-watch", "-v")
         old = yield connect_ws(port, "/a")
         write(path, routed(["/a", "/b"], port=port))
         yield wait(1.5)  # not watched: nothing happens
@@ -250,7 +235,7 @@ class TwistdReloadTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_limits_given_as_flags_bound_reloads_too(self):
         port = free_port()
-        path, child, process = yield self.start_twistd(routed(["/a"], port=port), "--max-config-bytes", "2000")
+        path, child, process = yield start_twistd(self, routed(["/a"], port=port), "--max-config-bytes", "2000")
         write(path, many_routes(100, port=port))  # valid, and some 5 KB
         yield eventually(lambda: b"CONFIG_RELOAD_FAILED" in child.out, timeout=10)
         self.assertIn(b"the limit is 2,000 bytes, --max-config-bytes", child.out)
@@ -262,7 +247,7 @@ class TwistdReloadTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_the_file_is_watched_and_the_listener_never_refuses_meanwhile(self):
         port = free_port()
-        path, child, process = yield self.start_twistd(routed(["/a"], port=port))
+        path, child, process = yield start_twistd(self, routed(["/a"], port=port))
         old = yield connect_ws(port, "/a")
         connector = Connector(port)
         yield wait(0.2)

@@ -4,20 +4,14 @@
 from __future__ import annotations
 
 import io
-import os
 import signal
 
-import yaml
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial import unittest
 
 from zillatw import build_gateway
 from zillatw.test.support import (
-    ENV,
-    ROOT,
-    TWISTD,
-    Collect,
     OnAClock,
     chain,
     connect_raw,
@@ -27,6 +21,7 @@ from zillatw.test.support import (
     parse_server_frames,
     proxy_config,
     split_response,
+    start_twistd,
     start_upstream,
     upgrade_request,
 )
@@ -105,15 +100,7 @@ class SignalTests(unittest.TestCase):
         port = free_port()
         config = chain(ws_options=ws_options)
         config["bindings"]["tcp0"]["options"]["port"] = port
-        path = os.path.abspath(self.mktemp())
-        with open(path, "w") as f:
-            yaml.safe_dump(config, f)
-        child = Collect()
-        process = reactor.spawnProcess(child, TWISTD[0], TWISTD + ["-n", "--pidfile=", "zillaws", "-c", path,
-                                                                   *extra_args], env=ENV, path=ROOT)
-        self.addCleanup(lambda: None if child.ended.called else process.signalProcess(signal.SIGKILL))
-        yield eventually(lambda: b"ENGINE_STARTED" in child.out or child.ended.called, timeout=20)
-        self.assertIn(b"ENGINE_STARTED", child.out, child.out)
+        _, child, process = yield start_twistd(self, config, *extra_args)
         return child, process, port
 
     @defer.inlineCallbacks
