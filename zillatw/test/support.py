@@ -14,6 +14,7 @@ another (zillatw.test.test_structure fails if one does).
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import os
 import re
@@ -446,6 +447,35 @@ def raw_ws(port: int, protocols: str | None = None):
     status, _, rest = split_response(client.data)
     assert "101" in status, status
     return client, len(client.data) - len(rest)
+
+
+@defer.inlineCallbacks
+def assert_echoed_under_back_pressure(case: unittest.TestCase, gateway: Any, port: int,
+                                      payloads: list[bytes]) -> Any:
+    """A raw client that stops reading sends `payloads` (binary messages, more than the socket
+    buffers hold) to an echo: the gateway stops reading from it, holding under 1 MiB, and the
+    client's own sending is held back; once it reads again every echo comes, whole and in order."""
+    client, start = yield raw_ws(port)
+    client.transport.pauseProducing()  # the client stops reading its socket
+    frames_out = [client_frame(0x2, p) for p in payloads]
+    client.transport.writeSequence(frames_out)
+    ws = gateway.binding("ws0")
+    yield eventually(lambda: len(ws.connections) == 1)
+    server = next(iter(ws.connections))
+    # The gateway stops reading from a client it cannot write to, so what it holds stays
+    # near one socket read plus Twisted's 64 KiB write threshold.
+    yield eventually(lambda: server.transport not in reactor.getReaders(), timeout=10)
+    case.assertLess(buffered(server.transport), 1024 * 1024)
+    case.assertGreater(buffered(client.transport), 0, "the sender was not held back")
+    # Nothing is lost once the client reads again (an echo's head is its frame's less the mask).
+    client.transport.resumeProducing()
+    yield client.until(start + sum(len(f) - 4 for f in frames_out))
+    frames = parse_server_frames(client.data[start:])
+    case.assertEqual(len(frames), len(payloads))
+    case.assertEqual(hashlib.sha256(b"".join(f[2] for f in frames)).digest(),
+                     hashlib.sha256(b"".join(payloads)).digest())
+    client.transport.loseConnection()
+    yield client.done
 
 
 # ---------------------------------------------------------------------------- twistd in a child process
