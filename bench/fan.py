@@ -36,7 +36,18 @@ import time
 from pathlib import Path
 
 # bench/proxy.py's process handling and CPU accounting
-from proxy import HERE, ROOT, Procs, family, free_port, human, run_window, start_zillatw, wait_listening
+from proxy import (
+    HERE,
+    ROOT,
+    Procs,
+    family,
+    free_port,
+    human,
+    run_window,
+    start_zillatw,
+    wait_listening,
+    window_arguments,
+)
 
 MEMBERS = 100
 PROCESSES = 2
@@ -209,9 +220,7 @@ def start_redis(procs: Procs, tmp: Path) -> tuple[int, subprocess.Popen]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=5.0, help="measuring window per scenario (default 5)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported (default 3)")
-    ap.add_argument("--warmup", type=float, default=1.0, help="warm-up before each window (default 1)")
+    window_arguments(ap)
     ap.add_argument("--size", type=int, default=64, help="message size in bytes (default 64)")
     ap.add_argument("--publishers", type=int, default=4, help="members that publish (default 4)")
     ap.add_argument("--window", type=int, default=16, help="messages in flight per publisher (default 16)")

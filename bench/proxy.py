@@ -289,12 +289,17 @@ def human(size: int) -> str:
     return f"{size // 1024} KiB" if size >= 1024 else f"{size} B"
 
 
+def window_arguments(ap: argparse.ArgumentParser, seconds: float = 5.0) -> None:
+    """The measuring options the bench scripts share: --seconds, --rounds, --warmup."""
+    ap.add_argument("--seconds", type=float, default=seconds,
+                    help=f"measuring window per scenario (default {seconds:g})")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported (default 3)")
+    ap.add_argument("--warmup", type=float, default=1.0, help="warm-up before each window (default 1)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=5.0, help="measuring window per scenario (default 5)")
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="rounds over all scenarios, interleaved; the median is reported (default 3)")
-    ap.add_argument("--warmup", type=float, default=1.0, help="warm-up before each window (default 1)")
+    window_arguments(ap)
     ap.add_argument("--profile", action="store_true",
                     help="after the rounds, py-spy zillatw's proxy in one more 64 B run")
     ap.add_argument("--nginx-buffer", metavar="SIZE",

@@ -62,9 +62,7 @@ def avro_message(size: int) -> bytes:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=5.0, help="measuring window per scenario (default 5)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported (default 3)")
-    ap.add_argument("--warmup", type=float, default=1.0, help="warm-up before each window (default 1)")
+    proxy.window_arguments(ap)
     ap.add_argument("--size", type=int, default=200, help="message size in bytes (default 200)")
     args = ap.parse_args()
 

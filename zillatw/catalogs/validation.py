@@ -42,8 +42,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from zillatw.catalogs import Schema, Unavailable
+from zillatw.catalogs.models import CATALOGED, EVENT_NAMES, MODELS, NOT_YET, SchemaError, compile_schema, string_check
+from zillatw.errors import did_you_mean
 from zillatw.matching import matcher
-from zillatw.catalogs.models import (CATALOGED, EVENT_NAMES, MODELS, NOT_YET, SchemaError, compile_schema, string_check)
 from zillatw.stream import CONTINUATION, IStreamEnd, IStreamExit, StreamInfo, StreamRefused
 from zillatw.telemetry import next_trace_id
 
@@ -107,56 +108,65 @@ def _model(value: Any) -> Mapping[str, Any]:
 def check_models(binding: Any, namespace: Any, types: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     """(sub-path, problem) for the `messages` rules of a ws server binding; `types`: the
     catalog types served (zillatw.config.plugins.CatalogType, by name)."""
-    from zillatw.errors import did_you_mean
     for index, rule in enumerate(binding.options.get("messages") or ()):
         base = f"options.messages[{index}]"
         if not any(d in rule for d in DIRECTIONS):
             yield base, "a rule needs 'content' (messages from the client) or 'server-content' (to it), or both"
         for direction in DIRECTIONS:
-            if direction not in rule:
-                continue
-            model = _model(rule[direction])
-            where = f"{base}.{direction}"
-            name = model["model"]
-            if name not in MODELS:
-                yield (f"{where}.model", f"model '{name}' is not supported by this zillatw yet (supported: "
-                       f"{', '.join(MODELS)})" if name in NOT_YET else
-                       f"unknown model '{name}'{did_you_mean(name, MODELS)} (supported: {', '.join(MODELS)})")
-                continue
-            catalogs = model.get("catalog") or {}
-            if name not in CATALOGED:
-                if catalogs:
-                    yield f"{where}.catalog", f"model '{name}' takes no catalog"
-                continue
-            if "encoding" in model:
-                yield f"{where}.encoding", "only for model 'string'"
-            if len(catalogs) != 1 or any(len(refs) != 1 for refs in catalogs.values()):
-                yield (f"{where}.catalog", f"model '{name}' needs one catalog with one schema "
-                       "(e.g. my_catalog: [{subject: my_subject}])")
-                continue
-            catalog_name, refs = next(iter(catalogs.items()))
-            ref, rpath = refs[0], f"{where}.catalog.{catalog_name}[0]"
-            if sum(k in ref for k in ("id", "subject", "strategy")) != 1:
-                yield rpath, "give one of 'subject' (with 'version'), 'id' or 'strategy'"
-                continue
-            item = namespace.catalogs.get(catalog_name)
-            if item is None:
-                yield f"{where}.catalog", (f"no catalog named '{catalog_name}'"
-                                           f"{did_you_mean(catalog_name, namespace.catalogs)}")
-                continue
-            module = types.get(item["type"])
-            if module is None:
-                continue  # the catalog's own entry says it is not supported
-            problem = module.check_reference(item.get("options") or {}, ref)
-            if problem:
-                yield rpath, problem
-                continue
-            text = module.schema_text(item.get("options") or {}, ref)
-            if text is not None:
-                try:
-                    compile_schema(name, text)
-                except SchemaError as e:
-                    yield rpath, f"the {name} schema of subject '{ref.get('subject')}' is {e}"
+            if direction in rule:
+                yield from _check_model(f"{base}.{direction}", _model(rule[direction]), namespace, types)
+
+
+def _check_model(where: str, model: Mapping[str, Any], namespace: Any,
+                 types: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """The problems of one direction's model: served, given the catalog it needs, one schema."""
+    name = model["model"]
+    if name not in MODELS:
+        yield (f"{where}.model", f"model '{name}' is not supported by this zillatw yet (supported: "
+               f"{', '.join(MODELS)})" if name in NOT_YET else
+               f"unknown model '{name}'{did_you_mean(name, MODELS)} (supported: {', '.join(MODELS)})")
+        return
+    catalogs = model.get("catalog") or {}
+    if name not in CATALOGED:
+        if catalogs:
+            yield f"{where}.catalog", f"model '{name}' takes no catalog"
+        return
+    if "encoding" in model:
+        yield f"{where}.encoding", "only for model 'string'"
+    if len(catalogs) != 1 or any(len(refs) != 1 for refs in catalogs.values()):
+        yield (f"{where}.catalog", f"model '{name}' needs one catalog with one schema "
+               "(e.g. my_catalog: [{subject: my_subject}])")
+        return
+    catalog_name, refs = next(iter(catalogs.items()))
+    yield from _check_reference(where, name, catalog_name, refs[0], namespace, types)
+
+
+def _check_reference(where: str, name: str, catalog_name: str, ref: Mapping[str, Any], namespace: Any,
+                     types: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """The problems of a model's one schema reference: its shape, its catalog, the schema itself
+    when the catalog holds it (inline); a registry's schema is fetched and checked at run time."""
+    rpath = f"{where}.catalog.{catalog_name}[0]"
+    if sum(k in ref for k in ("id", "subject", "strategy")) != 1:
+        yield rpath, "give one of 'subject' (with 'version'), 'id' or 'strategy'"
+        return
+    item = namespace.catalogs.get(catalog_name)
+    if item is None:
+        yield f"{where}.catalog", (f"no catalog named '{catalog_name}'"
+                                   f"{did_you_mean(catalog_name, namespace.catalogs)}")
+        return
+    module = types.get(item["type"])
+    if module is None:
+        return  # the catalog's own entry says it is not supported
+    problem = module.check_reference(item.get("options") or {}, ref)
+    if problem:
+        yield rpath, problem
+        return
+    text = module.schema_text(item.get("options") or {}, ref)
+    if text is not None:
+        try:
+            compile_schema(name, text)
+        except SchemaError as e:
+            yield rpath, f"the {name} schema of subject '{ref.get('subject')}' is {e}"
 
 
 # ---------------------------------------------------------------------------- built rules
@@ -319,6 +329,7 @@ class ValidatedStream:
 
     def invalid(self, pipe: "Pipe", reason: str) -> None:
         spec = pipe.spec
+        assert spec is not None  # only a pipe with a rule checks messages, so only it refuses one
         drop = self.rule.drop
         self._event(spec.event_model, f"{pipe.direction} message {'dropped' if drop else 'closes the connection'}: "
                                       f"{reason}")
@@ -414,7 +425,9 @@ class Pipe:
     def _check(self, opcode: int, parts: list[bytes]) -> bool:
         """Check and pass on (or refuse) one message; False when it waits for a schema."""
         payload = parts[0] if len(parts) == 1 else b"".join(parts)
-        result = self.spec.check(payload)  # type: ignore[union-attr]
+        spec = self.spec
+        assert spec is not None  # a pipe without a rule passes messages on before they get here
+        result = spec.check(payload)
         if result is None:
             sink = self.sink
             last = len(parts) - 1
@@ -433,12 +446,16 @@ class Pipe:
         self._pause_source("fetch")
         fetching.addBoth(self._fetched)
 
+    def _hold(self, rest: list[tuple[int, list[bytes]]]) -> None:
+        assert self._queue is not None  # _check has just queued the message that waits
+        self._queue.extend(rest)
+
     def _fetched(self, _: Any) -> None:
         queue, self._queue = self._queue or [], None
         while queue and not self.stream.closed:
             opcode, parts = queue.pop(0)
             if not self._check(opcode, parts):
-                self._queue.extend(queue)  # type: ignore[union-attr]
+                self._hold(queue)  # behind the message now waiting for its schema
                 return
         self._resume_source("fetch")
 

@@ -11,26 +11,23 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import jsonschema
-import yaml
 
 from zillatw.config.checks import cross_check
 from zillatw.config.model import BindingConfig, Config, NamespaceConfig, Route
-from zillatw.errors import ConfigError, did_you_mean
 from zillatw.config.schema import FORBIDDEN, KINDS, engine_schema
 from zillatw.config.yamlload import DEFAULT_LIMITS, Limits, read_documents
+from zillatw.errors import ConfigError, did_you_mean
 
 if TYPE_CHECKING:
-    from zillatw.config.plugins import BindingType, Registry
+    from zillatw.config.plugins import Registry
 
 _EXPRESSION = re.compile(r"\$\{\{\s*([a-zA-Z0-9_.\-#]+)\s*\}\}")
-
-
 
 
 def load(source: str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, Any]],
@@ -40,73 +37,92 @@ def load(source: str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, 
          limits: Limits = DEFAULT_LIMITS) -> Config:
     """Load a configuration from a file path, a dict, or a list of dicts (namespaces).
     A file is read within `limits` (size, nodes, nesting: zillatw.config.yamlload)."""
-    env = os.environ if env is None else env
-    if isinstance(source, Mapping):
-        documents, origin = [source], "<dict>"
-        folder = Path(base_dir or os.getcwd())
-    elif isinstance(source, list):
-        documents, origin = list(source), "<dict>"
-        folder = Path(base_dir or os.getcwd())
-    else:
-        path = Path(source)
-        origin, folder = str(path), Path(base_dir or path.resolve().parent)
-        documents = _read_yaml(path, limits)
-
-    problems: list[str] = []
+    documents, origin, folder = _documents_of(source, base_dir, limits)
     prefix_names = len(documents) > 1
-    resolved: list[Mapping[str, Any]] = []
-    for index, document in enumerate(documents):
-        where = f"documents[{index}]." if prefix_names else ""
-        if not isinstance(document, Mapping):
-            problems.append(f"{where.rstrip('.') or 'top level'}: expected a mapping with 'name' and 'bindings', "
-                            f"got {_type_name(document)}")
-            continue
-        document = _resolve(document, env, where.rstrip("."), problems)
-        resolved.append(document)
+    resolved = _resolve_documents(documents, os.environ if env is None else env, prefix_names)
+    _raise_if(_schema_problems(resolved, registry, prefix_names))
+    config = _model(resolved, origin, folder)
+    _raise_if(list(cross_check(config, registry, prefix_names)))
+    return config
+
+
+def _raise_if(problems: list[str]) -> None:
     if problems:
         raise ConfigError(problems)
 
+
+def _documents_of(source: str | os.PathLike[str] | Mapping[str, Any] | list[Mapping[str, Any]],
+                  base_dir: str | os.PathLike[str] | None,
+                  limits: Limits) -> tuple[list[Any], str, Path]:
+    """The documents, where they came from (for messages) and the folder relative paths start in."""
+    if isinstance(source, Mapping):
+        return [source], "<dict>", Path(base_dir or os.getcwd())
+    if isinstance(source, list):
+        return list(source), "<dict>", Path(base_dir or os.getcwd())
+    path = Path(source)
+    return _read_yaml(path, limits), str(path), Path(base_dir or path.resolve().parent)
+
+
+def _resolve_documents(documents: list[Any], env: Mapping[str, str], prefix_names: bool) -> list[Mapping[str, Any]]:
+    """Each document with its `${{env.NAME}}` resolved; every problem of every document at once."""
+    problems: list[str] = []
+    resolved: list[Mapping[str, Any]] = []
+    for index, document in enumerate(documents):
+        where = f"documents[{index}]" if prefix_names else ""
+        if not isinstance(document, Mapping):
+            problems.append(f"{where or 'top level'}: expected a mapping with 'name' and 'bindings', "
+                            f"got {_type_name(document)}")
+            continue
+        resolved.append(_resolve(document, env, where, problems))
+    _raise_if(problems)
+    return resolved
+
+
+def _schema_problems(documents: list[Mapping[str, Any]], registry: Registry, prefix_names: bool) -> list[str]:
+    """What the engine's schema and the types' patches say of each document, each problem once."""
     validator = jsonschema.Draft202012Validator(engine_schema(
         {t: plugin.schema_patch for t, plugin in registry.bindings.items()},
         {t: plugin.schema_patch for t, plugin in registry.guards.items()},
         {t: plugin.schema_patch for t, plugin in registry.catalogs.items()}))
-    for index, document in enumerate(resolved):
+    problems: list[str] = []
+    for index, document in enumerate(documents):
         where = f"{document.get('name', f'documents[{index}]')}: " if prefix_names else ""
         errors = sorted(validator.iter_errors(document), key=lambda e: list(map(str, e.absolute_path)))
-        enum_paths = [tuple(e.absolute_path) for e in errors if e.validator == "enum"]
-        # The engine's schema and a type's patch both refuse an unknown key: report the
-        # patch's, whose list of expected keys is the narrower (the one that applies).
-        unknown: dict[tuple[Any, ...], jsonschema.ValidationError] = {}
-        for error in errors:
-            if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
-                known = error.schema.get("properties", {})
-                at = (tuple(error.absolute_path), frozenset(k for k in error.instance if k not in known))
-                if at not in unknown or _served(known) < _served(unknown[at].schema.get("properties", {})):
-                    unknown[at] = error
-        chosen = {id(e) for e in unknown.values()}
-        # A key the engine refuses with a reason may also be forbidden by the type: the reason.
-        refused = {tuple(e.absolute_path) for e in errors if e.validator == "not" and "x-refused" in e.schema}
-        for error in errors:
-            if error.validator == "additionalProperties" and id(error) not in chosen:
-                continue
-            if error.validator == "not" and "x-refused" not in error.schema and tuple(error.absolute_path) in refused:
-                continue
-            # A kind outside Zilla's fails the engine's enum and the type's narrower one: say it once.
-            if error.validator == "enum" and error.schema["enum"] == KINDS and \
-                    enum_paths.count(tuple(error.absolute_path)) > 1:
-                continue
+        for error in _reported(errors):
             problem = where + _describe(error, document)
             # The engine's schema and a type's patch may both refuse the same key: say it once.
             if problem not in problems:
                 problems.append(problem)
-    if problems:
-        raise ConfigError(problems)
+    return problems
 
-    config = _model(resolved, origin, folder)
-    problems.extend(cross_check(config, registry, prefix_names))
-    if problems:
-        raise ConfigError(problems)
-    return config
+
+def _reported(errors: list[jsonschema.ValidationError]) -> list[jsonschema.ValidationError]:
+    """The errors worth a line: of two schemas saying the same thing, the one that applies."""
+    enum_paths = [tuple(e.absolute_path) for e in errors if e.validator == "enum"]
+    # The engine's schema and a type's patch both refuse an unknown key: report the
+    # patch's, whose list of expected keys is the narrower (the one that applies).
+    unknown: dict[tuple[tuple[Any, ...], frozenset[Any]], jsonschema.ValidationError] = {}
+    for error in errors:
+        if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
+            known = _schema_of(error).get("properties", {})
+            keys = (tuple(error.absolute_path), frozenset(k for k in error.instance if k not in known))
+            if keys not in unknown or _served(known) < _served(_schema_of(unknown[keys]).get("properties", {})):
+                unknown[keys] = error
+    chosen = {id(e) for e in unknown.values()}
+    # A key the engine refuses with a reason may also be forbidden by the type: the reason.
+    refused = {tuple(e.absolute_path) for e in errors if e.validator == "not" and "x-refused" in _schema_of(e)}
+    reported = []
+    for error in errors:
+        schema, at = _schema_of(error), tuple(error.absolute_path)
+        if error.validator == "additionalProperties" and id(error) not in chosen:
+            continue
+        if error.validator == "not" and "x-refused" not in schema and at in refused:
+            continue
+        # A kind outside Zilla's fails the engine's enum and the type's narrower one: say it once.
+        if error.validator == "enum" and schema.get("enum") == KINDS and enum_paths.count(at) > 1:
+            continue
+        reported.append(error)
+    return reported
 
 
 def _read_yaml(path: Path, limits: Limits = DEFAULT_LIMITS) -> list[Any]:
@@ -176,60 +192,105 @@ def _served(properties: Mapping[str, Any]) -> int:
     return sum(1 for v in properties.values() if not (isinstance(v, Mapping) and "x-refused" in v))
 
 
+def _schema_of(error: jsonschema.ValidationError) -> Mapping[str, Any]:
+    """The (sub)schema an error is about; a boolean schema (`false`) has no keywords."""
+    return error.schema if isinstance(error.schema, Mapping) else {}
+
+
 def _describe(error: jsonschema.ValidationError, document: Mapping[str, Any]) -> str:
-    path, schema, value = _path_of(error), error.schema, error.instance
-    kind = error.validator
-    if kind == "additionalProperties" and isinstance(value, Mapping):
-        allowed = [k for k, v in schema.get("properties", {}).items()
-                   if not (isinstance(v, Mapping) and ("x-refused" in v or v == FORBIDDEN))]
-        extra = [k for k in value if k not in allowed]
-        if len(extra) == 1 and not allowed:
-            return f"{_join(path, extra[0])}: not allowed here"
-        names = ", ".join(f"'{k}'" for k in extra)
-        hint = did_you_mean(extra[0], allowed) if len(extra) == 1 else ""
-        return f"{path}: unknown key {names}{hint} (expected one of: {', '.join(allowed)})"
-    if kind == "required":
-        missing = error.message.split("'")[1] if "'" in error.message else error.message
-        return f"{path}: missing required key '{missing}'"
-    if kind == "enum":
-        options = schema["enum"]
-        if path.endswith(".type") and path.startswith("bindings."):
-            return (f"{path}: unknown binding type '{value}'{did_you_mean(value, options)} "
-                    f"(zillatw serves: {', '.join(options)})")
-        if path.endswith(".kind") and (where := _binding_of(error, document)):
-            return (f"{path}: {where.rsplit(' ', 2)[0]} binding cannot be of kind '{value}' "
-                    f"(expected {' or '.join(options)})")
-        return f"{path}: expected one of {', '.join(map(str, options))}, got '{value}'{did_you_mean(value, options)}"
-    if kind == "not" and "x-refused" in schema:
+    """One line for one error, `path: what was expected`, worded for the validator that failed."""
+    path = _path_of(error)
+    describe = _DESCRIBERS.get(str(error.validator))
+    line = describe(error, path, document) if describe else None
+    return line if line is not None else f"{path}: {error.message}"
+
+
+def _describe_unknown_keys(error: jsonschema.ValidationError, path: str, document: Mapping[str, Any]) -> str | None:
+    if not isinstance(error.instance, Mapping):
+        return None
+    allowed = [k for k, v in _schema_of(error).get("properties", {}).items()
+               if not (isinstance(v, Mapping) and ("x-refused" in v or v == FORBIDDEN))]
+    extra = [k for k in error.instance if k not in allowed]
+    if len(extra) == 1 and not allowed:
+        return f"{_join(path, extra[0])}: not allowed here"
+    names = ", ".join(f"'{k}'" for k in extra)
+    hint = did_you_mean(extra[0], allowed) if len(extra) == 1 else ""
+    return f"{path}: unknown key {names}{hint} (expected one of: {', '.join(allowed)})"
+
+
+def _describe_missing(error: jsonschema.ValidationError, path: str, document: Mapping[str, Any]) -> str:
+    missing = error.message.split("'")[1] if "'" in error.message else error.message
+    return f"{path}: missing required key '{missing}'"
+
+
+def _describe_choice(error: jsonschema.ValidationError, path: str, document: Mapping[str, Any]) -> str:
+    options, value = _schema_of(error)["enum"], error.instance
+    if path.endswith(".type") and path.startswith("bindings."):
+        return (f"{path}: unknown binding type '{value}'{did_you_mean(str(value), options)} "
+                f"(zillatw serves: {', '.join(options)})")
+    if path.endswith(".kind") and (where := _binding_of(error, document)):
+        return (f"{path}: {where.rsplit(' ', 2)[0]} binding cannot be of kind '{value}' "
+                f"(expected {' or '.join(options)})")
+    return f"{path}: expected one of {', '.join(map(str, options))}, got '{value}'{did_you_mean(str(value), options)}"
+
+
+def _describe_refused(error: jsonschema.ValidationError, path: str, document: Mapping[str, Any]) -> str | None:
+    schema = _schema_of(error)
+    if "x-refused" in schema:
         return f"{path}: {schema['x-refused']}"
-    if kind == "uniqueItems" and isinstance(value, list):
+    if schema == {"not": {}}:
+        where = _binding_of(error, document)
+        return f"{path}: not allowed" + (f" for {where}" if where else " here")
+    return None
+
+
+def _describe_repeated(error: jsonschema.ValidationError, path: str, document: Mapping[str, Any]) -> str | None:
+    value = error.instance
+    if isinstance(value, list):
         for index, item in enumerate(value):
             if item in value[:index]:
                 return f"{path}[{index}]: {item!r} is listed twice (also at {path}[{value.index(item)}])"
-    if kind == "not" and schema == {"not": {}}:
-        where = _binding_of(error, document)
-        return f"{path}: not allowed" + (f" for {where}" if where else " here")
-    if kind == "type":
-        expected = schema["type"]
-        expected = " or ".join(expected) if isinstance(expected, list) else expected
-        return f"{path}: expected {'an' if expected[0] in 'aeiou' else 'a'} {expected}, got {_type_name(value)}"
-    if kind == "pattern":
-        if schema["pattern"] == r"^[a-zA-Z]+[a-zA-Z0-9\._\-]*$":
-            return f"{path}: '{value}' is not a valid name (a letter first, then letters, digits, '.', '_' or '-')"
-        return f"{path}: '{value}' does not match {schema['pattern']}"
-    if kind in ("anyOf", "oneOf") and "x-expect" in schema:
-        deeper = [e for e in error.context if e.path]  # e.g. one bad item of a list
+    return None
+
+
+def _describe_type(error: jsonschema.ValidationError, path: str, document: Mapping[str, Any]) -> str:
+    expected = _schema_of(error)["type"]
+    expected = " or ".join(expected) if isinstance(expected, list) else expected
+    return f"{path}: expected {'an' if expected[0] in 'aeiou' else 'a'} {expected}, got {_type_name(error.instance)}"
+
+
+def _describe_pattern(error: jsonschema.ValidationError, path: str, document: Mapping[str, Any]) -> str:
+    pattern, value = _schema_of(error)["pattern"], error.instance
+    if pattern == r"^[a-zA-Z]+[a-zA-Z0-9\._\-]*$":
+        return f"{path}: '{value}' is not a valid name (a letter first, then letters, digits, '.', '_' or '-')"
+    return f"{path}: '{value}' does not match {pattern}"
+
+
+def _describe_alternatives(error: jsonschema.ValidationError, path: str, document: Mapping[str, Any]) -> str | None:
+    schema = _schema_of(error)
+    if "x-expect" in schema:
+        deeper = [e for e in error.context or () if e.path]  # e.g. one bad item of a list
         if deeper:
             return _describe(max(deeper, key=jsonschema.exceptions.relevance), document)
-        return f"{path}: expected {schema['x-expect']}, got {_type_name(value)} {value!r}"
-    if kind in ("anyOf", "oneOf") and error.context:
-        best = jsonschema.exceptions.best_match(error.context)
-        return _describe(best, document)
-    if kind in ("minimum", "maximum", "minItems", "maxItems", "exclusiveMinimum"):
-        return f"{path}: {error.message}"
-    if error.validator == "propertyNames":
-        return f"{path}: {error.message}"
-    return f"{path}: {error.message}"
+        return f"{path}: expected {schema['x-expect']}, got {_type_name(error.instance)} {error.instance!r}"
+    if error.context:
+        return _describe(jsonschema.exceptions.best_match(error.context), document)
+    return None
+
+
+# How each JSON Schema validator's failure is worded; one not named here (minimum, maxItems,
+# propertyNames, ...) says jsonschema's own message, which already reads well.
+_DESCRIBERS: dict[str, Callable[[jsonschema.ValidationError, str, Mapping[str, Any]], str | None]] = {
+    "additionalProperties": _describe_unknown_keys,
+    "required": _describe_missing,
+    "enum": _describe_choice,
+    "not": _describe_refused,
+    "uniqueItems": _describe_repeated,
+    "type": _describe_type,
+    "pattern": _describe_pattern,
+    "anyOf": _describe_alternatives,
+    "oneOf": _describe_alternatives,
+}
 
 
 # ---------------------------------------------------------------------------- model

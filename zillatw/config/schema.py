@@ -20,7 +20,7 @@ EXPORTER_TYPES = ["stdout", "prometheus", "otlp", "syslog", "aws-cloudwatch", "h
 
 NAME = {"type": "string", "pattern": NAME_PATTERN}
 # A key a binding type forbids. (A bare `false` schema would lose the key from error paths.)
-FORBIDDEN = {"not": {}}
+FORBIDDEN: dict[str, Any] = {"not": {}}
 
 
 def refused(reason: str) -> dict[str, Any]:

@@ -6,13 +6,14 @@ built; config has already rejected unknown names, loops and mismatched stream ki
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from zillatw.config import BindingConfig, Config
+from zillatw.config.plugins import Registry
 from zillatw.errors import ConfigError
 from zillatw.telemetry.events import Events
-from zillatw.config.plugins import Registry
 
 
 class BindingGraph:
@@ -90,11 +91,12 @@ class BindingGraph:
     def build_all(self) -> dict[str, Any]:
         """Every vault and binding; their problems (unreadable stores, unknown aliases) together."""
         problems: list[str] = []
-        steps = [(self.vault, (ns.name, name)) for ns in self.config.namespaces for name in ns.vaults]
-        steps += [(self.binding, (binding.qname,)) for binding in self.config.bindings()]
-        for step, args in steps:
+        steps: list[Callable[[], Any]] = [
+            functools.partial(self.vault, ns.name, name) for ns in self.config.namespaces for name in ns.vaults]
+        steps += [functools.partial(self.binding, binding.qname) for binding in self.config.bindings()]
+        for step in steps:
             try:
-                step(*args)
+                step()
             except ConfigError as e:  # a binding whose exit failed repeats the exit's problems
                 problems.extend(p for p in e.problems if p not in problems)
         if problems:

@@ -1,26 +1,54 @@
-"""Test support: gateways on ephemeral loopback ports, an Autobahn client that records frames,
-and a raw TCP client for handshakes and frames no well-behaved client would send."""
+"""Test support: what more than one test module uses lives here, and no test module imports
+another (zillatw.test.test_structure fails if one does).
+
+- support.py (this module): gateways on ephemeral loopback ports or on a clock (OnAClock), the
+  configurations tests start from (chain, echo_chain, proxy_config), an Autobahn client that
+  records frames, a raw TCP client for handshakes and frames no well-behaved client would send,
+  an upstream WebSocket server.
+- process_support.py: twistd in a child process (spawn_twistd, start_twistd, spawn_workers,
+  Collect), a Redis server, a gateway on a configuration file (GatewayOnAFile).
+- http_support.py: plain HTTP clients and upstreams (connect_http, request, plain_chain,
+  Sender, Counting), and `websockets` clients run in a thread (attempt, in_thread).
+- pki.py: keys and certificates made at run time, the TLS clients and servers that use them
+  (tls_chain, connect_wss, TlsTestCase), JWT signing keys and guarded configurations.
+- wire_support.py, wire_echo.py: the sans-IO core's tests (zillatw.wire) and their echo server;
+  validation_support.py: a fake schema registry and schemas.
+- reference_samples.py: a value for every key of docs/config-reference.md (test_reference).
+"""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import os
+import socket
 import struct
+from pathlib import Path
 from typing import Any
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
 from autobahn.websocket.compress import (
     PerMessageDeflateOffer,
+    PerMessageDeflateOfferAccept,
     PerMessageDeflateResponse,
     PerMessageDeflateResponseAccept,
 )
+from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial import unittest
+from twisted.web.client import Agent, readBody
 
 from zillatw import build_gateway
 
@@ -68,6 +96,13 @@ def on_ephemeral_port(config: dict[str, Any], tcp: str) -> dict[str, Any]:
     for route in binding.get("routes", []):
         route.pop("when", None)
     return config
+
+
+def port_of(listening: IListeningPort) -> int:
+    """The port a listener on port 0 was given."""
+    address = listening.getHost()
+    assert isinstance(address, IPv4Address)
+    return address.port
 
 
 @defer.inlineCallbacks
@@ -158,9 +193,10 @@ class RecordingClient(WebSocketClientProtocol):
 
 
 def connect_ws(port: int, path: str = "/", protocols: list[str] | None = None, compress: bool = False,
-               max_message: int = 0) -> defer.Deferred:
-    """An open RecordingClient, or a failure if the handshake is refused."""
-    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}", protocols=protocols or [])
+               max_message: int = 0, headers: dict[str, str] | None = None) -> defer.Deferred:
+    """An open RecordingClient (sending `headers` with its handshake), or a failure if the
+    handshake is refused."""
+    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}", protocols=protocols or [], headers=headers or {})
     factory.protocol = RecordingClient
     factory._batched_timer = ReactorTimer()
     options: dict[str, Any] = {"maxMessagePayloadSize": max_message, "autoFragmentSize": 0}
@@ -194,6 +230,7 @@ class RawClient(Protocol):
     def __init__(self) -> None:
         self.data = b""
         self.done: defer.Deferred = defer.Deferred()
+        self.reason: Any = None  # why the connection ended: ConnectionDone (a FIN) or ConnectionLost
         self._waiting: list[tuple[int, defer.Deferred]] = []
 
     def dataReceived(self, data: bytes) -> None:
@@ -215,6 +252,7 @@ class RawClient(Protocol):
         for _, d in self._waiting:
             d.errback(ConnectionError(f"closed after {len(self.data)} bytes"))
         self._waiting = []
+        self.reason = reason
         self.done.callback(self.data)
 
 
@@ -285,3 +323,262 @@ def split_response(data: bytes) -> tuple[str, dict[str, str], bytes]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return lines[0], headers, rest
+
+
+# ---------------------------------------------------------------------------- configurations
+
+def echo_chain() -> dict[str, Any]:
+    """tcp -> http -> ws -> echo, as in ws.echo.yaml."""
+    return {
+        "name": "test",
+        "bindings": {
+            "tcp0": {"type": "tcp", "kind": "server", "options": {"host": "0.0.0.0", "port": 7114},
+                     "exit": "http0"},
+            "http0": {"type": "http", "kind": "server",
+                      "routes": [{"when": [{"headers": {"upgrade": "websocket"}}], "exit": "ws0"}]},
+            "ws0": {"type": "ws", "kind": "server", "exit": "echo_server"},
+            "echo_server": {"type": "echo", "kind": "server"},
+        },
+    }
+
+
+def proxy_config(upstream_port: int, **client_options) -> dict:
+    ws_client: dict[str, Any] = {"type": "ws", "kind": "client", "exit": "south_http_client"}
+    if client_options:
+        ws_client["options"] = client_options
+    return chain(ws_routes=[{"exit": "south_ws_client"}], apps={
+        "south_ws_client": ws_client,
+        "south_http_client": {"type": "http", "kind": "client", "exit": "south_tcp_client"},
+        "south_tcp_client": {"type": "tcp", "kind": "client",
+                             "options": {"host": "127.0.0.1", "port": upstream_port}},
+    })
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """'Billion laughs': 9 ** levels strings from about 1 KB of YAML."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "name: bomb\n" + "\n".join(lines) + "\n"
+
+
+def nine_megabytes() -> str:
+    """A valid-looking configuration of 9 MB: ws.echo with 120,000 routes, then a comment to 9 MB."""
+    routes = "".join(f"      - when:\n          - path: /p{i}\n        exit: north_echo_server\n"
+                     for i in range(120_000))
+    text = Path(CONF, "ws.echo.yaml").read_text()
+    text = text.replace("    kind: server\n    exit: north_echo_server\n",
+                        "    kind: server\n    routes:\n" + routes, 1)
+    return text + "#" * max(0, 9_000_000 - len(text)) + "\n"
+
+
+# ---------------------------------------------------------------------------- an upstream WebSocket server
+
+class Upstream(WebSocketServerProtocol):
+    """Echoes; `close:<code>` makes it close with that code, `drop` drops the TCP connection."""
+
+    def onConnect(self, request):
+        self.factory.requests.append(request)
+        if request.path == "/deny":
+            raise ConnectionDeny(404, "no such upstream path")
+        return self.factory.select(request.protocols)
+
+    def onOpen(self):
+        self.factory.connections.append(self)
+
+    def onMessage(self, payload, isBinary):
+        self.factory.received += len(payload)
+        if payload.startswith(b"close:"):
+            self.sendCloseFrame(int(payload[6:]), b"upstream says bye")
+        elif payload == b"drop":
+            self.transport.abortConnection()
+        elif self.factory.echo:
+            self.sendMessage(payload, isBinary)
+
+    def onClose(self, wasClean, code, reason):
+        self.factory.closes.append((code, reason))
+
+
+def start_upstream(case, select=lambda offered: offered[0] if offered else None, echo=True, compress=False):
+    factory = WebSocketServerFactory()
+    factory.protocol = Upstream
+    factory._batched_timer = ReactorTimer()
+    factory.setProtocolOptions(echoCloseCodeReason=True, maxMessagePayloadSize=0, autoFragmentSize=0)
+    if compress:
+        factory.setProtocolOptions(perMessageCompressionAccept=lambda offers: next(
+            (PerMessageDeflateOfferAccept(o) for o in offers if isinstance(o, PerMessageDeflateOffer)), None))
+    factory.requests, factory.closes, factory.connections = [], [], []
+    factory.select, factory.echo, factory.received = select, echo, 0
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    case.addCleanup(port.stopListening)
+    return factory, port.getHost().port
+
+
+# ---------------------------------------------------------------------------- HTTP, raw clients
+
+@defer.inlineCallbacks
+def status_of(port: int, path: str = "/", headers: dict[str, str] | None = None) -> Any:
+    """The status code (int) and headers a handshake gets, over a raw socket."""
+    data = yield raw_exchange(port, upgrade_request(path, headers) + client_frame(0x8, b"\x03\xe8"))
+    status, response_headers, _ = split_response(data)
+    return int(status.split(" ")[1]), response_headers
+
+
+@defer.inlineCallbacks
+def http_get(port: int, path: str = "/metrics") -> Any:
+    """(status code, body text) of a GET on loopback: /metrics by default."""
+    response = yield Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode())
+    body = yield readBody(response)
+    return response.code, body.decode()
+
+
+def buffered(transport) -> int:
+    """Bytes a Twisted TCP transport holds in user space, waiting for the socket."""
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+@defer.inlineCallbacks
+def raw_ws(port: int, protocols: str | None = None):
+    """A raw client past its handshake; returns (client, offset of the first frame byte)."""
+    client = yield connect_raw(port)
+    headers = {"Sec-WebSocket-Protocol": protocols} if protocols else None
+    client.transport.write(upgrade_request(headers=headers))
+    yield client.until(4)
+    while b"\r\n\r\n" not in client.data:
+        yield client.until(len(client.data) + 1)
+    status, _, rest = split_response(client.data)
+    assert "101" in status, status
+    return client, len(client.data) - len(rest)
+
+
+@defer.inlineCallbacks
+def assert_echoed_under_back_pressure(case: unittest.TestCase, gateway: Any, port: int,
+                                      payloads: list[bytes]) -> Any:
+    """A raw client that stops reading sends `payloads` (binary messages, more than the socket
+    buffers hold) to an echo: the gateway stops reading from it, holding under 1 MiB, and the
+    client's own sending is held back; once it reads again every echo comes, whole and in order."""
+    client, start = yield raw_ws(port)
+    client.transport.pauseProducing()  # the client stops reading its socket
+    frames_out = [client_frame(0x2, p) for p in payloads]
+    client.transport.writeSequence(frames_out)
+    ws = gateway.binding("ws0")
+    yield eventually(lambda: len(ws.connections) == 1)
+    server = next(iter(ws.connections))
+    # The gateway stops reading from a client it cannot write to, so what it holds stays
+    # near one socket read plus Twisted's 64 KiB write threshold.
+    yield eventually(lambda: server.transport not in reactor.getReaders(), timeout=10)
+    case.assertLess(buffered(server.transport), 1024 * 1024)
+    case.assertGreater(buffered(client.transport), 0, "the sender was not held back")
+    # Nothing is lost once the client reads again (an echo's head is its frame's less the mask).
+    client.transport.resumeProducing()
+    yield client.until(start + sum(len(f) - 4 for f in frames_out))
+    frames = parse_server_frames(client.data[start:])
+    case.assertEqual(len(frames), len(payloads))
+    case.assertEqual(hashlib.sha256(b"".join(f[2] for f in frames)).digest(),
+                     hashlib.sha256(b"".join(payloads)).digest())
+    client.transport.loseConnection()
+    yield client.done
+
+
+# ---------------------------------------------------------------------------- twistd in a child process
+
+
+
+
+
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+# ---------------------------------------------------------------- moved from test modules
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+# from test_metrics
+def value(gateway, name: str, binding: str):
+    return gateway.metrics.registry.get_sample_value(name, {"namespace": "test", "binding": binding})
+
+
+# from test_metrics
+def metered(path: str = "/metrics", bindings: dict[str, list[str]] | None = None) -> dict:
+    """chain() with echo behind `protocol: echo`, every metric declared, a prometheus
+    exporter on port 0, and `telemetry.metrics` on the bindings given (default: all but tcp0)."""
+    config = chain([{"when": [{"protocol": "echo"}], "exit": "echo"}])
+    config["telemetry"] = {
+        "metrics": STREAM + ["http.active.requests", "http.duration"],
+        "exporters": {"stdout": {"type": "stdout"},
+                      "prom": {"type": "prometheus", "options": {"endpoints": [
+                          {"scheme": "http", "port": 0, "path": path}]}}},
+    }
+    if bindings is None:
+        bindings = {"http0": ["stream.*", "http.*"], "ws0": ["stream.*"], "echo": ["stream.*"]}
+    for name, globs in bindings.items():
+        config["bindings"][name]["telemetry"] = {"metrics": globs}
+    return config
+
+
+# from test_metrics
+STREAM = ["stream.active.received", "stream.active.sent", "stream.opens.received", "stream.opens.sent",
+          "stream.data.received", "stream.data.sent", "stream.errors.received", "stream.errors.sent",
+          "stream.closes.received", "stream.closes.sent"]
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+

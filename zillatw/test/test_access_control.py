@@ -13,6 +13,7 @@ from twisted.trial import unittest
 
 from zillatw import ConfigError, build_gateway
 from zillatw.bindings.http.accesscontrol import AccessControl, Policy, normalise_origin
+from zillatw.test.pki import Signer, guarded_config
 from zillatw.test.support import (
     ReactorTimer,
     RecordingClient,
@@ -25,7 +26,6 @@ from zillatw.test.support import (
     upgrade_request,
     when_opened,
 )
-from zillatw.test.test_jwt import Signer, guarded_config
 
 
 def request(origin: str | None = None, scheme: str = "http", authority: str = "app.example.com:80",

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from zillatw.bindings.ws.admission import MESSAGE_RATE_EXCEEDED, MessageRateLimit
 from zillatw.bindings.ws.ratelimits import Refusal
+from zillatw.test.http_support import Refused, attempt, in_thread
 from zillatw.test.support import (
     OnAClock,
     chain,
@@ -25,29 +25,12 @@ from zillatw.test.support import (
     connect_ws,
     eventually,
     parse_server_frames,
+    proxy_config,
     split_response,
     start_gateway,
+    start_upstream,
     upgrade_request,
 )
-from zillatw.test.test_proxy import proxy_config, start_upstream
-
-
-@dataclass
-class Refused:
-    status: int
-    retry_after: str | None
-    body: bytes
-
-
-async def attempt(url: str, **kwargs: Any) -> Any:
-    """A `websockets` connection, or what refused it."""
-    from websockets.asyncio.client import connect
-    from websockets.exceptions import InvalidStatus
-    try:
-        return await connect(url, open_timeout=10, **kwargs)
-    except InvalidStatus as e:
-        response = e.response
-        return Refused(response.status_code, response.headers.get("Retry-After"), bytes(response.body))
 
 
 async def attempt_until_open(url: str, **kwargs: Any) -> Any:
@@ -61,9 +44,6 @@ async def attempt_until_open(url: str, **kwargs: Any) -> Any:
     raise AssertionError(f"still refused: {result}")
 
 
-def in_thread(script: Any) -> defer.Deferred:
-    """Run an async client script on its own asyncio loop in a thread (the reactor runs here)."""
-    return threads.deferToThread(asyncio.run, script)
 
 
 def admission_of(gateway: Any) -> Any:
@@ -358,7 +338,7 @@ class OverTlsTests(unittest.TestCase):
         from pathlib import Path
 
         from zillatw.test import pki
-        from zillatw.test.test_tls import PASSWORD, Pki, tls_chain
+        from zillatw.test.pki import PASSWORD, Pki, tls_chain
         folder = Path(self.mktemp())
         folder.mkdir(parents=True)
         keys = Pki(folder)

@@ -12,8 +12,7 @@ from pathlib import Path
 import yaml
 from twisted.trial import unittest
 
-from zillatw.test.support import CONF
-from zillatw.test.test_config_bounds import alias_bomb, nine_megabytes
+from zillatw.test.support import CONF, alias_bomb, nine_megabytes
 
 ROOT = os.path.dirname(CONF)
 ENV = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -170,8 +169,9 @@ class HostileFileTests(unittest.SynchronousTestCase):
                                                          "is 4,194,304 bytes, --max-config-bytes)")
 
     def test_an_alias_bomb(self):
-        self.assertEqual(self.refused(alias_bomb()), "FILE:8:10: more than 1,000,000 YAML nodes, counting each "
-                                                     "alias as the nodes it repeats (the limit, --max-config-nodes) (in a6)")
+        self.assertEqual(self.refused(alias_bomb()),
+                         "FILE:8:10: more than 1,000,000 YAML nodes, counting each "
+                         "alias as the nodes it repeats (the limit, --max-config-nodes) (in a6)")
 
     def test_50000_deep_nesting(self):
         self.assertRegex(self.refused("[" * 50_000 + "]" * 50_000),
@@ -182,7 +182,8 @@ class HostileFileTests(unittest.SynchronousTestCase):
                                                            "(invalid continuation byte); zilla.yaml must be UTF-8")
 
     def test_kind_server_then_kind_client(self):
-        text = Path(CONF, "ws.echo.yaml").read_text().replace("    kind: server\n", "    kind: server\n    kind: client\n", 1)
+        text = Path(CONF, "ws.echo.yaml").read_text().replace(
+            "    kind: server\n", "    kind: server\n    kind: client\n", 1)
         self.assertEqual(self.refused(text), "FILE:7:5: duplicate key 'kind' (first at 6:5, again at 7:5; a key may "
                                              "appear once) (in bindings.north_tcp_server)")
 
@@ -198,4 +199,5 @@ class HostileFileTests(unittest.SynchronousTestCase):
         result = check(os.path.join(CONF, "ws.echo.yaml"), "--max-config-depth", "0")
         self.assertEqual(result.returncode, 2)
         self.assertIn("--max-config-depth: expected a positive integer, got 0", result.stderr)
-        self.assertEqual(check(os.path.join(CONF, "ws.echo.yaml"), "--max-config-depth", "8").returncode, 0)  # as deep as it goes
+        # as deep as it goes
+        self.assertEqual(check(os.path.join(CONF, "ws.echo.yaml"), "--max-config-depth", "8").returncode, 0)

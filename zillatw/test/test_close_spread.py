@@ -13,10 +13,18 @@ from twisted.trial import unittest
 
 from zillatw.runtime.closespread import CloseSpread
 from zillatw.tap import Options
-from zillatw.test import test_shutdown
-from zillatw.test.support import OnAClock, chain, connect_ws, eventually, parse_server_frames, upgrade_request
-from zillatw.test.test_proxy import proxy_config, start_upstream
-from zillatw.test.test_shutdown import start_own_gateway
+from zillatw.test.process_support import start_own_gateway, start_twistd
+from zillatw.test.support import (
+    OnAClock,
+    chain,
+    connect_ws,
+    eventually,
+    free_port,
+    parse_server_frames,
+    proxy_config,
+    start_upstream,
+    upgrade_request,
+)
 
 TICK = 0.001
 
@@ -153,11 +161,12 @@ class CloseSpreadProxyTests(unittest.TestCase):
 
 
 class CloseSpreadTwistdTests(unittest.TestCase):
-    start_twistd = test_shutdown.SignalTests.start_twistd  # twistd -n zillaws on chain(), in a child
-
     @defer.inlineCallbacks
     def test_sigterm_with_a_spread_closes_every_websocket_with_1001_and_exits_0(self):
-        child, process, port = yield self.start_twistd(extra_args=["--drain-timeout", "5", "--close-spread", "0.5"])
+        port = free_port()
+        config = chain()
+        config["bindings"]["tcp0"]["options"]["port"] = port
+        _, child, process = yield start_twistd(self, config, "--drain-timeout", "5", "--close-spread", "0.5")
         clients = yield defer.gatherResults([connect_ws(port) for _ in range(20)])
         process.signalProcess(signal.SIGTERM)
         results = yield defer.gatherResults([client.closed for client in clients])

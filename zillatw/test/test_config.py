@@ -15,24 +15,9 @@ from zillatw.config import Config, load
 from zillatw.errors import ConfigError, did_you_mean
 from zillatw.runtime.standard import standard_registry
 from zillatw.telemetry.metrics import SUPPORTED_EXPORTERS
-from zillatw.test.support import CONF
+from zillatw.test.support import CONF, echo_chain
 
 TYPES = standard_registry()
-
-
-def echo_chain() -> dict[str, Any]:
-    """tcp -> http -> ws -> echo, as in ws.echo.yaml."""
-    return {
-        "name": "test",
-        "bindings": {
-            "tcp0": {"type": "tcp", "kind": "server", "options": {"host": "0.0.0.0", "port": 7114},
-                     "exit": "http0"},
-            "http0": {"type": "http", "kind": "server",
-                      "routes": [{"when": [{"headers": {"upgrade": "websocket"}}], "exit": "ws0"}]},
-            "ws0": {"type": "ws", "kind": "server", "exit": "echo_server"},
-            "echo_server": {"type": "echo", "kind": "server"},
-        },
-    }
 
 
 def changed(change) -> dict[str, Any]:

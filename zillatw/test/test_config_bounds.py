@@ -19,28 +19,21 @@ from twisted.trial import unittest
 
 from zillatw import build_gateway, load_config
 from zillatw.config import load
+from zillatw.config.yamlload import (
+    DEFAULT_LIMITS,
+    MAX_BYTES,
+    MAX_DEPTH,
+    MAX_NODES,
+    Limits,
+    limit_flags,
+    limits_from,
+    load_text,
+)
 from zillatw.errors import ConfigError
 from zillatw.runtime.standard import standard_registry
-from zillatw.test.support import CONF, chain
-from zillatw.config.yamlload import DEFAULT_LIMITS, MAX_BYTES, MAX_DEPTH, MAX_NODES, Limits, limit_flags, limits_from, load_text
+from zillatw.test.support import CONF, alias_bomb, chain, nine_megabytes
 
 ECHO = Path(CONF, "ws.echo.yaml").read_text()
-
-
-def alias_bomb(levels: int = 9) -> str:
-    """'Billion laughs': 9 ** levels strings from about 1 KB of YAML."""
-    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
-    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
-    return "name: bomb\n" + "\n".join(lines) + "\n"
-
-
-def nine_megabytes() -> str:
-    """A valid-looking configuration of 9 MB: ws.echo with 120,000 routes, then a comment to 9 MB."""
-    routes = "".join(f"      - when:\n          - path: /p{i}\n        exit: north_echo_server\n"
-                     for i in range(120_000))
-    text = ECHO.replace("    kind: server\n    exit: north_echo_server\n",
-                        "    kind: server\n    routes:\n" + routes, 1)
-    return text + "#" * max(0, 9_000_000 - len(text)) + "\n"
 
 
 def generated(bindings: int) -> str:
@@ -171,7 +164,8 @@ class BoundsTests(Files):
         self.assertEqual(self.refused("name: t\n? [a]\n: 1\n"),
                          "FILE:2:3: a mapping key must be a scalar, not a mapping or a list")
         self.assertEqual(self.refused("name: t\nport: " + "9" * 5000 + "\n"),
-                         "FILE:2:7: '9999999999999999999999999999999999999999... (5,000 characters)' is not a valid int")
+                         "FILE:2:7: '9999999999999999999999999999999999999999... (5,000 characters)' "
+                         "is not a valid int")
         self.assertEqual(self.refused("name: t\nbindings:\n\tx: 1\n"),
                          "FILE:3:1: invalid YAML: found character that cannot start any token (a tab: YAML "
                          "indents with spaces only)" if self.loader in (None, yaml.CSafeLoader) else

@@ -14,10 +14,19 @@ from zillatw.config import load
 from zillatw.errors import ConfigError
 from zillatw.guards import Session, permits, resolve_role
 from zillatw.runtime.standard import standard_registry
-from zillatw.test.support import chain, close_ws, connect_ws, raw_exchange, start_gateway, upgrade_request
-from zillatw.test.test_config import echo_chain
-from zillatw.test.test_jwt import Signer, connect, guarded_config, status_of
-from zillatw.test.test_proxy import proxy_config, start_upstream
+from zillatw.test.pki import Signer, guarded_config
+from zillatw.test.support import (
+    chain,
+    close_ws,
+    connect_ws,
+    echo_chain,
+    proxy_config,
+    raw_exchange,
+    start_gateway,
+    start_upstream,
+    status_of,
+    upgrade_request,
+)
 
 TYPES = standard_registry()
 
@@ -204,11 +213,11 @@ class DynamicRolesOnTheWireTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_role_of_the_request_matched(self):
-        client = yield connect(self.port, "/items", self.headers("GET/items ws:/items"))
+        client = yield connect_ws(self.port, "/items", headers=self.headers("GET/items ws:/items"))
         yield close_ws(client)
         # the query (here the credentials) is not part of ${path}
         token = self.signer.token(scope="GET/items ws:/items")
-        client = yield connect(self.port, f"/items?access_token={token}")
+        client = yield connect_ws(self.port, f"/items?access_token={token}")
         yield close_ws(client)
 
     @defer.inlineCallbacks

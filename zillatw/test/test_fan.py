@@ -5,10 +5,10 @@ later while the others keep receiving."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -18,15 +18,24 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from zillatw import ConfigError, build_gateway
-from zillatw.config import Route
 from zillatw.bindings.echo.binding import EchoServer
-from zillatw.bindings.fan.binding import DRAIN_TIMEOUT, MAX_LAG, MAX_LAG_MESSAGES, FanServer
+from zillatw.bindings.fan.binding import DRAIN_TIMEOUT, MAX_LAG, MAX_LAG_MESSAGES, FanMember, FanServer
 from zillatw.bindings.http.binding import HttpServer
 from zillatw.bindings.ws.binding import WsServer
+from zillatw.config import Route
 from zillatw.stream import BINARY, IStreamEnd, StreamInfo
-from zillatw.test.test_tls import PASSWORD, TlsTestCase, client_tls, connect_wss, tls_chain
-from zillatw.test.support import (RawClient, chain, client_frame, connect_ws, eventually, parse_server_frames,
-                                  split_response, start_gateway, upgrade_request, wait)
+from zillatw.test.pki import PASSWORD, TlsTestCase, client_tls, connect_wss, tls_chain
+from zillatw.test.support import (
+    RawClient,
+    chain,
+    client_frame,
+    connect_ws,
+    eventually,
+    parse_server_frames,
+    split_response,
+    start_gateway,
+    upgrade_request,
+)
 
 
 @implementer(IStreamEnd)
@@ -59,8 +68,13 @@ class EvictionBoundsTests(unittest.SynchronousTestCase):
         self.fan = FanServer("fan", EchoServer(), max_lag=1000, max_lag_messages=5)
         self.publisher_end = Member()
         self.slow_end = Member()
-        self.publisher = self.fan.open(StreamInfo(), self.publisher_end)
-        self.slow = self.fan.open(StreamInfo(), self.slow_end)
+        self.publisher = self.join(self.publisher_end)
+        self.slow = self.join(self.slow_end)
+
+    def join(self, end: Member) -> FanMember:
+        member = self.fan.open(StreamInfo(), end)
+        assert isinstance(member, FanMember)  # a fan without Redis opens at once
+        return member
 
     def publish(self, size: int, count: int = 1) -> None:
         for _ in range(count):
@@ -145,7 +159,7 @@ class DrainTimeoutTests(unittest.SynchronousTestCase):
 
     def member(self) -> tuple[Any, HalfClosingTransport]:
         transport = HalfClosingTransport()
-        protocol = self.http.buildProtocol(None)
+        protocol = self.http.buildProtocol(IPv4Address("TCP", "127.0.0.1", 0))
         protocol.makeConnection(transport)
         protocol.dataReceived(upgrade_request())
         status, _, _ = split_response(transport.value())
@@ -154,7 +168,9 @@ class DrainTimeoutTests(unittest.SynchronousTestCase):
         return protocol, transport
 
     def evict_slow(self) -> None:
-        self.slow_transport.producer.pauseProducing()  # what Twisted does when its buffer is full
+        producer = self.slow_transport.producer
+        assert producer is not None  # the ws connection registered itself
+        producer.pauseProducing()  # what Twisted does when its buffer is full
         self.slow_transport.pauseProducing()
         self.publisher.dataReceived(client_frame(0x2, b"backlog"))
         self.assertEqual(self.fan.members(), 1)
@@ -184,20 +200,13 @@ class DrainTimeoutTests(unittest.SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])  # the drain timer went with it
 
 
-class RecordingRawClient(RawClient):
-    def connectionLost(self, reason: Any = None) -> None:
-        self.reason = reason
-        self.lost_at = time.monotonic()
-        super().connectionLost(reason)
-
-
 class SlowMemberTests(unittest.TestCase):
-    """Over loopback: the attack that found the hole, a member that stops reading."""
+    """Over loopback: the attack that found the hole, a member that stops reading, its kernel
+    buffers full. What happens when (the close timeout does not apply to an evicted member,
+    the drain timeout does) is on a Clock: DrainTimeoutTests."""
 
     MESSAGE = 16 * 1024
     CLOSE_TIMEOUT = 0.5  # the ws server's: before, the evicted member was aborted this soon
-    STALL = 1.5          # seconds the member does not read after its eviction (> CLOSE_TIMEOUT)
-    BOUND = 1.0          # seconds from reading again to the 1013 and the socket's end (took 0.06)
 
     def config(self, **fan: Any) -> dict[str, Any]:
         return chain(apps={"fan": {"type": "fan", "kind": "server", "exit": "echo",
@@ -216,7 +225,7 @@ class SlowMemberTests(unittest.TestCase):
     def slow_member(self, port: int) -> Any:
         """A raw member past its 101 that then stops reading its socket; -> (client, offset
         of its first frame byte)."""
-        client = yield connectProtocol(self.raw_endpoint(port), RecordingRawClient())
+        client = yield connectProtocol(self.raw_endpoint(port), RawClient())
         client.transport.write(upgrade_request())
         yield eventually(lambda: b"\r\n\r\n" in client.data)
         status, _, rest = split_response(client.data)
@@ -244,7 +253,7 @@ class SlowMemberTests(unittest.TestCase):
             yield self.publish_batch(publisher, readers, sent)
 
     @defer.inlineCallbacks
-    def test_an_evicted_member_reads_its_backlog_then_its_1013_seconds_later(self):
+    def test_an_evicted_member_reads_its_backlog_then_its_1013(self):
         gateway, port = yield start_gateway(self, self.config())
         fan = gateway.binding("fan")
         self.assertEqual((fan.max_lag, fan.max_lag_messages, fan.drain_timeout), (256 * 1024, 64, DRAIN_TIMEOUT))
@@ -257,15 +266,14 @@ class SlowMemberTests(unittest.TestCase):
         evicted_at = len(sent)
         # the others keep receiving while the evicted member does not read
         for _ in range(3):
-            yield wait(self.STALL / 3)
             yield self.publish_batch(fast[0], fast, sent)
             self.assertFalse(slow.done.called, "the evicted member's socket was dropped while it stalled")
 
-        resumed = time.monotonic()
         slow.transport.resumeProducing()
         yield slow.done
-        self.assertLess(slow.lost_at - resumed, self.BOUND)
-        self.assertIsInstance(slow.reason.value, ConnectionDone)  # a FIN, not a reset
+        # a FIN, not a reset: neither the drain timeout's abort (DRAIN_TIMEOUT, 10 s) nor the
+        # close timeout's (CLOSE_TIMEOUT) ended it
+        self.assertIsInstance(slow.reason.value, ConnectionDone)
 
         frames = parse_server_frames(slow.data[start:])
         data, close = frames[:-1], frames[-1]
@@ -282,19 +290,16 @@ class SlowMemberTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_an_evicted_member_that_never_reads_again_is_dropped_after_drain_timeout(self):
-        gateway, port = yield start_gateway(self, self.config(**{"drain-timeout": 0.5}))
+        gateway, port = yield start_gateway(self, self.config(**{"drain-timeout": 0.1}))
         fan = gateway.binding("fan")
-        self.assertEqual(fan.drain_timeout, 0.5)
+        self.assertEqual(fan.drain_timeout, 0.1)
         fast = [(yield self.connect_member(port))]
         slow, _ = yield self.slow_member(port)
         yield eventually(lambda: fan.members() == 2)
         ws = gateway.binding("ws0")
         yield self.publish_until_evicted(fan, fast[0], fast, [])
-        evicted = time.monotonic()
+        self.assertEqual(len(ws.connections), 2)  # evicted, not dropped: it has drain-timeout to read
         yield eventually(lambda: len(ws.connections) == 1, timeout=5)
-        gone = time.monotonic() - evicted
-        self.assertGreater(gone, 0.4)
-        self.assertLess(gone, 2.0)
         slow.transport.loseConnection()
         yield slow.done
         yield _close(fast[0])

@@ -9,78 +9,32 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 
 import yaml
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from zillatw.bindings.fan.redis import RedisLink, parse_url
-from zillatw.test.support import CONF, close_ws, connect_ws, eventually, on_ephemeral_port, start_gateway, wait
-from zillatw.test.test_metrics import get
+from zillatw.test.process_support import RedisServer, redis_server_binary
+from zillatw.test.support import (
+    CONF,
+    close_ws,
+    connect_ws,
+    eventually,
+    free_port,
+    http_get,
+    on_ephemeral_port,
+    start_gateway,
+    wait,
+)
 
 ROOT = os.path.dirname(CONF)
 
 
-_binary: list[str] = []
 
 
-def redis_server_binary() -> str:
-    """$ZILLATW_REDIS_SERVER, else what scripts/install-redis.sh prints (it unpacks Debian's
-    redis-server into build/redis/ once; later runs just print the path)."""
-    if not _binary:
-        explicit = os.environ.get("ZILLATW_REDIS_SERVER")
-        if explicit:
-            _binary.append(explicit)
-        else:
-            out = subprocess.run(["sh", os.path.join(ROOT, "scripts", "install-redis.sh")], check=True,
-                                 capture_output=True, text=True, stdin=subprocess.DEVNULL).stdout
-            _binary.append(out.strip().splitlines()[-1])
-    return _binary[0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A redis-server on a loopback port, no persistence; stop() and start() again on the same port."""
-
-    def __init__(self, *args: str) -> None:
-        self.binary = redis_server_binary()
-        self.port = free_port()
-        self.args = list(args)
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--daemonize", "no", "--loglevel", "warning", *self.args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"redis-server exited ({self.proc.returncode})"
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):
-                        return
-            except OSError:
-                time.sleep(0.02)
-        raise AssertionError(f"redis-server not answering on {self.port}")
-
-    def crash(self) -> None:
-        """SIGKILL: no goodbye to its clients beyond the kernel's."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
 
 
 def reflect(redis_url: str, **redis_options) -> dict:
@@ -263,7 +217,7 @@ class RedisOutageTests(TwoGateways):
             events = gateway.events_text.getvalue()
             self.assertEqual(events.count("BINDING_FAN_REDIS_CONNECTED"), 2, events)
             self.assertEqual(self.link(gateway).disconnects, 1)
-            code, text = yield get(gateway.metrics_ports()[0])
+            code, text = yield http_get(gateway.metrics_ports()[0])
             self.assertEqual(code, 200)
             self.assertIn('zillatw_fan_redis_disconnects_total{binding="north_fan_server",namespace="example"} 1.0',
                           text)
@@ -405,7 +359,7 @@ class WorkerTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_workers_of_one_host_form_one_group_without_duplicates(self):
-        from zillatw.test.test_workers import server_pid, spawn_workers, worker_pids
+        from zillatw.test.process_support import server_pid, spawn_workers, worker_pids
         redis = RedisServer()
         redis.start()
         self.addCleanup(redis.crash)

@@ -22,8 +22,8 @@ from zillatw.config import load
 from zillatw.errors import ConfigError
 from zillatw.runtime.standard import standard_registry
 from zillatw.test import pki
-from zillatw.test.support import connect_raw, eventually, start_gateway
-from zillatw.test.test_fan_redis import free_port, redis_server_binary
+from zillatw.test.process_support import redis_server_binary
+from zillatw.test.support import connect_raw, eventually, free_port, start_gateway
 
 PASSWORD = "s3cret-Pa55"
 # a user that may publish and subscribe to zillatw's channels only; no default user

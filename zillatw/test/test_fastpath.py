@@ -10,8 +10,18 @@ from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from zillatw.test.support import (chain, client_frame, connect_raw, connect_ws, close_ws, parse_server_frames,
-                                  split_response, start_gateway, upgrade_request, wait)
+from zillatw.test.support import (
+    chain,
+    client_frame,
+    close_ws,
+    connect_raw,
+    connect_ws,
+    parse_server_frames,
+    split_response,
+    start_gateway,
+    upgrade_request,
+    wait,
+)
 from zillatw.wire import connection, frames
 from zillatw.wire.frames import encode_frame, parse_head
 

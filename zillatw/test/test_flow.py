@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
-
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.trial import unittest
 
-from zillatw.test.support import (chain, client_frame, close_ws, connect_raw, connect_ws, eventually,
-                                  parse_server_frames, split_response, start_gateway, upgrade_request)
+from zillatw.test.support import (
+    assert_echoed_under_back_pressure,
+    chain,
+    close_ws,
+    connect_ws,
+    start_gateway,
+)
 
 MESSAGE = 64 * 1024
-
-
-def buffered(transport) -> int:
-    """Bytes a Twisted TCP transport holds in user space, waiting for the socket."""
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-
-
-@defer.inlineCallbacks
-def raw_ws(port: int, protocols: str | None = None):
-    """A raw client past its handshake; returns (client, offset of the first frame byte)."""
-    client = yield connect_raw(port)
-    headers = {"Sec-WebSocket-Protocol": protocols} if protocols else None
-    client.transport.write(upgrade_request(headers=headers))
-    yield client.until(4)
-    while b"\r\n\r\n" not in client.data:
-        yield client.until(len(client.data) + 1)
-    status, _, rest = split_response(client.data)
-    assert "101" in status, status
-    return client, len(client.data) - len(rest)
 
 
 class EchoBackPressureTests(unittest.TestCase):
@@ -38,36 +22,8 @@ class EchoBackPressureTests(unittest.TestCase):
         # no keepalive pings: this client neither reads nor answers them while it is paused,
         # and a slow machine can take longer than the ping interval here
         gateway, port = yield start_gateway(self, chain(ws_options={"ping-interval": 0}))
-        client, start = yield raw_ws(port)
-        client.transport.pauseProducing()  # the client stops reading its socket
         count = 400  # 25 MiB: more than loopback's socket buffers hold
-        payloads = [bytes([i % 251]) * MESSAGE for i in range(count)]
-        client.transport.writeSequence([client_frame(0x2, p) for p in payloads])
-        server = yield self._server_connection(gateway)
-
-        # The gateway stops reading from a client it cannot write to, so what it holds stays
-        # near one socket read plus Twisted's 64 KiB write threshold.
-        yield eventually(lambda: server.transport not in reactor.getReaders(), timeout=10)
-        peak = buffered(server.transport)
-        self.assertLess(peak, 1024 * 1024)
-        self.assertGreater(buffered(client.transport), 0, "the sender was not held back")
-
-        # Nothing is lost once the client reads again.
-        client.transport.resumeProducing()
-        expected = start + count * (10 + MESSAGE)  # 64 KiB needs the 8-byte length form
-        yield client.until(expected)
-        frames = parse_server_frames(client.data[start:])
-        self.assertEqual(len(frames), count)
-        self.assertEqual(hashlib.sha256(b"".join(f[2] for f in frames)).digest(),
-                         hashlib.sha256(b"".join(payloads)).digest())
-        client.transport.loseConnection()
-        yield client.done
-
-    @defer.inlineCallbacks
-    def _server_connection(self, gateway):
-        ws = gateway.binding("ws0")
-        yield eventually(lambda: len(ws.connections) == 1)
-        return next(iter(ws.connections))
+        yield assert_echoed_under_back_pressure(self, gateway, port, [bytes([i % 251]) * MESSAGE for i in range(count)])
 
 
 class FanTests(unittest.TestCase):

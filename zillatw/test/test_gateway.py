@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Generator
+from typing import Any
 
 import yaml
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from zillatw.test.support import (CONF, chain, client_frame, close_ws, connect_raw, connect_ws, eventually,
-                                  on_ephemeral_port, parse_server_frames, raw_exchange, split_response,
-                                  start_gateway, upgrade_request)
+from zillatw.test.support import (
+    CONF,
+    chain,
+    client_frame,
+    close_ws,
+    connect_raw,
+    connect_ws,
+    eventually,
+    on_ephemeral_port,
+    parse_server_frames,
+    raw_exchange,
+    split_response,
+    start_gateway,
+    upgrade_request,
+)
 
 
 class EchoTests(unittest.TestCase):
@@ -196,7 +210,7 @@ class HandshakeTests(unittest.TestCase):
         self.gateway, self.port = yield start_gateway(self, config)
 
     @defer.inlineCallbacks
-    def _status(self, request: bytes, expected: int) -> defer.Deferred:
+    def _status(self, request: bytes, expected: int) -> Generator[Any, Any, tuple[dict[str, str], bytes]]:
         data = yield raw_exchange(self.port, request)
         status, headers, body = split_response(data)
         self.assertEqual(status.split(" ", 2)[1], str(expected), data)

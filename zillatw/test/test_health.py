@@ -17,7 +17,8 @@ from zillatw import build_gateway
 from zillatw.errors import ConfigError
 from zillatw.runtime.gateway import build_generation, load_config
 from zillatw.telemetry.health import HEAD_TIMEOUT, MAX_CONNECTIONS, HealthFactory, Readiness, answer
-from zillatw.test.support import chain, connect_raw, connect_ws, raw_exchange, split_response, upgrade_request
+from zillatw.test.http_support import probe
+from zillatw.test.support import chain, connect_raw, connect_ws, raw_exchange, upgrade_request
 
 
 def with_health(config: dict[str, Any], port: int = 0, **options: Any) -> dict[str, Any]:
@@ -27,12 +28,6 @@ def with_health(config: dict[str, Any], port: int = 0, **options: Any) -> dict[s
     return config
 
 
-@defer.inlineCallbacks
-def probe(port: int, path: str, method: str = "GET") -> Any:
-    """(status code, headers, body) of one request, as a load balancer's probe sends it."""
-    data = yield raw_exchange(port, f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-    status, headers, body = split_response(data)
-    return int(status.split()[1]), headers, body
 
 
 class HealthGatewayTests(unittest.TestCase):
@@ -110,7 +105,7 @@ class HealthGatewayTests(unittest.TestCase):
         self.assertTrue((yield gateway.switch_to(same)))
         self.assertEqual(gateway.health_ports(), [before])  # the same socket, never closed
         self.assertEqual((yield probe(before, "/ready"))[0], 200)
-        from zillatw.test.test_tap import free_port
+        from zillatw.test.support import free_port
         moved = free_port()
         other = build_generation(load_config(with_health(chain(), moved)), gateway.reactor, io.StringIO())
         self.assertTrue((yield gateway.switch_to(other)))
@@ -152,7 +147,7 @@ class HealthGatewayTests(unittest.TestCase):
         gateway.startService()
         yield gateway.listening
         self.assertEqual(gateway.health_ports(), [])
-        from zillatw.test.test_tap import free_port
+        from zillatw.test.support import free_port
         other = build_generation(load_config(with_health(chain(), free_port())), gateway.reactor, io.StringIO())
         self.assertFalse((yield gateway.switch_to(other)))
         self.assertIn("CONFIG_RELOAD_FAILED telemetry.exporters: with workers (-w), the supervisor serves the "

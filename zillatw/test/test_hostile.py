@@ -9,22 +9,32 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from zillatw.config import Route
-from zillatw.wire.http1 import RequestHeadParser
-from zillatw.bindings.ws import binding as ws_binding
 from zillatw.bindings.http.binding import pseudo_headers
+from zillatw.bindings.ws import binding as ws_binding
+from zillatw.config import Route
 from zillatw.test import pki
-from zillatw.test.support import (chain, client_frame, connect_raw, eventually, parse_server_frames, raw_exchange,
-                                  split_response, start_gateway, upgrade_request, wait)
-from zillatw.test.test_jwt import Signer, guarded_config
-from zillatw.test.test_proxy import proxy_config
-from zillatw.test.test_tls import PASSWORD, client_tls, raw_tls_exchange, tls_chain
+from zillatw.test.pki import PASSWORD, Signer, client_tls, guarded_config, raw_tls_exchange, tls_chain
+from zillatw.test.support import (
+    chain,
+    client_frame,
+    connect_raw,
+    eventually,
+    parse_server_frames,
+    port_of,
+    proxy_config,
+    raw_exchange,
+    split_response,
+    start_gateway,
+    upgrade_request,
+    wait,
+)
 from zillatw.wire.handshake import accept_key
+from zillatw.wire.http1 import RequestHeadParser
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 BARE_LF_UPGRADE = (b"GET /echo HTTP/1.1\nHost: localhost\nUpgrade: websocket\nConnection: Upgrade\n"
@@ -50,6 +60,7 @@ class HeldUpstream(Protocol):
     def answer(self) -> None:
         head = self.received.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
         headers = {line.partition(":")[0].lower(): line.partition(":")[2].strip() for line in head[1:]}
+        assert self.transport is not None
         self.transport.write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                               f"Sec-WebSocket-Accept: {accept_key(headers['sec-websocket-key'])}\r\n\r\n").encode())
 
@@ -57,12 +68,21 @@ class HeldUpstream(Protocol):
         self.factory.lost.append(self)
 
 
-def start_held_upstream(case: unittest.TestCase) -> tuple[Factory, int]:
-    factory = Factory.forProtocol(HeldUpstream)
-    factory.connections, factory.lost = [], []
+class HeldUpstreams(ServerFactory):
+    """The HeldUpstream connections made and those lost, in order."""
+
+    protocol = HeldUpstream
+
+    def __init__(self) -> None:
+        self.connections: list[HeldUpstream] = []
+        self.lost: list[HeldUpstream] = []
+
+
+def start_held_upstream(case: unittest.TestCase) -> tuple[HeldUpstreams, int]:
+    factory = HeldUpstreams()
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     case.addCleanup(port.stopListening)
-    return factory, port.getHost().port
+    return factory, port_of(port)
 
 
 class BareLineFeedTests(unittest.TestCase):
@@ -338,7 +358,8 @@ class OpenTimeoutTests(unittest.SynchronousTestCase):
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 504 Gateway Timeout\r\n"), transport.value())
         self.assertEqual(cancelled, [never])  # the exit lets go of what it was opening
         self.assertEqual(transport.value().count(b"HTTP/1.1"), 1)  # one answer, not a second for the cancel
-        self.assertEqual(observer.rejections, [(7, 504, f"the stream did not open within {ws_binding.OPEN_TIMEOUT:g} s")])
+        self.assertEqual(observer.rejections,
+                         [(7, 504, f"the stream did not open within {ws_binding.OPEN_TIMEOUT:g} s")])
 
 
 class BareLineFeedOverTlsTests(unittest.TestCase):

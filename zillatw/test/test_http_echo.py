@@ -18,9 +18,8 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 
 from zillatw.bindings.echo.binding import EchoServer
 from zillatw.stream import HttpHead, IHttpRequestExit
-from zillatw.test.support import CONF, eventually, start_gateway
-from zillatw.test.test_http_plain import connect_http, plain_chain, request
-from zillatw.test.test_tls import free_port
+from zillatw.test.http_support import connect_http, plain_chain, request
+from zillatw.test.support import CONF, eventually, free_port, start_gateway
 
 
 class Recorder:
@@ -172,7 +171,7 @@ class EchoBackPressureTests(unittest.TestCase):
         from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
         from twisted.internet.task import deferLater
 
-        from zillatw.test.test_http_proxy import Counting, Sender
+        from zillatw.test.http_support import Counting, Sender
         gateway, port = yield start_gateway(self, plain_chain())
         client = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Counting(pause_after=None))
         client.transport.pauseProducing()

@@ -25,9 +25,8 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from zope.interface import implementer
 
 from zillatw.test import pki
-from zillatw.test.support import CONF, eventually, start_gateway
-from zillatw.test.test_http_plain import connect_http, request
-from zillatw.test.test_tls import free_port
+from zillatw.test.http_support import PAUSE, Counting, Sender, connect_http, request
+from zillatw.test.support import CONF, eventually, free_port, start_gateway
 from zillatw.wire.http1 import RequestHeadParser
 from zillatw.wire.http1body import LAST_CHUNK, BodyDecoder, chunk, request_framing
 
@@ -471,69 +470,8 @@ class FailureTests(ProxyCase):
         self.assertTrue(client.raw.startswith(b"HTTP/1.1 400 "), client.raw)
 
 
-@implementer(IPushProducer)
-class Sender:
-    """Writes `size` bytes of request body (chunked or sized by the head already sent),
-    generated and discarded, pausing as the transport asks."""
-
-    def __init__(self, transport: Any, size: int, chunked: bool):
-        self.transport, self.left, self.chunked = transport, size, chunked
-        self.paused = False
-        self.piece = b"q" * 65536
-        self.done: defer.Deferred = defer.Deferred()
-
-    def start(self) -> None:
-        self.transport.registerProducer(self, True)
-        reactor.callLater(0, self.resumeProducing)
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        while not self.paused and self.left > 0:
-            piece = self.piece if self.left >= len(self.piece) else self.piece[:self.left]
-            self.left -= len(piece)
-            self.transport.writeSequence(chunk(piece) if self.chunked else [piece])
-        if self.left == 0:
-            self.left = -1
-            self.transport.unregisterProducer()
-            if self.chunked:
-                self.transport.write(LAST_CHUNK)
-            self.done.callback(None)
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def stopProducing(self) -> None:
-        self.paused, self.left = True, -1
 
 
-class Counting(Protocol):
-    """A client that counts the response's bytes without keeping them; after `pause_after`
-    bytes it stops reading for PAUSE seconds (a slow client), then `paused` fires."""
-
-    transport: Any
-
-    def __init__(self, pause_after: int | None) -> None:
-        self.head = b""
-        self.received = 0
-        self.pause_after: int | None = pause_after
-        self.paused: defer.Deferred = defer.Deferred()
-        self.closed: defer.Deferred = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        if len(self.head) < 200:
-            self.head += data[:200]
-        self.received += len(data)
-        if self.pause_after is not None and self.received >= self.pause_after:
-            self.pause_after = None
-            self.transport.pauseProducing()
-            reactor.callLater(PAUSE, self.resume)
-
-    def resume(self) -> None:
-        self.paused.callback(self.received)
-        self.transport.resumeProducing()
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.closed.callback(None)
 
 
 def rss_bytes() -> int:
@@ -544,7 +482,6 @@ def rss_bytes() -> int:
     raise AssertionError("no VmRSS")
 
 
-PAUSE = 0.5  # seconds a slow reader stops reading
 
 
 class LargeBodyTests(ProxyCase):

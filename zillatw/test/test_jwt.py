@@ -1,5 +1,5 @@
 """The jwt guard and the http server's authorization, end to end: keys and tokens minted at
-run time, every case through a real handshake over loopback."""
+run time, every case through a real handshake over loopback. (Keys from a URL: test_jwt_jwks.)"""
 
 from __future__ import annotations
 
@@ -14,91 +14,29 @@ import sys
 import time
 from typing import Any
 
-import jwt
 import yaml
-from autobahn.twisted.websocket import WebSocketClientFactory
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from twisted.internet import defer, reactor
 from twisted.internet.base import DelayedCall
-from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.trial import unittest
-from twisted.web import resource, server
-from twisted.web.client import ResponseDone
-from twisted.web.iweb import UNKNOWN_LENGTH
 
 from zillatw.errors import ConfigError
 from zillatw.guards import Rejected
-from zillatw.guards.jwt import JwksKeys, JwtGuard
+from zillatw.guards.jwt import JwtGuard
 from zillatw.runtime.gateway import load_config
+from zillatw.test.pki import AUDIENCE, CREDENTIALS, ISSUER, ROLE, Signer, b64, guarded_config
 from zillatw.test.support import (
     CONF,
     OnAClock,
-    ReactorTimer,
-    RecordingClient,
-    chain,
-    client_frame,
     close_ws,
-    connect_raw,
+    connect_ws,
     eventually,
     on_ephemeral_port,
     parse_server_frames,
-    raw_exchange,
-    split_response,
     start_gateway,
+    status_of,
     upgrade_request,
-    wait,
-    when_opened,
 )
-
-ISSUER = "https://auth.example.com"
-AUDIENCE = "https://api.example.com"
-ROLE = "echo:stream"
-CREDENTIALS = {
-    "headers": {"authorization": "Bearer {credentials}"},
-    "query": {"access_token": "{credentials}"},
-    "cookies": {"access_token": "{credentials}"},
-}
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-class Signer:
-    """A private key, its public JWK (as configured) and tokens signed with it."""
-
-    def __init__(self, kind: str = "RSA", kid: str = "rsa-1"):
-        self.kid = kid
-        self.private: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | bytes
-        jwk: dict[str, Any]
-        if kind == "RSA":
-            rsa_key = self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-            self.alg = "RS256"
-            jwk = jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key.public_key(), as_dict=True)
-        elif kind == "EC":
-            ec_key = self.private = ec.generate_private_key(ec.SECP256R1())
-            self.alg = "ES256"
-            jwk = jwt.algorithms.ECAlgorithm.to_jwk(ec_key.public_key(), as_dict=True)
-        elif kind == "OKP":
-            okp_key = self.private = ed25519.Ed25519PrivateKey.generate()
-            self.alg = "EdDSA"
-            jwk = jwt.algorithms.OKPAlgorithm.to_jwk(okp_key.public_key(), as_dict=True)
-        else:  # oct
-            secret = self.private = os.urandom(32)
-            self.alg = "HS256"
-            jwk = {"kty": "oct", "k": b64(secret)}
-        self.jwk = {**jwk, "kid": kid, "alg": self.alg}
-
-    def token(self, **claims: Any) -> str:
-        now = int(time.time())
-        payload = {"iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "scope": f"{ROLE} other",
-                   "iat": now, "exp": now + 300}
-        payload.update(claims)
-        payload = {k: v for k, v in payload.items() if v is not None}
-        return jwt.encode(payload, self.private, algorithm=self.alg, headers={"kid": self.kid})
 
 
 def unsigned_token(header: dict[str, Any], payload: dict[str, Any], key: bytes | None = None) -> str:
@@ -106,40 +44,6 @@ def unsigned_token(header: dict[str, Any], payload: dict[str, Any], key: bytes |
     signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}"
     signature = b"" if key is None else hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
     return f"{signing_input}.{b64(signature)}"
-
-
-def guarded_config(keys: Any, roles: list[str] | None = None, guard_options: dict[str, Any] | None = None,
-                   ws_routes: list[dict[str, Any]] | None = None, apps: dict[str, Any] | None = None,
-                   http_guarded: bool = True) -> dict[str, Any]:
-    """tcp -> http (authorization by jwt0; route guarded by ROLE) -> ws -> echo."""
-    config = chain(ws_routes=ws_routes, apps=apps)
-    http = config["bindings"]["http0"]
-    http["options"] = {"authorization": {"jwt0": {"credentials": copy.deepcopy(CREDENTIALS)}}}
-    route: dict[str, Any] = {"when": [{"headers": {"upgrade": "websocket"}}], "exit": "ws0"}
-    if http_guarded:
-        route["guarded"] = {"jwt0": roles if roles is not None else [ROLE]}
-    http["routes"] = [route]
-    options = {"issuer": ISSUER, "audience": AUDIENCE, "keys": keys}
-    options.update(guard_options or {})
-    config["guards"] = {"jwt0": {"type": "jwt", "options": options}}
-    return config
-
-
-def connect(port: int, path: str = "/", headers: dict[str, str] | None = None) -> defer.Deferred:
-    """An open RecordingClient sending these handshake headers, or a failure."""
-    factory = WebSocketClientFactory(f"ws://127.0.0.1:{port}{path}", headers=headers or {})
-    factory.protocol = RecordingClient
-    factory._batched_timer = ReactorTimer()
-    d = TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
-    return d.addCallback(when_opened)
-
-
-@defer.inlineCallbacks
-def status_of(port: int, path: str = "/", headers: dict[str, str] | None = None) -> Any:
-    """The status code (int) and headers a handshake gets, over a raw socket."""
-    data = yield raw_exchange(port, upgrade_request(path, headers) + client_frame(0x8, b"\x03\xe8"))
-    status, response_headers, _ = split_response(data)
-    return int(status.split(" ")[1]), response_headers
 
 
 def session_timers() -> list[Any]:
@@ -160,7 +64,7 @@ class JwtHandshakeTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def _echoes(self, path: str = "/", headers: dict[str, str] | None = None):
-        client = yield connect(self.port, path, headers)
+        client = yield connect_ws(self.port, path, headers=headers)
         client.sendMessage(b"hello")
         self.assertEqual((yield client.messages.get()), (False, [b"hello"]))
         result = yield close_ws(client)
@@ -300,10 +204,10 @@ class JwtHandshakeTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_closing_before_expiry_cancels_the_timer(self):
-        client = yield connect(self.port, headers={"Authorization": f"Bearer {self.signer.token(exp=None)}"})
+        client = yield connect_ws(self.port, headers={"Authorization": f"Bearer {self.signer.token(exp=None)}"})
         self.assertEqual(session_timers(), [])  # no exp: no timer at all
         yield close_ws(client)
-        client = yield connect(self.port, headers={"Authorization": f"Bearer {self.signer.token()}"})
+        client = yield connect_ws(self.port, headers={"Authorization": f"Bearer {self.signer.token()}"})
         self.assertEqual(len(session_timers()), 1)
         yield close_ws(client)
         yield eventually(lambda: not session_timers())
@@ -317,7 +221,7 @@ class KeyTypeTests(unittest.TestCase):
         signers = [Signer("RSA", "r"), Signer("EC", "e"), Signer("OKP", "o"), Signer("oct", "h")]
         gateway, port = yield start_gateway(self, guarded_config([s.jwk for s in signers]))
         for signer in signers:
-            client = yield connect(port, headers={"Authorization": f"Bearer {signer.token(sub=signer.kid)}"})
+            client = yield connect_ws(port, headers={"Authorization": f"Bearer {signer.token(sub=signer.kid)}"})
             client.sendMessage(signer.alg.encode())
             self.assertEqual((yield client.messages.get()), (False, [signer.alg.encode()]))
             yield close_ws(client)
@@ -341,7 +245,7 @@ class RolesAndRoutesTests(unittest.TestCase):
         original = echo.open
         echo.open = lambda info, peer: seen.append(info.identity) or original(info, peer)
         token = signer.token(realm_access={"roles": ["user", "admin"]}, email="a@example.com")
-        client = yield connect(port, headers={"Authorization": f"Bearer {token}"})
+        client = yield connect_ws(port, headers={"Authorization": f"Bearer {token}"})
         yield close_ws(client)
         self.assertEqual(seen, ["a@example.com"])
         # every role listed must be there
@@ -370,7 +274,7 @@ class RolesAndRoutesTests(unittest.TestCase):
             binding = gateway.binding(name)
             binding.open = recording(name, binding.open)
         for scope, sub in ((f"admin {ROLE}", "root"), (ROLE, "alice")):
-            client = yield connect(port, headers={"Cookie": f"access_token={signer.token(scope=scope, sub=sub)}"})
+            client = yield connect_ws(port, headers={"Cookie": f"access_token={signer.token(scope=scope, sub=sub)}"})
             yield close_ws(client)
         self.assertEqual(opened, [("echo_admin", "root"), ("echo", "alice")])
         self.assertEqual((yield status_of(port))[0], 401)
@@ -386,153 +290,10 @@ class RolesAndRoutesTests(unittest.TestCase):
         config = guarded_config([signer.jwk])
         config["bindings"]["http0"]["routes"].append({"when": [{"headers": {":path": "/public*"}}], "exit": "ws0"})
         gateway, port = yield start_gateway(self, config)
-        client = yield connect(port, "/public")
+        client = yield connect_ws(port, "/public")
         yield close_ws(client)
         self.assertEqual((yield status_of(port, "/private"))[0], 401)
         self.assertIn("BINDING_HTTP_REQUEST_ACCEPTED - GET", gateway.events_text.getvalue())
-
-
-class Jwks(resource.Resource):
-    isLeaf = True
-
-    def __init__(self):
-        super().__init__()
-        self.keys: list[dict[str, Any]] = []
-        self.requests = 0
-
-        self.delay = 0.0
-
-    def render_GET(self, request):
-        self.requests += 1
-        request.setHeader(b"content-type", b"application/json")
-        body = json.dumps({"keys": self.keys}).encode()
-        if not self.delay:
-            return body
-        reactor.callLater(self.delay, lambda: (request.write(body), request.finish()))
-        return server.NOT_DONE_YET
-
-
-class JwksUrlTests(unittest.TestCase):
-    """`keys` as a URL, served by a twisted.web server on loopback."""
-
-    @defer.inlineCallbacks
-    def setUp(self):
-        self.jwks = Jwks()
-        site = server.Site(self.jwks)
-        site.noisy = False
-        self.listening = reactor.listenTCP(0, site, interface="127.0.0.1")
-        self.addCleanup(self.listening.stopListening)
-        url = f"http://127.0.0.1:{self.listening.getHost().port}/.well-known/jwks.json"
-        self.gateway, self.port = yield start_gateway(self, guarded_config(url))
-        self.keys = self.gateway.graph.guard("test:jwt0").keys
-
-    @defer.inlineCallbacks
-    def _status(self, signer: Signer) -> Any:
-        status, _ = yield status_of(self.port, headers={"Authorization": f"Bearer {signer.token()}"})
-        return status
-
-    @defer.inlineCallbacks
-    def test_rotation_picks_up_a_new_key(self):
-        old, new = Signer("RSA", "2026-01"), Signer("EC", "2026-02")
-        self.jwks.keys = [old.jwk]
-        self.assertEqual(self.jwks.requests, 0)  # fetched on first use
-        client = yield connect(self.port, headers={"Authorization": f"Bearer {old.token()}"})
-        yield close_ws(client)
-        self.assertEqual((yield self._status(old)), 101)
-        self.assertEqual(self.jwks.requests, 1)  # cached
-        self.keys.min_refresh = 0
-        self.jwks.keys = [new.jwk]
-        self.assertEqual((yield self._status(new)), 101)  # unknown kid: fetched again
-        self.assertEqual(self.jwks.requests, 2)
-        self.assertEqual((yield self._status(old)), 403)  # rotated out
-        self.assertEqual(self.jwks.requests, 3)
-
-    @defer.inlineCallbacks
-    def test_unknown_kids_refetch_at_most_once_per_interval(self):
-        known, unknown = Signer("EC", "a"), Signer("EC", "b")
-        self.jwks.keys = [known.jwk]
-        self.assertEqual((yield self._status(known)), 101)
-        self.keys.min_refresh = 60
-        self.assertEqual((yield self._status(unknown)), 403)
-        self.assertEqual(self.jwks.requests, 1)
-
-    @defer.inlineCallbacks
-    def test_concurrent_requests_share_one_fetch(self):
-        signer = Signer("EC", "a")
-        self.jwks.keys = [signer.jwk]
-        statuses = yield defer.gatherResults([self._status(signer) for _ in range(5)])
-        self.assertEqual(statuses, [101] * 5)
-        self.assertEqual(self.jwks.requests, 1)
-
-    @defer.inlineCallbacks
-    def test_request_waits_for_the_fetch_and_keeps_its_bytes(self):
-        """While the JWKS is fetched the request waits (the reactor does not): bytes the
-        client sends meanwhile reach the WebSocket; a client that leaves meanwhile is no error."""
-        signer = Signer("EC", "a")
-        self.jwks.keys, self.jwks.delay = [signer.jwk], 0.3
-        leaving = yield connect_raw(self.port)
-        leaving.transport.write(upgrade_request(headers={"Authorization": f"Bearer {signer.token()}"}))
-        client = yield connect_raw(self.port)
-        client.transport.write(upgrade_request(headers={"Authorization": f"Bearer {signer.token()}"}))
-        yield wait(0.1)
-        leaving.transport.loseConnection()
-        self.assertEqual(client.data, b"")  # still fetching
-        client.transport.write(client_frame(0x1, b"sent while waiting") + client_frame(0x8, b"\x03\xe8"))
-        data = yield client.done
-        status, _, rest = split_response(data)
-        self.assertIn("101", status)
-        self.assertEqual([f[2] for f in parse_server_frames(rest)], [b"sent while waiting", b"\x03\xe8"])
-        self.assertEqual(self.jwks.requests, 1)
-
-    @defer.inlineCallbacks
-    def test_unreachable_jwks_is_403_and_named(self):
-        yield self.listening.stopListening()
-        self.assertEqual((yield self._status(Signer("EC", "a"))), 403)
-        self.assertIn("unknown kid 'a' (JWKS fetch failed:", self.gateway.events_text.getvalue())
-
-
-class _Answer:
-    """A JWKS answer as twisted.web.client's Agent gives one (enough for readBody)."""
-    code, phrase, length = 200, b"OK", UNKNOWN_LENGTH
-
-    def __init__(self, body: bytes):
-        self.body = body
-
-    def deliverBody(self, protocol: Any) -> None:
-        protocol.dataReceived(self.body)
-        protocol.connectionLost(Failure(ResponseDone()))
-
-
-class JwksOnAClockTests(unittest.TestCase):
-    """JwksKeys' intervals, on the reactor it is given (a Clock), with an agent that answers
-    at once (`answer`) or never (None)."""
-
-    def keys(self, answer: bytes | None) -> tuple[Clock, JwksKeys]:
-        clock = Clock()
-
-        class Agent:
-            def request(self, method: bytes, url: bytes, headers: Any = None) -> defer.Deferred:
-                return defer.succeed(_Answer(answer)) if answer is not None else defer.Deferred()
-        return clock, JwksKeys("http://keys.example/jwks.json", clock, Agent(), timeout=10, min_refresh=30)
-
-    def test_a_fetch_is_not_repeated_before_min_refresh(self):
-        signer = Signer("EC", "a")
-        clock, keys = self.keys(json.dumps({"keys": [signer.jwk]}).encode())
-        self.successResultOf(keys.refresh())
-        self.assertEqual((keys.fetches, list(keys.keys)), (1, ["a"]))
-        clock.advance(29.9)
-        self.assertFalse(keys.can_refresh())  # an unknown kid meanwhile is refused without a fetch
-        clock.advance(0.1)
-        self.assertTrue(keys.can_refresh())
-
-    def test_a_fetch_that_is_not_answered_ends_at_the_timeout(self):
-        clock, keys = self.keys(None)
-        fetched = keys.refresh()
-        clock.advance(9.99)
-        self.assertNoResult(fetched)
-        clock.advance(0.01)
-        self.assertIsNone(self.successResultOf(fetched))  # never fails: the error is kept
-        self.assertIn("10", keys.error)
 
 
 class GuardUnitTests(unittest.TestCase):
@@ -611,7 +372,7 @@ class ExampleTests(unittest.TestCase):
         script = os.path.join(CONF, "jwt", "mint-token.py")
         token = subprocess.run([sys.executable, script, "--sub", "carol", "--ttl", "60"], check=True,
                                capture_output=True, text=True).stdout.strip()
-        client = yield connect(port, f"/?access_token={token}")
+        client = yield connect_ws(port, f"/?access_token={token}")
         client.sendMessage(b"hi")
         self.assertEqual((yield client.messages.get()), (False, [b"hi"]))
         yield close_ws(client)

@@ -1,5 +1,5 @@
-"""Metrics, the prometheus exporter, ws events and the readiness file: real loopback sockets,
-real WebSocket clients, /metrics fetched over HTTP."""
+"""Metrics, the prometheus exporter and the readiness file: real loopback sockets, real
+WebSocket clients, /metrics fetched over HTTP. (Events: test_events.)"""
 
 from __future__ import annotations
 
@@ -13,47 +13,34 @@ from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial import unittest
-from twisted.web.client import Agent, readBody
 
 from zillatw import ConfigError, build_gateway
 from zillatw.telemetry.instrument import MeteredExit
-from zillatw.test.support import (CONF, OnAClock, chain, client_frame, close_ws, connect_raw, connect_ws, eventually,
-                                  parse_server_frames, raw_exchange, split_response, start_gateway,
-                                  upgrade_request)
-
-STREAM = ["stream.active.received", "stream.active.sent", "stream.opens.received", "stream.opens.sent",
-          "stream.data.received", "stream.data.sent", "stream.errors.received", "stream.errors.sent",
-          "stream.closes.received", "stream.closes.sent"]
-
-
-def metered(path: str = "/metrics", bindings: dict[str, list[str]] | None = None) -> dict:
-    """chain() with echo behind `protocol: echo`, every metric declared, a prometheus
-    exporter on port 0, and `telemetry.metrics` on the bindings given (default: all but tcp0)."""
-    config = chain([{"when": [{"protocol": "echo"}], "exit": "echo"}])
-    config["telemetry"] = {
-        "metrics": STREAM + ["http.active.requests", "http.duration"],
-        "exporters": {"stdout": {"type": "stdout"},
-                      "prom": {"type": "prometheus", "options": {"endpoints": [
-                          {"scheme": "http", "port": 0, "path": path}]}}},
-    }
-    if bindings is None:
-        bindings = {"http0": ["stream.*", "http.*"], "ws0": ["stream.*"], "echo": ["stream.*"]}
-    for name, globs in bindings.items():
-        config["bindings"][name]["telemetry"] = {"metrics": globs}
-    return config
-
-
-@defer.inlineCallbacks
-def get(port: int, path: str = "/metrics"):
-    response = yield Agent(reactor).request(b"GET", f"http://127.0.0.1:{port}{path}".encode())
-    body = yield readBody(response)
-    return response.code, body.decode()
+from zillatw.test.support import (
+    CONF,
+    STREAM,
+    OnAClock,
+    chain,
+    client_frame,
+    close_ws,
+    connect_raw,
+    connect_ws,
+    eventually,
+    http_get,
+    metered,
+    parse_server_frames,
+    raw_exchange,
+    split_response,
+    start_gateway,
+    upgrade_request,
+    value,
+)
 
 
 @defer.inlineCallbacks
 def scrape(gateway, path: str = "/metrics"):
     """{(sample name, binding): value} of every sample; all must be in namespace 'test'."""
-    code, text = yield get(gateway.metrics_ports()[0], path)
+    code, text = yield http_get(gateway.metrics_ports()[0], path)
     assert code == 200, (code, text)
     samples = {}
     for family in text_string_to_metric_families(text):
@@ -69,8 +56,6 @@ def of(samples: dict, binding: str) -> dict:
     return {name: value for (name, b), value in samples.items() if b == binding}
 
 
-def value(gateway, name: str, binding: str):
-    return gateway.metrics.registry.get_sample_value(name, {"namespace": "test", "binding": binding})
 
 
 class PrometheusTests(unittest.TestCase):
@@ -130,8 +115,8 @@ class PrometheusTests(unittest.TestCase):
         self.assertGreater(http0["stream_data_sent_bytes_total"], 1650 + 30 * 2)
         self.assertEqual(of(samples, "tcp0"), {}, "tcp0 has no telemetry.metrics: it records nothing")
         # http.duration: one observation per request (connection), in milliseconds
-        self.assertEqual((http0["http_duration_milliseconds_count"], http0['http_duration_milliseconds_bucket{le="+Inf"}']),
-                         (4, 4))
+        self.assertEqual((http0["http_duration_milliseconds_count"],
+                          http0['http_duration_milliseconds_bucket{le="+Inf"}']), (4, 4))
         self.assertEqual(http0['http_duration_milliseconds_bucket{le="86400000.0"}'], 4)
         self.assertGreater(http0["http_duration_milliseconds_sum"], 0)
         self.assertLess(http0["http_duration_milliseconds_sum"], 4 * 60_000)
@@ -301,7 +286,7 @@ class PrometheusTests(unittest.TestCase):
         for _ in range(2):
             client = yield connect_ws(other_port)
             yield close_ws(client)
-        code, text = yield get(gateway.metrics_ports()[0])
+        code, text = yield http_get(gateway.metrics_ports()[0])
         self.assertEqual(code, 200)
         opens = {(s.labels["namespace"], s.labels["binding"]): s.value
                  for family in text_string_to_metric_families(text) for s in family.samples
@@ -340,10 +325,10 @@ class PrometheusTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_custom_path_only(self):
         gateway, _ = yield start_gateway(self, metered(path="/ops/prom"))
-        code, text = yield get(gateway.metrics_ports()[0], "/ops/prom")
+        code, text = yield http_get(gateway.metrics_ports()[0], "/ops/prom")
         self.assertEqual(code, 200)
         self.assertIn("stream_opens_received_total", text)
-        code, _ = yield get(gateway.metrics_ports()[0], "/metrics")
+        code, _ = yield http_get(gateway.metrics_ports()[0], "/metrics")
         self.assertEqual(code, 404)
 
     @defer.inlineCallbacks
@@ -352,11 +337,11 @@ class PrometheusTests(unittest.TestCase):
         gateway.startService()
         yield gateway.listening
         port = gateway.metrics_ports()[0]
-        code, _ = yield get(port)
+        code, _ = yield http_get(port)
         self.assertEqual(code, 200)
         yield gateway.stopService()
         self.assertEqual(gateway.metrics_ports(), [])
-        yield self.assertFailure(get(port), ConnectionRefusedError, Exception)
+        yield self.assertFailure(http_get(port), ConnectionRefusedError, Exception)
 
 
 class NoMetricsTests(unittest.TestCase):
@@ -388,47 +373,6 @@ class NoMetricsTests(unittest.TestCase):
         del config["telemetry"]
         gateway, _ = yield start_gateway(self, config)
         self.assertIsNone(gateway.binding("ws0").observer)
-
-
-class WsEventTests(unittest.TestCase):
-    @defer.inlineCallbacks
-    def test_ws_server_reports_accepted_and_rejected(self):
-        gateway, port = yield start_gateway(self, chain([{"when": [{"protocol": "echo"}], "exit": "echo"}]))
-        client = yield connect_ws(port, "/room?x=1", protocols=["echo"])
-        yield close_ws(client)
-        yield raw_exchange(port, upgrade_request(headers={"Sec-WebSocket-Protocol": "chat"}))
-        events = gateway.events_text.getvalue()
-        self.assertRegex(events, r"(?m)^test:ws0 \[[^]]+\] \[[0-9a-f]{16}d\] BINDING_WS_REQUEST_ACCEPTED "
-                                 r"- GET ws://127\.0\.0\.1:\d+/room\?x=1 echo$")
-        self.assertRegex(events, r"(?m)^test:ws0 .* BINDING_WS_REQUEST_REJECTED - 404 no WebSocket route "
-                                 r"for this request \(offered subprotocols: chat\)$")
-        # The http server's accept and the ws server's share the connection's trace id.
-        http_trace = next(line.split()[3] for line in events.splitlines() if "HTTP_REQUEST_ACCEPTED" in line)
-        ws_trace = next(line.split()[3] for line in events.splitlines() if "WS_REQUEST_ACCEPTED" in line)
-        self.assertEqual(http_trace, ws_trace)
-
-    def test_binding_events_helper(self):
-        import io
-
-        from zillatw.telemetry.events import Events
-        out = io.StringIO()
-        events = Events.from_telemetry({"exporters": {"s": {"type": "stdout"}}}, out).binding("ns", "b0", "ws")
-        events.accepted(1, "- GET ws://h/ echo")
-        events.rejected(2, 403, "origin x is not allowed")
-        events.guard_failed(3, "jwt", "alice token expired")
-        events.validation_failed(4, "json", "not an object")
-        events.engine("ENGINE_RELOADED", "Engine Reloaded.")
-        lines = [line.split(" ", 3)[0] + " " + line.split("] ", 2)[2] for line in out.getvalue().splitlines()]
-        self.assertEqual(lines, [
-            "ns:b0 BINDING_WS_REQUEST_ACCEPTED - GET ws://h/ echo",
-            "ns:b0 BINDING_WS_REQUEST_REJECTED - 403 origin x is not allowed",
-            "ns:b0 GUARD_JWT_AUTHORIZATION_FAILED alice token expired",
-            "ns:b0 MODEL_JSON_VALIDATION_FAILED not an object",
-            "ns:engine ENGINE_RELOADED Engine Reloaded.",
-        ])
-        silent = Events().binding("ns", "b0", "ws")
-        self.assertFalse(silent.enabled)
-        silent.accepted(1, "nothing written")
 
 
 class ConfigTests(unittest.TestCase):
@@ -523,7 +467,8 @@ class ReadyFileTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_twistd_ready_file_and_metrics(self):
-        from zillatw.test.test_tap import ENV, ROOT, TWISTD, Collect, free_port
+        from zillatw.test.process_support import ENV, ROOT, TWISTD, Collect
+        from zillatw.test.support import free_port
         port, metrics_port = free_port(), free_port()
         with open(os.path.join(CONF, "ws.echo.metrics.yaml")) as f:  # on ports free here
             text = f.read().replace("7114", str(port)).replace("7190", str(metrics_port))
@@ -542,7 +487,7 @@ class ReadyFileTests(unittest.TestCase):
             client.sendMessage(b"0123456789")
             yield client.messages.get()
             yield close_ws(client)
-            code, body = yield get(metrics_port)
+            code, body = yield http_get(metrics_port)
             self.assertEqual(code, 200)
             self.assertIn('stream_opens_received_total{binding="north_echo_server",namespace="example"} 1.0', body)
             self.assertIn('stream_data_received_bytes_total{binding="north_echo_server",namespace="example"} 10.0',
@@ -562,7 +507,7 @@ class TlsMeteringTests(unittest.TestCase):
         (its route asks for :scheme https), tcp counts the encrypted bytes, ws the payload."""
         from pathlib import Path
 
-        from zillatw.test.test_tls import PASSWORD, Pki, client_tls, connect_wss, tls_chain
+        from zillatw.test.pki import PASSWORD, Pki, client_tls, connect_wss, tls_chain
         folder = Path(self.mktemp())
         folder.mkdir(parents=True)
         ca = Pki(folder)

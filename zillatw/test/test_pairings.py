@@ -26,10 +26,8 @@ from zillatw.errors import ConfigError
 from zillatw.runtime.graph import BindingGraph
 from zillatw.runtime.standard import standard_registry
 from zillatw.test import pki
-from zillatw.test.support import RawClient, close_ws, connect_raw, connect_ws, start_gateway
-from zillatw.test.test_proxy import start_upstream
-from zillatw.test.test_stream_echo import tls_connect
-from zillatw.test.test_tls import client_tls, connect_wss, start_wss_upstream
+from zillatw.test.pki import client_tls, connect_wss, start_wss_upstream, tls_connect
+from zillatw.test.support import RawClient, close_ws, connect_raw, connect_ws, start_gateway, start_upstream
 
 PASSWORD = "pairings"
 

@@ -17,10 +17,9 @@ from twisted.trial import unittest
 from zillatw.runtime.workers import STATUS_FD, Supervisor
 from zillatw.telemetry.health import Readiness
 from zillatw.telemetry.prometheus_workers import Aggregate
-from zillatw.test.support import chain, connect_raw, connect_ws, eventually, upgrade_request
-from zillatw.test.test_health import probe
-from zillatw.test.test_tap import free_port
-from zillatw.test.test_workers import _ProcessReactor, server_pid, spawn_workers, worker_pids
+from zillatw.test.http_support import probe
+from zillatw.test.process_support import _ProcessReactor, server_pid, spawn_workers, worker_pids
+from zillatw.test.support import chain, connect_raw, connect_ws, eventually, free_port, upgrade_request
 
 METRICS = ["stream.opens.received", "stream.active.received", "stream.data.received", "http.duration"]
 

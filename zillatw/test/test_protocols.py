@@ -9,11 +9,11 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from zillatw.config import Route
 from zillatw.bindings.echo.binding import EchoEnd, EchoServer
 from zillatw.bindings.http.binding import HttpServer
 from zillatw.bindings.ws.binding import WsServer
 from zillatw.bindings.ws.relay import Deadlines
+from zillatw.config import Route
 from zillatw.stream import IStreamExit, StreamRefused
 from zillatw.test.support import client_frame, parse_server_frames, split_response, upgrade_request
 
@@ -142,7 +142,8 @@ class WsProtocolTests(unittest.SynchronousTestCase):
                               + client_frame(0x1, b"early"))
         self.assertEqual(transport.value(), b"")
         info = exit_.infos[0]
-        self.assertEqual((info.protocol, info.scheme, info.authority, info.path), ("p1", "http", "localhost:80", "/later"))
+        self.assertEqual((info.protocol, info.scheme, info.authority, info.path),
+                         ("p1", "http", "localhost:80", "/later"))
         d, peer = exit_.pending[0]
         d.callback(EchoEnd(peer))
         status, headers, rest = split_response(transport.value())

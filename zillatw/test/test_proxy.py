@@ -5,71 +5,26 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+from collections.abc import Callable
 
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
-from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer, reactor
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.trial import unittest
 
-from zillatw.test.support import ReactorTimer, chain, close_ws, connect_ws, eventually, start_gateway, wait
+from zillatw.test.support import (
+    close_ws,
+    connect_ws,
+    eventually,
+    port_of,
+    proxy_config,
+    start_gateway,
+    start_upstream,
+    wait,
+)
 from zillatw.wire import deflate
 from zillatw.wire.handshake import accept_key
 
 MESSAGE = 512 * 1024
-
-
-def proxy_config(upstream_port: int, **client_options) -> dict:
-    ws_client = {"type": "ws", "kind": "client", "exit": "south_http_client"}
-    if client_options:
-        ws_client["options"] = client_options
-    return chain(ws_routes=[{"exit": "south_ws_client"}], apps={
-        "south_ws_client": ws_client,
-        "south_http_client": {"type": "http", "kind": "client", "exit": "south_tcp_client"},
-        "south_tcp_client": {"type": "tcp", "kind": "client",
-                             "options": {"host": "127.0.0.1", "port": upstream_port}},
-    })
-
-
-class Upstream(WebSocketServerProtocol):
-    """Echoes; `close:<code>` makes it close with that code, `drop` drops the TCP connection."""
-
-    def onConnect(self, request):
-        self.factory.requests.append(request)
-        if request.path == "/deny":
-            raise ConnectionDeny(404, "no such upstream path")
-        return self.factory.select(request.protocols)
-
-    def onOpen(self):
-        self.factory.connections.append(self)
-
-    def onMessage(self, payload, isBinary):
-        self.factory.received += len(payload)
-        if payload.startswith(b"close:"):
-            self.sendCloseFrame(int(payload[6:]), b"upstream says bye")
-        elif payload == b"drop":
-            self.transport.abortConnection()
-        elif self.factory.echo:
-            self.sendMessage(payload, isBinary)
-
-    def onClose(self, wasClean, code, reason):
-        self.factory.closes.append((code, reason))
-
-
-def start_upstream(case, select=lambda offered: offered[0] if offered else None, echo=True, compress=False):
-    factory = WebSocketServerFactory()
-    factory.protocol = Upstream
-    factory._batched_timer = ReactorTimer()
-    factory.setProtocolOptions(echoCloseCodeReason=True, maxMessagePayloadSize=0, autoFragmentSize=0)
-    if compress:
-        factory.setProtocolOptions(perMessageCompressionAccept=lambda offers: next(
-            (PerMessageDeflateOfferAccept(o) for o in offers if isinstance(o, PerMessageDeflateOffer)), None))
-    factory.requests, factory.closes, factory.connections = [], [], []
-    factory.select, factory.echo, factory.received = select, echo, 0
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    case.addCleanup(port.stopListening)
-    return factory, port.getHost().port
 
 
 class ProxyTests(unittest.TestCase):
@@ -331,6 +286,14 @@ class _Answering(Protocol):
             self.factory.answer = None
 
 
+class _AnsweringFactory(ServerFactory):
+    protocol = _Answering
+
+    def __init__(self, answer: Callable[[dict[str, str]], bytes]):
+        self.answer: Callable[[dict[str, str]], bytes] | None = answer
+        self.heads: list[dict[str, str]] = []
+
+
 def _switching(accept: str, *extra: str) -> bytes:
     return ("\r\n".join(["HTTP/1.1 101 Switching Protocols", "Upgrade: websocket", "Connection: Upgrade",
                          f"Sec-WebSocket-Accept: {accept}", *extra]) + "\r\n\r\n").encode("latin-1")
@@ -342,11 +305,10 @@ class UpstreamAnswerTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def refused_with(self, answer, detail: str, protocols=None, compress=False):
-        factory = Factory.forProtocol(_Answering)
-        factory.answer, factory.heads = answer, []
+        factory = _AnsweringFactory(answer)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        gateway, gateway_port = yield start_gateway(self, proxy_config(port.getHost().port))
+        gateway, gateway_port = yield start_gateway(self, proxy_config(port_of(port)))
         failure = yield self.assertFailure(connect_ws(gateway_port, protocols=protocols, compress=compress),
                                            ConnectionError)
         self.assertIn("502", str(failure))
@@ -394,12 +356,10 @@ class UpstreamAnswerTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_frames_right_behind_the_101_are_relayed(self):
-        factory = Factory.forProtocol(_Answering)
-        factory.heads = []
-        factory.answer = lambda h: _switching(accept_key(h["sec-websocket-key"])) + b"\x81\x05hello"
+        factory = _AnsweringFactory(lambda h: _switching(accept_key(h["sec-websocket-key"])) + b"\x81\x05hello")
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        gateway, gateway_port = yield start_gateway(self, proxy_config(port.getHost().port))
+        gateway, gateway_port = yield start_gateway(self, proxy_config(port_of(port)))
         client = yield connect_ws(gateway_port)
         self.assertEqual((yield client.messages.get()), (False, [b"hello"]))
         client.transport.abortConnection()

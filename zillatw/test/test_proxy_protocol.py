@@ -19,20 +19,20 @@ from zillatw.bindings.tcp.proxyprotocol import PROXY_HEADER_TIMEOUT, _AwaitingHe
 from zillatw.bindings.ws import ratelimits as admission
 from zillatw.errors import ConfigError
 from zillatw.test import pki
+from zillatw.test.http_support import Refused, attempt, in_thread
+from zillatw.test.pki import PASSWORD, Pki, tls_chain
+from zillatw.test.process_support import GatewayOnAFile, write
 from zillatw.test.support import (
     OnAClock,
     chain,
     eventually,
+    metered,
+    proxy_config,
     raw_exchange,
     split_response,
     start_gateway,
     upgrade_request,
 )
-from zillatw.test.test_admission_ws import Refused, attempt, in_thread
-from zillatw.test.test_metrics import metered
-from zillatw.test.test_proxy import proxy_config
-from zillatw.test.test_reload import GatewayOnAFile, write
-from zillatw.test.test_tls import PASSWORD, Pki, tls_chain
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 CLOSE = b"\x88\x80\x00\x00\x00\x00"  # a client's close frame (masked, empty)

@@ -19,7 +19,7 @@ from zillatw.config import load
 from zillatw.config.schema import engine_schema
 from zillatw.errors import ConfigError
 from zillatw.runtime.standard import standard_registry
-from zillatw.test.test_reference_samples import BASES, SAMPLES
+from zillatw.test.reference_samples import BASES, SAMPLES
 
 REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "config-reference.md"
 TYPES = standard_registry()
@@ -220,7 +220,7 @@ class DocumentedOutcomeTests(unittest.SynchronousTestCase):
         for row, kind, base, root in self._cases():
             sample = SAMPLES.get((row.section, row.key), SAMPLES.get((row.section, row.key, kind)))
             if sample is None:
-                failures.append(f"{row} ({kind}): no sample value in test_reference_samples")
+                failures.append(f"{row} ({kind}): no sample value in reference_samples")
                 continue
             config = copy.deepcopy(base())
             if callable(sample):

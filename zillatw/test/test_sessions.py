@@ -19,10 +19,11 @@ from zillatw.test.support import (
     connect_raw,
     connect_ws,
     eventually,
+    proxy_config,
     start_gateway,
+    start_upstream,
     upgrade_request,
 )
-from zillatw.test.test_proxy import proxy_config, start_upstream
 from zillatw.wire import deflate
 
 

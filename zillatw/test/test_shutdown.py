@@ -3,31 +3,26 @@
 
 from __future__ import annotations
 
-import io
-import os
 import signal
-import time
 
-import yaml
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial import unittest
 
-from zillatw import build_gateway
-from zillatw.test.support import (OnAClock, chain, connect_raw, connect_ws, eventually, parse_server_frames,
-                                  split_response, upgrade_request)
-from zillatw.test.test_proxy import proxy_config, start_upstream
-from zillatw.test.test_tap import ENV, ROOT, TWISTD, Collect, free_port
-
-
-@defer.inlineCallbacks
-def start_own_gateway(case, config, drain_timeout=10.0):
-    """A gateway the test stops itself (cleanup stops it only if the test did not)."""
-    gateway = build_gateway(config, event_stream=io.StringIO(), drain_timeout=drain_timeout)
-    gateway.startService()
-    case.addCleanup(lambda: gateway.stopService() if gateway.running else None)
-    ports = yield gateway.listening
-    return gateway, ports[0]
+from zillatw.test.process_support import start_own_gateway, start_twistd
+from zillatw.test.support import (
+    OnAClock,
+    chain,
+    connect_raw,
+    connect_ws,
+    eventually,
+    free_port,
+    parse_server_frames,
+    proxy_config,
+    split_response,
+    start_upstream,
+    upgrade_request,
+)
 
 
 class StopServiceTests(unittest.TestCase):
@@ -93,15 +88,7 @@ class SignalTests(unittest.TestCase):
         port = free_port()
         config = chain(ws_options=ws_options)
         config["bindings"]["tcp0"]["options"]["port"] = port
-        path = os.path.abspath(self.mktemp())
-        with open(path, "w") as f:
-            yaml.safe_dump(config, f)
-        child = Collect()
-        process = reactor.spawnProcess(child, TWISTD[0], TWISTD + ["-n", "--pidfile=", "zillaws", "-c", path,
-                                                                   *extra_args], env=ENV, path=ROOT)
-        self.addCleanup(lambda: None if child.ended.called else process.signalProcess(signal.SIGKILL))
-        yield eventually(lambda: b"ENGINE_STARTED" in child.out or child.ended.called, timeout=20)
-        self.assertIn(b"ENGINE_STARTED", child.out, child.out)
+        _, child, process = yield start_twistd(self, config, *extra_args)
         return child, process, port
 
     @defer.inlineCallbacks
@@ -110,14 +97,12 @@ class SignalTests(unittest.TestCase):
         clients = yield defer.gatherResults([connect_ws(port) for _ in range(100)])
         clients[0].sendMessage(b"all open")
         self.assertEqual((yield clients[0].messages.get())[1], [b"all open"])
-        began = time.monotonic()
         process.signalProcess(signal.SIGTERM)
         results = yield defer.gatherResults([client.closed for client in clients])
         code, signal_number = yield child.ended
-        elapsed = time.monotonic() - began
+        # every close clean: none was left for the drain timeout to abort
         self.assertEqual([result[:2] for result in results], [(True, 1001)] * 100)
         self.assertEqual((code, signal_number), (0, None), child.out)
-        self.assertLess(elapsed, 5)
         self.assertIn(b"SIGTERM received", child.out)
         self.assertIn(b"closing 100 connections", child.out)
 
@@ -140,22 +125,19 @@ class SignalTests(unittest.TestCase):
         raw.transport.write(upgrade_request())
         yield eventually(lambda: b"\r\n\r\n" in raw.data)
         start = raw.data.index(b"\r\n\r\n") + 4
-        began = time.monotonic()
         process.signalProcess(signal.SIGTERM)
         yield eventually(lambda: parse_server_frames(raw.data[start:]), timeout=10)  # the 1001 went out
         self.assertFalse(child.ended.called)  # and the process waits for the peer
         process.signalProcess(signal.SIGTERM)
         code, signal_number = yield child.ended
-        self.assertEqual((code, signal_number), (None, signal.SIGTERM))
-        self.assertLess(time.monotonic() - began, 10)
+        self.assertEqual((code, signal_number), (None, signal.SIGTERM))  # not the drain's end, which exits 0
         raw.transport.loseConnection()
         yield raw.done
 
     @defer.inlineCallbacks
     def test_idle_gateway_exits_0_at_once(self):
-        child, process, port = yield self.start_twistd()
-        began = time.monotonic()
+        # a drain timeout longer than the test's own: an idle gateway must not wait for it
+        child, process, port = yield self.start_twistd(extra_args=["--drain-timeout", "600"])
         process.signalProcess(signal.SIGTERM)
         self.assertEqual((yield child.ended), (0, None))
-        self.assertLess(time.monotonic() - began, 5)
         self.assertIn(b"Main loop terminated.", child.out)

@@ -9,16 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from zillatw.test import pki
-from zillatw.test.support import CONF, OnAClock, RawClient, connect_raw, eventually, start_gateway
-from zillatw.test.test_metrics import value
-from zillatw.test.test_tls import client_tls, free_port
+from zillatw.test.pki import localhost_keystore, tls_connect
+from zillatw.test.process_support import conf_text, serve_text
+from zillatw.test.support import OnAClock, connect_raw, eventually, free_port, start_gateway, value
 
 # aklivity/zilla examples/tls.echo/etc/zilla.yaml (commit 8d5eb0a5), the text as Zilla ships it
 ZILLA_TLS_ECHO = """\
@@ -93,33 +92,8 @@ telemetry:
 """
 
 
-def conf_text(name: str, port: int) -> str:
-    """conf/<name> as shipped, but on 127.0.0.1 and a free port."""
-    text = Path(CONF, name).read_text()
-    for shipped in ("port: 12345", "port: 23456"):
-        text = text.replace(shipped, f"port: {port}")
-    return text.replace("0.0.0.0", "127.0.0.1")
 
 
-def serve_text(case: unittest.TestCase, folder: Path, text: str) -> Any:
-    (folder / "zilla.yaml").write_text(text)
-    return start_gateway(case, str(folder / "zilla.yaml"))
-
-
-def localhost_keystore(folder: Path, password: str = "generated") -> pki.Issued:
-    """tls/localhost.p12 (alias localhost), signed by the CA returned."""
-    ca = pki.make_ca("Test CA")
-    (folder / "tls").mkdir(parents=True, exist_ok=True)
-    server = pki.issue(ca, "localhost", dns=["localhost"])
-    pki.write(folder / "tls" / "localhost.p12", server.p12("localhost", password))
-    return ca
-
-
-@defer.inlineCallbacks
-def tls_connect(port: int, ca: pki.Issued, alpn: list[str] | None = None, client: pki.Issued | None = None) -> Any:
-    endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", port, client_tls(ca, "localhost", client=client, alpn=alpn))
-    protocol = yield connectProtocol(endpoint, RawClient())
-    return protocol
 
 
 class TcpEchoTests(unittest.TestCase):

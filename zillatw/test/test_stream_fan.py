@@ -14,10 +14,9 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from zillatw.test.support import OnAClock, close_ws, connect_raw, connect_ws, eventually, start_gateway
-from zillatw.test.test_fan_redis import RedisServer
-from zillatw.test.test_stream_echo import conf_text, localhost_keystore, serve_text, tls_connect
-from zillatw.test.test_tls import free_port
+from zillatw.test.pki import localhost_keystore, tls_connect
+from zillatw.test.process_support import RedisServer, conf_text, serve_text
+from zillatw.test.support import OnAClock, close_ws, connect_raw, connect_ws, eventually, free_port, start_gateway
 
 
 class TcpReflectTests(unittest.TestCase):

@@ -1,4 +1,5 @@
-"""The package's structure: no import cycles, function-level imports included."""
+"""The package's structure: no import cycles, function-level imports included; no layer
+imports one above it; no test module imports another (shared helpers live in support)."""
 
 from __future__ import annotations
 
@@ -86,6 +87,20 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def imports_between_test_modules(tests: Path = PACKAGE / "test") -> list[tuple[str, str]]:
+    """(importer, imported) for each test module that imports another test module anywhere in
+    it: what two test modules share belongs in support.py (or pki.py), which trial does not run."""
+    paths = sorted(tests.glob("*.py"))
+    root = tests.parent
+    modules = {module_name(p, root) for p in paths}
+    found = []
+    for path in paths:
+        for imported in sorted(imports_of(path, modules, root)):
+            if imported.rpartition(".")[2].startswith("test_"):
+                found.append((module_name(path, root), imported))
+    return found
+
+
 class ImportCycleTests(unittest.TestCase):
     def test_the_package_has_no_import_cycle(self):
         graph = import_graph()
@@ -134,3 +149,22 @@ class ImportCycleTests(unittest.TestCase):
         self.assertEqual(graph["zillatw.c"], set())  # under TYPE_CHECKING: never imported
         self.assertEqual(cycles(graph), [["zillatw.a", "zillatw.sub.b"]])
 
+
+
+class TestModuleTests(unittest.TestCase):
+    def test_no_test_module_imports_another(self):
+        self.assertTrue((PACKAGE / "test" / "support.py").exists())
+        self.assertEqual(imports_between_test_modules(), [])
+
+    def test_an_import_of_a_test_module_is_found_in_a_function_too(self):
+        tests = Path(self.mktemp()) / "zillatw" / "test"
+        tests.mkdir(parents=True)
+        (tests.parent / "__init__.py").write_text("")
+        (tests / "__init__.py").write_text("")
+        (tests / "support.py").write_text("HELPER = 1\n")
+        (tests / "test_a.py").write_text("from zillatw.test.support import HELPER\n")
+        (tests / "test_b.py").write_text("def later():\n    from zillatw.test.test_a import HELPER\n")
+        (tests / "test_c.py").write_text("from . import test_a\n")
+        self.assertEqual(imports_between_test_modules(tests),
+                         [("zillatw.test.test_b", "zillatw.test.test_a"),
+                          ("zillatw.test.test_c", "zillatw.test.test_a")])

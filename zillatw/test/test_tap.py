@@ -4,40 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import sys
 
 import yaml
 from twisted.internet import defer, reactor
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
-from zillatw.test.support import CONF, close_ws, connect_ws, eventually
-
-ROOT = os.path.dirname(CONF)
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
-ENV = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Collect(ProcessProtocol):
-    def __init__(self):
-        self.out = b""
-        self.ended: defer.Deferred = defer.Deferred()
-
-    def outReceived(self, data):
-        self.out += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason):
-        self.ended.callback((reason.value.exitCode, getattr(reason.value, "signal", None)))
+from zillatw.test.process_support import ENV, ROOT, TWISTD, Collect
+from zillatw.test.support import CONF, close_ws, connect_ws, eventually, free_port
 
 
 class TwistdTests(unittest.TestCase):

@@ -19,9 +19,9 @@ from zillatw.test.support import (
     close_ws,
     connect_raw,
     connect_ws,
+    free_port,
     start_gateway,
 )
-from zillatw.test.test_tap import free_port
 
 
 class TcpRoutingTests(unittest.TestCase):

@@ -26,9 +26,16 @@ from zillatw.errors import ConfigError
 from zillatw.runtime.gateway import load_config
 from zillatw.stream import StreamRefused
 from zillatw.telemetry.events import Events
-from zillatw.test.support import ReactorTimer, close_ws, connect_ws, eventually, start_gateway
-from zillatw.test.test_proxy import Upstream, proxy_config
-from zillatw.test.test_tls import PASSWORD, ProxyOverTlsTests, TlsTestCase, client_tls, connect_wss, start_wss_upstream
+from zillatw.test.pki import PASSWORD, TlsTestCase, client_tls, connect_wss, start_wss_upstream
+from zillatw.test.support import (
+    ReactorTimer,
+    Upstream,
+    close_ws,
+    connect_ws,
+    eventually,
+    proxy_config,
+    start_gateway,
+)
 
 A, B, C = ("10.0.0.1", 80), ("10.0.0.2", 80), ("10.0.0.3", 80)
 
@@ -440,8 +447,8 @@ class OverTlsTests(TlsTestCase):
     def test_a_tls_client_in_front_of_a_pool_verifies_each_upstream(self):
         """tls client -> pooled tcp client: the TLS connection rides the counted connection."""
         upstreams = [start_wss_upstream(self, self.pki.localhost) for _ in range(2)]
-        config = ProxyOverTlsTests.proxy_config(self, 0, {"trust": ["backend"], "sni": ["localhost"]},
-                                                {"trust": {"store": ProxyOverTlsTests.truststore(self),
+        config = self.tls_proxy_config(0, {"trust": ["backend"], "sni": ["localhost"]},
+                                                {"trust": {"store": self.backend_truststore(),
                                                            "password": PASSWORD}})
         config["bindings"]["south_tcp_client"]["options"] = {
             "upstreams": [{"host": "127.0.0.1", "port": port} for _, port in upstreams], "balance": "least-connections"}

@@ -1,106 +1,38 @@
-"""tls server and client bindings and the filesystem vault, end to end over loopback: a CA,
-server and client certificates made at run time, real TLS handshakes (Twisted's and the
-stdlib's clients, openssl s_client) and real WebSocket clients."""
+"""The tls server binding and the filesystem vault, end to end over loopback: a CA, server and
+client certificates made at run time, real TLS handshakes (Twisted's and the stdlib's
+clients, openssl s_client) and real WebSocket clients. (The tls client: test_tls_client.)"""
 
 from __future__ import annotations
 
 import os
 import socket
 import ssl
-from pathlib import Path
 from typing import Any, cast
 
 import yaml
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketServerFactory
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer, reactor, threads
 from twisted.internet import ssl as tssl
-from twisted.internet.address import IPv4Address
-from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.interfaces import IReactorSSL, IStreamClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial import unittest
 
 from zillatw.test import pki
+from zillatw.test.pki import (
+    PASSWORD,
+    TlsTestCase,
+    client_tls,
+    connect_wss,
+    raw_tls_exchange,
+    tls_chain,
+)
 from zillatw.test.support import (
     RawClient,
-    ReactorTimer,
-    RecordingClient,
     close_ws,
     eventually,
+    free_port,
     split_response,
     start_gateway,
     upgrade_request,
-    when_opened,
 )
-from zillatw.test.test_proxy import Upstream
-
-PASSWORD = "s3cret"
-
-
-class Pki:
-    """One CA with server certificates for localhost and two other names, a client
-    certificate, and a second CA nobody trusts (with its own client certificate)."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.ca = pki.make_ca()
-        self.localhost = pki.issue(self.ca, "localhost", dns=["localhost"], ips=["127.0.0.1"])
-        self.alpha = pki.issue(self.ca, "alpha.test", dns=["alpha.test"])
-        self.beta = pki.issue(self.ca, "beta.test", dns=["beta.test", "*.beta.test"])
-        self.client = pki.issue(self.ca, "good client", client=True)
-        self.rogue_ca = pki.make_ca("rogue CA")
-        self.rogue_client = pki.issue(self.rogue_ca, "rogue client", client=True)
-        self.ca_pem = pki.write(folder / "ca.pem", self.ca.cert_pem())
-
-    def path(self, name: str) -> str:
-        return str(self.folder / name)
-
-
-def tls_chain(vault: dict[str, Any], tls_options: dict[str, Any], tls_routes: list[dict[str, Any]] | None = None,
-              http_routes: list[dict[str, Any]] | None = None, apps: dict[str, Any] | None = None) -> dict[str, Any]:
-    """tcp (port 0) -> tls (vault `server`) -> http -> ws -> echo."""
-    tls: dict[str, Any] = {"type": "tls", "kind": "server", "vault": "server", "options": tls_options}
-    if tls_routes is None:
-        tls["exit"] = "http0"
-    else:
-        tls["routes"] = tls_routes
-    bindings = {
-        "tcp0": {"type": "tcp", "kind": "server", "options": {"host": "127.0.0.1", "port": 0}, "exit": "tls0"},
-        "tls0": tls,
-        "http0": {"type": "http", "kind": "server",
-                  "routes": http_routes or [{"when": [{"headers": {"upgrade": "websocket"}}], "exit": "ws0"}]},
-        "ws0": {"type": "ws", "kind": "server", "exit": "echo"},
-        "echo": {"type": "echo", "kind": "server"},
-    }
-    bindings.update(apps or {})
-    return {"name": "test", "vaults": {"server": {"type": "filesystem", "options": vault}},
-            "bindings": bindings, "telemetry": {"exporters": {"stdout": {"type": "stdout"}}}}
-
-
-def client_tls(ca: pki.Issued | x509.Certificate | None = None, name: str = "localhost",
-               client: pki.Issued | None = None, alpn: list[str] | None = None) -> Any:
-    """Twisted client TLS options: trust `ca`, send SNI `name`, verify the name."""
-    ca_pem = ca.public_bytes(serialization.Encoding.PEM) if isinstance(ca, x509.Certificate) else ca and ca.cert_pem()
-    trust = tssl.Certificate.loadPEM(ca_pem) if ca_pem else None
-    own = tssl.PrivateCertificate.loadPEM(client.key_pem() + client.cert_pem()) if client else None
-    return tssl.optionsForClientTLS(name, trustRoot=trust, clientCertificate=own,
-                                    acceptableProtocols=[p.encode() for p in alpn] if alpn else None)
-
-
-def connect_wss(port: int, options: Any, host: str = "localhost", path: str = "/",
-                protocols: list[str] | None = None, tls: bool = True) -> defer.Deferred:
-    """An open RecordingClient over TLS (or plain TCP if tls is false); fails if refused."""
-    scheme = "wss" if tls else "ws"
-    factory = WebSocketClientFactory(f"{scheme}://{host}:{port}{path}", protocols=protocols or [])
-    factory.protocol = RecordingClient
-    factory._batched_timer = ReactorTimer()
-    factory.setProtocolOptions(autoFragmentSize=0, openHandshakeTimeout=5)
-    endpoint: IStreamClientEndpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-    if tls:
-        endpoint = wrapClientTLS(options, endpoint)
-    return endpoint.connect(factory).addCallback(when_opened)
 
 
 def stdlib_handshake(port: int, server_name: str | None, cafile: str, alpn: list[str] | None = None,
@@ -123,32 +55,6 @@ def stdlib_handshake(port: int, server_name: str | None, cafile: str, alpn: list
                 subject = dict(rdn[0] for rdn in rdns)
                 return version, cipher[0], subject["commonName"], tls.selected_alpn_protocol()
     return threads.deferToThread(run)
-
-
-@defer.inlineCallbacks
-def raw_tls_exchange(port: int, options: Any, request: bytes) -> Any:
-    """Send bytes over TLS, return what came back until the server closed."""
-    client = yield connectProtocol(SSL4ClientEndpoint(reactor, "127.0.0.1", port, options), RawClient())
-    client.transport.write(request)
-    data = yield client.done
-    return data
-
-
-class TlsTestCase(unittest.TestCase):
-    def setUp(self) -> None:
-        self.folder = Path(self.mktemp())
-        self.folder.mkdir(parents=True)
-        self.pki = Pki(self.folder)
-
-    def keystore(self, name: str = "localhost.p12", alias: str = "localhost",
-                 issued: pki.Issued | None = None) -> str:
-        return pki.write(self.folder / name, (issued or self.pki.localhost).p12(alias, PASSWORD))
-
-    def pem_keys(self, entries: dict[str, pki.Issued]) -> str:
-        folder = self.folder / "keys"
-        for alias, issued in entries.items():
-            pki.write(folder / f"{alias}.pem", issued.pem())
-        return str(folder)
 
 
 class WssTests(TlsTestCase):
@@ -462,173 +368,3 @@ class MutualTlsTests(TlsTestCase):
         yield eventually(lambda: "BINDING_TLS_PEER_NOT_VERIFIED" in self.gateway.events_text.getvalue())
 
 
-class UpstreamFactory(WebSocketServerFactory):
-    """What test_proxy's Upstream records and is told: the first offered subprotocol, echo on."""
-    protocol = Upstream
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._batched_timer = ReactorTimer()
-        self.requests: list[Any] = []
-        self.closes: list[tuple[int | None, str | None]] = []
-        self.connections: list[Upstream] = []
-        self.echo = True
-        self.received = 0
-
-    def select(self, offered: list[str]) -> str | None:
-        return offered[0] if offered else None
-
-
-def start_wss_upstream(case: unittest.TestCase, issued: pki.Issued, client_ca: pki.Issued | None = None,
-                       alpn: list[bytes] | None = None) -> Any:
-    """An Autobahn echo server over TLS (Twisted's own TLS), optionally requiring client certs."""
-    factory = UpstreamFactory()
-    factory.setProtocolOptions(echoCloseCodeReason=True, autoFragmentSize=0)
-    own = tssl.PrivateCertificate.loadPEM(issued.key_pem() + issued.cert_pem())
-    if client_ca is not None:
-        options = own.options(tssl.Certificate.loadPEM(client_ca.cert_pem()))
-    else:
-        options = own.options()
-    if alpn:
-        options = tssl.CertificateOptions(privateKey=own.privateKey.original, certificate=own.original,
-                                          acceptableProtocols=alpn)
-    port = IReactorSSL(reactor).listenSSL(0, factory, options, interface="127.0.0.1")
-    case.addCleanup(port.stopListening)
-    address = port.getHost()
-    assert isinstance(address, IPv4Address)
-    return factory, address.port
-
-
-class ProxyOverTlsTests(TlsTestCase):
-    def proxy_config(self, upstream_port: int, client_options: dict[str, Any], client_vault: dict[str, Any]) -> dict:
-        config = tls_chain({"keys": {"store": self.keystore(), "password": PASSWORD}}, {"keys": ["localhost"]})
-        config["vaults"]["clients"] = {"type": "filesystem", "options": client_vault}
-        config["bindings"].update({
-            "ws0": {"type": "ws", "kind": "server", "exit": "south_ws_client"},
-            "south_ws_client": {"type": "ws", "kind": "client", "exit": "south_http_client"},
-            "south_http_client": {"type": "http", "kind": "client", "exit": "south_tls_client"},
-            "south_tls_client": {"type": "tls", "kind": "client", "vault": "clients", "options": client_options,
-                                 "exit": "south_tcp_client"},
-            "south_tcp_client": {"type": "tcp", "kind": "client",
-                                 "options": {"host": "127.0.0.1", "port": upstream_port}},
-        })
-        return config
-
-    def truststore(self) -> str:
-        return pki.write(self.folder / "truststore.p12",
-                         pki.truststore_p12({"backend": self.pki.ca.certificate}, PASSWORD))
-
-    @defer.inlineCallbacks
-    def test_wss_to_wss_upstream_with_verification(self):
-        upstream, upstream_port = start_wss_upstream(self, self.pki.localhost)
-        config = self.proxy_config(upstream_port, {"trust": ["backend"], "sni": ["localhost"]},
-                                   {"trust": {"store": self.truststore(), "password": PASSWORD}})
-        gateway, port = yield start_gateway(self, config)
-        client = yield connect_wss(port, client_tls(self.pki.ca), path="/chat", protocols=["echo"])
-        self.assertEqual(client.websocket_protocol_in_use, "echo")
-        for payload in (b"to the upstream and back", os.urandom(100_000)):
-            client.sendMessage(payload, isBinary=True)
-            self.assertEqual(b"".join((yield client.messages.get())[1]), payload)
-        self.assertEqual(upstream.requests[0].path, "/chat")
-        self.assertTrue(upstream.connections[0].transport.getHandle().get_protocol_version_name().startswith("TLSv1."))
-        yield close_ws(client)
-        yield eventually(lambda: upstream.closes)
-
-    @defer.inlineCallbacks
-    def test_alpn_offered_to_the_upstream(self):
-        upstream, upstream_port = start_wss_upstream(self, self.pki.localhost, alpn=[b"x-other", b"http/1.1"])
-        config = self.proxy_config(upstream_port, {"trust": ["backend"], "sni": ["localhost"], "alpn": ["http/1.1"]},
-                                   {"trust": {"store": self.truststore(), "password": PASSWORD}})
-        gateway, port = yield start_gateway(self, config)
-        client = yield connect_wss(port, client_tls(self.pki.ca))
-        client.sendMessage(b"alpn upstream")
-        self.assertEqual(b"".join((yield client.messages.get())[1]), b"alpn upstream")
-        self.assertEqual(upstream.connections[0].transport.negotiatedProtocol, b"http/1.1")
-        yield close_ws(client)
-        yield eventually(lambda: upstream.closes)
-
-    @defer.inlineCallbacks
-    def test_without_sni_the_tcp_clients_host_is_verified(self):
-        """host 127.0.0.1: no SNI is sent (RFC 6066 has none for addresses) and the
-        certificate must name the address, which the upstream's does (IP SAN)."""
-        upstream, upstream_port = start_wss_upstream(self, self.pki.localhost)
-        config = self.proxy_config(upstream_port, {"trust": ["backend"]},
-                                   {"trust": {"store": self.truststore(), "password": PASSWORD}})
-        gateway, port = yield start_gateway(self, config)
-        client = yield connect_wss(port, client_tls(self.pki.ca))
-        client.sendMessage(b"by address")
-        self.assertEqual(b"".join((yield client.messages.get())[1]), b"by address")
-        self.assertIsNone(upstream.connections[0].transport.getHandle().get_servername())
-        yield close_ws(client)
-        yield eventually(lambda: upstream.closes)
-
-    @defer.inlineCallbacks
-    def test_upstream_name_mismatch_is_502(self):
-        upstream, upstream_port = start_wss_upstream(self, self.pki.localhost)
-        config = self.proxy_config(upstream_port, {"trust": ["backend"], "sni": ["backend.test"]},
-                                   {"trust": {"store": self.truststore(), "password": PASSWORD}})
-        gateway, port = yield start_gateway(self, config)
-        data = yield raw_tls_exchange(port, client_tls(self.pki.ca), upgrade_request("/", {"Host": "localhost"}))
-        status, headers, body = split_response(data)
-        # the client is told what failed, the event log why
-        self.assertEqual((status, body), ("HTTP/1.1 502 Bad Gateway", b"upstream TLS failed\n"))
-        self.assertIn("BINDING_WS_REQUEST_REJECTED - 502 upstream TLS failed (with backend.test: certificate does "
-                      "not match 'backend.test' (it is for: localhost, 127.0.0.1))", gateway.events_text.getvalue())
-        self.assertEqual(upstream.requests, [])  # nothing was sent to an unverified upstream
-        self.assertIn("test:south_tls_client", gateway.events_text.getvalue())
-        self.assertIn("BINDING_TLS_PEER_NOT_VERIFIED - backend.test certificate does not match 'backend.test'",
-                      gateway.events_text.getvalue())
-
-    @defer.inlineCallbacks
-    def test_hostname_verification_false_still_checks_the_chain(self):
-        upstream, upstream_port = start_wss_upstream(self, self.pki.localhost)
-        config = self.proxy_config(upstream_port, {"trust": ["backend"], "sni": ["backend.test"],
-                                                   "hostname-verification": False},
-                                   {"trust": {"store": self.truststore(), "password": PASSWORD}})
-        gateway, port = yield start_gateway(self, config)
-        client = yield connect_wss(port, client_tls(self.pki.ca))  # the name does not match: allowed
-        yield close_ws(client)
-        yield eventually(lambda: upstream.closes)
-        rogue, rogue_port = start_wss_upstream(self, pki.issue(self.pki.rogue_ca, "backend.test", dns=["backend.test"]))
-        config["bindings"]["south_tcp_client"]["options"]["port"] = rogue_port
-        gateway, port = yield start_gateway(self, config)
-        data = yield raw_tls_exchange(port, client_tls(self.pki.ca), upgrade_request("/"))
-        self.assertEqual(split_response(data)[0], "HTTP/1.1 502 Bad Gateway")
-        self.assertIn("unable to get local issuer certificate", gateway.events_text.getvalue())
-        self.assertEqual(rogue.requests, [])
-
-    @defer.inlineCallbacks
-    def test_untrusted_upstream_is_502(self):
-        rogue_server = pki.issue(self.pki.rogue_ca, "localhost", dns=["localhost"])
-        upstream, upstream_port = start_wss_upstream(self, rogue_server)
-        config = self.proxy_config(upstream_port, {"trust": ["backend"]},
-                                   {"trust": {"store": self.truststore(), "password": PASSWORD}})
-        gateway, port = yield start_gateway(self, config)
-        data = yield raw_tls_exchange(port, client_tls(self.pki.ca), upgrade_request("/"))
-        self.assertEqual(split_response(data)[0], "HTTP/1.1 502 Bad Gateway")
-        self.assertNotIn(b"issuer", data)  # the why is for the event log, not the client
-        self.assertEqual(upstream.requests, [])
-        self.assertIn("BINDING_TLS_PEER_NOT_VERIFIED - 127.0.0.1 certificate CN=localhost: "
-                      "unable to get local issuer certificate", gateway.events_text.getvalue())
-
-    @defer.inlineCallbacks
-    def test_client_certificate_for_an_upstream_that_requires_one(self):
-        upstream, upstream_port = start_wss_upstream(self, self.pki.localhost, client_ca=self.pki.ca)
-        client_keys = pki.write(self.folder / "client.pem", self.pki.client.pem(password=PASSWORD))
-        config = self.proxy_config(upstream_port, {"trust": ["backend"], "keys": ["client"], "sni": ["localhost"]},
-                                   {"trust": {"store": self.truststore(), "password": PASSWORD},
-                                    "keys": {"store": client_keys, "type": "pem", "password": PASSWORD}})
-        gateway, port = yield start_gateway(self, config)
-        client = yield connect_wss(port, client_tls(self.pki.ca))
-        client.sendMessage(b"with a client certificate")
-        self.assertEqual(b"".join((yield client.messages.get())[1]), b"with a client certificate")
-        peer = upstream.connections[0].transport.getPeerCertificate()
-        self.assertEqual(peer.get_subject().commonName, "good client")
-        yield close_ws(client)
-        yield eventually(lambda: upstream.closes)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

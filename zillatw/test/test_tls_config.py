@@ -23,7 +23,7 @@ from zillatw.guards.x509 import X509Guard, fields
 from zillatw.runtime.standard import standard_registry
 from zillatw.telemetry.events import Events
 from zillatw.test import pki
-from zillatw.test.test_tls import PASSWORD, TlsTestCase, tls_chain
+from zillatw.test.pki import PASSWORD, TlsTestCase, tls_chain
 
 TYPES = standard_registry()
 

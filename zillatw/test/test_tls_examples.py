@@ -16,8 +16,8 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
 from zillatw.test import pki
-from zillatw.test.support import CONF, close_ws, eventually, start_gateway
-from zillatw.test.test_tls import client_tls, connect_wss, free_port, start_wss_upstream
+from zillatw.test.pki import client_tls, connect_wss, start_wss_upstream
+from zillatw.test.support import CONF, close_ws, eventually, free_port, start_gateway
 
 
 class ConfExampleTests(unittest.TestCase):

@@ -26,9 +26,8 @@ from zope.interface import implementer
 
 from zillatw.bindings.tls.context import pinned_by_common_name
 from zillatw.test import pki
-from zillatw.test.support import CONF, close_ws, start_gateway, upgrade_request
-from zillatw.test.test_stream_echo import tls_connect
-from zillatw.test.test_tls import client_tls, connect_wss, free_port, start_wss_upstream
+from zillatw.test.pki import client_tls, connect_wss, start_wss_upstream, tls_connect
+from zillatw.test.support import CONF, close_ws, free_port, start_gateway, upgrade_request
 
 PASSWORD = "generated"
 

@@ -12,8 +12,8 @@ from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
 from zillatw.test import pki
+from zillatw.test.pki import PASSWORD, TlsTestCase, client_tls, connect_wss, start_wss_upstream, tls_chain
 from zillatw.test.support import RawClient, close_ws, eventually, start_gateway, upgrade_request
-from zillatw.test.test_tls import PASSWORD, TlsTestCase, client_tls, connect_wss, start_wss_upstream, tls_chain
 
 
 def set_environ(case: unittest.TestCase, name: str, value: str) -> None:

@@ -3,78 +3,27 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
-import time
-from typing import Any
 
 import yaml
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.internet.error import ConnectionRefusedError, ProcessTerminated
-from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from zillatw.test.support import chain, close_ws, connect_raw, connect_ws, eventually, upgrade_request, wait
-from zillatw.test.test_tap import ENV, ROOT, TWISTD, Collect, free_port
 from zillatw.runtime.workers import Supervisor
-
-
-def server_pid(client, pids):
-    """Which of `pids` holds the server end of a client's TCP connection: the socket whose
-    local and remote addresses are the client's, reversed (/proc/net/tcp), by its inode."""
-    local, remote = client.transport.getHost(), client.transport.getPeer()
-    wanted = (f"0100007F:{remote.port:04X}", f"0100007F:{local.port:04X}")
-    with open("/proc/net/tcp") as table:
-        rows = [line.split() for line in table.readlines()[1:]]
-    inodes = {row[9] for row in rows if (row[1], row[2]) == wanted}
-    assert len(inodes) == 1, (wanted, inodes)
-    link = f"socket:[{inodes.pop()}]"
-    owners = set()
-    for pid in pids:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == link:
-                    owners.add(pid)
-            except OSError:
-                pass
-    assert len(owners) == 1, (link, owners)
-    return owners.pop()
-
-
-def worker_pids(out):
-    """{worker index: pid} of the latest start of each, from the supervisor's log."""
-    return {int(index): int(pid) for index, pid in re.findall(rb"worker (\d+) started \(pid (\d+)\)", out)}
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as stat:  # a zombie is not serving
-        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def spawn_workers(case: unittest.TestCase, config: dict, workers: int, *args: str):
-    """`twistd zillaws -w N` on `config` (written to a temp file), killed with all its workers
-    when the test ends. -> (Collect, process transport, the config file's path)"""
-    path = os.path.abspath(case.mktemp())
-    with open(path, "w") as f:
-        yaml.safe_dump(config, f)
-    child = Collect()
-    process = reactor.spawnProcess(child, TWISTD[0], TWISTD + ["-n", "--pidfile=", "zillaws", "-c", path,
-                                                               "-w", str(workers), *args], env=ENV, path=ROOT)
-
-    def kill_all():
-        for pid in worker_pids(child.out).values():
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        if not child.ended.called:
-            process.signalProcess(signal.SIGKILL)
-    case.addCleanup(kill_all)
-    return child, process, path
+from zillatw.test.process_support import ENV, TWISTD, _ProcessReactor, alive, server_pid, spawn_workers, worker_pids
+from zillatw.test.support import (
+    chain,
+    close_ws,
+    connect_raw,
+    connect_ws,
+    eventually,
+    free_port,
+    parse_server_frames,
+    upgrade_request,
+)
 
 
 class WorkerTests(unittest.TestCase):
@@ -192,15 +141,15 @@ class WorkerTests(unittest.TestCase):
         raw = yield connect_raw(self.port)  # a peer that never answers the close: the drain would wait
         raw.transport.write(upgrade_request())
         yield eventually(lambda: b"\r\n\r\n" in raw.data)
-        began = time.monotonic()
+        start = raw.data.index(b"\r\n\r\n") + 4
         process.signalProcess(signal.SIGTERM)
-        yield wait(0.5)
-        self.assertFalse(child.ended.called)
+        yield eventually(lambda: parse_server_frames(raw.data[start:]), timeout=10)  # its worker sent the 1001
+        self.assertFalse(child.ended.called)  # and waits for the peer
         process.signalProcess(signal.SIGTERM)
         code, number = yield child.ended
         self.assertEqual((code, number), (None, signal.SIGTERM))
+        # died by the second signal, not at the end of the drain (which exits 0)
         yield eventually(lambda: not any(alive(pid) for pid in pids), timeout=5)
-        self.assertLess(time.monotonic() - began, 10)
         raw.transport.loseConnection()
 
     @defer.inlineCallbacks
@@ -215,18 +164,6 @@ class WorkerTests(unittest.TestCase):
         self.assertFalse(os.path.exists(ready))
 
 
-class _ProcessReactor(MemoryReactorClock):
-    """A clock whose spawnProcess starts nothing: it hands the worker a transport with a pid."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.spawned: list[Any] = []
-
-    def spawnProcess(self, worker: Any, *args: Any, **kwargs: Any) -> Any:
-        transport = type("Process", (), {"pid": 1000 + len(self.spawned)})()
-        self.spawned.append(worker)
-        worker.makeConnection(transport)
-        return transport
 
 
 TICK = 1 / 1024  # a binary fraction: the clock's sums stay exact

@@ -6,13 +6,7 @@ from __future__ import annotations
 import os
 import struct
 
-from zillatw.wire.codes import CloseCode, Opcode, OPCODE_BY_NIBBLE
-
-try:
-    # websockets' C masker (~0.1 µs for 64 B); the fallback below is correct, only slower.
-    from websockets.speedups import apply_mask as _c_apply_mask
-except ImportError:  # pragma: no cover - depends on what is installed
-    _c_apply_mask = None
+from zillatw.wire.codes import OPCODE_BY_NIBBLE, CloseCode, Opcode
 
 FIN, RSV1, RSV2, RSV3 = 0x80, 0x40, 0x20, 0x10
 MASKED = 0x80
@@ -35,7 +29,7 @@ class FrameError(Exception):
         self.reason = reason
 
 
-def _py_apply_mask(data: bytes, mask: bytes) -> bytes:
+def _py_apply_mask(data: bytes | bytearray | memoryview, mask: bytes | bytearray) -> bytes:
     size = len(data)
     if not size:
         return b""
@@ -43,7 +37,11 @@ def _py_apply_mask(data: bytes, mask: bytes) -> bytes:
     return (int.from_bytes(data, "little") ^ key).to_bytes(size, "little")
 
 
-apply_mask = _c_apply_mask or _py_apply_mask
+try:
+    # websockets' C masker (~0.1 µs for 64 B); the fallback above is correct, only slower.
+    from websockets.speedups import apply_mask as apply_mask
+except ImportError:  # pragma: no cover - depends on what is installed
+    apply_mask = _py_apply_mask
 
 
 def rotate_mask(mask: bytes, offset: int) -> bytes:
@@ -75,12 +73,7 @@ def parse_head(data: bytes, pos: int, expect_masked: bool, rsv1_allowed: bool
                          "client frames must be masked" if expect_masked else "server frames must not be masked")
     length = second & 0x7F
     if opcode >= 0x8:
-        if not first & FIN:
-            raise FrameError(CloseCode.PROTOCOL_ERROR, "fragmented control frame")
-        if length > MAX_CONTROL_PAYLOAD:
-            raise FrameError(CloseCode.PROTOCOL_ERROR, "control frame longer than 125 bytes")
-        if first & RSV1:
-            raise FrameError(CloseCode.PROTOCOL_ERROR, "compressed control frame")
+        _check_control(first, length)
     start = pos + 2
     if length == 126:
         if available < 4:
@@ -92,17 +85,34 @@ def parse_head(data: bytes, pos: int, expect_masked: bool, rsv1_allowed: bool
     elif length == 127:
         if available < 10:
             return None
-        length = _LEN64.unpack_from(data, start)[0]
-        if length >> 63:
-            raise FrameError(CloseCode.PROTOCOL_ERROR, "64-bit length with its most significant bit set")
-        if length < 0x10000:
-            raise FrameError(CloseCode.PROTOCOL_ERROR, "64-bit length used for a payload under 64 KiB")
+        length = _length64(data, start)
         start += 8
     if expect_masked:
         if len(data) < start + 4:
             return None
         return first, length, start + 4, data[start:start + 4]
     return first, length, start, None
+
+
+# Out of parse_head, the rules for the heads that are rare next to data frames under 64 KiB: a
+# control frame's, a 64-bit length's. The common head pays no call for them.
+
+def _check_control(first: int, length: int) -> None:
+    if not first & FIN:
+        raise FrameError(CloseCode.PROTOCOL_ERROR, "fragmented control frame")
+    if length > MAX_CONTROL_PAYLOAD:
+        raise FrameError(CloseCode.PROTOCOL_ERROR, "control frame longer than 125 bytes")
+    if first & RSV1:
+        raise FrameError(CloseCode.PROTOCOL_ERROR, "compressed control frame")
+
+
+def _length64(data: bytes, start: int) -> int:
+    length: int = _LEN64.unpack_from(data, start)[0]
+    if length >> 63:
+        raise FrameError(CloseCode.PROTOCOL_ERROR, "64-bit length with its most significant bit set")
+    if length < 0x10000:
+        raise FrameError(CloseCode.PROTOCOL_ERROR, "64-bit length used for a payload under 64 KiB")
+    return length
 
 
 def frame_head(first: int, length: int, mask: bytes | None = None) -> bytes:

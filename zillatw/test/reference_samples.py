@@ -8,8 +8,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable
 
-from zillatw.test.test_config import echo_chain
-from zillatw.test.test_proxy import proxy_config
+from zillatw.test.support import echo_chain, proxy_config
 
 JWT = {"type": "jwt", "options": {"issuer": "https://issuer.example", "audience": "api", "keys": []}}
 URL = "http://127.0.0.1:8081"
