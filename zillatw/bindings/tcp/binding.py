@@ -15,8 +15,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 from twisted.internet import defer, endpoints
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from zope.interface import implementer
 
 from zillatw.bindings.tcp import pool as tcp_pool
@@ -28,9 +29,6 @@ from zillatw.config import BindingConfig, Route
 from zillatw.config.plugins import BindingType, IRunsInBackground
 from zillatw.config.schema import FORBIDDEN, PORT, PORT_SPEC, refused, route_schema
 from zillatw.matching import matcher
-from zillatw.stream import IUpstreamConnector, StreamRefused
-from zillatw.config.plugins import BindingType
-from zillatw.config.schema import FORBIDDEN, PORT_SPEC, route_schema
 from zillatw.stream import IBytesExit, IUpstreamConnector, StreamRefused
 
 MAX_PORTS = 1024
@@ -47,7 +45,8 @@ SCHEMA_PATCH = {
                 "port": PORT_SPEC,
                 # Zilla's parser reads it (its schema refuses it): the listen() queue, default 50
                 "backlog": {"type": "integer", "minimum": 1},
-                # zillatw: any Twisted server endpoint string, e.g. "unix:/run/zilla.sock" or "systemd:domain=INET:index=0"
+                # zillatw: any Twisted server endpoint string, e.g. "unix:/run/zilla.sock" or
+                # "systemd:domain=INET:index=0"
                 "endpoint": {"type": "string"},
                 # zillatw, a client's pool (docs/upstreams.md): instead of host and port
                 "upstreams": {"type": "array", "minItems": 1, "maxItems": MAX_UPSTREAMS, "items": {
@@ -107,7 +106,18 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
     if binding.kind == "client":
         yield from _check_client(binding)
         return
-    options = binding.options
+    yield from _check_listening(binding.options)
+    if not binding.routes:
+        yield "routes", "a tcp server needs 'exit' or routes with an exit"
+    for route in binding.routes:
+        if route.exit is None:
+            yield f"routes[{route.index}]", "missing required key 'exit'"
+        for index, condition in enumerate(route.when):
+            yield from _check_condition(f"routes[{route.index}].when[{index}]", condition)
+
+
+def _check_listening(options: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """A server's `endpoint`, or its `host` and `port`."""
     if "endpoint" in options:
         if "host" in options or "port" in options:
             yield "options.endpoint", "give either 'endpoint' or 'host' and 'port', not both"
@@ -115,32 +125,28 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
             endpoints.serverFromString(None, options["endpoint"])
         except (ValueError, TypeError, KeyError) as e:
             yield "options.endpoint", f"not a Twisted server endpoint string ({e})"
-    else:
-        for key in ("host", "port"):
-            if key not in options:
-                yield "options", f"missing required key '{key}' (or give 'endpoint')"
-        if "port" in options:
-            try:
-                parse_ports(options["port"])
-            except ValueError as e:
-                yield "options.port", str(e)
-    if not binding.routes:
-        yield "routes", "a tcp server needs 'exit' or routes with an exit"
-    for route in binding.routes:
-        if route.exit is None:
-            yield f"routes[{route.index}]", "missing required key 'exit'"
-        for index, condition in enumerate(route.when):
-            where = f"routes[{route.index}].when[{index}]"
-            if "port" in condition:
-                try:
-                    parse_ports(condition["port"])
-                except ValueError as e:
-                    yield f"{where}.port", str(e)
-            if "cidr" in condition:
-                try:
-                    ipaddress.ip_network(condition["cidr"], strict=False)
-                except ValueError as e:
-                    yield f"{where}.cidr", str(e)
+        return
+    for key in ("host", "port"):
+        if key not in options:
+            yield "options", f"missing required key '{key}' (or give 'endpoint')"
+    if "port" in options:
+        try:
+            parse_ports(options["port"])
+        except ValueError as e:
+            yield "options.port", str(e)
+
+
+def _check_condition(where: str, condition: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    if "port" in condition:
+        try:
+            parse_ports(condition["port"])
+        except ValueError as e:
+            yield f"{where}.port", str(e)
+    if "cidr" in condition:
+        try:
+            ipaddress.ip_network(condition["cidr"], strict=False)
+        except ValueError as e:
+            yield f"{where}.cidr", str(e)
 
 
 def _check_client(binding: BindingConfig) -> Iterator[tuple[str, str]]:
@@ -215,7 +221,8 @@ class TcpServer:
                 return exit_
         return None
 
-    def endpoints(self, reactor: Any, inherited: Mapping[tuple[str, int], Any] | None = None) -> list[tuple[int | None, Any]]:
+    def endpoints(self, reactor: Any,
+                  inherited: Mapping[tuple[str, int], Any] | None = None) -> list[tuple[int | None, Any]]:
         """(port, endpoint) per address; `inherited`: sockets a supervisor opened for this
         worker (zillatw.runtime.workers), by (host, port) as configured, adopted instead of bound."""
         if self.endpoint is not None:
@@ -223,8 +230,8 @@ class TcpServer:
         interface = self.host or ""
         kind = endpoints.TCP6ServerEndpoint if ":" in interface else endpoints.TCP4ServerEndpoint
         inherited = inherited or {}
-        return [(port, inherited.get((interface, port)) or kind(reactor, port, backlog=self.backlog, interface=interface))
-                for port in self.ports]
+        return [(port, inherited.get((interface, port))
+                 or kind(reactor, port, backlog=self.backlog, interface=interface)) for port in self.ports]
 
     @defer.inlineCallbacks
     def listen(self, reactor: Any, skip: Iterable[Any] = (),
@@ -233,7 +240,7 @@ class TcpServer:
         hand_over), adopting the `inherited` sockets; on a failure, close what was opened and fail."""
         skip = set(skip)
         try:
-            for address, (port, endpoint) in zip(self.addresses(), self.endpoints(reactor, inherited)):
+            for address, (port, endpoint) in zip(self.addresses(), self.endpoints(reactor, inherited), strict=True):
                 if address in skip:
                     continue
                 factory = ListenerFactory(self, port)
@@ -260,7 +267,8 @@ class TcpServer:
         return defer.gatherResults([defer.maybeDeferred(listener.port.stopListening) for listener in listeners])
 
     def bound_ports(self) -> list[int]:
-        return [p.getHost().port for p in self.listening if hasattr(p.getHost(), "port")]
+        hosts = [p.getHost() for p in self.listening]
+        return [host.port for host in hosts if isinstance(host, (IPv4Address, IPv6Address))]
 
 
 class Listener(NamedTuple):
@@ -278,7 +286,7 @@ class ListenerFactory(Factory):
         self.server = server
         self.local_port = local_port
 
-    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+    def buildProtocol(self, addr: IAddress) -> Any:  # type: ignore[override]  # a listener's peer: never None
         if self.server.proxy_protocol is not None:  # routed once the header has said who the client is
             return self.server.proxy_protocol.accept(self, addr)
         exit_ = self.server.route(self.local_port, addr)
@@ -294,7 +302,7 @@ class TcpClient:
     """A tcp client binding: connects a protocol factory to the upstream."""
 
     def __init__(self, name: str, host: str | None = None, port: int | None = None,
-                 conditions: Iterable[dict[str, Any]] = (), *, reactor: Any, qname: str | None = None):
+                 conditions: Iterable[Mapping[str, Any]] = (), *, reactor: Any, qname: str | None = None):
         self.name = name
         self.qname = qname or name
         self.host = host
@@ -308,7 +316,8 @@ class TcpClient:
             return self.host, self.port or 80
         if not authority:
             raise StreamRefused(502, f"tcp client {self.name} has no destination")
-        host, _, port = authority.rpartition(":") if authority.rfind(":") > authority.rfind("]") else (authority, "", "80")
+        has_port = authority.rfind(":") > authority.rfind("]")  # not the colons of an [IPv6] literal
+        host, _, port = authority.rpartition(":") if has_port else (authority, "", "80")
         host = host.strip("[]")
         destination = (host, int(port))
         if not any(c.matches(destination[1], host, host) for c in self._conditions):

@@ -10,7 +10,7 @@ OpenSSL's through pyOpenSSL and Twisted's TLSMemoryBIOProtocol (zillatw.bindings
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from cryptography import x509
@@ -21,22 +21,35 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from zillatw.bindings.tcp.binding import parse_ports
+from zillatw.bindings.tls.client import TlsClient
+from zillatw.bindings.tls.context import (
+    VERSIONS,
+    Handshake,
+    Peer,
+    PeerTrust,
+    TlsRoutes,
+    classify,
+    dns_names,
+    guarded,
+    make_context,
+    name_matches,
+    reason_text,
+    set_servername_callback,
+    state_of,
+    use_key,
+    verify_error,
+)
 from zillatw.bytestream import BytesConnection, server_info
 from zillatw.config import BindingConfig, Route
+from zillatw.config.plugins import BindingType
+from zillatw.config.schema import FORBIDDEN, PORT_SPEC, route_schema
 from zillatw.errors import ConfigError, did_you_mean
-from zillatw.telemetry.events import Events
 from zillatw.guards import Authorization, Rejected, Session
 from zillatw.guards.x509 import X509Guard
 from zillatw.matching import matcher
-from zillatw.config.plugins import BindingType
-from zillatw.bindings.tcp.binding import parse_ports
-from zillatw.config.schema import FORBIDDEN, PORT_SPEC, route_schema
-from zillatw.stream import IUpstreamConnector
 from zillatw.stream import IBytesExit, IUpstreamConnector
-from zillatw.bindings.tls.client import TlsClient
-from zillatw.bindings.tls.context import (VERSIONS, Handshake, Peer, PeerTrust, TlsRoutes, classify, dns_names, guarded,
-                                make_context, name_matches, reason_text, set_servername_callback, state_of, use_key,
-                                verify_error)
+from zillatw.telemetry.events import Events
 from zillatw.vaults.filesystem import FilesystemVault, KeyEntry
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds, Zilla's zilla.binding.tls.handshake.timeout
@@ -92,59 +105,77 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
         yield "routes", f"a tls {binding.kind} needs 'exit' or routes with an exit"
     for route in binding.routes:
         for index, condition in enumerate(route.when):
-            for key in ("alpn", "trust", "mutual"):
-                if binding.kind == "client" and key in condition:
-                    yield f"routes[{route.index}].when[{index}].{key}", "a tls client routes on authority and port"
-            if condition.get("mutual") == "none" and "trust" in condition:
-                yield f"routes[{route.index}].when[{index}].trust", "trust with mutual: none can never match"
-            if "port" in condition:
-                try:
-                    parse_ports(condition["port"])
-                except ValueError as e:
-                    yield f"routes[{route.index}].when[{index}].port", str(e)
-    if binding.kind == "server":
-        if binding.vault is None:
-            yield "vault", "a tls server needs a vault (where its keys are)"
-        if not options.get("keys") and not options.get("signers"):
-            yield "options", "a tls server needs 'keys' (aliases of its vault's keys) or 'signers'"
-        if options.get("keys") and options.get("signers"):
-            yield "options.signers", "give 'keys' or 'signers', not both"
-        mutual = options.get("mutual", "required" if options.get("trust") else "none")
-        if mutual != "none" and not options.get("trust") and not options.get("trustcacerts"):
-            yield "options.mutual", f"'{mutual}' needs 'trust' (the aliases of the client CAs) or trustcacerts: true"
-        if options.get("trustcacerts") and mutual == "none":
-            yield "options.trustcacerts", "true, but no client certificate is asked for (give 'trust' or 'mutual')"
-        if "hostname-verification" in options:
-            yield "options.hostname-verification", "only for a tls client"
-        if mutual == "none":
-            if "authorization" in options:
-                yield "options.authorization", "no client certificate is asked for (give 'trust' or 'mutual')"
-            for route in binding.routes:
-                for index, condition in enumerate(route.when):
-                    if condition.get("trust") or condition.get("mutual") == "required":
-                        yield (f"routes[{route.index}].when[{index}]",
-                               "routes by client certificate, but none is asked for (give 'trust' or 'mutual')")
-        for route in binding.routes:
-            for guard in route.guarded:
-                if guard not in (options.get("authorization") or {}):
-                    yield (f"routes[{route.index}].guarded.{guard}", "not in options.authorization: no session of "
-                           "this guard reaches the tls server's routes")
-    else:
-        for route in binding.routes:
-            if route.guarded:
-                yield f"routes[{route.index}].guarded", "a tls client has no session to guard routes with"
-        if "mutual" in options:
-            yield "options.mutual", "only for a tls server (a client with 'keys' presents them when asked)"
-        if len(options.get("keys") or ()) > 1:
-            yield "options.keys", (f"a tls client presents one key, got {len(options['keys'])} (zillatw does not "
-                                   "choose among keys by the CAs an upstream names)")
-        if "handshake-timeout" in options:
-            yield "options.handshake-timeout", "only for a tls server (the ws client's timeout bounds the upstream's)"
-        if options.get("trustcacerts") is False and not options.get("trust"):
-            yield "options.trustcacerts", "false with no 'trust': no upstream certificate could be verified"
-        for key in ("keys", "trust", "signers"):
-            if options.get(key) and binding.vault is None:
-                yield f"options.{key}", "needs the binding's 'vault'"
+            yield from _check_condition(binding, f"routes[{route.index}].when[{index}]", condition)
+    yield from (_check_server(binding) if binding.kind == "server" else _check_client(binding))
+
+
+def _check_condition(binding: BindingConfig, where: str, condition: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    for key in ("alpn", "trust", "mutual"):
+        if binding.kind == "client" and key in condition:
+            yield f"{where}.{key}", "a tls client routes on authority and port"
+    if condition.get("mutual") == "none" and "trust" in condition:
+        yield f"{where}.trust", "trust with mutual: none can never match"
+    if "port" in condition:
+        try:
+            parse_ports(condition["port"])
+        except ValueError as e:
+            yield f"{where}.port", str(e)
+
+
+def _check_server(binding: BindingConfig) -> Iterator[tuple[str, str]]:
+    options = binding.options
+    if binding.vault is None:
+        yield "vault", "a tls server needs a vault (where its keys are)"
+    if not options.get("keys") and not options.get("signers"):
+        yield "options", "a tls server needs 'keys' (aliases of its vault's keys) or 'signers'"
+    if options.get("keys") and options.get("signers"):
+        yield "options.signers", "give 'keys' or 'signers', not both"
+    if "hostname-verification" in options:
+        yield "options.hostname-verification", "only for a tls client"
+    yield from _check_mutual(binding)
+    for route in binding.routes:
+        for guard in route.guarded:
+            if guard not in (options.get("authorization") or {}):
+                yield (f"routes[{route.index}].guarded.{guard}", "not in options.authorization: no session of "
+                       "this guard reaches the tls server's routes")
+
+
+def _check_mutual(binding: BindingConfig) -> Iterator[tuple[str, str]]:
+    """A server's client certificates: asked for only with trust (or trustcacerts)."""
+    options = binding.options
+    mutual = options.get("mutual", "required" if options.get("trust") else "none")
+    if mutual != "none" and not options.get("trust") and not options.get("trustcacerts"):
+        yield "options.mutual", f"'{mutual}' needs 'trust' (the aliases of the client CAs) or trustcacerts: true"
+    if options.get("trustcacerts") and mutual == "none":
+        yield "options.trustcacerts", "true, but no client certificate is asked for (give 'trust' or 'mutual')"
+    if mutual != "none":
+        return
+    if "authorization" in options:
+        yield "options.authorization", "no client certificate is asked for (give 'trust' or 'mutual')"
+    for route in binding.routes:
+        for index, condition in enumerate(route.when):
+            if condition.get("trust") or condition.get("mutual") == "required":
+                yield (f"routes[{route.index}].when[{index}]",
+                       "routes by client certificate, but none is asked for (give 'trust' or 'mutual')")
+
+
+def _check_client(binding: BindingConfig) -> Iterator[tuple[str, str]]:
+    options = binding.options
+    for route in binding.routes:
+        if route.guarded:
+            yield f"routes[{route.index}].guarded", "a tls client has no session to guard routes with"
+    if "mutual" in options:
+        yield "options.mutual", "only for a tls server (a client with 'keys' presents them when asked)"
+    if len(options.get("keys") or ()) > 1:
+        yield "options.keys", (f"a tls client presents one key, got {len(options['keys'])} (zillatw does not "
+                               "choose among keys by the CAs an upstream names)")
+    if "handshake-timeout" in options:
+        yield "options.handshake-timeout", "only for a tls server (the ws client's timeout bounds the upstream's)"
+    if options.get("trustcacerts") is False and not options.get("trust"):
+        yield "options.trustcacerts", "false with no 'trust': no upstream certificate could be verified"
+    for key in ("keys", "trust", "signers"):
+        if options.get(key) and binding.vault is None:
+            yield f"options.{key}", "needs the binding's 'vault'"
 
 
 def guard_references(binding: BindingConfig) -> Iterator[tuple[str, str]]:
@@ -155,6 +186,10 @@ def guard_references(binding: BindingConfig) -> Iterator[tuple[str, str]]:
 
 # ---------------------------------------------------------------------------- server
 
+# A server's default: no client certificates trusted (mutual: none)
+NO_TRUST = PeerTrust()
+
+
 @implementer(IOpenSSLServerConnectionCreator, IProtocolFactory)
 class TlsServer:
     """The tls server binding: an IProtocolFactory that terminates TLS and routes."""
@@ -163,7 +198,7 @@ class TlsServer:
 
     def __init__(self, name: str, keys: Sequence[KeyEntry], routes: list[tuple[Route, Any]], *,
                  sni: Sequence[str] = (), alpn: Sequence[str] = (), mutual: str = "none",
-                 trust: PeerTrust = PeerTrust(), version: str = "TLS",
+                 trust: PeerTrust = NO_TRUST, version: str = "TLS",
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, namespace: str = "default",
                  guard: Any = None, route_trust: Callable[[Sequence[str]], Sequence[x509.Certificate]] = lambda a: (),
                  events: Events | None = None, reactor: Any):
@@ -196,11 +231,18 @@ class TlsServer:
             context.set_alpn_select_callback(self._select_alpn)
         return context
 
+    # IProtocolFactory: a tls server is the exit of a tcp server's listener, not a listener
+    def doStart(self) -> None:
+        pass
+
+    def doStop(self) -> None:
+        pass
+
     # ---- OpenSSL callbacks
 
     def serverConnectionForTLS(self, tls_protocol: TLSMemoryBIOProtocol) -> SSL.Connection:
         # Twisted makes the TLS protocol the connection's app data; our state rides on it.
-        tls_protocol.zillatw_handshake = Handshake(tls_protocol)
+        tls_protocol.zillatw_handshake = Handshake(tls_protocol)  # type: ignore[attr-defined]
         return SSL.Connection(self._contexts[0][1], None)
 
     def _servername(self, connection: SSL.Connection) -> bool:
@@ -267,7 +309,7 @@ class _DispatchFactory(Factory):
     def __init__(self, server: TlsServer):
         self.server = server
 
-    def buildProtocol(self, addr: IAddress) -> "_Dispatch":
+    def buildProtocol(self, addr: IAddress) -> "_Dispatch":  # type: ignore[override]  # never None here
         return _Dispatch(self.server, addr)
 
 
@@ -285,8 +327,14 @@ class _Dispatch(Protocol):
     def connectionMade(self) -> None:
         self._timer = self.server.reactor.callLater(self.server.handshake_timeout, self._timed_out)
 
+    @property
+    def _tls(self) -> Any:
+        """The TLSMemoryBIOProtocol this protocol sits in (it carries our Handshake)."""
+        return self.transport
+
     def _state(self) -> Handshake:
-        return self.transport.zillatw_handshake
+        handshake: Handshake = self._tls.zillatw_handshake
+        return handshake
 
     def dataReceived(self, data: bytes) -> None:
         self._early.append(data)  # TLS 1.3 data that arrived with the client's Finished
@@ -295,27 +343,29 @@ class _Dispatch(Protocol):
         self._cancel_timer()
         state = self._state()
         state.done = True
-        connection = self.transport.getHandle()
+        tls = self._tls
+        connection = tls.getHandle()
         alpn = connection.get_alpn_proto_negotiated() or None
-        port = getattr(self.transport.getHost(), "port", None)
+        port = getattr(tls.getHost(), "port", None)
         peer = Peer.of(connection)
         session = self.server.authorize(peer, state.trace_id)
         if self.server.guard is not None:
             # for the http server behind (zillatw.guards.connection_authorization): 403 without a session
-            self.transport.zillatw_authorization = Authorization(session=session, credentials_found=True)
+            tls.zillatw_authorization = Authorization(session=session, credentials_found=True)
         exit_ = self.server.routes.resolve(state.sni, alpn.decode("ascii", "replace") if alpn else None, port,
                                            peer, session)
+        protocol: Any
         if exit_ is not None and IBytesExit.providedBy(exit_):  # echo, fan: the decrypted bytes
             protocol = BytesConnection(exit_, server_info("tls", state.sni))
         else:
             protocol = exit_.buildProtocol(self.addr) if exit_ is not None else None
         if protocol is None:
-            self.transport.loseConnection()
+            tls.loseConnection()
             return
         # The TLS layer calls its wrappedProtocol: make that the exit's, so it (and anything
         # it hands the connection to, like the http server) is called directly from now on.
-        self.transport.wrappedProtocol = protocol
-        protocol.makeConnection(self.transport)
+        tls.wrappedProtocol = protocol
+        protocol.makeConnection(tls)
         if self._early:
             protocol.dataReceived(b"".join(self._early))
         self._early = []
@@ -324,14 +374,14 @@ class _Dispatch(Protocol):
         self._timer = None
         self._state().refuse("BINDING_TLS_HANDSHAKE_FAILED",
                              f"handshake not completed within {self.server.handshake_timeout:g} s")
-        self.transport.abortConnection()
+        self._tls.abortConnection()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._cancel_timer()
         try:
             state = self._state()
@@ -390,8 +440,10 @@ def build(binding: BindingConfig, graph: Any) -> TlsServer | TlsClient:
         else (IProtocolFactory, "take connections")
     for route, exit_ in routes:
         if not needed.providedBy(exit_) and not (binding.kind == "server" and IBytesExit.providedBy(exit_)):
-            path = f"{where}.exit" if binding.exit and route is binding.routes[-1] else f"{where}.routes[{route.index}].exit"
-            raise ConfigError(f"{path}: '{route.exit.partition(':')[2]}' cannot {role} for a tls {binding.kind}")
+            is_exit = binding.exit and route is binding.routes[-1]
+            path = f"{where}.exit" if is_exit else f"{where}.routes[{route.index}].exit"
+            name = (route.exit or "").partition(":")[2]
+            raise ConfigError(f"{path}: '{name}' cannot {role} for a tls {binding.kind}")
     events = graph.events(binding.namespace)
     version = options.get("version", "TLS")
     crls = vault.crls if vault is not None and vault.revocation == "crl" else None
@@ -435,7 +487,8 @@ def _check_alpn(binding: BindingConfig, config: Any, where: str) -> None:
                 problems.append(f"{path}.when[{index}].alpn: '{condition['alpn']}' routes to http server "
                                 f"'{target.name}', which serves {HTTP_SERVED} only (h2 is not served yet)")
         for index, protocol in enumerate(binding.options.get("alpn") or ()):
-            if protocol != HTTP_SERVED and (not route.when or any(matcher(c.get("alpn"))(protocol) for c in route.when)):
+            negotiated_here = not route.when or any(matcher(c.get("alpn"))(protocol) for c in route.when)
+            if protocol != HTTP_SERVED and negotiated_here:
                 problems.append(f"{where}.options.alpn[{index}]: '{protocol}' would be negotiated for http server "
                                 f"'{target.name}', which serves {HTTP_SERVED} only (h2 is not served yet)")
     if problems:
