@@ -304,6 +304,7 @@ class ReloadOffTheReactorTests(GatewayOnAFile):
             client.sendMessage(b"ping")
             self.assertEqual((yield client.messages.get()), (False, [b"ping"]))
             round_trips += 1
+            yield wait(0.05)  # pacing, not timing: a busy loop would hold the GIL from the loading thread
         self.assertTrue((yield reloading))
         # Loading in the reactor thread, as before, fired `reloading` before any round trip.
         self.assertGreaterEqual(round_trips, 3)
