@@ -250,9 +250,7 @@ class Rule:
 class ValidatingExit:
     """A route's exit, behind which streams that a rule matches are validated."""
 
-    def __init__(self, exit_: Any, rules: list[Rule], *, events: Any, max_message_size: int, reactor: Any = None):
-        if reactor is None:
-            from twisted.internet import reactor
+    def __init__(self, exit_: Any, rules: list[Rule], *, events: Any, max_message_size: int, reactor: Any):
         self.exit = exit_
         self.name = getattr(exit_, "name", None)
         self.rules = rules

@@ -249,9 +249,7 @@ class JwtGuard:
     """One `guards.<name>` of type jwt."""
 
     def __init__(self, namespace: str, name: str, options: Mapping[str, Any], *, events: Events | None = None,
-                 reactor: Any = None, agent: Any = None):
-        if reactor is None:
-            from twisted.internet import reactor
+                 reactor: Any, agent: Any = None):
         self.namespace = namespace
         self.local_name = name
         self.name = f"{namespace}:{name}"

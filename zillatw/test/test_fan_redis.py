@@ -12,6 +12,7 @@ import subprocess
 
 import yaml
 from twisted.internet import defer, task
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from zillatw.bindings.fan.redis import RedisLink, parse_url
@@ -425,7 +426,7 @@ class FlowTests(unittest.TestCase):
         from zillatw.bindings.echo.binding import EchoServer
         from zillatw.bindings.fan.binding import FanServer
         from zillatw.stream import StreamInfo
-        self.link = RedisLink("redis://127.0.0.1:1", "c")
+        self.link = RedisLink("redis://127.0.0.1:1", "c", reactor=Clock())
         self.server = FanServer("fan", EchoServer(), redis=self.link)
         self.peers = [FakePeer(), FakePeer()]
         self.members = [self.server.open(StreamInfo(), peer) for peer in self.peers]
@@ -457,7 +458,7 @@ class FlowTests(unittest.TestCase):
         self.assertEqual((self.link.dropped, self.link.published), (2, 0))
 
     def test_messages_from_other_gateways_reach_local_members_only_once(self):
-        other = RedisLink("redis://127.0.0.1:1", "c")
+        other = RedisLink("redis://127.0.0.1:1", "c", reactor=Clock())
         self.link._received(other._prefixes[1] + b"remote")
         self.link._received(self.link._prefixes[1] + b"mine")  # our own, back from Redis
         for peer in self.peers:

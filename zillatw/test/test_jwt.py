@@ -18,6 +18,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer, reactor
 from twisted.internet.base import DelayedCall
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from zillatw.errors import ConfigError
@@ -298,7 +299,8 @@ class RolesAndRoutesTests(unittest.TestCase):
 
 class GuardUnitTests(unittest.TestCase):
     def _guard(self, signer: Signer, **options: Any) -> JwtGuard:
-        return JwtGuard("ns", "g", {"issuer": ISSUER, "audience": AUDIENCE, "keys": [signer.jwk], **options})
+        return JwtGuard("ns", "g", {"issuer": ISSUER, "audience": AUDIENCE, "keys": [signer.jwk], **options},
+                        reactor=Clock())
 
     def test_session(self):
         signer = Signer("EC", "k")

@@ -178,7 +178,7 @@ class RedisLink:
     log = Logger()
 
     def __init__(self, url: str, channel: str, max_delay: float = MAX_DELAY,
-                 events: BindingEvents | None = None, reactor: Any = None,
+                 events: BindingEvents | None = None, *, reactor: Any,
                  trust: Sequence[x509.Certificate] | None = None):
         self.url = url
         self.parts = parse_url(url)
@@ -211,11 +211,10 @@ class RedisLink:
         if self._factories:
             return
         self._stopping = False
-        from twisted.internet import reactor as default_reactor
         for protocol in (_Publisher, _Subscriber):
             factory = _Factory(self, protocol, self.parts)
             self._factories.append(factory)
-            endpoint: Any = HostnameEndpoint(self.reactor or default_reactor, self.parts["host"], self.parts["port"],
+            endpoint: Any = HostnameEndpoint(self.reactor, self.parts["host"], self.parts["port"],
                                              timeout=CONNECT_TIMEOUT)
             if self.tls is not None:
                 endpoint = wrapClientTLS(self.tls, endpoint)
