@@ -43,12 +43,13 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IHostnameResolver, IHostResolution, IListeningPort
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
+from zope.interface import implementer
 
 from zillatw import build_gateway
 
@@ -556,29 +557,42 @@ STREAM = ["stream.active.received", "stream.active.sent", "stream.opens.received
           "stream.closes.received", "stream.closes.sent"]
 
 
+@implementer(IHostResolution)
+class _Resolution:
+    def __init__(self, name: str):
+        self.name = name
+
+    def cancel(self) -> None:
+        """Answered at once: nothing to cancel."""
 
 
+@implementer(IHostnameResolver)
+class LocalResolver:
+    """`name` is 127.0.0.1 (a compose service's name in Zilla's examples); any other name as before."""
+
+    def __init__(self, real: Any, name: str):
+        self.real = real
+        self.name = name
+
+    def resolveHostName(self, receiver: Any, hostName: str, portNumber: int = 0, addressTypes: Any = None,
+                        transportSemantics: str = "TCP") -> Any:
+        if hostName != self.name:
+            return self.real.resolveHostName(receiver, hostName, portNumber, addressTypes, transportSemantics)
+        resolution = _Resolution(hostName)
+        receiver.resolutionBegan(resolution)
+        receiver.addressResolved(IPv4Address("TCP", "127.0.0.1", portNumber))
+        receiver.resolutionComplete()
+        return resolution
 
 
+def resolve_locally(case: Any, name: str) -> None:
+    """Until the test ends, the global reactor (the one a gateway connects with) resolves
+    `name` to 127.0.0.1: an example's config runs with its host names as written."""
+    the_reactor: Any = reactor
+    real_name, real_simple = the_reactor.nameResolver, the_reactor.resolver
+    the_reactor.installNameResolver(LocalResolver(real_name, name))
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+    def restore() -> None:
+        the_reactor.installNameResolver(real_name)
+        the_reactor.resolver = real_simple
+    case.addCleanup(restore)

@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from zillatw.test import pki
 from zillatw.test.http_support import PAUSE, Counting, Sender, connect_http, request
-from zillatw.test.support import CONF, eventually, free_port, start_gateway
+from zillatw.test.support import CONF, eventually, free_port, resolve_locally, start_gateway
 from zillatw.wire.http1 import RequestHeadParser
 from zillatw.wire.http1body import LAST_CHUNK, BodyDecoder, chunk, request_framing
 
@@ -589,8 +589,9 @@ class HttpProxyExampleTests(unittest.TestCase):
         self.addCleanup(listening.stopListening)
         port = free_port()
         text = Path(CONF, "http.proxy.yaml").read_text().replace("0.0.0.0", "127.0.0.1")
-        for old, new in {"9090": str(port), "host: backend": "host: 127.0.0.1",
-                         "port: 443": f"port: {listening.getHost().port}"}.items():
+        resolve_locally(self, "backend")  # the host name stays as written
+        self.assertIn("host: backend", text)
+        for old, new in {"9090": str(port), "port: 443": f"port: {listening.getHost().port}"}.items():
             self.assertIn(old, text)
             text = text.replace(old, new)
         (folder / "zilla.yaml").write_text(text)

@@ -18,16 +18,13 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from twisted.internet import defer, reactor
-from twisted.internet.address import IPv4Address
-from twisted.internet.interfaces import IHostnameResolver, IHostResolution
+from twisted.internet import defer
 from twisted.trial import unittest
-from zope.interface import implementer
 
 from zillatw.bindings.tls.context import pinned_by_common_name
 from zillatw.test import pki
 from zillatw.test.pki import client_tls, connect_wss, start_wss_upstream, tls_connect
-from zillatw.test.support import CONF, close_ws, free_port, start_gateway, upgrade_request
+from zillatw.test.support import CONF, close_ws, free_port, resolve_locally, start_gateway, upgrade_request
 
 PASSWORD = "generated"
 
@@ -50,43 +47,9 @@ def cn_only(cn: str, issuer: pki.Issued | None = None, san: list[str] | None = N
     return pki.Issued(key, certificate, [issuer.certificate] if issuer else [])
 
 
-@implementer(IHostResolution)
-class _Resolution:
-    def __init__(self, name: str):
-        self.name = name
-
-    def cancel(self) -> None:
-        """Answered at once: nothing to cancel."""
-
-
-@implementer(IHostnameResolver)
-class BackendResolver:
-    """`backend` is 127.0.0.1 (the compose service's name); any other name as before."""
-
-    def __init__(self, real: Any):
-        self.real = real
-
-    def resolveHostName(self, receiver: Any, hostName: str, portNumber: int = 0, addressTypes: Any = None,
-                        transportSemantics: str = "TCP") -> Any:
-        if hostName != "backend":
-            return self.real.resolveHostName(receiver, hostName, portNumber, addressTypes, transportSemantics)
-        resolution = _Resolution(hostName)
-        receiver.resolutionBegan(resolution)
-        receiver.addressResolved(IPv4Address("TCP", "127.0.0.1", portNumber))
-        receiver.resolutionComplete()
-        return resolution
-
-
 class WsProxyAsShipped(unittest.TestCase):
     def setUp(self):
-        the_reactor: Any = reactor  # the global one, which the gateway connects with
-        real_name, real_simple = the_reactor.nameResolver, the_reactor.resolver
-        the_reactor.installNameResolver(BackendResolver(real_name))
-
-        def restore() -> None:
-            the_reactor.installNameResolver(real_name)
-            the_reactor.resolver = real_simple
-        self.addCleanup(restore)
+        resolve_locally(self, "backend")  # the compose service's name, as Zilla's example has it
         os.environ["KEYSTORE_PASSWORD"] = PASSWORD
         self.addCleanup(os.environ.pop, "KEYSTORE_PASSWORD")
         self.folder = Path(self.mktemp())
