@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -10,14 +11,15 @@ from typing import Any
 from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
 from zillatw.test.support import (
     raw_exchange,
     split_response,
 )
-from zillatw.wire.http1body import LAST_CHUNK, chunk
+from zillatw.wire.http1 import RequestHeadParser
+from zillatw.wire.http1body import LAST_CHUNK, BodyDecoder, chunk, request_framing
 
 
 # from test_health
@@ -267,3 +269,164 @@ class Sender:
 
     def stopProducing(self) -> None:
         self.paused, self.left = True, -1
+
+
+class UpstreamFactory(Factory):  # type: ignore[type-arg]
+    """What the upstream saw: its connections, and each request's head and body size."""
+
+    def __init__(self) -> None:
+        self.connections: list[HttpUpstream] = []
+        self.requests: list[dict[str, Any]] = []
+        self.lost = 0
+        self.first_body_bytes: defer.Deferred = defer.Deferred()
+        self.generators: list[Generated] = []
+        self.pause_after: int | None = None  # body bytes after which reading pauses for PAUSE s
+        self.paused: defer.Deferred = defer.Deferred()  # fires (with the sender) when reading resumes
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = HttpUpstream()
+        protocol.factory = self
+        self.connections.append(protocol)
+        return protocol
+
+
+@implementer(IPushProducer)
+class Generated:
+    """`size` bytes of response body, written as fast as the connection takes them."""
+
+    def __init__(self, transport: Any, size: int, chunked: bool, done: Any):
+        self.transport, self.left, self.chunked, self.done = transport, size, chunked, done
+        self.paused = False
+        self.piece = b"z" * 65536
+        self.written = 0
+
+    def start(self) -> None:
+        self.transport.registerProducer(self, True)
+        self.resumeProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while not self.paused and self.left > 0:
+            piece = self.piece if self.left >= len(self.piece) else self.piece[:self.left]
+            self.left -= len(piece)
+            self.written += len(piece)
+            if self.chunked:
+                self.transport.writeSequence(chunk(piece))
+            else:
+                self.transport.write(piece)
+        if self.left == 0 and not self.paused:
+            self.left = -1
+            self.transport.unregisterProducer()
+            if self.chunked:
+                self.transport.write(LAST_CHUNK)
+            self.done()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def stopProducing(self) -> None:
+        self.paused, self.left = True, -1
+
+
+class HttpUpstream(Protocol):
+    """A small HTTP/1.1 origin. By path:
+    /echo      the request's body back, same framing (Content-Length or chunked), streamed;
+    /count     read the body, answer its size (JSON, with the headers it got);
+    /big?N     N bytes of body (chunked when ?chunked is in the path);
+    /drop-next answer, then close as the next request on this connection arrives;
+    /hang      never answer;    /garbage  not HTTP;    /close  answer with Connection: close;
+    any other  a small text/html page naming the path."""
+
+    factory: UpstreamFactory
+    transport: Any
+    current: Any
+
+    def connectionMade(self) -> None:
+        self.parser = RequestHeadParser()
+        self.decoder: BodyDecoder | None = None
+        self.current: dict[str, Any] | None = None
+        self.drop_next = False
+
+    def dataReceived(self, data: bytes) -> None:
+        while data:
+            if self.decoder is None:
+                head = self.parser.feed(data)
+                if head is None:
+                    return
+                data, self.parser = self.parser.rest, RequestHeadParser()
+                kind, length = request_framing(head.headers)
+                self.decoder = BodyDecoder(kind, length)
+                self.current = {"method": head.method, "path": head.target, "headers": head.headers, "size": 0}
+                self.factory.requests.append(self.current)
+                if self.drop_next:  # closed as the request came: a keep-alive race
+                    self.transport.loseConnection()
+                    return
+                self.start_response(head)
+                if self.decoder.done:
+                    self.body_done()
+                    continue
+            pieces = self.decoder.feed(data)
+            for piece in pieces:
+                if not self.factory.first_body_bytes.called:
+                    self.factory.first_body_bytes.callback(None)
+                self.current["size"] += len(piece)
+                pause_after = self.factory.pause_after
+                if pause_after is not None and self.current["size"] >= pause_after:
+                    self.factory.pause_after = None
+                    self.transport.pauseProducing()
+                    reactor.callLater(PAUSE, self.resume_reading)
+                if self.current["path"] == "/echo":
+                    self.transport.writeSequence(chunk(piece) if self.echo_chunked else [piece])
+            if not self.decoder.done:
+                return
+            data = self.decoder.rest
+            self.body_done()
+
+    def start_response(self, head: Any) -> None:
+        path = head.target
+        if path == "/echo":
+            self.echo_chunked = "content-length" not in head.headers
+            framing = "transfer-encoding: chunked" if self.echo_chunked \
+                else f"content-length: {head.headers['content-length']}"
+            self.transport.write(f"HTTP/1.1 200 OK\r\ncontent-type: {head.headers.get('content-type', 'x/y')}\r\n"
+                                 f"{framing}\r\nkeep-alive: timeout=5\r\n\r\n".encode())
+
+    def body_done(self) -> None:
+        current, self.decoder = self.current, None
+        path = current["path"]
+        if path == "/echo":
+            if self.echo_chunked:
+                self.transport.write(LAST_CHUNK)
+        elif path == "/count":
+            body = json.dumps({"size": current["size"], "headers": current["headers"]}).encode()
+            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: x-hop\r\n"
+                                 b"x-hop: gone\r\nx-kept: yes\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+        elif path.startswith("/big"):
+            size = int(path.split("?")[1].split("&")[0])
+            chunked = "chunked" in path
+            framing = b"transfer-encoding: chunked" if chunked else b"content-length: %d" % size
+            self.transport.write(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n\r\n")
+            generated = Generated(self.transport, size, chunked, lambda: None)
+            self.factory.generators.append(generated)
+            generated.start()
+        elif path == "/garbage":
+            self.transport.write(b"SPLAT\r\n\r\n")
+        elif path == "/close":
+            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+            self.transport.loseConnection()
+        elif path == "/hang":
+            pass
+        elif path == "/drop-next":
+            self.drop_next = True
+            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        else:  # a page, as the example's nginx serves
+            body = f"<html>{path}</html>".encode()
+            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: %d\r\n\r\n"
+                                 % len(body) + body)
+
+    def resume_reading(self) -> None:
+        self.transport.resumeProducing()
+        self.factory.paused.callback(None)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.factory.lost += 1

@@ -7,189 +7,22 @@ memory."""
 from __future__ import annotations
 
 import json
-import os
-import sys
-from pathlib import Path
 from typing import Any
 
-import treq
-from cryptography.hazmat.primitives.serialization import pkcs12
 from twisted.internet import defer, reactor
-from twisted.internet import ssl as tssl
-from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
-from zope.interface import implementer
 
-from zillatw.test import pki
-from zillatw.test.http_support import PAUSE, Counting, Sender, connect_http, request
-from zillatw.test.support import CONF, eventually, free_port, resolve_locally, start_gateway
-from zillatw.wire.http1 import RequestHeadParser
-from zillatw.wire.http1body import LAST_CHUNK, BodyDecoder, chunk, request_framing
-
-
-class UpstreamFactory(Factory):  # type: ignore[type-arg]
-    """What the upstream saw: its connections, and each request's head and body size."""
-
-    def __init__(self) -> None:
-        self.connections: list[Upstream] = []
-        self.requests: list[dict[str, Any]] = []
-        self.lost = 0
-        self.first_body_bytes: defer.Deferred = defer.Deferred()
-        self.generators: list[Generated] = []
-        self.pause_after: int | None = None  # body bytes after which reading pauses for PAUSE s
-        self.paused: defer.Deferred = defer.Deferred()  # fires (with the sender) when reading resumes
-
-    def buildProtocol(self, addr: Any) -> Any:
-        protocol = Upstream()
-        protocol.factory = self
-        self.connections.append(protocol)
-        return protocol
-
-
-@implementer(IPushProducer)
-class Generated:
-    """`size` bytes of response body, written as fast as the connection takes them."""
-
-    def __init__(self, transport: Any, size: int, chunked: bool, done: Any):
-        self.transport, self.left, self.chunked, self.done = transport, size, chunked, done
-        self.paused = False
-        self.piece = b"z" * 65536
-        self.written = 0
-
-    def start(self) -> None:
-        self.transport.registerProducer(self, True)
-        self.resumeProducing()
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        while not self.paused and self.left > 0:
-            piece = self.piece if self.left >= len(self.piece) else self.piece[:self.left]
-            self.left -= len(piece)
-            self.written += len(piece)
-            if self.chunked:
-                self.transport.writeSequence(chunk(piece))
-            else:
-                self.transport.write(piece)
-        if self.left == 0 and not self.paused:
-            self.left = -1
-            self.transport.unregisterProducer()
-            if self.chunked:
-                self.transport.write(LAST_CHUNK)
-            self.done()
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def stopProducing(self) -> None:
-        self.paused, self.left = True, -1
-
-
-class Upstream(Protocol):
-    """A small HTTP/1.1 origin. By path:
-    /echo      the request's body back, same framing (Content-Length or chunked), streamed;
-    /count     read the body, answer its size (JSON, with the headers it got);
-    /big?N     N bytes of body (chunked when ?chunked is in the path);
-    /drop-next answer, then close as the next request on this connection arrives;
-    /hang      never answer;    /garbage  not HTTP;    /close  answer with Connection: close;
-    any other  a small text/html page naming the path."""
-
-    factory: UpstreamFactory
-    transport: Any
-    current: Any
-
-    def connectionMade(self) -> None:
-        self.parser = RequestHeadParser()
-        self.decoder: BodyDecoder | None = None
-        self.current: dict[str, Any] | None = None
-        self.drop_next = False
-
-    def dataReceived(self, data: bytes) -> None:
-        while data:
-            if self.decoder is None:
-                head = self.parser.feed(data)
-                if head is None:
-                    return
-                data, self.parser = self.parser.rest, RequestHeadParser()
-                kind, length = request_framing(head.headers)
-                self.decoder = BodyDecoder(kind, length)
-                self.current = {"method": head.method, "path": head.target, "headers": head.headers, "size": 0}
-                self.factory.requests.append(self.current)
-                if self.drop_next:  # closed as the request came: a keep-alive race
-                    self.transport.loseConnection()
-                    return
-                self.start_response(head)
-                if self.decoder.done:
-                    self.body_done()
-                    continue
-            pieces = self.decoder.feed(data)
-            for piece in pieces:
-                if not self.factory.first_body_bytes.called:
-                    self.factory.first_body_bytes.callback(None)
-                self.current["size"] += len(piece)
-                pause_after = self.factory.pause_after
-                if pause_after is not None and self.current["size"] >= pause_after:
-                    self.factory.pause_after = None
-                    self.transport.pauseProducing()
-                    reactor.callLater(PAUSE, self.resume_reading)
-                if self.current["path"] == "/echo":
-                    self.transport.writeSequence(chunk(piece) if self.echo_chunked else [piece])
-            if not self.decoder.done:
-                return
-            data = self.decoder.rest
-            self.body_done()
-
-    def start_response(self, head: Any) -> None:
-        path = head.target
-        if path == "/echo":
-            self.echo_chunked = "content-length" not in head.headers
-            framing = "transfer-encoding: chunked" if self.echo_chunked \
-                else f"content-length: {head.headers['content-length']}"
-            self.transport.write(f"HTTP/1.1 200 OK\r\ncontent-type: {head.headers.get('content-type', 'x/y')}\r\n"
-                                 f"{framing}\r\nkeep-alive: timeout=5\r\n\r\n".encode())
-
-    def body_done(self) -> None:
-        current, self.decoder = self.current, None
-        path = current["path"]
-        if path == "/echo":
-            if self.echo_chunked:
-                self.transport.write(LAST_CHUNK)
-        elif path == "/count":
-            body = json.dumps({"size": current["size"], "headers": current["headers"]}).encode()
-            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: x-hop\r\n"
-                                 b"x-hop: gone\r\nx-kept: yes\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
-        elif path.startswith("/big"):
-            size = int(path.split("?")[1].split("&")[0])
-            chunked = "chunked" in path
-            framing = b"transfer-encoding: chunked" if chunked else b"content-length: %d" % size
-            self.transport.write(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n\r\n")
-            generated = Generated(self.transport, size, chunked, lambda: None)
-            self.factory.generators.append(generated)
-            generated.start()
-        elif path == "/garbage":
-            self.transport.write(b"SPLAT\r\n\r\n")
-        elif path == "/close":
-            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
-            self.transport.loseConnection()
-        elif path == "/hang":
-            pass
-        elif path == "/drop-next":
-            self.drop_next = True
-            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-        else:  # a page, as the example's nginx serves
-            body = f"<html>{path}</html>".encode()
-            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: %d\r\n\r\n"
-                                 % len(body) + body)
-
-    def resume_reading(self) -> None:
-        self.transport.resumeProducing()
-        self.factory.paused.callback(None)
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.factory.lost += 1
+from zillatw.test.http_support import (
+    Counting,
+    Sender,
+    UpstreamFactory,
+    connect_http,
+    request,
+)
+from zillatw.test.support import eventually, start_gateway
+from zillatw.wire.http1body import LAST_CHUNK, chunk
 
 
 def proxy_chain(upstream_port: int, client_options: dict[str, Any] | None = None,
@@ -563,55 +396,3 @@ class LargeBodyTests(ProxyCase):
 def deferred_later(seconds: float) -> defer.Deferred:
     from twisted.internet.task import deferLater
     return deferLater(reactor, seconds, lambda: None)
-
-
-class HttpProxyExampleTests(unittest.TestCase):
-    """conf/http.proxy.yaml as its README drives it (curl --http1.1 here: h2 is not served),
-    on free ports, the backend on 127.0.0.1 with the keystores generate-keystore.py makes."""
-
-    @defer.inlineCallbacks
-    def test_http_proxy_example(self):
-        folder = Path(self.mktemp())
-        (folder / "tls").mkdir(parents=True)
-        out, err, code = yield getProcessOutputAndValue(
-            sys.executable, [os.path.join(CONF, "tls", "generate-keystore.py"), str(folder / "tls")],
-            env={**os.environ, "KEYSTORE_PASSWORD": "generated"}, reactor=reactor)
-        self.assertEqual(code, 0, err)
-        os.environ["KEYSTORE_PASSWORD"] = "generated"
-        self.addCleanup(os.environ.pop, "KEYSTORE_PASSWORD")
-        bundle = pkcs12.load_pkcs12((folder / "tls" / "backend.p12").read_bytes(), b"generated")
-        backend = pki.Issued(bundle.key, bundle.cert.certificate)
-        own = tssl.PrivateCertificate.loadPEM(backend.key_pem() + backend.cert_pem())
-        options = tssl.CertificateOptions(privateKey=own.privateKey.original, certificate=own.original,
-                                          acceptableProtocols=[b"http/1.1"])
-        upstream = UpstreamFactory()
-        listening: Any = reactor.listenSSL(0, upstream, options, interface="127.0.0.1")  # type: ignore[attr-defined]
-        self.addCleanup(listening.stopListening)
-        port = free_port()
-        text = Path(CONF, "http.proxy.yaml").read_text().replace("0.0.0.0", "127.0.0.1")
-        resolve_locally(self, "backend")  # the host name stays as written
-        self.assertIn("host: backend", text)
-        for old, new in {"9090": str(port), "port: 443": f"port: {listening.getHost().port}"}.items():
-            self.assertIn(old, text)
-            text = text.replace(old, new)
-        (folder / "zilla.yaml").write_text(text)
-        gateway, _ = yield start_gateway(self, str(folder / "zilla.yaml"))
-        pool = HTTPConnectionPool(reactor, persistent=True)
-        self.addCleanup(pool.closeCachedConnections)
-        ca = tssl.Certificate.loadPEM((folder / "tls" / "localhost.crt").read_bytes())
-        agent = Agent(reactor, BrowserLikePolicyForHTTPS(trustRoot=ca), pool=pool)
-        for _ in range(3):
-            # curl --cacert localhost.crt --http1.1 https://localhost:9090/demo.html (from a page elsewhere)
-            response = yield treq.get(f"https://localhost:{port}/demo.html", agent=agent,
-                                      headers={"Origin": "https://app.example"})
-            self.assertEqual(response.code, 200)
-            self.assertEqual((yield treq.content(response)), b"<html>/demo.html</html>")
-            self.assertEqual(response.headers.getRawHeaders("access-control-allow-origin"), ["*"])
-        self.assertEqual(len(upstream.connections), 1)  # kept alive upstream too
-        self.assertEqual(upstream.requests[0]["headers"]["host"], f"localhost:{port}")
-        handle = upstream.connections[0].transport.getHandle()
-        self.assertEqual(handle.get_servername(), b"backend")  # SNI and verification: `backend`
-        for connection in upstream.connections:
-            connection.transport.loseConnection()
-        yield eventually(lambda: upstream.lost == 1)
-        self.assertIn(f"GET https://localhost:{port}/demo.html", gateway.events_text.getvalue())

@@ -1,0 +1,73 @@
+"""Zilla's http.proxy example (conf/http.proxy.yaml) driven as its README does (curl there:
+treq here, HTTP/1.1), its host names as written."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import treq
+from cryptography.hazmat.primitives.serialization import pkcs12
+from twisted.internet import defer, reactor
+from twisted.internet import ssl as tssl
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial import unittest
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+
+from zillatw.test import pki
+from zillatw.test.http_support import UpstreamFactory
+from zillatw.test.support import CONF, eventually, free_port, resolve_locally, start_gateway
+
+
+class HttpProxyExampleTests(unittest.TestCase):
+    """conf/http.proxy.yaml as its README drives it (curl --http1.1 here: h2 is not served),
+    on free ports, the backend on 127.0.0.1 with the keystores generate-keystore.py makes."""
+
+    @defer.inlineCallbacks
+    def test_http_proxy_example(self):
+        folder = Path(self.mktemp())
+        (folder / "tls").mkdir(parents=True)
+        out, err, code = yield getProcessOutputAndValue(
+            sys.executable, [os.path.join(CONF, "tls", "generate-keystore.py"), str(folder / "tls")],
+            env={**os.environ, "KEYSTORE_PASSWORD": "generated"}, reactor=reactor)
+        self.assertEqual(code, 0, err)
+        os.environ["KEYSTORE_PASSWORD"] = "generated"
+        self.addCleanup(os.environ.pop, "KEYSTORE_PASSWORD")
+        bundle = pkcs12.load_pkcs12((folder / "tls" / "backend.p12").read_bytes(), b"generated")
+        backend = pki.Issued(bundle.key, bundle.cert.certificate)
+        own = tssl.PrivateCertificate.loadPEM(backend.key_pem() + backend.cert_pem())
+        options = tssl.CertificateOptions(privateKey=own.privateKey.original, certificate=own.original,
+                                          acceptableProtocols=[b"http/1.1"])
+        upstream = UpstreamFactory()
+        listening: Any = reactor.listenSSL(0, upstream, options, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(listening.stopListening)
+        port = free_port()
+        text = Path(CONF, "http.proxy.yaml").read_text().replace("0.0.0.0", "127.0.0.1")
+        resolve_locally(self, "backend")  # the host name stays as written
+        self.assertIn("host: backend", text)
+        for old, new in {"9090": str(port), "port: 443": f"port: {listening.getHost().port}"}.items():
+            self.assertIn(old, text)
+            text = text.replace(old, new)
+        (folder / "zilla.yaml").write_text(text)
+        gateway, _ = yield start_gateway(self, str(folder / "zilla.yaml"))
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(pool.closeCachedConnections)
+        ca = tssl.Certificate.loadPEM((folder / "tls" / "localhost.crt").read_bytes())
+        agent = Agent(reactor, BrowserLikePolicyForHTTPS(trustRoot=ca), pool=pool)
+        for _ in range(3):
+            # curl --cacert localhost.crt --http1.1 https://localhost:9090/demo.html (from a page elsewhere)
+            response = yield treq.get(f"https://localhost:{port}/demo.html", agent=agent,
+                                      headers={"Origin": "https://app.example"})
+            self.assertEqual(response.code, 200)
+            self.assertEqual((yield treq.content(response)), b"<html>/demo.html</html>")
+            self.assertEqual(response.headers.getRawHeaders("access-control-allow-origin"), ["*"])
+        self.assertEqual(len(upstream.connections), 1)  # kept alive upstream too
+        self.assertEqual(upstream.requests[0]["headers"]["host"], f"localhost:{port}")
+        handle = upstream.connections[0].transport.getHandle()
+        self.assertEqual(handle.get_servername(), b"backend")  # SNI and verification: `backend`
+        for connection in upstream.connections:
+            connection.transport.loseConnection()
+        yield eventually(lambda: upstream.lost == 1)
+        self.assertIn(f"GET https://localhost:{port}/demo.html", gateway.events_text.getvalue())
