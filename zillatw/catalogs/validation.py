@@ -104,59 +104,67 @@ def _model(value: Any) -> Mapping[str, Any]:
     return {"model": value} if isinstance(value, str) else value
 
 
+model_of = _model  # `string` or `{model: ...}`, as a mapping (the http binding's requests too)
+
+
 def check_models(binding: Any, namespace: Any, types: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     """(sub-path, problem) for the `messages` rules of a ws server binding; `types`: the
     catalog types served (zillatw.config.plugins.CatalogType, by name)."""
-    from zillatw.errors import did_you_mean
     for index, rule in enumerate(binding.options.get("messages") or ()):
         base = f"options.messages[{index}]"
         if not any(d in rule for d in DIRECTIONS):
             yield base, "a rule needs 'content' (messages from the client) or 'server-content' (to it), or both"
         for direction in DIRECTIONS:
-            if direction not in rule:
-                continue
-            model = _model(rule[direction])
-            where = f"{base}.{direction}"
-            name = model["model"]
-            if name not in MODELS:
-                yield (f"{where}.model", f"model '{name}' is not supported by this zillatw yet (supported: "
-                       f"{', '.join(MODELS)})" if name in NOT_YET else
-                       f"unknown model '{name}'{did_you_mean(name, MODELS)} (supported: {', '.join(MODELS)})")
-                continue
-            catalogs = model.get("catalog") or {}
-            if name not in CATALOGED:
-                if catalogs:
-                    yield f"{where}.catalog", f"model '{name}' takes no catalog"
-                continue
-            if "encoding" in model:
-                yield f"{where}.encoding", "only for model 'string'"
-            if len(catalogs) != 1 or any(len(refs) != 1 for refs in catalogs.values()):
-                yield (f"{where}.catalog", f"model '{name}' needs one catalog with one schema "
-                       "(e.g. my_catalog: [{subject: my_subject}])")
-                continue
-            catalog_name, refs = next(iter(catalogs.items()))
-            ref, rpath = refs[0], f"{where}.catalog.{catalog_name}[0]"
-            if sum(k in ref for k in ("id", "subject", "strategy")) != 1:
-                yield rpath, "give one of 'subject' (with 'version'), 'id' or 'strategy'"
-                continue
-            item = namespace.catalogs.get(catalog_name)
-            if item is None:
-                yield f"{where}.catalog", (f"no catalog named '{catalog_name}'"
-                                           f"{did_you_mean(catalog_name, namespace.catalogs)}")
-                continue
-            module = types.get(item["type"])
-            if module is None:
-                continue  # the catalog's own entry says it is not supported
-            problem = module.check_reference(item.get("options") or {}, ref)
-            if problem:
-                yield rpath, problem
-                continue
-            text = module.schema_text(item.get("options") or {}, ref)
-            if text is not None:
-                try:
-                    compile_schema(name, text)
-                except SchemaError as e:
-                    yield rpath, f"the {name} schema of subject '{ref.get('subject')}' is {e}"
+            if direction in rule:
+                yield from check_model(f"{base}.{direction}", rule[direction], namespace, types)
+
+
+def check_model(where: str, value: Any, namespace: Any, types: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """(sub-path, problem) for one model (`string` or `{model, catalog, ...}`) at `where`:
+    the model is served, its catalog exists and its schema compiles (also the http binding's
+    `requests`)."""
+    from zillatw.errors import did_you_mean
+    model = _model(value)
+    name = model["model"]
+    if name not in MODELS:
+        yield (f"{where}.model", f"model '{name}' is not supported by this zillatw yet (supported: "
+               f"{', '.join(MODELS)})" if name in NOT_YET else
+               f"unknown model '{name}'{did_you_mean(name, MODELS)} (supported: {', '.join(MODELS)})")
+        return
+    catalogs = model.get("catalog") or {}
+    if name not in CATALOGED:
+        if catalogs:
+            yield f"{where}.catalog", f"model '{name}' takes no catalog"
+        return
+    if "encoding" in model:
+        yield f"{where}.encoding", "only for model 'string'"
+    if len(catalogs) != 1 or any(len(refs) != 1 for refs in catalogs.values()):
+        yield (f"{where}.catalog", f"model '{name}' needs one catalog with one schema "
+               "(e.g. my_catalog: [{subject: my_subject}])")
+        return
+    catalog_name, refs = next(iter(catalogs.items()))
+    ref, rpath = refs[0], f"{where}.catalog.{catalog_name}[0]"
+    if sum(k in ref for k in ("id", "subject", "strategy")) != 1:
+        yield rpath, "give one of 'subject' (with 'version'), 'id' or 'strategy'"
+        return
+    item = namespace.catalogs.get(catalog_name)
+    if item is None:
+        yield f"{where}.catalog", (f"no catalog named '{catalog_name}'"
+                                   f"{did_you_mean(catalog_name, namespace.catalogs)}")
+        return
+    module = types.get(item["type"])
+    if module is None:
+        return  # the catalog's own entry says it is not supported
+    problem = module.check_reference(item.get("options") or {}, ref)
+    if problem:
+        yield rpath, problem
+        return
+    text = module.schema_text(item.get("options") or {}, ref)
+    if text is not None:
+        try:
+            compile_schema(name, text)
+        except SchemaError as e:
+            yield rpath, f"the {name} schema of subject '{ref.get('subject')}' is {e}"
 
 
 # ---------------------------------------------------------------------------- built rules
