@@ -200,6 +200,16 @@ class ResponseValidationTests(unittest.TestCase):
                       self.gateway.events_text.getvalue())
 
     @defer.inlineCallbacks
+    def test_head_requests_and_empty_bodies_are_not_checked(self):
+        typed = [{"path": "/valid.json", "responses": [{"content": {"model": "json", "catalog": {
+            "my_catalog": [{"subject": "number"}]}}}]}]  # valid.json is not a number: a GET is cut off
+        client = yield self.fetch(typed, request("HEAD", "/valid.json") + request("HEAD", "/valid.json"))
+        client.head_only = True  # before the answers arrive
+        replies = yield client.responses(2)  # neither checked: the connection stays, both answered
+        self.assertEqual([(r.status, r.headers.get("content-length")) for r in replies], [(200, "30")] * 2)
+        self.assertNotIn("VALIDATION_FAILED", self.gateway.events_text.getvalue())
+
+    @defer.inlineCallbacks
     def test_invalid_response_header_is_502(self):
         typed = [{"path": "/bad-header", "responses": [{"headers": {"x-count": JSON_NUMBER}}]}]
         client = yield self.fetch(typed, request("GET", "/bad-header"))
