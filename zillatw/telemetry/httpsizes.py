@@ -8,7 +8,7 @@ body ends (an aborted one is not). Buckets are Zilla's 63 powers of two
 (engine HistogramsLayout): a size goes to bucket floor(log2 size) (0 and 1 to the first),
 whose limit, 2**(index + 1), is the `le` label. Request attributes label request sizes and
 response attributes response sizes, from that head (HttpAttributeHelper); a field the head
-lacks is an empty label.
+lacks is an empty label. `path` is the path without its query (Zilla's has the query).
 
 Metering by decoration: the exit of each route of a recording http server is wrapped
 (SizedRequestExit) when the graph hands it over; the request's end and the response's peer
@@ -70,7 +70,10 @@ class Attributes:
     def labels(self, which: str, headers: Mapping[str, str]) -> tuple[str, ...]:
         values = [""] * len(self.names)
         for index, header in self.fields[which]:
-            values[index] = headers.get(header, "")
+            value = headers.get(header, "")
+            # the path without its query: a label per query string would be unbounded, and a
+            # query may carry credentials (access_token), which are never exported
+            values[index] = value.partition("?")[0] if header == ":path" else value
         return tuple(values)
 
 

@@ -57,6 +57,8 @@ class BucketTests(unittest.SynchronousTestCase):
                                            "type": "${http.response.content-type}"})
         self.assertEqual(attributes.names, ("method", "status", "type"))
         self.assertEqual(attributes.labels("request", {":method": "PUT", ":status": "x"}), ("PUT", "", ""))
+        path = httpsizes.Attributes({"path": "${http.request.path}"})
+        self.assertEqual(path.labels("request", {":path": "/ws?access_token=secret"}), ("/ws",))
         self.assertEqual(attributes.labels("response", {":status": "200", "content-type": "text/plain"}),
                          ("", "200", "text/plain"))
 

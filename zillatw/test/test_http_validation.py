@@ -130,6 +130,21 @@ class RequestValidationTests(unittest.TestCase):
         yield _until(lambda: client.is_closed)
         self.assertIn("MODEL_CORE_VALIDATION_FAILED - POST /text content: not utf-8", gateway.events_text.getvalue())
 
+    @defer.inlineCallbacks
+    def test_a_schema_the_registry_cannot_give_is_503(self):
+        from zillatw.test.test_tls import free_port
+        config = typed_chain([{"path": "/items", "content": {"model": "json", "catalog": {
+            "registry": [{"subject": "item"}]}}}])
+        config["catalogs"]["registry"] = {"type": "schema-registry",
+                                          "options": {"url": f"http://127.0.0.1:{free_port()}"}}  # nothing listens
+        gateway, port = yield start_gateway(self, config)
+        yield _until(lambda: "UNRETRIEVABLE" in gateway.events_text.getvalue())
+        client = yield connect_http(port)
+        self.addCleanup(client.transport.loseConnection)
+        client.send(request("POST", "/items", b'{"id": 1, "status": "ok"}'))
+        (reply,) = yield client.responses(1)
+        self.assertEqual((reply.status, reply.body), (503, b"schema unavailable\n"))
+
     def test_config_errors_name_the_key(self):
         cases = [
             ([{"path": "/a", "responses": [{"status": 200, "content": "string"}]}], "options.requests[0].responses"),
