@@ -105,6 +105,9 @@ def _model(value: Any) -> Mapping[str, Any]:
     return {"model": value} if isinstance(value, str) else value
 
 
+model_of = _model  # `string` or `{model: ...}`, as a mapping (the http binding's requests too)
+
+
 def check_models(binding: Any, namespace: Any, types: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     """(sub-path, problem) for the `messages` rules of a ws server binding; `types`: the
     catalog types served (zillatw.config.plugins.CatalogType, by name)."""
@@ -114,12 +117,14 @@ def check_models(binding: Any, namespace: Any, types: Mapping[str, Any]) -> Iter
             yield base, "a rule needs 'content' (messages from the client) or 'server-content' (to it), or both"
         for direction in DIRECTIONS:
             if direction in rule:
-                yield from _check_model(f"{base}.{direction}", _model(rule[direction]), namespace, types)
+                yield from check_model(f"{base}.{direction}", rule[direction], namespace, types)
 
 
-def _check_model(where: str, model: Mapping[str, Any], namespace: Any,
-                 types: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
-    """The problems of one direction's model: served, given the catalog it needs, one schema."""
+def check_model(where: str, value: Any, namespace: Any, types: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """(sub-path, problem) for one model (`string` or `{model, catalog, ...}`) at `where`:
+    the model is served, given the catalog it needs, one schema that compiles (the ws
+    server's `messages` and the http binding's `requests`)."""
+    model = _model(value)
     name = model["model"]
     if name not in MODELS:
         yield (f"{where}.model", f"model '{name}' is not supported by this zillatw yet (supported: "

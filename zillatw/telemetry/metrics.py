@@ -35,7 +35,7 @@ from zillatw.config import BindingConfig, Config
 from zillatw.errors import did_you_mean
 from zillatw.matching import matcher
 from zillatw.stream import IBytesExit, IHttpRequestExit, IStreamExit
-from zillatw.telemetry import otlp
+from zillatw.telemetry import httpsizes, otlp
 from zillatw.telemetry.accesslog import check_stdout
 from zillatw.telemetry.events import Events
 from zillatw.telemetry.instrument import (
@@ -61,15 +61,15 @@ STREAM_METRICS = {
     "stream.closes.received": ("counter", ""),
     "stream.closes.sent": ("counter", ""),
 }
-HTTP_METRICS = {"http.active.requests": ("gauge", ""), "http.duration": ("histogram", "milliseconds")}
+HTTP_METRICS = {"http.active.requests": ("gauge", ""), "http.duration": ("histogram", "milliseconds"),
+                "http.request.size": ("histogram", "bytes"), "http.response.size": ("histogram", "bytes")}
 METRICS = {**STREAM_METRICS, **HTTP_METRICS}
 # The exporters zillatw serves: stdout (events, zillatw.telemetry.events), prometheus (metrics),
 # otlp (zillatw.telemetry.otlp) and health (ours: zillatw.telemetry.health); Zilla's others pass
 # the schema and are refused by name.
 SUPPORTED_EXPORTERS = ("stdout", "prometheus", "otlp", "health")
 # Zilla's, not recorded by zillatw yet: refused by name when declared.
-UNRECORDED_METRICS = ("http.request.size", "http.response.size",
-           "grpc.active.requests", "grpc.duration", "grpc.request.size", "grpc.response.size",
+UNRECORDED_METRICS = ("grpc.active.requests", "grpc.duration", "grpc.request.size", "grpc.response.size",
            "grpc.requests.per.rpc", "grpc.responses.per.rpc")
 
 _HELP = {
@@ -125,8 +125,7 @@ def check(namespace: Any, where: str) -> Iterator[str]:
             if check_options is not None else ()
     for binding in namespace.bindings.values():
         base = f"{where}bindings.{binding.name}.telemetry"
-        if "attributes" in binding.telemetry:
-            yield f"{base}.attributes: not supported by this zillatw yet (per-request metric attributes)"
+        yield from httpsizes.check_attributes(f"{base}.attributes", binding)
         globs = binding.telemetry.get("metrics") or ()
         for index, glob in enumerate(globs):
             match = matcher(glob)
@@ -179,7 +178,7 @@ class _Collector:
     def collect(self) -> Iterator[Any]:
         for metric, (kind, _) in METRICS.items():
             recording = [m for m in self.bindings if metric in m.names]
-            if not recording:
+            if not recording or metric in httpsizes.SIZE_METRICS:  # httpsizes.SizeCollector's
                 continue
             family_type = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily,
                            "histogram": HistogramMetricFamily}[kind]
@@ -227,6 +226,9 @@ class Metrics:
         # counters bindings keep themselves (a fan's Redis link), added as they are built
         self._sources = SampleSources()
         self.registry.register(self._sources)
+        self._sizes = httpsizes.SizeCollector()  # http.request.size, http.response.size
+        self.registry.register(self._sizes)
+        self._sized: dict[str, dict[str, httpsizes.SizeHistogram]] = {}
         self._events = dict(events or {})
         self._metrics: dict[str, BindingMetrics | None] = {}
         self._declared = {ns.name: tuple(ns.telemetry.get("metrics") or ()) for ns in config.namespaces}
@@ -272,11 +274,31 @@ class Metrics:
                 exit_ = metered(built, metered_open(built.open, m))
             elif IProtocolFactory.providedBy(built):
                 exit_ = MeteredFactory(built, m, self.reactor.seconds)
+        if caller.type == "http" and caller.kind == "server" and IHttpRequestExit.providedBy(built):
+            exit_ = self._sized_exit(caller, exit_)
         handing_on = self.metrics(caller) if caller.type == "tcp" and caller.kind == "server" else None
         if handing_on is not None:
             exit_ = MeteredBytesExit(exit_, handing_on) if as_bytes else MeteredFactory(exit_, handing_on,
                                                                                         self.reactor.seconds)
         return exit_
+
+    def _sized_exit(self, server: BindingConfig, exit_: Any) -> Any:
+        """An http server's plain-request exit, its bodies measured when the server records
+        http.request.size or http.response.size (one histogram per binding and metric)."""
+        m = self.metrics(server)
+        chosen = [name for name in httpsizes.SIZE_METRICS if m is not None and name in m.names]
+        if not chosen:
+            return exit_
+        histograms = self._sized.get(server.qname)
+        if histograms is None:
+            attributes = httpsizes.Attributes(server.telemetry.get("attributes"))
+            histograms = self._sized[server.qname] = {
+                name: httpsizes.SizeHistogram(server.namespace, server.name, attributes) for name in chosen}
+            for name, histogram in histograms.items():
+                self._sizes.histograms[name].append(histogram)
+        attributes = next(iter(histograms.values())).attributes
+        return httpsizes.SizedRequestExit(exit_, histograms.get("http.request.size"),
+                                          histograms.get("http.response.size"), attributes)
 
     def ws_server_observer(self, binding: BindingConfig) -> WsServerObserver | SessionObserver | None:
         """What a ws server reports its upgrades to, or None if it records no metric and

@@ -55,7 +55,8 @@ LOG_BATCH = 1000  # events sent per export at most; the rest wait (bounded) for 
 MAX_TIMEOUT = 10.0  # seconds a post may take, at most (and less than the interval)
 FINAL_WAIT = 2.0  # seconds a stopping configuration waits for its last export, at most
 # Zilla's OTLP names for an http server's metrics
-SERVER_NAMES = {"http.duration": "http.server.duration", "http.active.requests": "http.server.active_requests"}
+SERVER_NAMES = {"http.duration": "http.server.duration", "http.active.requests": "http.server.active_requests",
+                "http.request.size": "http.server.request.size", "http.response.size": "http.server.response.size"}
 SCOPE = "zillatw"
 log = Logger()
 

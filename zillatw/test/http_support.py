@@ -430,3 +430,13 @@ class HttpUpstream(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.factory.lost += 1
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of the sample `name` with exactly these labels in a Prometheus text scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and found.labels == labels:
+                return found.value
+    return None

@@ -385,11 +385,13 @@ class ConfigTests(unittest.TestCase):
 
     def test_unknown_and_unsupported_metric_names(self):
         def change(c):
-            c["telemetry"]["metrics"] = ["stream.opens.recieved", "http.request.size", "stream.closes.sent"]
+            c["telemetry"]["metrics"] = ["stream.opens.recieved", "grpc.duration", "stream.closes.sent",
+                                         "http.duration"]
         self.assertEqual(self.problems(change), [
             "telemetry.metrics[0]: unknown metric 'stream.opens.recieved' (did you mean 'stream.opens.received'?)",
-            "telemetry.metrics[1]: metric 'http.request.size' is not recorded by this zillatw yet (supported: "
-            + ", ".join(STREAM + ["http.active.requests", "http.duration"]) + ")",
+            "telemetry.metrics[1]: metric 'grpc.duration' is not recorded by this zillatw yet (supported: "
+            + ", ".join(STREAM + ["http.active.requests", "http.duration", "http.request.size",
+                                  "http.response.size"]) + ")",
         ])
 
     def test_glob_without_declared_metrics(self):
@@ -431,8 +433,18 @@ class ConfigTests(unittest.TestCase):
         def change(c):
             c["telemetry"]["attributes"] = {"service.namespace": "x"}
             c["bindings"]["http0"]["telemetry"]["attributes"] = {"method": "${http.request.method}"}
-        self.assertEqual(self.problems(change), [  # the namespace's are the otlp exporter's (zillatw.telemetry.otlp)
-            "bindings.http0.telemetry.attributes: not supported by this zillatw yet (per-request metric attributes)"])
+        config = metered()
+        change(config)
+        build_gateway(config)  # valid: the namespace's are the otlp exporter's; http0's label its sizes
+
+        def bad(c):
+            c["bindings"]["http0"]["telemetry"]["attributes"] = {"method": "${request.method}"}
+            c["bindings"]["ws0"]["telemetry"]["attributes"] = {"path": "${http.request.path}"}
+        self.assertEqual(self.problems(bad), [
+            "bindings.http0.telemetry.attributes.method: expected ${http.request.<field>} or "
+            "${http.response.<field>} (method, path, status or a header name), got '${request.method}'",
+            "bindings.ws0.telemetry.attributes: not supported by this zillatw yet on a ws server "
+            "(an http server's label its http metrics)"])
 
 
 class ReadyFileTests(unittest.TestCase):

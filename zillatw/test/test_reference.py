@@ -30,7 +30,7 @@ SCHEMA = engine_schema({t: plugin.schema_patch for t, plugin in TYPES.bindings.i
 GENERIC = {"type", "kind", "options", "routes", "routes[].exit", "routes[].when", "routes[].guarded", "exit",
            "telemetry", "telemetry.metrics", "telemetry.attributes"}
 # Subtrees the table describes in one row (their own reference: README's Validation, RFC 7517).
-COLLAPSED = {"ws": ("options.messages",), "guard jwt": ("options.keys",)}
+COLLAPSED = {"ws": ("options.messages",), "http": ("options.requests",), "guard jwt": ("options.keys",)}
 # Sections whose options our schema leaves to code (the module that checks them is named).
 BEYOND_SCHEMA = ("vault filesystem", "exporter prometheus", "exporter health", "exporter stdout", "exporter otlp")
 OUTCOMES = ("works", "differs", "ours", "refused")

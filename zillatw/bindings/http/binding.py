@@ -36,6 +36,7 @@ from zillatw.stream import IHttpUpstream, IHttpConnection, StreamRefused
 from zillatw.stream import IHttpConnection, IHttpExit, StreamRefused
 from zillatw.wire.http1body import BodyError, request_framing
 from zillatw.bindings.http import plain as http_plain
+from zillatw.bindings.http import validation as http_validation
 from zillatw.bindings.http.client import CLIENT_OPTIONS, ClientLimits, Forwarder
 from zillatw.stream import HttpHead, IHttpConnection, IHttpExchangeEnd, IHttpRequestExit, StreamRefused
 
@@ -69,7 +70,7 @@ SCHEMA_PATCH = {
                     },
                 },
                 "overrides": {"type": "object", "minProperties": 1, "additionalProperties": {"type": "string"}},
-                "requests": {"type": "array"},
+                "requests": http_validation.REQUESTS,  # Zilla's typed requests (docs/validation.md)
                 # zillatw's extension: seconds from accept to a complete request head (408)
                 "head-timeout": {"type": "number", "exclusiveMinimum": 0},
                 # zillatw's extension: peers whose Forwarded / X-Forwarded-For is believed (docs/admission.md)
@@ -89,7 +90,7 @@ SCHEMA_PATCH = {
     },
 }
 STREAMS = {"server": ("bytes", "http"), "client": ("http", "bytes")}
-UNSERVED_OPTIONS = {"requests": "request validation"}  # Zilla's, refused by name
+UNSERVED_OPTIONS: dict[str, str] = {}  # Zilla's, refused by name
 GUARDED_KINDS = ("server",)  # the client's routes see no session
 UNGUARDED_WHY = "the session stays with the servers in front of it: guard the ws or http server's routes"
 H2_NOT_SERVED = "zillatw serves http/1.1; h2 is not served yet"
@@ -130,7 +131,7 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
     yield from _check_overrides(binding)
     if binding.kind == "client":
         for key in binding.options:
-            if key not in ("versions", "overrides", "idle-timeout", *CLIENT_OPTIONS):
+            if key not in ("versions", "overrides", "idle-timeout", "requests", *CLIENT_OPTIONS):
                 yield f"options.{key}", "not supported on an http client by this zillatw yet"
         if not binding.routes:
             yield "routes", "an http client needs 'exit' or routes with an exit"
@@ -547,9 +548,13 @@ def _discard(data: bytes) -> None:
 def build(binding: BindingConfig, graph: Any) -> HttpServer | HttpClient:
     routes = [(route, graph.exit(route.exit, binding)) for route in binding.routes]
     overrides = {name.lower(): value for name, value in (binding.options.get("overrides") or {}).items()}
+    types = http_validation.request_types(binding, graph)
     if binding.kind == "client":
-        return HttpClient(binding.name, routes, overrides, reactor=graph.reactor, namespace=binding.namespace,
-                          events=graph.events(binding.namespace), limits=ClientLimits.of(binding.options))
+        client = HttpClient(binding.name, routes, overrides, reactor=graph.reactor, namespace=binding.namespace,
+                            events=graph.events(binding.namespace), limits=ClientLimits.of(binding.options))
+        client.forwarder.responses = http_validation.ResponseChecks(types) if types is not None else None
+        return client
+    routes = http_validation.validating_routes(types, routes)
     authorization = None
     for guard, config in (binding.options.get("authorization") or {}).items():
         authorization = HttpAuthorization(graph.guard(f"{binding.namespace}:{guard}"), config["credentials"])
@@ -565,4 +570,6 @@ def build(binding: BindingConfig, graph: Any) -> HttpServer | HttpClient:
 
 
 PLUGIN = BindingType("http", SCHEMA_PATCH, STREAMS, build, check=check, guard_references=guard_references,
-                     guarded_kinds=frozenset(GUARDED_KINDS), unguarded_why=UNGUARDED_WHY)
+                     guarded_kinds=frozenset(GUARDED_KINDS), unguarded_why=UNGUARDED_WHY,
+                     check_in_namespace=lambda binding, namespace, registry: http_validation.check(
+                         binding, namespace, registry.catalogs))

@@ -84,6 +84,7 @@ class Forwarder:
         self.limits = limits
         self.pools: dict[tuple[int, str], UpstreamPool] = {}
         self.closing = False  # shutting down: no connection goes back to a pool
+        self.responses: Any = None  # zillatw.bindings.http.validation.ResponseChecks, if typed
 
     def open_request(self, head: HttpHead, peer: IHttpExchangeEnd, trace_id: int) -> "UpstreamExchange":
         headers = {**head.headers, **self.overrides}
@@ -101,7 +102,10 @@ class Forwarder:
                 if len(self.pools) >= MAX_POOLS:
                     raise StreamRefused(503, "too many upstreams in use")
             pool = self.pools[key] = UpstreamPool(self, key, exit_, authority)
-        exchange = UpstreamExchange(pool, HttpHead(headers, head.length), peer)
+        checked = self.responses.checked(head, peer, trace_id) if self.responses is not None else None
+        exchange = UpstreamExchange(pool, HttpHead(headers, head.length), checked or peer)
+        if checked is not None:
+            checked.upstream = exchange  # an invalid response ends the upstream exchange
         pool.acquire(exchange)
         return exchange
 

@@ -321,8 +321,9 @@ class ServerExchange:
         if not self.head_sent:
             protocol._refuse(status, reason, detail=detail)
         else:
-            # The response has started: end the connection so the client sees it cut off.
-            self.transport.abortConnection()
+            # The response has started: end the connection so the client sees it cut off,
+            # after what was written (a validated response's head: curl's "transfer closed").
+            self.transport.loseConnection()
 
     def _unregister(self) -> None:
         if self._registered:

@@ -1,0 +1,205 @@
+"""Zilla's `http.request.size` and `http.response.size`: histograms of plain HTTP bodies, in
+bytes, recorded by an http server, optionally labelled by the binding's
+`telemetry.attributes` (`method: ${http.request.method}`, `status: ${http.response.status}`).
+
+As Zilla records them (runtime/metrics-http HttpSizeMetricContext): a body's size is its
+Content-Length when the head gives one, else the bytes that passed; it is recorded when the
+body ends (an aborted one is not). Buckets are Zilla's 63 powers of two
+(engine HistogramsLayout): a size goes to bucket floor(log2 size) (0 and 1 to the first),
+whose limit, 2**(index + 1), is the `le` label. Request attributes label request sizes and
+response attributes response sizes, from that head (HttpAttributeHelper); a field the head
+lacks is an empty label. `path` is the path without its query (Zilla's has the query).
+
+Metering by decoration: the exit of each route of a recording http server is wrapped
+(SizedRequestExit) when the graph hands it over; the request's end and the response's peer
+are wrapped per exchange (one call and one addition per body piece). Requests refused before
+their exit (400 by validation, 404, 401) are not recorded. Upgrades are not recorded: their
+body is the WebSocket, measured by `stream.data.*`.
+
+Bound: at most MAX_LABEL_SETS label sets per binding and metric; later ones are recorded
+under OVERFLOW in every attribute (a path per request must not grow memory without end).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from prometheus_client.core import HistogramMetricFamily
+from zope.interface import directlyProvides, implementer, providedBy
+
+from zillatw.stream import HttpHead, IHttpExchangeEnd, IHttpRequestExit
+
+BUCKETS = 63
+LIMITS = tuple(str(float(2 ** (i + 1))) for i in range(BUCKETS - 1)) + ("+Inf",)  # the last is Zilla's 2**63
+MAX_LABEL_SETS = 1024
+OVERFLOW = "_other"
+SIZE_METRICS = {"http.request.size": "HTTP request content length",    # Zilla's descriptions
+                "http.response.size": "HTTP response content length"}
+EXPRESSION = re.compile(r"^\$\{http\.(request|response)\.([^}]+)\}$")
+FIELDS = {"method": ":method", "path": ":path", "status": ":status"}
+
+
+def check_attributes(where: str, binding: Any) -> Iterator[str]:
+    """Problems in a binding's `telemetry.attributes` (only an http server's label metrics)."""
+    attributes = binding.telemetry.get("attributes")
+    if attributes is None:
+        return
+    if not (binding.type == "http" and binding.kind == "server"):
+        yield (f"{where}: not supported by this zillatw yet on {'an' if binding.type[:1] in 'aeiou' else 'a'} "
+               f"{binding.type} {binding.kind} (an http server's label its http metrics)")
+        return
+    for name, value in attributes.items():
+        if not isinstance(value, str) or not EXPRESSION.match(value):
+            yield (f"{where}.{name}: expected ${{http.request.<field>}} or ${{http.response.<field>}} "
+                   f"(method, path, status or a header name), got {value!r}")
+
+
+class Attributes:
+    """A binding's attributes: label names (sorted) and where each value comes from."""
+
+    def __init__(self, config: Mapping[str, str] | None):
+        self.names = tuple(sorted(config or {}))
+        self.fields: dict[str, list[tuple[int, str]]] = {"request": [], "response": []}
+        for index, name in enumerate(self.names):
+            found = EXPRESSION.match((config or {})[name])
+            if found is not None:
+                self.fields[found.group(1)].append((index, FIELDS.get(found.group(2), found.group(2).lower())))
+
+    def labels(self, which: str, headers: Mapping[str, str]) -> tuple[str, ...]:
+        values = [""] * len(self.names)
+        for index, header in self.fields[which]:
+            value = headers.get(header, "")
+            # the path without its query: a label per query string would be unbounded, and a
+            # query may carry credentials (access_token), which are never exported
+            values[index] = value.partition("?")[0] if header == ":path" else value
+        return tuple(values)
+
+
+class SizeHistogram:
+    """One binding's histogram of one size metric, per label set."""
+
+    __slots__ = ("namespace", "binding", "attributes", "series")
+
+    def __init__(self, namespace: str, binding: str, attributes: Attributes):
+        self.namespace, self.binding, self.attributes = namespace, binding, attributes
+        self.series: dict[tuple[str, ...], list[int]] = {}  # per bucket (not cumulative), then the sum
+
+    def observe(self, labels: tuple[str, ...], size: int) -> None:
+        counts = self.series.get(labels)
+        if counts is None:
+            if len(self.series) >= MAX_LABEL_SETS:
+                labels = (OVERFLOW,) * len(labels)
+                counts = self.series.get(labels)
+            if counts is None:
+                counts = self.series[labels] = [0] * (BUCKETS + 1)
+        counts[max(size.bit_length() - 1, 0)] += 1
+        counts[BUCKETS] += size
+
+
+class SizeCollector:
+    """prometheus-client's view of every recording http server's size histograms."""
+
+    def __init__(self) -> None:
+        self.histograms: dict[str, list[SizeHistogram]] = {metric: [] for metric in SIZE_METRICS}
+
+    def collect(self) -> Iterator[Any]:
+        for metric, help_ in SIZE_METRICS.items():
+            recording = self.histograms[metric]
+            if not recording:
+                continue
+            extra = sorted({name for h in recording for name in h.attributes.names})
+            family = HistogramMetricFamily(metric.replace(".", "_") + "_bytes", f"Zilla's {metric}: {help_}",
+                                           labels=["namespace", "binding", *extra])
+            for histogram in recording:
+                names = histogram.attributes.names
+                for labels, counts in list(histogram.series.items()):
+                    by_name = dict(zip(names, labels, strict=True))
+                    buckets, total = [], 0
+                    for limit, count in zip(LIMITS, counts[:BUCKETS], strict=True):
+                        total += count
+                        buckets.append((limit, total))
+                    family.add_metric([histogram.namespace, histogram.binding, *(by_name.get(n, "") for n in extra)],
+                                      buckets, counts[BUCKETS])
+            yield family
+
+
+# ---------------------------------------------------------------------------- the decoration
+
+@implementer(IHttpRequestExit)
+class SizedRequestExit:
+    """A recording http server's plain-request exit: each exchange's bodies are measured."""
+
+    def __init__(self, exit_: Any, requests: SizeHistogram | None, responses: SizeHistogram | None,
+                 attributes: Attributes):
+        self.exit = exit_
+        self.requests, self.responses, self.attributes = requests, responses, attributes
+        directlyProvides(self, providedBy(exit_))  # an echo is a stream exit too
+
+    def __getattr__(self, name: str) -> Any:  # what else callers ask of the exit
+        return getattr(self.exit, name)
+
+    def open_request(self, head: HttpHead, peer: IHttpExchangeEnd, trace_id: int) -> IHttpExchangeEnd:
+        if self.responses is not None:
+            peer = _SizedResponse(peer, self.responses, self.attributes)
+        end = self.exit.open_request(head, peer, trace_id)
+        if self.requests is None:
+            return end
+        return _SizedRequest(end, self.requests, self.attributes.labels("request", head.headers), head.length)
+
+
+class _Sized:
+    """An exchange end passed through, its body measured; `target` receives the calls."""
+
+    __slots__ = ("target", "histogram", "labels", "length", "counted", "done",
+                 "pauseProducing", "resumeProducing", "stopProducing")
+
+    def __init__(self, target: Any, histogram: SizeHistogram, labels: tuple[str, ...], length: int | None):
+        self.target, self.histogram, self.labels, self.length = target, histogram, labels, length
+        self.counted = 0
+        self.done = False
+        self.pauseProducing = target.pauseProducing
+        self.resumeProducing = target.resumeProducing
+        self.stopProducing = target.stopProducing
+
+    def exchange_head(self, head: HttpHead) -> None:
+        self.target.exchange_head(head)
+
+    def exchange_data(self, data: bytes) -> None:
+        self.counted += len(data)
+        self.target.exchange_data(data)
+
+    def exchange_end(self) -> None:
+        if not self.done:
+            self.done = True
+            self.histogram.observe(self.labels, self.length if self.length is not None else self.counted)
+        self.target.exchange_end()
+
+    def exchange_abort(self, status: int, reason: str, detail: str) -> None:
+        self.done = True  # an aborted body is not recorded
+        self.target.exchange_abort(status, reason, detail)
+
+
+@implementer(IHttpExchangeEnd)
+class _SizedRequest(_Sized):
+    __slots__ = ()
+
+
+@implementer(IHttpExchangeEnd)
+class _SizedResponse(_Sized):
+    __slots__ = ("attributes",)
+
+    def __init__(self, target: Any, histogram: SizeHistogram, attributes: Attributes):
+        super().__init__(target, histogram, (), None)
+        self.attributes = attributes
+
+    def exchange_head(self, head: HttpHead) -> None:
+        self.length = head.length
+        self.labels = self.attributes.labels("response", head.headers)
+        self.target.exchange_head(head)
+
+    def exchange_end(self) -> None:
+        if not self.labels and self.attributes.names:
+            self.labels = ("",) * len(self.attributes.names)  # ended without a head: echo's bodiless 200
+        super().exchange_end()
