@@ -1,0 +1,332 @@
+"""HTTP/2 on the http server, end to end over loopback with a real HTTP/2 client (the `h2`
+library driving a socket): h2c with prior knowledge and h2 over TLS by ALPN, Zilla's
+http.echo, concurrent streams, flow control both ways, refusals, GOAWAY on drain, SETTINGS
+limits, and the idle timeout on a Clock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from zillatw.bindings.http import h2server
+from zillatw.test import pki
+from zillatw.test.support import OnAClock, eventually, start_gateway
+from zillatw.test.test_http_plain import connect_http, plain_chain, request
+from zillatw.test.test_tls import PASSWORD, client_tls, tls_chain
+
+
+class H2Client(Protocol):
+    """An HTTP/2 client: `request()` opens a stream; `responses[id]` fills in as frames come.
+    With `acking` False it never gives window back (a slow reader)."""
+
+    def __init__(self, acking: bool = True) -> None:
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.acking = acking
+        self.responses: dict[int, dict[str, Any]] = {}
+        self.events: list[Any] = []
+        self.lost = False
+        self.unacked: list[tuple[int, int]] = []
+
+    def connectionMade(self) -> None:
+        self.h2.initiate_connection()
+        self.flush()
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and not self.lost:
+            self.transport.write(data)
+
+    def dataReceived(self, data: bytes) -> None:
+        for event in self.h2.receive_data(data):
+            self.events.append(event)
+            stream_id = getattr(event, "stream_id", None)
+            response = self.responses.setdefault(stream_id, {"body": b"", "ended": False}) if stream_id else None
+            if isinstance(event, h2.events.ResponseReceived):
+                response["headers"] = {k.decode(): v.decode() for k, v in event.headers}
+            elif isinstance(event, h2.events.DataReceived):
+                response["body"] += event.data
+                if self.acking:
+                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                else:
+                    self.unacked.append((event.flow_controlled_length, event.stream_id))
+            elif isinstance(event, h2.events.StreamEnded):
+                response["ended"] = True
+            elif isinstance(event, h2.events.StreamReset):
+                response["reset"] = event.error_code
+        self.flush()
+
+    def ack_all(self) -> None:
+        self.acking = True
+        for length, stream_id in self.unacked:
+            self.h2.acknowledge_received_data(length, stream_id)
+        self.unacked = []
+        self.flush()
+
+    def request(self, method: str = "GET", path: str = "/", body: bytes | None = None,
+                headers: dict[str, str] | None = None, end: bool = True, scheme: str = "http") -> int:
+        stream_id = self.h2.get_next_available_stream_id()
+        fields = [(":method", method), (":scheme", scheme), (":authority", "localhost"), (":path", path),
+                  *(headers or {}).items()]
+        self.h2.send_headers(stream_id, fields, end_stream=end and body is None)
+        if body is not None:
+            self.send_body(stream_id, body, end)
+        self.flush()
+        return stream_id
+
+    def send_body(self, stream_id: int, body: bytes, end: bool = True) -> bytes:
+        """Send what the windows allow now; the rest is returned (sent by `more`)."""
+        while body:
+            size = min(len(body), self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size)
+            if size <= 0:
+                break
+            self.h2.send_data(stream_id, body[:size])
+            body = body[size:]
+        if not body and end:
+            self.h2.end_stream(stream_id)
+        self.flush()
+        return body
+
+    def done(self, stream_id: int) -> bool:
+        response = self.responses.get(stream_id, {})
+        return bool(response.get("ended") or "reset" in response)
+
+    def goaway(self) -> Any:
+        return next((e for e in self.events if isinstance(e, h2.events.ConnectionTerminated)), None)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.lost = True
+
+
+def h2_options(versions: list[str] | None = None) -> dict[str, Any]:
+    return {"versions": versions} if versions else {}
+
+
+@defer.inlineCallbacks
+def connect_h2c(case: unittest.TestCase, port: int, **kwargs: Any) -> Any:
+    client = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), H2Client(**kwargs))
+    case.addCleanup(lambda: client.transport.abortConnection())
+    return client
+
+
+class H2cTests(unittest.TestCase):
+    """Cleartext HTTP/2 with prior knowledge, beside HTTP/1.1 on the same port."""
+
+    @defer.inlineCallbacks
+    def start(self, http_options: dict[str, Any] | None = None, routes: list[dict[str, Any]] | None = None) -> Any:
+        config = plain_chain(http_options)
+        if routes is not None:
+            config["bindings"]["http0"]["routes"] = routes
+        self.gateway, port = yield start_gateway(self, config)
+        return port
+
+    @defer.inlineCallbacks
+    def test_echo_over_h2c_and_http11_on_the_same_port(self):
+        port = yield self.start()
+        client = yield connect_h2c(self, port)
+        stream = client.request("POST", "/echo?access_token=secret", b"hello h2",
+                                {"content-type": "text/plain"})
+        yield eventually(lambda: client.done(stream))
+        response = client.responses[stream]
+        self.assertEqual(response["headers"][":status"], "200")
+        self.assertEqual(response["headers"]["content-type"], "text/plain")
+        self.assertEqual(response["body"], b"hello h2")
+        events = self.gateway.events_text.getvalue()
+        self.assertIn("POST http://localhost:80/echo?access_token=REDACTED", events)
+        self.assertNotIn("secret", events)
+        http11 = yield connect_http(port)  # the default versions take both
+        http11.transport.write(request("POST", "/", b"plain"))
+        replies = yield http11.responses(1)
+        self.assertEqual(replies[0].body, b"plain")
+        http11.transport.loseConnection()
+
+    @defer.inlineCallbacks
+    def test_many_concurrent_streams(self):
+        port = yield self.start()
+        client = yield connect_h2c(self, port)
+        streams = {client.request("POST", f"/{n}", f"body {n}".encode() * 100, end=False): n for n in range(60)}
+        for stream_id in streams:  # all open at once: then every body ends
+            client.send_body(stream_id, b"!", end=True)
+        yield eventually(lambda: all(client.done(s) for s in streams))
+        for stream_id, n in streams.items():
+            self.assertEqual(client.responses[stream_id]["body"], f"body {n}".encode() * 100 + b"!")
+
+    @defer.inlineCallbacks
+    def test_a_slow_reader_pauses_the_body_and_memory_stays_bounded(self):
+        port = yield self.start()
+        client = yield connect_h2c(self, port, acking=False)
+        body = bytes(range(256)) * 4096  # 1 MiB, far beyond every window
+        stream = client.request("POST", "/", headers={"content-length": str(len(body))}, end=False)
+        rest = client.send_body(stream, body)
+        yield eventually(lambda: len(client.responses.get(stream, {}).get("body", b"")) >= 65535)
+        (server,) = self.gateway_http().h2_connections
+        for _ in range(20):
+            yield eventually(lambda: True)
+        echoed = len(client.responses[stream]["body"])
+        self.assertLessEqual(echoed, 65535)  # our window, never acknowledged
+        held = sum(len(s.outbound) + sum(len(d) for d, _ in s.inbound) for s in server.streams.values())
+        self.assertLessEqual(held, h2server.SEND_BOUND + 2 * h2server.STREAM_WINDOW)
+        self.assertGreater(len(rest), 0)  # the server gave no more window than it could hold
+        client.ack_all()
+
+        def pump() -> bool:
+            nonlocal rest
+            if rest:
+                rest = client.send_body(stream, rest)
+            return client.done(stream)
+        yield eventually(pump, timeout=20)
+        self.assertEqual(client.responses[stream]["body"], body)
+
+    def gateway_http(self) -> Any:
+        return next(b for b in self.gateway.generation.bindings.values() if hasattr(b, "h2_connections"))
+
+    @defer.inlineCallbacks
+    def test_refusals_on_the_stream(self):
+        port = yield self.start(routes=[{"when": [{"headers": {":path": "/open*"}}], "exit": "echo0"}])
+        client = yield connect_h2c(self, port)
+        missing = client.request("GET", "/closed")
+        connect = client.request("CONNECT", "/")
+        ok = client.request("GET", "/open")
+        yield eventually(lambda: all(client.done(s) for s in (missing, connect, ok)))
+        self.assertEqual(client.responses[missing]["headers"][":status"], "404")
+        self.assertEqual(client.responses[missing]["body"], b"no route for GET /closed\n")
+        self.assertEqual(client.responses[connect]["headers"][":status"], "501")
+        self.assertEqual(client.responses[ok]["headers"][":status"], "200")
+        self.assertIsNone(client.goaway())  # stream refusals leave the connection be
+
+    @defer.inlineCallbacks
+    def test_websocket_routes_are_not_served_over_h2(self):
+        port = yield self.start(routes=[{"exit": "ws0"}])
+        client = yield connect_h2c(self, port)
+        stream = client.request("GET", "/")
+        yield eventually(lambda: client.done(stream))
+        self.assertEqual(client.responses[stream]["headers"][":status"], "501")
+        self.assertIn(b"RFC 8441", client.responses[stream]["body"])
+
+    @defer.inlineCallbacks
+    def test_goaway_on_drain_serves_the_open_stream(self):
+        port = yield self.start()
+        client = yield connect_h2c(self, port)
+        stream = client.request("POST", "/", b"first", end=False)
+        yield eventually(lambda: self.gateway_http().h2_connections)
+        self.gateway_http().going_away()
+        yield eventually(lambda: client.goaway() is not None)
+        self.assertEqual(client.goaway().last_stream_id, stream)
+        self.assertEqual(client.goaway().error_code, 0)
+        client.send_body(stream, b"-last")
+        yield eventually(lambda: client.done(stream) and client.lost)
+        self.assertEqual(client.responses[stream]["body"], b"first-last")
+
+    @defer.inlineCallbacks
+    def test_too_many_streams_is_a_protocol_error(self):
+        port = yield self.start()
+        client = yield connect_h2c(self, port)
+        # sent before the server's SETTINGS is read, so our client does not hold them back
+        for n in range(h2server.MAX_CONCURRENT_STREAMS + 1):
+            client.request("POST", f"/{n}", end=False)
+        yield eventually(lambda: client.goaway() is not None)
+        self.assertEqual(client.goaway().error_code, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        settings = next(e for e in client.events if isinstance(e, h2.events.RemoteSettingsChanged))
+        limits = {code: change.new_value for code, change in settings.changed_settings.items()}
+        self.assertEqual(limits[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS], 100)
+        self.assertEqual(limits[h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE], 8192)
+        self.assertEqual(limits[h2.settings.SettingCodes.INITIAL_WINDOW_SIZE], h2server.STREAM_WINDOW)
+
+    @defer.inlineCallbacks
+    def test_a_header_list_beyond_the_limit_ends_the_connection(self):
+        port = yield self.start()
+        client = yield connect_h2c(self, port)
+        first = client.request("GET", "/")
+        yield eventually(lambda: client.done(first))  # our ACK of its SETTINGS has reached it
+        client.request("GET", "/", headers={"x-big": "a" * 9000})
+        yield eventually(lambda: client.goaway() is not None)
+        self.assertNotEqual(client.goaway().error_code, 0)
+
+    @defer.inlineCallbacks
+    def test_h2_only_refuses_http11(self):
+        port = yield self.start(h2_options(["h2"]))
+        http11 = yield connect_http(port)
+        http11.transport.write(request("GET", "/"))
+        replies = yield http11.responses(1)
+        self.assertEqual(replies[0].status, 505)
+        client = yield connect_h2c(self, port)
+        stream = client.request("GET", "/")
+        yield eventually(lambda: client.done(stream))
+        self.assertEqual(client.responses[stream]["headers"][":status"], "200")
+
+    @defer.inlineCallbacks
+    def test_http11_only_does_not_take_the_preface(self):
+        port = yield self.start(h2_options(["http/1.1"]))
+        client = yield connect_h2c(self, port)
+        yield eventually(lambda: client.lost)
+        self.assertNotIn("BINDING_HTTP_REQUEST_ACCEPTED", self.gateway.events_text.getvalue())
+
+
+class H2IdleTimeoutTests(unittest.TestCase):
+    def test_an_idle_connection_gets_goaway_and_closes(self):
+        gateway = OnAClock(plain_chain({"idle-timeout": 5}))
+        _, transport = gateway.connect()
+        protocol = gateway.clock.tcpServers[0][1]  # noqa: F841 (the listener's factory)
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        server = _, transport = gateway.connect(client_port=40001)
+        server[0].dataReceived(client.data_to_send())
+        client.receive_data(transport.value())
+        transport.clear()
+        gateway.clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        gateway.clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+        (event,) = [e for e in client.receive_data(transport.value()) if isinstance(e, h2.events.ConnectionTerminated)]
+        self.assertEqual(event.error_code, 0)
+
+
+class H2OverTlsTests(unittest.TestCase):
+    """h2 by ALPN on a tls server in front of the http server (alpn: [h2, http/1.1])."""
+
+    def setUp(self) -> None:
+        folder = Path(self.mktemp())
+        folder.mkdir(parents=True)
+        self.ca = pki.make_ca()
+        localhost = pki.issue(self.ca, "localhost", dns=["localhost"], ips=["127.0.0.1"])
+        self.store = pki.write(folder / "localhost.p12", localhost.p12("localhost", PASSWORD))
+
+    @defer.inlineCallbacks
+    def start(self) -> Any:
+        config = tls_chain({"keys": {"store": self.store, "password": PASSWORD}},
+                           {"keys": ["localhost"], "alpn": ["h2", "http/1.1"]},
+                           http_routes=[{"exit": "echo"}])
+        _, port = yield start_gateway(self, config)
+        return port
+
+    @defer.inlineCallbacks
+    def test_h2_negotiated_by_alpn(self):
+        port = yield self.start()
+        endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", port, client_tls(self.ca, alpn=["h2", "http/1.1"]))
+        client = yield connectProtocol(endpoint, H2Client())
+        self.addCleanup(lambda: client.transport.abortConnection())
+        stream = client.request("POST", "/tls", b"over tls", scheme="https")
+        yield eventually(lambda: client.done(stream))
+        self.assertEqual(client.transport.negotiatedProtocol, b"h2")
+        self.assertEqual(client.responses[stream]["headers"][":status"], "200")
+        self.assertEqual(client.responses[stream]["body"], b"over tls")
+
+    @defer.inlineCallbacks
+    def test_http11_negotiated_by_alpn_still_works(self):
+        port = yield self.start()
+        from zillatw.test.test_http_plain import HttpClientConn
+        endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", port, client_tls(self.ca, alpn=["http/1.1"]))
+        client = yield connectProtocol(endpoint, HttpClientConn())
+        self.addCleanup(lambda: client.transport.abortConnection())
+        client.transport.write(request("POST", "/", b"one"))
+        replies = yield client.responses(1)
+        self.assertEqual(client.transport.negotiatedProtocol, b"http/1.1")
+        self.assertEqual(replies[0].body, b"one")
