@@ -10,7 +10,9 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
+import h2.settings
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
@@ -49,7 +51,8 @@ class H2Client(Protocol):
         for event in self.h2.receive_data(data):
             self.events.append(event)
             stream_id = getattr(event, "stream_id", None)
-            response = self.responses.setdefault(stream_id, {"body": b"", "ended": False}) if stream_id else None
+            response: dict[str, Any] = self.responses.setdefault(stream_id, {"body": b"", "ended": False}) \
+                if stream_id else {}
             if isinstance(event, h2.events.ResponseReceived):
                 response["headers"] = {k.decode(): v.decode() for k, v in event.headers}
             elif isinstance(event, h2.events.DataReceived):
@@ -62,6 +65,9 @@ class H2Client(Protocol):
                 response["ended"] = True
             elif isinstance(event, h2.events.StreamReset):
                 response["reset"] = event.error_code
+            elif isinstance(event, h2.events.ConnectionTerminated) and event.error_code == 0:
+                # h2 closes its state at any GOAWAY; RFC 9113 §6.8 lets the streams it names finish
+                self.h2.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
         self.flush()
 
     def ack_all(self) -> None:
@@ -102,7 +108,7 @@ class H2Client(Protocol):
     def goaway(self) -> Any:
         return next((e for e in self.events if isinstance(e, h2.events.ConnectionTerminated)), None)
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.lost = True
 
 
@@ -193,7 +199,9 @@ class H2cTests(unittest.TestCase):
         port = yield self.start(routes=[{"when": [{"headers": {":path": "/open*"}}], "exit": "echo0"}])
         client = yield connect_h2c(self, port)
         missing = client.request("GET", "/closed")
-        connect = client.request("CONNECT", "/")
+        connect = client.h2.get_next_available_stream_id()
+        client.h2.send_headers(connect, [(":method", "CONNECT"), (":authority", "localhost:443")])
+        client.flush()
         ok = client.request("GET", "/open")
         yield eventually(lambda: all(client.done(s) for s in (missing, connect, ok)))
         self.assertEqual(client.responses[missing]["headers"][":status"], "404")
@@ -246,8 +254,9 @@ class H2cTests(unittest.TestCase):
         client = yield connect_h2c(self, port)
         first = client.request("GET", "/")
         yield eventually(lambda: client.done(first))  # our ACK of its SETTINGS has reached it
-        client.request("GET", "/", headers={"x-big": "a" * 9000})
-        yield eventually(lambda: client.goaway() is not None)
+        big = client.request("GET", "/", headers={"x-big": "a" * 9000})
+        yield eventually(lambda: client.goaway() is not None or client.done(big))
+        self.assertFalse(client.done(big))
         self.assertNotEqual(client.goaway().error_code, 0)
 
     @defer.inlineCallbacks
@@ -273,8 +282,6 @@ class H2cTests(unittest.TestCase):
 class H2IdleTimeoutTests(unittest.TestCase):
     def test_an_idle_connection_gets_goaway_and_closes(self):
         gateway = OnAClock(plain_chain({"idle-timeout": 5}))
-        _, transport = gateway.connect()
-        protocol = gateway.clock.tcpServers[0][1]  # noqa: F841 (the listener's factory)
         client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         client.initiate_connection()
         server = _, transport = gateway.connect(client_port=40001)

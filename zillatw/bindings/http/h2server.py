@@ -24,6 +24,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -92,6 +93,9 @@ class H2ServerConnection:
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
         })
+        # Settings given at construction are current at once, so h2 never sees them "acked"
+        # and leaves its HPACK decoder at its own default: give it ours.
+        self.h2.decoder.max_header_list_size = factory.max_header_bytes
         self._idle_timer: Any = None
 
     def start(self, received: bytes) -> None:
@@ -211,8 +215,11 @@ class H2ServerConnection:
         if self.draining or self.closed:
             return
         self.draining = True
-        self.h2.close_connection(ErrorCodes.NO_ERROR, last_stream_id=self.h2.highest_inbound_stream_id)
+        # Written by hand: h2's close_connection would close its state machine, and the
+        # streams GOAWAY lets finish (RFC 9113 §6.8) could then neither send nor receive.
         self._write()
+        self.transport.write(GoAwayFrame(0, last_stream_id=self.h2.highest_inbound_stream_id,
+                                         error_code=ErrorCodes.NO_ERROR).serialize())
         if not self.streams:
             self._close("")
 
