@@ -30,6 +30,8 @@ class H2Client(Protocol):
     """An HTTP/2 client: `request()` opens a stream; `responses[id]` fills in as frames come.
     With `acking` False it never gives window back (a slow reader)."""
 
+    transport: Any
+
     def __init__(self, acking: bool = True) -> None:
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
         self.acking = acking
@@ -78,9 +80,10 @@ class H2Client(Protocol):
         self.flush()
 
     def request(self, method: str = "GET", path: str = "/", body: bytes | None = None,
-                headers: dict[str, str] | None = None, end: bool = True, scheme: str = "http") -> int:
+                headers: dict[str, str] | None = None, end: bool = True, scheme: str = "http",
+                authority: str = "localhost") -> int:
         stream_id = self.h2.get_next_available_stream_id()
-        fields = [(":method", method), (":scheme", scheme), (":authority", "localhost"), (":path", path),
+        fields = [(":method", method), (":scheme", scheme), (":authority", authority), (":path", path),
                   *(headers or {}).items()]
         self.h2.send_headers(stream_id, fields, end_stream=end and body is None)
         if body is not None:

@@ -125,7 +125,7 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
     yield from _check_overrides(binding)
     if binding.kind == "client":
         if "h2" in binding.options.get("versions", ()):
-            yield "options.versions", "an http client speaks http/1.1 upstream; h2 is not served there yet"
+            yield "options.versions", "an http client speaks http/1.1 upstream (h2 is not served yet on the client)"
         for key in binding.options:
             if key not in ("versions", "overrides", "idle-timeout", *CLIENT_OPTIONS):
                 yield f"options.{key}", "not supported on an http client by this zillatw yet"
