@@ -299,6 +299,32 @@ class H2IdleTimeoutTests(unittest.TestCase):
         self.assertEqual(event.error_code, 0)
 
 
+    def test_a_stalled_request_body_costs_its_stream_not_the_connection(self):
+        gateway = OnAClock(plain_chain({"body-timeout": 3, "idle-timeout": 60}))
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        client.initiate_connection()
+        protocol, transport = gateway.connect()
+        stalled = client.get_next_available_stream_id()
+        client.send_headers(stalled, [(":method", "POST"), (":scheme", "http"), (":authority", "localhost"),
+                                      (":path", "/")])
+        client.send_data(stalled, b"part")
+        protocol.dataReceived(client.data_to_send())
+        gateway.clock.advance(2)
+        client.send_data(stalled, b"more")  # progress: the wait starts again
+        protocol.dataReceived(client.data_to_send())
+        gateway.clock.advance(2.9)
+        events = client.receive_data(transport.value())
+        transport.clear()
+        self.assertFalse(any(isinstance(e, h2.events.StreamEnded) for e in events))
+        gateway.clock.advance(0.2)
+        events = client.receive_data(transport.value())
+        # echo had answered at once: the response is cut off with RST_STREAM
+        (reset,) = [e for e in events if isinstance(e, h2.events.StreamReset)]
+        self.assertEqual((reset.stream_id, reset.error_code), (stalled, h2.errors.ErrorCodes.INTERNAL_ERROR))
+        self.assertFalse(transport.disconnecting)
+        self.assertIn("408 request body stalled for 3 s", gateway.events.getvalue())
+
+
 class H2OverTlsTests(unittest.TestCase):
     """h2 by ALPN on a tls server in front of the http server (alpn: [h2, http/1.1])."""
 

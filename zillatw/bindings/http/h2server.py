@@ -274,6 +274,11 @@ class H2Stream:
         self.outbound = bytearray()
         self.end_pending = False
         self.finished = False           # nothing more is written on this stream
+        reactor = self.factory.reactor
+        self._last_progress = reactor.seconds()
+        self._stall_timer: Any = None
+        if not ended:  # as HTTP/1.1's body-timeout: a body that stops coming costs its stream
+            self._stall_timer = reactor.callLater(self.factory.body_timeout, self._body_stalled)
 
     # ---- admission: the same rules as an HTTP/1.1 request
 
@@ -359,6 +364,7 @@ class H2Stream:
             self.h2.acknowledge_received_data(flow_length, self.stream_id)
             return
         self.received += len(data)
+        self._last_progress = self.factory.reactor.seconds()
         limit = self.factory.max_request_body
         if limit is not None and self.received > limit:
             if self.exit_end is not None:
@@ -371,7 +377,28 @@ class H2Stream:
 
     def request_ended(self) -> None:
         self.ended = True
+        self._cancel_stall_timer()
         self._deliver()
+
+    def _body_stalled(self) -> None:
+        self._stall_timer = None
+        if self.ended or self.finished:
+            return
+        reactor, timeout = self.factory.reactor, self.factory.body_timeout
+        remaining = self._last_progress + timeout - reactor.seconds()
+        if self.paused_by_exit or self.inbound or remaining > 0:  # the wait is ours, not the client's
+            self._stall_timer = reactor.callLater(timeout if remaining <= 0 else remaining, self._body_stalled)
+            return
+        if self.exit_end is not None and not self.end_delivered:
+            self.exit_end.exchange_abort(408, "the request body stalled", "")
+            self.exit_end = None
+        self.refuse(408, f"request body stalled for {timeout:g} s")
+
+    def _cancel_stall_timer(self) -> None:
+        if self._stall_timer is not None:
+            if self._stall_timer.active():
+                self._stall_timer.cancel()
+            self._stall_timer = None
 
     def _deliver(self) -> None:
         """Hand the exit what it may take; acknowledge it, so the client may send more."""
@@ -514,6 +541,7 @@ class H2Stream:
         self.inbound.clear()
 
     def _done(self) -> None:
+        self._cancel_stall_timer()
         if not self.finished:
             self.finished = True
             self.outbound.clear()
@@ -525,6 +553,7 @@ class H2Stream:
         self.connection_lost("the client reset the stream")
 
     def connection_lost(self, why: str) -> None:
+        self._cancel_stall_timer()
         producer = self._producer()
         was_finished = self.finished
         self.finished = True
