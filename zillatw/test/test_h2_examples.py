@@ -66,7 +66,7 @@ class H2ExampleTests(unittest.TestCase):
                                                 (":authority", f"localhost:{port}"), (":path", "/"),
                                                 ("content-type", "text/plain")])
                 client.send_body(stream, b"Hello, world")
-                yield eventually(lambda: client.done(stream))
+                yield eventually(lambda c=client, s=stream: c.done(s))
                 response = client.responses[stream]
                 self.assertEqual(response["headers"][":status"], "200")
                 self.assertEqual(response["headers"]["content-type"], "text/plain")
