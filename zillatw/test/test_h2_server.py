@@ -260,7 +260,7 @@ class H2cTests(unittest.TestCase):
         big = client.request("GET", "/", headers={"x-big": "a" * 9000})
         yield eventually(lambda: client.goaway() is not None or client.done(big))
         self.assertFalse(client.done(big))
-        self.assertNotEqual(client.goaway().error_code, 0)
+        self.assertEqual(client.goaway().error_code, h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 
     @defer.inlineCallbacks
     def test_h2_only_refuses_http11(self):
@@ -277,9 +277,10 @@ class H2cTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_http11_only_does_not_take_the_preface(self):
         port = yield self.start(h2_options(["http/1.1"]))
-        client = yield connect_h2c(self, port)
-        yield eventually(lambda: client.lost)
-        self.assertNotIn("BINDING_HTTP_REQUEST_ACCEPTED", self.gateway.events_text.getvalue())
+        raw = yield connect_http(port)
+        raw.transport.write(h2server.PREFACE)
+        replies = yield raw.responses(1)
+        self.assertEqual(replies[0].status, 505)  # read as HTTP/1.1: `PRI * HTTP/2.0`
 
 
 class H2IdleTimeoutTests(unittest.TestCase):

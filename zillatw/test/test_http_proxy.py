@@ -608,7 +608,7 @@ def deferred_later(seconds: float) -> defer.Deferred:
 
 
 class HttpProxyExampleTests(unittest.TestCase):
-    """conf/http.proxy.yaml as its README drives it (curl --http1.1 here: h2 is not served),
+    """conf/http.proxy.yaml over HTTP/1.1 (treq; test_h2_examples drives it over h2 as its README does),
     on free ports, the backend on 127.0.0.1 with the keystores generate-keystore.py makes."""
 
     @defer.inlineCallbacks
