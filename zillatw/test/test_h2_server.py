@@ -194,6 +194,34 @@ class H2cTests(unittest.TestCase):
         yield eventually(pump, timeout=20)
         self.assertEqual(client.responses[stream]["body"], body)
 
+    @defer.inlineCallbacks
+    def test_a_stream_reset_with_unread_data_gives_its_window_back(self):
+        port = yield self.start()
+        client = yield connect_h2c(self, port, acking=False)
+        stuck = client.request("POST", "/", end=False)
+        unsent = client.send_body(stuck, b"x" * 400000, end=False)
+        yield eventually(lambda: self.gateway_http().h2_connections)
+        (server,) = self.gateway_http().h2_connections
+
+        def fill() -> bool:  # until echo is paused (its answer unread) and our data waits unacknowledged
+            nonlocal unsent
+            unsent = client.send_body(stuck, unsent, end=False)
+            return bool(server.streams[stuck].paused_by_exit and server.streams[stuck].inbound)
+        yield eventually(fill)
+        client.h2.reset_stream(stuck)
+        client.ack_all()  # what it read of the reset stream: the server's window back
+        body = b"y" * 200000  # more than the connection's window: it must have been given back
+        stream = client.request("POST", "/", end=False)
+        rest = client.send_body(stream, body)
+
+        def pump() -> bool:
+            nonlocal rest
+            if rest:
+                rest = client.send_body(stream, rest)
+            return client.done(stream)
+        yield eventually(pump, timeout=10)
+        self.assertEqual(client.responses[stream]["body"], body)
+
     def gateway_http(self) -> Any:
         return next(b for b in self.gateway.generation.bindings.values() if hasattr(b, "h2_connections"))
 

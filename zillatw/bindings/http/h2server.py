@@ -405,13 +405,14 @@ class H2Stream:
         exit_end = self.exit_end
         if exit_end is None:
             return
-        while self.inbound and not self.paused_by_exit and not self.finished:
+        while self.inbound and not self.paused_by_exit and not self.finished and self.exit_end is exit_end:
             data, flow_length = self.inbound.pop(0)
             if data:
                 exit_end.exchange_data(data)
-            if flow_length and not self.connection.closed and self.stream_id in self.connection.streams:
+            if flow_length and not self.connection.closed:
                 self.h2.acknowledge_received_data(flow_length, self.stream_id)
-        if self.ended and not self.inbound and not self.paused_by_exit and not self.end_delivered:
+        if self.ended and not self.inbound and not self.paused_by_exit and not self.end_delivered \
+                and self.exit_end is exit_end:
             self.end_delivered = True
             exit_end.exchange_end()
         self.connection._write()
@@ -501,7 +502,13 @@ class H2Stream:
 
     def _send_head(self, fields: list[tuple[str, str]], end: bool) -> None:
         self.head_sent = True
-        self.h2.send_headers(self.stream_id, fields, end_stream=end)
+        try:
+            self.h2.send_headers(self.stream_id, fields, end_stream=end)
+        except h2.exceptions.ProtocolError as e:  # a field HTTP/2 cannot carry (from upstream)
+            log.warn("zillatw: {binding} could not send response {trace_id:016x} over HTTP/2: {why}",
+                     binding=self.factory.name, trace_id=self.trace_id, why=str(e))
+            self._reset(ErrorCodes.INTERNAL_ERROR)
+            return
         if end:
             self._done()
         self.connection._write()
@@ -545,8 +552,7 @@ class H2Stream:
         if not self.finished:
             self.finished = True
             self.outbound.clear()
-            if not self.ended:
-                self._release_inbound()
+            self._release_inbound()
             self.connection.stream_done(self)
 
     def reset_by_peer(self) -> None:
@@ -557,6 +563,8 @@ class H2Stream:
         producer = self._producer()
         was_finished = self.finished
         self.finished = True
+        if not self.connection.closed:
+            self._release_inbound()  # a reset stream's unread data still fills the connection's window
         self.inbound.clear()
         self.outbound.clear()
         self.connection.streams.pop(self.stream_id, None)
