@@ -5,6 +5,7 @@ limits, and the idle timeout on a Clock."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from zillatw.bindings.http import h2server
 from zillatw.test import pki
 from zillatw.test.support import OnAClock, eventually, start_gateway
 from zillatw.test.test_http_plain import connect_http, plain_chain, request
+from zillatw.test.test_jwt import ROLE, Signer, guarded_config
 from zillatw.test.test_tls import PASSWORD, client_tls, tls_chain
 
 
@@ -395,3 +397,63 @@ class H2OverTlsTests(unittest.TestCase):
         replies = yield client.responses(1)
         self.assertEqual(client.transport.negotiatedProtocol, b"http/1.1")
         self.assertEqual(replies[0].body, b"one")
+
+
+class H2AdmissionTests(unittest.TestCase):
+    """The rules an HTTP/1.1 request goes through apply to each HTTP/2 stream."""
+
+    CROSS = {"access-control": {"policy": "cross-origin", "allow": {"origins": ["https://app.example"]}}}
+
+    @defer.inlineCallbacks
+    def exchange(self, config: dict[str, Any], *requests: dict[str, Any]) -> Any:
+        self.gateway, port = yield start_gateway(self, config)
+        client = yield connect_h2c(self, port)
+        streams = [client.request(**r) for r in requests]
+        yield eventually(lambda: all(client.done(s) for s in streams))
+        return [client.responses[s] for s in streams], client
+
+    @defer.inlineCallbacks
+    def test_access_control_and_preflight(self):
+        (preflight, foreign, allowed), client = yield self.exchange(
+            plain_chain(copy.deepcopy(self.CROSS)),
+            {"method": "OPTIONS", "headers": {"origin": "https://app.example",
+                                              "access-control-request-method": "POST"}},
+            {"method": "POST", "body": b"x", "headers": {"origin": "https://evil.example"}},
+            {"method": "POST", "body": b"then", "headers": {"origin": "https://app.example"}})
+        self.assertEqual(preflight["headers"][":status"], "204")
+        self.assertEqual(preflight["headers"]["access-control-allow-origin"], "https://app.example")
+        self.assertEqual(foreign["headers"][":status"], "403")
+        self.assertEqual(allowed["body"], b"then")
+        self.assertEqual(allowed["headers"]["access-control-allow-origin"], "https://app.example")
+        self.assertIsNone(client.goaway())
+
+    @defer.inlineCallbacks
+    def test_max_request_body(self):
+        (declared, streamed), _ = yield self.exchange(
+            plain_chain({"max-request-body": 10}),
+            {"method": "POST", "body": b"x" * 11, "headers": {"content-length": "11"}},
+            {"method": "POST", "body": b"y" * 11})
+        self.assertEqual(declared["headers"][":status"], "413")
+        # echo had answered at once: the over-long body cuts its response off
+        self.assertEqual(streamed.get("reset"), h2.errors.ErrorCodes.INTERNAL_ERROR)
+        self.assertEqual(streamed["body"], b"")
+        self.assertIn("413 the request body exceeds 10 bytes", self.gateway.events_text.getvalue())
+
+    @defer.inlineCallbacks
+    def test_the_guard_authorizes_each_stream(self):
+        signer = Signer()
+        config = guarded_config([signer.jwk])
+        config["bindings"]["http0"]["routes"] = [{"guarded": {"jwt0": [ROLE]}, "exit": "echo0"}]
+        config["bindings"]["echo0"] = {"type": "echo", "kind": "server"}
+        (anonymous, bearer, query), _ = yield self.exchange(
+            config,
+            {"method": "POST", "body": b"no"},
+            {"method": "POST", "body": b"yes", "headers": {"authorization": f"Bearer {signer.token()}"}},
+            {"method": "POST", "path": f"/?access_token={signer.token()}", "body": b"query"})
+        self.assertEqual(anonymous["headers"][":status"], "401")
+        self.assertEqual(anonymous["headers"]["www-authenticate"], "Bearer")
+        self.assertEqual(bearer["body"], b"yes")
+        self.assertEqual(query["body"], b"query")
+        events = self.gateway.events_text.getvalue()
+        self.assertIn("alice POST http://localhost:80/?access_token=REDACTED", events)
+        self.assertNotIn(signer.token().split(".")[0] + "." + signer.token().split(".")[1], events)
