@@ -20,7 +20,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from zillatw.bindings.http import h2server
+from zillatw.bindings.http import h2server, h2stream
 from zillatw.test import pki
 from zillatw.test.support import OnAClock, eventually, start_gateway
 from zillatw.test.test_http_plain import connect_http, plain_chain, request
@@ -184,7 +184,7 @@ class H2cTests(unittest.TestCase):
         echoed = len(client.responses[stream]["body"])
         self.assertLessEqual(echoed, 65535)  # our window, never acknowledged
         held = sum(len(s.outbound) + sum(len(d) for d, _ in s.inbound) for s in server.streams.values())
-        self.assertLessEqual(held, h2server.SEND_BOUND + 2 * h2server.STREAM_WINDOW)
+        self.assertLessEqual(held, h2stream.SEND_BOUND + 2 * h2server.STREAM_WINDOW)
         self.assertGreater(len(rest), 0)  # the server gave no more window than it could hold
         client.ack_all()
 

@@ -336,37 +336,17 @@ class HttpServerProtocol(Protocol):
             elif getattr(self.transport, "negotiatedProtocol", None) is None:
                 self._sniffed = b""  # no ALPN: h2 with prior knowledge, or HTTP/1.1
 
-    def _sniff(self, data: bytes) -> bytes | None:
-        """The bytes to read as HTTP/1.1, or None: still waiting, or now speaking h2."""
-        sniffed = (self._sniffed or b"") + data
-        if len(sniffed) < len(h2server.PREFACE) and h2server.PREFACE.startswith(sniffed):
-            self._sniffed = sniffed
-            return None
-        self._sniffed = None
-        if sniffed.startswith(h2server.PREFACE):
-            self._speak_h2(sniffed)
-            return None
-        if "http/1.1" not in self.factory.versions:
-            self._refuse(505, "this server speaks HTTP/2 only")
-            return None
-        return sniffed
-
     def _speak_h2(self, received: bytes) -> None:
         """The connection is HTTP/2 from here: its protocol takes our socket's calls."""
         self._cancel_timeout()
-        factory = self.factory
-        factory.pending.discard(self)
-        connection = h2server.H2ServerConnection(factory, self.transport, ISSLTransport.providedBy(self.transport))
-        self.dataReceived = connection.dataReceived  # type: ignore[method-assign]
-        self.connectionLost = connection.connectionLost  # type: ignore[method-assign]
-        connection.start(received)
+        self.factory.pending.discard(self)
+        h2server.take_over(self, received)
 
     def dataReceived(self, data: bytes) -> None:
         if self._sniffed is not None:
-            sniffed = self._sniff(data)
-            if sniffed is None:
+            self._sniffed, data = h2server.sniff(self, self._sniffed + data)
+            if not data:
                 return
-            data = sniffed
         if self.exchange is not None:
             self.exchange.body_received(data)
             return
