@@ -124,8 +124,11 @@ def _check_overrides(binding: BindingConfig) -> Iterator[tuple[str, str]]:
 def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
     yield from _check_overrides(binding)
     if binding.kind == "client":
-        if "h2" in binding.options.get("versions", ()):
-            yield "options.versions", "an http client speaks http/1.1 upstream (h2 is not served yet on the client)"
+        if binding.options.get("versions") == ["h2"] and "max-connections" in binding.options:
+            yield "options.max-connections", "an h2 client keeps one connection per upstream (its streams multiplex)"
+        if len(binding.options.get("versions", ())) > 1:
+            yield "options.versions", ("an http client speaks one version upstream: http/1.1 or h2 (this "
+                                       "zillatw does not choose by ALPN)")
         for key in binding.options:
             if key not in ("versions", "overrides", "idle-timeout", *CLIENT_OPTIONS):
                 yield f"options.{key}", "not supported on an http client by this zillatw yet"
@@ -215,12 +218,12 @@ class HttpClient:
 
     def __init__(self, name: str, routes: list[tuple[Route, Any]], overrides: Mapping[str, str] | None = None,
                  *, reactor: Any = None, events: Events | None = None, namespace: str = "default",
-                 limits: ClientLimits | None = None):
+                 limits: ClientLimits | None = None, h2: bool = False):
         self.name = name
         self._routes = HeaderRoutes(routes)
         self.overrides = dict(overrides or {})
         self.forwarder = Forwarder(name, namespace, self._routes.route, self.overrides, reactor,
-                                   events or Events(), limits or ClientLimits())
+                                   events or Events(), limits or ClientLimits(), h2)
 
     def open_request(self, head: HttpHead, peer: IHttpExchangeEnd, trace_id: int) -> IHttpExchangeEnd:
         return self.forwarder.open_request(head, peer, trace_id)
@@ -551,7 +554,8 @@ def build(binding: BindingConfig, graph: Any) -> HttpServer | HttpClient:
     overrides = {name.lower(): value for name, value in (binding.options.get("overrides") or {}).items()}
     if binding.kind == "client":
         return HttpClient(binding.name, routes, overrides, reactor=graph.reactor, namespace=binding.namespace,
-                          events=graph.events(binding.namespace), limits=ClientLimits.of(binding.options))
+                          events=graph.events(binding.namespace), limits=ClientLimits.of(binding.options),
+                          h2=binding.options.get("versions") == ["h2"])
     authorization = None
     for guard, config in (binding.options.get("authorization") or {}).items():
         authorization = HttpAuthorization(graph.guard(f"{binding.namespace}:{guard}"), config["credentials"])
