@@ -9,10 +9,11 @@ from typing import Any
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from zillatw.test import pki
 from zillatw.test.support import eventually, start_gateway
 from zillatw.test.test_h2_server import connect_h2c
 from zillatw.test.test_http_plain import connect_http, request
-from zillatw.test.test_tls import free_port
+from zillatw.test.test_tls import PASSWORD, TlsTestCase, free_port
 
 
 def h2_proxy_chain(upstream_port: int, upstream_up: bool = True) -> dict[str, Any]:
@@ -117,3 +118,54 @@ class H2ClientTests(unittest.TestCase):
         self.assertEqual(self.forwarder().connection_count(), 1)
         self.gateway.binding("client0").going_away()
         yield eventually(lambda: pool.total == 0 and not self.gateway.binding("http1").h2_connections)
+
+
+class H2ClientOverTlsTests(TlsTestCase):
+    """An h2 http client over a tls client offering h2 by ALPN, to a tls + http server."""
+
+    def chain(self, client_alpn: list[str], upstream_alpn: list[str], upstream_versions: list[str]) -> dict[str, Any]:
+        upstream_port = free_port()
+        config = h2_proxy_chain(upstream_port, upstream_up=False)
+        store = self.keystore()
+        trust = pki.write(self.folder / "truststore.p12",
+                          pki.truststore_p12({"backend": self.pki.ca.certificate}, PASSWORD))
+        config["vaults"] = {
+            "server": {"type": "filesystem", "options": {"keys": {"store": store, "password": PASSWORD}}},
+            "clients": {"type": "filesystem", "options": {"trust": {"store": trust, "password": PASSWORD}}}}
+        config["bindings"]["client0"]["exit"] = "tlsc"
+        config["bindings"].update({
+            "tlsc": {"type": "tls", "kind": "client", "vault": "clients", "exit": "tcpc",
+                     "options": {"trust": ["backend"], "sni": ["localhost"], "alpn": client_alpn}},
+            "tcp1": {"type": "tcp", "kind": "server", "options": {"host": "127.0.0.1", "port": upstream_port},
+                     "exit": "tls1"},
+            "tls1": {"type": "tls", "kind": "server", "vault": "server", "exit": "http1",
+                     "options": {"keys": ["localhost"], "alpn": upstream_alpn}},
+            "http1": {"type": "http", "kind": "server", "options": {"versions": upstream_versions}, "exit": "echo0"},
+            "echo0": {"type": "echo", "kind": "server"},
+        })
+        return config
+
+    @defer.inlineCallbacks
+    def exchange(self, config: dict[str, Any], body: bytes) -> Any:
+        self.gateway, port = yield start_gateway(self, config)
+        client = yield connect_http(port)
+        self.addCleanup(client.transport.loseConnection)
+        client.send(request("POST", "/", body))
+        (reply,) = yield client.responses(1)
+        return reply
+
+    @defer.inlineCallbacks
+    def test_h2_negotiated_upstream(self):
+        config = self.chain(["h2"], ["h2"], ["h2"])
+        reply = yield self.exchange(config, b"over h2 and tls")
+        self.assertEqual(reply.status, 200)
+        self.assertEqual(reply.body, b"over h2 and tls")
+        (connection,) = self.gateway.binding("http1").h2_connections
+        self.assertEqual(connection.transport.negotiatedProtocol, b"h2")
+
+    @defer.inlineCallbacks
+    def test_an_upstream_choosing_http11_is_502(self):
+        reply = yield self.exchange(self.chain(["h2", "http/1.1"], ["http/1.1"], ["http/1.1"]), b"x")
+        self.assertEqual(reply.status, 502)
+        self.assertIn("the upstream does not speak HTTP/2 (ALPN chose b'http/1.1')",
+                      self.gateway.events_text.getvalue())

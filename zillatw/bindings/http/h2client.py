@@ -85,6 +85,7 @@ class H2UpstreamPool:
                 self._fail_waiting(502, "the upstream does not speak HTTP/2", f"ALPN chose {negotiated!r}")
                 return
             self.connection = connection
+            connection.start()
             self.serve_waiting()
 
         def failed(failure: Failure) -> None:
@@ -156,9 +157,14 @@ class H2UpstreamConnection(Protocol):
         self._idle_timer: Any = None
 
     def connectionMade(self) -> None:
+        self._arm_idle()
+
+    def start(self) -> None:
+        """Connected (TLS included): the preface goes now. Written from connectionMade, under
+        a tls client it could land behind the first request (a tls client's connection is
+        made before its handshake, and the handshake's end is when requests start)."""
         self.h2.initiate_connection()
         self.write()
-        self._arm_idle()
 
     def can_open(self) -> bool:
         return (not self.lost and not self.going
