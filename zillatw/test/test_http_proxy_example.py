@@ -1,5 +1,5 @@
-"""Zilla's http.proxy example (conf/http.proxy.yaml) driven as its README does (curl there:
-treq here, HTTP/1.1), its host names as written."""
+"""Zilla's http.proxy example (conf/http.proxy.yaml) over HTTP/1.1 (treq for curl;
+test_h2_examples drives it over h2 as its README does), its host names as written."""
 
 from __future__ import annotations
 

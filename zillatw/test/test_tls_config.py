@@ -145,13 +145,19 @@ class BuildTests(TlsTestCase):
 
     def test_alpn_offers_only_what_an_http_server_behind_serves(self):
         build_gateway(tls_chain(self.vault(), {"keys": ["localhost"], "alpn": ["http/1.1"]}))
-        self.refused(tls_chain(self.vault(), {"keys": ["localhost"], "alpn": ["h2", "http/1.1"]}),
-                     "bindings.tls0.options.alpn[0]: 'h2' would be negotiated for http server 'http0', which serves "
-                     "http/1.1 only (h2 is not served yet)")
-        self.refused(tls_chain(self.vault(), {"keys": ["localhost"], "alpn": ["http/1.1"]},
-                               tls_routes=[{"when": [{"alpn": "h2"}], "exit": "http0"}]),
-                     "bindings.tls0.routes[0].when[0].alpn: 'h2' routes to http server 'http0', which serves "
-                     "http/1.1 only (h2 is not served yet)")
+        build_gateway(tls_chain(self.vault(), {"keys": ["localhost"], "alpn": ["h2", "http/1.1"]}))
+        http11_only = tls_chain(self.vault(), {"keys": ["localhost"], "alpn": ["h2", "http/1.1"]})
+        http11_only["bindings"]["http0"]["options"] = {"versions": ["http/1.1"]}
+        self.refused(http11_only, "bindings.tls0.options.alpn[0]: 'h2' would be negotiated for http server "
+                     "'http0', which speaks http/1.1 only (its options.versions)")
+        self.refused(tls_chain(self.vault(), {"keys": ["localhost"], "alpn": ["spdy/3", "http/1.1"]}),
+                     "bindings.tls0.options.alpn[0]: 'spdy/3' would be negotiated for http server 'http0', which "
+                     "speaks http/1.1, h2 only (its options.versions)")
+        h2_only = tls_chain(self.vault(), {"keys": ["localhost"], "alpn": ["h2"]},
+                            tls_routes=[{"when": [{"alpn": "http/1.1"}], "exit": "http0"}])
+        h2_only["bindings"]["http0"]["options"] = {"versions": ["h2"]}
+        self.refused(h2_only, "bindings.tls0.routes[0].when[0].alpn: 'http/1.1' routes to http server 'http0', "
+                     "which speaks h2 only (its options.versions)")
 
     def test_route_trust_names_a_trust_entry_the_handshake_lets_through(self):
         routes = [{"when": [{"trust": ["partner"]}], "exit": "http0"}]

@@ -20,13 +20,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from zillatw.bindings.http import accesscontrol, clientaddress
+from zillatw.bindings.http import accesscontrol, admission, clientaddress, h2server
 from zillatw.bindings.http.accesscontrol import AccessControl
 from zillatw.config import BindingConfig, Route
-from zillatw.bindings.http import accesscontrol
 from zillatw.errors import ConfigError
 from zillatw.telemetry.events import Events, next_trace_id
-from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, connection_authorization, permits
+from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, permits
 from zillatw.wire.http1 import HttpError, Request, RequestHeadParser, check_host, check_origin_form, render_response
 from zillatw.bindings.http.auth import CONVENTIONAL_SECRETS, PLACEHOLDER, HttpAuthorization, redact_target
 from zillatw.matching import Matcher, matcher
@@ -93,7 +92,7 @@ STREAMS = {"server": ("bytes", "http"), "client": ("http", "bytes")}
 UNSERVED_OPTIONS: dict[str, str] = {}  # Zilla's, refused by name
 GUARDED_KINDS = ("server",)  # the client's routes see no session
 UNGUARDED_WHY = "the session stays with the servers in front of it: guard the ws or http server's routes"
-H2_NOT_SERVED = "zillatw serves http/1.1; h2 is not served yet"
+DEFAULT_VERSIONS = ("http/1.1", "h2")  # Zilla's: h2 by ALPN or prior knowledge, else HTTP/1.1
 
 # What an override may set. On the server, after routing, only what its exit (a ws server)
 # reads of the request: a header nothing reads would be accepted and ignored. On the client,
@@ -126,10 +125,13 @@ def _check_overrides(binding: BindingConfig) -> Iterator[tuple[str, str]]:
 
 
 def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
-    if "h2" in binding.options.get("versions", ()):
-        yield "options.versions", H2_NOT_SERVED
     yield from _check_overrides(binding)
     if binding.kind == "client":
+        if binding.options.get("versions") == ["h2"] and "max-connections" in binding.options:
+            yield "options.max-connections", "an h2 client keeps one connection per upstream (its streams multiplex)"
+        if len(binding.options.get("versions", ())) > 1:
+            yield "options.versions", ("an http client speaks one version upstream: http/1.1 or h2 (this "
+                                       "zillatw does not choose by ALPN)")
         for key in binding.options:
             if key not in ("versions", "overrides", "idle-timeout", "requests", *CLIENT_OPTIONS):
                 yield f"options.{key}", "not supported on an http client by this zillatw yet"
@@ -182,10 +184,7 @@ def pseudo_headers(request: Request, secure: bool) -> dict[str, str]:
     headers = dict(request.headers)
     host = headers.get("host")
     if host is not None:
-        bracket = host.rfind("]")
-        if host.rfind(":") <= bracket:  # no port given: add the scheme's default
-            host = f"{host}:{443 if secure else 80}"
-        headers[":authority"] = host
+        headers[":authority"] = admission.authority_with_port(host, secure)
     headers[":method"] = request.method
     headers[":scheme"] = scheme
     headers[":path"] = request.target
@@ -222,12 +221,12 @@ class HttpClient:
 
     def __init__(self, name: str, routes: list[tuple[Route, Any]], overrides: Mapping[str, str] | None = None,
                  *, reactor: Any = None, events: Events | None = None, namespace: str = "default",
-                 limits: ClientLimits | None = None):
+                 limits: ClientLimits | None = None, h2: bool = False):
         self.name = name
         self._routes = HeaderRoutes(routes)
         self.overrides = dict(overrides or {})
         self.forwarder = Forwarder(name, namespace, self._routes.route, self.overrides, reactor,
-                                   events or Events(), limits or ClientLimits())
+                                   events or Events(), limits or ClientLimits(), h2)
 
     def open_request(self, head: HttpHead, peer: IHttpExchangeEnd, trace_id: int) -> IHttpExchangeEnd:
         return self.forwarder.open_request(head, peer, trace_id)
@@ -267,8 +266,11 @@ class HttpServer(Factory):
                  access_control: AccessControl | None = None,
                  trusted_proxies: clientaddress.TrustedProxies | None = None,
                  idle_timeout: float = http_plain.IDLE_TIMEOUT,
-                 body_timeout: float = http_plain.BODY_TIMEOUT, max_request_body: int | None = None):
+                 body_timeout: float = http_plain.BODY_TIMEOUT, max_request_body: int | None = None,
+                 versions: tuple[str, ...] = DEFAULT_VERSIONS):
         self.name = name
+        self.versions = versions  # what it speaks: http/1.1, h2 (by ALPN or prior knowledge)
+        self.h2_connections: set[h2server.H2ServerConnection] = set()
         self.trusted_proxies = trusted_proxies  # whose forwarding headers name the client
         self.idle_timeout = idle_timeout
         self.body_timeout = body_timeout
@@ -298,13 +300,17 @@ class HttpServer(Factory):
         for protocol in list(self.kept):
             if protocol.exchange is None:
                 protocol.transport.loseConnection()
+        for connection in list(self.h2_connections):
+            connection.going_away()
 
     def open_count(self) -> int:
-        return len(self.pending) + len(self.kept)
+        return len(self.pending) + len(self.kept) + len(self.h2_connections)
 
     def drop_all(self) -> None:
         for protocol in list(self.pending) + list(self.kept):
             protocol.transport.abortConnection()
+        for connection in list(self.h2_connections):
+            connection.abort()
 
     def buildProtocol(self, addr: IAddress) -> "HttpServerProtocol":
         protocol = HttpServerProtocol()
@@ -322,6 +328,7 @@ class HttpServerProtocol(Protocol):
     _feeding = False      # serving pipelined bytes (request_done only queues them)
     _queued = b""
     relaying = False      # TCP_NODELAY set for plain exchanges
+    _sniffed: bytes | None = None  # the first bytes, while they may be the HTTP/2 preface
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -330,8 +337,23 @@ class HttpServerProtocol(Protocol):
         # One deadline from accept, never extended by bytes arriving (slowloris).
         self._timeout = factory.reactor.callLater(factory.head_timeout, self._head_timed_out)
         factory.pending.add(self)
+        if "h2" in factory.versions:
+            if h2server.is_h2_negotiated(self.transport):
+                self._speak_h2(b"")
+            elif getattr(self.transport, "negotiatedProtocol", None) is None:
+                self._sniffed = b""  # no ALPN: h2 with prior knowledge, or HTTP/1.1
+
+    def _speak_h2(self, received: bytes) -> None:
+        """The connection is HTTP/2 from here: its protocol takes our socket's calls."""
+        self._cancel_timeout()
+        self.factory.pending.discard(self)
+        h2server.take_over(self, received)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._sniffed is not None:
+            self._sniffed, data = h2server.sniff(self, self._sniffed + data)
+            if not data:
+                return
         if self.exchange is not None:
             self.exchange.body_received(data)
             return
@@ -371,10 +393,7 @@ class HttpServerProtocol(Protocol):
         if factory.access_control.is_preflight(headers):  # answered here, before any guard (Zilla)
             http_plain.preflight_answer(self, request, headers)
             return
-        if factory.authorization is None:
-            self._route(request, headers, connection_authorization(self.transport))
-            return
-        authorization = factory.authorization.authorize(headers, self.trace_id)
+        authorization = admission.authorize(factory, headers, self.transport, self.trace_id)
         if isinstance(authorization, Deferred):
             # The guard is fetching keys: hold the connection (not the reactor) until then.
             self.dataReceived = self._hold  # type: ignore[method-assign]
@@ -397,9 +416,7 @@ class HttpServerProtocol(Protocol):
         session = authorization.session
         exit_ = factory.route(headers, session)
         if exit_ is None:
-            status, text = authorization.refusal
-            self._refuse(status, f"no route for {request.method} {request.shown_target}" if status == 404 else text,
-                         (("WWW-Authenticate", "Bearer"),) if status == 401 else ())
+            self._refuse(*admission.no_route(authorization, request.method, request.shown_target))
             return
         if factory.overrides:
             headers.update(factory.overrides)  # after routing: the exit sees the overridden request
@@ -439,14 +456,7 @@ class HttpServerProtocol(Protocol):
         taken.take_over(request, rest)
 
     def _accepted(self, request: Request, headers: dict[str, str], session: Session | None) -> None:
-        factory = self.factory
-        identity = session.identity if session is not None and session.identity is not None else "-"
-        factory.events.emit(factory.namespace, factory.name, self.trace_id, "BINDING_HTTP_REQUEST_ACCEPTED",
-                            f"{identity} {request.method} {headers[':scheme']}://{headers.get(':authority', '')}"
-                            f"{request.shown_target}",
-                            {"identity": None if identity == "-" else identity, "method": request.method,  # json
-                             "scheme": headers[":scheme"], "authority": headers.get(":authority"),
-                             "path": request.shown_target})
+        admission.emit_accepted(self.factory, self.trace_id, request.method, request.shown_target, headers, session)
 
     def request_done(self, closing: bool, pipelined: bytes) -> None:
         """A plain exchange is over: close, or wait for the next request (what followed the
@@ -514,9 +524,7 @@ class HttpServerProtocol(Protocol):
         factory.pending.discard(self)
         factory.kept.discard(self)
         self.exchange = None
-        factory.events.emit(factory.namespace, factory.name, self.trace_id, "BINDING_HTTP_REQUEST_REJECTED",
-                            f"- {status} {reason} ({detail})" if detail else f"- {status} {reason}",
-                            {"identity": None, "status": status, "reason": reason})
+        admission.emit_rejected(factory, self.trace_id, status, reason, detail)
         self.dataReceived = _discard  # type: ignore[method-assign]
         self.transport.write(render_response(status, reason, headers))
         self.transport.loseConnection()
@@ -551,7 +559,8 @@ def build(binding: BindingConfig, graph: Any) -> HttpServer | HttpClient:
     types = http_validation.request_types(binding, graph)
     if binding.kind == "client":
         client = HttpClient(binding.name, routes, overrides, reactor=graph.reactor, namespace=binding.namespace,
-                            events=graph.events(binding.namespace), limits=ClientLimits.of(binding.options))
+                            events=graph.events(binding.namespace), limits=ClientLimits.of(binding.options),
+                            h2=binding.options.get("versions") == ["h2"])
         client.forwarder.responses = http_validation.ResponseChecks(types) if types is not None else None
         return client
     routes = http_validation.validating_routes(types, routes)
@@ -566,7 +575,8 @@ def build(binding: BindingConfig, graph: Any) -> HttpServer | HttpClient:
                       trusted_proxies=clientaddress.TrustedProxies(trusted) if trusted is not None else None,
                       idle_timeout=binding.options.get("idle-timeout", http_plain.IDLE_TIMEOUT),
                       body_timeout=binding.options.get("body-timeout", http_plain.BODY_TIMEOUT),
-                      max_request_body=binding.options.get("max-request-body"))
+                      max_request_body=binding.options.get("max-request-body"),
+                      versions=tuple(binding.options.get("versions") or DEFAULT_VERSIONS))
 
 
 PLUGIN = BindingType("http", SCHEMA_PATCH, STREAMS, build, check=check, guard_references=guard_references,

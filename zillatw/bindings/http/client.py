@@ -28,6 +28,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from zillatw.bindings.http.h2client import H2UpstreamExchange, H2UpstreamPool
 from zillatw.bindings.ws.relay import no_delay
 from zillatw.stream import HttpHead, IHttpExchangeEnd, StreamRefused
 from zillatw.telemetry.events import Events
@@ -74,8 +75,11 @@ class Forwarder:
     """One http client binding's plain requests and its pools."""
 
     def __init__(self, name: str, namespace: str, route: Callable[[dict[str, str]], Any],
-                 overrides: Mapping[str, str], reactor: Any, events: Events, limits: ClientLimits):
+                 overrides: Mapping[str, str], reactor: Any, events: Events, limits: ClientLimits,
+                 h2: bool = False):
         self.name = name
+        self.h2 = h2  # versions: [h2]: one multiplexed HTTP/2 connection per upstream (h2client)
+        self.h2_pools: dict[tuple[int, str], H2UpstreamPool] = {}
         self.namespace = namespace
         self.route = route
         self.overrides = dict(overrides)
@@ -86,7 +90,8 @@ class Forwarder:
         self.closing = False  # shutting down: no connection goes back to a pool
         self.responses: Any = None  # zillatw.bindings.http.validation.ResponseChecks, if typed
 
-    def open_request(self, head: HttpHead, peer: IHttpExchangeEnd, trace_id: int) -> "UpstreamExchange":
+    def open_request(self, head: HttpHead, peer: IHttpExchangeEnd,
+                     trace_id: int) -> "UpstreamExchange | H2UpstreamExchange":
         headers = {**head.headers, **self.overrides}
         authority = headers.get(":authority")
         if not authority:
@@ -95,6 +100,8 @@ class Forwarder:
         if exit_ is None:
             raise StreamRefused(502, "no upstream for this request")
         key = (id(exit_), authority)
+        if self.h2:
+            return self._open_h2(key, exit_, authority, HttpHead(headers, head.length), peer)
         pool = self.pools.get(key)
         if pool is None:
             if len(self.pools) >= MAX_POOLS:
@@ -109,13 +116,32 @@ class Forwarder:
         pool.acquire(exchange)
         return exchange
 
+    def _open_h2(self, key: tuple[int, str], exit_: Any, authority: str, head: HttpHead,
+                 peer: IHttpExchangeEnd) -> H2UpstreamExchange:
+        h2_pool = self.h2_pools.get(key)
+        if h2_pool is None:
+            if len(self.h2_pools) >= MAX_POOLS:
+                for unused in [k for k, p in self.h2_pools.items() if p.total == 0]:
+                    del self.h2_pools[unused]
+                if len(self.h2_pools) >= MAX_POOLS:
+                    raise StreamRefused(503, "too many upstreams in use")
+            h2_pool = self.h2_pools[key] = H2UpstreamPool(self, exit_, authority, MAX_WAITING)
+        exchange = H2UpstreamExchange(h2_pool, head, peer)
+        try:
+            h2_pool.acquire(exchange)
+        except StreamRefused:
+            exchange.finished = True
+            exchange._cancel_timer()
+            raise
+        return exchange
+
     def _drop_unused_pools(self) -> None:
         for key, pool in list(self.pools.items()):
             if pool.total == 0:
                 del self.pools[key]
 
     def connection_count(self) -> int:
-        return sum(pool.total for pool in self.pools.values())
+        return sum(pool.total for pool in self.pools.values()) + sum(p.total for p in self.h2_pools.values())
 
     def going_away(self) -> None:
         """Shutdown: idle connections close now, busy ones once their response is done."""
@@ -123,11 +149,16 @@ class Forwarder:
         for pool in self.pools.values():
             for connection in list(pool.idle):
                 connection.close()
+        for h2_pool in self.h2_pools.values():
+            h2_pool.close()
 
     def drop_all(self) -> None:
         for pool in self.pools.values():
             for connection in list(pool.connections):
                 connection.transport.abortConnection()
+        for h2_pool in self.h2_pools.values():
+            if h2_pool.connection is not None and not h2_pool.connection.lost:
+                h2_pool.connection.transport.abortConnection()
 
 
 class _OneConnection(Factory):

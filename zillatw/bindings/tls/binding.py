@@ -470,27 +470,29 @@ def build(binding: BindingConfig, graph: Any) -> TlsServer | TlsClient:
                      reactor=graph.reactor)
 
 
-HTTP_SERVED = "http/1.1"  # what an http server behind a tls server speaks (h2 is not served yet)
+HTTP_VERSIONS = ("http/1.1", "h2")  # an http server's default `versions` (Zilla's: both)
 
 
 def _check_alpn(binding: BindingConfig, config: Any, where: str) -> None:
-    """ALPN offers only what the exit behind speaks: a client told h2 would speak HTTP/2 to
-    an http server that reads HTTP/1.1."""
+    """ALPN offers only what the http server behind speaks (its `versions`): a client told
+    h2 would speak HTTP/2 to a server that reads HTTP/1.1 only."""
     problems = []
     for route in binding.routes:
         target = config.binding(route.exit)
         if (target.type, target.kind) != ("http", "server"):
             continue
+        served = tuple(target.options.get("versions") or HTTP_VERSIONS)
+        speaks = f"which speaks {', '.join(served)} only (its options.versions)"
         path = f"{where}.exit" if binding.exit and route is binding.routes[-1] else f"{where}.routes[{route.index}]"
         for index, condition in enumerate(route.when):
-            if condition.get("alpn", HTTP_SERVED) != HTTP_SERVED:
+            if "alpn" in condition and condition["alpn"] not in served:
                 problems.append(f"{path}.when[{index}].alpn: '{condition['alpn']}' routes to http server "
-                                f"'{target.name}', which serves {HTTP_SERVED} only (h2 is not served yet)")
+                                f"'{target.name}', {speaks}")
         for index, protocol in enumerate(binding.options.get("alpn") or ()):
             negotiated_here = not route.when or any(matcher(c.get("alpn"))(protocol) for c in route.when)
-            if protocol != HTTP_SERVED and negotiated_here:
+            if protocol not in served and negotiated_here:
                 problems.append(f"{where}.options.alpn[{index}]: '{protocol}' would be negotiated for http server "
-                                f"'{target.name}', which serves {HTTP_SERVED} only (h2 is not served yet)")
+                                f"'{target.name}', {speaks}")
     if problems:
         raise ConfigError(sorted(set(problems)))
 
