@@ -79,6 +79,32 @@ class H2ClientTests(unittest.TestCase):
         self.assertEqual(client.responses[stream]["body"], body)
 
     @defer.inlineCallbacks
+    def test_a_slow_client_does_not_stall_the_other_streams_upstream(self):
+        port = yield self.start()
+        slow = yield connect_h2c(self, port, acking=False)
+        stream = slow.request("POST", "/", end=False)
+        unsent = slow.send_body(stream, b"s" * 400000, end=False)
+
+        def fill() -> bool:  # until the slow reader's answer has stalled its upstream stream
+            nonlocal unsent
+            unsent = slow.send_body(stream, unsent, end=False)
+            pools = list(self.forwarder().h2_pools.values())
+            exchanges = pools[0].connection.streams.values() if pools and pools[0].connection else []
+            return sum(sum(e.unacked) for e in exchanges) >= 60000
+        yield eventually(fill)
+        other = yield connect_http(port)
+        self.addCleanup(other.transport.loseConnection)
+        body = b"o" * 200000  # more than one 64 KiB window: the upstream connection must not be stalled
+        other.send(request("POST", "/", body))
+        answered = other.responses(1)
+        # well before the slow stream's body-timeout (30 s), which would free the window anyway
+        yield eventually(lambda: answered.called, timeout=10)
+        (reply,) = yield answered
+        self.assertEqual(reply.body, body)
+        (pool,) = self.forwarder().h2_pools.values()
+        self.assertEqual(pool.opened, 1)  # the same upstream connection carried both
+
+    @defer.inlineCallbacks
     def test_an_unreachable_upstream_is_502(self):
         port = yield self.start(upstream_up=False)
         client = yield connect_http(port)

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from zillatw.bindings.http.client import Forwarder
 
 SEND_BOUND = 65536  # bytes of one request body held while the upstream's window is shut
+CONNECTION_WINDOW = 1 << 20  # bytes of responses the upstream may send unacknowledged, all streams
 CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade",
                                  "host", "te"})
 
@@ -164,6 +165,10 @@ class H2UpstreamConnection(Protocol):
         a tls client it could land behind the first request (a tls client's connection is
         made before its handshake, and the handshake's end is when requests start)."""
         self.h2.initiate_connection()
+        # Response DATA is acknowledged only as each client takes it: with the default 64 KiB
+        # connection window one slow client would stall every stream; with this one it holds
+        # at most its own stream's window (64 KiB) of the connection's.
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - self.h2.inbound_flow_control_window)
         self.write()
 
     def can_open(self) -> bool:
@@ -341,7 +346,7 @@ class H2UpstreamExchange:
             if self.request_done and not self.outbound:
                 h2conn.end_stream(self.stream_id)
                 self.end_sent = True
-        except h2.exceptions.StreamClosedError:
+        except h2.exceptions.ProtocolError:  # the stream, or the whole connection, is closed
             return
         if self.peer_paused and len(self.outbound) <= SEND_BOUND // 2:
             self.peer_paused = False
@@ -420,8 +425,8 @@ class H2UpstreamExchange:
             if reset:
                 try:
                     connection.h2.reset_stream(self.stream_id, ErrorCodes.CANCEL)
-                except h2.exceptions.StreamClosedError:
-                    pass
+                except h2.exceptions.ProtocolError:
+                    pass  # the stream (or the whole connection) is closed already
             connection.write()
         connection.stream_done(self.stream_id)
 

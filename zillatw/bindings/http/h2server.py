@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_CONCURRENT_STREAMS = 100  # SETTINGS_MAX_CONCURRENT_STREAMS we advertise
 STREAM_WINDOW = 65535         # SETTINGS_INITIAL_WINDOW_SIZE: bytes a stream may send unread
+CONNECTION_WINDOW = 1 << 20   # bytes all of a connection's streams may send unread
 
 
 def is_h2_negotiated(transport: Any) -> bool:
@@ -115,6 +116,10 @@ class H2ServerConnection:
         self.factory.h2_connections.add(self)
         self.transport.registerProducer(self, True)
         self.h2.initiate_connection()
+        # A stream's DATA is acknowledged only as its exit takes it: with the default 64 KiB
+        # connection window one stalled exit would stop every stream of the connection (a
+        # proxy in front multiplexes many users on one); this way it holds its own stream's.
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - self.h2.inbound_flow_control_window)
         self._write()
         self._arm_idle()
         if self.factory.shutting_down:

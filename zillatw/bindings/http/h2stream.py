@@ -276,7 +276,7 @@ class H2Stream:
                 if not self.ended:  # answered before the body came: the client may stop (RFC 9113 §8.1)
                     self.h2.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
                 self._done()
-        except h2.exceptions.StreamClosedError:
+        except h2.exceptions.ProtocolError:  # the stream, or the whole connection, is closed
             self._done()
             return
         if self.exit_paused and len(self.outbound) <= SEND_BOUND // 2 and not self.connection.socket_paused:
@@ -319,7 +319,7 @@ class H2Stream:
         if not self.finished:
             try:
                 self.h2.reset_stream(self.stream_id, code)
-            except h2.exceptions.StreamClosedError:
+            except h2.exceptions.ProtocolError:  # the stream, or the whole connection, is closed
                 pass
             self._release_inbound()
             self._done()
