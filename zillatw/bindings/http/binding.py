@@ -8,6 +8,7 @@ by zillatw.bindings.http.plain, and the connection kept for the next request.
 
 from __future__ import annotations
 
+import enum
 import math
 import re
 from collections.abc import Iterator, Mapping
@@ -21,23 +22,27 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from zillatw.bindings.http import accesscontrol, admission, clientaddress, h2server
-from zillatw.bindings.http.accesscontrol import AccessControl
-from zillatw.config import BindingConfig, Route
-from zillatw.errors import ConfigError
-from zillatw.telemetry.events import Events, next_trace_id
-from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, permits
-from zillatw.wire.http1 import HttpError, Request, RequestHeadParser, check_host, check_origin_form, render_response
-from zillatw.bindings.http.auth import CONVENTIONAL_SECRETS, PLACEHOLDER, HttpAuthorization, redact_target
-from zillatw.matching import Matcher, matcher
-from zillatw.config.plugins import BindingType, IDrainsGracefully
-from zillatw.config.schema import FORBIDDEN, NAME, refused, route_schema
-from zillatw.stream import IHttpUpstream, IHttpConnection, StreamRefused
-from zillatw.stream import IHttpConnection, IHttpExit, StreamRefused
-from zillatw.wire.http1body import BodyError, request_framing
 from zillatw.bindings.http import plain as http_plain
 from zillatw.bindings.http import validation as http_validation
+from zillatw.bindings.http.accesscontrol import AccessControl
+from zillatw.bindings.http.auth import CONVENTIONAL_SECRETS, PLACEHOLDER, HttpAuthorization, redact_target
 from zillatw.bindings.http.client import CLIENT_OPTIONS, ClientLimits, Forwarder
-from zillatw.stream import HttpHead, IHttpConnection, IHttpExchangeEnd, IHttpRequestExit, StreamRefused
+from zillatw.config import BindingConfig, Route
+from zillatw.config.plugins import BindingType, IDrainsGracefully
+from zillatw.config.schema import FORBIDDEN, NAME, refused, route_schema
+from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, permits
+from zillatw.matching import Matcher, matcher
+from zillatw.stream import (
+    HttpHead,
+    IHttpConnection,
+    IHttpExchangeEnd,
+    IHttpRequestExit,
+    IHttpUpstream,
+    StreamRefused,
+)
+from zillatw.telemetry.events import Events, next_trace_id
+from zillatw.wire.http1 import HttpError, Request, RequestHeadParser, check_host, check_origin_form, render_response
+from zillatw.wire.http1body import BodyError, request_framing
 
 HEAD_TIMEOUT = 10.0  # seconds for a client to send its request head (slowloris)
 log = Logger()
@@ -127,16 +132,7 @@ def _check_overrides(binding: BindingConfig) -> Iterator[tuple[str, str]]:
 def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
     yield from _check_overrides(binding)
     if binding.kind == "client":
-        if binding.options.get("versions") == ["h2"] and "max-connections" in binding.options:
-            yield "options.max-connections", "an h2 client keeps one connection per upstream (its streams multiplex)"
-        if len(binding.options.get("versions", ())) > 1:
-            yield "options.versions", ("an http client speaks one version upstream: http/1.1 or h2 (this "
-                                       "zillatw does not choose by ALPN)")
-        for key in binding.options:
-            if key not in ("versions", "overrides", "idle-timeout", "requests", *CLIENT_OPTIONS):
-                yield f"options.{key}", "not supported on an http client by this zillatw yet"
-        if not binding.routes:
-            yield "routes", "an http client needs 'exit' or routes with an exit"
+        yield from _check_client(binding)
         return
     for key, feature in UNSERVED_OPTIONS.items():
         if key in binding.options:
@@ -148,7 +144,23 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
     yield from clientaddress.check(binding.options.get("trusted-proxies"))
     if not binding.routes:
         yield "routes", "an http server needs 'exit' or routes with an exit"
-    authorizations = binding.options.get("authorization") or {}
+    yield from _check_authorization(binding.options.get("authorization") or {})
+
+
+def _check_client(binding: BindingConfig) -> Iterator[tuple[str, str]]:
+    if binding.options.get("versions") == ["h2"] and "max-connections" in binding.options:
+        yield "options.max-connections", "an h2 client keeps one connection per upstream (its streams multiplex)"
+    if len(binding.options.get("versions", ())) > 1:
+        yield "options.versions", ("an http client speaks one version upstream: http/1.1 or h2 (this "
+                                   "zillatw does not choose by ALPN)")
+    for key in binding.options:
+        if key not in ("versions", "overrides", "idle-timeout", "requests", *CLIENT_OPTIONS):
+            yield f"options.{key}", "not supported on an http client by this zillatw yet"
+    if not binding.routes:
+        yield "routes", "an http client needs 'exit' or routes with an exit"
+
+
+def _check_authorization(authorizations: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     if len(authorizations) > 1:
         yield "options.authorization", f"one guard only, got {len(authorizations)}: {', '.join(authorizations)}"
     for guard, authorization in authorizations.items():
@@ -312,16 +324,31 @@ class HttpServer(Factory):
         for connection in list(self.h2_connections):
             connection.abort()
 
-    def buildProtocol(self, addr: IAddress) -> "HttpServerProtocol":
+    def buildProtocol(self, addr: IAddress | None) -> Any:
         protocol = HttpServerProtocol()
         protocol.factory = self
         return protocol
+
+
+class Reading(enum.Enum):
+    """What an http server connection does with the bytes it reads (one place decides)."""
+    HEADS = "request heads (and, before the first, maybe the HTTP/2 preface)"
+    HELD = "held, unread, while a guard fetches its keys"
+    DISCARDED = "ignored: the connection was answered and is closing"
+    TAKEN = "handed to the protocol that took the connection (a WebSocket, HTTP/2)"
 
 
 class HttpServerProtocol(Protocol):
     """One connection until its request head is read; then an error or a handover."""
 
     factory: HttpServer
+    # a connected TCP or TLS transport (set by makeConnection before any call here)
+    transport: Any
+    _parser: Any  # the RequestHeadParser reading the next head (None once taken)
+    reading = Reading.HEADS
+    # the protocol that took the connection (Reading.TAKEN): Twisted's calls go to it
+    taken: Any = None
+    _expiry: Any = None  # the session's end, for a taken connection
     _gone = False
     exchange: "http_plain.ServerExchange | None" = None  # the plain request being served
     _idle = False         # kept alive, waiting for the next request
@@ -350,6 +377,13 @@ class HttpServerProtocol(Protocol):
         h2server.take_over(self, received)
 
     def dataReceived(self, data: bytes) -> None:
+        reading = self.reading
+        if reading is not Reading.HEADS:  # an upgraded WebSocket's every read comes this way
+            if reading is Reading.TAKEN:
+                self.taken.dataReceived(data)
+            elif reading is Reading.HELD:
+                self._parser.rest += data
+            return
         if self._sniffed is not None:
             self._sniffed, data = h2server.sniff(self, self._sniffed + data)
             if not data:
@@ -396,18 +430,16 @@ class HttpServerProtocol(Protocol):
         authorization = admission.authorize(factory, headers, self.transport, self.trace_id)
         if isinstance(authorization, Deferred):
             # The guard is fetching keys: hold the connection (not the reactor) until then.
-            self.dataReceived = self._hold  # type: ignore[method-assign]
+            self.reading = Reading.HELD
             self.transport.pauseProducing()
             authorization.addCallback(self._authorized, request, headers)
         else:
             self._route(request, headers, authorization)
 
-    def _hold(self, data: bytes) -> None:
-        self._parser.rest += data
-
     def _authorized(self, authorization: Authorization, request: Request, headers: dict[str, str]) -> None:
         if self._gone:
             return
+        self.reading = Reading.HEADS
         self.transport.resumeProducing()
         self._route(request, headers, authorization)
 
@@ -425,7 +457,6 @@ class HttpServerProtocol(Protocol):
             factory.pending.discard(self)
             factory.kept.add(self)
             rest, self._parser.rest = self._parser.rest, b""
-            self.__dict__.pop("dataReceived", None)  # _hold's, while a guard fetched keys
             http_plain.start(self, exit_, request, headers, request.framing, rest)
             return
         try:
@@ -443,17 +474,21 @@ class HttpServerProtocol(Protocol):
             self._refuse(500, "internal error")
             return
         self._accepted(request, headers, session)
-        # The exit's protocol takes the socket: Twisted calls our dataReceived and
-        # connectionLost, so bind theirs in our place. It is given the request we parsed
-        # (never the client's bytes to parse again) and what followed it.
+        # The exit's protocol takes the socket: our dataReceived and connectionLost pass
+        # Twisted's calls on to it. It is given the request we parsed (never the client's
+        # bytes to parse again) and what followed it.
         factory.pending.discard(self)
-        self.dataReceived = taken.dataReceived  # type: ignore[method-assign]
-        self.connectionLost = taken.connectionLost  # type: ignore[method-assign]
+        self.taken_by(taken)
         if session is not None and session.expires_at != math.inf:
             self._expire_at(session.expires_at, taken)
         rest, self._parser = self._parser.rest, None
         taken.makeConnection(self.transport)
         taken.take_over(request, rest)
+
+    def taken_by(self, protocol: Any) -> None:
+        """From now on `protocol` (a ws connection, an HTTP/2 connection) gets this
+        connection's reads and its end."""
+        self.taken, self.reading = protocol, Reading.TAKEN
 
     def _accepted(self, request: Request, headers: dict[str, str], session: Session | None) -> None:
         admission.emit_accepted(self.factory, self.trace_id, request.method, request.shown_target, headers, session)
@@ -464,7 +499,7 @@ class HttpServerProtocol(Protocol):
         factory = self.factory
         if closing or factory.shutting_down or self._gone:
             factory.kept.discard(self)
-            self.dataReceived = _discard  # type: ignore[method-assign]
+            self.reading = Reading.DISCARDED
             self.transport.loseConnection()
             return
         self.trace_id = next_trace_id()
@@ -476,7 +511,7 @@ class HttpServerProtocol(Protocol):
             return
         self._feeding = True
         try:
-            while self._queued and self.exchange is None and not self._gone and self.dataReceived != _discard:
+            while self._queued and self.exchange is None and not self._gone and self.reading is Reading.HEADS:
                 data, self._queued = self._queued, b""
                 self.dataReceived(data)
         finally:
@@ -501,14 +536,7 @@ class HttpServerProtocol(Protocol):
         ws server closes with 1008), else abort as Zilla does. The one timer per connection
         is cancelled when the connection ends."""
         reactor = self.factory.reactor
-        call = reactor.callLater(max(0.0, when - reactor.seconds()), self._session_expired, taken)
-        lost = taken.connectionLost
-
-        def connectionLost(reason: Failure = None) -> None:
-            if call.active():
-                call.cancel()
-            lost(reason)
-        self.connectionLost = connectionLost  # type: ignore[method-assign]
+        self._expiry = reactor.callLater(max(0.0, when - reactor.seconds()), self._session_expired, taken)
 
     def _session_expired(self, taken: Any) -> None:
         if IHttpConnection.providedBy(taken):
@@ -525,7 +553,7 @@ class HttpServerProtocol(Protocol):
         factory.kept.discard(self)
         self.exchange = None
         admission.emit_rejected(factory, self.trace_id, status, reason, detail)
-        self.dataReceived = _discard  # type: ignore[method-assign]
+        self.reading = Reading.DISCARDED
         self.transport.write(render_response(status, reason, headers))
         self.transport.loseConnection()
 
@@ -539,7 +567,13 @@ class HttpServerProtocol(Protocol):
                 self._timeout.cancel()
             self._timeout = None
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if self.reading is Reading.TAKEN:
+            expiry, self._expiry = self._expiry, None
+            if expiry is not None and expiry.active():
+                expiry.cancel()
+            self.taken.connectionLost(reason)
+            return
         self._gone = True
         self._cancel_timeout()
         self.factory.pending.discard(self)
@@ -547,10 +581,6 @@ class HttpServerProtocol(Protocol):
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.connection_lost(reason)
-
-
-def _discard(data: bytes) -> None:
-    """Bytes after an error response are ignored while the socket closes."""
 
 
 def build(binding: BindingConfig, graph: Any) -> HttpServer | HttpClient:

@@ -114,6 +114,7 @@ class Forwarder:
         if checked is not None:
             checked.upstream = exchange  # an invalid response ends the upstream exchange
         pool.acquire(exchange)
+        exchange.wait_for_upstream()
         return exchange
 
     def _open_h2(self, key: tuple[int, str], exit_: Any, authority: str, head: HttpHead,
@@ -373,7 +374,16 @@ class UpstreamExchange:
         self._reactor = reactor
         self._last = reactor.seconds()
         self._timer = reactor.callLater(pool.limits.response_timeout, self._timed_out)
-        peer.pauseProducing()  # until there is an upstream to send the body to
+        self._waiting = False  # the peer paused until there is an upstream to send the body to
+        self._held_head: bytes | None = None  # the request head, until the body's first piece
+
+    def wait_for_upstream(self) -> None:
+        """No upstream connection at once (one is opening, or all are busy): the request's
+        body waits in the client's socket, not here. An idle pooled connection is attached
+        without this (no pause and resume, two epoll calls, per reused request)."""
+        if self.connection is None and not self.finished and not self._waiting:
+            self._waiting = True
+            self.peer.pauseProducing()
 
     # ---- the upstream connection
 
@@ -384,7 +394,13 @@ class UpstreamExchange:
         self.connection, self.reused = connection, reused
         connection.exchange = self
         transport = connection.transport
-        write(transport, request_bytes(self.head))
+        head = request_bytes(self.head)
+        if self.head.length and not self.early and not self.request_done:
+            # A body of known length follows (most often in the same read): the head goes
+            # out with its first piece, one send for both.
+            self._held_head = head
+        else:
+            write(transport, head)
         if self.early:
             for piece in self.early:
                 self._send(piece)
@@ -394,7 +410,9 @@ class UpstreamExchange:
         else:
             self._producing = True
             transport.registerProducer(self.peer, True)
-        self.peer.resumeProducing()
+        if self._waiting:
+            self._waiting = False
+            self.peer.resumeProducing()
 
     def upstream_data(self, data: bytes) -> None:
         self._last = self._reactor.seconds()
@@ -450,7 +468,7 @@ class UpstreamExchange:
         if self.response is None and self.reused and self.head.length == 0 and not self._parser_started():
             # A kept-alive connection the upstream closed as we reused it: once more, fresh.
             self.connection, self.reused = None, False
-            self.peer.pauseProducing()
+            self.wait_for_upstream()
             try:
                 self.pool.acquire(self, fresh=True)
             except StreamRefused as e:
@@ -533,8 +551,11 @@ class UpstreamExchange:
     def _send(self, data: bytes) -> None:
         assert self.connection is not None
         self.body_sent = True
+        held, self._held_head = self._held_head, None
         if self.head.length is None:
             write_sequence(self.connection.transport, chunk(data))
+        elif held is not None:
+            write_sequence(self.connection.transport, [held, data])
         else:
             write(self.connection.transport, data)
 
@@ -548,6 +569,9 @@ class UpstreamExchange:
     def _send_end(self) -> None:
         connection = self.connection
         assert connection is not None
+        held, self._held_head = self._held_head, None
+        if held is not None:  # a body that never came (the client ended it short)
+            write(connection.transport, held)
         if self.head.length is None:
             write(connection.transport, LAST_CHUNK)
         if self._producing:

@@ -63,12 +63,11 @@ def sniff(protocol: "HttpServerProtocol", first: bytes) -> tuple[bytes | None, b
 
 
 def take_over(protocol: "HttpServerProtocol", received: bytes) -> None:
-    """Make `protocol`'s connection HTTP/2: Twisted calls its dataReceived and connectionLost,
-    so bind the HTTP/2 connection's in their place (as a ws server takes an upgrade)."""
+    """Make `protocol`'s connection HTTP/2: its reads and its end go to the HTTP/2
+    connection from now on (as a ws server takes an upgrade)."""
     transport = protocol.transport
     connection = H2ServerConnection(protocol.factory, transport, ISSLTransport.providedBy(transport))
-    protocol.dataReceived = connection.dataReceived  # type: ignore[method-assign]
-    protocol.connectionLost = connection.connectionLost  # type: ignore[method-assign]
+    protocol.taken_by(connection)
     connection.start(received)
 
 

@@ -132,6 +132,7 @@ class ServerExchange:
         self.headers = headers
         self.closing = wants_close(request)
         self.head_sent = False
+        self._held_head: bytes | None = None  # a response head, until its body's first piece
         self.finished = False     # the response is written (or the exchange failed)
         self.chunked = False
         self.no_body = request.method == "HEAD"
@@ -271,7 +272,13 @@ class ServerExchange:
         elif self.request.version < (1, 1):
             lines.append("Connection: keep-alive")  # an HTTP/1.0 client keeps it only when told
         self.no_body = bodiless
-        write(self.transport, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        encoded = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        if head.length and not bodiless:
+            # A body of known length follows (most often in the same read of the upstream's
+            # answer): the head goes out with its first piece, one send for both.
+            self._held_head = encoded
+        else:
+            write(self.transport, encoded)
         if self.exit_end is not None:
             self.register()
 
@@ -284,6 +291,11 @@ class ServerExchange:
     def exchange_data(self, data: bytes) -> None:
         if self.finished or self.no_body or not data:
             return
+        held = self._held_head
+        if held is not None:
+            self._held_head = None
+            write_sequence(self.transport, [held, data])
+            return
         if self.chunked:
             write_sequence(self.transport, chunk(data))
         else:
@@ -294,6 +306,9 @@ class ServerExchange:
             return
         if not self.head_sent:
             self.exchange_head(HttpHead({":status": "200"}, 0))
+        held, self._held_head = self._held_head, None
+        if held is not None:  # a body that never came: the client sees the head and its cut-off
+            write(self.transport, held)
         if self.chunked and not self.no_body:
             write(self.transport, LAST_CHUNK)
         self.finished = True
@@ -323,6 +338,9 @@ class ServerExchange:
         else:
             # The response has started: end the connection so the client sees it cut off,
             # after what was written (a validated response's head: curl's "transfer closed").
+            held, self._held_head = self._held_head, None
+            if held is not None:
+                write(self.transport, held)
             self.transport.loseConnection()
 
     def _unregister(self) -> None:
