@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from zope.interface import Interface
 
 if TYPE_CHECKING:
-    from zillatw.config.loading import BindingConfig, NamespaceConfig
+    from zillatw.config.model import BindingConfig, NamespaceConfig
 
 # (sub-path under the checked entry, what is wrong there)
 Problem = tuple[str, str]

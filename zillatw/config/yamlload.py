@@ -263,7 +263,7 @@ class _Builder:
     def scalar(self, event: ScalarEvent) -> tuple[Any, bool]:
         tag = event.tag
         if tag is None or tag == "!":
-            tag = self.resolver.resolve(ScalarNode, event.value, event.implicit)
+            tag = self.resolver.resolve(ScalarNode, event.value, event.implicit)  # type: ignore[no-untyped-call]  # PyYAML is untyped
         if tag == _STR:
             return event.value, False
         if tag == _MERGE:  # '<<': a merge key where a key is expected, else the string
