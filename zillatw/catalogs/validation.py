@@ -257,7 +257,6 @@ class ValidatingExit:
 
     def __init__(self, exit_: Any, rules: list[Rule], *, events: Any, max_message_size: int, reactor: Any):
         self.exit = exit_
-        self.name = getattr(exit_, "name", None)
         self.rules = rules
         self.events = events
         self.max_message_size = max_message_size
