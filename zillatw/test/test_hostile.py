@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from zillatw.bindings.http.binding import pseudo_headers
+from zillatw.bindings.http.routes import pseudo_headers
 from zillatw.bindings.ws import binding as ws_binding
 from zillatw.config import Route
 from zillatw.test import pki

@@ -168,3 +168,11 @@ class TestModuleTests(unittest.TestCase):
         self.assertEqual(imports_between_test_modules(tests),
                          [("zillatw.test.test_b", "zillatw.test.test_a"),
                           ("zillatw.test.test_c", "zillatw.test.test_a")])
+
+
+class ModuleSizeTests(unittest.TestCase):
+    def test_every_module_reads_in_one_sitting(self):
+        """At most 600 lines a module, tests and support included (the house rule)."""
+        long = {str(path.relative_to(PACKAGE.parent)): n for path in PACKAGE.rglob("*.py")
+                if (n := len(path.read_text().splitlines())) > 600}
+        self.assertEqual(long, {})

@@ -27,11 +27,11 @@ from zillatw.bindings.http import validation as http_validation
 from zillatw.bindings.http.accesscontrol import AccessControl
 from zillatw.bindings.http.auth import CONVENTIONAL_SECRETS, PLACEHOLDER, HttpAuthorization, redact_target
 from zillatw.bindings.http.client import CLIENT_OPTIONS, ClientLimits, Forwarder
+from zillatw.bindings.http.routes import HeaderRoutes, pseudo_headers
 from zillatw.config import BindingConfig, Route
 from zillatw.config.plugins import BindingType, IDrainsGracefully
 from zillatw.config.schema import FORBIDDEN, NAME, refused, route_schema
-from zillatw.guards import NO_AUTHORIZATION, Authorization, Session, permits
-from zillatw.matching import Matcher, matcher
+from zillatw.guards import NO_AUTHORIZATION, Authorization, Session
 from zillatw.stream import (
     HttpHead,
     IHttpConnection,
@@ -175,54 +175,6 @@ def guard_references(binding: BindingConfig) -> Iterator[tuple[str, str]]:
     """The guards an http server's authorization names (config checks they exist)."""
     for guard in binding.options.get("authorization") or {}:
         yield f"options.authorization.{guard}", guard
-
-
-# Header values that HTTP defines as case-insensitive tokens (RFC 6455 §4.2.1: `Upgrade:
-# WebSocket` is a valid upgrade, and Autobahn clients send it). Zilla matches every value
-# case-sensitively, so its `upgrade: websocket` route would refuse them; we do not.
-CASELESS_HEADERS = frozenset({"upgrade", "connection"})
-
-
-def _header_matcher(name: str, pattern: str) -> Matcher:
-    if name in CASELESS_HEADERS:
-        match = matcher(pattern.lower(), named_groups=True)
-        return lambda value: value is not None and match(value.lower())
-    return matcher(pattern, named_groups=True, query_tail=name == ":path")
-
-
-def pseudo_headers(request: Request, secure: bool) -> dict[str, str]:
-    """Zilla's view of a request: pseudo-headers plus the lower-cased headers."""
-    scheme = "https" if secure else "http"
-    headers = dict(request.headers)
-    host = headers.get("host")
-    if host is not None:
-        headers[":authority"] = admission.authority_with_port(host, secure)
-    headers[":method"] = request.method
-    headers[":scheme"] = scheme
-    headers[":path"] = request.target
-    return headers
-
-
-class HeaderRoutes:
-    """Routes on headers (pseudo-headers included): all of a `when` entry's must match."""
-
-    def __init__(self, routes: list[tuple[Route, Any]], namespace: str = "default"):
-        self._routes: list[tuple[list[list[tuple[str, Matcher]]], Any, Any]] = []
-        self._namespace = namespace
-        for route, exit_ in routes:
-            alternatives = [[(name.lower(), _header_matcher(name.lower(), pattern))
-                             for name, pattern in (w.get("headers") or {}).items()] for w in route.when]
-            self._routes.append((alternatives, exit_, route.guarded))
-
-    def route(self, headers: dict[str, str], session: Session | None = None) -> Any | None:
-        """The first route's exit whose headers match and whose guards the session satisfies."""
-        for alternatives, exit_, guarded in self._routes:
-            if guarded and not permits(guarded, session, self._namespace, headers):
-                continue  # Zilla: a failing guard falls through to the next route
-            if not alternatives or any(all(match(headers.get(name)) for name, match in conditions)
-                                       for conditions in alternatives):
-                return exit_
-        return None
 
 
 @implementer(IHttpRequestExit, IHttpUpstream, IDrainsGracefully)
