@@ -17,6 +17,7 @@ import yaml
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
 from zillatw import build_gateway
@@ -243,3 +244,16 @@ def conf_text(name: str, port: int) -> str:
     for shipped in ("port: 12345", "port: 23456"):
         text = text.replace(shipped, f"port: {port}")
     return text.replace("0.0.0.0", "127.0.0.1")
+
+
+@defer.inlineCallbacks
+def generate_keystores(case: unittest.TestCase, folder: Path) -> Any:
+    """Run conf/tls/generate-keystore.py into `folder` (made if need be) as the examples'
+    READMEs do, with KEYSTORE_PASSWORD "generated" for the test and the gateway it starts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out, err, code = yield getProcessOutputAndValue(
+        sys.executable, [os.path.join(CONF, "tls", "generate-keystore.py"), str(folder)],
+        env={**os.environ, "KEYSTORE_PASSWORD": "generated"}, reactor=reactor)
+    case.assertEqual(code, 0, err)
+    os.environ["KEYSTORE_PASSWORD"] = "generated"
+    case.addCleanup(os.environ.pop, "KEYSTORE_PASSWORD", None)

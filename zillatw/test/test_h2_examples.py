@@ -4,8 +4,6 @@ socket, h2 by ALPN on the https ports and h2c with prior knowledge on http."""
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +11,12 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from twisted.internet import defer, reactor
 from twisted.internet import ssl as tssl
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
 from zillatw.test import pki
 from zillatw.test.h2_support import H2Client, connect_h2c
 from zillatw.test.http_support import UpstreamFactory
+from zillatw.test.process_support import generate_keystores
 from zillatw.test.support import CONF, eventually, free_port, start_gateway
 
 
@@ -26,13 +24,7 @@ class H2ExampleTests(unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
         self.folder = Path(self.mktemp())
-        (self.folder / "tls").mkdir(parents=True)
-        out, err, code = yield getProcessOutputAndValue(
-            sys.executable, [os.path.join(CONF, "tls", "generate-keystore.py"), str(self.folder / "tls")],
-            env={**os.environ, "KEYSTORE_PASSWORD": "generated"}, reactor=reactor)
-        self.assertEqual(code, 0, err)
-        os.environ["KEYSTORE_PASSWORD"] = "generated"
-        self.addCleanup(os.environ.pop, "KEYSTORE_PASSWORD")
+        yield generate_keystores(self, self.folder / "tls")
 
     @defer.inlineCallbacks
     def connect_h2(self, port: int) -> Any:

@@ -4,21 +4,19 @@ with curl: here treq, over http and https)."""
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import treq
 from twisted.internet import defer, reactor
 from twisted.internet import ssl as tssl
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from zillatw.bindings.echo.binding import EchoServer
 from zillatw.stream import HttpHead, IHttpRequestExit
 from zillatw.test.http_support import connect_http, plain_chain, request
+from zillatw.test.process_support import generate_keystores
 from zillatw.test.support import CONF, eventually, free_port, start_gateway
 
 
@@ -92,13 +90,7 @@ class HttpEchoExampleTests(unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
         self.folder = Path(self.mktemp())
-        (self.folder / "tls").mkdir(parents=True)
-        out, err, code = yield getProcessOutputAndValue(
-            sys.executable, [os.path.join(CONF, "tls", "generate-keystore.py"), str(self.folder / "tls")],
-            env={**os.environ, "KEYSTORE_PASSWORD": "generated"}, reactor=reactor)
-        self.assertEqual(code, 0, err)
-        os.environ["KEYSTORE_PASSWORD"] = "generated"
-        self.addCleanup(os.environ.pop, "KEYSTORE_PASSWORD")
+        yield generate_keystores(self, self.folder / "tls")
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.addCleanup(self.pool.closeCachedConnections)
 

@@ -3,8 +3,6 @@ test_h2_examples drives it over h2 as its README does), its host names as writte
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +10,12 @@ import treq
 from cryptography.hazmat.primitives.serialization import pkcs12
 from twisted.internet import defer, reactor
 from twisted.internet import ssl as tssl
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from zillatw.test import pki
 from zillatw.test.http_support import UpstreamFactory
+from zillatw.test.process_support import generate_keystores
 from zillatw.test.support import CONF, eventually, free_port, resolve_locally, start_gateway
 
 
@@ -28,13 +26,7 @@ class HttpProxyExampleTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_http_proxy_example(self):
         folder = Path(self.mktemp())
-        (folder / "tls").mkdir(parents=True)
-        out, err, code = yield getProcessOutputAndValue(
-            sys.executable, [os.path.join(CONF, "tls", "generate-keystore.py"), str(folder / "tls")],
-            env={**os.environ, "KEYSTORE_PASSWORD": "generated"}, reactor=reactor)
-        self.assertEqual(code, 0, err)
-        os.environ["KEYSTORE_PASSWORD"] = "generated"
-        self.addCleanup(os.environ.pop, "KEYSTORE_PASSWORD")
+        yield generate_keystores(self, folder / "tls")
         bundle = pkcs12.load_pkcs12((folder / "tls" / "backend.p12").read_bytes(), b"generated")
         backend = pki.Issued(bundle.key, bundle.cert.certificate)
         own = tssl.PrivateCertificate.loadPEM(backend.key_pem() + backend.cert_pem())

@@ -17,6 +17,7 @@ from twisted.trial import unittest
 
 from zillatw.test import pki
 from zillatw.test.pki import client_tls, connect_wss, start_wss_upstream
+from zillatw.test.process_support import generate_keystores
 from zillatw.test.support import CONF, close_ws, eventually, free_port, start_gateway
 
 
@@ -26,13 +27,7 @@ class ConfExampleTests(unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
         self.folder = Path(self.mktemp())
-        (self.folder / "tls").mkdir(parents=True)
-        out, err, code = yield getProcessOutputAndValue(
-            sys.executable, [os.path.join(CONF, "tls", "generate-keystore.py"), str(self.folder / "tls")],
-            env={**os.environ, "KEYSTORE_PASSWORD": "generated"}, reactor=reactor)
-        self.assertEqual(code, 0, err)
-        os.environ["KEYSTORE_PASSWORD"] = "generated"
-        self.addCleanup(os.environ.pop, "KEYSTORE_PASSWORD")
+        yield generate_keystores(self, self.folder / "tls")
 
     @defer.inlineCallbacks
     def test_keystores_holding_keys_are_readable_by_their_owner_only(self):
