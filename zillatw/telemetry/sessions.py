@@ -86,9 +86,9 @@ class Session:
         self._observer.ended(self, closer, ABNORMAL if code is None else code)
 
 
-@implementer(IStreamEnd)
-class _FromClient:
-    """The exit's end as the ws server sees it: what passes through came from the client."""
+class _Counting:
+    """A stream end with its session's counters beside it: flow control is the end's own,
+    and so is anything else asked of it (its connection, its trace id...)."""
 
     __slots__ = ("_end", "_session", "pauseProducing", "resumeProducing", "stopProducing")
 
@@ -96,6 +96,16 @@ class _FromClient:
         self._end, self._session = end, session
         self.pauseProducing, self.resumeProducing = end.pauseProducing, end.resumeProducing
         self.stopProducing = end.stopProducing
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._end, name)
+
+
+@implementer(IStreamEnd)
+class _FromClient(_Counting):
+    """The exit's end as the ws server sees it: what passes through came from the client."""
+
+    __slots__ = ()
 
     def stream_data(self, opcode: int, payload: bytes, fin: bool) -> None:
         session = self._session
@@ -116,20 +126,12 @@ class _FromClient:
         self._session.end(CLIENT, code)
         self._end.stream_end(code, reason)
 
-    def __getattr__(self, name: str) -> Any:  # the end's own (its connection, its trace id...)
-        return getattr(self._end, name)
-
 
 @implementer(IEvictableEnd)
-class _ToClient:
+class _ToClient(_Counting):
     """The ws server's connection as the exit sees it: what passes through goes to the client."""
 
-    __slots__ = ("_end", "_session", "pauseProducing", "resumeProducing", "stopProducing")
-
-    def __init__(self, end: Any, session: Session):
-        self._end, self._session = end, session
-        self.pauseProducing, self.resumeProducing = end.pauseProducing, end.resumeProducing
-        self.stopProducing = end.stopProducing
+    __slots__ = ()
 
     def stream_data(self, opcode: int, payload: bytes, fin: bool) -> None:
         session = self._session
@@ -153,9 +155,6 @@ class _ToClient:
         """A fan evicting a member that fell behind: the gateway's decision."""
         self._end.stream_evicted(code, reason, drain_timeout)
         self._session.end(GATEWAY, code)
-
-    def __getattr__(self, name: str) -> Any:  # the ws server connection's own (trace id, transport...)
-        return getattr(self._end, name)
 
 
 def relay_behind(end: Any) -> Any:
