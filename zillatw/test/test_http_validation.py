@@ -118,6 +118,19 @@ class RequestValidationTests(unittest.TestCase):
         self.assertIn("MODEL_JSON_VALIDATION_FAILED - GET /b header x-count: not JSON", self.events())
 
     @defer.inlineCallbacks
+    def test_an_invalid_credential_is_not_shown_in_the_event(self):
+        config = typed_chain([{"path": "/{name}", "headers": {"authorization": JSON_NUMBER},
+                               "params": {"query": {"access_token": JSON_NUMBER}}}])
+        (reply,) = yield self.exchange(config, request("GET", "/a", headers={"Authorization": "Bearer s3cret-token"}))
+        self.assertEqual(reply.status, 400)
+        self.assertIn("header authorization: invalid (the value is a credential: not shown)", self.events())
+        self.assertNotIn("s3cret", self.events())
+        (reply,) = yield self.exchange(config, request("GET", "/b?access_token=s3cret-query"))
+        self.assertEqual(reply.status, 400)
+        self.assertIn("query parameter access_token: invalid (the value is a credential: not shown)", self.events())
+        self.assertNotIn("s3cret", self.events())
+
+    @defer.inlineCallbacks
     def test_string_model_checks_as_the_body_streams(self):
         config = typed_chain([{"path": "/text", "content": "string"}])
         raw = request("POST", "/text", None, {"Transfer-Encoding": "chunked"}) + b"5\r\nhello\r\n"

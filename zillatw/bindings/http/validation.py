@@ -48,6 +48,7 @@ from typing import Any
 
 from zope.interface import directlyProvides, implementer, providedBy
 
+from zillatw.bindings.http.auth import CONVENTIONAL_SECRETS
 from zillatw.catalogs import Unavailable
 from zillatw.catalogs.models import ENCODINGS
 from zillatw.catalogs.validation import MODEL, Spec, check_model, model_of
@@ -159,8 +160,17 @@ class Typed:
             if value is not None:
                 reason = spec.check(value.encode("utf-8", "surrogateescape"))
                 if reason is not None:
-                    return spec.event_model, f"header {name}: {reason}"
+                    return spec.event_model, f"header {name}: {_shown(reason, name in SECRET_HEADERS)}"
         return None
+
+
+# Headers whose values are credentials: a schema's complaint may quote the value, so the
+# event says only that it was invalid.
+SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+def _shown(reason: str, secret: bool) -> str:
+    return "invalid (the value is a credential: not shown)" if secret else reason
 
 
 class ResponseType(Typed):
@@ -213,7 +223,8 @@ class RequestType(Typed):
             for query in _QUERY.finditer(headers.get(":path", "")):
                 qspec = self.query_params.get(query.group(1))
                 if qspec is not None and (reason := qspec.check(query.group(2).encode())) is not None:
-                    return qspec.event_model, f"query parameter {query.group(1)}: {reason}"
+                    secret = query.group(1).lower() in CONVENTIONAL_SECRETS
+                    return qspec.event_model, f"query parameter {query.group(1)}: {_shown(reason, secret)}"
         return self.check_headers(headers)
 
     def response(self, headers: Mapping[str, str]) -> ResponseType | None:
