@@ -107,7 +107,7 @@ class InsideTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_the_reactor_listens_and_connects_inside(self) -> Any:
-        factory = ServerFactory.forProtocol(Protocol)
+        factory: Any = ServerFactory.forProtocol(Protocol)
         port = reactor.listenTCP(7114, factory, interface="0.0.0.0")
         self.addCleanup(port.stopListening)
         client = yield connect_raw(7114)
