@@ -176,20 +176,30 @@ class ExampleNetwork:
         shipped = Path(CONF, name)
         if self.isolated and folder is None:
             return str(shipped)
-        if folder is None:
-            folder = Path(self.case.mktemp())
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / name
+        folder = self._folder(folder)
         if not self.isolated:
-            text = shipped.read_text()
-            written = sorted({int(n) for n in re.findall(r"(?<![\d.])(\d{2,5})(?!\d)", text)} & KNOWN_PORTS)
-            target.write_text(rewritten(text, {port: self.port(port) for port in written}))
-            return str(target)
+            return self.write(shipped.read_text(), folder, name)
+        target = folder / name
         try:
             os.link(shipped, target)
         except OSError as e:
             self.case.fail(f"cannot link {shipped} into {folder} (same file system needed): {e}")
         return str(target)
+
+    def write(self, text: str, folder: Path | None = None, name: str = "zilla.yaml") -> str:
+        """An example's text that is not in conf/ (Zilla's own, quoted in a test) written
+        into `folder` as `name`: as it is, or in the fallback rewritten onto free ports."""
+        folder = self._folder(folder)
+        if not self.isolated:
+            written = {int(n) for n in re.findall(r"(?<![\d.])(\d{2,5})(?!\d)", text)} & KNOWN_PORTS
+            text = rewritten(text, {port: self.port(port) for port in sorted(written)})
+        (folder / name).write_text(text)
+        return str(folder / name)
+
+    def _folder(self, folder: Path | None) -> Path:
+        folder = Path(self.case.mktemp()) if folder is None else folder
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
 
 
 # The ports Zilla's examples (conf/*.yaml) write; test_netns checks every one is listed.

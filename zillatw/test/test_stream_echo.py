@@ -15,8 +15,8 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from zillatw.test import pki
+from zillatw.test.netns import ExampleNetwork
 from zillatw.test.pki import localhost_keystore, tls_connect
-from zillatw.test.process_support import conf_text, serve_text
 from zillatw.test.support import OnAClock, connect_raw, eventually, free_port, start_gateway, value
 
 # aklivity/zilla examples/tls.echo/etc/zilla.yaml (commit 8d5eb0a5), the text as Zilla ships it
@@ -99,10 +99,9 @@ telemetry:
 class TcpEchoTests(unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
-        self.folder = Path(self.mktemp())
-        self.folder.mkdir()
-        self.port = free_port()
-        self.gateway, _ = yield serve_text(self, self.folder, conf_text("tcp.echo.yaml", self.port))
+        network = ExampleNetwork(self)
+        self.port = network.port(12345)
+        self.gateway, _ = yield start_gateway(self, network.config("tcp.echo.yaml"))
 
     @defer.inlineCallbacks
     def test_nc_gets_every_line_back(self):
@@ -136,12 +135,13 @@ class TcpEchoTests(unittest.TestCase):
 class TlsEchoTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_s_client_with_alpn_echo_gets_every_line_back(self):
+        network = ExampleNetwork(self)
         folder = Path(self.mktemp())
         ca = localhost_keystore(folder)
         os.environ["KEYSTORE_PASSWORD"] = "generated"
         self.addCleanup(os.environ.pop, "KEYSTORE_PASSWORD")
-        port = free_port()
-        yield serve_text(self, folder, conf_text("tls.echo.yaml", port))
+        port = network.port(23456)
+        yield start_gateway(self, network.config("tls.echo.yaml", folder))
         client = yield tls_connect(port, ca, alpn=["echo"])
         client.transport.write(b"Hello, world\n")
         self.assertEqual((yield client.until(13)), b"Hello, world\n")
@@ -157,12 +157,13 @@ class TlsEchoTests(unittest.TestCase):
 
 
 class ZillaTlsEchoUnchangedTests(unittest.TestCase):
-    """Zilla's examples/tls.echo/etc/zilla.yaml as shipped (only host and port changed
-    here): x509-guarded `secure-echo` next to open `echo`, mutual TLS requested, keystores
-    made at run time with the aliases the example names."""
+    """Zilla's examples/tls.echo/etc/zilla.yaml as shipped, on its port: x509-guarded
+    `secure-echo` next to open `echo`, mutual TLS requested, keystores made at run time
+    with the aliases the example names."""
 
     @defer.inlineCallbacks
     def setUp(self):
+        network = ExampleNetwork(self)
         folder = Path(self.mktemp())
         self.ca = localhost_keystore(folder, "keys")
         client_ca, other_ca = pki.make_ca("Test Client CA"), pki.make_ca("Test Other CA")
@@ -173,9 +174,8 @@ class ZillaTlsEchoUnchangedTests(unittest.TestCase):
         for name, password in (("KEYSTORE_PASSWORD", "keys"), ("TRUSTSTORE_PASSWORD", "trust")):
             os.environ[name] = password
             self.addCleanup(os.environ.pop, name)
-        self.port = free_port()
-        text = ZILLA_TLS_ECHO.replace("0.0.0.0", "127.0.0.1").replace("23456", str(self.port))
-        self.gateway, _ = yield serve_text(self, folder, text)
+        self.port = network.port(23456)
+        self.gateway, _ = yield start_gateway(self, network.write(ZILLA_TLS_ECHO, folder))
 
     @defer.inlineCallbacks
     def exchange(self, alpn: str, client: pki.Issued | None = None) -> Any:

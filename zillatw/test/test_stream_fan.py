@@ -14,6 +14,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from zillatw.test.netns import ExampleNetwork
 from zillatw.test.pki import localhost_keystore, tls_connect
 from zillatw.test.process_support import RedisServer, conf_text, serve_text
 from zillatw.test.support import OnAClock, close_ws, connect_raw, connect_ws, eventually, free_port, start_gateway
@@ -22,10 +23,9 @@ from zillatw.test.support import OnAClock, close_ws, connect_raw, connect_ws, ev
 class TcpReflectTests(unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
-        self.folder = Path(self.mktemp())
-        self.folder.mkdir()
-        self.port = free_port()
-        self.gateway, _ = yield serve_text(self, self.folder, conf_text("tcp.reflect.yaml", self.port))
+        network = ExampleNetwork(self)
+        self.port = network.port(12345)
+        self.gateway, _ = yield start_gateway(self, network.config("tcp.reflect.yaml"))
 
     @defer.inlineCallbacks
     def connected(self, count: int) -> Any:
@@ -92,12 +92,13 @@ class MixedTests(unittest.TestCase):
 class TlsReflectTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_two_s_clients_with_alpn_echo_hear_each_other(self):
+        network = ExampleNetwork(self)
         folder = Path(self.mktemp())
         ca = localhost_keystore(folder)
         os.environ["KEYSTORE_PASSWORD"] = "generated"
         self.addCleanup(os.environ.pop, "KEYSTORE_PASSWORD")
-        port = free_port()
-        gateway, _ = yield serve_text(self, folder, conf_text("tls.reflect.yaml", port))
+        port = network.port(23456)
+        gateway, _ = yield start_gateway(self, network.config("tls.reflect.yaml", folder))
         a = yield tls_connect(port, ca, alpn=["echo"])
         b = yield tls_connect(port, ca, alpn=["echo"])
         fan = gateway.generation.bindings["example:north_fan_server"]
