@@ -1,6 +1,7 @@
 """Zilla's http.echo and http.proxy examples (conf/http.echo.yaml, conf/http.proxy.yaml)
 driven over HTTP/2 as their READMEs do with nghttp: here the `h2` library on a loopback
-socket, h2 by ALPN on the https ports and h2c with prior knowledge on http."""
+socket, h2 by ALPN on the https ports and h2c with prior knowledge on http. The files run
+unchanged, on their own ports, in a network namespace of the test's own (zillatw.test.netns)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,15 @@ from twisted.trial import unittest
 from zillatw.test import pki
 from zillatw.test.h2_support import H2Client, connect_h2c
 from zillatw.test.http_support import UpstreamFactory
+from zillatw.test.netns import ExampleNetwork
 from zillatw.test.process_support import generate_keystores
-from zillatw.test.support import CONF, eventually, free_port, start_gateway
+from zillatw.test.support import eventually, resolve_locally, start_gateway
 
 
 class H2ExampleTests(unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
+        self.network = ExampleNetwork(self)
         self.folder = Path(self.mktemp())
         yield generate_keystores(self, self.folder / "tls")
 
@@ -34,19 +37,10 @@ class H2ExampleTests(unittest.TestCase):
         self.addCleanup(lambda: client.transport.abortConnection())
         return client
 
-    def example(self, name: str, replacements: dict[str, str]) -> str:
-        text = Path(CONF, name).read_text().replace("0.0.0.0", "127.0.0.1")
-        for old, new in replacements.items():
-            self.assertIn(old, text)
-            text = text.replace(old, new)
-        (self.folder / "zilla.yaml").write_text(text)
-        return str(self.folder / "zilla.yaml")
-
     @defer.inlineCallbacks
     def test_http_echo_over_h2_and_h2c(self):
-        http_port, https_port = free_port(), free_port()
-        gateway, _ = yield start_gateway(self, self.example("http.echo.yaml", {"7114": str(http_port),
-                                                                               "7143": str(https_port)}))
+        http_port, https_port = self.network.port(7114), self.network.port(7143)
+        gateway, _ = yield start_gateway(self, self.network.config("http.echo.yaml", self.folder))
         h2c = yield connect_h2c(self, http_port)
         tls = yield self.connect_h2(https_port)
         for client, scheme, port in ((h2c, "http", http_port), (tls, "https", https_port)):
@@ -75,11 +69,11 @@ class H2ExampleTests(unittest.TestCase):
         options = tssl.CertificateOptions(privateKey=own.privateKey.original, certificate=own.original,
                                           acceptableProtocols=[b"http/1.1"])
         upstream = UpstreamFactory()
-        listening: Any = reactor.listenSSL(0, upstream, options, interface="127.0.0.1")  # type: ignore[attr-defined]
+        listening: Any = reactor.listenSSL(self.network.port(443), upstream, options, interface="127.0.0.1")  # type: ignore[attr-defined]
         self.addCleanup(listening.stopListening)
-        port = free_port()
-        gateway, _ = yield start_gateway(self, self.example("http.proxy.yaml", {
-            "9090": str(port), "host: backend": "host: 127.0.0.1", "port: 443": f"port: {listening.getHost().port}"}))
+        port = self.network.port(9090)
+        resolve_locally(self, "backend")  # the host name as written
+        gateway, _ = yield start_gateway(self, self.network.config("http.proxy.yaml", self.folder))
         client = yield self.connect_h2(port)
         # nghttp https://localhost:9090/demo.html, from a page elsewhere: three streams at once
         streams = [client.request("GET", "/demo.html", scheme="https",

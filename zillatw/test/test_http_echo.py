@@ -16,8 +16,9 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from zillatw.bindings.echo.binding import EchoServer
 from zillatw.stream import HttpHead, IHttpRequestExit
 from zillatw.test.http_support import connect_http, plain_chain, request
+from zillatw.test.netns import ExampleNetwork
 from zillatw.test.process_support import generate_keystores
-from zillatw.test.support import CONF, eventually, free_port, start_gateway
+from zillatw.test.support import eventually, start_gateway
 
 
 class Recorder:
@@ -85,10 +86,12 @@ class EchoExchangeTests(unittest.TestCase):
 
 
 class HttpEchoExampleTests(unittest.TestCase):
-    """conf/http.echo.yaml on free ports, with the keystores conf/tls/generate-keystore.py makes."""
+    """conf/http.echo.yaml unchanged, on 7114 and 7143 in a network namespace of the test's own
+    (zillatw.test.netns), with the keystores conf/tls/generate-keystore.py makes."""
 
     @defer.inlineCallbacks
     def setUp(self):
+        self.network = ExampleNetwork(self)
         self.folder = Path(self.mktemp())
         yield generate_keystores(self, self.folder / "tls")
         self.pool = HTTPConnectionPool(reactor, persistent=True)
@@ -96,11 +99,8 @@ class HttpEchoExampleTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_http_echo_as_its_readme_shows(self):
-        http_port, https_port = free_port(), free_port()
-        text = Path(CONF, "http.echo.yaml").read_text().replace("0.0.0.0", "127.0.0.1")
-        text = text.replace("7114", str(http_port)).replace("7143", str(https_port))
-        (self.folder / "zilla.yaml").write_text(text)
-        gateway, _ = yield start_gateway(self, str(self.folder / "zilla.yaml"))
+        http_port, https_port = self.network.port(7114), self.network.port(7143)
+        gateway, _ = yield start_gateway(self, self.network.config("http.echo.yaml", self.folder))
         server = gateway.binding("north_http_server")
         connections: list[Any] = []
         build = server.buildProtocol
@@ -122,11 +122,8 @@ class HttpEchoExampleTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_a_request_for_another_authority_is_404(self):
-        http_port, https_port = free_port(), free_port()
-        text = Path(CONF, "http.echo.yaml").read_text().replace("0.0.0.0", "127.0.0.1")
-        text = text.replace("7114", str(http_port)).replace("7143", str(https_port))
-        (self.folder / "zilla.yaml").write_text(text)
-        yield start_gateway(self, str(self.folder / "zilla.yaml"))
+        http_port = self.network.port(7114)
+        yield start_gateway(self, self.network.config("http.echo.yaml", self.folder))
         response = yield treq.request("POST", f"http://127.0.0.1:{http_port}/", data=b"x",
                                       agent=Agent(reactor, pool=self.pool))
         self.assertEqual(response.code, 404)

@@ -1,12 +1,12 @@
 """conf/http.json.schema.yaml, conf/http.metrics.yaml and conf/http.proxy.jwt.yaml driven as
-their Zilla READMEs do, with curl: on free ports (the files' 7114, 7190 and 80 replaced), the
-upstream `nginx` resolved to 127.0.0.1 by a name resolver on the reactor, tokens minted at run
-time by conf/jwt/mint-token.py."""
+their Zilla READMEs do, with curl: the files unchanged, on their own ports (7114, 7190; the
+upstream `nginx` on 80) in a network namespace of the test's own (zillatw.test.netns), `nginx`
+resolved to 127.0.0.1 by a name resolver on the reactor, tokens minted at run time by
+conf/jwt/mint-token.py."""
 
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,8 @@ from twisted.web.server import Site
 from twisted.web.static import File
 
 from zillatw.test.http_support import sample
-from zillatw.test.support import CONF, free_port, resolve_locally, start_gateway
+from zillatw.test.netns import ExampleNetwork
+from zillatw.test.support import CONF, resolve_locally, start_gateway
 
 VALID = b'{\n    "id": 42,\n    "status": "Active"\n}\n'
 INVALID = b'{\n    "id": 42,\n    "status": "my status",\n    "name": "test"\n}\n'
@@ -31,18 +32,10 @@ def curl(*args: str) -> Any:
                                     reactor=reactor)
 
 
-def on_ports(name: str, folder: Path, ports: dict[str, int]) -> str:
-    text = Path(CONF, name).read_text().replace("0.0.0.0", "127.0.0.1")
-    for written, port in ports.items():
-        text = re.sub(rf"\b{written}\b", str(port), text)
-    path = folder / name
-    path.write_text(text)
-    return str(path)
-
-
 class HttpJsonSchemaExample(unittest.TestCase):
     @defer.inlineCallbacks
     def setUp(self):
+        self.network = ExampleNetwork(self)
         resolve_locally(self, "nginx")  # the compose service's name, as written in the example
         self.folder = Path(self.mktemp())
         www = self.folder / "www"
@@ -51,14 +44,13 @@ class HttpJsonSchemaExample(unittest.TestCase):
         (www / "invalid.json").write_bytes(INVALID)
         site = Site(File(str(www), defaultType="application/octet-stream"))
         site.log = lambda request: None  # type: ignore[method-assign]
-        self.nginx = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        self.nginx = yield TCP4ServerEndpoint(reactor, self.network.port(80), interface="127.0.0.1").listen(site)
         self.addCleanup(self.nginx.stopListening)
 
     @defer.inlineCallbacks
     def test_as_its_readme_shows(self):
-        port = free_port()
-        path = on_ports("http.json.schema.yaml", self.folder, {"7114": port, "80": self.nginx.getHost().port})
-        gateway, _ = yield start_gateway(self, path)
+        port = self.network.port(7114)
+        gateway, _ = yield start_gateway(self, self.network.config("http.json.schema.yaml"))
         out, err, code = yield curl(f"http://localhost:{port}/valid.json")
         self.assertEqual((code, out), (0, VALID), err)
         out, err, code = yield curl(f"http://localhost:{port}/invalid.json")
@@ -74,11 +66,9 @@ class HttpJsonSchemaExample(unittest.TestCase):
 class HttpMetricsExample(unittest.TestCase):
     @defer.inlineCallbacks
     def test_as_its_readme_shows(self):
-        port, metrics_port = free_port(), free_port()
-        folder = Path(self.mktemp())
-        folder.mkdir()
-        gateway, _ = yield start_gateway(self, on_ports("http.metrics.yaml", folder,
-                                                        {"7114": port, "7190": metrics_port}))
+        network = ExampleNetwork(self)
+        port, metrics_port = network.port(7114), network.port(7190)
+        gateway, _ = yield start_gateway(self, network.config("http.metrics.yaml"))
         out, err, code = yield curl("-f", "-d", "Hello, Zilla!", f"http://localhost:{port}/items")
         self.assertEqual((code, out), (0, b"Hello, Zilla!"), err)
         yield curl("-f", f"http://localhost:{port}/users")
@@ -104,10 +94,9 @@ class HttpMetricsExample(unittest.TestCase):
 class HttpProxyJwtExample(unittest.TestCase):
     @defer.inlineCallbacks
     def test_as_its_readme_shows(self):
-        port = free_port()
-        folder = Path(self.mktemp())
-        folder.mkdir()
-        gateway, _ = yield start_gateway(self, on_ports("http.proxy.jwt.yaml", folder, {"7114": port}))
+        network = ExampleNetwork(self)
+        port = network.port(7114)
+        gateway, _ = yield start_gateway(self, network.config("http.proxy.jwt.yaml"))
         script = os.path.join(CONF, "jwt", "mint-token.py")
         out, err, code = yield getProcessOutputAndValue(sys.executable, [script, "--scope", "other"],
                                                         env=dict(os.environ), reactor=reactor)

@@ -15,16 +15,19 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 
 from zillatw.test import pki
 from zillatw.test.http_support import UpstreamFactory
+from zillatw.test.netns import ExampleNetwork
 from zillatw.test.process_support import generate_keystores
-from zillatw.test.support import CONF, eventually, free_port, resolve_locally, start_gateway
+from zillatw.test.support import CONF, eventually, resolve_locally, start_gateway
 
 
 class HttpProxyExampleTests(unittest.TestCase):
     """conf/http.proxy.yaml as its README drives it (curl --http1.1 here: h2 is not served),
-    on free ports, the backend on 127.0.0.1 with the keystores generate-keystore.py makes."""
+    unchanged on its ports (9090; the backend on 443) in a namespace of the test's own, the
+    backend on 127.0.0.1 with the keystores generate-keystore.py makes."""
 
     @defer.inlineCallbacks
     def test_http_proxy_example(self):
+        network = ExampleNetwork(self)
         folder = Path(self.mktemp())
         yield generate_keystores(self, folder / "tls")
         bundle = pkcs12.load_pkcs12((folder / "tls" / "backend.p12").read_bytes(), b"generated")
@@ -33,17 +36,12 @@ class HttpProxyExampleTests(unittest.TestCase):
         options = tssl.CertificateOptions(privateKey=own.privateKey.original, certificate=own.original,
                                           acceptableProtocols=[b"http/1.1"])
         upstream = UpstreamFactory()
-        listening: Any = reactor.listenSSL(0, upstream, options, interface="127.0.0.1")  # type: ignore[attr-defined]
+        listening: Any = reactor.listenSSL(network.port(443), upstream, options, interface="127.0.0.1")  # type: ignore[attr-defined]
         self.addCleanup(listening.stopListening)
-        port = free_port()
-        text = Path(CONF, "http.proxy.yaml").read_text().replace("0.0.0.0", "127.0.0.1")
-        resolve_locally(self, "backend")  # the host name stays as written
-        self.assertIn("host: backend", text)
-        for old, new in {"9090": str(port), "port: 443": f"port: {listening.getHost().port}"}.items():
-            self.assertIn(old, text)
-            text = text.replace(old, new)
-        (folder / "zilla.yaml").write_text(text)
-        gateway, _ = yield start_gateway(self, str(folder / "zilla.yaml"))
+        port = network.port(9090)
+        resolve_locally(self, "backend")  # the host name as written
+        self.assertIn("host: backend", Path(CONF, "http.proxy.yaml").read_text())
+        gateway, _ = yield start_gateway(self, network.config("http.proxy.yaml", folder))
         pool = HTTPConnectionPool(reactor, persistent=True)
         self.addCleanup(pool.closeCachedConnections)
         ca = tssl.Certificate.loadPEM((folder / "tls" / "localhost.crt").read_bytes())
