@@ -265,8 +265,9 @@ class UpstreamFactory(WebSocketServerFactory):
 
 
 def start_wss_upstream(case: unittest.TestCase, issued: Issued, client_ca: Issued | None = None,
-                       alpn: list[bytes] | None = None) -> Any:
-    """An Autobahn echo server over TLS (Twisted's own TLS), optionally requiring client certs."""
+                       alpn: list[bytes] | None = None, port: int = 0) -> Any:
+    """An Autobahn echo server over TLS (Twisted's own TLS), optionally requiring client certs,
+    on 127.0.0.1 and `port` (0: one the system picks)."""
     factory = UpstreamFactory()
     factory.setProtocolOptions(echoCloseCodeReason=True, autoFragmentSize=0)
     own = tssl.PrivateCertificate.loadPEM(issued.key_pem() + issued.cert_pem())
@@ -277,9 +278,9 @@ def start_wss_upstream(case: unittest.TestCase, issued: Issued, client_ca: Issue
     if alpn:
         options = tssl.CertificateOptions(privateKey=own.privateKey.original, certificate=own.original,
                                           acceptableProtocols=alpn)
-    port = IReactorSSL(reactor).listenSSL(0, factory, options, interface="127.0.0.1")
-    case.addCleanup(port.stopListening)
-    address = port.getHost()
+    listening = IReactorSSL(reactor).listenSSL(port, factory, options, interface="127.0.0.1")
+    case.addCleanup(listening.stopListening)
+    address = listening.getHost()
     assert isinstance(address, IPv4Address)
     return factory, address.port
 

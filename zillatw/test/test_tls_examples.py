@@ -16,16 +16,19 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
 from zillatw.test import pki
+from zillatw.test.netns import ExampleNetwork
 from zillatw.test.pki import client_tls, connect_wss, start_wss_upstream
 from zillatw.test.process_support import generate_keystores
-from zillatw.test.support import CONF, close_ws, eventually, free_port, start_gateway
+from zillatw.test.support import CONF, close_ws, eventually, resolve_locally, start_gateway
 
 
 class ConfExampleTests(unittest.TestCase):
-    """conf/ws.*.tls.yaml (spec §4.3, §4.4) with the keystores their script makes, on free ports."""
+    """conf/ws.*.tls.yaml (spec §4.3, §4.4) unchanged, on their own ports in a network namespace
+    of the test's own (zillatw.test.netns), with the keystores their script makes."""
 
     @defer.inlineCallbacks
     def setUp(self):
+        self.network = ExampleNetwork(self)
         self.folder = Path(self.mktemp())
         yield generate_keystores(self, self.folder / "tls")
 
@@ -47,14 +50,9 @@ class ConfExampleTests(unittest.TestCase):
         self.assertIsNotNone(bundle.key)
 
     @defer.inlineCallbacks
-    def serve(self, name: str, replacements: dict[str, str]) -> Any:
-        """The example, unchanged but for listening on 127.0.0.1 and these replacements."""
-        text = Path(CONF, name).read_text().replace("0.0.0.0", "127.0.0.1")
-        for old, new in replacements.items():
-            self.assertIn(old, text)
-            text = text.replace(old, new)
-        (self.folder / "zilla.yaml").write_text(text)
-        gateway, _ = yield start_gateway(self, str(self.folder / "zilla.yaml"))
+    def serve(self, name: str) -> Any:
+        """The example, its relative paths found in this test's folder."""
+        gateway, _ = yield start_gateway(self, self.network.config(name, self.folder))
         return gateway
 
     def trusted(self, name: str) -> x509.Certificate:
@@ -62,8 +60,8 @@ class ConfExampleTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_ws_echo_tls_serves_wss_and_ws_from_one_config(self):
-        wss_port, ws_port = free_port(), free_port()
-        gateway = yield self.serve("ws.echo.tls.yaml", {"7143": str(wss_port), "7114": str(ws_port)})
+        wss_port, ws_port = self.network.port(7143), self.network.port(7114)
+        gateway = yield self.serve("ws.echo.tls.yaml")
         for port, tls in [(wss_port, True), (ws_port, False)]:
             client = yield connect_wss(port, client_tls(self.trusted("localhost")), protocols=["echo"], tls=tls)
             client.sendMessage(b"example")
@@ -76,12 +74,12 @@ class ConfExampleTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_ws_proxy_tls_reaches_a_backend_it_verifies_as_backend(self):
         bundle = pkcs12.load_pkcs12((self.folder / "tls" / "backend.p12").read_bytes(), b"generated")
-        upstream, upstream_port = start_wss_upstream(self, pki.Issued(bundle.key, bundle.cert.certificate))
-        wss_port = free_port()
-        # the backend listens on 127.0.0.1; the tls client still sends and verifies `backend`
-        yield self.serve("ws.proxy.tls.yaml", {"- 7143": f"- {wss_port}", "port: 7143": f"port: {wss_port}",
-                                               "host: backend": "host: 127.0.0.1",
-                                               "port: 8443": f"port: {upstream_port}"})
+        upstream, _ = start_wss_upstream(self, pki.Issued(bundle.key, bundle.cert.certificate),
+                                         port=self.network.port(8443))
+        wss_port = self.network.port(7143)
+        # `backend` resolves to 127.0.0.1; the tls client sends and verifies `backend`
+        resolve_locally(self, "backend")
+        yield self.serve("ws.proxy.tls.yaml")
         client = yield connect_wss(wss_port, client_tls(self.trusted("localhost")), path="/chat",
                                    protocols=["echo"])
         client.sendMessage(b"to the backend")

@@ -4,7 +4,8 @@ there, for that CN only; everywhere else the RFC 6125/9525 checks stay, and a re
 upstream certificate is a 502 with a body plus an event saying why, never a traceback.
 
 conf/ws.proxy.tls.yaml is Zilla's examples/ws.proxy/etc/zilla.yaml, unchanged; the tests
-give it free ports and resolve `backend` to 127.0.0.1 (a name resolver on the reactor),
+run it on its own ports (7143; the backend on 8443) in a network namespace of their own
+(zillatw.test.netns) and resolve `backend` to 127.0.0.1 (a name resolver on the reactor),
 with keystores made at run time as Zilla's are: a self-signed CA:TRUE `CN=backend`, no SAN.
 """
 
@@ -23,8 +24,9 @@ from twisted.trial import unittest
 
 from zillatw.bindings.tls.context import pinned_by_common_name
 from zillatw.test import pki
+from zillatw.test.netns import ExampleNetwork
 from zillatw.test.pki import client_tls, connect_wss, start_wss_upstream, tls_connect
-from zillatw.test.support import CONF, close_ws, free_port, resolve_locally, start_gateway, upgrade_request
+from zillatw.test.support import CONF, close_ws, resolve_locally, start_gateway, upgrade_request
 
 PASSWORD = "generated"
 
@@ -49,6 +51,7 @@ def cn_only(cn: str, issuer: pki.Issued | None = None, san: list[str] | None = N
 
 class WsProxyAsShipped(unittest.TestCase):
     def setUp(self):
+        self.network = ExampleNetwork(self)
         resolve_locally(self, "backend")  # the compose service's name, as Zilla's example has it
         os.environ["KEYSTORE_PASSWORD"] = PASSWORD
         self.addCleanup(os.environ.pop, "KEYSTORE_PASSWORD")
@@ -63,16 +66,10 @@ class WsProxyAsShipped(unittest.TestCase):
         """Zilla's config, with `pinned` as the trust store's `backend` entry, proxying to
         a wss echo server presenting `backend`."""
         pki.write(self.folder / "tls" / "truststore.p12", pki.truststore_p12({"backend": pinned}, PASSWORD))
-        self.upstream, upstream_port = start_wss_upstream(self, backend)
-        self.port = free_port()
-        text = Path(CONF, "ws.proxy.tls.yaml").read_text()
-        self.assertIn("host: backend", text)  # the name is resolved, not edited
-        for old, new in (("- 7143", f"- {self.port}"), ("port: 7143", f"port: {self.port}"),
-                         ("port: 8443", f"port: {upstream_port}"), ("0.0.0.0", "127.0.0.1")):
-            self.assertIn(old, text)
-            text = text.replace(old, new)
-        (self.folder / "zilla.yaml").write_text(text)
-        self.gateway, _ = yield start_gateway(self, str(self.folder / "zilla.yaml"))
+        self.upstream, _ = start_wss_upstream(self, backend, port=self.network.port(8443))
+        self.port = self.network.port(7143)
+        self.assertIn("host: backend", Path(CONF, "ws.proxy.tls.yaml").read_text())  # resolved, not edited
+        self.gateway, _ = yield start_gateway(self, self.network.config("ws.proxy.tls.yaml", self.folder))
 
     @defer.inlineCallbacks
     def refused(self) -> Any:
