@@ -6,19 +6,17 @@ import os
 from collections.abc import Generator
 from typing import Any
 
-import yaml
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from zillatw.test.netns import ExampleNetwork
 from zillatw.test.support import (
-    CONF,
     chain,
     client_frame,
     close_ws,
     connect_raw,
     connect_ws,
     eventually,
-    on_ephemeral_port,
     parse_server_frames,
     raw_exchange,
     split_response,
@@ -308,15 +306,19 @@ class SubprotocolTests(unittest.TestCase):
 
 
 class ExampleConfigTests(unittest.TestCase):
-    """conf/ws.echo.yaml and conf/ws.reflect.yaml, unchanged but for the port."""
+    """conf/ws.echo.yaml and conf/ws.reflect.yaml, unchanged, on 7114 in a network namespace of
+    the test's own (zillatw.test.netns)."""
+
+    def setUp(self):
+        self.network = ExampleNetwork(self)
 
     def _config(self, name):
-        with open(os.path.join(CONF, name)) as f:
-            return on_ephemeral_port(yaml.safe_load(f), "north_tcp_server")
+        return self.network.config(name)
 
     @defer.inlineCallbacks
     def test_ws_echo(self):
-        gateway, port = yield start_gateway(self, self._config("ws.echo.yaml"))
+        gateway, _ = yield start_gateway(self, self._config("ws.echo.yaml"))
+        port = self.network.port(7114)
         client = yield connect_ws(port, protocols=["echo"])
         self.assertEqual(client.websocket_protocol_in_use, "echo")
         client.sendMessage(b"Hello, world")
@@ -327,7 +329,8 @@ class ExampleConfigTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_ws_reflect_reaches_every_client_including_sender(self):
-        gateway, port = yield start_gateway(self, self._config("ws.reflect.yaml"))
+        gateway, _ = yield start_gateway(self, self._config("ws.reflect.yaml"))
+        port = self.network.port(7114)
         clients = []
         for _ in range(3):
             clients.append((yield connect_ws(port, protocols=["echo"])))

@@ -14,7 +14,6 @@ import sys
 import time
 from typing import Any
 
-import yaml
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer, reactor
 from twisted.internet.base import DelayedCall
@@ -25,6 +24,7 @@ from zillatw.errors import ConfigError
 from zillatw.guards import Rejected
 from zillatw.guards.jwt import JwtGuard
 from zillatw.runtime.gateway import load_config
+from zillatw.test.netns import ExampleNetwork
 from zillatw.test.pki import AUDIENCE, CREDENTIALS, ISSUER, ROLE, Signer, b64, guarded_config
 from zillatw.test.support import (
     CONF,
@@ -32,7 +32,6 @@ from zillatw.test.support import (
     close_ws,
     connect_ws,
     eventually,
-    on_ephemeral_port,
     parse_server_frames,
     start_gateway,
     status_of,
@@ -364,13 +363,14 @@ class ConfigTests(unittest.TestCase):
 
 
 class ExampleTests(unittest.TestCase):
-    """conf/ws.echo.jwt.yaml with a token from conf/jwt/mint-token.py."""
+    """conf/ws.echo.jwt.yaml unchanged, on 7114 in a network namespace of the test's own
+    (zillatw.test.netns), with a token from conf/jwt/mint-token.py."""
 
     @defer.inlineCallbacks
     def test_example_and_token_script(self):
-        with open(os.path.join(CONF, "ws.echo.jwt.yaml")) as f:
-            config = on_ephemeral_port(yaml.safe_load(f), "north_tcp_server")
-        gateway, port = yield start_gateway(self, config)
+        network = ExampleNetwork(self)
+        gateway, _ = yield start_gateway(self, network.config("ws.echo.jwt.yaml"))
+        port = network.port(7114)
         script = os.path.join(CONF, "jwt", "mint-token.py")
         token = subprocess.run([sys.executable, script, "--sub", "carol", "--ttl", "60"], check=True,
                                capture_output=True, text=True).stdout.strip()
