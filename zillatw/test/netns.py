@@ -169,7 +169,7 @@ class ExampleNetwork:
         return self.ports[written]
 
     def config(self, name: str, folder: Path | None = None) -> str:
-        """The path to load for conf/<name>: the shipped file itself, or, given the `folder`
+        """The (absolute) path to load for conf/<name>: the shipped file itself, or, given the `folder`
         its relative paths (tls/localhost.p12 ...) are to be found in, a hard link to it there
         (the same file: a symlink would not do, the loader resolves it back to conf/). In the
         fallback, the file rewritten onto free ports, in `folder` or a temporary one."""
@@ -197,7 +197,7 @@ class ExampleNetwork:
         return str(folder / name)
 
     def _folder(self, folder: Path | None) -> Path:
-        folder = Path(self.case.mktemp()) if folder is None else folder
+        folder = (Path(self.case.mktemp()) if folder is None else folder).absolute()  # for children too
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 

@@ -16,8 +16,8 @@ from twisted.trial import unittest
 
 from zillatw import ConfigError, build_gateway
 from zillatw.telemetry.instrument import MeteredExit
+from zillatw.test.netns import ExampleNetwork
 from zillatw.test.support import (
-    CONF,
     STREAM,
     OnAClock,
     chain,
@@ -479,14 +479,12 @@ class ReadyFileTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_twistd_ready_file_and_metrics(self):
+        """conf/ws.echo.metrics.yaml unchanged, twistd's child on 7114 and 7190 in a network
+        namespace of the test's own (zillatw.test.netns: the child is forked inside)."""
         from zillatw.test.process_support import ENV, ROOT, TWISTD, Collect
-        from zillatw.test.support import free_port
-        port, metrics_port = free_port(), free_port()
-        with open(os.path.join(CONF, "ws.echo.metrics.yaml")) as f:  # on ports free here
-            text = f.read().replace("7114", str(port)).replace("7190", str(metrics_port))
-        config, ready = os.path.abspath(self.mktemp()), os.path.abspath(self.mktemp())
-        with open(config, "w") as f:
-            f.write(text)
+        network = ExampleNetwork(self)
+        port, metrics_port = network.port(7114), network.port(7190)
+        config, ready = network.config("ws.echo.metrics.yaml"), os.path.abspath(self.mktemp())
         child = Collect()
         process = reactor.spawnProcess(child, TWISTD[0], TWISTD + ["-n", "--pidfile=", "zillaws", "-c", config,
                                                                    "--ready-file", ready], env=ENV, path=ROOT)

@@ -7,10 +7,8 @@ import copy
 import io
 import json
 import logging
-import os
 from typing import Any
 
-import yaml
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from twisted.internet import defer, reactor
@@ -22,7 +20,8 @@ from twisted.web.server import NOT_DONE_YET, Site
 from zillatw import build_gateway
 from zillatw.errors import ConfigError
 from zillatw.telemetry.otlp import FINAL_WAIT, OtlpExporter
-from zillatw.test.support import CONF, chain, close_ws, connect_ws, eventually, on_ephemeral_port
+from zillatw.test.netns import ExampleNetwork
+from zillatw.test.support import chain, close_ws, connect_ws, eventually
 
 
 class Receiver(Resource):
@@ -72,10 +71,11 @@ class _Site(Site):
         return protocol
 
 
-def start_receiver(case: unittest.TestCase) -> tuple[Receiver, int]:
+def start_receiver(case: unittest.TestCase, on: int = 0) -> tuple[Receiver, int]:
+    """A collector's OTLP/HTTP port on 127.0.0.1 and `on` (0: one the system picks)."""
     receiver = Receiver()
     site = _Site(receiver)
-    port: Any = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[arg-type]
+    port: Any = reactor.listenTCP(on, site, interface="127.0.0.1")  # type: ignore[arg-type]
 
     def open_ones() -> list[Any]:
         # the transport is the HTTP channel's, inside the protocol Site builds
@@ -105,7 +105,7 @@ def otlp_config(location: str, **options: Any) -> dict:
 
 
 @defer.inlineCallbacks
-def start_on_a_clock(case: unittest.TestCase, config: dict, stop: bool = True, env: Any = None) -> Any:
+def start_on_a_clock(case: unittest.TestCase, config: dict | str, stop: bool = True, env: Any = None) -> Any:
     """A gateway on the real reactor whose otlp exporters count time on a Clock."""
     events = io.StringIO()
     gateway = build_gateway(config, event_stream=events, env=env)
@@ -209,10 +209,13 @@ class ExportTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_the_example_configuration(self):
-        with open(os.path.join(CONF, "ws.echo.otlp.yaml")) as f:
-            config = on_ephemeral_port(yaml.safe_load(f), "north_tcp_server")
-        receiver, port = start_receiver(self)
-        gateway, ws_port, clock = yield start_on_a_clock(self, config, env={"OTLP_COLLECTOR": f"http://127.0.0.1:{port}"})
+        """conf/ws.echo.otlp.yaml unchanged, on 7114 in a network namespace of the test's own
+        (zillatw.test.netns), the collector on 4318 as the file's comment runs it."""
+        network = ExampleNetwork(self)
+        receiver, port = start_receiver(self, network.port(4318))
+        gateway, _, clock = yield start_on_a_clock(self, network.config("ws.echo.otlp.yaml"),
+                                                   env={"OTLP_COLLECTOR": f"http://localhost:{port}"})
+        ws_port = network.port(7114)
         self.assertEqual(gateway.metrics.otlp[0].interval, 30)
         client = yield connect_ws(ws_port, protocols=["echo"])
         client.sendMessage(b"hello")

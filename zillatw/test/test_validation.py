@@ -15,13 +15,12 @@ from zillatw.catalogs.models import compile_schema
 from zillatw.config import load
 from zillatw.errors import ConfigError
 from zillatw.runtime.standard import standard_registry
+from zillatw.test.netns import ExampleNetwork
 from zillatw.test.support import (
-    CONF,
     assert_echoed_under_back_pressure,
     close_ws,
     connect_ws,
     eventually,
-    on_ephemeral_port,
     start_gateway,
 )
 from zillatw.test.validation_support import (
@@ -200,12 +199,10 @@ class ProxiedTests(ValidationCase):
 class ExampleTests(ValidationCase):
     @defer.inlineCallbacks
     def test_conf_ws_echo_validation(self):
-        import os
-
-        import yaml
-        with open(os.path.join(CONF, "ws.echo.validation.yaml")) as f:
-            example = on_ephemeral_port(yaml.safe_load(f), "north_tcp_server")
-        self.gateway, self.port = yield start_gateway(self, example)
+        """The file unchanged, on 7114 in a network namespace of the test's own (zillatw.test.netns)."""
+        network = ExampleNetwork(self)
+        self.gateway, _ = yield start_gateway(self, network.config("ws.echo.validation.yaml"))
+        self.port = network.port(7114)
         client = yield connect_ws(self.port, protocols=["echo"])
         yield self.assertEchoed(client, VALID_JSON, False)
         client.sendMessage(b'{"id": 1}')
