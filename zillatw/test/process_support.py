@@ -87,12 +87,16 @@ def alive(pid):
         return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def spawn_twistd(case: unittest.TestCase, config: dict[str, Any] | str, *args: str) -> tuple[str, Collect, Any]:
+def spawn_twistd(case: unittest.TestCase, config: dict[str, Any] | str | Path, *args: str) -> tuple[str, Collect, Any]:
     """`twistd -n zillaws -c FILE *args` in a child process on `config` (a dict, written as YAML,
-    or the file's text), killed when the test ends. -> (the file's path, Collect, process)"""
-    path = os.path.abspath(case.mktemp())
-    with open(path, "w") as f:
-        f.write(config if isinstance(config, str) else yaml.safe_dump(config))
+    the file's text, or a Path: that file itself), killed when the test ends.
+    -> (the file's path, Collect, process)"""
+    if isinstance(config, Path):
+        path = os.path.abspath(config)
+    else:
+        path = os.path.abspath(case.mktemp())
+        with open(path, "w") as f:
+            f.write(config if isinstance(config, str) else yaml.safe_dump(config))
     child = Collect()
     process = reactor.spawnProcess(child, TWISTD[0], TWISTD + ["-n", "--pidfile=", "zillaws", "-c", path, *args],
                                    env=ENV, path=ROOT)
@@ -109,7 +113,7 @@ def start_twistd(case: unittest.TestCase, config: dict[str, Any] | str, *args: s
     return path, child, process
 
 
-def spawn_workers(case: unittest.TestCase, config: dict, workers: int, *args: str):
+def spawn_workers(case: unittest.TestCase, config: dict | Path, workers: int, *args: str):
     """`twistd zillaws -w N` on `config` (written to a temp file), killed with all its workers
     when the test ends. -> (Collect, process transport, the config file's path)"""
     path, child, process = spawn_twistd(case, config, "-w", str(workers), *args)
@@ -137,11 +141,12 @@ def start_own_gateway(case, config, drain_timeout=10.0):
 
 # from test_fan_redis
 class RedisServer:
-    """A redis-server on a loopback port, no persistence; stop() and start() again on the same port."""
+    """A redis-server on a loopback port (`port`, or a free one), no persistence; stop() and
+    start() again on the same port."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, port: int | None = None) -> None:
         self.binary = redis_server_binary()
-        self.port = free_port()
+        self.port = port or free_port()
         self.args = list(args)
         self.proc: subprocess.Popen | None = None
 

@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
 import yaml
 from twisted.internet import defer, task
@@ -16,13 +17,13 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from zillatw.bindings.fan.redis import RedisLink, parse_url
+from zillatw.test.netns import ExampleNetwork
 from zillatw.test.process_support import RedisServer, redis_server_binary
 from zillatw.test.support import (
     CONF,
     close_ws,
     connect_ws,
     eventually,
-    free_port,
     http_get,
     on_ephemeral_port,
     start_gateway,
@@ -356,17 +357,19 @@ class ConfigTests(unittest.TestCase):
 
 class WorkerTests(unittest.TestCase):
     """`twistd zillaws -w 2`: two worker processes on one host, one configuration (so one
-    channel) and one Redis form one group."""
+    channel) and one Redis form one group: conf/ws.reflect.redis.yaml unchanged, on 7114 and
+    Redis on 6379 (`redis://localhost:6379`, as written) in a network namespace of the test's
+    own (zillatw.test.netns: the children are forked inside)."""
 
     @defer.inlineCallbacks
     def test_workers_of_one_host_form_one_group_without_duplicates(self):
         from zillatw.test.process_support import server_pid, spawn_workers, worker_pids
-        redis = RedisServer()
+        network = ExampleNetwork(self)
+        redis = RedisServer(port=network.port(6379))
         redis.start()
         self.addCleanup(redis.crash)
-        config = reflect(redis.url)
-        port = config["bindings"]["north_tcp_server"]["options"]["port"] = free_port()
-        child, process, _ = spawn_workers(self, config, 2)
+        port = network.port(7114)
+        child, process, _ = spawn_workers(self, Path(network.config("ws.reflect.redis.yaml")), 2)
         yield eventually(lambda: child.out.count(b"BINDING_FAN_REDIS_CONNECTED") >= 2 or child.ended.called,
                          timeout=30)
         self.assertEqual(child.out.count(b"BINDING_FAN_REDIS_CONNECTED"), 2, child.out)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 
 import yaml
@@ -10,8 +9,9 @@ from twisted.internet import defer, reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
+from zillatw.test.netns import ExampleNetwork
 from zillatw.test.process_support import ENV, ROOT, TWISTD, Collect
-from zillatw.test.support import CONF, close_ws, connect_ws, eventually, free_port
+from zillatw.test.support import close_ws, connect_ws, eventually
 
 
 class TwistdTests(unittest.TestCase):
@@ -28,12 +28,10 @@ class TwistdTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_serves_ws_echo_example_then_stops_on_sigterm(self):
-        port = free_port()
-        with open(os.path.join(CONF, "ws.echo.yaml")) as f:
-            text = f.read().replace("7114", str(port))  # the example, on a port free here
-        path = os.path.abspath(self.mktemp())
-        with open(path, "w") as f:
-            f.write(text)
+        """conf/ws.echo.yaml unchanged, on 7114 in a network namespace of the test's own
+        (zillatw.test.netns: the child is forked inside)."""
+        network = ExampleNetwork(self)
+        port, path = network.port(7114), network.config("ws.echo.yaml")
         child = Collect()
         process = reactor.spawnProcess(child, TWISTD[0], TWISTD + ["-n", "--pidfile=", "zillaws", "-v", "-c", path],
                                        env=ENV, path=ROOT)
