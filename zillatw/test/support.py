@@ -399,7 +399,7 @@ class Upstream(WebSocketServerProtocol):
         self.factory.closes.append((code, reason))
 
 
-def start_upstream(case, select=lambda offered: offered[0] if offered else None, echo=True, compress=False):
+def start_upstream(case, select=lambda offered: offered[0] if offered else None, echo=True, compress=False, on=0):
     factory = WebSocketServerFactory()
     factory.protocol = Upstream
     factory._batched_timer = ReactorTimer()
@@ -409,7 +409,7 @@ def start_upstream(case, select=lambda offered: offered[0] if offered else None,
             (PerMessageDeflateOfferAccept(o) for o in offers if isinstance(o, PerMessageDeflateOffer)), None))
     factory.requests, factory.closes, factory.connections = [], [], []
     factory.select, factory.echo, factory.received = select, echo, 0
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    port = reactor.listenTCP(on, factory, interface="127.0.0.1")  # on: the port, 0 for any
     case.addCleanup(port.stopListening)
     return factory, port.getHost().port
 

@@ -11,6 +11,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol, ServerFactory
 from twisted.trial import unittest
 
+from zillatw.test.netns import ExampleNetwork
 from zillatw.test.support import (
     close_ws,
     connect_ws,
@@ -25,6 +26,25 @@ from zillatw.wire import deflate
 from zillatw.wire.handshake import accept_key
 
 MESSAGE = 512 * 1024
+
+
+class ExampleTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_conf_ws_proxy_reaches_its_upstream_on_localhost_8080(self):
+        """conf/ws.proxy.yaml unchanged, on 7114, its upstream on localhost:8080 as written, in
+        a network namespace of the test's own (zillatw.test.netns)."""
+        network = ExampleNetwork(self)
+        upstream, _ = start_upstream(self, on=network.port(8080))
+        gateway, _ = yield start_gateway(self, network.config("ws.proxy.yaml"))
+        client = yield connect_ws(network.port(7114), "/chat", protocols=["echo"])
+        self.assertEqual(client.websocket_protocol_in_use, "echo")  # the upstream's answer, passed on
+        client.sendMessage(b"Hello, upstream")
+        self.assertEqual((yield client.messages.get()), (False, [b"Hello, upstream"]))
+        self.assertEqual(upstream.requests[0].path, "/chat")
+        self.assertEqual(upstream.received, len(b"Hello, upstream"))
+        self.assertEqual((yield close_ws(client))[1], 1000)
+        yield eventually(lambda: upstream.closes)
+        self.assertIn("example:north_http_server", gateway.events_text.getvalue())
 
 
 class ProxyTests(unittest.TestCase):
