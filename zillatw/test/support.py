@@ -14,6 +14,7 @@ another (zillatw.test.test_structure fails if one does).
 - wire_support.py, wire_echo.py: the sans-IO core's tests (zillatw.wire) and their echo server;
   validation_support.py: a fake schema registry and schemas.
 - reference_samples.py: a value for every key of docs/config-reference.md (test_reference).
+- netns.py: a test's own network namespace, so Zilla's examples run on their written ports.
 """
 
 from __future__ import annotations
