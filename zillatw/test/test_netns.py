@@ -45,6 +45,19 @@ class FakeCase:
         return "fake"
 
 
+def fell_back(case: unittest.TestCase, network: netns.ExampleNetwork, before: int) -> bool:
+    """Whether `network` is the fallback, checking it is what it should be then: where no
+    namespace can be made (not root: the suite run as an embedder runs it; never in CI, where
+    ExampleNetwork fails the test), the thread stays where it was and the ports are free ones.
+    These tests then check that much, and the namespace's tests run where it can be made."""
+    if network.isolated:
+        return False
+    case.assertFalse(os.environ.get("CI"))
+    case.assertEqual(netns.namespace_inode(), before)
+    case.assertNotEqual(network.port(7114), 7114)
+    return True
+
+
 class PrivateNamespaceTests(unittest.TestCase):
     def setUp(self) -> None:
         self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != netns.FORCE_FALLBACK})
@@ -58,8 +71,9 @@ class PrivateNamespaceTests(unittest.TestCase):
         port = outside.getsockname()[1]
         case = FakeCase(self.mktemp())
         network = netns.ExampleNetwork(case)
+        if fell_back(self, network, before):
+            return
         try:
-            self.assertTrue(network.isolated)
             self.assertNotEqual(netns.namespace_inode(), before)
             self.assertEqual(network.port(port), port)
             inside = socket.socket()
@@ -83,7 +97,8 @@ class PrivateNamespaceTests(unittest.TestCase):
         fd = os.open(netns.THREAD_NAMESPACE, os.O_RDONLY)  # the way back, for this test
         self.addCleanup(os.close, fd)
         case = FakeCase(self.mktemp())
-        netns.ExampleNetwork(case)
+        if fell_back(self, netns.ExampleNetwork(case), netns.namespace_inode()):
+            return
         real = netns._set_namespace
         self.patch(netns, "_set_namespace", lambda fd: None)
         (leave, _), pool = case.cleanups[0], case.cleanups[1:]
@@ -102,11 +117,13 @@ class InsideTests(unittest.TestCase):
         # registered first, so it runs last: after the network's own cleanups
         self.addCleanup(lambda: self.assertEqual(netns.namespace_inode(), self.outside))
         self.network = netns.ExampleNetwork(self)
-        self.assertTrue(self.network.isolated)
+        self.fell_back = fell_back(self, self.network, self.outside)
         self.inside = netns.namespace_inode()
 
     @defer.inlineCallbacks
     def test_the_reactor_listens_and_connects_inside(self) -> Any:
+        if self.fell_back:  # checked in setUp
+            return
         factory: Any = ServerFactory.forProtocol(Protocol)
         port = reactor.listenTCP(7114, factory, interface="0.0.0.0")
         self.addCleanup(port.stopListening)
@@ -117,6 +134,8 @@ class InsideTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_children_and_pool_threads_are_inside(self) -> Any:
+        if self.fell_back:  # checked in setUp
+            return
         out, err, code = yield getProcessOutputAndValue(
             sys.executable, ["-c", "import os; print(os.stat('/proc/self/ns/net').st_ino)"], reactor=reactor)
         self.assertEqual(code, 0, err)
@@ -161,6 +180,10 @@ class ShippedFileTests(unittest.TestCase):
     def test_a_config_with_relative_paths_is_the_shipped_file_itself(self) -> None:
         self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != netns.FORCE_FALLBACK})
         network = netns.ExampleNetwork(self)
+        if fell_back(self, network, netns.namespace_inode()):
+            self.assertNotEqual(Path(network.config("tcp.echo.yaml")).read_text(),
+                                Path(CONF, "tcp.echo.yaml").read_text())
+            return
         self.assertEqual(network.config("tcp.echo.yaml"), os.path.join(CONF, "tcp.echo.yaml"))
         folder = Path(self.mktemp())
         linked = network.config("http.echo.yaml", folder)
