@@ -52,6 +52,7 @@ SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914
 IFF_UP = 0x1
 FORCE_FALLBACK = "ZILLATW_TEST_NO_NETNS"
 THREAD_NAMESPACE = "/proc/thread-self/ns/net"
+POOL_STOP_TIMEOUT = 10.0  # seconds the test's thread pool has to finish once the test is over
 
 
 class NamespaceUnavailable(Exception):
@@ -126,7 +127,13 @@ def _own_thread_pool(case: Any) -> None:
 
     def restore() -> None:
         the_reactor.threadpool = saved
-        pool.stop()
+        # stop() joins the pool's threads: bounded here, so a thread stuck in the test's work
+        # fails the test (the pool takes no more work) instead of hanging the run
+        stopper = threading.Thread(target=pool.stop, name="netns-test-pool-stop", daemon=True)
+        stopper.start()
+        stopper.join(POOL_STOP_TIMEOUT)
+        if stopper.is_alive():
+            raise AssertionError(f"a thread of the test's pool was still busy {POOL_STOP_TIMEOUT:g} s after it")
     case.addCleanup(restore)
 
 

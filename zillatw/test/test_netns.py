@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,23 @@ class PrivateNamespaceTests(unittest.TestCase):
             function(*args)
         self.assertRaises(AssertionError, leave)
         real(fd)
+
+    def test_a_pool_thread_still_busy_after_the_test_fails_it_without_hanging(self) -> None:
+        self.patch(netns, "POOL_STOP_TIMEOUT", 0.05)
+        case = FakeCase(self.mktemp())
+        if fell_back(self, netns.ExampleNetwork(case), netns.namespace_inode()):
+            return
+        release = threading.Event()
+        reactor.getThreadPool().callInThread(release.wait)  # type: ignore[attr-defined]
+        (leave, _), (restore, _) = case.cleanups
+        try:
+            self.assertRaises(AssertionError, restore)
+        finally:
+            release.set()
+            for thread in threading.enumerate():
+                if thread.name == "netns-test-pool-stop":
+                    thread.join()
+            leave()
 
 
 class InsideTests(unittest.TestCase):
