@@ -11,8 +11,10 @@ Each stream is a zillatw.bindings.http.h2stream.H2Stream, which keeps flow contr
 request's DATA is acknowledged (WINDOW_UPDATE) only once the exit has taken it, so what a
 client may send unread is bounded by the windows we advertise; a response waits in its
 stream's buffer (at most SEND_BOUND bytes, then the exit is paused) while the peer's window
-or the socket is shut. CONNECT (and so WebSocket over HTTP/2, RFC 8441) is answered 501; a
-route whose exit takes upgrades (a ws server) likewise.
+or the socket is shut. A WebSocket comes as an extended CONNECT (RFC 8441; we advertise
+SETTINGS_ENABLE_CONNECT_PROTOCOL): its stream is a zillatw.bindings.http.h2websocket.H2WebSocket,
+admitted as an HTTP/1.1 upgrade and then the transport of the ws server's protocol. Any other
+CONNECT is answered 501.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from zillatw.bindings.http.h2stream import H2Stream
+from zillatw.bindings.http.h2websocket import H2WebSocket, is_websocket
 
 if TYPE_CHECKING:
     from zillatw.bindings.http.binding import HttpServer, HttpServerProtocol
@@ -94,7 +97,7 @@ class H2ServerConnection:
         self.factory = factory
         self.transport = transport
         self.secure = secure
-        self.streams: dict[int, H2Stream] = {}
+        self.streams: dict[int, H2Stream | H2WebSocket] = {}
         self.draining = False
         self.closed = False
         self.socket_paused = False
@@ -105,6 +108,8 @@ class H2ServerConnection:
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: factory.max_header_bytes,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            # always: without a ws route an extended CONNECT gets what an HTTP/1.1 upgrade gets
+            h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,
         })
         # Settings given at construction are current at once, so h2 never sees them "acked"
         # and leaves its HPACK decoder at its own default: give it ours.
@@ -170,8 +175,9 @@ class H2ServerConnection:
         if self.draining:
             self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
-        stream = H2Stream(self, stream_id, _header_dict(event.headers or []),
-                          ended=event.stream_ended is not None)
+        headers, ended = _header_dict(event.headers or []), event.stream_ended is not None
+        kind = H2WebSocket if is_websocket(headers) else H2Stream
+        stream = kind(self, stream_id, headers, ended=ended)
         self.streams[stream_id] = stream
         self._disarm_idle()
         stream.admit()
@@ -189,7 +195,7 @@ class H2ServerConnection:
             stream.flush()
         self._write()
 
-    def stream_done(self, stream: "H2Stream") -> None:
+    def stream_done(self, stream: "H2Stream | H2WebSocket") -> None:
         self.streams.pop(stream.stream_id, None)
         if not self.streams:
             if self.draining:

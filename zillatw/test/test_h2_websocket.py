@@ -1,0 +1,268 @@
+"""WebSocket over HTTP/2 (RFC 8441) on the http server, end to end over loopback: a real
+HTTP/2 client (the `h2` library) opens extended CONNECT streams and exchanges masked frames
+made by the `websockets` library's sans-IO protocol with the ws server's echo exit, over
+h2c with prior knowledge and over TLS by ALPN; refusals on HEADERS, malformed requests as
+stream errors, back-pressure on the windows, multiplexing, and GOAWAY on drain."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import h2.errors
+import h2.settings
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
+from twisted.trial import unittest
+from websockets.frames import Opcode
+
+from zillatw.bindings.http import h2websocket
+from zillatw.config.plugins import IDrainsGracefully
+from zillatw.test import pki
+from zillatw.test.h2_support import H2Client, H2WebSocket, connect_h2c
+from zillatw.test.http_support import plain_chain
+from zillatw.test.pki import PASSWORD, Signer, client_tls, guarded_config, tls_chain
+from zillatw.test.support import eventually, start_gateway
+
+CROSS = {"access-control": {"policy": "cross-origin", "allow": {"origins": ["https://app.example"]}}}
+
+
+def texts(ws: H2WebSocket) -> list[tuple[Opcode, bytes, bool]]:
+    return [(f.opcode, bytes(f.data), f.fin) for f in ws.data_frames()]
+
+
+class H2WebSocketTests(unittest.TestCase):
+    """h2c with prior knowledge: tcp -> http -> (upgrade: websocket) ws -> echo."""
+
+    @defer.inlineCallbacks
+    def start(self, config: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        self.gateway, port = yield start_gateway(self, config or plain_chain())
+        client = yield connect_h2c(self, port, **kwargs)
+        yield eventually(lambda: client.h2.remote_settings.enable_connect_protocol == 1)
+        return client
+
+    @defer.inlineCallbacks
+    def opened(self, client: H2Client, **kwargs: Any) -> Any:
+        ws = H2WebSocket(client, **kwargs)
+        yield eventually(ws.answered)
+        return ws
+
+    def binding(self, name: str) -> Any:
+        return self.gateway.generation.bindings[f"test:{name}"]
+
+    @defer.inlineCallbacks
+    def test_text_binary_fragments_ping_and_the_closing_handshake(self):
+        client = yield self.start()
+        ws = yield self.opened(client, path="/chat")
+        self.assertEqual(ws.status, "200")
+        self.assertNotIn("sec-websocket-accept", ws.response["headers"])  # RFC 8441 §5: no key, no accept
+        ws.send_text("hello h2")
+        ws.send_binary(b"\x00\x01\xff")
+        ws.send_text("frag", fin=False)
+        ws.send_continuation(b"mented", fin=True)
+        ws.send_ping(b"are you there")
+        yield eventually(lambda: len(ws.data_frames()) >= 4 and any(f.opcode is Opcode.PONG for f in ws.frames))
+        self.assertEqual(texts(ws)[:2], [(Opcode.TEXT, b"hello h2", True), (Opcode.BINARY, b"\x00\x01\xff", True)])
+        self.assertEqual(b"".join(data for _, data, _ in texts(ws)[2:]), b"fragmented")
+        self.assertTrue(texts(ws)[-1][2])
+        self.assertEqual(next(bytes(f.data) for f in ws.frames if f.opcode is Opcode.PONG), b"are you there")
+        ws.send_close(1000, "bye")
+        yield eventually(lambda: client.done(ws.stream_id))
+        close = next(f for f in ws.frames if f.opcode is Opcode.CLOSE)
+        self.assertEqual(close.data[:2], (1000).to_bytes(2, "big"))
+        self.assertTrue(client.responses[ws.stream_id]["ended"])  # END_STREAM, not a reset
+        self.assertNotIn("reset", client.responses[ws.stream_id])
+        yield eventually(lambda: not self.binding("ws0").connections)
+        self.assertIsNone(client.goaway())  # the connection stays for more streams
+        events = self.gateway.events_text.getvalue()
+        self.assertIn("GET http://localhost:80/chat", events)
+
+    @defer.inlineCallbacks
+    def test_permessage_deflate_is_negotiated_and_compresses(self):
+        client = yield self.start()
+        ws = yield self.opened(client, deflate=True)
+        self.assertEqual(ws.status, "200")
+        self.assertIn("permessage-deflate", ws.response["headers"]["sec-websocket-extensions"])
+        message = "zilla " * 2000
+        ws.send_text(message)
+        yield eventually(lambda: ws.data_frames())
+        self.assertEqual(bytes(ws.data_frames()[0].data), message.encode())
+        self.assertLess(len(client.responses[ws.stream_id]["body"]), len(message) // 10)  # compressed on the wire
+
+    @defer.inlineCallbacks
+    def test_a_subprotocol_is_chosen_by_the_ws_routes(self):
+        config = plain_chain()
+        config["bindings"]["ws0"] = {"type": "ws", "kind": "server",
+                                     "routes": [{"when": [{"protocol": "chat"}], "exit": "echo0"}]}
+        client = yield self.start(config)
+        chosen = yield self.opened(client, headers={"sec-websocket-protocol": "superchat, chat"})
+        none = yield self.opened(client, headers={"sec-websocket-protocol": "superchat"})
+        self.assertEqual(chosen.status, "200")
+        self.assertEqual(chosen.response["headers"]["sec-websocket-protocol"], "chat")
+        self.assertEqual(none.status, "404")  # as HTTP/1.1: no ws route for what is offered
+        self.assertIn(b"offered subprotocols: superchat", none.response["body"])
+
+    @defer.inlineCallbacks
+    def test_a_foreign_origin_is_refused_before_the_guard(self):
+        client = yield self.start(plain_chain(copy.deepcopy(CROSS)))
+        foreign = yield self.opened(client, headers={"origin": "https://evil.example"})
+        allowed = yield self.opened(client, headers={"origin": "https://app.example"})
+        yield eventually(lambda: client.done(foreign.stream_id))
+        self.assertEqual(foreign.status, "403")
+        self.assertEqual(allowed.status, "200")
+        self.assertIn("BINDING_HTTP_REQUEST_REJECTED", self.gateway.events_text.getvalue())
+        self.assertIsNone(client.goaway())
+
+    @defer.inlineCallbacks
+    def test_the_guard_refuses_on_headers_and_admits_a_token(self):
+        signer = Signer()
+        client = yield self.start(guarded_config([signer.jwk]))
+        anonymous = yield self.opened(client)
+        expired_token, unprivileged_token = signer.token(exp=int(time.time()) - 5), signer.token(scope="other")
+        expired = yield self.opened(client, headers={"authorization": f"Bearer {expired_token}"})
+        unprivileged = yield self.opened(client, headers={"authorization": f"Bearer {unprivileged_token}"})
+        bearer = yield self.opened(client, path=f"/?access_token={signer.token()}")
+        self.assertEqual(anonymous.status, "401")
+        self.assertEqual(anonymous.response["headers"]["www-authenticate"], "Bearer")
+        self.assertEqual(expired.status, "403")
+        self.assertEqual(unprivileged.status, "404")  # as HTTP/1.1: no route takes its roles
+        self.assertEqual(bearer.status, "200")
+        bearer.send_text("authorized")
+        yield eventually(lambda: bearer.data_frames())
+        self.assertEqual(bytes(bearer.data_frames()[0].data), b"authorized")
+        events = self.gateway.events_text.getvalue()
+        self.assertIn("alice GET http://localhost:80/?access_token=REDACTED", events)
+        self.assertNotIn(signer.token(), events)
+
+    @defer.inlineCallbacks
+    def test_malformed_and_unrouted_requests_cost_their_stream_only(self):
+        config = plain_chain()
+        config["bindings"]["http0"]["routes"] = [
+            {"when": [{"headers": {"upgrade": "websocket", ":path": "/ws*"}}], "exit": "ws0"},
+            {"when": [{"headers": {":path": "/plain*"}}], "exit": "ws0"},
+            {"when": [{"headers": {":path": "/echo*"}}], "exit": "echo0"}]
+        client = yield self.start(config)
+        version = yield self.opened(client, path="/ws", headers={"sec-websocket-version": "8"})
+        unrouted = yield self.opened(client, path="/nowhere")
+        plain_exit = yield self.opened(client, path="/echo")
+        other = client.h2.get_next_available_stream_id()
+        client.h2.send_headers(other, [(":method", "CONNECT"), (":protocol", "webtransport"), (":scheme", "http"),
+                                       (":authority", "localhost"), (":path", "/ws")])
+        ended = client.h2.get_next_available_stream_id()
+        client.h2.send_headers(ended, [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "http"),
+                                       (":authority", "localhost"), (":path", "/ws"),
+                                       ("sec-websocket-version", "13")], end_stream=True)
+        get = client.request("GET", "/plain")  # a ws exit, without the extended CONNECT
+        client.flush()
+        yield eventually(lambda: all(client.done(s) for s in (other, ended, get)))
+        self.assertEqual(version.status, "400")
+        self.assertIn(b"Sec-WebSocket-Version 13 is required, got 8", version.response["body"])
+        self.assertEqual(unrouted.status, "404")  # what an HTTP/1.1 upgrade without a route gets
+        self.assertEqual(unrouted.response["body"], b"no route for GET /nowhere\n")
+        self.assertEqual(plain_exit.status, "501")
+        self.assertEqual(client.responses[other]["headers"][":status"], "501")
+        self.assertIn(b"webtransport", client.responses[other]["body"])
+        self.assertEqual(client.responses[ended]["headers"][":status"], "400")
+        self.assertEqual(client.responses[get]["headers"][":status"], "400")
+        self.assertIn(b"RFC 8441", client.responses[get]["body"])
+        good = yield self.opened(client, path="/ws")  # the connection serves on
+        self.assertEqual(good.status, "200")
+        self.assertIsNone(client.goaway())
+
+    @defer.inlineCallbacks
+    def test_two_websockets_and_a_plain_request_on_one_connection(self):
+        client = yield self.start()
+        first = H2WebSocket(client, path="/one")
+        second = H2WebSocket(client, path="/two")
+        plain = client.request("POST", "/", b"beside them")
+        yield eventually(lambda: first.answered() and second.answered() and client.done(plain))
+        for i in range(20):
+            first.send_text(f"one {i}")
+            second.send_binary(f"two {i}".encode())
+        yield eventually(lambda: len(first.data_frames()) == 20 and len(second.data_frames()) == 20)
+        self.assertEqual([bytes(f.data) for f in first.data_frames()], [f"one {i}".encode() for i in range(20)])
+        self.assertEqual([bytes(f.data) for f in second.data_frames()], [f"two {i}".encode() for i in range(20)])
+        self.assertEqual(client.responses[plain]["body"], b"beside them")
+        first.send_close()
+        yield eventually(lambda: client.done(first.stream_id))
+        second.send_text("still open")
+        yield eventually(lambda: len(second.data_frames()) == 21)
+        yield eventually(lambda: len(self.binding("ws0").connections) == 1)
+
+    @defer.inlineCallbacks
+    def test_a_client_that_does_not_read_back_pressures_its_own_sending(self):
+        client = yield self.start(acking=False)
+        ws = yield self.opened(client)
+        chunk = b"x" * 8192
+        sent = 0
+        connection = next(iter(self.binding("http0").h2_connections))
+        stream = connection.streams[ws.stream_id]
+
+        def pump() -> bool:  # send what the window allows, until the gateway stops taking it
+            nonlocal sent
+            while sent < 200 and client.h2.local_flow_control_window(ws.stream_id) >= len(chunk) + 16:
+                ws.send_binary(chunk)
+                sent += 1
+            return stream.reading_paused and client.h2.local_flow_control_window(ws.stream_id) < len(chunk) + 16
+        yield eventually(pump)
+        self.assertLess(sent, 200)  # 1.6 MB: the client ran out of window, the gateway stopped acknowledging
+        self.assertLessEqual(len(stream.outbound), h2websocket.SEND_BOUND + len(chunk) + 16)
+        self.assertEqual(connection.h2.local_flow_control_window(ws.stream_id), 0)  # its window is full
+        client.ack_all()  # reading again: everything comes back
+        total = sent
+        yield eventually(lambda: len(ws.data_frames()) == total, timeout=10)
+        self.assertTrue(all(bytes(f.data) == chunk for f in ws.data_frames()))
+
+    @defer.inlineCallbacks
+    def test_goaway_on_drain_lets_the_websocket_close(self):
+        client = yield self.start()
+        ws = yield self.opened(client)
+        self.assertEqual(ws.status, "200")
+        for binding in self.gateway.generation.bindings.values():
+            if IDrainsGracefully.providedBy(binding):
+                binding.going_away()
+        yield eventually(lambda: client.goaway() is not None and client.done(ws.stream_id))
+        close = next(f for f in ws.frames if f.opcode is Opcode.CLOSE)
+        self.assertEqual(close.data[:2], (1001).to_bytes(2, "big"))
+        self.assertTrue(client.responses[ws.stream_id]["ended"])  # its closing handshake finished
+        yield eventually(lambda: client.lost)
+
+    @defer.inlineCallbacks
+    def test_the_client_resetting_its_stream_ends_the_websocket(self):
+        client = yield self.start()
+        ws = yield self.opened(client)
+        yield eventually(lambda: self.binding("ws0").connections)
+        client.h2.reset_stream(ws.stream_id, h2.errors.ErrorCodes.CANCEL)
+        client.flush()
+        yield eventually(lambda: not self.binding("ws0").connections)
+        after = yield self.opened(client)
+        self.assertEqual(after.status, "200")
+
+
+class H2WebSocketOverTlsTests(unittest.TestCase):
+    """h2 by ALPN on a tls server in front of the http server."""
+
+    @defer.inlineCallbacks
+    def test_a_websocket_over_h2_negotiated_by_alpn(self):
+        folder = Path(self.mktemp())
+        folder.mkdir(parents=True)
+        ca = pki.make_ca()
+        localhost = pki.issue(ca, "localhost", dns=["localhost"], ips=["127.0.0.1"])
+        store = pki.write(folder / "localhost.p12", localhost.p12("localhost", PASSWORD))
+        config = tls_chain({"keys": {"store": store, "password": PASSWORD}},
+                           {"keys": ["localhost"], "alpn": ["h2", "http/1.1"]})
+        _, port = yield start_gateway(self, config)
+        endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", port, client_tls(ca, alpn=["h2", "http/1.1"]))
+        client = yield connectProtocol(endpoint, H2Client())
+        self.addCleanup(lambda: client.transport.abortConnection())
+        yield eventually(lambda: client.h2.remote_settings.enable_connect_protocol == 1)
+        ws = H2WebSocket(client, scheme="https", deflate=True)
+        yield eventually(ws.answered)
+        self.assertEqual(client.transport.negotiatedProtocol, b"h2")
+        self.assertEqual(ws.status, "200")
+        ws.send_text("over tls")
+        yield eventually(lambda: ws.data_frames())
+        self.assertEqual(bytes(ws.data_frames()[0].data), b"over tls")
+        self.assertEqual(h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL, 8)
