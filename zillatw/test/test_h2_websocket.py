@@ -172,6 +172,31 @@ class H2WebSocketTests(unittest.TestCase):
         self.assertIsNone(client.goaway())
 
     @defer.inlineCallbacks
+    def test_a_malformed_header_block_is_a_stream_error(self):
+        client = yield self.start()
+        base = [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "http"), (":authority", "localhost"),
+                (":path", "/"), ("sec-websocket-version", "13")]
+        malformed = [[f for f in base if f[0] != ":path"], [f for f in base if f[0] != ":scheme"],
+                     [f for f in base if f[0] != ":protocol"],  # an ordinary CONNECT has no :path nor :scheme
+                     [*base, (":unknown", "x")]]
+        streams = []
+        # h2 (the client) would refuse to send these: written with its validation off
+        client.h2.config.validate_outbound_headers = False
+        for fields in malformed:
+            stream_id = client.h2.get_next_available_stream_id()
+            client.h2.send_headers(stream_id, fields)
+            streams.append(stream_id)
+        client.h2.config.validate_outbound_headers = True
+        client.flush()
+        yield eventually(lambda: all(client.done(s) for s in streams))
+        for stream_id in streams:
+            self.assertEqual(client.responses[stream_id]["reset"], h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        self.assertIsNone(client.goaway())
+        good = yield self.opened(client)  # the connection serves on
+        self.assertEqual(good.status, "200")
+        self.assertIn("400 malformed request on stream", self.gateway.events_text.getvalue())
+
+    @defer.inlineCallbacks
     def test_two_websockets_and_a_plain_request_on_one_connection(self):
         client = yield self.start()
         first = H2WebSocket(client, path="/one")
