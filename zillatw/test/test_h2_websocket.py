@@ -11,7 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import h2.config
+import h2.connection
 import h2.errors
+import h2.events
 import h2.settings
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
@@ -24,7 +27,8 @@ from zillatw.test import pki
 from zillatw.test.h2_support import H2Client, H2WebSocket, connect_h2c
 from zillatw.test.http_support import plain_chain
 from zillatw.test.pki import PASSWORD, Signer, client_tls, guarded_config, tls_chain
-from zillatw.test.support import eventually, start_gateway
+from zillatw.test.support import OnAClock, eventually, start_gateway
+from zillatw.test.wire_support import close_payload, raw_frame, read_frames
 
 CROSS = {"access-control": {"policy": "cross-origin", "allow": {"origins": ["https://app.example"]}}}
 
@@ -291,3 +295,57 @@ class H2WebSocketOverTlsTests(unittest.TestCase):
         yield eventually(lambda: ws.data_frames())
         self.assertEqual(bytes(ws.data_frames()[0].data), b"over tls")
         self.assertEqual(h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL, 8)
+
+
+class H2WebSocketTimerTests(unittest.TestCase):
+    """The ws server's timers, and the stream's own linger, on a Clock."""
+
+    def open(self, ws_options: dict[str, Any]) -> tuple[Any, Any, Any, int]:
+        config = plain_chain()
+        config["bindings"]["ws0"]["options"] = ws_options
+        gateway = OnAClock(config)
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        client.initiate_connection()
+        protocol, transport = gateway.connect()
+        stream = client.get_next_available_stream_id()
+        client.send_headers(stream, [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "http"),
+                                     (":authority", "localhost"), (":path", "/"), ("sec-websocket-version", "13")])
+        protocol.dataReceived(client.data_to_send())
+        events = client.receive_data(transport.value())
+        transport.clear()
+        (answer,) = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+        self.assertEqual(dict(answer.headers)[b":status"], b"200")
+        return gateway, client, (protocol, transport), stream
+
+    @staticmethod
+    def exchange(client: Any, connection: Any) -> list[Any]:
+        protocol, transport = connection
+        data = client.data_to_send()
+        if data:
+            protocol.dataReceived(data)
+        events = client.receive_data(transport.value())
+        transport.clear()
+        return events
+
+    def test_keepalive_pings_over_the_stream_and_a_missed_pong_resets_it(self):
+        gateway, client, connection, stream = self.open({"ping-interval": 5, "ping-timeout": 3})
+        gateway.clock.advance(5)
+        data = b"".join(e.data for e in self.exchange(client, connection) if isinstance(e, h2.events.DataReceived))
+        [(_, _, opcode, _)] = read_frames(data)
+        self.assertEqual(opcode, 0x9)  # a ping, on the WebSocket's stream
+        gateway.clock.advance(3.1)
+        (reset,) = [e for e in self.exchange(client, connection) if isinstance(e, h2.events.StreamReset)]
+        self.assertEqual((reset.stream_id, reset.error_code), (stream, h2.errors.ErrorCodes.CANCEL))
+        self.assertFalse(connection[1].disconnecting)  # the connection stays
+        self.assertEqual(gateway.gateway.generation.bindings["test:ws0"].open_count(), 0)
+
+    def test_a_peer_that_never_ends_its_side_is_reset_after_the_linger(self):
+        gateway, client, connection, stream = self.open({"ping-interval": 0})
+        client.send_data(stream, raw_frame(0x8, close_payload(1000)))
+        events = self.exchange(client, connection)
+        self.assertTrue(any(isinstance(e, h2.events.StreamEnded) for e in events))  # our close, then END_STREAM
+        self.assertEqual(gateway.gateway.generation.bindings["test:ws0"].open_count(), 1)
+        gateway.clock.advance(h2websocket.CLOSE_LINGER + 0.1)
+        (reset,) = [e for e in self.exchange(client, connection) if isinstance(e, h2.events.StreamReset)]
+        self.assertEqual((reset.stream_id, reset.error_code), (stream, h2.errors.ErrorCodes.NO_ERROR))
+        self.assertEqual(gateway.gateway.generation.bindings["test:ws0"].open_count(), 0)
