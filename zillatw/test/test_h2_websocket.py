@@ -27,7 +27,7 @@ from zillatw.test import pki
 from zillatw.test.h2_support import H2Client, H2WebSocket, connect_h2c
 from zillatw.test.http_support import plain_chain
 from zillatw.test.pki import PASSWORD, Signer, client_tls, guarded_config, tls_chain
-from zillatw.test.support import OnAClock, eventually, start_gateway
+from zillatw.test.support import OnAClock, eventually, free_port, proxy_config, start_gateway, start_upstream
 from zillatw.test.wire_support import close_payload, raw_frame, read_frames
 
 CROSS = {"access-control": {"policy": "cross-origin", "allow": {"origins": ["https://app.example"]}}}
@@ -174,6 +174,10 @@ class H2WebSocketTests(unittest.TestCase):
         good = yield self.opened(client, path="/ws")  # the connection serves on
         self.assertEqual(good.status, "200")
         self.assertIsNone(client.goaway())
+        # each refused stream was closed once answered: none waits for the client to end it
+        self.assertEqual(client.responses[version.stream_id].get("reset"), h2.errors.ErrorCodes.NO_ERROR)
+        connection = next(iter(self.binding("http0").h2_connections))
+        self.assertEqual(list(connection.streams), [good.stream_id])
 
     @defer.inlineCallbacks
     def test_a_malformed_header_block_is_a_stream_error(self):
@@ -199,6 +203,22 @@ class H2WebSocketTests(unittest.TestCase):
         good = yield self.opened(client)  # the connection serves on
         self.assertEqual(good.status, "200")
         self.assertIn("400 malformed request on stream", self.gateway.events_text.getvalue())
+
+    @defer.inlineCallbacks
+    def test_proxied_upstream_over_http11_and_an_unreachable_upstream_refused_on_headers(self):
+        upstream, upstream_port = start_upstream(self)
+        client = yield self.start(proxy_config(upstream_port))
+        ws = yield self.opened(client, path="/proxied")
+        self.assertEqual(ws.status, "200")
+        ws.send_text("through the proxy")
+        yield eventually(lambda: ws.data_frames())
+        self.assertEqual(bytes(ws.data_frames()[0].data), b"through the proxy")
+        self.assertEqual(upstream.requests[0].path, "/proxied")
+        unreachable = yield self.start(proxy_config(free_port()))
+        refused = yield self.opened(unreachable)
+        yield eventually(lambda: unreachable.done(refused.stream_id))
+        self.assertEqual(refused.status, "502")  # the exit's refusal, as HTTP/1.1 gets it
+        self.assertIsNone(unreachable.goaway())
 
     @defer.inlineCallbacks
     def test_two_websockets_and_a_plain_request_on_one_connection(self):
@@ -300,8 +320,9 @@ class H2WebSocketOverTlsTests(unittest.TestCase):
 class H2WebSocketTimerTests(unittest.TestCase):
     """The ws server's timers, and the stream's own linger, on a Clock."""
 
-    def open(self, ws_options: dict[str, Any]) -> tuple[Any, Any, Any, int]:
-        config = plain_chain()
+    def open(self, ws_options: dict[str, Any], config: dict[str, Any] | None = None,
+             headers: tuple[tuple[str, str], ...] = ()) -> tuple[Any, Any, Any, int]:
+        config = config or plain_chain()
         config["bindings"]["ws0"]["options"] = ws_options
         gateway = OnAClock(config)
         client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
@@ -309,7 +330,8 @@ class H2WebSocketTimerTests(unittest.TestCase):
         protocol, transport = gateway.connect()
         stream = client.get_next_available_stream_id()
         client.send_headers(stream, [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "http"),
-                                     (":authority", "localhost"), (":path", "/"), ("sec-websocket-version", "13")])
+                                     (":authority", "localhost"), (":path", "/"), ("sec-websocket-version", "13"),
+                                     *headers])
         protocol.dataReceived(client.data_to_send())
         events = client.receive_data(transport.value())
         transport.clear()
@@ -349,3 +371,16 @@ class H2WebSocketTimerTests(unittest.TestCase):
         (reset,) = [e for e in self.exchange(client, connection) if isinstance(e, h2.events.StreamReset)]
         self.assertEqual((reset.stream_id, reset.error_code), (stream, h2.errors.ErrorCodes.NO_ERROR))
         self.assertEqual(gateway.gateway.generation.bindings["test:ws0"].open_count(), 0)
+
+    def test_the_session_expiring_closes_the_websocket_with_1008(self):
+        signer = Signer()
+        expires = int(time.time()) + 60
+        token = signer.token(exp=expires)
+        gateway, client, connection, stream = self.open({"ping-interval": 0}, guarded_config([signer.jwk]),
+                                                        (("authorization", f"Bearer {token}"),))
+        gateway.clock.advance(expires - 1)
+        self.assertEqual(self.exchange(client, connection), [])
+        gateway.clock.advance(2)
+        data = b"".join(e.data for e in self.exchange(client, connection) if isinstance(e, h2.events.DataReceived))
+        [(_, _, opcode, payload)] = read_frames(data)
+        self.assertEqual((opcode, payload[:2]), (0x8, (1008).to_bytes(2, "big")))

@@ -102,6 +102,7 @@ class H2WebSocket:
         self.end_pending = False        # END_STREAM once the buffer is out
         self.local_ended = False
         self.finished = False
+        self.refused = False            # answered with a refusal: nothing more is read
         self.shown_target = ""
         self._linger: Any = None
         self._expiry: Any = None
@@ -194,11 +195,9 @@ class H2WebSocket:
         body = (reason + "\n").encode()
         self._send_head([(":status", str(status)), *((name.lower(), value) for name, value in headers),
                          ("content-type", "text/plain; charset=utf-8"), ("content-length", str(len(body)))])
-        self.reading_closed = True
+        self.refused = True
         self.outbound += body
-        self.end_pending = True
-        self.flush()
-        self.connection._write()
+        self.loseConnection()
 
     # ---- IWebSocketTunnel: the ws server's answer
 
@@ -297,6 +296,9 @@ class H2WebSocket:
                 self.local_ended = True
                 if self.remote_ended and not self.inbound:
                     self._finish(clean=True)
+                    return
+                if self.refused:  # answered: the client may stop (RFC 9113 §8.1), no need to wait
+                    self._reset(ErrorCodes.NO_ERROR)
                     return
         except h2.exceptions.ProtocolError:  # the stream, or the whole connection, is closed
             self._finish(clean=False)
