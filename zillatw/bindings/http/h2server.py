@@ -4,10 +4,10 @@ A connection becomes HTTP/2 when the tls server in front negotiated `h2` by ALPN
 a cleartext connection of an http server whose `versions` include h2, when the client's
 first bytes are the HTTP/2 preface (h2c with prior knowledge; the HTTP/1.1 `Upgrade: h2c`
 is not served: such a request is an ordinary HTTP/1.1 one). Each stream is one plain
-request: admitted by the same access control, guard and routes as an HTTP/1.1 request
-(zillatw.bindings.http.admission) and handed to the route's IHttpRequestExit.
+request or one WebSocket: admitted by the same access control, guard and routes as an
+HTTP/1.1 request (zillatw.bindings.http.admission) and handed to the route's exit.
 
-Each stream is a zillatw.bindings.http.h2stream.H2Stream, which keeps flow control: a
+A plain request's stream is a zillatw.bindings.http.h2stream.H2Stream, which keeps flow control: a
 request's DATA is acknowledged (WINDOW_UPDATE) only once the exit has taken it, so what a
 client may send unread is bounded by the windows we advertise; a response waits in its
 stream's buffer (at most SEND_BOUND bytes, then the exit is paused) while the peer's window
