@@ -27,7 +27,16 @@ from zillatw.test import pki
 from zillatw.test.h2_support import H2Client, H2WebSocket, connect_h2c
 from zillatw.test.http_support import plain_chain
 from zillatw.test.pki import PASSWORD, Signer, client_tls, guarded_config, tls_chain
-from zillatw.test.support import OnAClock, eventually, free_port, proxy_config, start_gateway, start_upstream
+from zillatw.test.support import (
+    OnAClock,
+    eventually,
+    free_port,
+    metered,
+    proxy_config,
+    start_gateway,
+    start_upstream,
+    value,
+)
 from zillatw.test.wire_support import close_payload, raw_frame, read_frames
 
 CROSS = {"access-control": {"policy": "cross-origin", "allow": {"origins": ["https://app.example"]}}}
@@ -219,6 +228,18 @@ class H2WebSocketTests(unittest.TestCase):
         yield eventually(lambda: unreachable.done(refused.stream_id))
         self.assertEqual(refused.status, "502")  # the exit's refusal, as HTTP/1.1 gets it
         self.assertIsNone(unreachable.goaway())
+
+    @defer.inlineCallbacks
+    def test_metered_bindings_count_the_websocket(self):
+        client = yield self.start(metered(bindings={"tcp0": ["stream.*"], "http0": ["stream.*", "http.*"],
+                                                    "ws0": ["stream.*"], "echo": ["stream.*"]}))
+        ws = yield self.opened(client, headers={"sec-websocket-protocol": "echo"})
+        self.assertEqual(ws.status, "200")
+        ws.send_text("counted")
+        yield eventually(lambda: ws.data_frames())
+        ws.send_close()
+        yield eventually(lambda: value(self.gateway, "stream_closes_received_total", "ws0") == 1)
+        self.assertEqual(value(self.gateway, "stream_opens_received_total", "echo"), 1)
 
     @defer.inlineCallbacks
     def test_two_websockets_and_a_plain_request_on_one_connection(self):
