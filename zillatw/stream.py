@@ -138,6 +138,18 @@ class IHttpConnection(Interface):
         the protocol does (a WebSocket closes with 1008)."""
 
 
+class IWebSocketTunnel(Interface):
+    """The transport of a WebSocket carried on a stream of another protocol (HTTP/2's
+    extended CONNECT, RFC 8441) rather than on the connection itself: it checked the request
+    as its protocol defines it, and answers the handshake its own way (no HTTP/1.1 101)."""
+
+    def accept_websocket(protocol: str | None, extensions: str | None) -> None:
+        """The handshake succeeded: answer with the subprotocol and extensions chosen."""
+
+    def refuse_websocket(status: int, reason: str) -> None:
+        """The handshake is refused with `status`: answer it and end the stream."""
+
+
 class IUpstreamConnector(Interface):
     """A client binding that opens byte connections upstream (tcp client, tls client); a
     binding that takes byte connections is a Twisted IProtocolFactory (http, tls server)."""

@@ -142,12 +142,13 @@ class H2cTests(unittest.TestCase):
         self.assertIsNone(client.goaway())  # stream refusals leave the connection be
 
     @defer.inlineCallbacks
-    def test_websocket_routes_are_not_served_over_h2(self):
+    def test_a_get_to_a_websocket_route_is_not_an_upgrade(self):
         port = yield self.start(routes=[{"exit": "ws0"}])
         client = yield connect_h2c(self, port)
         stream = client.request("GET", "/")
         yield eventually(lambda: client.done(stream))
-        self.assertEqual(client.responses[stream]["headers"][":status"], "501")
+        # as HTTP/1.1's GET without Upgrade; the WebSocket's extended CONNECT is test_h2_websocket's
+        self.assertEqual(client.responses[stream]["headers"][":status"], "400")
         self.assertIn(b"RFC 8441", client.responses[stream]["body"])
 
     @defer.inlineCallbacks

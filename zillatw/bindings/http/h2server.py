@@ -4,15 +4,17 @@ A connection becomes HTTP/2 when the tls server in front negotiated `h2` by ALPN
 a cleartext connection of an http server whose `versions` include h2, when the client's
 first bytes are the HTTP/2 preface (h2c with prior knowledge; the HTTP/1.1 `Upgrade: h2c`
 is not served: such a request is an ordinary HTTP/1.1 one). Each stream is one plain
-request: admitted by the same access control, guard and routes as an HTTP/1.1 request
-(zillatw.bindings.http.admission) and handed to the route's IHttpRequestExit.
+request or one WebSocket: admitted by the same access control, guard and routes as an
+HTTP/1.1 request (zillatw.bindings.http.admission) and handed to the route's exit.
 
-Each stream is a zillatw.bindings.http.h2stream.H2Stream, which keeps flow control: a
+A plain request's stream is a zillatw.bindings.http.h2stream.H2Stream, which keeps flow control: a
 request's DATA is acknowledged (WINDOW_UPDATE) only once the exit has taken it, so what a
 client may send unread is bounded by the windows we advertise; a response waits in its
 stream's buffer (at most SEND_BOUND bytes, then the exit is paused) while the peer's window
-or the socket is shut. CONNECT (and so WebSocket over HTTP/2, RFC 8441) is answered 501; a
-route whose exit takes upgrades (a ws server) likewise.
+or the socket is shut. A WebSocket comes as an extended CONNECT (RFC 8441; we advertise
+SETTINGS_ENABLE_CONNECT_PROTOCOL): its stream is a zillatw.bindings.http.h2websocket.H2WebSocket,
+admitted as an HTTP/1.1 upgrade and then the transport of the ws server's protocol. Any other
+CONNECT is answered 501.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from zillatw.bindings.http import admission
 from zillatw.bindings.http.h2stream import H2Stream
+from zillatw.bindings.http.h2websocket import H2WebSocket, is_websocket
+from zillatw.telemetry.events import next_trace_id
 
 if TYPE_CHECKING:
     from zillatw.bindings.http.binding import HttpServer, HttpServerProtocol
@@ -71,6 +76,37 @@ def take_over(protocol: "HttpServerProtocol", received: bytes) -> None:
     connection.start(received)
 
 
+class _ServerConnection(h2.connection.H2Connection):
+    """h2's connection, but a request whose header block h2 finds malformed (RFC 9113
+    §8.1.1: an extended CONNECT without :path, a CONNECT with one, a pseudo-header it does
+    not know...) costs its stream (RST_STREAM PROTOCOL_ERROR), as the RFC has it, not the
+    whole connection, which h2 would end. Only h2's header validation is so taken: it runs
+    once the block is decoded (the HPACK state stays right) and the stream exists."""
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config)
+        self.malformed: list[tuple[int, str]] = []  # streams reset so, and why: for the events
+
+    def _receive_headers_frame(self, frame: Any) -> Any:
+        try:
+            return super()._receive_headers_frame(frame)
+        except h2.exceptions.ProtocolError as e:
+            stream = self.streams.get(frame.stream_id)
+            if not _raised_by_validation(e) or stream is None or stream.closed:
+                raise
+            self.malformed.append((frame.stream_id, str(e)))
+            self.reset_stream(frame.stream_id, ErrorCodes.PROTOCOL_ERROR)
+            return [], []
+
+
+def _raised_by_validation(error: BaseException) -> bool:
+    """Whether h2's header validation (h2.utilities) raised `error`."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__") == "h2.utilities"
+
+
 def _header_dict(fields: list[tuple[bytes, bytes]]) -> dict[str, str]:
     """Lower-cased names (h2 already refuses upper case); repeated fields joined as HTTP/1.1
     would (cookie crumbs with '; ', RFC 9113 §8.2.3)."""
@@ -94,17 +130,19 @@ class H2ServerConnection:
         self.factory = factory
         self.transport = transport
         self.secure = secure
-        self.streams: dict[int, H2Stream] = {}
+        self.streams: dict[int, H2Stream | H2WebSocket] = {}
         self.draining = False
         self.closed = False
         self.socket_paused = False
         config = h2.config.H2Configuration(client_side=False, header_encoding=None)
-        self.h2 = h2.connection.H2Connection(config)
+        self.h2 = _ServerConnection(config)
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: factory.max_header_bytes,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            # always: without a ws route an extended CONNECT gets what an HTTP/1.1 upgrade gets
+            h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,
         })
         # Settings given at construction are current at once, so h2 never sees them "acked"
         # and leaves its HPACK decoder at its own default: give it ours.
@@ -137,6 +175,10 @@ class H2ServerConnection:
             # h2 has queued the GOAWAY naming the error: send it, then close
             self._close(f"HTTP/2 protocol error: {e}")
             return
+        for stream_id, why in self.h2.malformed:
+            admission.emit_rejected(self.factory, next_trace_id(), 400,
+                                    f"malformed request on stream {stream_id}: {why}")
+        self.h2.malformed.clear()
         for event in events:
             if self.closed:
                 return
@@ -170,8 +212,9 @@ class H2ServerConnection:
         if self.draining:
             self.h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
             return
-        stream = H2Stream(self, stream_id, _header_dict(event.headers or []),
-                          ended=event.stream_ended is not None)
+        headers, ended = _header_dict(event.headers or []), event.stream_ended is not None
+        kind = H2WebSocket if is_websocket(headers) else H2Stream
+        stream = kind(self, stream_id, headers, ended=ended)
         self.streams[stream_id] = stream
         self._disarm_idle()
         stream.admit()
@@ -189,7 +232,7 @@ class H2ServerConnection:
             stream.flush()
         self._write()
 
-    def stream_done(self, stream: "H2Stream") -> None:
+    def stream_done(self, stream: "H2Stream | H2WebSocket") -> None:
         self.streams.pop(stream.stream_id, None)
         if not self.streams:
             if self.draining:

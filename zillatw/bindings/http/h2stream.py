@@ -1,5 +1,5 @@
 """One HTTP/2 stream of the http server (zillatw.bindings.http.h2server): one plain
-request, admitted by the rules an HTTP/1.1 request goes through
+request (a WebSocket's is zillatw.bindings.http.h2websocket's), admitted by the rules an HTTP/1.1 request goes through
 (zillatw.bindings.http.admission) and exchanged with the route's IHttpRequestExit, with
 flow control both ways: the client's DATA is acknowledged only once the exit took it; the
 response waits for the peer's window in a buffer of at most SEND_BOUND bytes, beyond which
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 SEND_BOUND = 65536  # bytes of one response held while the window or socket is shut
 # Fields that mean something only to an HTTP/1.1 connection (RFC 9113 §8.2.2): never sent
 CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
-NO_WEBSOCKET = "WebSocket over HTTP/2 (extended CONNECT, RFC 8441) is not supported: use HTTP/1.1"
+NOT_AN_UPGRADE = "not a WebSocket request: over HTTP/2 a WebSocket opens with an extended CONNECT (RFC 8441)"
 log = Logger()
 
 
@@ -70,8 +70,10 @@ class H2Stream:
     def admit(self) -> None:
         headers, factory = self.headers, self.factory
         method, path = headers.get(":method", ""), headers.get(":path", "")
-        if method == "CONNECT":
-            self.refuse(501, NO_WEBSOCKET if ":protocol" in headers else "CONNECT is not supported")
+        if method == "CONNECT":  # a WebSocket's extended CONNECT is an h2websocket.H2WebSocket
+            protocol = headers.get(":protocol")
+            self.refuse(501, f"CONNECT for :protocol {protocol} is not supported" if protocol is not None
+                        else "CONNECT is not supported")
             return
         if not path.startswith("/"):
             self.refuse(400, "the :path must be an absolute path")
@@ -113,8 +115,8 @@ class H2Stream:
         if exit_ is None:
             self.refuse(*admission.no_route(authorization, headers[":method"], self.shown_target))
             return
-        if not http_plain.is_plain_exit(exit_):
-            self.refuse(501, NO_WEBSOCKET)
+        if not http_plain.is_plain_exit(exit_):  # a ws server: as HTTP/1.1's GET without Upgrade
+            self.refuse(400, NOT_AN_UPGRADE)
             return
         if factory.overrides:
             headers.update(factory.overrides)

@@ -40,6 +40,7 @@ from zillatw.stream import (
     IHttpConnection,
     IHttpExit,
     IStreamEnd,
+    IWebSocketTunnel,
     StreamInfo,
     StreamRefused,
     SubprotocolOffer,
@@ -157,7 +158,8 @@ class WsServer:
         """Check the upgrade and choose the route; the protocol returned takes the socket.
         The observer hears of a refusal, and of the exit chosen (whose outcome it reports)."""
         try:
-            connection = self._accept(request, headers, trace_id, authorization, client_address)
+            connection = self._accept(request, headers, trace_id, authorization, client_address,
+                                      IWebSocketTunnel.providedBy(transport))
         except HttpError as e:
             if self.observer is not None:
                 self.observer.rejected(trace_id, e.status, e.reason)
@@ -168,8 +170,10 @@ class WsServer:
         return connection
 
     def _accept(self, request: Request, headers: dict[str, str], trace_id: int,
-                authorization: Authorization, client_address: str | None) -> "WsServerProtocol":
-        check_upgrade(request)  # and that the handshake headers are ASCII tokens
+                authorization: Authorization, client_address: str | None,
+                tunnelled: bool = False) -> "WsServerProtocol":
+        if not tunnelled:  # a tunnel (HTTP/2's extended CONNECT) checked its request its own way
+            check_upgrade(request)  # and that the handshake headers are ASCII tokens
         if self.max_connections and len(self.connections) + len(self.handshaking) >= self.max_connections:
             raise HttpError(503, f"too many WebSocket connections (limit {self.max_connections})")
         client = self.admission.admit(client_address) if self.admission is not None else None  # or 429, 503
@@ -250,7 +254,7 @@ class WsServerProtocol(WsRelay):
         no_delay(self.transport)
         headers = request.headers
         self._held = bytearray(rest)
-        self._key = headers["sec-websocket-key"]
+        self._key = headers.get("sec-websocket-key", "")  # none in a tunnel's request
         self._extensions = headers.get("sec-websocket-extensions") if self.binding.permessage_deflate else None
         self._open_timer = self.binding.reactor.callLater(OPEN_TIMEOUT, self._open_timed_out)
         try:
@@ -289,7 +293,10 @@ class WsServerProtocol(WsRelay):
         protocol = offer.chosen if offer is not None and offer.answered else info.protocol
         agreed = server_accept(self._extensions) if self._extensions else None
         params = agreed[0] if agreed is not None else None
-        self.transport.write(server_response(self._key, protocol, agreed[1] if agreed is not None else None))
+        if IWebSocketTunnel.providedBy(self.transport):
+            self.transport.accept_websocket(protocol, agreed[1] if agreed is not None else None)
+        else:
+            self.transport.write(server_response(self._key, protocol, agreed[1] if agreed is not None else None))
         inspect = True
         if params is not None and isinstance(relay := relay_behind(peer), WsRelay) and relay.conn is not None:
             # Ends that meet with nothing between (no validation, no metering; sessions' counts
@@ -348,6 +355,9 @@ class WsServerProtocol(WsRelay):
         self._answered = True
         if status >= 500 and status not in (502, 503, 504):
             reason = "internal error"  # unexpected: its text could carry internals
+        if IWebSocketTunnel.providedBy(self.transport):
+            self.transport.refuse_websocket(status, reason)
+            return
         self.transport.write(render_response(status, reason))
         self.transport.loseConnection()
 
