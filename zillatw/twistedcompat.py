@@ -1,5 +1,6 @@
-"""Every place zillatw relies on what Twisted (or pyOpenSSL) does not promise: private
-attributes and internal methods, touched for speed or for a TLS feature with no public API.
+"""Every place zillatw relies on what Twisted (or pyOpenSSL, or h2) does not promise: private
+attributes and internal methods, touched for speed or for a TLS or HTTP/2 feature with no
+public API.
 Each touch is listed here, and test_twistedcompat fails loudly when a release changes one
 (the names exist and behave as assumed). setup.cfg pins twisted below its next major.
 
@@ -31,6 +32,14 @@ Each touch is listed here, and test_twistedcompat fails loudly when a release ch
    callback cannot send an alert). Should those move, refused names still fail the
    handshake (with a generic alert) and verify errors show their number.
 
+4. h2's connection (`H2ServerConnectionCore`, used by zillatw.bindings.http.h2server): a
+   request whose header block h2's validation refuses (RFC 9113 §8.1.1, malformed) is a
+   stream error, as the RFC says, where h2 ends the whole connection. Overrides h2's private
+   `H2Connection._receive_headers_frame` and tells h2's header validation from its other
+   protocol errors by the module that raised it (`h2.utilities`). Should either change,
+   test_twistedcompat fails; at run time a malformed block then ends the connection (h2's
+   own answer), nothing worse. setup.cfg pins h2 below its next minor release.
+
 Nothing of Autobahn's is touched: the WebSocket protocol is zillatw.wire's own; Autobahn
 is only used for its public UTF-8 validator.
 """
@@ -41,6 +50,10 @@ import errno
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.exceptions
+from h2.errors import ErrorCodes
 from twisted.internet import tcp
 from twisted.python import log
 from zope.interface import directlyProvides, providedBy
@@ -150,3 +163,34 @@ if epollreactor is not None:
         doIteration = doPoll
 else:  # pragma: no cover - not Linux
     EPollReactor = None  # type: ignore[assignment,misc]
+
+
+class H2ServerConnectionCore(h2.connection.H2Connection):
+    """h2's connection, but a request whose header block h2 finds malformed (RFC 9113
+    §8.1.1: an extended CONNECT without :path, a CONNECT with one, a pseudo-header it does
+    not know...) costs its stream (RST_STREAM PROTOCOL_ERROR), as the RFC has it, not the
+    whole connection, which h2 would end. Only h2's header validation is so taken: it runs
+    once the block is decoded (the HPACK state stays right) and the stream exists."""
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config)
+        self.malformed: list[tuple[int, str]] = []  # streams reset so, and why: for the events
+
+    def _receive_headers_frame(self, frame: Any) -> Any:
+        try:
+            return super()._receive_headers_frame(frame)
+        except h2.exceptions.ProtocolError as e:
+            stream = self.streams.get(frame.stream_id)
+            if not _raised_by_validation(e) or stream is None or stream.closed:
+                raise
+            self.malformed.append((frame.stream_id, str(e)))
+            self.reset_stream(frame.stream_id, ErrorCodes.PROTOCOL_ERROR)
+            return [], []
+
+
+def _raised_by_validation(error: BaseException) -> bool:
+    """Whether h2's header validation (h2.utilities) raised `error`."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__") == "h2.utilities"

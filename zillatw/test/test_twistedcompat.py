@@ -130,3 +130,39 @@ class PyOpenSSLInternalsTests(unittest.TestCase):
                      "SSL_TLSEXT_ERR_ALERT_FATAL", "SSL_TLSEXT_ERR_OK"):
             self.assertTrue(hasattr(lib, name), name)
         self.assertEqual(ffi.string(lib.X509_verify_cert_error_string(10)).decode(), "certificate has expired")
+
+
+class H2InternalsTests(unittest.TestCase):
+    """What twistedcompat.H2ServerConnectionCore relies on in h2."""
+
+    def request_without_path(self):
+        import h2.config
+        import h2.connection
+        client = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False))
+        client.initiate_connection()
+        client.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", "a")], end_stream=True)
+        return client.data_to_send()
+
+    def server(self, core):
+        import h2.config
+        server = core(h2.config.H2Configuration(client_side=False))
+        server.initiate_connection()
+        return server
+
+    def test_h2_refuses_a_malformed_block_from_its_header_validation(self):
+        import h2.connection
+        import h2.exceptions
+        self.assertTrue(callable(getattr(h2.connection.H2Connection, "_receive_headers_frame", None)))
+        server = self.server(h2.connection.H2Connection)
+        with self.assertRaises(h2.exceptions.ProtocolError) as caught:
+            server.receive_data(self.request_without_path())
+        self.assertTrue(twistedcompat._raised_by_validation(caught.exception))
+
+    def test_our_core_resets_the_stream_and_keeps_the_connection(self):
+        import h2.events
+        server = self.server(twistedcompat.H2ServerConnectionCore)
+        events = server.receive_data(self.request_without_path())
+        self.assertFalse(any(isinstance(e, h2.events.RequestReceived) for e in events))
+        self.assertEqual([stream for stream, _ in server.malformed], [1])
+        self.assertFalse(server.state_machine.state.name == "CLOSED")

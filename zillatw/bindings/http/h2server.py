@@ -36,6 +36,7 @@ from zillatw.bindings.http import admission
 from zillatw.bindings.http.h2stream import H2Stream
 from zillatw.bindings.http.h2websocket import H2WebSocket, is_websocket
 from zillatw.telemetry.events import next_trace_id
+from zillatw.twistedcompat import H2ServerConnectionCore
 
 if TYPE_CHECKING:
     from zillatw.bindings.http.binding import HttpServer, HttpServerProtocol
@@ -76,37 +77,6 @@ def take_over(protocol: "HttpServerProtocol", received: bytes) -> None:
     connection.start(received)
 
 
-class _ServerConnection(h2.connection.H2Connection):
-    """h2's connection, but a request whose header block h2 finds malformed (RFC 9113
-    §8.1.1: an extended CONNECT without :path, a CONNECT with one, a pseudo-header it does
-    not know...) costs its stream (RST_STREAM PROTOCOL_ERROR), as the RFC has it, not the
-    whole connection, which h2 would end. Only h2's header validation is so taken: it runs
-    once the block is decoded (the HPACK state stays right) and the stream exists."""
-
-    def __init__(self, config: h2.config.H2Configuration) -> None:
-        super().__init__(config)
-        self.malformed: list[tuple[int, str]] = []  # streams reset so, and why: for the events
-
-    def _receive_headers_frame(self, frame: Any) -> Any:
-        try:
-            return super()._receive_headers_frame(frame)
-        except h2.exceptions.ProtocolError as e:
-            stream = self.streams.get(frame.stream_id)
-            if not _raised_by_validation(e) or stream is None or stream.closed:
-                raise
-            self.malformed.append((frame.stream_id, str(e)))
-            self.reset_stream(frame.stream_id, ErrorCodes.PROTOCOL_ERROR)
-            return [], []
-
-
-def _raised_by_validation(error: BaseException) -> bool:
-    """Whether h2's header validation (h2.utilities) raised `error`."""
-    tb = error.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_globals.get("__name__") == "h2.utilities"
-
-
 def _header_dict(fields: list[tuple[bytes, bytes]]) -> dict[str, str]:
     """Lower-cased names (h2 already refuses upper case); repeated fields joined as HTTP/1.1
     would (cookie crumbs with '; ', RFC 9113 §8.2.3)."""
@@ -135,7 +105,7 @@ class H2ServerConnection:
         self.closed = False
         self.socket_paused = False
         config = h2.config.H2Configuration(client_side=False, header_encoding=None)
-        self.h2 = _ServerConnection(config)
+        self.h2 = H2ServerConnectionCore(config)
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: factory.max_header_bytes,
