@@ -144,6 +144,41 @@ class KeepAliveTests(unittest.TestCase):
         self.assertEqual(client.data, b"")
 
     @defer.inlineCallbacks
+    def test_idle_timeout_counts_from_the_last_response_with_one_timer(self):
+        port = yield self.serve({"idle-timeout": 5, "head-timeout": 3})
+        clock = Clock()
+        self.gateway.binding("http0").reactor = clock
+        client = yield connect_http(port)
+        client.send(request("POST", "/", b"one"))
+        yield client.responses(1)
+        clock.advance(4)
+        client.send(request("POST", "/", b"two"))  # a whole head in one read: no head timer
+        yield client.responses(2)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)  # the connection's one idle timer
+        clock.advance(4)  # the timer fires 5 s after the first response: idle for 4 only
+        self.assertFalse(client.is_closed)
+        clock.advance(1.5)
+        yield client.closed
+        self.assertEqual(len(client.replies), 2)
+
+    @defer.inlineCallbacks
+    def test_a_kept_alive_connections_partial_next_head_times_out(self):
+        port = yield self.serve({"head-timeout": 3})
+        clock = Clock()
+        self.gateway.binding("http0").reactor = clock
+        client = yield connect_http(port)
+        client.send(request("POST", "/", b"one"))
+        yield client.responses(1)
+        clock.advance(30)  # idle, but under the idle timeout: the head timer starts at its first bytes
+        client.send(b"POST / HTTP/1.1\r\nHost: loc")
+        yield eventually(lambda: len(clock.getDelayedCalls()) == 2)
+        clock.advance(2.5)
+        self.assertFalse(client.is_closed)
+        clock.advance(1)
+        yield client.closed
+        self.assertIn(b"HTTP/1.1 408 ", client.raw)
+
+    @defer.inlineCallbacks
     def test_body_timeout_on_a_clock(self):
         port = yield self.serve({"body-timeout": 7})
         clock = Clock()

@@ -30,11 +30,10 @@ at most once: nothing is ever retried, so nothing is ever delivered twice.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-import txredisapi
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import defer
@@ -46,12 +45,14 @@ from zope.interface import implementer
 
 from zillatw.telemetry.events import BindingEvents
 
+if TYPE_CHECKING:
+    from zillatw.bindings.fan.redisproto import _Factory, _Publisher, _Subscriber
+
 MAGIC = b"zw\x01"         # ours, version 1: magic, instance id, opcode, payload
 ID_SIZE = 8
 HEAD_SIZE = len(MAGIC) + ID_SIZE + 1
 TEXT, BINARY = 0x1, 0x2
 DEFAULT_PORT = 6379
-INITIAL_DELAY = 0.1       # seconds before the first reconnection attempt
 MAX_DELAY = 10.0          # default `max-reconnect-delay`
 CONNECT_TIMEOUT = 5.0
 
@@ -118,59 +119,6 @@ class _PublisherFlow:
         self.link._set_full(False)
 
 
-class _Publisher(txredisapi.RedisProtocol):
-    link: "RedisLink"
-
-    def connectionLost(self, why: Any) -> None:
-        super().connectionLost(why)
-        self.link._lost(self, why)
-
-
-class _Subscriber(txredisapi.SubscriberProtocol):
-    link: "RedisLink"
-
-    def messageReceived(self, pattern: Any, channel: Any, message: bytes) -> None:
-        self.link._received(message)
-
-    def connectionLost(self, why: Any) -> None:
-        super().connectionLost(why)
-        self.link._lost(self, why)
-
-
-class _Factory(txredisapi.RedisFactory):
-    initialDelay = INITIAL_DELAY
-
-    def __init__(self, link: "RedisLink", protocol: type, parts: Mapping[str, Any]):
-        super().__init__(None, None, 1, isLazy=True, charset=None, password=parts["password"],
-                         convertNumbers=True, username=parts["username"])
-        self.link = link
-        self.protocol = protocol
-        self.maxDelay = link.max_delay
-        self.deferred.addErrback(_ignore)  # fired by txredisapi for its "connect once" users
-
-    def buildProtocol(self, addr: Any) -> Any:
-        protocol = super().buildProtocol(addr)
-        protocol.link = self.link
-        protocol.whenConnected().addCallback(self.link._ready)
-        return protocol
-
-    def retryDelay(self, attempt: int) -> float:
-        failure, self.link._last_failure = self.link._last_failure, None  # a failed attempt (reported once per outage)
-        self.link._down(f"cannot connect ({failure})" if failure else "cannot connect")
-        return super().retryDelay(attempt)
-
-    def connectionError(self, why: str) -> None:  # e.g. AUTH refused
-        self.link._down(why)
-        super().connectionError(why)
-
-    def stopTrying(self) -> defer.Deferred:
-        """txredisapi gives up for good when AUTH is refused; we keep retrying with the
-        backoff (a password or ACL fixed on the Redis side then just works)."""
-        if self.link._stopping:
-            return super().stopTrying()
-        return defer.succeed(None)
-
-
 class RedisLink:
     """One fan binding's Redis connections. `deliver(opcode, payload)` is called with the
     messages other gateways published; `on_full(bool)` when publishing has to wait."""
@@ -193,8 +141,8 @@ class RedisLink:
         self._prefixes = {opcode: self._own + bytes([opcode]) for opcode in range(16)}
         self.deliver: Callable[[int, bytes], None] = lambda opcode, payload: None
         self.on_full: Callable[[bool], None] = lambda full: None
-        self.publisher: _Publisher | None = None
-        self.subscriber: _Subscriber | None = None
+        self.publisher: "_Publisher | None" = None
+        self.subscriber: "_Subscriber | None" = None
         self.up = False           # both connections ready (and subscribed)
         self.full = False         # the publisher's socket is full
         self.receiving = True     # the subscriber's socket is read
@@ -202,6 +150,7 @@ class RedisLink:
         self._stopping = False
         self._last_failure: str | None = None  # why a connection that never got ready was lost
         self._factories: list[_Factory] = []
+        self._connection_error: type[Exception] = Exception  # txredisapi's, once started
         # counters, read by metrics (see `samples`)
         self.published = self.received = self.dropped = self.disconnects = self.foreign = 0
 
@@ -211,8 +160,12 @@ class RedisLink:
         if self._factories:
             return
         self._stopping = False
-        for protocol in (_Publisher, _Subscriber):
-            factory = _Factory(self, protocol, self.parts)
+        # txredisapi imports the global reactor when it is imported: only now, once the
+        # gateway runs (twistd zillaws has installed zillatw's reactor by then).
+        from zillatw.bindings.fan import redisproto
+        self._connection_error = redisproto.ConnectionError
+        for protocol in (redisproto._Publisher, redisproto._Subscriber):
+            factory = redisproto._Factory(self, protocol, self.parts)
             self._factories.append(factory)
             endpoint: Any = HostnameEndpoint(self.reactor, self.parts["host"], self.parts["port"],
                                              timeout=CONNECT_TIMEOUT)
@@ -241,7 +194,7 @@ class RedisLink:
             return
         try:
             sent = publisher.publish(self.channel, self._prefixes[opcode] + payload)
-        except txredisapi.ConnectionError:  # lost in this very turn, before we were told
+        except self._connection_error:  # lost in this very turn, before we were told
             self.dropped += 1
             return
         self.published += 1
@@ -278,7 +231,7 @@ class RedisLink:
     def _ready(self, protocol: Any) -> None:
         if self._stopping:
             return
-        if isinstance(protocol, _Publisher):  # a PING proves it may publish (no NOAUTH)
+        if protocol.is_publisher:  # a PING proves it may publish (no NOAUTH)
             protocol.ping().addCallbacks(lambda _: self._publishing(protocol),
                                          lambda failure: self._refused(protocol, failure))
         else:
@@ -292,14 +245,14 @@ class RedisLink:
             self._down(f"refused: {failure.getErrorMessage()}")
             protocol.transport.loseConnection()
 
-    def _publishing(self, protocol: _Publisher) -> None:
+    def _publishing(self, protocol: "_Publisher") -> None:
         if self._stopping or not protocol.connected:
             return
         self.publisher = protocol
         protocol.transport.registerProducer(_PublisherFlow(self), True)
         self._check_up()
 
-    def _subscribed(self, protocol: _Subscriber) -> None:
+    def _subscribed(self, protocol: "_Subscriber") -> None:
         if self._stopping or not protocol.connected:
             return
         self.subscriber = protocol

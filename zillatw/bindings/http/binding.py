@@ -304,6 +304,8 @@ class HttpServerProtocol(Protocol):
     _gone = False
     exchange: "http_plain.ServerExchange | None" = None  # the plain request being served
     _idle = False         # kept alive, waiting for the next request
+    _idle_since = 0.0
+    _idle_timer: Any = None
     _feeding = False      # serving pipelined bytes (request_done only queues them)
     _queued = b""
     relaying = False      # TCP_NODELAY set for plain exchanges
@@ -353,6 +355,10 @@ class HttpServerProtocol(Protocol):
         if request is not None:
             self._cancel_timeout()
             self._dispatch(request)
+        elif self._timeout is None:
+            # A kept-alive connection's next head has begun but is not whole: it has
+            # head_timeout from here (armed only now: most heads arrive in one read).
+            self._timeout = self.factory.reactor.callLater(self.factory.head_timeout, self._head_timed_out)
 
     def _dispatch(self, request: Request) -> None:
         factory = self.factory
@@ -441,6 +447,7 @@ class HttpServerProtocol(Protocol):
         """From now on `protocol` (a ws connection, an HTTP/2 connection) gets this
         connection's reads and its end."""
         self.taken, self.reading = protocol, Reading.TAKEN
+        self._cancel_idle_timer()
 
     def _accepted(self, request: Request, headers: dict[str, str], session: Session | None) -> None:
         admission.emit_accepted(self.factory, self.trace_id, request.method, request.shown_target, headers, session)
@@ -457,7 +464,10 @@ class HttpServerProtocol(Protocol):
         self.trace_id = next_trace_id()
         self._parser = RequestHeadParser(max_header_bytes=factory.max_header_bytes)
         self._idle = True
-        self._timeout = factory.reactor.callLater(factory.idle_timeout, self._idle_timed_out)
+        self._idle_since = factory.reactor.seconds()
+        if self._idle_timer is None:
+            # One idle timer per connection, re-armed only when it fires (not per request)
+            self._idle_timer = factory.reactor.callLater(factory.idle_timeout, self._idle_check)
         self._queued += pipelined
         if self._feeding:
             return
@@ -470,18 +480,29 @@ class HttpServerProtocol(Protocol):
             self._feeding = False
 
     def _next_request_started(self) -> None:
-        self._idle = False
-        self._cancel_timeout()
+        self._idle = False  # the idle timer, when it fires, finds so and lets go
         factory = self.factory
         factory.kept.discard(self)
         factory.pending.add(self)
-        self._timeout = factory.reactor.callLater(factory.head_timeout, self._head_timed_out)
 
-    def _idle_timed_out(self) -> None:
-        """A kept-alive connection with no new request: closed without a response."""
-        self._timeout = None
-        self.factory.kept.discard(self)
+    def _idle_check(self) -> None:
+        """A kept-alive connection with no new request for idle_timeout: closed without a
+        response."""
+        self._idle_timer = None
+        if not self._idle or self._gone:
+            return
+        factory = self.factory
+        remaining = self._idle_since + factory.idle_timeout - factory.reactor.seconds()
+        if remaining > 0:
+            self._idle_timer = factory.reactor.callLater(remaining, self._idle_check)
+            return
+        factory.kept.discard(self)
         self.transport.loseConnection()
+
+    def _cancel_idle_timer(self) -> None:
+        timer, self._idle_timer = self._idle_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def _expire_at(self, when: float, taken: Any) -> None:
         """End the connection when its session expires: IHttpConnection.session_expired() (the
@@ -528,6 +549,7 @@ class HttpServerProtocol(Protocol):
             return
         self._gone = True
         self._cancel_timeout()
+        self._cancel_idle_timer()
         self.factory.pending.discard(self)
         self.factory.kept.discard(self)
         exchange, self.exchange = self.exchange, None

@@ -109,6 +109,8 @@ def start(protocol: "HttpServerProtocol", exit_: Any, request: Request, headers:
     if exchange.head_sent and not exchange.finished:
         exchange.register()  # answered within open_request (echo): its end paces it now
     exchange.body_received(rest)
+    if exchange._timing_body and not (exchange.request_ended or exchange.finished):
+        exchange.time_body()  # the body did not come whole with the head: from now it may stall
     if exchange.finished and not exchange.request_ended:
         exchange.closing = True
         exchange._next()
@@ -145,8 +147,7 @@ class ServerExchange:
         self._reactor = reactor
         self._last_progress = reactor.seconds()
         self._timer: Any = None
-        if request_framing is not Framing.NONE:
-            self._timer = reactor.callLater(protocol.factory.body_timeout, self._body_stalled)
+        self._timing_body = request_framing is not Framing.NONE  # its timer starts in start()
 
     # ---- the client's bytes: the request body, then pipelined requests
 
@@ -196,6 +197,10 @@ class ServerExchange:
         if self.exit_end is not None:
             self.exit_end.exchange_abort(status, reason, "")
         self.exchange_abort(status, reason, "")
+
+    def time_body(self) -> None:
+        self._last_progress = self._reactor.seconds()
+        self._timer = self._reactor.callLater(self.protocol.factory.body_timeout, self._body_stalled)
 
     def _body_stalled(self) -> None:
         self._timer = None
