@@ -3,8 +3,13 @@ its limits and status codes (400, 414, 431, 501, 505), and render_response's byt
 
 from __future__ import annotations
 
+import random
+import re
+from unittest import mock
+
 from twisted.trial import unittest
 
+from zillatw.wire import http1
 from zillatw.wire.http1 import (
     HttpError,
     Request,
@@ -407,3 +412,38 @@ class ResponseHeadTests(unittest.SynchronousTestCase):
             self.parse(b"HTTP/1.1 101 OK\r\n" + b"A: " + b"b" * 9000)
         with self.assertRaises(ResponseError):
             self.parse(b"HTTP/1.1 101 OK\r\n" + b"".join(b"H%d: v\r\n" % i for i in range(101)) + b"\r\n")
+
+
+class WellFormedFastPathTests(unittest.TestCase):
+    """A head whose header lines are all well formed is split without the per-line checks:
+    it must give header_fields' very answer, and every other head the checks' errors."""
+
+    PIECES = [b"Host: a", b"host:b", b"X-Dup: 1", b"x-dup:  2 ", b"Empty:", b"Sp: \t v \t",
+              b"Latin: \xe9t\xe9", b"Tab:\tx", b"CL: 5", b"Bad Name: x", b" folded", b"NoColon",
+              b"Ctl: a\x01b", b"Nul: a\x00b", b"Cr: a\rb", b"Del: \x7f", b"Ok: ~!", b":empty-name"]
+
+    def heads(self, count=3000):
+        rng = random.Random(6455)
+        for _ in range(count):
+            lines = [rng.choice(self.PIECES) for _ in range(rng.randint(0, 6))]
+            ends = [rng.choice([b"\r\n", b"\n"]) for _ in lines]
+            yield b"".join(line + end for line, end in zip(lines, ends, strict=True)), rng.choice([b"\r\n", b"\n"])
+
+    def outcome(self, parser, raw):
+        try:
+            return ("ok", parser(max_headers=4).feed(raw).headers)
+        except (HttpError, ResponseError) as e:
+            return ("error", str(e))
+
+    def test_requests_and_responses_agree_with_the_line_by_line_checks(self):
+        fast_seen = 0
+        for block, blank in self.heads():
+            for parser, first, pattern in ((RequestHeadParser, b"GET / HTTP/1.1\r\n", "_WELL_FORMED_FIELDS_AND_BLANK"),
+                                           (ResponseHeadParser, b"HTTP/1.1 200 OK\r\n", "_WELL_FORMED_FIELDS")):
+                raw = first + block + blank
+                got = self.outcome(parser, raw)
+                with mock.patch.object(http1, pattern, re.compile(b"(?!)")):  # the line-by-line path only
+                    expected = self.outcome(parser, raw)
+                self.assertEqual(got, expected, raw)
+                fast_seen += got[0] == "ok"
+        self.assertGreater(fast_seen, 100)  # the fast path was taken, often

@@ -89,6 +89,29 @@ class FieldError(ValueError):
         self.detail = detail
 
 
+# A header block every line of which is well formed (a token, a colon, a value of field
+# characters, a CRLF or LF end): the common case, split at once without the per-line checks
+# of header_fields (which a block that does not match goes through, for the error to name).
+_FIELD = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\x09\x20-\x7e\x80-\xff]*\r?\n"
+_WELL_FORMED_FIELDS = re.compile(rb"(?:%s)*" % _FIELD)
+_WELL_FORMED_FIELDS_AND_BLANK = re.compile(rb"(?:%s)*\r?\n" % _FIELD)
+
+
+def _well_formed_fields(text: str, max_headers: int) -> dict[str, str] | None:
+    """header_fields' answer for lines known well formed (`text`: latin-1, LF-split, the
+    trailing entries dropped); None when there are too many (header_fields says so)."""
+    lines = text.split("\n")
+    if len(lines) > max_headers:
+        return None
+    headers: dict[str, str] = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        key = name.lower()
+        value = value.strip(" \t\r")
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    return headers
+
+
 def header_fields(lines: list[bytes], max_headers: int) -> dict[str, str]:
     """The header lines of a request or response head (CRLF or LF ended, already free of bare
     CR and NUL): names lower-cased, values trimmed, duplicates joined with ", " as Zilla does."""
@@ -159,10 +182,12 @@ class RequestHeadParser:
             raise HttpError(414, f"request line longer than {self.max_request_line} bytes")
         head_end = buffer.find(b"\r\n\r\n", line_end - 1)
         end_length = 4
-        bare = buffer.find(b"\n\n", line_end)
+        # An earlier end in bare LFs wins; searched only up to the CRLF one (not the body's bytes)
+        limit = head_end + 2 if head_end >= 0 else len(buffer)
+        bare = buffer.find(b"\n\n", line_end, limit)
         if bare >= 0 and (head_end < 0 or bare < head_end):
             head_end, end_length = bare, 2
-        mixed = buffer.find(b"\n\r\n", line_end)  # LF-terminated lines, then a CRLF blank line
+        mixed = buffer.find(b"\n\r\n", line_end, limit)  # LF-terminated lines, then a CRLF blank line
         if mixed >= 0 and (head_end < 0 or mixed < head_end):
             head_end, end_length = mixed, 3
         if head_end < 0:
@@ -172,8 +197,10 @@ class RequestHeadParser:
             return None
         if head_end - line_end > self.max_header_bytes:
             raise HttpError(431, f"request headers larger than {self.max_header_bytes} bytes")
-        raw_head = bytes(buffer[: head_end + end_length])
-        self.rest = bytes(buffer[head_end + end_length:])
+        view = memoryview(buffer)
+        raw_head = bytes(view[: head_end + end_length])  # one copy each (a bytearray slice is two)
+        self.rest = bytes(view[head_end + end_length:])
+        view.release()
         buffer.clear()
         return self._parse(raw_head)
 
@@ -182,8 +209,8 @@ class RequestHeadParser:
         # target and subprotocol may be forwarded upstream).
         if b"\0" in raw_head or b"\r" in raw_head.replace(b"\r\n", b""):
             raise HttpError(400, "bare CR or NUL in the request head")
-        lines = raw_head.split(b"\n")
-        request_line = lines[0].rstrip(b"\r")
+        first_end = raw_head.find(b"\n")
+        request_line = raw_head[:first_end].rstrip(b"\r")
         parts = request_line.split(b" ")
         if len(parts) != 3 or not all(parts):
             raise HttpError(400, "malformed request line (expected 'METHOD target HTTP/1.1')")
@@ -199,8 +226,14 @@ class RequestHeadParser:
         method_text = method.decode("ascii")
         if method_text not in KNOWN_METHODS:
             raise HttpError(501, f"method {method_text} is not implemented")
+        headers = None
+        if _WELL_FORMED_FIELDS_AND_BLANK.fullmatch(raw_head, first_end + 1):
+            # the block ends with its blank line: not a field
+            fields = raw_head[first_end + 1:].decode("latin-1").rstrip("\r\n")
+            headers = _well_formed_fields(fields, self.max_headers) if fields else {}
         try:
-            headers = header_fields(lines[1:], self.max_headers)
+            if headers is None:
+                headers = header_fields(raw_head.split(b"\n")[1:], self.max_headers)
         except FieldError as e:
             if e.problem is FieldProblem.FOLDING:
                 raise HttpError(400, "obsolete header line folding is not allowed") from None
@@ -257,10 +290,13 @@ class ResponseHeadParser:
         if buffer[line_end + 1:line_end + 2] == b"\n" or buffer[line_end + 1:line_end + 3] == b"\r\n":
             head_end = line_end + 1  # no headers at all
         else:
-            head_end = -1
-            for end in (buffer.find(b"\n\r\n", line_end), buffer.find(b"\n\n", line_end)):
-                if end >= 0 and (head_end < 0 or end < head_end):
-                    head_end = end + 1
+            head_end = buffer.find(b"\n\r\n", line_end)
+            # an earlier end in bare LFs wins; searched only up to the CRLF one
+            bare = buffer.find(b"\n\n", line_end, head_end + 2 if head_end >= 0 else len(buffer))
+            if bare >= 0 and (head_end < 0 or bare < head_end):
+                head_end = bare
+            if head_end >= 0:
+                head_end += 1
         if head_end < 0:
             if len(buffer) - line_end > self.max_header_bytes + 3:
                 raise ResponseError(f"response headers larger than {self.max_header_bytes} bytes")
@@ -268,23 +304,30 @@ class ResponseHeadParser:
         if head_end - line_end > self.max_header_bytes:
             raise ResponseError(f"response headers larger than {self.max_header_bytes} bytes")
         blank = 2 if buffer[head_end:head_end + 1] == b"\r" else 1
-        raw_head = bytes(buffer[:head_end])
-        self.rest = bytes(buffer[head_end + blank:])
+        view = memoryview(buffer)
+        raw_head = bytes(view[:head_end])
+        self.rest = bytes(view[head_end + blank:])
+        view.release()
         buffer.clear()
         return self._parse(raw_head)
 
     def _parse(self, raw_head: bytes) -> Response:
         if b"\0" in raw_head or b"\r" in raw_head.replace(b"\r\n", b""):
             raise ResponseError("bare CR or NUL in the response head")
-        lines = raw_head.split(b"\n")
-        match = _STATUS_LINE.match(lines[0].rstrip(b"\r"))
+        first_end = raw_head.find(b"\n")
+        match = _STATUS_LINE.match(raw_head[:first_end].rstrip(b"\r"))
         if match is None:
             raise ResponseError("malformed status line (expected 'HTTP/1.1 101 ...')")
         major, minor = int(match.group(1)), int(match.group(2))
         if major != 1:
             raise ResponseError(f"HTTP version {major}.{minor} in the status line")
+        headers = None
+        if _WELL_FORMED_FIELDS.fullmatch(raw_head, first_end + 1):
+            fields = raw_head[first_end + 1:].decode("latin-1").rstrip("\r\n")
+            headers = _well_formed_fields(fields, self.max_headers) if fields else {}
         try:
-            headers = header_fields(lines[1:], self.max_headers)
+            if headers is None:
+                headers = header_fields(raw_head.split(b"\n")[1:], self.max_headers)
         except FieldError as e:
             raise ResponseError({
                 FieldProblem.FOLDING: "obsolete header line folding in the response",
