@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import error
@@ -28,7 +27,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from zillatw.bindings.http.h2client import H2UpstreamExchange, H2UpstreamPool
+from zillatw.bindings.http import clientversions
+from zillatw.bindings.http.clientlimits import MAX_EARLY_BODY, MAX_POOLS, MAX_WAITING, ClientLimits
+from zillatw.bindings.http.h2client import H2UpstreamPool, open_h2
 from zillatw.bindings.ws.relay import no_delay
 from zillatw.stream import HttpHead, IHttpExchangeEnd, StreamRefused
 from zillatw.telemetry.events import Events
@@ -44,42 +45,20 @@ from zillatw.wire.http1body import (
     response_framing,
 )
 
-MAX_CONNECTIONS = 32     # per upstream (exit and authority) of one http client
-IDLE_TIMEOUT = 30.0      # seconds a pooled connection stays open unused
-RESPONSE_TIMEOUT = 30.0  # seconds from a request's arrival to its response head; and of body silence
-CONNECT_TIMEOUT = 10.0   # seconds to connect upstream (and finish TLS)
-MAX_WAITING = 1024       # requests waiting for a pooled connection, per upstream
-MAX_POOLS = 256          # upstreams (authorities) one http client keeps pools for
-MAX_EARLY_BODY = 1 << 20  # request body bytes held before the upstream connects (one read's worth)
-
-CLIENT_OPTIONS: dict[str, Any] = {
-    "max-connections": {"type": "integer", "minimum": 1},
-    "response-timeout": {"type": "number", "exclusiveMinimum": 0},
-}
-
-
-@dataclass(frozen=True)
-class ClientLimits:
-    max_connections: int = MAX_CONNECTIONS
-    idle_timeout: float = IDLE_TIMEOUT
-    response_timeout: float = RESPONSE_TIMEOUT
-    connect_timeout: float = CONNECT_TIMEOUT
-
-    @classmethod
-    def of(cls, options: Mapping[str, Any]) -> "ClientLimits":
-        return cls(options.get("max-connections", MAX_CONNECTIONS), options.get("idle-timeout", IDLE_TIMEOUT),
-                   options.get("response-timeout", RESPONSE_TIMEOUT))
-
 
 class Forwarder:
     """One http client binding's plain requests and its pools."""
 
     def __init__(self, name: str, namespace: str, route: Callable[[dict[str, str]], Any],
                  overrides: Mapping[str, str], reactor: Any, events: Events, limits: ClientLimits,
-                 h2: bool = False):
+                 versions: tuple[str, ...] = ("http/1.1",)):
         self.name = name
-        self.h2 = h2  # versions: [h2]: one multiplexed HTTP/2 connection per upstream (h2client)
-        self.h2_pools: dict[tuple[int, str], H2UpstreamPool] = {}
+        # the version spoken to every upstream when one is configured; with both, each
+        # upstream's is learnt from its first connection (zillatw.bindings.http.clientversions)
+        self.version = versions[0] if len(set(versions)) == 1 else None
+        self.spoken: dict[tuple[int, str], str] = {}
+        self.probes: dict[tuple[int, str], Any] = {}  # clientversions.VersionProbe, connecting
+        self.h2_pools: dict[tuple[int, str], H2UpstreamPool] = {}  # h2 (h2client)
         self.namespace = namespace
         self.route = route
         self.overrides = dict(overrides)
@@ -90,8 +69,7 @@ class Forwarder:
         self.closing = False  # shutting down: no connection goes back to a pool
         self.responses: Any = None  # zillatw.bindings.http.validation.ResponseChecks, if typed
 
-    def open_request(self, head: HttpHead, peer: IHttpExchangeEnd,
-                     trace_id: int) -> "UpstreamExchange | H2UpstreamExchange":
+    def open_request(self, head: HttpHead, peer: IHttpExchangeEnd, trace_id: int) -> IHttpExchangeEnd:
         headers = {**head.headers, **self.overrides}
         authority = headers.get(":authority")
         if not authority:
@@ -100,8 +78,27 @@ class Forwarder:
         if exit_ is None:
             raise StreamRefused(502, "no upstream for this request")
         key = (id(exit_), authority)
-        if self.h2:
-            return self._open_h2(key, exit_, authority, HttpHead(headers, head.length), peer)
+        version = self.version or self.spoken.get(key)
+        if version is None:  # both versions, this upstream's not known yet: its first connection says
+            return clientversions.negotiating(self, key, exit_, authority, head, peer, trace_id)
+        return self.open_on(version, key, exit_, authority, head, peer, trace_id)
+
+    def open_on(self, version: str, key: tuple[int, str], exit_: Any, authority: str, head: HttpHead,
+                peer: IHttpExchangeEnd, trace_id: int) -> IHttpExchangeEnd:
+        """The request (`head` as the http server gave it) forwarded in `version`."""
+        checked = self.responses.checked(head, peer, trace_id) if self.responses is not None else None
+        upstream_head = HttpHead({**head.headers, **self.overrides}, head.length)
+        if version == "h2":
+            exchange: Any = open_h2(self, key, exit_, authority, upstream_head, checked or peer)
+        else:
+            exchange = UpstreamExchange(self.pool(key, exit_, authority), upstream_head, checked or peer)
+            exchange.pool.acquire(exchange)
+            exchange.wait_for_upstream()
+        if checked is not None:
+            checked.upstream = exchange  # an invalid response ends the upstream exchange
+        return exchange
+
+    def pool(self, key: tuple[int, str], exit_: Any, authority: str) -> "UpstreamPool":
         pool = self.pools.get(key)
         if pool is None:
             if len(self.pools) >= MAX_POOLS:
@@ -109,32 +106,7 @@ class Forwarder:
                 if len(self.pools) >= MAX_POOLS:
                     raise StreamRefused(503, "too many upstreams in use")
             pool = self.pools[key] = UpstreamPool(self, key, exit_, authority)
-        checked = self.responses.checked(head, peer, trace_id) if self.responses is not None else None
-        exchange = UpstreamExchange(pool, HttpHead(headers, head.length), checked or peer)
-        if checked is not None:
-            checked.upstream = exchange  # an invalid response ends the upstream exchange
-        pool.acquire(exchange)
-        exchange.wait_for_upstream()
-        return exchange
-
-    def _open_h2(self, key: tuple[int, str], exit_: Any, authority: str, head: HttpHead,
-                 peer: IHttpExchangeEnd) -> H2UpstreamExchange:
-        h2_pool = self.h2_pools.get(key)
-        if h2_pool is None:
-            if len(self.h2_pools) >= MAX_POOLS:
-                for unused in [k for k, p in self.h2_pools.items() if p.total == 0]:
-                    del self.h2_pools[unused]
-                if len(self.h2_pools) >= MAX_POOLS:
-                    raise StreamRefused(503, "too many upstreams in use")
-            h2_pool = self.h2_pools[key] = H2UpstreamPool(self, exit_, authority, MAX_WAITING)
-        exchange = H2UpstreamExchange(h2_pool, head, peer)
-        try:
-            h2_pool.acquire(exchange)
-        except StreamRefused:
-            exchange.finished = True
-            exchange._cancel_timer()
-            raise
-        return exchange
+        return pool
 
     def _drop_unused_pools(self) -> None:
         for key, pool in list(self.pools.items()):
@@ -142,11 +114,14 @@ class Forwarder:
                 del self.pools[key]
 
     def connection_count(self) -> int:
-        return sum(pool.total for pool in self.pools.values()) + sum(p.total for p in self.h2_pools.values())
+        return (sum(pool.total for pool in self.pools.values()) + sum(p.total for p in self.h2_pools.values())
+                + len(self.probes))
 
     def going_away(self) -> None:
         """Shutdown: idle connections close now, busy ones once their response is done."""
         self.closing = True
+        for probe in list(self.probes.values()):
+            probe.cancel()
         for pool in self.pools.values():
             for connection in list(pool.idle):
                 connection.close()
@@ -154,6 +129,8 @@ class Forwarder:
             h2_pool.close()
 
     def drop_all(self) -> None:
+        for probe in list(self.probes.values()):
+            probe.cancel()
         for pool in self.pools.values():
             for connection in list(pool.connections):
                 connection.transport.abortConnection()
@@ -219,6 +196,11 @@ class UpstreamPool:
             if connection is None or connection.lost:
                 exchange.upstream_failed(502, "the upstream went away", "closed while connecting")
                 return
+            if getattr(connection.transport, "negotiatedProtocol", None) == b"h2":  # not what we speak
+                self.forwarder.spoken.pop(self.key, None)  # with both versions: learnt anew next time
+                connection.close()
+                exchange.upstream_failed(502, "the upstream does not speak HTTP/1.1", "ALPN chose b'h2'")
+                return
             exchange.attach(connection, reused=False)
 
         def failed(failure: Failure) -> None:
@@ -264,6 +246,16 @@ class UpstreamPool:
     def forget(self, exchange: "UpstreamExchange") -> None:
         if exchange in self.waiting:
             self.waiting.remove(exchange)
+
+    def adopt(self, undecided: Any) -> None:
+        """A connection made before its version was known (clientversions), now HTTP/1.1."""
+        connection = UpstreamConnection(self)
+        undecided.become(connection)
+        self.total += 1
+        self.opened += 1
+        self.connections.add(connection)
+        self.release(connection, reusable=True)
+        undecided.replay()
 
 
 class UpstreamConnection(Protocol):
