@@ -96,6 +96,7 @@ class Forwarder:
             exchange.wait_for_upstream()
         if checked is not None:
             checked.upstream = exchange  # an invalid response ends the upstream exchange
+            exchange.validated = True
         return exchange
 
     def pool(self, key: tuple[int, str], exit_: Any, authority: str) -> "UpstreamPool":
@@ -344,6 +345,7 @@ class UpstreamExchange:
     http server (its `peer`) and sends the upstream's response to it."""
 
     connecting: Any = None
+    validated = False  # its peer checks the response (validation.CheckedResponse)
 
     def __init__(self, pool: UpstreamPool, head: HttpHead, peer: IHttpExchangeEnd):
         self.pool = pool
@@ -484,6 +486,11 @@ class UpstreamExchange:
         keep = (clean and self.request_done and response.version >= (1, 1)
                 and "close" not in response.headers.get("connection", "").lower()
                 and self.decoder is not None and self.decoder.framing is not Framing.UNTIL_CLOSE)
+        if self.validated:  # the check's verdict comes with the end: an invalid one's connection is not kept
+            self.peer.exchange_end()  # (it aborts this exchange)
+            if not self.finished:
+                self._finish(reusable=keep)
+            return
         self._finish(reusable=keep)
         self.peer.exchange_end()
 

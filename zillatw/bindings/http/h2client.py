@@ -305,6 +305,8 @@ class H2UpstreamExchange:
     """The http client's end of one request over HTTP/2: it takes the request's body from
     the http server (its `peer`) and sends the upstream's response to it."""
 
+    validated = False  # its peer checks the response (validation.CheckedResponse)
+
     def __init__(self, pool: H2UpstreamPool, head: HttpHead, peer: IHttpExchangeEnd):
         self.pool = pool
         self.head = head
@@ -429,6 +431,11 @@ class H2UpstreamExchange:
 
     def response_end(self) -> None:
         if self.finished:
+            return
+        if self.validated:  # the check's verdict comes with the end: an invalid one resets the stream
+            self.peer.exchange_end()
+            if not self.finished:
+                self._finish(reset=False)
             return
         self._finish(reset=False)
         self.peer.exchange_end()
