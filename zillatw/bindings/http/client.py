@@ -23,14 +23,14 @@ from typing import Any
 
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, TimeoutError
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from zillatw.bindings.http import clientversions
 from zillatw.bindings.http.clientlimits import MAX_EARLY_BODY, MAX_POOLS, MAX_WAITING, ClientLimits
 from zillatw.bindings.http.h2client import H2UpstreamPool, open_h2
-from zillatw.bindings.ws.relay import no_delay
+from zillatw.bindings.http.upstreamconnection import UpstreamConnection
 from zillatw.stream import HttpHead, IHttpExchangeEnd, StreamRefused
 from zillatw.telemetry.events import Events
 from zillatw.twistedcompat import write, write_sequence
@@ -257,74 +257,6 @@ class UpstreamPool:
         self.connections.add(connection)
         self.release(connection, reusable=True)
         undecided.replay()
-
-
-class UpstreamConnection(Protocol):
-    """One upstream connection: the bytes of the exchange it serves go to that exchange;
-    bytes while idle mean the upstream broke the protocol, and it is closed."""
-
-    exchange: "UpstreamExchange | None" = None
-    transport: Any  # a TCP or TLS transport: a push producer too
-    lost = False
-    _idle_timer: Any = None
-    _idle_since: float | None = None
-
-    def __init__(self, pool: UpstreamPool):
-        self.pool = pool
-        self.transport = None
-
-    def connectionMade(self) -> None:
-        no_delay(self.transport)  # requests go out as they come: Nagle would hold them
-
-    def usable(self) -> bool:
-        return not self.lost and self.transport is not None
-
-    def enter_idle(self, reactor: Any, timeout: float) -> None:
-        """Back in the pool. One timer per connection, re-armed only when it fires (not
-        per request): it closes the connection once it has been idle for `timeout`."""
-        self.exchange = None
-        self._idle_since = reactor.seconds()
-        self._reactor, self._idle_timeout = reactor, timeout
-        if self._idle_timer is None:
-            self._idle_timer = reactor.callLater(timeout, self._idle_check)
-
-    def leave_idle(self) -> None:
-        self._idle_since = None  # busy: a pending timer finds so and lets go
-
-    def _idle_check(self) -> None:
-        self._idle_timer = None
-        if self.lost or self._idle_since is None:
-            return
-        remaining = self._idle_since + self._idle_timeout - self._reactor.seconds()
-        if remaining > 0:
-            self._idle_timer = self._reactor.callLater(remaining, self._idle_check)
-        else:
-            self.close()
-
-    def _cancel_idle_timer(self) -> None:
-        self._idle_since = None
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.cancel()
-        self._idle_timer = None
-
-    def close(self) -> None:
-        self._cancel_idle_timer()
-        if not self.lost and self.transport is not None:
-            self.transport.loseConnection()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.exchange is not None:
-            self.exchange.upstream_data(data)
-        else:
-            self.transport.abortConnection()  # an answer to nothing: not an upstream to reuse
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        self.lost = True
-        self._cancel_idle_timer()
-        self.pool.lost(self)
-        exchange, self.exchange = self.exchange, None
-        if exchange is not None:
-            exchange.upstream_lost(reason)
 
 
 def request_bytes(head: HttpHead) -> bytes:
