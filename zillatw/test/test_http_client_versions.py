@@ -1,16 +1,21 @@
 """An http client with `versions: [http/1.1, h2]` (zillatw.bindings.http.clientversions), as
-Zilla's http.json.schema example has it: HTTP/1.1 over cleartext to an HTTP/1.1-only web
-server (twisted.web), and over tls the version ALPN chose (h2, or http/1.1), to an upstream
-that is a second tls + http server of the same gateway in front of echo. Response
-validation on either: an invalid response is cut off, its h2 stream reset (the upstream
-connection serves on) or its HTTP/1.1 connection closed."""
+Zilla's http.json.schema example has it: over cleartext an h2c upgrade offered, which an
+HTTP/1.1-only web server (twisted.web) ignores and an h2c server (one written here with the
+h2 library) takes; over tls the version ALPN chose (h2, or http/1.1), to an upstream that is
+a second tls + http server of the same gateway in front of echo. Response validation on
+either: an invalid response is cut off, its h2 stream reset (the upstream connection serves
+on) or its HTTP/1.1 connection closed."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.static import Data
@@ -47,9 +52,52 @@ def exchange(port: int, raw: bytes, count: int = 1) -> Any:
     return replies
 
 
+class H2cServer(Protocol):
+    """An upstream that takes the h2c upgrade (RFC 7540 §3.2): it answers 101, then every
+    request (the upgraded one on stream 1) with `h2 <path> <body>`, recording the heads."""
+
+    transport: Any
+
+    def __init__(self, heads: list[bytes]):
+        self.heads = heads
+        self.buffer = b""
+        self.h2: Any = None
+        self.requests: dict[int, list[bytes]] = {}
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.h2 is None:
+            self.buffer += data
+            head, found, data = self.buffer.partition(b"\r\n\r\n")
+            if not found:
+                return
+            self.heads.append(head)
+            fields = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
+            self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+            self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+            self.h2.initiate_upgrade_connection(fields[b"http2-settings"])
+            self.answer(1, head.split(b" ")[1], b"")
+        for event in self.h2.receive_data(data) if data else ():
+            if isinstance(event, h2.events.RequestReceived):
+                self.requests[event.stream_id] = [dict(event.headers)[b":path"]]
+            elif isinstance(event, h2.events.DataReceived):
+                self.requests[event.stream_id].append(event.data)
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                path, *body = self.requests.pop(event.stream_id)
+                self.answer(event.stream_id, path, b"".join(body))
+        self.transport.write(self.h2.data_to_send())
+
+    def answer(self, stream_id: int, path: bytes, body: bytes) -> None:
+        payload = b"h2 " + path + b" " + body
+        self.h2.send_headers(stream_id, [(b":status", b"200"), (b"content-type", b"text/plain"),
+                                         (b"content-length", str(len(payload)).encode())])
+        self.h2.send_data(stream_id, payload, end_stream=True)
+        self.transport.write(self.h2.data_to_send())
+
+
 class CleartextTests(TlsTestCase):
     @defer.inlineCallbacks
-    def test_http11_to_an_http11_only_web_server(self):
+    def test_http11_to_an_http11_only_web_server_that_ignores_the_h2c_offer(self):
         root = Resource()
         root.putChild(b"valid.json", Data(b'{"id": 42}', "application/json"))
         site = Site(root)
@@ -64,6 +112,36 @@ class CleartextTests(TlsTestCase):
         (pool,) = forwarder.pools.values()
         self.assertEqual(pool.opened, 1)  # the connection that told the version served both
         self.assertEqual(forwarder.h2_pools, {})
+
+    @defer.inlineCallbacks
+    def test_an_h2c_server_that_takes_the_upgrade_is_spoken_to_in_http2(self):
+        heads: list[bytes] = []
+        upstream = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(lambda: H2cServer(heads)))
+        self.addCleanup(upstream.stopListening)
+        gateway, port = yield start_gateway(self, chain(upstream.getHost().port))
+        clients = []
+        for path, body in (("/first", None), ("/second", b"waited for the 101")):
+            client = yield connect_http(port)  # both before the upgrade's answer
+            self.addCleanup(client.transport.loseConnection)
+            client.send(request("POST" if body else "GET", path, body))
+            clients.append(client)
+        replies = []
+        for client in clients:
+            (reply,) = yield client.responses(1)
+            replies.append((reply.status, reply.body))
+        self.assertEqual(replies, [(200, b"h2 /first "), (200, b"h2 /second waited for the 101")])
+        (head,) = heads  # one HTTP/1.1 request, with the offer; the second went as stream 3
+        self.assertIn(b"upgrade: h2c", head)
+        self.assertIn(b"connection: Upgrade, HTTP2-Settings", head)
+        forwarder = gateway.binding("client0").forwarder
+        self.assertEqual(list(forwarder.spoken.values()), ["h2"])
+        (h2_pool,) = forwarder.h2_pools.values()
+        self.assertEqual(h2_pool.opened, 1)
+        self.assertEqual([pool.total for pool in forwarder.pools.values()], [0])  # it left the HTTP/1.1 pool
+        replies = yield exchange(port, request("GET", "/third"))
+        self.assertEqual([(r.status, r.body) for r in replies], [(200, b"h2 /third ")])
+        self.assertEqual(h2_pool.opened, 1)
 
 
 class OverTlsTests(TlsTestCase):

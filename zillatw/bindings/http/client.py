@@ -278,6 +278,7 @@ class UpstreamExchange:
 
     connecting: Any = None
     validated = False  # its peer checks the response (validation.CheckedResponse)
+    h2c: Any = None  # the clientversions.VersionProbe whose h2c upgrade offer it carries
 
     def __init__(self, pool: UpstreamPool, head: HttpHead, peer: IHttpExchangeEnd):
         self.pool = pool
@@ -351,6 +352,8 @@ class UpstreamExchange:
                     response = self._parser.feed(rest)
                 if response is None:
                     return
+                if self.h2c is not None and self.h2c.answered(self, response, self._parser.rest):
+                    return  # the upstream switched to HTTP/2: this request is its stream 1 now
                 if response.status == 101:
                     raise ResponseError("101 Switching Protocols to a request that asked for no upgrade")
                 kind, length = response_framing(response.headers, response.status, self.method)
@@ -427,6 +430,8 @@ class UpstreamExchange:
         self.peer.exchange_end()
 
     def _finish(self, reusable: bool) -> None:
+        if self.h2c is not None:  # ended before an answer to its h2c offer: HTTP/1.1, for now
+            self.h2c.answered(self, None, b"")
         self.finished = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()

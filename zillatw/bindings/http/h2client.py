@@ -158,6 +158,26 @@ class H2UpstreamPool:
         connection.start()
         undecided.replay()
 
+    def adopt_upgraded(self, undecided: Any, prepared: h2.connection.H2Connection, head: HttpHead,
+                       peer: IHttpExchangeEnd, rest: bytes) -> "H2UpstreamExchange":
+        """A connection the upstream switched to HTTP/2 (h2c, clientversions): `prepared` made
+        its upgrade request's HTTP2-Settings, and that request (sent whole) is stream 1."""
+        connection = H2UpstreamConnection(self)
+        connection.h2 = prepared
+        undecided.become(connection)
+        self.opened += 1
+        self.connection = connection
+        exchange = H2UpstreamExchange(self, head, peer)
+        exchange.connection, exchange.stream_id = connection, 1
+        exchange.request_done = exchange.end_sent = True
+        connection.streams[1] = exchange
+        connection._disarm_idle()
+        connection.start(upgraded=True)
+        peer.resumeProducing()
+        if rest:
+            connection.dataReceived(rest)
+        return exchange
+
     def forget(self, exchange: "H2UpstreamExchange") -> None:
         if exchange in self.waiting:
             self.waiting.remove(exchange)
@@ -198,11 +218,13 @@ class H2UpstreamConnection(Protocol):
     def connectionMade(self) -> None:
         self._arm_idle()
 
-    def start(self) -> None:
+    def start(self, upgraded: bool = False) -> None:
         """Connected (TLS included): the preface goes now. Written from connectionMade, under
         a tls client it could land behind the first request (a tls client's connection is
-        made before its handshake, and the handshake's end is when requests start)."""
-        self.h2.initiate_connection()
+        made before its handshake, and the handshake's end is when requests start). An
+        upgraded connection's preface was prepared with its upgrade request's settings."""
+        if not upgraded:
+            self.h2.initiate_connection()
         # Response DATA is acknowledged only as each client takes it: with the default 64 KiB
         # connection window one slow client would stall every stream; with this one it holds
         # at most its own stream's window (64 KiB) of the connection's.
