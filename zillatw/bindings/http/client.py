@@ -81,13 +81,14 @@ class Forwarder:
         version = self.version or self.spoken.get(key)
         if version is None:  # both versions, this upstream's not known yet: its first connection says
             return clientversions.negotiating(self, key, exit_, authority, head, peer, trace_id)
-        return self.open_on(version, key, exit_, authority, head, peer, trace_id)
+        return self.open_on(version, key, exit_, authority, head, peer, trace_id, headers)
 
     def open_on(self, version: str, key: tuple[int, str], exit_: Any, authority: str, head: HttpHead,
-                peer: IHttpExchangeEnd, trace_id: int) -> IHttpExchangeEnd:
-        """The request (`head` as the http server gave it) forwarded in `version`."""
+                peer: IHttpExchangeEnd, trace_id: int, headers: dict[str, str] | None = None) -> IHttpExchangeEnd:
+        """The request (`head` as the http server gave it; `headers`, its headers with the
+        overrides, when made already) forwarded in `version`."""
         checked = self.responses.checked(head, peer, trace_id) if self.responses is not None else None
-        upstream_head = HttpHead({**head.headers, **self.overrides}, head.length)
+        upstream_head = HttpHead(headers if headers is not None else {**head.headers, **self.overrides}, head.length)
         if version == "h2":
             exchange: Any = open_h2(self, key, exit_, authority, upstream_head, checked or peer)
         else:
