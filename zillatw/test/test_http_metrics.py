@@ -17,6 +17,7 @@ from twisted.trial import unittest
 from zillatw.telemetry import httpexchanges, httpsizes
 from zillatw.telemetry.metrics import METRICS, prometheus_name
 from zillatw.telemetry.otlp import OtlpExporter
+from zillatw.test.h2_support import connect_h2c
 from zillatw.test.http_support import connect_http, plain_chain, request, sample
 from zillatw.test.support import OnAClock, close_ws, connect_ws, eventually, start_gateway, upgrade_request, when_opened
 from zillatw.test.support import http_get as get
@@ -165,6 +166,18 @@ class RecordedTests(unittest.TestCase):
         code, text = yield get(metrics)
         self.assertEqual(sample(text, "http_active_requests", **base, method="GET", path="/chat", status=""), 0)
         self.assertEqual(sample(text, duration, **base, method="GET", path="/chat", status=""), 1)
+
+    @defer.inlineCallbacks
+    def test_each_stream_of_an_http2_connection_is_a_request(self):
+        gateway, port, _ = yield self.serve({"method": "${http.request.method}", "status": "${http.response.status}"})
+        client = yield connect_h2c(self, port)
+        streams = [client.request("POST", f"/{n}", b"h2 body", {"content-type": "text/plain"}) for n in range(3)]
+        yield eventually(lambda: all(client.done(stream) for stream in streams))
+        code, text = yield get(gateway.metrics_ports()[0])
+        base = {"binding": "http0", "namespace": "test"}
+        self.assertEqual(sample(text, "http_duration_milliseconds_count", **base, method="POST", status="200"), 3)
+        self.assertEqual(sample(text, "http_active_requests", **base, method="POST", status=""), 0)
+        self.assertEqual(sample(text, "http_request_size_bytes_sum", **base, method="POST", status=""), 21)
 
     def test_each_request_of_a_connection_is_timed_on_the_reactor(self):
         config = sized_chain({"method": "${http.request.method}"})
