@@ -10,11 +10,10 @@ whose limit, 2**(index + 1), is the `le` label. Request attributes label request
 response attributes response sizes, from that head (HttpAttributeHelper); a field the head
 lacks is an empty label. `path` is the path without its query (Zilla's has the query).
 
-Metering by decoration: the exit of each route of a recording http server is wrapped
-(SizedRequestExit) when the graph hands it over; the request's end and the response's peer
-are wrapped per exchange (one call and one addition per body piece). Requests refused before
-their exit (400 by validation, 404, 401) are not recorded. Upgrades are not recorded: their
-body is the WebSocket, measured by `stream.data.*`.
+Recorded by zillatw.telemetry.httpexchanges, which wraps a recording http server's exits
+(one call and one addition per body piece). Requests refused before their exit (400 by
+validation, 404, 401) are not recorded. Upgrades are not recorded: their body is the
+WebSocket, measured by `stream.data.*`.
 
 Bound: at most MAX_LABEL_SETS label sets per binding and metric; later ones are recorded
 under OVERFLOW in every attribute (a path per request must not grow memory without end).
@@ -27,9 +26,6 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prometheus_client.core import HistogramMetricFamily
-from zope.interface import directlyProvides, implementer, providedBy
-
-from zillatw.stream import HttpHead, IHttpExchangeEnd, IHttpRequestExit
 
 BUCKETS = 63
 LIMITS = tuple(str(float(2 ** (i + 1))) for i in range(BUCKETS - 1)) + ("+Inf",)  # the last is Zilla's 2**63
@@ -76,6 +72,24 @@ class Attributes:
             values[index] = value.partition("?")[0] if header == ":path" else value
         return tuple(values)
 
+    def merged(self, request: tuple[str, ...], response: tuple[str, ...]) -> tuple[str, ...]:
+        """One exchange's labels: the request's fields from its head, the response's from its
+        (Zilla's http.duration takes both)."""
+        if not response or not self.fields["response"]:
+            return request
+        values = list(request)
+        for index, _ in self.fields["response"]:
+            values[index] = response[index]
+        return tuple(values)
+
+
+def bounded(series: Mapping[tuple[str, ...], Any], labels: tuple[str, ...]) -> tuple[str, ...]:
+    """The key `labels` count under: themselves, or OVERFLOW in every attribute once a
+    metric of a binding has MAX_LABEL_SETS label sets."""
+    if labels in series or len(series) < MAX_LABEL_SETS:
+        return labels
+    return (OVERFLOW,) * len(labels)
+
 
 class SizeHistogram:
     """One binding's histogram of one size metric, per label set."""
@@ -89,9 +103,8 @@ class SizeHistogram:
     def observe(self, labels: tuple[str, ...], size: int) -> None:
         counts = self.series.get(labels)
         if counts is None:
-            if len(self.series) >= MAX_LABEL_SETS:
-                labels = (OVERFLOW,) * len(labels)
-                counts = self.series.get(labels)
+            labels = bounded(self.series, labels)
+            counts = self.series.get(labels)
             if counts is None:
                 counts = self.series[labels] = [0] * (BUCKETS + 1)
         counts[max(size.bit_length() - 1, 0)] += 1
@@ -123,83 +136,3 @@ class SizeCollector:
                     family.add_metric([histogram.namespace, histogram.binding, *(by_name.get(n, "") for n in extra)],
                                       buckets, counts[BUCKETS])
             yield family
-
-
-# ---------------------------------------------------------------------------- the decoration
-
-@implementer(IHttpRequestExit)
-class SizedRequestExit:
-    """A recording http server's plain-request exit: each exchange's bodies are measured."""
-
-    def __init__(self, exit_: Any, requests: SizeHistogram | None, responses: SizeHistogram | None,
-                 attributes: Attributes):
-        self.exit = exit_
-        self.requests, self.responses, self.attributes = requests, responses, attributes
-        directlyProvides(self, providedBy(exit_))  # an echo is a stream exit too
-
-    def __getattr__(self, name: str) -> Any:  # what else callers ask of the exit
-        return getattr(self.exit, name)
-
-    def open_request(self, head: HttpHead, peer: IHttpExchangeEnd, trace_id: int) -> IHttpExchangeEnd:
-        if self.responses is not None:
-            peer = _SizedResponse(peer, self.responses, self.attributes)
-        end = self.exit.open_request(head, peer, trace_id)
-        if self.requests is None:
-            return end
-        return _SizedRequest(end, self.requests, self.attributes.labels("request", head.headers), head.length)
-
-
-class _Sized:
-    """An exchange end passed through, its body measured; `target` receives the calls."""
-
-    __slots__ = ("target", "histogram", "labels", "length", "counted", "done",
-                 "pauseProducing", "resumeProducing", "stopProducing")
-
-    def __init__(self, target: Any, histogram: SizeHistogram, labels: tuple[str, ...], length: int | None):
-        self.target, self.histogram, self.labels, self.length = target, histogram, labels, length
-        self.counted = 0
-        self.done = False
-        self.pauseProducing = target.pauseProducing
-        self.resumeProducing = target.resumeProducing
-        self.stopProducing = target.stopProducing
-
-    def exchange_head(self, head: HttpHead) -> None:
-        self.target.exchange_head(head)
-
-    def exchange_data(self, data: bytes) -> None:
-        self.counted += len(data)
-        self.target.exchange_data(data)
-
-    def exchange_end(self) -> None:
-        if not self.done:
-            self.done = True
-            self.histogram.observe(self.labels, self.length if self.length is not None else self.counted)
-        self.target.exchange_end()
-
-    def exchange_abort(self, status: int, reason: str, detail: str) -> None:
-        self.done = True  # an aborted body is not recorded
-        self.target.exchange_abort(status, reason, detail)
-
-
-@implementer(IHttpExchangeEnd)
-class _SizedRequest(_Sized):
-    __slots__ = ()
-
-
-@implementer(IHttpExchangeEnd)
-class _SizedResponse(_Sized):
-    __slots__ = ("attributes",)
-
-    def __init__(self, target: Any, histogram: SizeHistogram, attributes: Attributes):
-        super().__init__(target, histogram, (), None)
-        self.attributes = attributes
-
-    def exchange_head(self, head: HttpHead) -> None:
-        self.length = head.length
-        self.labels = self.attributes.labels("response", head.headers)
-        self.target.exchange_head(head)
-
-    def exchange_end(self) -> None:
-        if not self.labels and self.attributes.names:
-            self.labels = ("",) * len(self.attributes.names)  # ended without a head: echo's bodiless 200
-        super().exchange_end()

@@ -6,8 +6,6 @@ The data path adds one call and one addition per read, write or message fragment
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import error
@@ -21,18 +19,14 @@ from zillatw.telemetry.events import BindingEvents
 from zillatw.telemetry.sessions import request_fields
 from zillatw.twistedcompat import CountedTransport
 
-# http.duration's buckets, in milliseconds (upper bounds; +Inf follows)
-DURATION_BUCKETS = (1, 5, 10, 50, 100, 500, 1_000, 5_000, 10_000, 60_000, 300_000, 3_600_000, 86_400_000)
-
-
 # ---------------------------------------------------------------------------- counters
 
 class BindingMetrics:
-    """One binding's counters. Plain integers: the data path only adds to them."""
+    """One binding's stream counters. Plain integers: the data path only adds to them. (An
+    http server's per-request metrics are zillatw.telemetry.httpexchanges'.)"""
 
     __slots__ = ("namespace", "binding", "names", "opens_received", "opens_sent", "data_received", "data_sent",
-                 "errors_received", "errors_sent", "closes_received", "closes_sent", "active",
-                 "durations", "duration_sum", "timed")
+                 "errors_received", "errors_sent", "closes_received", "closes_sent", "active")
 
     def __init__(self, namespace: str, binding: str, names: tuple[str, ...]):
         self.namespace = namespace
@@ -41,23 +35,9 @@ class BindingMetrics:
         self.opens_received = self.opens_sent = self.data_received = self.data_sent = 0
         self.errors_received = self.errors_sent = self.closes_received = self.closes_sent = 0
         self.active = 0
-        self.timed = "http.duration" in names
-        self.durations = [0] * (len(DURATION_BUCKETS) + 1)  # per bucket, not cumulative; the last is +Inf
-        self.duration_sum = 0.0
-
-    def observe_duration(self, milliseconds: float) -> None:
-        self.durations[bisect.bisect_left(DURATION_BUCKETS, milliseconds)] += 1
-        self.duration_sum += milliseconds
-
-    def histogram(self) -> list[tuple[str, int]]:
-        buckets, total = [], 0
-        for bound, count in zip([*map(str, map(float, DURATION_BUCKETS)), "+Inf"], self.durations, strict=True):
-            total += count
-            buckets.append((bound, total))
-        return buckets
 
     def value(self, metric: str) -> int:
-        if metric in ("stream.active.received", "stream.active.sent", "http.active.requests"):
+        if metric in ("stream.active.received", "stream.active.sent"):
             return self.active
         return getattr(self, metric.partition(".")[2].replace(".", "_"))
 
@@ -266,10 +246,9 @@ class _MeteredConnection:
     that protocol a CountedTransport (zillatw.twistedcompat), which counts what is written:
     nothing is patched, and a counted socket is still written through."""
 
-    def __init__(self, m: BindingMetrics, wrapped: Any, seconds: Callable[[], float]):
+    def __init__(self, m: BindingMetrics, wrapped: Any):
         self.wrappedProtocol = wrapped
         self.m = m
-        self.seconds = seconds  # the reactor's clock, for http.duration
         directlyProvides(self, providedBy(wrapped))  # half-close, TLS handshake listeners
 
     def makeConnection(self, transport: Any) -> None:
@@ -277,8 +256,6 @@ class _MeteredConnection:
         m.opens_received += 1
         m.opens_sent += 1
         m.active += 1
-        if m.timed:
-            self.started = self.seconds()
         self.transport = transport
         self.wrappedProtocol.makeConnection(CountedTransport(transport, self._sent))
 
@@ -297,8 +274,6 @@ class _MeteredConnection:
         else:
             m.errors_received += 1
         m.closes_sent += 1
-        if m.timed:
-            m.observe_duration((self.seconds() - self.started) * 1000)
         self.wrappedProtocol.connectionLost(reason)
 
     def __getattr__(self, name: str) -> Any:  # logPrefix, readConnectionLost, handshakeCompleted...
@@ -311,14 +286,13 @@ class MeteredFactory:
     server; or, for a tcp server, each exit it hands connections to) whose protocols are
     metered as streams of one binding. Everything else is the factory's own."""
 
-    def __init__(self, factory: Any, m: BindingMetrics, seconds: Callable[[], float]):
+    def __init__(self, factory: Any, m: BindingMetrics):
         self.wrappedFactory = factory
         self.m = m
-        self.seconds = seconds
 
     def buildProtocol(self, addr: Any) -> Any:
         protocol = self.wrappedFactory.buildProtocol(addr)
-        return None if protocol is None else _MeteredConnection(self.m, protocol, self.seconds)
+        return None if protocol is None else _MeteredConnection(self.m, protocol)
 
     def __getattr__(self, name: str) -> Any:  # doStart, doStop, logPrefix, the binding's own
         return getattr(self.wrappedFactory, name)

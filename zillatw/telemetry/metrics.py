@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
 from twisted.internet import defer, endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory
@@ -34,8 +34,8 @@ from zillatw.bytestream import MeteredBytesExit
 from zillatw.config import BindingConfig, Config
 from zillatw.errors import did_you_mean
 from zillatw.matching import matcher
-from zillatw.stream import IBytesExit, IHttpRequestExit, IStreamExit
-from zillatw.telemetry import httpsizes, otlp
+from zillatw.stream import IBytesExit, IHttpExit, IHttpRequestExit, IStreamExit
+from zillatw.telemetry import httpexchanges, httpsizes, otlp
 from zillatw.telemetry.accesslog import check_stdout
 from zillatw.telemetry.events import Events
 from zillatw.telemetry.instrument import (
@@ -74,8 +74,7 @@ UNRECORDED_METRICS = ("grpc.active.requests", "grpc.duration", "grpc.request.siz
 
 _HELP = {
     "active": "streams open", "opens": "streams opened", "data": "bytes",
-    "errors": "streams ended by an error", "closes": "streams closed", "requests": "requests in progress",
-    "duration": "from a request's first byte until its response ends (an upgraded one's WebSocket closes)",
+    "errors": "streams ended by an error", "closes": "streams closed",
 }
 
 
@@ -178,18 +177,13 @@ class _Collector:
     def collect(self) -> Iterator[Any]:
         for metric, (kind, _) in METRICS.items():
             recording = [m for m in self.bindings if metric in m.names]
-            if not recording or metric in httpsizes.SIZE_METRICS:  # httpsizes.SizeCollector's
+            if not recording or metric in HTTP_METRICS:  # httpexchanges' and httpsizes' collectors
                 continue
-            family_type = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily,
-                           "histogram": HistogramMetricFamily}[kind]
-            what = _HELP[metric.split(".")[-1] if metric in HTTP_METRICS else metric.split(".")[1]]
-            family = family_type(prometheus_name(metric), f"Zilla's {metric}: {what}",
+            family_type = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            family = family_type(prometheus_name(metric), f"Zilla's {metric}: {_HELP[metric.split('.')[1]]}",
                                  labels=["namespace", "binding"])
             for m in recording:
-                if kind == "histogram":
-                    family.add_metric([m.namespace, m.binding], m.histogram(), m.duration_sum)
-                else:
-                    family.add_metric([m.namespace, m.binding], m.value(metric))
+                family.add_metric([m.namespace, m.binding], m.value(metric))
             yield family
 
 
@@ -228,7 +222,9 @@ class Metrics:
         self.registry.register(self._sources)
         self._sizes = httpsizes.SizeCollector()  # http.request.size, http.response.size
         self.registry.register(self._sizes)
-        self._sized: dict[str, dict[str, httpsizes.SizeHistogram]] = {}
+        self._exchanges = httpexchanges.ExchangeCollector()  # http.active.requests, http.duration
+        self.registry.register(self._exchanges)
+        self._http_meters: dict[str, httpexchanges.HttpServerMeters | None] = {}
         self._events = dict(events or {})
         self._metrics: dict[str, BindingMetrics | None] = {}
         self._declared = {ns.name: tuple(ns.telemetry.get("metrics") or ()) for ns in config.namespaces}
@@ -273,32 +269,42 @@ class Metrics:
                 metered = MeteredRequestExit if IHttpRequestExit.providedBy(built) else MeteredExit
                 exit_ = metered(built, metered_open(built.open, m))
             elif IProtocolFactory.providedBy(built):
-                exit_ = MeteredFactory(built, m, self.reactor.seconds)
-        if caller.type == "http" and caller.kind == "server" and IHttpRequestExit.providedBy(built):
-            exit_ = self._sized_exit(caller, exit_)
+                exit_ = MeteredFactory(built, m)
+        if caller.type == "http" and caller.kind == "server" and (IHttpRequestExit.providedBy(built)
+                                                                  or IHttpExit.providedBy(built)):
+            meters = self._http_server_meters(caller)
+            if meters is not None:  # its requests are measured (zillatw.telemetry.httpexchanges)
+                exit_ = httpexchanges.MeasuredExit(exit_, meters)
         handing_on = self.metrics(caller) if caller.type == "tcp" and caller.kind == "server" else None
         if handing_on is not None:
-            exit_ = MeteredBytesExit(exit_, handing_on) if as_bytes else MeteredFactory(exit_, handing_on,
-                                                                                        self.reactor.seconds)
+            exit_ = MeteredBytesExit(exit_, handing_on) if as_bytes else MeteredFactory(exit_, handing_on)
         return exit_
 
-    def _sized_exit(self, server: BindingConfig, exit_: Any) -> Any:
-        """An http server's plain-request exit, its bodies measured when the server records
-        http.request.size or http.response.size (one histogram per binding and metric)."""
+    def _http_server_meters(self, server: BindingConfig) -> httpexchanges.HttpServerMeters | None:
+        """What an http server records per request (one set per binding, its labels' names
+        resolved once), or None when it records none of the http metrics."""
+        if server.qname in self._http_meters:
+            return self._http_meters[server.qname]
         m = self.metrics(server)
-        chosen = [name for name in httpsizes.SIZE_METRICS if m is not None and name in m.names]
-        if not chosen:
-            return exit_
-        histograms = self._sized.get(server.qname)
-        if histograms is None:
+        names = m.names if m is not None else ()
+        meters = None
+        if any(name in HTTP_METRICS for name in names):
             attributes = httpsizes.Attributes(server.telemetry.get("attributes"))
-            histograms = self._sized[server.qname] = {
-                name: httpsizes.SizeHistogram(server.namespace, server.name, attributes) for name in chosen}
-            for name, histogram in histograms.items():
+            at = (server.namespace, server.name, attributes)
+            sizes = {name: httpsizes.SizeHistogram(*at) for name in httpsizes.SIZE_METRICS if name in names}
+            for name, histogram in sizes.items():
                 self._sizes.histograms[name].append(histogram)
-        attributes = next(iter(histograms.values())).attributes
-        return httpsizes.SizedRequestExit(exit_, histograms.get("http.request.size"),
-                                          histograms.get("http.response.size"), attributes)
+            active = httpexchanges.ActiveGauge(*at) if "http.active.requests" in names else None
+            durations = httpexchanges.DurationHistogram(*at) if "http.duration" in names else None
+            if active is not None:
+                self._exchanges.gauges.append(active)
+            if durations is not None:
+                self._exchanges.histograms.append(durations)
+            meters = httpexchanges.HttpServerMeters(
+                attributes, self.reactor.seconds, active=active, durations=durations,
+                request_sizes=sizes.get("http.request.size"), response_sizes=sizes.get("http.response.size"))
+        self._http_meters[server.qname] = meters
+        return meters
 
     def ws_server_observer(self, binding: BindingConfig) -> WsServerObserver | SessionObserver | None:
         """What a ws server reports its upgrades to, or None if it records no metric and

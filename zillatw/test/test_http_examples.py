@@ -86,8 +86,8 @@ class HttpMetricsExample(unittest.TestCase):
         unlabelled = {**post, "method": "", "path": ""}
         self.assertEqual(sample(text, "http_response_size_bytes_count", **unlabelled), 3)
         self.assertEqual(sample(text, "http_response_size_bytes_sum", **unlabelled), 28)
-        self.assertEqual(sample(text, "http_duration_milliseconds_count", binding="north_http_server",
-                                namespace="example"), 3)
+        self.assertEqual(sample(text, "http_duration_milliseconds_count", **post), 2)  # per request, labelled
+        self.assertEqual(sample(text, "http_active_requests", **get), 0)
         self.assertIn("# TYPE http_request_size_bytes histogram", text)
 
 

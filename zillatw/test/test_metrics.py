@@ -312,15 +312,16 @@ class PrometheusTests(unittest.TestCase):
         self.assertEqual(len(http0), 2 + 14)  # _count, _sum and 13 buckets and +Inf
 
     def test_duration_buckets(self):
-        from zillatw.telemetry.instrument import DURATION_BUCKETS, BindingMetrics
-        m = BindingMetrics("ns", "b", ("http.duration",))
+        from zillatw.telemetry.httpexchanges import DURATION_BUCKETS, DurationHistogram
+        from zillatw.telemetry.httpsizes import Attributes
+        m = DurationHistogram("ns", "b", Attributes(None))
         for ms in (0.2, 1, 1.5, 7, 99_999_999):
-            m.observe_duration(ms)
-        buckets = dict(m.histogram())
+            m.observe((), ms)
+        buckets = dict(m.buckets(()))
         self.assertEqual(len(buckets), len(DURATION_BUCKETS) + 1)
         self.assertEqual((buckets["1.0"], buckets["5.0"], buckets["10.0"], buckets["86400000.0"], buckets["+Inf"]),
                          (2, 3, 4, 4, 5))  # cumulative; a bound is inclusive
-        self.assertEqual(m.duration_sum, 0.2 + 1 + 1.5 + 7 + 99_999_999)
+        self.assertEqual(m.series[()][-1], 0.2 + 1 + 1.5 + 7 + 99_999_999)
 
     @defer.inlineCallbacks
     def test_custom_path_only(self):

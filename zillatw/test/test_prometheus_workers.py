@@ -190,6 +190,33 @@ class AggregateTests(unittest.SynchronousTestCase):
         self.aggregate.update(1, answer(c=11, g=4))
         self.assertEqual(values(self.aggregate)[("c_total", (("b", "x"),))], 12)
 
+    def test_series_labelled_by_attributes_are_summed_per_label_set(self):
+        from prometheus_client import CollectorRegistry, generate_latest
+
+        from zillatw.telemetry import httpexchanges, httpsizes
+        for pid, requests in ((1, [("GET", 3.0), ("POST", 700.0)]), (2, [("GET", 20.0)])):
+            collector = httpexchanges.ExchangeCollector()
+            at = ("test", "http0", httpsizes.Attributes({"method": "${http.request.method}"}))
+            collector.gauges.append(gauge := httpexchanges.ActiveGauge(*at))
+            collector.histograms.append(durations := httpexchanges.DurationHistogram(*at))
+            for method, milliseconds in requests:
+                durations.observe((method,), milliseconds)
+                gauge.opened((method,))
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(collector)
+            self.aggregate.update(pid, generate_latest(registry).decode())
+        got = values(self.aggregate)
+
+        def labelled(name: str, method: str, **more: str) -> float:
+            return got[(name, tuple(sorted({"namespace": "test", "binding": "http0", "method": method,
+                                             **more}.items())))]
+        self.assertEqual(labelled("http_active_requests", "GET"), 2)
+        self.assertEqual(labelled("http_active_requests", "POST"), 1)
+        self.assertEqual(labelled("http_duration_milliseconds_count", "GET"), 2)
+        self.assertEqual(labelled("http_duration_milliseconds_sum", "GET"), 23.0)
+        self.assertEqual(labelled("http_duration_milliseconds_bucket", "GET", le="5.0"), 1)
+        self.assertEqual(labelled("http_duration_milliseconds_count", "POST"), 1)  # worker 1's only
+
 
 class SupervisorReadinessTests(unittest.SynchronousTestCase):
     """The supervisor's /ready from its workers' status lines, on a clock."""

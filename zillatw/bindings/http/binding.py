@@ -26,7 +26,8 @@ from zillatw.bindings.http import plain as http_plain
 from zillatw.bindings.http import validation as http_validation
 from zillatw.bindings.http.accesscontrol import AccessControl
 from zillatw.bindings.http.auth import CONVENTIONAL_SECRETS, PLACEHOLDER, HttpAuthorization, redact_target
-from zillatw.bindings.http.client import CLIENT_OPTIONS, ClientLimits, Forwarder
+from zillatw.bindings.http.client import Forwarder
+from zillatw.bindings.http.clientlimits import CLIENT_OPTIONS, ClientLimits
 from zillatw.bindings.http.routes import HeaderRoutes, pseudo_headers
 from zillatw.config import BindingConfig, Route
 from zillatw.config.plugins import BindingType, IDrainsGracefully
@@ -150,9 +151,6 @@ def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
 def _check_client(binding: BindingConfig) -> Iterator[tuple[str, str]]:
     if binding.options.get("versions") == ["h2"] and "max-connections" in binding.options:
         yield "options.max-connections", "an h2 client keeps one connection per upstream (its streams multiplex)"
-    if len(binding.options.get("versions", ())) > 1:
-        yield "options.versions", ("an http client speaks one version upstream: http/1.1 or h2 (this "
-                                   "zillatw does not choose by ALPN)")
     for key in binding.options:
         if key not in ("versions", "overrides", "idle-timeout", "requests", *CLIENT_OPTIONS):
             yield f"options.{key}", "not supported on an http client by this zillatw yet"
@@ -185,12 +183,12 @@ class HttpClient:
 
     def __init__(self, name: str, routes: list[tuple[Route, Any]], overrides: Mapping[str, str] | None = None,
                  *, reactor: Any = None, events: Events | None = None, namespace: str = "default",
-                 limits: ClientLimits | None = None, h2: bool = False):
+                 limits: ClientLimits | None = None, versions: tuple[str, ...] = ("http/1.1",)):
         self.name = name
         self._routes = HeaderRoutes(routes)
         self.overrides = dict(overrides or {})
         self.forwarder = Forwarder(name, namespace, self._routes.route, self.overrides, reactor,
-                                   events or Events(), limits or ClientLimits(), h2)
+                                   events or Events(), limits or ClientLimits(), versions)
 
     def open_request(self, head: HttpHead, peer: IHttpExchangeEnd, trace_id: int) -> IHttpExchangeEnd:
         return self.forwarder.open_request(head, peer, trace_id)
@@ -564,7 +562,7 @@ def build(binding: BindingConfig, graph: Any) -> HttpServer | HttpClient:
     if binding.kind == "client":
         client = HttpClient(binding.name, routes, overrides, reactor=graph.reactor, namespace=binding.namespace,
                             events=graph.events(binding.namespace), limits=ClientLimits.of(binding.options),
-                            h2=binding.options.get("versions") == ["h2"])
+                            versions=tuple(binding.options.get("versions") or ("http/1.1",)))
         client.forwarder.responses = http_validation.ResponseChecks(types) if types is not None else None
         return client
     routes = http_validation.validating_routes(types, routes)

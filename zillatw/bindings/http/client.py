@@ -19,17 +19,18 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, TimeoutError
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from zillatw.bindings.http.h2client import H2UpstreamExchange, H2UpstreamPool
-from zillatw.bindings.ws.relay import no_delay
+from zillatw.bindings.http import clientversions
+from zillatw.bindings.http.clientlimits import MAX_EARLY_BODY, MAX_POOLS, MAX_WAITING, ClientLimits
+from zillatw.bindings.http.h2client import H2UpstreamPool, open_h2
+from zillatw.bindings.http.upstreamconnection import UpstreamConnection
 from zillatw.stream import HttpHead, IHttpExchangeEnd, StreamRefused
 from zillatw.telemetry.events import Events
 from zillatw.twistedcompat import write, write_sequence
@@ -44,42 +45,20 @@ from zillatw.wire.http1body import (
     response_framing,
 )
 
-MAX_CONNECTIONS = 32     # per upstream (exit and authority) of one http client
-IDLE_TIMEOUT = 30.0      # seconds a pooled connection stays open unused
-RESPONSE_TIMEOUT = 30.0  # seconds from a request's arrival to its response head; and of body silence
-CONNECT_TIMEOUT = 10.0   # seconds to connect upstream (and finish TLS)
-MAX_WAITING = 1024       # requests waiting for a pooled connection, per upstream
-MAX_POOLS = 256          # upstreams (authorities) one http client keeps pools for
-MAX_EARLY_BODY = 1 << 20  # request body bytes held before the upstream connects (one read's worth)
-
-CLIENT_OPTIONS: dict[str, Any] = {
-    "max-connections": {"type": "integer", "minimum": 1},
-    "response-timeout": {"type": "number", "exclusiveMinimum": 0},
-}
-
-
-@dataclass(frozen=True)
-class ClientLimits:
-    max_connections: int = MAX_CONNECTIONS
-    idle_timeout: float = IDLE_TIMEOUT
-    response_timeout: float = RESPONSE_TIMEOUT
-    connect_timeout: float = CONNECT_TIMEOUT
-
-    @classmethod
-    def of(cls, options: Mapping[str, Any]) -> "ClientLimits":
-        return cls(options.get("max-connections", MAX_CONNECTIONS), options.get("idle-timeout", IDLE_TIMEOUT),
-                   options.get("response-timeout", RESPONSE_TIMEOUT))
-
 
 class Forwarder:
     """One http client binding's plain requests and its pools."""
 
     def __init__(self, name: str, namespace: str, route: Callable[[dict[str, str]], Any],
                  overrides: Mapping[str, str], reactor: Any, events: Events, limits: ClientLimits,
-                 h2: bool = False):
+                 versions: tuple[str, ...] = ("http/1.1",)):
         self.name = name
-        self.h2 = h2  # versions: [h2]: one multiplexed HTTP/2 connection per upstream (h2client)
-        self.h2_pools: dict[tuple[int, str], H2UpstreamPool] = {}
+        # the version spoken to every upstream when one is configured; with both, each
+        # upstream's is learnt from its first connection (zillatw.bindings.http.clientversions)
+        self.version = versions[0] if len(set(versions)) == 1 else None
+        self.spoken: dict[tuple[int, str], str] = {}
+        self.probes: dict[tuple[int, str], Any] = {}  # clientversions.VersionProbe, connecting
+        self.h2_pools: dict[tuple[int, str], H2UpstreamPool] = {}  # h2 (h2client)
         self.namespace = namespace
         self.route = route
         self.overrides = dict(overrides)
@@ -90,8 +69,7 @@ class Forwarder:
         self.closing = False  # shutting down: no connection goes back to a pool
         self.responses: Any = None  # zillatw.bindings.http.validation.ResponseChecks, if typed
 
-    def open_request(self, head: HttpHead, peer: IHttpExchangeEnd,
-                     trace_id: int) -> "UpstreamExchange | H2UpstreamExchange":
+    def open_request(self, head: HttpHead, peer: IHttpExchangeEnd, trace_id: int) -> IHttpExchangeEnd:
         headers = {**head.headers, **self.overrides}
         authority = headers.get(":authority")
         if not authority:
@@ -100,8 +78,29 @@ class Forwarder:
         if exit_ is None:
             raise StreamRefused(502, "no upstream for this request")
         key = (id(exit_), authority)
-        if self.h2:
-            return self._open_h2(key, exit_, authority, HttpHead(headers, head.length), peer)
+        version = self.version or self.spoken.get(key)
+        if version is None:  # both versions, this upstream's not known yet: its first connection says
+            return clientversions.negotiating(self, key, exit_, authority, head, peer, trace_id)
+        return self.open_on(version, key, exit_, authority, head, peer, trace_id, headers)
+
+    def open_on(self, version: str, key: tuple[int, str], exit_: Any, authority: str, head: HttpHead,
+                peer: IHttpExchangeEnd, trace_id: int, headers: dict[str, str] | None = None) -> IHttpExchangeEnd:
+        """The request (`head` as the http server gave it; `headers`, its headers with the
+        overrides, when made already) forwarded in `version`."""
+        checked = self.responses.checked(head, peer, trace_id) if self.responses is not None else None
+        upstream_head = HttpHead(headers if headers is not None else {**head.headers, **self.overrides}, head.length)
+        if version == "h2":
+            exchange: Any = open_h2(self, key, exit_, authority, upstream_head, checked or peer)
+        else:
+            exchange = UpstreamExchange(self.pool(key, exit_, authority), upstream_head, checked or peer)
+            exchange.pool.acquire(exchange)
+            exchange.wait_for_upstream()
+        if checked is not None:
+            checked.upstream = exchange  # an invalid response ends the upstream exchange
+            exchange.validated = True
+        return exchange
+
+    def pool(self, key: tuple[int, str], exit_: Any, authority: str) -> "UpstreamPool":
         pool = self.pools.get(key)
         if pool is None:
             if len(self.pools) >= MAX_POOLS:
@@ -109,32 +108,7 @@ class Forwarder:
                 if len(self.pools) >= MAX_POOLS:
                     raise StreamRefused(503, "too many upstreams in use")
             pool = self.pools[key] = UpstreamPool(self, key, exit_, authority)
-        checked = self.responses.checked(head, peer, trace_id) if self.responses is not None else None
-        exchange = UpstreamExchange(pool, HttpHead(headers, head.length), checked or peer)
-        if checked is not None:
-            checked.upstream = exchange  # an invalid response ends the upstream exchange
-        pool.acquire(exchange)
-        exchange.wait_for_upstream()
-        return exchange
-
-    def _open_h2(self, key: tuple[int, str], exit_: Any, authority: str, head: HttpHead,
-                 peer: IHttpExchangeEnd) -> H2UpstreamExchange:
-        h2_pool = self.h2_pools.get(key)
-        if h2_pool is None:
-            if len(self.h2_pools) >= MAX_POOLS:
-                for unused in [k for k, p in self.h2_pools.items() if p.total == 0]:
-                    del self.h2_pools[unused]
-                if len(self.h2_pools) >= MAX_POOLS:
-                    raise StreamRefused(503, "too many upstreams in use")
-            h2_pool = self.h2_pools[key] = H2UpstreamPool(self, exit_, authority, MAX_WAITING)
-        exchange = H2UpstreamExchange(h2_pool, head, peer)
-        try:
-            h2_pool.acquire(exchange)
-        except StreamRefused:
-            exchange.finished = True
-            exchange._cancel_timer()
-            raise
-        return exchange
+        return pool
 
     def _drop_unused_pools(self) -> None:
         for key, pool in list(self.pools.items()):
@@ -142,11 +116,14 @@ class Forwarder:
                 del self.pools[key]
 
     def connection_count(self) -> int:
-        return sum(pool.total for pool in self.pools.values()) + sum(p.total for p in self.h2_pools.values())
+        return (sum(pool.total for pool in self.pools.values()) + sum(p.total for p in self.h2_pools.values())
+                + len(self.probes))
 
     def going_away(self) -> None:
         """Shutdown: idle connections close now, busy ones once their response is done."""
         self.closing = True
+        for probe in list(self.probes.values()):
+            probe.cancel()
         for pool in self.pools.values():
             for connection in list(pool.idle):
                 connection.close()
@@ -154,6 +131,8 @@ class Forwarder:
             h2_pool.close()
 
     def drop_all(self) -> None:
+        for probe in list(self.probes.values()):
+            probe.cancel()
         for pool in self.pools.values():
             for connection in list(pool.connections):
                 connection.transport.abortConnection()
@@ -219,6 +198,11 @@ class UpstreamPool:
             if connection is None or connection.lost:
                 exchange.upstream_failed(502, "the upstream went away", "closed while connecting")
                 return
+            if getattr(connection.transport, "negotiatedProtocol", None) == b"h2":  # not what we speak
+                self.forwarder.spoken.pop(self.key, None)  # with both versions: learnt anew next time
+                connection.close()
+                exchange.upstream_failed(502, "the upstream does not speak HTTP/1.1", "ALPN chose b'h2'")
+                return
             exchange.attach(connection, reused=False)
 
         def failed(failure: Failure) -> None:
@@ -265,73 +249,15 @@ class UpstreamPool:
         if exchange in self.waiting:
             self.waiting.remove(exchange)
 
-
-class UpstreamConnection(Protocol):
-    """One upstream connection: the bytes of the exchange it serves go to that exchange;
-    bytes while idle mean the upstream broke the protocol, and it is closed."""
-
-    exchange: "UpstreamExchange | None" = None
-    transport: Any  # a TCP or TLS transport: a push producer too
-    lost = False
-    _idle_timer: Any = None
-    _idle_since: float | None = None
-
-    def __init__(self, pool: UpstreamPool):
-        self.pool = pool
-        self.transport = None
-
-    def connectionMade(self) -> None:
-        no_delay(self.transport)  # requests go out as they come: Nagle would hold them
-
-    def usable(self) -> bool:
-        return not self.lost and self.transport is not None
-
-    def enter_idle(self, reactor: Any, timeout: float) -> None:
-        """Back in the pool. One timer per connection, re-armed only when it fires (not
-        per request): it closes the connection once it has been idle for `timeout`."""
-        self.exchange = None
-        self._idle_since = reactor.seconds()
-        self._reactor, self._idle_timeout = reactor, timeout
-        if self._idle_timer is None:
-            self._idle_timer = reactor.callLater(timeout, self._idle_check)
-
-    def leave_idle(self) -> None:
-        self._idle_since = None  # busy: a pending timer finds so and lets go
-
-    def _idle_check(self) -> None:
-        self._idle_timer = None
-        if self.lost or self._idle_since is None:
-            return
-        remaining = self._idle_since + self._idle_timeout - self._reactor.seconds()
-        if remaining > 0:
-            self._idle_timer = self._reactor.callLater(remaining, self._idle_check)
-        else:
-            self.close()
-
-    def _cancel_idle_timer(self) -> None:
-        self._idle_since = None
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.cancel()
-        self._idle_timer = None
-
-    def close(self) -> None:
-        self._cancel_idle_timer()
-        if not self.lost and self.transport is not None:
-            self.transport.loseConnection()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.exchange is not None:
-            self.exchange.upstream_data(data)
-        else:
-            self.transport.abortConnection()  # an answer to nothing: not an upstream to reuse
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        self.lost = True
-        self._cancel_idle_timer()
-        self.pool.lost(self)
-        exchange, self.exchange = self.exchange, None
-        if exchange is not None:
-            exchange.upstream_lost(reason)
+    def adopt(self, undecided: Any) -> None:
+        """A connection made before its version was known (clientversions), now HTTP/1.1."""
+        connection = UpstreamConnection(self)
+        undecided.become(connection)
+        self.total += 1
+        self.opened += 1
+        self.connections.add(connection)
+        self.release(connection, reusable=True)
+        undecided.replay()
 
 
 def request_bytes(head: HttpHead) -> bytes:
@@ -352,6 +278,8 @@ class UpstreamExchange:
     http server (its `peer`) and sends the upstream's response to it."""
 
     connecting: Any = None
+    validated = False  # its peer checks the response (validation.CheckedResponse)
+    h2c: Any = None  # the clientversions.VersionProbe whose h2c upgrade offer it carries
 
     def __init__(self, pool: UpstreamPool, head: HttpHead, peer: IHttpExchangeEnd):
         self.pool = pool
@@ -425,6 +353,8 @@ class UpstreamExchange:
                     response = self._parser.feed(rest)
                 if response is None:
                     return
+                if self.h2c is not None and self.h2c.answered(self, response, self._parser.rest):
+                    return  # the upstream switched to HTTP/2: this request is its stream 1 now
                 if response.status == 101:
                     raise ResponseError("101 Switching Protocols to a request that asked for no upgrade")
                 kind, length = response_framing(response.headers, response.status, self.method)
@@ -492,10 +422,17 @@ class UpstreamExchange:
         keep = (clean and self.request_done and response.version >= (1, 1)
                 and "close" not in response.headers.get("connection", "").lower()
                 and self.decoder is not None and self.decoder.framing is not Framing.UNTIL_CLOSE)
+        if self.validated:  # the check's verdict comes with the end: an invalid one's connection is not kept
+            self.peer.exchange_end()  # (it aborts this exchange)
+            if not self.finished:
+                self._finish(reusable=keep)
+            return
         self._finish(reusable=keep)
         self.peer.exchange_end()
 
     def _finish(self, reusable: bool) -> None:
+        if self.h2c is not None:  # ended before an answer to its h2c offer: HTTP/1.1, for now
+            self.h2c.answered(self, None, b"")
         self.finished = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()

@@ -4,7 +4,7 @@ client (h2 with prior knowledge; the tls client must negotiate h2 by ALPN), and 
 is one stream on it.
 
 - Streams open up to the upstream's SETTINGS_MAX_CONCURRENT_STREAMS; more requests wait in
-  order (at most client.MAX_WAITING, then 503). A connection the upstream ends (GOAWAY, close)
+  order (at most clientlimits.MAX_WAITING, then 503). A connection the upstream ends (GOAWAY, close)
   is replaced by a new one for the requests that come after.
 - Flow control both ways: the request body goes as the upstream's windows allow (at most
   SEND_BOUND bytes wait per stream, then the http server's side is paused); the response's
@@ -29,6 +29,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from zillatw.bindings.http.clientlimits import MAX_POOLS, MAX_WAITING
 from zillatw.stream import HttpHead, IHttpExchangeEnd, StreamRefused
 from zillatw.wire.http1body import end_to_end_headers
 
@@ -39,6 +40,33 @@ SEND_BOUND = 65536  # bytes of one request body held while the upstream's window
 CONNECTION_WINDOW = 1 << 20  # bytes of responses the upstream may send unacknowledged, all streams
 CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade",
                                  "host", "te"})
+
+
+def open_h2(forwarder: "Forwarder", key: tuple[int, str], exit_: Any, authority: str, head: HttpHead,
+            peer: IHttpExchangeEnd) -> "H2UpstreamExchange":
+    """A request forwarded as a stream of the upstream's connection (opened when there is none)."""
+    h2_pool = pool_of(forwarder, key, exit_, authority)
+    exchange = H2UpstreamExchange(h2_pool, head, peer)
+    try:
+        h2_pool.acquire(exchange)
+    except StreamRefused:
+        exchange.finished = True
+        exchange._cancel_timer()
+        raise
+    return exchange
+
+
+def pool_of(forwarder: "Forwarder", key: tuple[int, str], exit_: Any, authority: str) -> "H2UpstreamPool":
+    """The upstream's pool, made when it has none (at most MAX_POOLS: unused ones go first)."""
+    h2_pool = forwarder.h2_pools.get(key)
+    if h2_pool is None:
+        if len(forwarder.h2_pools) >= MAX_POOLS:
+            for unused in [k for k, p in forwarder.h2_pools.items() if p.total == 0]:
+                del forwarder.h2_pools[unused]
+            if len(forwarder.h2_pools) >= MAX_POOLS:
+                raise StreamRefused(503, "too many upstreams in use")
+        h2_pool = forwarder.h2_pools[key] = H2UpstreamPool(forwarder, exit_, authority, MAX_WAITING)
+    return h2_pool
 
 
 class H2UpstreamPool:
@@ -82,6 +110,7 @@ class H2UpstreamPool:
                 return
             negotiated = getattr(connection.transport, "negotiatedProtocol", None)
             if negotiated not in (None, b"h2"):  # the tls client's ALPN chose another protocol
+                self.forwarder.spoken.pop((id(self.exit), self.authority), None)  # both versions: learn anew
                 connection.close(True)
                 self._fail_waiting(502, "the upstream does not speak HTTP/2", f"ALPN chose {negotiated!r}")
                 return
@@ -119,6 +148,35 @@ class H2UpstreamPool:
             self.connection = None
         if self.waiting and self.connecting is None:
             self._connect()
+
+    def adopt(self, undecided: Any) -> None:
+        """A connection made before its version was known (clientversions), now HTTP/2."""
+        connection = H2UpstreamConnection(self)
+        undecided.become(connection)
+        self.opened += 1
+        self.connection = connection
+        connection.start()
+        undecided.replay()
+
+    def adopt_upgraded(self, undecided: Any, prepared: h2.connection.H2Connection, head: HttpHead,
+                       peer: IHttpExchangeEnd, rest: bytes) -> "H2UpstreamExchange":
+        """A connection the upstream switched to HTTP/2 (h2c, clientversions): `prepared` made
+        its upgrade request's HTTP2-Settings, and that request (sent whole) is stream 1."""
+        connection = H2UpstreamConnection(self)
+        connection.h2 = prepared
+        undecided.become(connection)
+        self.opened += 1
+        self.connection = connection
+        exchange = H2UpstreamExchange(self, head, peer)
+        exchange.connection, exchange.stream_id = connection, 1
+        exchange.request_done = exchange.end_sent = True
+        connection.streams[1] = exchange
+        connection._disarm_idle()
+        connection.start(upgraded=True)
+        peer.resumeProducing()
+        if rest:
+            connection.dataReceived(rest)
+        return exchange
 
     def forget(self, exchange: "H2UpstreamExchange") -> None:
         if exchange in self.waiting:
@@ -160,11 +218,13 @@ class H2UpstreamConnection(Protocol):
     def connectionMade(self) -> None:
         self._arm_idle()
 
-    def start(self) -> None:
+    def start(self, upgraded: bool = False) -> None:
         """Connected (TLS included): the preface goes now. Written from connectionMade, under
         a tls client it could land behind the first request (a tls client's connection is
-        made before its handshake, and the handshake's end is when requests start)."""
-        self.h2.initiate_connection()
+        made before its handshake, and the handshake's end is when requests start). An
+        upgraded connection's preface was prepared with its upgrade request's settings."""
+        if not upgraded:
+            self.h2.initiate_connection()
         # Response DATA is acknowledged only as each client takes it: with the default 64 KiB
         # connection window one slow client would stall every stream; with this one it holds
         # at most its own stream's window (64 KiB) of the connection's.
@@ -266,6 +326,8 @@ class H2UpstreamConnection(Protocol):
 class H2UpstreamExchange:
     """The http client's end of one request over HTTP/2: it takes the request's body from
     the http server (its `peer`) and sends the upstream's response to it."""
+
+    validated = False  # its peer checks the response (validation.CheckedResponse)
 
     def __init__(self, pool: H2UpstreamPool, head: HttpHead, peer: IHttpExchangeEnd):
         self.pool = pool
@@ -391,6 +453,11 @@ class H2UpstreamExchange:
 
     def response_end(self) -> None:
         if self.finished:
+            return
+        if self.validated:  # the check's verdict comes with the end: an invalid one resets the stream
+            self.peer.exchange_end()
+            if not self.finished:
+                self._finish(reset=False)
             return
         self._finish(reset=False)
         self.peer.exchange_end()

@@ -1,0 +1,81 @@
+"""One pooled HTTP/1.1 connection of an http client to its upstream (zillatw.bindings.http.client)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+
+from zillatw.bindings.ws.relay import no_delay
+
+if TYPE_CHECKING:
+    from zillatw.bindings.http.client import UpstreamExchange, UpstreamPool
+
+
+class UpstreamConnection(Protocol):
+    """One upstream connection: the bytes of the exchange it serves go to that exchange;
+    bytes while idle mean the upstream broke the protocol, and it is closed."""
+
+    exchange: "UpstreamExchange | None" = None
+    transport: Any  # a TCP or TLS transport: a push producer too
+    lost = False
+    _idle_timer: Any = None
+    _idle_since: float | None = None
+
+    def __init__(self, pool: UpstreamPool):
+        self.pool = pool
+        self.transport = None
+
+    def connectionMade(self) -> None:
+        no_delay(self.transport)  # requests go out as they come: Nagle would hold them
+
+    def usable(self) -> bool:
+        return not self.lost and self.transport is not None
+
+    def enter_idle(self, reactor: Any, timeout: float) -> None:
+        """Back in the pool. One timer per connection, re-armed only when it fires (not
+        per request): it closes the connection once it has been idle for `timeout`."""
+        self.exchange = None
+        self._idle_since = reactor.seconds()
+        self._reactor, self._idle_timeout = reactor, timeout
+        if self._idle_timer is None:
+            self._idle_timer = reactor.callLater(timeout, self._idle_check)
+
+    def leave_idle(self) -> None:
+        self._idle_since = None  # busy: a pending timer finds so and lets go
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        if self.lost or self._idle_since is None:
+            return
+        remaining = self._idle_since + self._idle_timeout - self._reactor.seconds()
+        if remaining > 0:
+            self._idle_timer = self._reactor.callLater(remaining, self._idle_check)
+        else:
+            self.close()
+
+    def _cancel_idle_timer(self) -> None:
+        self._idle_since = None
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
+
+    def close(self) -> None:
+        self._cancel_idle_timer()
+        if not self.lost and self.transport is not None:
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.exchange is not None:
+            self.exchange.upstream_data(data)
+        else:
+            self.transport.abortConnection()  # an answer to nothing: not an upstream to reuse
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.lost = True
+        self._cancel_idle_timer()
+        self.pool.lost(self)
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.upstream_lost(reason)
