@@ -175,6 +175,24 @@ def can_relay(inbound: DeflateParams, inbound_is_server: bool, outbound: Deflate
     return in_bits <= out_bits and (in_reset or not out_reset)
 
 
+def can_mirror(params: DeflateParams, is_server: bool) -> bool:
+    """Whether a connection that sends back exactly the messages it reads, in order, and
+    nothing else (an echo) may send compressed messages back as they came, without
+    inflating them into a compressor of its own.
+
+    RFC 7692 §7.2.3 makes each direction's compression one LZ77 stream: a message may
+    refer back to what the sender's earlier compressed messages held, and the receiver
+    reads it with the window of what it inflated before. When only the peer's own
+    messages come back, compressed as they went and in the same order, what the peer's
+    inflater has seen is what its compressor has, byte for byte (uncompressed messages go
+    through neither), so its back references find the same bytes. That holds as long as
+    the peer's window fits the one it reads ours with, and, if we promised no context
+    takeover, the peer reset its context too (`can_relay` from the connection to itself).
+    The mirror then compresses nothing of its own: a message of ours in the stream would
+    add to the peer's inflater window what its compressor never saw."""
+    return can_relay(params, is_server, params, is_server)
+
+
 class Deflater:
     """Our sending side: one message at a time, each fragment flushed so a relayed
     fragment goes out as one frame (its trailing 00 00 ff ff stripped at message end)."""
