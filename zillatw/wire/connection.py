@@ -135,9 +135,10 @@ class Connection:
         self._inflater: Inflater | None = None
         if deflate is not None:
             server = role is Role.SERVER
-            self._deflater = None if mirror else Deflater(deflate.server_max_window_bits if server else deflate.client_max_window_bits,
-                                      deflate.server_no_context_takeover if server
-                                      else deflate.client_no_context_takeover)
+            if not mirror:  # a mirror compresses nothing of its own
+                self._deflater = Deflater(deflate.server_max_window_bits if server else deflate.client_max_window_bits,
+                                          deflate.server_no_context_takeover if server
+                                          else deflate.client_no_context_takeover)
             self._inflater = Inflater(deflate.client_no_context_takeover if server
                                       else deflate.server_no_context_takeover)
 
@@ -299,22 +300,7 @@ class Connection:
                 except UnicodeDecodeError:
                     raise FrameError(CloseCode.INVALID_DATA, "text message is not UTF-8") from None
             else:
-                utf8 = self._utf8
-                if self._utf8_fresh:
-                    self._utf8_fresh = False
-                    if utf8 is None:
-                        utf8 = self._utf8 = Utf8Validator()  # type: ignore[no-untyped-call]  # (autobahn is untyped)
-                    else:
-                        utf8.reset()  # type: ignore[no-untyped-call]
-                    self._utf8_whole = True
-                assert utf8 is not None  # made on the message's first bytes
-                validate = utf8.validate
-                for piece in pieces:
-                    valid, self._utf8_whole, _, _ = validate(piece)  # type: ignore[no-untyped-call]
-                    if not valid:
-                        raise FrameError(CloseCode.INVALID_DATA, "text message is not UTF-8")
-                if last and not self._utf8_whole:
-                    raise FrameError(CloseCode.INVALID_DATA, "text message ends inside a UTF-8 character")
+                self._check_text(pieces, last)
         compressed = self._msg_compressed and (self.mirror or not self.inspect)
         if compressed and self.inspect:  # a mirror's: inflated and checked, it goes on as it came
             pieces = [chunk] if chunk else []
@@ -338,6 +324,25 @@ class Connection:
                 self._next_opcode = _CONTINUATION
         if last:
             self._msg_opcode = None
+
+    def _check_text(self, pieces: list[bytes], last: bool) -> None:
+        """Text that comes in pieces: Autobahn's validator, failing at the first bad byte."""
+        utf8 = self._utf8
+        if self._utf8_fresh:
+            self._utf8_fresh = False
+            if utf8 is None:
+                utf8 = self._utf8 = Utf8Validator()  # type: ignore[no-untyped-call]  # (autobahn is untyped)
+            else:
+                utf8.reset()  # type: ignore[no-untyped-call]
+            self._utf8_whole = True
+        assert utf8 is not None  # made on the message's first bytes
+        validate = utf8.validate
+        for piece in pieces:
+            valid, self._utf8_whole, _, _ = validate(piece)  # type: ignore[no-untyped-call]
+            if not valid:
+                raise FrameError(CloseCode.INVALID_DATA, "text message is not UTF-8")
+        if last and not self._utf8_whole:
+            raise FrameError(CloseCode.INVALID_DATA, "text message ends inside a UTF-8 character")
 
     def _control(self, opcode: int, payload: bytes) -> None:
         if opcode == Opcode.PING:

@@ -39,6 +39,7 @@ from zillatw.stream import (
     ABNORMAL,
     IHttpConnection,
     IHttpExit,
+    IMirrorEnd,
     IStreamEnd,
     StreamInfo,
     StreamRefused,
@@ -52,7 +53,7 @@ from zillatw.wire import (
     State,
     server_accept,
 )
-from zillatw.wire.deflate import can_relay
+from zillatw.wire.deflate import can_mirror, can_relay
 from zillatw.wire.handshake import (
     check_upgrade,
     offered_protocols,
@@ -291,7 +292,11 @@ class WsServerProtocol(WsRelay):
         params = agreed[0] if agreed is not None else None
         self.transport.write(server_response(self._key, protocol, agreed[1] if agreed is not None else None))
         inspect = True
-        if params is not None and isinstance(relay := relay_behind(peer), WsRelay) and relay.conn is not None:
+        behind = relay_behind(peer) if params is not None else None
+        # An echo with nothing between: compressed messages go back as they came, inflated
+        # and checked but not compressed again (wire.deflate.can_mirror says when that is valid).
+        mirror = params is not None and IMirrorEnd.providedBy(behind) and can_mirror(params, True)
+        if params is not None and isinstance(relay := behind, WsRelay) and relay.conn is not None:
             # Ends that meet with nothing between (no validation, no metering; sessions' counts
             # are seen through) pass compressed messages as they are if the parameters allow it.
             upstream = relay.conn.deflate
@@ -301,7 +306,7 @@ class WsServerProtocol(WsRelay):
                     relay.conn.inspect = False
         conn = Connection(Role.SERVER, deflate=params, max_message_size=binding.max_message_size,
                           max_frame_size=binding.max_frame_size, gather=GATHER, answer_close=False,
-                          defer_failure=True, inspect=inspect, auto_pong=False)
+                          defer_failure=True, inspect=inspect, auto_pong=False, mirror=mirror)
         binding.handshaking.discard(self)
         binding.connections.add(self)
         self._key = ""
