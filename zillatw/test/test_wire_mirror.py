@@ -12,6 +12,7 @@ from typing import Any
 from twisted.internet import defer, threads
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from zillatw.bindings.ws.binding import CLIENT_WINDOW_BITS
 from zillatw.test.support import chain, start_gateway
 from zillatw.test.wire_support import failure_code, feed, raw_frame, read_frames
 from zillatw.wire import Connection, DeflateParams, Fragment, Role, connection, deflate, server_accept
@@ -196,9 +197,10 @@ class GatewayEchoTests(TestCase):
     @defer.inlineCallbacks
     def test_compressed_messages_go_back_as_they_came(self) -> Any:
         conn, made, offer = yield self.echo_through(None)
-        agreed = server_accept(offer)
+        agreed = server_accept(offer, client_window_bits=CLIENT_WINDOW_BITS)
         assert agreed is not None
         self.assertEqual(agreed[0], conn.deflate)
+        self.assertEqual((conn.deflate.server_max_window_bits, conn.deflate.client_max_window_bits), (15, 12))
         self.assertTrue(conn.mirror)
         self.assertEqual(made, [])
 

@@ -76,14 +76,17 @@ def _read(params: list[tuple[str, str | None]]) -> dict[str, str | None]:
     return seen
 
 
-def server_accept(header: str | None, *, max_window_bits: int = 15, no_context_takeover: bool = False
-                  ) -> tuple[DeflateParams, str] | None:
+def server_accept(header: str | None, *, max_window_bits: int = 15, no_context_takeover: bool = False,
+                  client_window_bits: int | None = None) -> tuple[DeflateParams, str] | None:
     """A server's answer to a client's offers: the first acceptable permessage-deflate
     offer as (params, Sec-WebSocket-Extensions response value), or None to decline.
     `max_window_bits` caps the client's window when the client allows it (the server's
-    inflate memory) and ours always; `no_context_takeover` asks it of both sides."""
+    inflate memory) and ours always; `client_window_bits`, if lower, is the client's
+    window asked for when the client allows it (RFC 7692 §7.1.2.2: its compressor's
+    memory and time); `no_context_takeover` asks it of both sides."""
     if not header:
         return None
+    client_cap = max_window_bits if client_window_bits is None else min(client_window_bits, max_window_bits)
     try:
         offers = parse_extensions(header)
     except NegotiationError:
@@ -98,7 +101,7 @@ def server_accept(header: str | None, *, max_window_bits: int = 15, no_context_t
             client_bits = 15
             if "client_max_window_bits" in offer:
                 value = offer["client_max_window_bits"]
-                client_bits = min(15 if value is None else _bits(value, "client_max_window_bits"), max_window_bits)
+                client_bits = min(15 if value is None else _bits(value, "client_max_window_bits"), client_cap)
         except NegotiationError:
             continue  # RFC 7692 §5: decline that offer, try the next
         agreed = DeflateParams(
