@@ -12,7 +12,9 @@ from typing import Any
 from twisted.internet import defer, threads
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from zillatw.bindings.echo.binding import EchoEnd
 from zillatw.bindings.ws.binding import CLIENT_WINDOW_BITS
+from zillatw.telemetry.sessions import relay_behind
 from zillatw.test.support import chain, start_gateway
 from zillatw.test.wire_support import failure_code, feed, raw_frame, read_frames
 from zillatw.wire import Connection, DeflateParams, Fragment, Role, connection, deflate, server_accept
@@ -191,6 +193,8 @@ class GatewayEchoTests(TestCase):
         echoed, offer, client = yield threads.deferToThread(_websockets_exchange, port, sent, server_max_window_bits)
         self.assertEqual(echoed, sent)
         (server,) = gateway.binding("ws0").connections
+        # chain() exports events: sessions wrap the echo's end, and the ws server sees through them
+        self.wrapped = (type(server.stream_peer), type(relay_behind(server.stream_peer)))
         yield threads.deferToThread(client.close)
         return server.conn, made, offer
 
@@ -203,6 +207,8 @@ class GatewayEchoTests(TestCase):
         self.assertEqual((conn.deflate.server_max_window_bits, conn.deflate.client_max_window_bits), (15, 12))
         self.assertTrue(conn.mirror)
         self.assertEqual(made, [])
+        wrapper, behind = self.wrapped
+        self.assertEqual((wrapper is EchoEnd, behind), (False, EchoEnd))
 
     @defer.inlineCallbacks
     def test_a_client_window_wider_than_ours_is_compressed_again(self) -> Any:
