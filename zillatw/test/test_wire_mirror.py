@@ -114,6 +114,9 @@ class CanMirrorTests(SynchronousTestCase):
             (DeflateParams(server_no_context_takeover=True), False),
             (DeflateParams(client_no_context_takeover=True), True),
             (DeflateParams(server_no_context_takeover=True, client_no_context_takeover=True), True),
+            (DeflateParams(server_max_window_bits=9, client_max_window_bits=9), True),
+            # a 256-byte window: zlib's compressor uses 512 when asked for it
+            (DeflateParams(server_max_window_bits=8, client_max_window_bits=8), False),
         ]
         for params, expected in cases:
             self.assertEqual(can_mirror(params, True), expected, params)

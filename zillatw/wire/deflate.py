@@ -192,8 +192,13 @@ def can_mirror(params: DeflateParams, is_server: bool) -> bool:
     the peer's window fits the one it reads ours with, and, if we promised no context
     takeover, the peer reset its context too (`can_relay` from the connection to itself).
     The mirror then compresses nothing of its own: a message of ours in the stream would
-    add to the peer's inflater window what its compressor never saw."""
-    return can_relay(params, is_server, params, is_server)
+    add to the peer's inflater window what its compressor never saw.
+
+    Never with a 256-byte window for ours: zlib compresses with 512 bytes when asked for
+    256, so a peer's own data could refer further back than its inflater reads (and we
+    send such a peer nothing compressed anyway)."""
+    ours = params.server_max_window_bits if is_server else params.client_max_window_bits
+    return ours >= _MIN_COMPRESS_BITS and can_relay(params, is_server, params, is_server)
 
 
 class Deflater:
