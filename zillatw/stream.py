@@ -98,6 +98,16 @@ class IEvictableEnd(IStreamEnd):
         """Close with `code` after what is queued; abort if not drained in `drain_timeout` s."""
 
 
+class IMirrorEnd(IStreamEnd):
+    """A stream end that sends every fragment back to its own peer as it came, in order,
+    and sends nothing else (echo). A ws server whose permessage-deflate parameters allow it
+    (zillatw.wire.deflate.can_mirror) then sends compressed messages back as they came,
+    after inflating and checking them, instead of compressing them again."""
+
+    def stream_deflated(opcode: int, payload: bytes, fin: bool) -> None:
+        """A fragment of a permessage-deflate message as the peer read it: back to the peer the same way."""
+
+
 class IHttpUpstream(Interface):
     """An http client as a ws client's exit: the upgrade request's headers as the client's
     overrides make them, and the connection to the upstream."""

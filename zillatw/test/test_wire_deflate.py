@@ -83,6 +83,15 @@ class NegotiationTests(SynchronousTestCase):
         self.assertEqual(params.client_max_window_bits, 15)  # not offered: may not be limited
         self.assertNotIn("client_max_window_bits", header)
 
+    def test_server_asks_a_smaller_client_window_only_where_the_client_allows(self) -> None:
+        params, header = accepted("permessage-deflate; client_max_window_bits", client_window_bits=12)
+        self.assertEqual(params, DeflateParams(False, False, 15, 12))
+        self.assertEqual(header, "permessage-deflate; client_max_window_bits=12")
+        params, _ = accepted("permessage-deflate; client_max_window_bits=10", client_window_bits=12)
+        self.assertEqual(params.client_max_window_bits, 10)  # already below
+        params, header = accepted("permessage-deflate", client_window_bits=12)
+        self.assertEqual((params.client_max_window_bits, header), (15, "permessage-deflate"))
+
     def test_server_declines_bad_offers_and_takes_the_next(self) -> None:
         for bad in ("permessage-deflate; foo", "permessage-deflate; server_max_window_bits=16",
                     "permessage-deflate; server_max_window_bits", "permessage-deflate; client_max_window_bits=7",

@@ -13,7 +13,7 @@ from enum import Enum
 from autobahn.websocket.utf8validator import Utf8Validator
 
 from zillatw.wire.codes import CloseCode, LocalProtocolError, Opcode, clip_reason, is_wire_code
-from zillatw.wire.deflate import DeflateParams, Deflater, Inflater
+from zillatw.wire.deflate import DeflateParams, Deflater, Inflater, can_mirror
 from zillatw.wire.events import CloseReceived, Event, Failed, Fragment, Ping, Pong
 from zillatw.wire.frames import FIN, RSV1, FrameError, apply_mask, encode_frame, parse_head, rotate_mask
 from zillatw.wire.state import MAY_SEND_DATA, State, Transition, next_state
@@ -62,6 +62,11 @@ class Connection:
     `gather` (Delivery.STREAM only): a frame of at most this many bytes is delivered
     whole, so relayed frames keep their boundaries; larger ones stream piece by piece.
     `min_compress_size`: messages whose first fragment is smaller go uncompressed.
+    `mirror`: the caller sends back exactly the messages it reads, in order, and nothing
+    else (an echo), and the parameters allow it (deflate.can_mirror). Compressed messages
+    are then inflated and checked as with `inspect`, but delivered as they came
+    (Fragment.compressed), to be sent back with send_fragment(..., compressed=True); we
+    compress nothing of our own, so the peer's inflater window stays its compressor's.
     """
 
     # slots: a gateway holds one of these per connection, most of them idle
@@ -71,13 +76,13 @@ class Connection:
                  "_reading", "_buf", "_remaining", "_frame_fin", "_mask", "_offset", "_msg_opcode",
                  "_msg_compressed", "_msg_size", "_next_opcode", "_parts", "_utf8", "_utf8_whole",
                  "_send_opcode", "_send_deflating", "_deflater", "_inflater", "gather", "_frame_whole",
-                 "_msg_text", "defer_failure", "_failing")
+                 "_msg_text", "defer_failure", "_failing", "mirror", "_utf8_fresh")
 
     def __init__(self, role: Role, *, deflate: DeflateParams | None = None,
                  max_frame_size: int | None = None, max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
                  delivery: Delivery = Delivery.STREAM, auto_pong: bool = True, answer_close: bool = True,
                  inspect: bool = True, min_compress_size: int = 0, gather: int = 0,
-                 defer_failure: bool = False):
+                 defer_failure: bool = False, mirror: bool = False):
         self.role = role
         self.state = State.OPEN
         self.deflate = deflate
@@ -90,6 +95,9 @@ class Connection:
         self.min_compress_size = min_compress_size
         self.gather = gather
         self.defer_failure = defer_failure
+        if mirror and deflate is not None and not can_mirror(deflate, role is Role.SERVER):
+            raise ValueError(f"the permessage-deflate parameters {deflate} do not allow a mirror")
+        self.mirror = mirror
         self._failing = False         # a deferred failure's close frame is still to be queued
         self._frame_whole = False     # the frame being read is gathered (see `gather`)
         self._msg_text = False        # the message being read is text to check
@@ -119,6 +127,7 @@ class Connection:
         self._parts: list[bytes] = []
         self._utf8: Utf8Validator | None = None
         self._utf8_whole = True       # the text so far ends on a character boundary
+        self._utf8_fresh = False      # the text message begun has had no byte checked yet
         # the message being sent
         self._send_opcode: int | None = None
         self._send_deflating = False   # our deflater compresses the message being sent
@@ -126,9 +135,10 @@ class Connection:
         self._inflater: Inflater | None = None
         if deflate is not None:
             server = role is Role.SERVER
-            self._deflater = Deflater(deflate.server_max_window_bits if server else deflate.client_max_window_bits,
-                                      deflate.server_no_context_takeover if server
-                                      else deflate.client_no_context_takeover)
+            if not mirror:  # a mirror compresses nothing of its own
+                self._deflater = Deflater(deflate.server_max_window_bits if server else deflate.client_max_window_bits,
+                                          deflate.server_no_context_takeover if server
+                                          else deflate.client_no_context_takeover)
             self._inflater = Inflater(deflate.client_no_context_takeover if server
                                       else deflate.server_no_context_takeover)
 
@@ -266,12 +276,9 @@ class Connection:
         self._msg_compressed = compressed
         self._msg_size = 0
         self._msg_text = opcode == 1 and (self.inspect or not compressed)
-        if self._msg_text:
-            if self._utf8 is None:
-                self._utf8 = Utf8Validator()  # type: ignore[no-untyped-call]  # (autobahn is untyped)
-            else:
-                self._utf8.reset()  # type: ignore[no-untyped-call]
-            self._utf8_whole = True
+        # the validator is set up on the first bytes that need it: a message inflated
+        # whole in one piece is checked by bytes.decode, much faster
+        self._utf8_fresh = self._msg_text
 
     def _payload(self, chunk: bytes, frame_done: bool) -> None:
         """Some of a data frame's payload, unmasked; `frame_done`: the frame's last piece."""
@@ -285,15 +292,18 @@ class Connection:
         else:
             pieces = [chunk] if chunk else []
         if self._msg_text:
-            assert self._utf8 is not None  # _begin_message made it for a text message
-            validate = self._utf8.validate
-            for piece in pieces:
-                valid, self._utf8_whole, _, _ = validate(piece)  # type: ignore[no-untyped-call]
-                if not valid:
-                    raise FrameError(CloseCode.INVALID_DATA, "text message is not UTF-8")
-            if last and not self._utf8_whole:
-                raise FrameError(CloseCode.INVALID_DATA, "text message ends inside a UTF-8 character")
-        compressed = self._msg_compressed and not self.inspect
+            if self._utf8_fresh and last and len(pieces) <= 1:
+                # the whole message at once, the common case: bytes.decode, no state to keep
+                try:
+                    if pieces:
+                        pieces[0].decode("utf-8")
+                except UnicodeDecodeError:
+                    raise FrameError(CloseCode.INVALID_DATA, "text message is not UTF-8") from None
+            else:
+                self._check_text(pieces, last)
+        compressed = self._msg_compressed and (self.mirror or not self.inspect)
+        if compressed and self.inspect:  # a mirror's: inflated and checked, it goes on as it came
+            pieces = [chunk] if chunk else []
         if self.delivery is Delivery.STREAM and not self._frame_whole:
             events = self._events
             if pieces:
@@ -314,6 +324,25 @@ class Connection:
                 self._next_opcode = _CONTINUATION
         if last:
             self._msg_opcode = None
+
+    def _check_text(self, pieces: list[bytes], last: bool) -> None:
+        """Text that comes in pieces: Autobahn's validator, failing at the first bad byte."""
+        utf8 = self._utf8
+        if self._utf8_fresh:
+            self._utf8_fresh = False
+            if utf8 is None:
+                utf8 = self._utf8 = Utf8Validator()  # type: ignore[no-untyped-call]  # (autobahn is untyped)
+            else:
+                utf8.reset()  # type: ignore[no-untyped-call]
+            self._utf8_whole = True
+        assert utf8 is not None  # made on the message's first bytes
+        validate = utf8.validate
+        for piece in pieces:
+            valid, self._utf8_whole, _, _ = validate(piece)  # type: ignore[no-untyped-call]
+            if not valid:
+                raise FrameError(CloseCode.INVALID_DATA, "text message is not UTF-8")
+        if last and not self._utf8_whole:
+            raise FrameError(CloseCode.INVALID_DATA, "text message ends inside a UTF-8 character")
 
     def _control(self, opcode: int, payload: bytes) -> None:
         if opcode == Opcode.PING:

@@ -76,14 +76,17 @@ def _read(params: list[tuple[str, str | None]]) -> dict[str, str | None]:
     return seen
 
 
-def server_accept(header: str | None, *, max_window_bits: int = 15, no_context_takeover: bool = False
-                  ) -> tuple[DeflateParams, str] | None:
+def server_accept(header: str | None, *, max_window_bits: int = 15, no_context_takeover: bool = False,
+                  client_window_bits: int | None = None) -> tuple[DeflateParams, str] | None:
     """A server's answer to a client's offers: the first acceptable permessage-deflate
     offer as (params, Sec-WebSocket-Extensions response value), or None to decline.
     `max_window_bits` caps the client's window when the client allows it (the server's
-    inflate memory) and ours always; `no_context_takeover` asks it of both sides."""
+    inflate memory) and ours always; `client_window_bits`, if lower, is the client's
+    window asked for when the client allows it (RFC 7692 §7.1.2.2: its compressor's
+    memory and time); `no_context_takeover` asks it of both sides."""
     if not header:
         return None
+    client_cap = max_window_bits if client_window_bits is None else min(client_window_bits, max_window_bits)
     try:
         offers = parse_extensions(header)
     except NegotiationError:
@@ -98,7 +101,7 @@ def server_accept(header: str | None, *, max_window_bits: int = 15, no_context_t
             client_bits = 15
             if "client_max_window_bits" in offer:
                 value = offer["client_max_window_bits"]
-                client_bits = min(15 if value is None else _bits(value, "client_max_window_bits"), max_window_bits)
+                client_bits = min(15 if value is None else _bits(value, "client_max_window_bits"), client_cap)
         except NegotiationError:
             continue  # RFC 7692 §5: decline that offer, try the next
         agreed = DeflateParams(
@@ -173,6 +176,29 @@ def can_relay(inbound: DeflateParams, inbound_is_server: bool, outbound: Deflate
                            if outbound_is_server
                            else (outbound.client_max_window_bits, outbound.client_no_context_takeover))
     return in_bits <= out_bits and (in_reset or not out_reset)
+
+
+def can_mirror(params: DeflateParams, is_server: bool) -> bool:
+    """Whether a connection that sends back exactly the messages it reads, in order, and
+    nothing else (an echo) may send compressed messages back as they came, without
+    inflating them into a compressor of its own.
+
+    RFC 7692 §7.2.3 makes each direction's compression one LZ77 stream: a message may
+    refer back to what the sender's earlier compressed messages held, and the receiver
+    reads it with the window of what it inflated before. When only the peer's own
+    messages come back, compressed as they went and in the same order, what the peer's
+    inflater has seen is what its compressor has, byte for byte (uncompressed messages go
+    through neither), so its back references find the same bytes. That holds as long as
+    the peer's window fits the one it reads ours with, and, if we promised no context
+    takeover, the peer reset its context too (`can_relay` from the connection to itself).
+    The mirror then compresses nothing of its own: a message of ours in the stream would
+    add to the peer's inflater window what its compressor never saw.
+
+    Never with a 256-byte window for ours: zlib compresses with 512 bytes when asked for
+    256, so a peer's own data could refer further back than its inflater reads (and we
+    send such a peer nothing compressed anyway)."""
+    ours = params.server_max_window_bits if is_server else params.client_max_window_bits
+    return ours >= _MIN_COMPRESS_BITS and can_relay(params, is_server, params, is_server)
 
 
 class Deflater:

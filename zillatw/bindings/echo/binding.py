@@ -18,6 +18,7 @@ from zillatw.stream import (
     IBytesExit,
     IHttpExchangeEnd,
     IHttpRequestExit,
+    IMirrorEnd,
     IStreamEnd,
     IStreamExit,
     StreamInfo,
@@ -32,18 +33,24 @@ SCHEMA_PATCH = {
 STREAMS = {"server": (("messages", "bytes", "http"), None)}
 
 
-@implementer(IStreamEnd)
+@implementer(IMirrorEnd)
 class EchoEnd:
     """Hands each call straight back to the peer: bound once, so echo costs no extra call
-    per fragment. Pausing echo pauses its source, which is the peer itself."""
+    per fragment. Pausing echo pauses its source, which is the peer itself. A mirror
+    (IMirrorEnd): a ws server sends compressed messages back as they came."""
 
-    __slots__ = ("stream_data", "stream_end", "pauseProducing", "resumeProducing")
+    __slots__ = ("stream_data", "stream_end", "pauseProducing", "resumeProducing", "_peer")
 
     def __init__(self, peer: IStreamEnd):
         self.stream_data = peer.stream_data
         self.stream_end = peer.stream_end
         self.pauseProducing = peer.pauseProducing
         self.resumeProducing = peer.resumeProducing
+        self._peer = peer
+
+    def stream_deflated(self, opcode: int, payload: bytes, fin: bool) -> None:
+        """Only a ws server that found us a mirror sends these: its end takes them back."""
+        self._peer.stream_deflated(opcode, payload, fin)  # type: ignore[attr-defined]
 
     def stopProducing(self) -> None:
         """The peer's connection is gone; echo holds nothing else."""

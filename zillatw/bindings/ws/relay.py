@@ -179,7 +179,7 @@ class WsRelay:
             if type(event) is Fragment:
                 peer = self.stream_peer
                 if peer is not None:
-                    if event.compressed:  # only ever set toward a WsRelay peer (wire.deflate.can_relay)
+                    if event.compressed:  # only toward a WsRelay (wire.deflate.can_relay) or a mirror (can_mirror)
                         peer.stream_deflated(event.opcode, event.data, event.fin)  # type: ignore[attr-defined]
                     else:
                         peer.stream_data(event.opcode, event.data, event.fin)
