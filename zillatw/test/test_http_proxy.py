@@ -249,6 +249,27 @@ class FailureTests(ProxyCase):
         yield eventually(lambda: self.upstream.lost == 1)  # the upstream connection is not reused
 
     @defer.inlineCallbacks
+    def test_slow_upstream_on_a_pooled_connection_is_504_on_a_clock(self):
+        """A reused connection's one timer watches the response (no timer per request): it is
+        moved sooner when the response is due before the idle timeout."""
+        yield self.serve({"response-timeout": 20, "idle-timeout": 60})
+        clock = Clock()
+        self.gateway.binding("http_client0").forwarder.reactor = clock
+        client = yield self.client()
+        client.send(request("GET", "/count"))
+        yield client.responses(1)
+        clock.advance(5)
+        client.send(request("GET", "/hang"))
+        yield eventually(lambda: len(self.upstream.requests) == 2)
+        self.assertEqual(len(self.upstream.connections), 1)  # the pooled one
+        clock.advance(19)
+        self.assertEqual(len(client.replies), 1)
+        clock.advance(2)
+        yield client.closed
+        self.assertIn(b"HTTP/1.1 504 Gateway Timeout", client.raw)
+        self.assertIn("(no response within 20 s)", self.gateway.events_text.getvalue())
+
+    @defer.inlineCallbacks
     def test_stalled_request_body_is_408_on_a_clock(self):
         yield self.serve(server_options={"body-timeout": 5})
         clock = Clock()

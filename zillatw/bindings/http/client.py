@@ -300,18 +300,45 @@ class UpstreamExchange:
         self._producing = False      # the peer is registered as the upstream's producer
         reactor = pool.forwarder.reactor
         self._reactor = reactor
-        self._last = reactor.seconds()
-        self._timer = reactor.callLater(pool.limits.response_timeout, self._timed_out)
+        self._started = self._last = reactor.seconds()
+        # its response timeout: watched by the connection it is attached to (one timer per
+        # connection), or by a timer of its own while it has none (time_alone)
+        self._timer: Any = None
         self._waiting = False  # the peer paused until there is an upstream to send the body to
         self._held_head: bytes | None = None  # the request head, until the body's first piece
+
+    def time_alone(self) -> None:
+        """No connection watches it (it waits for one): its own timer, until it ends."""
+        if self._timer is None and not self.finished:
+            elapsed = self._reactor.seconds() - self._started
+            self._timer = self._reactor.callLater(max(0.0, self.pool.limits.response_timeout - elapsed),
+                                                  self._timed_out)
+
+    def deadline(self, now: float) -> float | None:
+        """For the connection's timer: when to look again, or None (it timed out now: 504; or
+        it has a timer of its own). The same rules as `_timed_out`."""
+        if self.finished or self._timer is not None:
+            return None
+        timeout = self.pool.limits.response_timeout
+        if self.response is None:
+            if self._started + timeout > now:
+                return self._started + timeout
+        elif self._client_paused:
+            return now + timeout
+        elif self._last + timeout > now:
+            return self._last + timeout
+        self._expire(timeout)
+        return None
 
     def wait_for_upstream(self) -> None:
         """No upstream connection at once (one is opening, or all are busy): the request's
         body waits in the client's socket, not here. An idle pooled connection is attached
         without this (no pause and resume, two epoll calls, per reused request)."""
-        if self.connection is None and not self.finished and not self._waiting:
-            self._waiting = True
-            self.peer.pauseProducing()
+        if self.connection is None and not self.finished:
+            self.time_alone()
+            if not self._waiting:
+                self._waiting = True
+                self.peer.pauseProducing()
 
     # ---- the upstream connection
 
@@ -321,6 +348,8 @@ class UpstreamExchange:
             return
         self.connection, self.reused = connection, reused
         connection.exchange = self
+        if self._timer is None:
+            connection.watch(self._reactor, self._started + self.pool.limits.response_timeout)
         transport = connection.transport
         head = request_bytes(self.head)
         if self.head.length and not self.early and not self.request_done:
@@ -465,6 +494,9 @@ class UpstreamExchange:
             # the body is flowing (or the client is the slow one): wait on
             self._timer = self._reactor.callLater(timeout if self._client_paused else remaining, self._timed_out)
             return
+        self._expire(timeout)
+
+    def _expire(self, timeout: float) -> None:
         self.upstream_failed(504, "the upstream did not answer in time",
                              f"no response within {timeout:g} s" if self.response is None
                              else f"response body stalled for {timeout:g} s")

@@ -34,24 +34,42 @@ class UpstreamConnection(Protocol):
         return not self.lost and self.transport is not None
 
     def enter_idle(self, reactor: Any, timeout: float) -> None:
-        """Back in the pool. One timer per connection, re-armed only when it fires (not
-        per request): it closes the connection once it has been idle for `timeout`."""
+        """Back in the pool: closed once it has been idle for `timeout`."""
         self.exchange = None
-        self._idle_since = reactor.seconds()
         self._reactor, self._idle_timeout = reactor, timeout
-        if self._idle_timer is None:
-            self._idle_timer = reactor.callLater(timeout, self._idle_check)
+        since = self._idle_since = reactor.seconds()
+        self.watch(reactor, since + timeout)
 
     def leave_idle(self) -> None:
         self._idle_since = None  # busy: a pending timer finds so and lets go
 
-    def _idle_check(self) -> None:
+    def watch(self, reactor: Any, deadline: float) -> None:
+        """Make the connection's one timer fire by `deadline` (the idle timeout's, or the
+        response timeout of the exchange it carries). It is re-armed only when it fires, or
+        moved sooner when a deadline comes before it: not made and cancelled per request."""
+        self._reactor = reactor
+        timer = self._idle_timer
+        if timer is None:
+            self._idle_timer = reactor.callLater(max(0.0, deadline - reactor.seconds()), self._check)
+        elif timer.getTime() > deadline:
+            timer.reset(max(0.0, deadline - reactor.seconds()))
+
+    def _check(self) -> None:
         self._idle_timer = None
-        if self.lost or self._idle_since is None:
+        if self.lost:
             return
-        remaining = self._idle_since + self._idle_timeout - self._reactor.seconds()
-        if remaining > 0:
-            self._idle_timer = self._reactor.callLater(remaining, self._idle_check)
+        now = self._reactor.seconds()
+        exchange = self.exchange
+        if exchange is not None:
+            deadline = exchange.deadline(now)  # None: it has timed out, or times itself
+            if deadline is not None:
+                self.watch(self._reactor, deadline)
+            return
+        if self._idle_since is None:
+            return
+        deadline = self._idle_since + self._idle_timeout
+        if deadline > now:
+            self.watch(self._reactor, deadline)
         else:
             self.close()
 
