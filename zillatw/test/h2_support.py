@@ -172,15 +172,19 @@ class H2WebSocket:
             self.ws.receive_eof()
             self._send()
             return
-        if not self.agreed:
+        self._agree()
+        self.ws.receive_data(data)
+        self.frames.extend(event for event in self.ws.events_received() if isinstance(event, Frame))
+        self._send()
+
+    def _agree(self) -> None:
+        """The extensions the 200 agreed to: from the first message either way."""
+        if not self.agreed and "headers" in self.response:
             self.agreed = True
             offered = self.response["headers"].get("sec-websocket-extensions")
             if offered and self.deflate is not None:
                 [(_, params)] = parse_extension(offered)
                 self.ws.extensions = [self.deflate.process_response_params(params, [])]
-        self.ws.receive_data(data)
-        self.frames.extend(event for event in self.ws.events_received() if isinstance(event, Frame))
-        self._send()
 
     def _send(self) -> None:
         for chunk in self.ws.data_to_send():
@@ -190,14 +194,17 @@ class H2WebSocket:
             self.client.send_body(self.stream_id, chunk, end=self.ended)
 
     def send_text(self, text: str, fin: bool = True) -> None:
+        self._agree()
         self.ws.send_text(text.encode(), fin)
         self._send()
 
     def send_binary(self, data: bytes, fin: bool = True) -> None:
+        self._agree()
         self.ws.send_binary(data, fin)
         self._send()
 
     def send_continuation(self, data: bytes, fin: bool) -> None:
+        self._agree()
         self.ws.send_continuation(data, fin)
         self._send()
 
