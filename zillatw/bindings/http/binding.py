@@ -183,7 +183,7 @@ class HttpClient:
 
     def __init__(self, name: str, routes: list[tuple[Route, Any]], overrides: Mapping[str, str] | None = None,
                  *, reactor: Any = None, events: Events | None = None, namespace: str = "default",
-                 limits: ClientLimits | None = None, versions: tuple[str, ...] = ("http/1.1",)):
+                 limits: ClientLimits | None = None, versions: tuple[str, ...] = DEFAULT_VERSIONS):
         self.name = name
         self._routes = HeaderRoutes(routes)
         self.overrides = dict(overrides or {})
@@ -562,7 +562,7 @@ def build(binding: BindingConfig, graph: Any) -> HttpServer | HttpClient:
     if binding.kind == "client":
         client = HttpClient(binding.name, routes, overrides, reactor=graph.reactor, namespace=binding.namespace,
                             events=graph.events(binding.namespace), limits=ClientLimits.of(binding.options),
-                            versions=tuple(binding.options.get("versions") or ("http/1.1",)))
+                            versions=tuple(binding.options.get("versions") or DEFAULT_VERSIONS))
         client.forwarder.responses = http_validation.ResponseChecks(types) if types is not None else None
         return client
     routes = http_validation.validating_routes(types, routes)

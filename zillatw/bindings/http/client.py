@@ -51,7 +51,7 @@ class Forwarder:
 
     def __init__(self, name: str, namespace: str, route: Callable[[dict[str, str]], Any],
                  overrides: Mapping[str, str], reactor: Any, events: Events, limits: ClientLimits,
-                 versions: tuple[str, ...] = ("http/1.1",)):
+                 versions: tuple[str, ...] = ("http/1.1", "h2")):  # Zilla's default
         self.name = name
         # the version spoken to every upstream when one is configured; with both, each
         # upstream's is learnt from its first connection (zillatw.bindings.http.clientversions)
