@@ -17,10 +17,11 @@ requests go straight to its HTTP/1.1 pool or its HTTP/2 connection
 other one (the upstream changed) fails its request with 502, and the version is learnt anew.
 
 The probe's connection is not wasted: its protocol is _Undecided until the version is known,
-then becomes the pool's connection (the transport's reads go to that protocol's own methods:
-no call is added). Requests that arrive while the probe connects wait as a
-NegotiatingExchange: the http server's side is paused, what it sends anyway is held (at most
-MAX_EARLY_BODY), then handed to the real exchange, whose methods it then hands on directly.
+then becomes the pool's connection (the transport's calls are passed on to that protocol:
+one call more per read, on that one connection). Requests that arrive while the probe
+connects wait as a NegotiatingExchange: the http server's side is paused, what it sends
+anyway is held (at most MAX_EARLY_BODY), then handed to the real exchange, to which the http
+server's calls are passed on from then. Neither rebinds methods on a live object.
 """
 
 from __future__ import annotations
@@ -73,17 +74,23 @@ class _Undecided(Protocol):
         self.taken_by: Protocol = self
 
     def dataReceived(self, data: bytes) -> None:
+        taken_by = self.taken_by
+        if taken_by is not self:
+            taken_by.dataReceived(data)
+            return
         self.held += data
         if len(self.held) > MAX_HELD:  # more than a greeting before any request: not an upstream
             self.transport.abortConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        taken_by = self.taken_by
+        if taken_by is not self:
+            taken_by.connectionLost(reason)  # type: ignore[arg-type]  # Twisted always passes one
+            return
         self.lost, self.reason = True, reason
 
     def become(self, protocol: Protocol) -> None:
-        """From now on the connection is `protocol`'s (the transport calls reach it directly)."""
-        self.dataReceived = protocol.dataReceived  # type: ignore[method-assign]
-        self.connectionLost = protocol.connectionLost  # type: ignore[method-assign,assignment]
+        """From now on the connection is `protocol`'s: the transport's calls are passed on."""
         self.taken_by = protocol
         protocol.makeConnection(self.transport)
 
@@ -270,23 +277,23 @@ class NegotiatingExchange:
             target.pauseProducing()
 
     def hand_to(self, target: Any) -> None:
-        """From now on the http server's calls go to `target` directly."""
+        """From now on the http server's calls are passed on to `target`."""
         self.target = target
-        for name in ("exchange_data", "exchange_end", "exchange_abort", "pauseProducing", "resumeProducing",
-                     "stopProducing"):
-            setattr(self, name, getattr(target, name))  # from now on the http server calls it directly
 
     def failed(self, status: int, reason: str, detail: str) -> None:
         if not self.aborted:
             self.aborted = True
             self.peer.exchange_abort(status, reason, detail)
 
-    # ---- IHttpExchangeEnd, until decided
+    # ---- IHttpExchangeEnd: held until decided, then passed on to the real exchange
 
     def exchange_head(self, head: HttpHead) -> None:
         """Only a server's end takes a response head."""
 
     def exchange_data(self, data: bytes) -> None:
+        if self.target is not None:
+            self.target.exchange_data(data)
+            return
         if self.aborted:
             return
         self.early.append(data)
@@ -295,16 +302,31 @@ class NegotiatingExchange:
             self.failed(502, "the request body could not be held", "over the early-body bound")
 
     def exchange_end(self) -> None:
+        if self.target is not None:
+            self.target.exchange_end()
+            return
         self.ended = True
 
     def exchange_abort(self, status: int, reason: str, detail: str) -> None:
+        if self.target is not None:
+            self.target.exchange_abort(status, reason, detail)
+            return
         self.aborted = True  # the client went away: the probe goes on for the others
 
     def pauseProducing(self) -> None:
+        if self.target is not None:
+            self.target.pauseProducing()
+            return
         self.client_paused = True
 
     def resumeProducing(self) -> None:
+        if self.target is not None:
+            self.target.resumeProducing()
+            return
         self.client_paused = False
 
     def stopProducing(self) -> None:
+        if self.target is not None:
+            self.target.stopProducing()
+            return
         self.aborted = True
