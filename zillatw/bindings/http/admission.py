@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import Deferred
 
 from zillatw.guards import Authorization, Session, connection_authorization
+from zillatw.wire.http1 import HttpError, check_host
 
 if TYPE_CHECKING:
     from zillatw.bindings.http.binding import HttpServer
@@ -25,6 +26,22 @@ def authority_with_port(host: str, secure: bool) -> str:
     if host.rfind(":") <= bracket:
         return f"{host}:{443 if secure else 80}"
     return host
+
+
+def h2_authority(headers: dict[str, str], secure: bool) -> str | None:
+    """An HTTP/2 request's `:authority` (or `host`) checked as an HTTP/1.1 Host is, then its
+    `:authority` and `:scheme` set as an HTTP/1.1 request's would be: what refuses it (400),
+    or None."""
+    authority = headers.get(":authority") or headers.get("host")
+    try:
+        check_host(authority)
+    except HttpError as e:
+        return e.reason.replace("the Host header", "the :authority")
+    headers.pop("host", None)
+    if authority:
+        headers[":authority"] = authority_with_port(authority, secure)
+    headers[":scheme"] = "https" if secure else "http"  # what carried it, as HTTP/1.1's
+    return None
 
 
 def authorize(factory: "HttpServer", headers: Mapping[str, str], transport: Any,

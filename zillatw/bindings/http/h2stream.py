@@ -22,7 +22,6 @@ from zillatw.bindings.http.auth import redact_target
 from zillatw.guards import Authorization
 from zillatw.stream import HttpHead, IHttpExchangeEnd, StreamRefused
 from zillatw.telemetry.events import next_trace_id
-from zillatw.wire.http1 import HttpError, check_host
 
 if TYPE_CHECKING:
     from zillatw.bindings.http.h2server import H2ServerConnection
@@ -78,16 +77,10 @@ class H2Stream:
         if not path.startswith("/"):
             self.refuse(400, "the :path must be an absolute path")
             return
-        authority = headers.get(":authority") or headers.get("host")
-        try:
-            check_host(authority)
-        except HttpError as e:
-            self.refuse(e.status, e.reason.replace("the Host header", "the :authority"))
+        refusal = admission.h2_authority(headers, self.connection.secure)
+        if refusal is not None:
+            self.refuse(400, refusal)
             return
-        headers.pop("host", None)
-        if authority:
-            headers[":authority"] = admission.authority_with_port(authority, self.connection.secure)
-        headers[":scheme"] = "https" if self.connection.secure else "http"  # what carried it, as HTTP/1.1's
         self.shown_target = redact_target(path, factory.secret_params)
         refusal = factory.access_control.refusal(headers)
         if refusal is not None:

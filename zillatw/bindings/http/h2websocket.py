@@ -39,7 +39,7 @@ from zillatw.bindings.http.auth import redact_target
 from zillatw.guards import NO_AUTHORIZATION, Authorization
 from zillatw.stream import IHttpConnection, IHttpExit, IWebSocketTunnel
 from zillatw.telemetry.events import next_trace_id
-from zillatw.wire.http1 import HttpError, Request, check_host
+from zillatw.wire.http1 import HttpError, Request
 
 if TYPE_CHECKING:
     from zillatw.bindings.http.h2server import H2ServerConnection
@@ -115,16 +115,10 @@ class H2WebSocket:
         if problem is not None:
             self.refuse(*problem)
             return
-        authority = headers.get(":authority") or headers.get("host")
-        try:
-            check_host(authority)
-        except HttpError as e:
-            self.refuse(e.status, e.reason.replace("the Host header", "the :authority"))
+        refusal = admission.h2_authority(headers, self.connection.secure)
+        if refusal is not None:
+            self.refuse(400, refusal)
             return
-        headers.pop("host", None)
-        if authority:
-            headers[":authority"] = admission.authority_with_port(authority, self.connection.secure)
-        headers[":scheme"] = "https" if self.connection.secure else "http"  # what carried it, as HTTP/1.1's
         # the HTTP/1.1 request it stands for: its routes, guards and events take it alike
         headers[":method"], headers["upgrade"], headers["connection"] = "GET", PROTOCOL, "upgrade"
         self.shown_target = redact_target(headers[":path"], factory.secret_params)
