@@ -142,6 +142,25 @@ class H2cTests(unittest.TestCase):
         self.assertIsNone(client.goaway())  # stream refusals leave the connection be
 
     @defer.inlineCallbacks
+    def test_a_refused_header_value_is_not_written_to_the_events(self):
+        """h2 quotes a refused value in its error: an authorization with a NUL in it would
+        reach the event log."""
+        port = yield self.start()
+        client = yield connect_h2c(self, port)
+        stream = client.h2.get_next_available_stream_id()
+        client.h2.config.validate_outbound_headers = False  # h2 would refuse to send it
+        client.h2.send_headers(stream, [(":method", "GET"), (":scheme", "http"), (":authority", "localhost"),
+                                        (":path", "/"), ("authorization", "Bearer sekret-token\x00")], end_stream=True)
+        client.h2.config.validate_outbound_headers = True
+        client.flush()
+        yield eventually(lambda: client.done(stream))
+        self.assertEqual(client.responses[stream]["reset"], h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        events = self.gateway.events_text.getvalue()
+        self.assertIn("400 malformed request on stream 1: Illegal character (not shown) in header value: (not shown)",
+                      events)
+        self.assertNotIn("sekret", events)
+
+    @defer.inlineCallbacks
     def test_a_get_to_a_websocket_route_is_not_an_upgrade(self):
         port = yield self.start(routes=[{"exit": "ws0"}])
         client = yield connect_h2c(self, port)

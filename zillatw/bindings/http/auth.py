@@ -134,3 +134,13 @@ def _refused(failure: Any) -> Authorization:
     if not failure.check(Rejected):
         log.failure("zillatw: guard failed while authorizing", failure)
     return Authorization(None, credentials_found=True)
+
+
+# What h2 quotes in its errors (a header's name or value, as a bytes or str repr)
+_QUOTED = re.compile(r"b?'(?:[^'\\]|\\.)*'" + r'|b?"(?:[^"\\]|\\.)*"')
+
+
+def without_values(error: str) -> str:
+    """h2's error text without what it quotes: a refused header's value may be a credential
+    (an `authorization` with a byte HTTP/2 refuses), and the text goes to events and logs."""
+    return _QUOTED.sub("(not shown)", error)

@@ -29,6 +29,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from zillatw.bindings.http.auth import without_values
 from zillatw.bindings.http.clientlimits import MAX_POOLS, MAX_WAITING
 from zillatw.stream import HttpHead, IHttpExchangeEnd, StreamRefused
 from zillatw.wire.http1body import end_to_end_headers
@@ -251,7 +252,7 @@ class H2UpstreamConnection(Protocol):
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as e:
             self.write()
-            self._fail_all(502, "the upstream's response was not valid HTTP/2", str(e))
+            self._fail_all(502, "the upstream's response was not valid HTTP/2", without_values(str(e)))
             self.transport.abortConnection()
             return
         for event in events:
@@ -360,7 +361,7 @@ class H2UpstreamExchange:
         try:
             connection.h2.send_headers(stream_id, fields, end_stream=self.request_done and not self.outbound)
         except h2.exceptions.ProtocolError as e:
-            self.upstream_failed(502, "the request cannot be sent over HTTP/2", str(e))
+            self.upstream_failed(502, "the request cannot be sent over HTTP/2", without_values(str(e)))
             return
         self.end_sent = self.request_done and not self.outbound
         self.flush()

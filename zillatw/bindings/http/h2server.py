@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from zillatw.bindings.http import admission
+from zillatw.bindings.http.auth import without_values
 from zillatw.bindings.http.h2stream import H2Stream
 from zillatw.bindings.http.h2websocket import H2WebSocket, is_websocket
 from zillatw.telemetry.events import next_trace_id
@@ -143,11 +144,11 @@ class H2ServerConnection:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as e:
             # h2 has queued the GOAWAY naming the error: send it, then close
-            self._close(f"HTTP/2 protocol error: {e}")
+            self._close(f"HTTP/2 protocol error: {without_values(str(e))}")
             return
         for stream_id, why in self.h2.malformed:
             admission.emit_rejected(self.factory, next_trace_id(), 400,
-                                    f"malformed request on stream {stream_id}: {why}")
+                                    f"malformed request on stream {stream_id}: {without_values(why)}")
         self.h2.malformed.clear()
         for event in events:
             if self.closed:

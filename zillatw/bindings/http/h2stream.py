@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from zillatw.bindings.http import admission
 from zillatw.bindings.http import plain as http_plain
-from zillatw.bindings.http.auth import redact_target
+from zillatw.bindings.http.auth import redact_target, without_values
 from zillatw.guards import Authorization
 from zillatw.stream import HttpHead, IHttpExchangeEnd, StreamRefused
 from zillatw.telemetry.events import next_trace_id
@@ -286,7 +286,7 @@ class H2Stream:
             self.h2.send_headers(self.stream_id, fields, end_stream=end)
         except h2.exceptions.ProtocolError as e:  # a field HTTP/2 cannot carry (from upstream)
             log.warn("zillatw: {binding} could not send response {trace_id:016x} over HTTP/2: {why}",
-                     binding=self.factory.name, trace_id=self.trace_id, why=str(e))
+                     binding=self.factory.name, trace_id=self.trace_id, why=without_values(str(e)))
             self._reset(ErrorCodes.INTERNAL_ERROR)
             return
         if end:

@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from zillatw.bindings.http import admission, clientaddress
-from zillatw.bindings.http.auth import redact_target
+from zillatw.bindings.http.auth import redact_target, without_values
 from zillatw.guards import NO_AUTHORIZATION, Authorization
 from zillatw.stream import IHttpConnection, IHttpExit, IWebSocketTunnel
 from zillatw.telemetry.events import next_trace_id
@@ -216,7 +216,7 @@ class H2WebSocket:
             self.h2.send_headers(self.stream_id, fields)
         except h2.exceptions.ProtocolError as e:  # a value HTTP/2 cannot carry
             log.warn("zillatw: {binding} could not answer {trace_id:016x} over HTTP/2: {why}",
-                     binding=self.factory.name, trace_id=self.trace_id, why=str(e))
+                     binding=self.factory.name, trace_id=self.trace_id, why=without_values(str(e)))
             self._reset(ErrorCodes.INTERNAL_ERROR)
 
     # ---- from the client (the connection calls these)
