@@ -78,15 +78,21 @@ class _Stream:
             self.m.closes_sent += 1
 
 
-@implementer(IStreamEnd)
-class _ToExit:
-    """Wraps the exit's stream end: what the caller sends through it was received."""
+class _Metered:
+    """A stream end seen through one direction's counting (_ToExit, _ToPeer): its producer
+    calls go straight to the end it wraps."""
     __slots__ = ("_end", "_m", "_stream", "pauseProducing", "resumeProducing", "stopProducing")
 
     def __init__(self, end: IStreamEnd, stream: _Stream):
         self._end, self._m, self._stream = end, stream.m, stream
         self.pauseProducing, self.resumeProducing = end.pauseProducing, end.resumeProducing
         self.stopProducing = end.stopProducing
+
+
+@implementer(IStreamEnd)
+class _ToExit(_Metered):
+    """Wraps the exit's stream end: what the caller sends through it was received."""
+    __slots__ = ()
 
     def stream_data(self, opcode: int, payload: bytes, fin: bool) -> None:
         self._m.data_received += len(payload)
@@ -98,14 +104,9 @@ class _ToExit:
 
 
 @implementer(IStreamEnd)
-class _ToPeer:
+class _ToPeer(_Metered):
     """Wraps the caller's stream end as the exit sees it: what the exit sends was sent."""
-    __slots__ = ("_end", "_m", "_stream", "pauseProducing", "resumeProducing", "stopProducing")
-
-    def __init__(self, end: IStreamEnd, stream: _Stream):
-        self._end, self._m, self._stream = end, stream.m, stream
-        self.pauseProducing, self.resumeProducing = end.pauseProducing, end.resumeProducing
-        self.stopProducing = end.stopProducing
+    __slots__ = ()
 
     def stream_data(self, opcode: int, payload: bytes, fin: bool) -> None:
         self._m.data_sent += len(payload)

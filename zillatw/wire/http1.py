@@ -112,6 +112,26 @@ def _well_formed_fields(text: str, max_headers: int) -> dict[str, str] | None:
     return headers
 
 
+def _fields_at_once(raw_head: bytes, start: int, pattern: re.Pattern[bytes],
+                    max_headers: int) -> dict[str, str] | None:
+    """The header block from `start` split at once when `pattern` finds every line of it
+    well formed; None: header_fields must look at it line by line."""
+    if not pattern.fullmatch(raw_head, start):
+        return None
+    fields = raw_head[start:].decode("latin-1").rstrip("\r\n")  # the blank line, if any, is not a field
+    return _well_formed_fields(fields, max_headers) if fields else {}
+
+
+def _split_off(buffer: bytearray, head_length: int, rest_start: int) -> tuple[bytes, bytes]:
+    """A head and what follows it out of `buffer` (emptied), each copied once (a bytearray
+    slice would be copied twice)."""
+    view = memoryview(buffer)
+    head, rest = bytes(view[:head_length]), bytes(view[rest_start:])
+    view.release()
+    buffer.clear()
+    return head, rest
+
+
 def header_fields(lines: list[bytes], max_headers: int) -> dict[str, str]:
     """The header lines of a request or response head (CRLF or LF ended, already free of bare
     CR and NUL): names lower-cased, values trimmed, duplicates joined with ", " as Zilla does."""
@@ -197,11 +217,7 @@ class RequestHeadParser:
             return None
         if head_end - line_end > self.max_header_bytes:
             raise HttpError(431, f"request headers larger than {self.max_header_bytes} bytes")
-        view = memoryview(buffer)
-        raw_head = bytes(view[: head_end + end_length])  # one copy each (a bytearray slice is two)
-        self.rest = bytes(view[head_end + end_length:])
-        view.release()
-        buffer.clear()
+        raw_head, self.rest = _split_off(buffer, head_end + end_length, head_end + end_length)
         return self._parse(raw_head)
 
     def _parse(self, raw_head: bytes) -> Request:
@@ -226,11 +242,8 @@ class RequestHeadParser:
         method_text = method.decode("ascii")
         if method_text not in KNOWN_METHODS:
             raise HttpError(501, f"method {method_text} is not implemented")
-        headers = None
-        if _WELL_FORMED_FIELDS_AND_BLANK.fullmatch(raw_head, first_end + 1):
-            # the block ends with its blank line: not a field
-            fields = raw_head[first_end + 1:].decode("latin-1").rstrip("\r\n")
-            headers = _well_formed_fields(fields, self.max_headers) if fields else {}
+        # the request's block ends with its blank line
+        headers = _fields_at_once(raw_head, first_end + 1, _WELL_FORMED_FIELDS_AND_BLANK, self.max_headers)
         try:
             if headers is None:
                 headers = header_fields(raw_head.split(b"\n")[1:], self.max_headers)
@@ -304,11 +317,7 @@ class ResponseHeadParser:
         if head_end - line_end > self.max_header_bytes:
             raise ResponseError(f"response headers larger than {self.max_header_bytes} bytes")
         blank = 2 if buffer[head_end:head_end + 1] == b"\r" else 1
-        view = memoryview(buffer)
-        raw_head = bytes(view[:head_end])
-        self.rest = bytes(view[head_end + blank:])
-        view.release()
-        buffer.clear()
+        raw_head, self.rest = _split_off(buffer, head_end, head_end + blank)
         return self._parse(raw_head)
 
     def _parse(self, raw_head: bytes) -> Response:
@@ -321,10 +330,7 @@ class ResponseHeadParser:
         major, minor = int(match.group(1)), int(match.group(2))
         if major != 1:
             raise ResponseError(f"HTTP version {major}.{minor} in the status line")
-        headers = None
-        if _WELL_FORMED_FIELDS.fullmatch(raw_head, first_end + 1):
-            fields = raw_head[first_end + 1:].decode("latin-1").rstrip("\r\n")
-            headers = _well_formed_fields(fields, self.max_headers) if fields else {}
+        headers = _fields_at_once(raw_head, first_end + 1, _WELL_FORMED_FIELDS, self.max_headers)
         try:
             if headers is None:
                 headers = header_fields(raw_head.split(b"\n")[1:], self.max_headers)
