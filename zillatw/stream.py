@@ -15,7 +15,7 @@ wait (a proxy waiting for its upstream). Refusal is `raise StreamRefused(status,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -221,6 +221,26 @@ class IHttpExchangeEnd(IPushProducer):
         """The other side failed (an upstream unreachable, a client gone). A server end that
         has not sent a response head answers `status` with `reason` (detail goes to the
         event); otherwise the exchange's connection is closed, never left half written."""
+@dataclass(slots=True)
+class SpliceSink:
+    """Where the rest of a Content-Length body may go without passing through Python: a
+    plain TCP transport with nothing buffered, and what counts the bytes written to it (a
+    metered connection's count, a measured body's size)."""
+    transport: Any
+    counts: list[Callable[[int], None]]
+
+
+class ISpliceSink(Interface):
+    """An exchange end that writes a Content-Length body's pieces unchanged to a plain TCP
+    socket, so the body can be moved there in the kernel (zillatw.twistedcompat.Splice).
+    An end that re-frames, checks or holds the body does not provide it, nor does a
+    wrapper that cannot pass it on."""
+    def splice_sink() -> SpliceSink | None:
+        """The socket the rest of the body would be written to, or None (not now). An end
+        that answers one writes nothing more of this body (`exchange_data` is not called)
+        until `exchange_end`, or an abort."""
+
+
 class IHttpRequestExit(Interface):
     """A binding that answers plain (non-upgrade) HTTP requests: echo, an http client."""
     def open_request(head: HttpHead, peer: IHttpExchangeEnd, trace_id: int) -> IHttpExchangeEnd:

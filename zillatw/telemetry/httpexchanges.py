@@ -36,7 +36,7 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from zope.interface import directlyProvides, implementer, providedBy
 
-from zillatw.stream import HttpHead, IHttpExchangeEnd
+from zillatw.stream import HttpHead, IHttpExchangeEnd, ISpliceSink, SpliceSink
 from zillatw.telemetry.httpsizes import Attributes, SizeHistogram, bounded
 from zillatw.wire.http1 import HttpError
 
@@ -195,6 +195,17 @@ class _Measured:
         self.counted += len(data)
         self.target.exchange_data(data)
 
+    def splice_sink(self) -> SpliceSink | None:
+        """The target's, its bytes counted here too (ISpliceSink)."""
+        target = self.target
+        sink = target.splice_sink() if ISpliceSink.providedBy(target) else None
+        if sink is not None:
+            sink.counts.append(self._count)
+        return sink
+
+    def _count(self, size: int) -> None:
+        self.counted += size
+
     def exchange_end(self) -> None:
         if not self.done:
             self.done = True
@@ -213,12 +224,12 @@ class _Measured:
         self.target.exchange_abort(status, reason, detail)
 
 
-@implementer(IHttpExchangeEnd)
+@implementer(IHttpExchangeEnd, ISpliceSink)
 class _MeasuredRequest(_Measured):
     __slots__ = ()
 
 
-@implementer(IHttpExchangeEnd)
+@implementer(IHttpExchangeEnd, ISpliceSink)
 class _MeasuredResponse(_Measured):
     __slots__ = ()
     ends_exchange = True

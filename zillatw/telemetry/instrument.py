@@ -17,7 +17,7 @@ from zope.interface import directlyProvides, implementer, providedBy
 from zillatw.stream import ABNORMAL, IEvictableEnd, IHttpRequestExit, IStreamEnd, IStreamExit, StreamRefused
 from zillatw.telemetry.events import BindingEvents
 from zillatw.telemetry.sessions import request_fields
-from zillatw.twistedcompat import CountedTransport
+from zillatw.twistedcompat import PASS_THROUGH, CountedTransport
 
 # ---------------------------------------------------------------------------- counters
 
@@ -267,6 +267,10 @@ class _MeteredConnection:
         self.m.data_received += len(data)
         self.wrappedProtocol.dataReceived(data)
 
+    def spliced(self, size: int) -> None:
+        """`size` bytes read for the wrapped protocol went by it (zillatw.twistedcompat.Splice)."""
+        self.m.data_received += size
+
     def connectionLost(self, reason: Failure | None = None) -> None:
         m = self.m
         m.active -= 1
@@ -279,6 +283,9 @@ class _MeteredConnection:
 
     def __getattr__(self, name: str) -> Any:  # logPrefix, readConnectionLost, handshakeCompleted...
         return getattr(self.wrappedProtocol, name)
+
+
+PASS_THROUGH[_MeteredConnection] = lambda wrapper: (wrapper.wrappedProtocol, wrapper.spliced)
 
 
 @implementer(IProtocolFactory)

@@ -12,11 +12,13 @@ from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
+from twisted.trial import unittest
 from zope.interface import implementer
 
 from zillatw.test.support import (
     raw_exchange,
     split_response,
+    start_gateway,
 )
 from zillatw.wire.http1 import RequestHeadParser
 from zillatw.wire.http1body import LAST_CHUNK, BodyDecoder, chunk, request_framing
@@ -440,3 +442,48 @@ def sample(text: str, name: str, **labels: str) -> float | None:
             if found.name == name and found.labels == labels:
                 return found.value
     return None
+
+
+# ---------------------------------------------------------------------------- an http proxy
+
+def proxy_chain(upstream_port: int, client_options: dict[str, Any] | None = None,
+                server_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    client: dict[str, Any] = {"type": "http", "kind": "client", "exit": "tcp_client0"}
+    if client_options:
+        client["options"] = client_options
+    server: dict[str, Any] = {"type": "http", "kind": "server", "exit": "http_client0"}
+    if server_options:
+        server["options"] = server_options
+    return {"name": "test", "bindings": {
+        "tcp0": {"type": "tcp", "kind": "server", "options": {"host": "127.0.0.1", "port": 0}, "exit": "http0"},
+        "http0": server,
+        "http_client0": client,
+        "tcp_client0": {"type": "tcp", "kind": "client", "options": {"host": "127.0.0.1", "port": upstream_port}},
+    }, "telemetry": {"exporters": {"stdout": {"type": "stdout"}}}}
+
+
+class ProxyCase(unittest.TestCase):
+    @defer.inlineCallbacks
+    def serve(self, client_options: dict[str, Any] | None = None,
+              server_options: dict[str, Any] | None = None, edit: Any = None) -> Any:
+        """The gateway in front of a fresh upstream; `edit(config)` may change its config first."""
+        self.upstream = UpstreamFactory()
+        listening: Any = reactor.listenTCP(0, self.upstream, interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
+        self.addCleanup(listening.stopListening)
+        self.addCleanup(self.cleanup_upstreams)
+        config = proxy_chain(listening.getHost().port, client_options, server_options)
+        if edit is not None:
+            edit(config)
+        self.gateway, self.port = yield start_gateway(self, config)
+        return self.port
+
+    @defer.inlineCallbacks
+    def client(self) -> Any:
+        client = yield connect_http(self.port)
+        self.addCleanup(lambda: client.transport.loseConnection() if not client.is_closed else None)
+        return client
+
+    def cleanup_upstreams(self) -> None:
+        connection: Any
+        for connection in self.upstream.connections:
+            connection.transport.loseConnection()

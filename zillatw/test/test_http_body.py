@@ -79,6 +79,23 @@ class LengthTests(unittest.TestCase):
         with self.assertRaises(BodyError):
             BodyDecoder(Framing.LENGTH, 11, max_body=10)
 
+    def test_bytes_skipped_by_a_splice_count_and_complete(self):
+        decoder = BodyDecoder(Framing.LENGTH, 10)
+        self.assertEqual(decoder.feed(b"abc"), [b"abc"])
+        self.assertEqual(decoder.length_left(), 7)
+        decoder.skip(4)
+        self.assertEqual((decoder.length_left(), decoder.received, decoder.done), (3, 7, False))
+        with self.assertRaises(ValueError):
+            decoder.skip(4)  # past the body's end: never taken as the next request's
+        decoder.skip(3)
+        self.assertEqual((decoder.length_left(), decoder.received, decoder.done, decoder.rest), (0, 10, True, b""))
+
+    def test_only_a_length_body_can_be_skipped(self):
+        for decoder in (BodyDecoder(Framing.CHUNKED), BodyDecoder(Framing.UNTIL_CLOSE), BodyDecoder(Framing.NONE)):
+            self.assertEqual(decoder.length_left(), 0)
+            with self.assertRaises(ValueError):
+                decoder.skip(1)
+
     def test_until_close(self):
         decoder = BodyDecoder(Framing.UNTIL_CLOSE)
         self.assertEqual(decoder.feed(b"abc"), [b"abc"])

@@ -12,57 +12,17 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
-from twisted.trial import unittest
 
 from zillatw.test.http_support import (
     Counting,
+    ProxyCase,
     Sender,
     UpstreamFactory,
-    connect_http,
+    proxy_chain,
     request,
 )
 from zillatw.test.support import eventually, start_gateway
 from zillatw.wire.http1body import LAST_CHUNK, chunk
-
-
-def proxy_chain(upstream_port: int, client_options: dict[str, Any] | None = None,
-                server_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    client: dict[str, Any] = {"type": "http", "kind": "client", "exit": "tcp_client0"}
-    if client_options:
-        client["options"] = client_options
-    server: dict[str, Any] = {"type": "http", "kind": "server", "exit": "http_client0"}
-    if server_options:
-        server["options"] = server_options
-    return {"name": "test", "bindings": {
-        "tcp0": {"type": "tcp", "kind": "server", "options": {"host": "127.0.0.1", "port": 0}, "exit": "http0"},
-        "http0": server,
-        "http_client0": client,
-        "tcp_client0": {"type": "tcp", "kind": "client", "options": {"host": "127.0.0.1", "port": upstream_port}},
-    }, "telemetry": {"exporters": {"stdout": {"type": "stdout"}}}}
-
-
-class ProxyCase(unittest.TestCase):
-    @defer.inlineCallbacks
-    def serve(self, client_options: dict[str, Any] | None = None,
-              server_options: dict[str, Any] | None = None) -> Any:
-        self.upstream = UpstreamFactory()
-        listening: Any = reactor.listenTCP(0, self.upstream, interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
-        self.addCleanup(listening.stopListening)
-        self.addCleanup(self.cleanup_upstreams)
-        self.gateway, self.port = yield start_gateway(
-            self, proxy_chain(listening.getHost().port, client_options, server_options))
-        return self.port
-
-    @defer.inlineCallbacks
-    def client(self) -> Any:
-        client = yield connect_http(self.port)
-        self.addCleanup(lambda: client.transport.loseConnection() if not client.is_closed else None)
-        return client
-
-    def cleanup_upstreams(self) -> None:
-        connection: Any
-        for connection in self.upstream.connections:
-            connection.transport.loseConnection()
 
 
 class ForwardingTests(ProxyCase):

@@ -5,8 +5,9 @@ fails here, loudly, rather than on the data path."""
 from __future__ import annotations
 
 import inspect
+import os
 
-from twisted.internet import defer, epollreactor, reactor, tcp
+from twisted.internet import defer, epollreactor, error, reactor, tcp
 from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
@@ -119,6 +120,120 @@ class ReactorInternalsTests(unittest.TestCase):
         self.assertIsInstance(fresh._selectables, dict)
         self.assertEqual(list(inspect.signature(fresh._doReadOrWrite).parameters), ["selectable", "fd", "event"])
         self.assertTrue(issubclass(twistedcompat.EPollReactor, epollreactor.EPollReactor))
+
+
+class _Owner:
+    """A SpliceOwner that notes what it is told."""
+
+    def __init__(self):
+        self.moved, self.blocked, self.done, self.lost = 0, [], defer.Deferred(), False
+
+    def splice_moved(self, size):
+        self.moved += size
+
+    def splice_blocked(self, blocked):
+        self.blocked.append(blocked)
+
+    def splice_done(self, size):
+        self.done.callback(size)
+
+    def splice_lost(self):
+        self.lost = True
+
+
+class SpliceTests(unittest.TestCase):
+    """Touch 5: the reactor calls the doRead and doWrite a transport instance shadows, and
+    Twisted's own again once the attributes are deleted."""
+
+    @defer.inlineCallbacks
+    def pair(self):
+        """(source: a server transport a client writes to, its sink: Protocol, the writing
+        client; sink: a client transport whose server-side protocol collects)."""
+        factory = Factory.forProtocol(_Sink)
+        factory.protocols = []
+        build = factory.buildProtocol
+        factory.buildProtocol = lambda addr: factory.protocols.append(build(addr)) or factory.protocols[-1]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        writer = yield connect_raw(port.getHost().port)
+        reader_side = yield connect_raw(port.getHost().port)
+        for client in (writer, reader_side):
+            self.addCleanup(client.transport.loseConnection)
+        yield eventually(lambda: len(factory.protocols) == 2)
+        source_protocol, collector = factory.protocols
+        return source_protocol, writer, reader_side.transport, collector
+
+    def test_the_reactor_and_transport_names_exist(self):
+        self.assertTrue(twistedcompat.CAN_SPLICE)
+        for name in ("doRead", "stopReading", "startReading", "startWriting", "fileno", "connected"):
+            self.assertTrue(hasattr(tcp.Server, name) and hasattr(tcp.Client, name), name)
+        self.assertFalse(hasattr(tcp.Server, "__slots__"))  # instance attributes can shadow methods
+        wrapping = twistedcompat.endpoints._WrappingProtocol(defer.Deferred(), _Sink())
+        self.assertIsInstance(wrapping._wrappedProtocol, _Sink)
+        source = inspect.getsource(twistedcompat.epollreactor.EPollReactor._doReadOrWrite)
+        self.assertIn("selectable.doRead()", source)
+        self.assertIn("selectable.doWrite()", source)
+
+    @defer.inlineCallbacks
+    def test_a_splice_moves_its_length_and_hands_the_rest_back(self):
+        source_protocol, writer, sink, collector = yield self.pair()
+        owner = _Owner()
+        splice = twistedcompat.Splice(source_protocol.transport, sink, 300_000, owner, [], [])
+        payload = os.urandom(300_000)
+        writer.transport.write(payload + b"after the body")
+        moved = yield owner.done
+        self.assertEqual(moved, 300_000)
+        self.assertTrue(splice.over)
+        self.assertNotIn("doRead", vars(source_protocol.transport))
+        yield eventually(lambda: len(collector.data) == 300_000)
+        self.assertEqual(collector.data, payload)  # through the kernel, never through Python
+        yield eventually(lambda: source_protocol.data == b"after the body")  # Twisted's read again
+
+    @defer.inlineCallbacks
+    def test_a_full_sink_stops_the_source_until_it_drains(self):
+        source_protocol, writer, sink, collector = yield self.pair()
+        collector.transport.pauseProducing()  # the sink's reader reads nothing for now
+        owner = _Owner()
+        size = 32 * 1024 * 1024
+        counted = []
+        twistedcompat.Splice(source_protocol.transport, sink, size, owner, [counted.append], [])
+        writer.transport.write(b"s" * size)
+        yield eventually(lambda: owner.blocked == [True])
+        self.assertNotIn(source_protocol.transport, reactor.getReaders())
+        self.assertIn(sink, reactor.getWriters())
+        collector.transport.resumeProducing()
+        moved = yield owner.done
+        self.assertEqual((moved, sum(counted), owner.moved), (size, size, size))
+        self.assertEqual(owner.blocked[:2], [True, False])
+        self.assertIn(source_protocol.transport, reactor.getReaders())
+        self.assertNotIn("doWrite", vars(sink))
+        yield eventually(lambda: len(collector.data) == size)
+
+    @defer.inlineCallbacks
+    def test_a_source_ending_early_is_closed_by_twisted(self):
+        source_protocol, writer, sink, collector = yield self.pair()
+        lost = defer.Deferred()
+        source_protocol.connectionLost = lambda reason: lost.callback(reason.type)
+        owner = _Owner()
+        splice = twistedcompat.Splice(source_protocol.transport, sink, 1_000_000, owner, [], [])
+        writer.transport.write(b"x" * 1000)
+        yield eventually(lambda: owner.moved == 1000)
+        writer.transport.loseConnection()
+        why = yield lost
+        self.assertIs(why, error.ConnectionDone)  # Twisted's read found the end, as without a splice
+        self.assertTrue(owner.lost and splice.over)
+        self.assertFalse(owner.done.called)
+
+    @defer.inlineCallbacks
+    def test_a_cancelled_splice_gives_both_back(self):
+        source_protocol, writer, sink, collector = yield self.pair()
+        owner = _Owner()
+        splice = twistedcompat.Splice(source_protocol.transport, sink, 1_000_000, owner, [], [])
+        splice.cancel()
+        self.assertTrue(splice.over)
+        writer.transport.write(b"now Twisted's")
+        yield eventually(lambda: source_protocol.data == b"now Twisted's")
+        self.assertEqual(owner.moved, 0)
 
 
 class PyOpenSSLInternalsTests(unittest.TestCase):

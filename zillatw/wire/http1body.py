@@ -153,6 +153,23 @@ class BodyDecoder:
                 break
         return pieces
 
+    def length_left(self) -> int:
+        """The bytes a Content-Length body still has to come (0 for any other framing, or
+        once it is complete): what may pass by without being fed (`skip`)."""
+        if self.framing is Framing.LENGTH and self._state is _State.DATA:
+            return self._remaining
+        return 0
+
+    def skip(self, size: int) -> None:
+        """`size` bytes of a Content-Length body went by without being fed (moved socket to
+        socket by splice(2)): counted as received; complete when they were the last."""
+        if size > self.length_left():
+            raise ValueError(f"skip({size}) past the {self.length_left()} bytes left of the body")
+        self._count(size)
+        self._remaining -= size
+        if self._remaining == 0:
+            self._finish(b"", 0)
+
     def _check_line_bound(self) -> None:
         if self._state is _State.TRAILER:
             if self._trailer + len(self._line) > MAX_TRAILER_BYTES:

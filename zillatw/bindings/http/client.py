@@ -17,23 +17,29 @@ connection of its tcp or tls client, its body streamed both ways.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from twisted.internet import error
-from twisted.internet.defer import CancelledError, TimeoutError
-from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from zillatw.bindings.http import clientversions
-from zillatw.bindings.http.clientlimits import MAX_EARLY_BODY, MAX_POOLS, MAX_WAITING, ClientLimits
+from zillatw.bindings.http.clientlimits import MAX_EARLY_BODY, MAX_POOLS, ClientLimits
 from zillatw.bindings.http.h2client import H2UpstreamPool, open_h2
 from zillatw.bindings.http.upstreamconnection import UpstreamConnection
-from zillatw.stream import HttpHead, IHttpExchangeEnd, StreamRefused
+from zillatw.bindings.http.upstreampool import UpstreamPool
+from zillatw.stream import HttpHead, IHttpExchangeEnd, ISpliceSink, SpliceSink, StreamRefused
 from zillatw.telemetry.events import Events
-from zillatw.twistedcompat import write, write_sequence
+from zillatw.twistedcompat import (
+    CAN_SPLICE,
+    SPLICE_MIN,
+    Splice,
+    idle_sink,
+    plain_tcp,
+    received_counts,
+    write,
+    write_sequence,
+)
 from zillatw.wire.http1 import ResponseError, ResponseHeadParser
 from zillatw.wire.http1body import (
     LAST_CHUNK,
@@ -141,125 +147,6 @@ class Forwarder:
                 h2_pool.connection.transport.abortConnection()
 
 
-class _OneConnection(Factory):
-    """The factory of one upstream connection attempt (its protocol is kept for the pool)."""
-
-    noisy = False
-
-    def __init__(self, pool: "UpstreamPool"):
-        self.pool = pool
-        self.connection: UpstreamConnection | None = None
-
-    def buildProtocol(self, addr: Any) -> "UpstreamConnection":
-        self.connection = UpstreamConnection(self.pool)
-        self.pool.connections.add(self.connection)
-        return self.connection
-
-
-class UpstreamPool:
-    """The connections to one upstream: idle ones (most recent first), a count of all,
-    and the requests waiting for one."""
-
-    def __init__(self, forwarder: Forwarder, key: tuple[int, str], exit_: Any, authority: str):
-        self.forwarder = forwarder
-        self.key = key
-        self.exit = exit_
-        self.authority = authority
-        self.limits = forwarder.limits
-        self.idle: list[UpstreamConnection] = []
-        self.connections: set[UpstreamConnection] = set()  # open ones (busy and idle)
-        self.total = 0   # connecting, busy and idle
-        self.waiting: deque[UpstreamExchange] = deque()
-        self.opened = 0  # connections ever opened (tests count reuse by it)
-
-    def acquire(self, exchange: "UpstreamExchange", fresh: bool = False) -> None:
-        while self.idle and not fresh:
-            connection = self.idle.pop()
-            if connection.usable():
-                connection.leave_idle()
-                exchange.attach(connection, reused=True)
-                return
-        if self.total < self.limits.max_connections:
-            self._open(exchange)
-        elif len(self.waiting) >= MAX_WAITING:
-            raise StreamRefused(503, "too many requests waiting for the upstream")
-        else:
-            self.waiting.append(exchange)
-
-    def _open(self, exchange: "UpstreamExchange") -> None:
-        self.total += 1
-        self.opened += 1
-        factory = _OneConnection(self)
-        exchange.connecting = self.exit.connect(factory, self.authority, self.limits.connect_timeout)
-
-        def connected(_: Any) -> None:
-            exchange.connecting = None
-            connection = factory.connection
-            if connection is None or connection.lost:
-                exchange.upstream_failed(502, "the upstream went away", "closed while connecting")
-                return
-            if getattr(connection.transport, "negotiatedProtocol", None) == b"h2":  # not what we speak
-                self.forwarder.spoken.pop(self.key, None)  # with both versions: learnt anew next time
-                connection.close()
-                exchange.upstream_failed(502, "the upstream does not speak HTTP/1.1", "ALPN chose b'h2'")
-                return
-            exchange.attach(connection, reused=False)
-
-        def failed(failure: Failure) -> None:
-            exchange.connecting = None
-            if factory.connection is None:  # else its connectionLost has (or will have) counted it
-                self.total -= 1
-            self._serve_waiting()
-            if failure.check(CancelledError):
-                return  # the exchange ended and cancelled its attempt
-            timed_out = failure.check(TimeoutError, error.TimeoutError)
-            exchange.upstream_failed(504 if timed_out else 502,
-                                     "the upstream did not answer in time" if timed_out
-                                     else "the upstream could not be reached", failure.getErrorMessage())
-        exchange.connecting.addCallbacks(connected, failed)
-
-    def release(self, connection: "UpstreamConnection", reusable: bool) -> None:
-        """An exchange is done with `connection`: reuse it, or close it."""
-        if not reusable or connection.lost or self.forwarder.closing:
-            connection.close()
-            return
-        while self.waiting:
-            exchange = self.waiting.popleft()
-            if not exchange.finished:
-                exchange.attach(connection, reused=True)
-                return
-        connection.enter_idle(self.forwarder.reactor, self.limits.idle_timeout)
-        self.idle.append(connection)
-
-    def lost(self, connection: "UpstreamConnection") -> None:
-        """A connection closed (whoever closed it): it no longer counts."""
-        if connection in self.idle:
-            self.idle.remove(connection)
-        self.connections.discard(connection)
-        self.total -= 1
-        self._serve_waiting()
-
-    def _serve_waiting(self) -> None:
-        while self.waiting and self.total < self.limits.max_connections:
-            exchange = self.waiting.popleft()
-            if not exchange.finished:
-                self._open(exchange)
-
-    def forget(self, exchange: "UpstreamExchange") -> None:
-        if exchange in self.waiting:
-            self.waiting.remove(exchange)
-
-    def adopt(self, undecided: Any) -> None:
-        """A connection made before its version was known (clientversions), now HTTP/1.1."""
-        connection = UpstreamConnection(self)
-        undecided.become(connection)
-        self.total += 1
-        self.opened += 1
-        self.connections.add(connection)
-        self.release(connection, reusable=True)
-        undecided.replay()
-
-
 def request_bytes(head: HttpHead) -> bytes:
     """The request line and headers as the upstream gets them."""
     headers = head.headers
@@ -272,7 +159,7 @@ def request_bytes(head: HttpHead) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-@implementer(IHttpExchangeEnd)
+@implementer(IHttpExchangeEnd, ISpliceSink)
 class UpstreamExchange:
     """The http client's end of one plain request: it takes the request's body from the
     http server (its `peer`) and sends the upstream's response to it."""
@@ -280,6 +167,7 @@ class UpstreamExchange:
     connecting: Any = None
     validated = False  # its peer checks the response (validation.CheckedResponse)
     h2c: Any = None  # the clientversions.VersionProbe whose h2c upgrade offer it carries
+    _splice: Splice | None = None  # the rest of the response body, moving socket to socket
 
     def __init__(self, pool: UpstreamPool, head: HttpHead, peer: IHttpExchangeEnd):
         self.pool = pool
@@ -416,6 +304,45 @@ class UpstreamExchange:
             peer.exchange_data(piece)
         if decoder.done and not self.finished:
             self._response_complete(not decoder.rest)
+        elif CAN_SPLICE and self._splice is None and not self.finished and decoder.length_left() >= SPLICE_MIN:
+            self._splice_body()
+
+    def _splice_body(self) -> None:
+        """The rest of a long Content-Length response goes socket to socket in the kernel
+        when the peer would write it unchanged to a plain TCP socket (the client's)."""
+        connection, peer = self.connection, self.peer
+        if connection is None or not ISpliceSink.providedBy(peer):
+            return
+        source = plain_tcp(connection.transport)
+        if source is None:
+            return
+        reads = received_counts(source, connection)
+        if reads is None:
+            return
+        sink = peer.splice_sink()
+        if sink is not None:
+            assert self.decoder is not None
+            self._splice = Splice(source, sink.transport, self.decoder.length_left(), self, reads, sink.counts)
+
+    # ---- zillatw.twistedcompat.SpliceOwner: the response body's splice
+
+    def splice_moved(self, size: int) -> None:
+        self._last = self._reactor.seconds()
+
+    def splice_blocked(self, blocked: bool) -> None:
+        self._client_paused = blocked  # the client is the slow one: the response timeout waits
+        self._last = self._reactor.seconds()
+
+    def splice_done(self, size: int) -> None:
+        self._splice = None
+        decoder = self.decoder
+        assert decoder is not None
+        decoder.skip(size)
+        if decoder.done and not self.finished:
+            self._response_complete(True)
+
+    def splice_lost(self) -> None:
+        self._splice = None  # the connection that failed ends the exchange, as without it
 
     def upstream_lost(self, reason: Failure | None) -> None:
         if self.finished:
@@ -463,6 +390,9 @@ class UpstreamExchange:
         if self.h2c is not None:  # ended before an answer to its h2c offer: HTTP/1.1, for now
             self.h2c.answered(self, None, b"")
         self.finished = True
+        splice, self._splice = self._splice, None
+        if splice is not None:
+            splice.cancel()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -505,6 +435,18 @@ class UpstreamExchange:
 
     def exchange_head(self, head: HttpHead) -> None:
         """Only a server's end takes a response head."""
+
+    def splice_sink(self) -> SpliceSink | None:
+        """The upstream's socket, for the rest of a Content-Length request (ISpliceSink)."""
+        connection = self.connection
+        if self.finished or connection is None or self._held_head is not None or self.head.length is None \
+                or self.request_done:
+            return None
+        found = idle_sink(connection.transport)
+        if found is None:
+            return None
+        self.body_sent = True
+        return SpliceSink(*found)
 
     def exchange_data(self, data: bytes) -> None:
         if self.finished:

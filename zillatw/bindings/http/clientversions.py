@@ -39,7 +39,8 @@ from zope.interface import implementer
 
 from zillatw.bindings.http import h2client
 from zillatw.bindings.http.clientlimits import MAX_EARLY_BODY, MAX_POOLS, MAX_WAITING
-from zillatw.stream import HttpHead, IHttpExchangeEnd, StreamRefused
+from zillatw.stream import HttpHead, IHttpExchangeEnd, ISpliceSink, SpliceSink, StreamRefused
+from zillatw.twistedcompat import PASS_THROUGH
 from zillatw.wire.http1 import Response
 
 if TYPE_CHECKING:
@@ -99,6 +100,9 @@ class _Undecided(Protocol):
         held, self.held = bytes(self.held), bytearray()
         if held:
             self.taken_by.dataReceived(held)
+
+
+PASS_THROUGH[_Undecided] = lambda wrapper: (wrapper.taken_by, None)
 
 
 class _ProbeFactory(Factory):
@@ -241,7 +245,7 @@ class VersionProbe:
                                     else "the upstream could not be reached", detail))
 
 
-@implementer(IHttpExchangeEnd)
+@implementer(IHttpExchangeEnd, ISpliceSink)
 class NegotiatingExchange:
     """A request waiting for its upstream's version; then the end of the real exchange."""
 
@@ -289,6 +293,11 @@ class NegotiatingExchange:
 
     def exchange_head(self, head: HttpHead) -> None:
         """Only a server's end takes a response head."""
+
+    def splice_sink(self) -> SpliceSink | None:
+        """The real exchange's, once there is one (ISpliceSink)."""
+        target = self.target
+        return target.splice_sink() if target is not None and ISpliceSink.providedBy(target) else None
 
     def exchange_data(self, data: bytes) -> None:
         if self.target is not None:

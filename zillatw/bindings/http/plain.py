@@ -20,8 +20,17 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from zillatw.bindings.ws.relay import no_delay
-from zillatw.stream import HttpHead, IHttpExchangeEnd, IHttpRequestExit, StreamRefused
-from zillatw.twistedcompat import write, write_sequence
+from zillatw.stream import HttpHead, IHttpExchangeEnd, IHttpRequestExit, ISpliceSink, SpliceSink, StreamRefused
+from zillatw.twistedcompat import (
+    CAN_SPLICE,
+    SPLICE_MIN,
+    Splice,
+    idle_sink,
+    plain_tcp,
+    received_counts,
+    write,
+    write_sequence,
+)
 from zillatw.wire.http1 import Request
 from zillatw.wire.http1body import LAST_CHUNK, BodyDecoder, BodyError, Framing, chunk, end_to_end_headers
 
@@ -116,7 +125,7 @@ def start(protocol: "HttpServerProtocol", exit_: Any, request: Request, headers:
         exchange._next()
 
 
-@implementer(IHttpExchangeEnd)
+@implementer(IHttpExchangeEnd, ISpliceSink)
 class ServerExchange:
     """The http server's end of one plain request: it takes the exit's response and
     writes it; `body_received` feeds it the client's bytes after the head."""
@@ -125,6 +134,7 @@ class ServerExchange:
     decoder: BodyDecoder
     opening = False
     request_ended = False  # the whole request body reached the exit
+    _splice: Splice | None = None  # the rest of the request body, moving socket to socket
 
     def __init__(self, protocol: "HttpServerProtocol", request: Request, headers: dict[str, str],
                  request_framing: Framing):
@@ -175,6 +185,46 @@ class ServerExchange:
                 return  # the exit answered and the connection moved on (or closed)
         if decoder.done:
             self._request_complete(decoder.rest)
+        elif CAN_SPLICE and self._splice is None and decoder.length_left() >= SPLICE_MIN:
+            self._splice_body()
+
+    def _splice_body(self) -> None:
+        """The rest of a long Content-Length body goes socket to socket in the kernel when
+        the exit would write it unchanged to a plain TCP socket (an http client's upstream)."""
+        exit_end = self.exit_end
+        source = plain_tcp(self.transport)
+        if source is None or not ISpliceSink.providedBy(exit_end):
+            return
+        reads = received_counts(source, self.protocol)
+        if reads is None:
+            return
+        sink = exit_end.splice_sink()
+        if sink is not None:
+            self._splice = Splice(source, sink.transport, self.decoder.length_left(), self, reads, sink.counts)
+
+    # ---- zillatw.twistedcompat.SpliceOwner: the request body's splice
+
+    def splice_moved(self, size: int) -> None:
+        if self._timer is not None:
+            self._last_progress = self._reactor.seconds()
+
+    def splice_blocked(self, blocked: bool) -> None:
+        self._paused_by_exit = blocked  # the exit is the slow one: the body timer waits
+        self._last_progress = self._reactor.seconds()
+
+    def splice_done(self, size: int) -> None:
+        self._splice = None
+        self.decoder.skip(size)
+        if self.decoder.done:
+            self._request_complete(b"")
+
+    def splice_lost(self) -> None:
+        self._splice = None  # the connection that failed ends the exchange, as without it
+
+    def _stop_splice(self) -> None:
+        splice, self._splice = self._splice, None
+        if splice is not None:
+            splice.cancel()
 
     def _request_complete(self, rest: bytes) -> None:
         self.request_ended = True
@@ -217,6 +267,7 @@ class ServerExchange:
     def close_quietly(self) -> None:
         """The exit refused the request: nothing more happens on this exchange."""
         self.finished = self._moved_on = True
+        self._stop_splice()
         self._cancel_timer()
         if self.protocol.exchange is self:
             self.protocol.exchange = None
@@ -293,6 +344,13 @@ class ServerExchange:
             self._registered = True
             self.transport.registerProducer(self.exit_end, True)
 
+    def splice_sink(self) -> SpliceSink | None:
+        """The client's socket, for the rest of a Content-Length response (ISpliceSink)."""
+        if self.finished or not self.head_sent or self._held_head is not None or self.chunked or self.no_body:
+            return None
+        found = idle_sink(self.transport)
+        return SpliceSink(*found) if found is not None else None
+
     def exchange_data(self, data: bytes) -> None:
         if self.finished or self.no_body or not data:
             return
@@ -333,6 +391,7 @@ class ServerExchange:
             return
         self.finished = True
         self._moved_on = True  # the connection closes: no next request
+        self._stop_splice()
         self._cancel_timer()
         self._unregister()
         protocol = self.protocol
@@ -358,6 +417,7 @@ class ServerExchange:
         if self._moved_on:
             return
         self._moved_on = True
+        self._stop_splice()
         self._cancel_timer()
         protocol = self.protocol
         if protocol.exchange is self:
@@ -369,6 +429,7 @@ class ServerExchange:
 
     def connection_lost(self, reason: Failure | None) -> None:
         """The client went away: the exit's side of the exchange ends too."""
+        self._stop_splice()
         self._cancel_timer()
         if not self.finished:
             self.finished = True

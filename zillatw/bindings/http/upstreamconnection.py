@@ -10,7 +10,8 @@ from twisted.python.failure import Failure
 from zillatw.bindings.ws.relay import no_delay
 
 if TYPE_CHECKING:
-    from zillatw.bindings.http.client import UpstreamExchange, UpstreamPool
+    from zillatw.bindings.http.client import UpstreamExchange
+    from zillatw.bindings.http.upstreampool import UpstreamPool
 
 
 class UpstreamConnection(Protocol):
