@@ -10,6 +10,9 @@ with its body, keep-alive; uvloop when installed):
   nginx     load generator -> nginx -> upstream        (Debian's nginx, worker_processes 1,
                                                         keepalive to the upstream)
   zillatw   load generator -> zillatw -> upstream      (tcp -> http server -> http client -> tcp)
+  bare python  load generator -> bench/relay.py -> upstream   (a byte relay: no HTTP at all, one
+                                                        upstream connection per client; the
+                                                        floor of any CPython proxy)
 at 1 KiB and 1 MiB request bodies (echoed back), keep-alive on both legs, with 50 connections
 over 2 load processes (asyncio + uvloop when installed), each with 1 request in flight (send,
 read the whole response, send again). After a warm-up the requests completed in a fixed
@@ -42,7 +45,7 @@ from proxy import Procs, free_port, install_nginx, start_zillatw, wait_listening
 KIB, MIB = 1024, 1024 * 1024
 SIZES = (KIB, MIB)
 GOALS = {KIB: 0.5, MIB: 1.0}
-SERVERS = ("zillatw", "nginx", "direct")
+SERVERS = ("zillatw", "nginx", "bare python", "direct")
 
 ZILLATW_CONF = """\
 name: bench-httpproxy
@@ -244,8 +247,13 @@ def run(tmp: Path, seconds: float, rounds: int, warmup: float, sizes: tuple[int,
         ports = {"direct": up_port}
         ports["nginx"], nginx = start_nginx(procs, tmp, up_port)
         ports["zillatw"], zillatw = start_zillatw(procs, tmp, "zillatw http proxy", config, up_port)
+        ports["bare python"] = free_port()  # bench/relay.py: bytes both ways, the floor of any CPython proxy
+        relay = procs.start("bare python relay", [sys.executable, str(HERE / "relay.py"), str(ports["bare python"]),
+                                                  str(up_port)], tmp / "relay.log")
+        wait_listening(ports["bare python"], relay)
         watch = {"direct": {"upstream": upstream.pid}, "nginx": {"proxy": nginx.pid, "upstream": upstream.pid},
-                 "zillatw": {"proxy": zillatw.pid, "upstream": upstream.pid}}
+                 "zillatw": {"proxy": zillatw.pid, "upstream": upstream.pid},
+                 "bare python": {"proxy": relay.pid, "upstream": upstream.pid}}
         for rnd in range(rounds):
             for size in sizes:
                 for name in SERVERS:
@@ -286,7 +294,7 @@ def report(results: dict, seconds: float, rounds: int, warmup: float) -> None:
             if r is None:
                 continue
             ratio = p99 = ""
-            if nginx is not None and name == "zillatw" and nginx["msgs"] > 0:
+            if nginx is not None and name in ("zillatw", "bare python") and nginx["msgs"] > 0:
                 ratio, p99 = f"{r['msgs'] / nginx['msgs']:.2f}x", f"{r['p99'] / nginx['p99']:.2f}x"
             note = f"  ({r['errors']} bad, {r['closed']} closed)" if r["errors"] or r["closed"] else ""
             cpu = f"{r['cpu'].get('proxy', 0):.0f}%" if "proxy" in r["cpu"] else "-"

@@ -10,7 +10,8 @@ suite ends. Scenarios (--only picks some; all by default), each one's first serv
 zillatw's and the others its peers in that scenario (bench/README.md has the details):
   echo       zillatw echo (bench/echo.yaml), bare Autobahn, websockets, picows + uvloop
   proxy      zillatw proxy (bench/proxy.yaml), nginx with its defaults and nginx with 64 KiB
-             proxy buffers, all in front of the same picows upstream
+             proxy buffers, and a bare Python byte relay (bench/relay.py: the floor of any
+             CPython proxy), all in front of the same picows upstream
   wss-echo   zillatw echo behind its tls server binding (bench/echo.tls.yaml), websockets with
              an ssl context
   wss-proxy  zillatw proxy terminating TLS (bench/proxy.tls.yaml), nginx terminating TLS
@@ -70,7 +71,7 @@ class Scenario:
 
 ROUND_TRIPS = (
     Scenario("echo", ("zillatw echo", "autobahn", "websockets", "picows"), (64, 16 * KIB, MIB)),
-    Scenario("proxy", ("zillatw proxy", "nginx proxy", "nginx proxy 64k"), (64, 16 * KIB, MIB)),
+    Scenario("proxy", ("zillatw proxy", "nginx proxy", "nginx proxy 64k", "bare python proxy"), (64, 16 * KIB, MIB)),
     Scenario("wss-echo", ("zillatw wss echo", "websockets wss"), (64, 16 * KIB, MIB), tls=True),
     Scenario("wss-proxy", ("zillatw wss proxy", "nginx wss proxy"), (64, 16 * KIB, MIB), tls=True),
     Scenario("deflate", ("zillatw echo", "websockets"), (KIB, 64 * KIB), deflate=True),
@@ -173,7 +174,9 @@ class Servers:
             return proxy.start_nginx(procs, tmp, upstream(), "64k" if name.endswith("64k") else None,
                                      (self.tls.certificate, self.tls.key) if "wss" in name else None)
         port = free_port()
-        if name == "picows":
+        if name == "bare python proxy":  # bench/relay.py: a byte relay, the floor of any CPython proxy
+            argv = [sys.executable, str(HERE / "relay.py"), str(port), str(upstream())]
+        elif name == "picows":
             argv = [sys.executable, str(HERE / "proxy.py"), "--upstream", str(port)]
         elif name == "websockets wss":
             argv = [sys.executable, __file__, "--serve", "websockets", str(port),
