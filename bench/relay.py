@@ -21,84 +21,97 @@ import sys
 READ_SIZE = 65536
 
 
-def serve(port: int, upstream_port: int) -> None:
-    listener = socket.create_server(("127.0.0.1", port), backlog=1024)
-    listener.setblocking(False)
-    poller = select.epoll()
-    poller.register(listener.fileno(), select.EPOLLIN)
-    sockets: dict[int, socket.socket] = {}
-    peer: dict[int, int] = {}
-    pending: dict[int, bytes] = {}  # fd -> bytes its socket has still to send
-    paused: set[int] = set()        # fds not read until their peer drains
+class Relay:
+    def __init__(self, port: int, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", port), backlog=1024)
+        self.listener.setblocking(False)
+        self.poller = select.epoll()
+        self.poller.register(self.listener.fileno(), select.EPOLLIN)
+        self.sockets: dict[int, socket.socket] = {}
+        self.peer: dict[int, int] = {}
+        self.pending: dict[int, bytes] = {}  # fd -> bytes its socket has still to send
+        self.paused: set[int] = set()        # fds not read until their peer drains
 
-    def update(fd: int) -> None:
-        poller.modify(fd, (0 if fd in paused else select.EPOLLIN) | (select.EPOLLOUT if fd in pending else 0))
+    def serve(self) -> None:
+        listening = self.listener.fileno()
+        while True:
+            for fd, event in self.poller.poll():
+                if fd == listening:
+                    self.accept()
+                elif fd in self.sockets:
+                    if event & select.EPOLLOUT:
+                        self.drain(fd)
+                    else:
+                        self.read(fd)
 
-    def close(fd: int) -> None:
-        for side in (fd, peer.get(fd)):
-            if side is not None and side in sockets:
-                poller.unregister(side)
-                sockets.pop(side).close()
-                peer.pop(side, None)
-                pending.pop(side, None)
-                paused.discard(side)
+    def accept(self) -> None:
+        try:
+            client, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        for side in (client, upstream):
+            side.setblocking(False)
+            side.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sockets[side.fileno()] = side
+            self.poller.register(side.fileno(), select.EPOLLIN)
+        self.peer[client.fileno()], self.peer[upstream.fileno()] = upstream.fileno(), client.fileno()
 
-    while True:
-        for fd, event in poller.poll():
-            if fd == listener.fileno():
-                try:
-                    client, _ = listener.accept()
-                except BlockingIOError:
-                    continue
-                upstream = socket.create_connection(("127.0.0.1", upstream_port))
-                for side in (client, upstream):
-                    side.setblocking(False)
-                    side.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    sockets[side.fileno()] = side
-                    poller.register(side.fileno(), select.EPOLLIN)
-                peer[client.fileno()], peer[upstream.fileno()] = upstream.fileno(), client.fileno()
-                continue
-            if fd not in sockets:
-                continue
-            if event & select.EPOLLOUT:  # a full socket drained: send the rest, read its peer again
-                data = pending.pop(fd)
-                try:
-                    sent = sockets[fd].send(data)
-                except BlockingIOError:
-                    sent = 0
-                except OSError:
-                    close(fd)
-                    continue
-                if sent < len(data):
-                    pending[fd] = data[sent:]
-                    continue
-                paused.discard(peer[fd])
-                update(fd)
-                update(peer[fd])
-                continue
-            try:
-                data = sockets[fd].recv(READ_SIZE)
-            except BlockingIOError:
-                continue
-            except OSError:
-                data = b""
-            if not data:
-                close(fd)
-                continue
-            to = peer[fd]
-            try:
-                sent = sockets[to].send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                close(fd)
-                continue
-            if sent < len(data):
-                pending[to] = data[sent:]
-                paused.add(fd)  # not read until its peer drains
-                update(to)
-                update(fd)
+    def read(self, fd: int) -> None:
+        try:
+            data = self.sockets[fd].recv(READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close(fd)
+            return
+        to = self.peer[fd]
+        try:
+            sent = self.sockets[to].send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.close(fd)
+            return
+        if sent < len(data):
+            self.pending[to] = data[sent:]
+            self.paused.add(fd)  # not read until its peer drains
+            self.update(to)
+            self.update(fd)
+
+    def drain(self, fd: int) -> None:
+        """A full socket can take more: the rest to it, and its peer read again once sent."""
+        data = self.pending.pop(fd)
+        try:
+            sent = self.sockets[fd].send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.close(fd)
+            return
+        if sent < len(data):
+            self.pending[fd] = data[sent:]
+            return
+        self.paused.discard(self.peer[fd])
+        self.update(fd)
+        self.update(self.peer[fd])
+
+    def update(self, fd: int) -> None:
+        self.poller.modify(fd, (0 if fd in self.paused else select.EPOLLIN)
+                           | (select.EPOLLOUT if fd in self.pending else 0))
+
+    def close(self, fd: int) -> None:
+        for side in (fd, self.peer.get(fd)):
+            if side is not None and side in self.sockets:
+                self.poller.unregister(side)
+                self.sockets.pop(side).close()
+                self.peer.pop(side, None)
+                self.pending.pop(side, None)
+                self.paused.discard(side)
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]), int(sys.argv[2]))
+    Relay(int(sys.argv[1]), int(sys.argv[2])).serve()

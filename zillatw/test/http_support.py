@@ -337,6 +337,7 @@ class HttpUpstream(Protocol):
     /big?N     N bytes of body (chunked when ?chunked is in the path);
     /drop-next answer, then close as the next request on this connection arrives;
     /hang      never answer;    /garbage  not HTTP;    /close  answer with Connection: close;
+    /early     answer at once (200, "early"), before reading the body;
     any other  a small text/html page naming the path."""
 
     factory: UpstreamFactory
@@ -386,7 +387,9 @@ class HttpUpstream(Protocol):
 
     def start_response(self, head: Any) -> None:
         path = head.target
-        if path == "/echo":
+        if path == "/early":  # the whole answer at the head, whatever the body still to come
+            self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly")
+        elif path == "/echo":
             self.echo_chunked = "content-length" not in head.headers
             framing = "transfer-encoding: chunked" if self.echo_chunked \
                 else f"content-length: {head.headers['content-length']}"
@@ -396,7 +399,9 @@ class HttpUpstream(Protocol):
     def body_done(self) -> None:
         current, self.decoder = self.current, None
         path = current["path"]
-        if path == "/echo":
+        if path == "/early":
+            pass
+        elif path == "/echo":
             if self.echo_chunked:
                 self.transport.write(LAST_CHUNK)
         elif path == "/count":

@@ -121,6 +121,34 @@ class SplicedBodyTests(SpliceCase):
         self.assertEqual(sample(text, "http_response_size_bytes_sum", **base), size)
 
 
+    @defer.inlineCallbacks
+    def test_100_continue_then_a_spliced_body(self):
+        yield self.serve()
+        client = yield self.client()
+        client.send(request("POST", "/count", None, {"Content-Length": str(2 * MB), "Expect": "100-continue"}))
+        yield eventually(lambda: client.raw.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"))
+        client.send(b"c" * (2 * MB))
+        yield eventually(lambda: b"HTTP/1.1 200 OK" in client.raw)
+        yield eventually(lambda: self.upstream.requests and self.upstream.requests[0]["size"] == 2 * MB)
+        self.assertNotIn("expect", self.upstream.requests[0]["headers"])
+        self.assertSplicedAndOver(1, 0)
+
+    @defer.inlineCallbacks
+    def test_an_answer_before_the_body_ends_the_splice_and_the_connection(self):
+        """RFC 9112 §9.6: the response is whole, the request is not read to its end: the
+        connection closes after the answer, its splice dropped, the upstream not reused."""
+        yield self.serve()
+        client = yield self.client()
+        client.send(request("POST", "/early", None, {"Content-Length": str(10 * MB)}) + b"x" * 1000)
+        client.send(b"y" * 300_000)
+        yield client.closed
+        (reply,) = client.replies
+        self.assertEqual((reply.status, reply.body), (200, b"early"))
+        yield eventually(lambda: self.upstream.lost == 1)
+        self.assertEqual(len(self.spliced(plain.ServerExchange)), 1)  # begun with the first read
+        self.assertTrue(all(s.over for s in self.splices))
+
+
 class SplicedBackPressureTests(SpliceCase):
     SIZE = 100 * MB
 
