@@ -10,6 +10,9 @@ with its body, keep-alive; uvloop when installed):
   nginx     load generator -> nginx -> upstream        (Debian's nginx, worker_processes 1,
                                                         keepalive to the upstream)
   zillatw   load generator -> zillatw -> upstream      (tcp -> http server -> http client -> tcp)
+  twisted floor  load generator -> bench/httpfloor.py -> upstream  (at 1 KiB: the least an
+                                                        HTTP/1.1 proxy on Twisted does, keep-alive
+                                                        and a pool, no checks; not a proxy to use)
   bare python  load generator -> bench/relay.py -> upstream   (a byte relay: no HTTP at all, one
                                                         upstream connection per client; the
                                                         floor of any CPython proxy)
@@ -45,7 +48,8 @@ from proxy import Procs, free_port, install_nginx, start_zillatw, wait_listening
 KIB, MIB = 1024, 1024 * 1024
 SIZES = (KIB, MIB)
 GOALS = {KIB: 0.5, MIB: 1.0}
-SERVERS = ("zillatw", "nginx", "bare python", "direct")
+SERVERS = ("zillatw", "nginx", "twisted floor", "bare python", "direct")
+FLOOR_SIZES = (KIB,)  # bench/httpfloor.py takes each message in one read: small bodies only
 
 ZILLATW_CONF = """\
 name: bench-httpproxy
@@ -251,12 +255,20 @@ def run(tmp: Path, seconds: float, rounds: int, warmup: float, sizes: tuple[int,
         relay = procs.start("bare python relay", [sys.executable, str(HERE / "relay.py"), str(ports["bare python"]),
                                                   str(up_port)], tmp / "relay.log")
         wait_listening(ports["bare python"], relay)
+        ports["twisted floor"] = free_port()  # bench/httpfloor.py: the least an HTTP proxy on Twisted does
+        floor = procs.start("twisted floor", [sys.executable, str(HERE / "httpfloor.py"), str(ports["twisted floor"]),
+                                              str(up_port)], tmp / "floor.log",
+                            dict(os.environ, PYTHONPATH=str(HERE.parent)))
+        wait_listening(ports["twisted floor"], floor)
         watch = {"direct": {"upstream": upstream.pid}, "nginx": {"proxy": nginx.pid, "upstream": upstream.pid},
+                 "twisted floor": {"proxy": floor.pid, "upstream": upstream.pid},
                  "zillatw": {"proxy": zillatw.pid, "upstream": upstream.pid},
                  "bare python": {"proxy": relay.pid, "upstream": upstream.pid}}
         for rnd in range(rounds):
             for size in sizes:
                 for name in SERVERS:
+                    if name == "twisted floor" and size not in FLOOR_SIZES:
+                        continue
                     print(f"  round {rnd + 1}/{rounds} http-proxy {name:>8} {human(size):>7} ...", end="",
                           flush=True, file=sys.stderr)
                     r = measure(ports[name], size, warmup, seconds, watch[name])
@@ -285,7 +297,7 @@ def report(results: dict, seconds: float, rounds: int, warmup: float) -> None:
     print(f"http-proxy: POST bodies echoed by the upstream, keep-alive both legs, {load.CONNECTIONS} connections over "
           f"{load.PROCESSES} load processes, 1 request in flight each, {seconds:g} s window after {warmup:g} s "
           f"warm-up, median of {rounds} interleaved rounds; p50/p99 over all rounds; CPU in % of one core")
-    print(f"{'server':<10}{'size':>8}{'req/s':>10}{'MB/s':>9}{'min-max req/s':>17}{'p50 µs':>9}{'p99 µs':>9}"
+    print(f"{'server':<14}{'size':>8}{'req/s':>10}{'MB/s':>9}{'min-max req/s':>17}{'p50 µs':>9}{'p99 µs':>9}"
           f"{'proxy CPU':>11}{'vs nginx':>10}{'p99 z/nginx':>13}")
     for size in sizes:
         nginx = results.get(("nginx", size))
@@ -294,11 +306,11 @@ def report(results: dict, seconds: float, rounds: int, warmup: float) -> None:
             if r is None:
                 continue
             ratio = p99 = ""
-            if nginx is not None and name in ("zillatw", "bare python") and nginx["msgs"] > 0:
+            if nginx is not None and name != "nginx" and name != "direct" and nginx["msgs"] > 0:
                 ratio, p99 = f"{r['msgs'] / nginx['msgs']:.2f}x", f"{r['p99'] / nginx['p99']:.2f}x"
             note = f"  ({r['errors']} bad, {r['closed']} closed)" if r["errors"] or r["closed"] else ""
             cpu = f"{r['cpu'].get('proxy', 0):.0f}%" if "proxy" in r["cpu"] else "-"
-            print(f"{name:<10}{human(size):>8}{r['msgs']:>10.0f}{r['mbs']:>9.2f}{r['min']:>9.0f}-{r['max']:<7.0f}"
+            print(f"{name:<14}{human(size):>8}{r['msgs']:>10.0f}{r['mbs']:>9.2f}{r['min']:>9.0f}-{r['max']:<7.0f}"
                   f"{r['p50']:>9.0f}{r['p99']:>9.0f}{cpu:>11}{ratio:>10}{p99:>13}{note}")
     for size in sizes:
         z, n = results.get(("zillatw", size)), results.get(("nginx", size))
