@@ -69,12 +69,8 @@ class Relay:
             self.close(fd)
             return
         to = self.peer[fd]
-        try:
-            sent = self.sockets[to].send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.close(fd)
+        sent = self.send(to, data)
+        if sent is None:
             return
         if sent < len(data):
             self.pending[to] = data[sent:]
@@ -85,12 +81,8 @@ class Relay:
     def drain(self, fd: int) -> None:
         """A full socket can take more: the rest to it, and its peer read again once sent."""
         data = self.pending.pop(fd)
-        try:
-            sent = self.sockets[fd].send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.close(fd)
+        sent = self.send(fd, data)
+        if sent is None:
             return
         if sent < len(data):
             self.pending[fd] = data[sent:]
@@ -98,6 +90,16 @@ class Relay:
         self.paused.discard(self.peer[fd])
         self.update(fd)
         self.update(self.peer[fd])
+
+    def send(self, fd: int, data: bytes) -> int | None:
+        """What of `data` fd's socket took (0 when full), or None: it failed, both sides closed."""
+        try:
+            return self.sockets[fd].send(data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self.close(fd)
+            return None
 
     def update(self, fd: int) -> None:
         self.poller.modify(fd, (0 if fd in self.paused else select.EPOLLIN)

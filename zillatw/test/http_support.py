@@ -492,3 +492,12 @@ class ProxyCase(unittest.TestCase):
         connection: Any
         for connection in self.upstream.connections:
             connection.transport.loseConnection()
+
+
+def rss_bytes() -> int:
+    """This process's resident set (the gateway, the clients and the upstream of a test)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")

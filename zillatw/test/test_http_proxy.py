@@ -20,6 +20,7 @@ from zillatw.test.http_support import (
     UpstreamFactory,
     proxy_chain,
     request,
+    rss_bytes,
 )
 from zillatw.test.support import eventually, start_gateway
 from zillatw.wire.http1body import LAST_CHUNK, chunk
@@ -290,16 +291,6 @@ class FailureTests(ProxyCase):
         self.assertTrue(client.raw.startswith(b"HTTP/1.1 400 "), client.raw)
 
 
-
-
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 

@@ -18,21 +18,13 @@ from twisted.internet.task import Clock, deferLater
 
 from zillatw import twistedcompat
 from zillatw.bindings.http import client as http_client
-from zillatw.bindings.http import plain
-from zillatw.test.http_support import Counting, ProxyCase, Sender, request, sample
+from zillatw.bindings.http import plain, splicing
+from zillatw.test.http_support import Counting, ProxyCase, Sender, request, rss_bytes, sample
 from zillatw.test.support import eventually
 from zillatw.test.support import http_get as get
 
 MB = 1000 * 1000
 BOUND = 64 * 1024 * 1024  # RSS growth allowed for the whole process (gateway, client, upstream)
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 class SpliceCase(ProxyCase):
@@ -47,8 +39,7 @@ class SpliceCase(ProxyCase):
                 super().__init__(*args, **kwargs)
                 splices.append(self)
 
-        self.patch(plain, "Splice", Recorded)
-        self.patch(http_client, "Splice", Recorded)
+        self.patch(splicing, "Splice", Recorded)
 
     def spliced(self, kind: type) -> list[Any]:
         """The splices an exchange of `kind` owned (ServerExchange: request bodies)."""

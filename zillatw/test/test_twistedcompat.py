@@ -25,21 +25,27 @@ class _Sink(Protocol):
         self.data += data
 
 
+def _listening(case):
+    """A loopback listener whose _Sink protocols are kept in order; (its port, the list)."""
+    factory = Factory.forProtocol(_Sink)
+    factory.protocols = []
+    build = factory.buildProtocol
+    factory.buildProtocol = lambda addr: factory.protocols.append(build(addr)) or factory.protocols[-1]
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    case.addCleanup(port.stopListening)
+    return port.getHost().port, factory.protocols
+
+
 class WriteThroughTests(unittest.TestCase):
     """Touch 1: an idle TCP transport is written to at once, through writeSomeData."""
 
     @defer.inlineCallbacks
     def connected(self):
-        factory = Factory.forProtocol(_Sink)
-        factory.protocols = []
-        build = factory.buildProtocol
-        factory.buildProtocol = lambda addr: factory.protocols.append(build(addr)) or factory.protocols[-1]
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        client = yield connect_raw(port.getHost().port)
+        port, protocols = _listening(self)
+        client = yield connect_raw(port)
         self.addCleanup(client.transport.loseConnection)
-        yield eventually(lambda: factory.protocols)
-        return client.transport, factory.protocols[0]
+        yield eventually(lambda: protocols)
+        return client.transport, protocols[0]
 
     @defer.inlineCallbacks
     def test_the_transport_internals_exist(self):
@@ -149,18 +155,13 @@ class SpliceTests(unittest.TestCase):
     def pair(self):
         """(source: a server transport a client writes to, its sink: Protocol, the writing
         client; sink: a client transport whose server-side protocol collects)."""
-        factory = Factory.forProtocol(_Sink)
-        factory.protocols = []
-        build = factory.buildProtocol
-        factory.buildProtocol = lambda addr: factory.protocols.append(build(addr)) or factory.protocols[-1]
-        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        writer = yield connect_raw(port.getHost().port)
-        reader_side = yield connect_raw(port.getHost().port)
+        port, protocols = _listening(self)
+        writer = yield connect_raw(port)
+        reader_side = yield connect_raw(port)
         for client in (writer, reader_side):
             self.addCleanup(client.transport.loseConnection)
-        yield eventually(lambda: len(factory.protocols) == 2)
-        source_protocol, collector = factory.protocols
+        yield eventually(lambda: len(protocols) == 2)
+        source_protocol, collector = protocols
         return source_protocol, writer, reader_side.transport, collector
 
     def test_the_reactor_and_transport_names_exist(self):

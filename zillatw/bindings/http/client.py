@@ -26,20 +26,12 @@ from zope.interface import implementer
 from zillatw.bindings.http import clientversions
 from zillatw.bindings.http.clientlimits import MAX_EARLY_BODY, MAX_POOLS, ClientLimits
 from zillatw.bindings.http.h2client import H2UpstreamPool, open_h2
+from zillatw.bindings.http.splicing import CAN_SPLICE, SPLICE_MIN, splice_rest
 from zillatw.bindings.http.upstreamconnection import UpstreamConnection
 from zillatw.bindings.http.upstreampool import UpstreamPool
 from zillatw.stream import HttpHead, IHttpExchangeEnd, ISpliceSink, SpliceSink, StreamRefused
 from zillatw.telemetry.events import Events
-from zillatw.twistedcompat import (
-    CAN_SPLICE,
-    SPLICE_MIN,
-    Splice,
-    idle_sink,
-    plain_tcp,
-    received_counts,
-    write,
-    write_sequence,
-)
+from zillatw.twistedcompat import Splice, idle_sink, write, write_sequence
 from zillatw.wire.http1 import ResponseError, ResponseHeadParser
 from zillatw.wire.http1body import (
     LAST_CHUNK,
@@ -310,19 +302,9 @@ class UpstreamExchange:
     def _splice_body(self) -> None:
         """The rest of a long Content-Length response goes socket to socket in the kernel
         when the peer would write it unchanged to a plain TCP socket (the client's)."""
-        connection, peer = self.connection, self.peer
-        if connection is None or not ISpliceSink.providedBy(peer):
-            return
-        source = plain_tcp(connection.transport)
-        if source is None:
-            return
-        reads = received_counts(source, connection)
-        if reads is None:
-            return
-        sink = peer.splice_sink()
-        if sink is not None:
-            assert self.decoder is not None
-            self._splice = Splice(source, sink.transport, self.decoder.length_left(), self, reads, sink.counts)
+        connection, decoder = self.connection, self.decoder
+        if connection is not None and decoder is not None:
+            self._splice = splice_rest(connection.transport, connection, self.peer, decoder.length_left(), self)
 
     # ---- zillatw.twistedcompat.SpliceOwner: the response body's splice
 

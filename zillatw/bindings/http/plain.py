@@ -19,18 +19,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from zillatw.bindings.http.splicing import CAN_SPLICE, SPLICE_MIN, splice_rest
 from zillatw.bindings.ws.relay import no_delay
 from zillatw.stream import HttpHead, IHttpExchangeEnd, IHttpRequestExit, ISpliceSink, SpliceSink, StreamRefused
-from zillatw.twistedcompat import (
-    CAN_SPLICE,
-    SPLICE_MIN,
-    Splice,
-    idle_sink,
-    plain_tcp,
-    received_counts,
-    write,
-    write_sequence,
-)
+from zillatw.twistedcompat import Splice, idle_sink, write, write_sequence
 from zillatw.wire.http1 import Request
 from zillatw.wire.http1body import LAST_CHUNK, BodyDecoder, BodyError, Framing, chunk, end_to_end_headers
 
@@ -191,16 +183,7 @@ class ServerExchange:
     def _splice_body(self) -> None:
         """The rest of a long Content-Length body goes socket to socket in the kernel when
         the exit would write it unchanged to a plain TCP socket (an http client's upstream)."""
-        exit_end = self.exit_end
-        source = plain_tcp(self.transport)
-        if source is None or not ISpliceSink.providedBy(exit_end):
-            return
-        reads = received_counts(source, self.protocol)
-        if reads is None:
-            return
-        sink = exit_end.splice_sink()
-        if sink is not None:
-            self._splice = Splice(source, sink.transport, self.decoder.length_left(), self, reads, sink.counts)
+        self._splice = splice_rest(self.transport, self.protocol, self.exit_end, self.decoder.length_left(), self)
 
     # ---- zillatw.twistedcompat.SpliceOwner: the request body's splice
 
