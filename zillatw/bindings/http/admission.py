@@ -7,7 +7,7 @@ these so the two cannot drift apart.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
@@ -53,6 +53,17 @@ def authorize(factory: "HttpServer", headers: Mapping[str, str], transport: Any,
     return factory.authorization.authorize(headers, trace_id)
 
 
+def authorize_then(factory: "HttpServer", headers: Mapping[str, str], transport: Any, trace_id: int,
+                   then: Callable[[Authorization], None]) -> None:
+    """`then(authorization)`: at once, or once the guard has fetched its keys (an HTTP/2
+    stream's DATA waits unacknowledged meanwhile)."""
+    authorization = authorize(factory, headers, transport, trace_id)
+    if isinstance(authorization, Deferred):
+        authorization.addCallback(then)
+    else:
+        then(authorization)
+
+
 Refusal = tuple[int, str, tuple[tuple[str, str], ...]]  # status, reason, extra response headers
 
 
@@ -61,6 +72,16 @@ def no_route(authorization: Authorization, method: str, shown_target: str) -> Re
     status, text = authorization.refusal
     reason = f"no route for {method} {shown_target}" if status == 404 else text
     return status, reason, (("WWW-Authenticate", "Bearer"),) if status == 401 else ()
+
+
+def routed(factory: "HttpServer", headers: dict[str, str], authorization: Authorization, method: str,
+           shown_target: str, refuse: Callable[..., None]) -> Any:
+    """The exit the server's routes pick for the request, or None once `refuse(status,
+    reason, headers)` has answered that none takes it (404, or the guard's 401/403)."""
+    exit_ = factory.route(headers, authorization.session)
+    if exit_ is None:
+        refuse(*no_route(authorization, method, shown_target))
+    return exit_
 
 
 def emit_accepted(factory: "HttpServer", trace_id: int, method: str, shown_target: str,

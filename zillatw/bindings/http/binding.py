@@ -402,9 +402,8 @@ class HttpServerProtocol(Protocol):
     def _route(self, request: Request, headers: dict[str, str], authorization: Authorization) -> None:
         factory = self.factory
         session = authorization.session
-        exit_ = factory.route(headers, session)
+        exit_ = admission.routed(factory, headers, authorization, request.method, request.shown_target, self._refuse)
         if exit_ is None:
-            self._refuse(*admission.no_route(authorization, request.method, request.shown_target))
             return
         if factory.overrides:
             headers.update(factory.overrides)  # after routing: the exit sees the overridden request

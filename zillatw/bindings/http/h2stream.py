@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 import h2.exceptions
 from h2.errors import ErrorCodes
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -93,21 +92,16 @@ class H2Stream:
                 return
             self._send_head([(":status", "204"), *((name.lower(), value) for name, value in cors)], end=True)
             return
-        authorization = admission.authorize(factory, headers, self.connection.transport, self.trace_id)
-        if isinstance(authorization, Deferred):
-            authorization.addCallback(self._route)  # the body waits unacknowledged meanwhile
-        else:
-            self._route(authorization)
+        admission.authorize_then(factory, headers, self.connection.transport, self.trace_id, self._route)
 
     def _route(self, authorization: Authorization) -> None:
         if self.finished:
             return  # reset or gone while the guard fetched keys
         factory, headers = self.factory, self.headers
-        session = authorization.session
-        exit_ = factory.route(headers, session)
+        exit_ = admission.routed(factory, headers, authorization, headers[":method"], self.shown_target, self.refuse)
         if exit_ is None:
-            self.refuse(*admission.no_route(authorization, headers[":method"], self.shown_target))
             return
+        session = authorization.session
         if not http_plain.is_plain_exit(exit_):  # a ws server: as HTTP/1.1's GET without Upgrade
             self.refuse(400, NOT_AN_UPGRADE)
             return

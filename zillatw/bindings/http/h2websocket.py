@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 
 import h2.exceptions
 from h2.errors import ErrorCodes
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.logger import Logger
@@ -126,21 +125,16 @@ class H2WebSocket:
         if refusal is not None:  # before the guard: cross-site WebSocket hijacking
             self.refuse(403, refusal)
             return
-        authorization = admission.authorize(factory, headers, self.connection.transport, self.trace_id)
-        if isinstance(authorization, Deferred):
-            authorization.addCallback(self._route)  # DATA waits unacknowledged meanwhile
-        else:
-            self._route(authorization)
+        admission.authorize_then(factory, headers, self.connection.transport, self.trace_id, self._route)
 
     def _route(self, authorization: Authorization) -> None:
         if self.finished:
             return  # reset or gone while the guard fetched keys
         factory, headers = self.factory, self.headers
-        session = authorization.session
-        exit_ = factory.route(headers, session)
+        exit_ = admission.routed(factory, headers, authorization, "GET", self.shown_target, self.refuse)
         if exit_ is None:
-            self.refuse(*admission.no_route(authorization, "GET", self.shown_target))
             return
+        session = authorization.session
         if not IHttpExit.providedBy(exit_):
             self.refuse(501, "the route's exit does not take WebSockets")
             return
