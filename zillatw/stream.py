@@ -241,6 +241,12 @@ class ISpliceSink(Interface):
         until `exchange_end`, or an abort."""
 
 
+def splice_sink_of(end: Any) -> SpliceSink | None:
+    """`end`'s socket for the rest of a body (ISpliceSink), or None: it has none now, or it
+    is an end that reads, re-frames or holds bodies (it does not provide ISpliceSink)."""
+    return end.splice_sink() if ISpliceSink.providedBy(end) else None
+
+
 class IHttpRequestExit(Interface):
     """A binding that answers plain (non-upgrade) HTTP requests: echo, an http client."""
     def open_request(head: HttpHead, peer: IHttpExchangeEnd, trace_id: int) -> IHttpExchangeEnd:

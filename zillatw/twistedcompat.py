@@ -72,6 +72,8 @@ from twisted.internet import endpoints, tcp
 from twisted.python import log
 from zope.interface import directlyProvides, providedBy
 
+from zillatw.stream import SpliceSink
+
 epollreactor: Any
 try:
     from twisted.internet import epollreactor
@@ -237,13 +239,13 @@ def plain_tcp(transport: Any) -> Any | None:
     return None
 
 
-def idle_sink(transport: Any) -> tuple[Any, list[Callable[[int], None]]] | None:
-    """The plain TCP transport under `transport` and what counts its writes, when it has
+def idle_sink(transport: Any) -> SpliceSink | None:
+    """The plain TCP transport under `transport` with what counts its writes, when it has
     nothing buffered (a splice may write to it); else None."""
     real = plain_tcp(transport)
     if real is None or not _idle(real):
         return None
-    return real, sent_counts(transport)
+    return SpliceSink(real, sent_counts(transport))
 
 
 def sent_counts(transport: Any) -> list[Callable[[int], None]]:

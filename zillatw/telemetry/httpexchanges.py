@@ -36,7 +36,7 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from zope.interface import directlyProvides, implementer, providedBy
 
-from zillatw.stream import HttpHead, IHttpExchangeEnd, ISpliceSink, SpliceSink
+from zillatw.stream import HttpHead, IHttpExchangeEnd, ISpliceSink, SpliceSink, splice_sink_of
 from zillatw.telemetry.httpsizes import Attributes, SizeHistogram, bounded
 from zillatw.wire.http1 import HttpError
 
@@ -197,8 +197,7 @@ class _Measured:
 
     def splice_sink(self) -> SpliceSink | None:
         """The target's, its bytes counted here too (ISpliceSink)."""
-        target = self.target
-        sink = target.splice_sink() if ISpliceSink.providedBy(target) else None
+        sink = splice_sink_of(self.target)
         if sink is not None:
             sink.counts.append(self._count)
         return sink

@@ -424,11 +424,10 @@ class UpstreamExchange:
         if self.finished or connection is None or self._held_head is not None or self.head.length is None \
                 or self.request_done:
             return None
-        found = idle_sink(connection.transport)
-        if found is None:
-            return None
-        self.body_sent = True
-        return SpliceSink(*found)
+        sink = idle_sink(connection.transport)
+        if sink is not None:
+            self.body_sent = True
+        return sink
 
     def exchange_data(self, data: bytes) -> None:
         if self.finished:

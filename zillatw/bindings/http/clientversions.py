@@ -39,7 +39,7 @@ from zope.interface import implementer
 
 from zillatw.bindings.http import h2client
 from zillatw.bindings.http.clientlimits import MAX_EARLY_BODY, MAX_POOLS, MAX_WAITING
-from zillatw.stream import HttpHead, IHttpExchangeEnd, ISpliceSink, SpliceSink, StreamRefused
+from zillatw.stream import HttpHead, IHttpExchangeEnd, ISpliceSink, SpliceSink, StreamRefused, splice_sink_of
 from zillatw.twistedcompat import PASS_THROUGH
 from zillatw.wire.http1 import Response
 
@@ -296,8 +296,7 @@ class NegotiatingExchange:
 
     def splice_sink(self) -> SpliceSink | None:
         """The real exchange's, once there is one (ISpliceSink)."""
-        target = self.target
-        return target.splice_sink() if target is not None and ISpliceSink.providedBy(target) else None
+        return splice_sink_of(self.target) if self.target is not None else None
 
     def exchange_data(self, data: bytes) -> None:
         if self.target is not None:

@@ -331,8 +331,7 @@ class ServerExchange:
         """The client's socket, for the rest of a Content-Length response (ISpliceSink)."""
         if self.finished or not self.head_sent or self._held_head is not None or self.chunked or self.no_body:
             return None
-        found = idle_sink(self.transport)
-        return SpliceSink(*found) if found is not None else None
+        return idle_sink(self.transport)
 
     def exchange_data(self, data: bytes) -> None:
         if self.finished or self.no_body or not data:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from zillatw.stream import ISpliceSink
+from zillatw.stream import splice_sink_of
 from zillatw.twistedcompat import CAN_SPLICE, SPLICE_MIN, Splice, SpliceOwner, plain_tcp, received_counts
 
 __all__ = ["CAN_SPLICE", "SPLICE_MIN", "splice_rest"]
@@ -17,12 +17,12 @@ def splice_rest(transport: Any, protocol: Any, sink_end: Any, length: int, owner
     """The next `length` bytes `transport` reads for `protocol`, spliced to the socket
     `sink_end` would write them to, `owner` told of it; None when either side cannot."""
     source = plain_tcp(transport)
-    if source is None or not ISpliceSink.providedBy(sink_end):
+    if source is None:
         return None
     reads = received_counts(source, protocol)
     if reads is None:
         return None
-    sink = sink_end.splice_sink()
+    sink = splice_sink_of(sink_end)  # last: an end that gives its socket writes no more itself
     if sink is None:
         return None
     return Splice(source, sink.transport, length, owner, reads, sink.counts)
