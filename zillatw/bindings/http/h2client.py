@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from zillatw.bindings.http.auth import without_values
 from zillatw.bindings.http.clientlimits import MAX_POOLS, MAX_WAITING
+from zillatw.bindings.http.h2flow import send_allowed
 from zillatw.stream import HttpHead, IHttpExchangeEnd, StreamRefused
 from zillatw.wire.http1body import end_to_end_headers
 
@@ -399,13 +400,7 @@ class H2UpstreamExchange:
             return
         h2conn = connection.h2
         try:
-            while self.outbound:
-                size = min(len(self.outbound), h2conn.local_flow_control_window(self.stream_id),
-                           h2conn.max_outbound_frame_size)
-                if size <= 0:
-                    break
-                h2conn.send_data(self.stream_id, bytes(self.outbound[:size]))
-                del self.outbound[:size]
+            send_allowed(h2conn, self.stream_id, self.outbound)
             if self.request_done and not self.outbound:
                 h2conn.end_stream(self.stream_id)
                 self.end_sent = True

@@ -18,6 +18,7 @@ from zope.interface import implementer
 from zillatw.bindings.http import admission
 from zillatw.bindings.http import plain as http_plain
 from zillatw.bindings.http.auth import redact_target, without_values
+from zillatw.bindings.http.h2flow import send_allowed
 from zillatw.guards import Authorization
 from zillatw.stream import HttpHead, IHttpExchangeEnd, StreamRefused
 from zillatw.telemetry.events import next_trace_id
@@ -253,13 +254,7 @@ class H2Stream:
         if self.finished or not self.head_sent:
             return
         try:
-            while self.outbound:
-                size = min(len(self.outbound), self.h2.local_flow_control_window(self.stream_id),
-                           self.h2.max_outbound_frame_size)
-                if size <= 0:
-                    break
-                self.h2.send_data(self.stream_id, bytes(self.outbound[:size]))
-                del self.outbound[:size]
+            send_allowed(self.h2, self.stream_id, self.outbound)
             if not self.outbound and self.end_pending:
                 self.h2.end_stream(self.stream_id)
                 if not self.ended:  # answered before the body came: the client may stop (RFC 9113 §8.1)

@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from zillatw.bindings.http import admission, clientaddress
 from zillatw.bindings.http.auth import redact_target, without_values
+from zillatw.bindings.http.h2flow import send_allowed
 from zillatw.guards import NO_AUTHORIZATION, Authorization
 from zillatw.stream import IHttpConnection, IHttpExit, IWebSocketTunnel
 from zillatw.telemetry.events import next_trace_id
@@ -272,13 +273,7 @@ class H2WebSocket:
         if self.finished or not self.head_sent or self.connection.socket_paused:
             return
         try:
-            while self.outbound:
-                size = min(len(self.outbound), self.h2.local_flow_control_window(self.stream_id),
-                           self.h2.max_outbound_frame_size)
-                if size <= 0:
-                    break
-                self.h2.send_data(self.stream_id, bytes(self.outbound[:size]))
-                del self.outbound[:size]
+            send_allowed(self.h2, self.stream_id, self.outbound)
             if not self.outbound and self.end_pending and not self.local_ended:
                 self.h2.end_stream(self.stream_id)
                 self.local_ended = True
