@@ -37,7 +37,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from zope.interface import directlyProvides, implementer, providedBy
 
 from zillatw.stream import HttpHead, IHttpExchangeEnd, ISpliceSink, SpliceSink, splice_sink_of
-from zillatw.telemetry.httpsizes import Attributes, SizeHistogram, bounded
+from zillatw.telemetry.httpsizes import Attributes, SizeHistogram, bounded, histogram_counts
 from zillatw.wire.http1 import HttpError
 
 # http.duration's buckets, in milliseconds (upper bounds; +Inf follows)
@@ -59,12 +59,7 @@ class DurationHistogram:
             self.series[()] = [0] * (len(DURATION_BUCKETS) + 2)
 
     def observe(self, labels: tuple[str, ...], milliseconds: float) -> None:
-        counts = self.series.get(labels)
-        if counts is None:
-            labels = bounded(self.series, labels)
-            counts = self.series.get(labels)
-            if counts is None:
-                counts = self.series[labels] = [0] * (len(DURATION_BUCKETS) + 2)
+        counts = histogram_counts(self.series, labels, len(DURATION_BUCKETS) + 2)
         counts[bisect.bisect_left(DURATION_BUCKETS, milliseconds)] += 1
         counts[-1] += milliseconds
 

@@ -91,6 +91,18 @@ def bounded(series: Mapping[tuple[str, ...], Any], labels: tuple[str, ...]) -> t
     return (OVERFLOW,) * len(labels)
 
 
+def histogram_counts(series: dict[tuple[str, ...], list[Any]], labels: tuple[str, ...], width: int) -> list[Any]:
+    """The counts a histogram keeps for `labels` (or for the overflow's set, past the
+    bound): `width` zeros the first time."""
+    counts = series.get(labels)
+    if counts is None:
+        labels = bounded(series, labels)
+        counts = series.get(labels)
+        if counts is None:
+            counts = series[labels] = [0] * width
+    return counts
+
+
 class SizeHistogram:
     """One binding's histogram of one size metric, per label set."""
 
@@ -101,12 +113,7 @@ class SizeHistogram:
         self.series: dict[tuple[str, ...], list[int]] = {}  # per bucket (not cumulative), then the sum
 
     def observe(self, labels: tuple[str, ...], size: int) -> None:
-        counts = self.series.get(labels)
-        if counts is None:
-            labels = bounded(self.series, labels)
-            counts = self.series.get(labels)
-            if counts is None:
-                counts = self.series[labels] = [0] * (BUCKETS + 1)
+        counts = histogram_counts(self.series, labels, BUCKETS + 1)
         counts[max(size.bit_length() - 1, 0)] += 1
         counts[BUCKETS] += size
 
