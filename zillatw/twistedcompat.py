@@ -358,10 +358,6 @@ class Splice:
         self._flush()
         return None
 
-    def _writable(self) -> Any:
-        self._flush()
-        return None
-
     def _flush(self) -> None:
         """The pipe into the sink, as far as it takes it; then done, or waiting for it."""
         read_end = self._pipe[0]
@@ -389,7 +385,7 @@ class Splice:
                 if not self._source_stopped:  # nor read by Twisted: what follows the body waits
                     self._source_stopped = True
                     self.source.stopReading()
-                self.sink.doWrite = self._writable  # touch 5: the sink's write events come here
+                self.sink.doWrite = self._flush  # touch 5: the sink's write events come here (None: no error)
                 self.sink.startWriting()
                 self.owner.splice_blocked(True)
             return
