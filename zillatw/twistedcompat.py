@@ -113,6 +113,12 @@ def _idle(transport: Any) -> bool:
             and not transport._writeDisconnecting and not transport.TLS)
 
 
+def nothing_buffered(transport: Any) -> bool:
+    """Whether `transport` is a plain TCP one, open, with no write waiting: a write now goes
+    straight to its socket (zillatw.bindings.http.express takes a request only then)."""
+    return _idle(transport)
+
+
 def write(transport: Any, data: bytes) -> None:
     """transport.write(data), sent at once when the socket is idle."""
     while type(transport) is CountedTransport:  # counted by each metered binding it passes

@@ -168,17 +168,25 @@ def check_origin_form(target: str) -> None:
         raise HttpError(400, "the request target must be a path (origin-form, starting with '/')")
 
 
+def valid_host(host: str) -> bool:
+    """Whether a Host is `host[:port]` (RFC 9110 §7.2)."""
+    match = _HOST.match(host)
+    return match is not None and (match.group(1) is None or int(match.group(1)) <= 65535)
+
+
 def check_host(host: str | None) -> None:
     """Refuse a Host that is not `host[:port]` (RFC 9110 §7.2)."""
-    if host is None:
-        return
-    match = _HOST.match(host)
-    if match is None or (match.group(1) is not None and int(match.group(1)) > 65535):
+    if host is not None and not valid_host(host):
         raise HttpError(400, "the Host header must be a host name or address and an optional port")
 
 
 class RequestHeadParser:
     """Feed bytes until a Request comes out; `rest` then holds the bytes that followed it."""
+
+    @property
+    def idle(self) -> bool:
+        """Nothing of a head read yet, nothing left over: as good as a new parser."""
+        return not self._buffer and not self.rest
 
     def __init__(self, max_request_line: int = 8192, max_header_bytes: int = 8192, max_headers: int = 100):
         self.max_request_line = max_request_line

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
-import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
@@ -21,14 +20,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from zillatw.bindings.http import accesscontrol, admission, clientaddress, h2server
+from zillatw.bindings.http import accesscontrol, admission, clientaddress, express, h2server
 from zillatw.bindings.http import plain as http_plain
 from zillatw.bindings.http import validation as http_validation
 from zillatw.bindings.http.accesscontrol import AccessControl
-from zillatw.bindings.http.auth import CONVENTIONAL_SECRETS, PLACEHOLDER, HttpAuthorization, redact_target
+from zillatw.bindings.http.auth import CONVENTIONAL_SECRETS, HttpAuthorization, redact_target
+from zillatw.bindings.http.checks import check, guard_references
 from zillatw.bindings.http.client import Forwarder
 from zillatw.bindings.http.clientlimits import CLIENT_OPTIONS, ClientLimits
 from zillatw.bindings.http.routes import HeaderRoutes, pseudo_headers
+from zillatw.bindings.ws.relay import no_delay
 from zillatw.config import BindingConfig, Route
 from zillatw.config.plugins import BindingType, IDrainsGracefully
 from zillatw.config.schema import FORBIDDEN, NAME, refused, route_schema
@@ -95,84 +96,9 @@ SCHEMA_PATCH = {
     },
 }
 STREAMS = {"server": ("bytes", "http"), "client": ("http", "bytes")}
-UNSERVED_OPTIONS: dict[str, str] = {}  # Zilla's, refused by name
 GUARDED_KINDS = ("server",)  # the client's routes see no session
 UNGUARDED_WHY = "the session stays with the servers in front of it: guard the ws or http server's routes"
 DEFAULT_VERSIONS = ("http/1.1", "h2")  # Zilla's: h2 by ALPN or prior knowledge, else HTTP/1.1
-
-# What an override may set. On the server, after routing, only what its exit (a ws server)
-# reads of the request: a header nothing reads would be accepted and ignored. On the client,
-# the upstream upgrade request's target, authority and extra headers.
-SERVER_OVERRIDES = frozenset({":scheme", ":authority", ":path", "origin"})
-CLIENT_PSEUDO_OVERRIDES = frozenset({":authority", ":path"})
-HANDSHAKE_HEADERS = frozenset({"host", "upgrade", "connection", "content-length", "transfer-encoding",
-                               "sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol",
-                               "sec-websocket-extensions", "sec-websocket-accept"})
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-
-
-def _check_overrides(binding: BindingConfig) -> Iterator[tuple[str, str]]:
-    for name, value in (binding.options.get("overrides") or {}).items():
-        where, lowered = f"options.overrides.{name}", name.lower()
-        if any(c in value for c in "\r\n\0"):
-            yield where, "a header value cannot hold CR, LF or NUL"
-        if lowered in HANDSHAKE_HEADERS:
-            yield where, ("override ':authority' instead" if lowered == "host"
-                          else "a header of the WebSocket handshake itself cannot be overridden")
-        elif binding.kind == "server" and lowered not in SERVER_OVERRIDES:
-            yield where, (f"an http server's overrides reach its exit, a ws server, which reads only "
-                          f"{', '.join(sorted(SERVER_OVERRIDES))} of a request (as Zilla's ws server, it passes "
-                          "no other header on)")
-        elif binding.kind == "client" and lowered.startswith(":") and lowered not in CLIENT_PSEUDO_OVERRIDES:
-            yield where, (f"an upstream upgrade request takes {' and '.join(sorted(CLIENT_PSEUDO_OVERRIDES))} "
-                          "of the pseudo-headers (its method is GET, its scheme the tls binding's)")
-        elif not lowered.startswith(":") and not _TOKEN.match(name):
-            yield where, f"'{name}' is not a valid header name"
-
-
-def check(binding: BindingConfig) -> Iterator[tuple[str, str]]:
-    yield from _check_overrides(binding)
-    if binding.kind == "client":
-        yield from _check_client(binding)
-        return
-    for key, feature in UNSERVED_OPTIONS.items():
-        if key in binding.options:
-            yield f"options.{key}", f"not supported by this zillatw yet ({feature})"
-    for key in CLIENT_OPTIONS:
-        if key in binding.options:
-            yield f"options.{key}", "an http client's option (the server's are head-timeout, idle-timeout, ...)"
-    yield from accesscontrol.check(binding.options.get("access-control"))
-    yield from clientaddress.check(binding.options.get("trusted-proxies"))
-    if not binding.routes:
-        yield "routes", "an http server needs 'exit' or routes with an exit"
-    yield from _check_authorization(binding.options.get("authorization") or {})
-
-
-def _check_client(binding: BindingConfig) -> Iterator[tuple[str, str]]:
-    if binding.options.get("versions") == ["h2"] and "max-connections" in binding.options:
-        yield "options.max-connections", "an h2 client keeps one connection per upstream (its streams multiplex)"
-    for key in binding.options:
-        if key not in ("versions", "overrides", "idle-timeout", "requests", *CLIENT_OPTIONS):
-            yield f"options.{key}", "not supported on an http client by this zillatw yet"
-    if not binding.routes:
-        yield "routes", "an http client needs 'exit' or routes with an exit"
-
-
-def _check_authorization(authorizations: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
-    if len(authorizations) > 1:
-        yield "options.authorization", f"one guard only, got {len(authorizations)}: {', '.join(authorizations)}"
-    for guard, authorization in authorizations.items():
-        for where, patterns in authorization["credentials"].items():
-            for name, pattern in patterns.items():
-                if pattern.count(PLACEHOLDER) != 1:
-                    yield (f"options.authorization.{guard}.credentials.{where}.{name}",
-                           f"'{pattern}' must contain {PLACEHOLDER} once")
-
-
-def guard_references(binding: BindingConfig) -> Iterator[tuple[str, str]]:
-    """The guards an http server's authorization names (config checks they exist)."""
-    for guard in binding.options.get("authorization") or {}:
-        yield f"options.authorization.{guard}", guard
 
 
 @implementer(IHttpRequestExit, IHttpUpstream, IDrainsGracefully)
@@ -251,6 +177,8 @@ class HttpServer(Factory):
         self.secret_params = authorization.secret_params if authorization is not None else CONVENTIONAL_SECRETS
         self.access_control = access_control or AccessControl()  # absent: same-origin, as Zilla
         self.pending: set[HttpServerProtocol] = set()  # connections still reading their head
+        # the common small proxied request's short way (zillatw.bindings.http.express)
+        self.express = express.ExpressLane(self, HttpClient) if express.ExpressLane.possible(self) else None
 
     def going_away(self) -> None:
         """Shutdown: requests still being read get 503 and the connection closes; an idle
@@ -300,7 +228,8 @@ class HttpServerProtocol(Protocol):
     taken: Any = None
     _expiry: Any = None  # the session's end, for a taken connection
     _gone = False
-    exchange: "http_plain.ServerExchange | None" = None  # the plain request being served
+    # the plain request being served
+    exchange: "http_plain.ServerExchange | express.ExpressExchange | None" = None
     _idle = False         # kept alive, waiting for the next request
     _idle_since = 0.0
     _idle_timer: Any = None
@@ -312,6 +241,7 @@ class HttpServerProtocol(Protocol):
     def connectionMade(self) -> None:
         factory = self.factory
         self.trace_id = next_trace_id()
+        self.secure = ISSLTransport.providedBy(self.transport)
         self._parser = RequestHeadParser(max_header_bytes=factory.max_header_bytes)
         # One deadline from accept, never extended by bytes arriving (slowloris).
         self._timeout = factory.reactor.callLater(factory.head_timeout, self._head_timed_out)
@@ -343,6 +273,9 @@ class HttpServerProtocol(Protocol):
         if self.exchange is not None:
             self.exchange.body_received(data)
             return
+        lane = self.factory.express
+        if lane is not None and self._parser.idle and lane.serve(self, data):
+            return
         if self._idle:
             self._next_request_started()
         try:
@@ -371,8 +304,7 @@ class HttpServerProtocol(Protocol):
             self._refuse(400, str(e))
             return
         request.shown_target = redact_target(request.target, factory.secret_params)
-        secure = ISSLTransport.providedBy(self.transport)
-        headers = pseudo_headers(request, secure)
+        headers = pseudo_headers(request, self.secure)
         # Before the guard: a page from a foreign origin must not get to use a visitor's
         # cookies (cross-site WebSocket hijacking), nor make the guard fetch keys.
         refusal = factory.access_control.refusal(headers)
@@ -409,8 +341,7 @@ class HttpServerProtocol(Protocol):
             headers.update(factory.overrides)  # after routing: the exit sees the overridden request
         if http_plain.is_plain_exit(exit_):
             self._accepted(request, headers, session)
-            factory.pending.discard(self)
-            factory.kept.add(self)
+            self.serving_plain()
             rest, self._parser.rest = self._parser.rest, b""
             http_plain.start(self, exit_, request, headers, request.framing, rest)
             return
@@ -440,6 +371,18 @@ class HttpServerProtocol(Protocol):
         taken.makeConnection(self.transport)
         taken.take_over(request, rest)
 
+    def serving_plain(self) -> None:
+        """A plain request is taken (by _route, or by the express lane): the connection is
+        kept for the next, and sends what it is given at once."""
+        self._cancel_timeout()
+        self._idle = False
+        factory = self.factory
+        factory.pending.discard(self)
+        factory.kept.add(self)
+        if not self.relaying:
+            self.relaying = True
+            no_delay(self.transport)  # responses go out as they come: Nagle would hold them
+
     def taken_by(self, protocol: Any) -> None:
         """From now on `protocol` (a ws connection, an HTTP/2 connection) gets this
         connection's reads and its end."""
@@ -459,7 +402,8 @@ class HttpServerProtocol(Protocol):
             self.transport.loseConnection()
             return
         self.trace_id = next_trace_id()
-        self._parser = RequestHeadParser(max_header_bytes=factory.max_header_bytes)
+        if not self._parser.idle:
+            self._parser = RequestHeadParser(max_header_bytes=factory.max_header_bytes)
         self._idle = True
         self._idle_since = factory.reactor.seconds()
         if self._idle_timer is None:

@@ -20,7 +20,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from zillatw.bindings.http.splicing import CAN_SPLICE, SPLICE_MIN, splice_rest
-from zillatw.bindings.ws.relay import no_delay
 from zillatw.stream import HttpHead, IHttpExchangeEnd, IHttpRequestExit, ISpliceSink, SpliceSink, StreamRefused
 from zillatw.twistedcompat import Splice, idle_sink, write, write_sequence
 from zillatw.wire.http1 import Request
@@ -84,9 +83,6 @@ def start(protocol: "HttpServerProtocol", exit_: Any, request: Request, headers:
         return
     exchange = ServerExchange(protocol, request, headers, kind)
     exchange.decoder = decoder
-    if not protocol.relaying:
-        protocol.relaying = True
-        no_delay(protocol.transport)  # responses go out as they come: Nagle would hold them
     head = request_head(headers, length if kind is not Framing.CHUNKED else None)
     protocol.exchange = exchange
     if request.version >= (1, 1) and kind is not Framing.NONE \

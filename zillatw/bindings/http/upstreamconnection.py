@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -10,15 +11,23 @@ from twisted.python.failure import Failure
 from zillatw.bindings.ws.relay import no_delay
 
 if TYPE_CHECKING:
-    from zillatw.bindings.http.client import UpstreamExchange
     from zillatw.bindings.http.upstreampool import UpstreamPool
+
+
+class UpstreamUser(TypingProtocol):
+    """What serves the exchange a connection carries: client.UpstreamExchange, or
+    express.ExpressExchange (which becomes one when its response is not simple)."""
+
+    def upstream_data(self, data: bytes) -> None: ...
+    def upstream_lost(self, reason: Failure | None) -> None: ...
+    def deadline(self, now: float) -> float | None: ...
 
 
 class UpstreamConnection(Protocol):
     """One upstream connection: the bytes of the exchange it serves go to that exchange;
     bytes while idle mean the upstream broke the protocol, and it is closed."""
 
-    exchange: "UpstreamExchange | None" = None
+    exchange: UpstreamUser | None = None
     transport: Any  # a TCP or TLS transport: a push producer too
     lost = False
     _idle_timer: Any = None
