@@ -108,6 +108,21 @@ class WriteThroughTests(unittest.TestCase):
         yield eventually(lambda: len(sink.data) == len(big) + 8, timeout=10)
         self.assertEqual(sink.data[:4] + sink.data[-4:], b"headtail")
 
+    @defer.inlineCallbacks
+    def test_nothing_buffered_only_while_a_write_would_go_straight_out(self):
+        """What the http express lane asks before it writes a request and its response."""
+        transport, sink = yield self.connected()
+        self.assertTrue(twistedcompat.nothing_buffered(transport))
+        sink.transport.pauseProducing()
+        twistedcompat.write(transport, b"x" * (8 * 1024 * 1024))  # more than the socket takes
+        self.assertFalse(twistedcompat.nothing_buffered(transport))
+        sink.transport.resumeProducing()
+        yield eventually(lambda: twistedcompat.nothing_buffered(transport), timeout=10)
+        transport.loseConnection()
+        self.assertFalse(twistedcompat.nothing_buffered(transport))
+        self.assertFalse(twistedcompat.nothing_buffered(StringTransport()))
+        yield eventually(lambda: not sink.transport.connected)
+
     def test_other_transports_are_written_to(self):
         transport = StringTransport()
         twistedcompat.write(transport, b"abc")

@@ -94,6 +94,8 @@ class ExpressLane:
     def __init__(self, server: "HttpServer", client_type: Any):
         self.server = server
         self.client_type = client_type  # HttpClient: only the bare client (no wrapper) takes the lane
+        self.served = 0    # requests it took (tests, and docs/http.md's figures, count them)
+        self.promoted = 0  # of those, the ones handed to the general path
 
     @staticmethod
     def possible(server: "HttpServer") -> bool:
@@ -149,12 +151,13 @@ class ExpressLane:
         if not connection.usable() or not nothing_buffered(connection.transport):
             return False
         # Taken: from here on, this request is the lane's.
+        self.served += 1
         pool.idle.pop()
         connection.leave_idle()
         protocol.serving_plain()
         shown = redact_target(target, server.secret_params) if "?" in target else target
         admission.emit_accepted(server, protocol.trace_id, method, shown, headers, authorization.session)
-        exchange = ExpressExchange(protocol, pool, connection, headers, forwarded, match.group(0),
+        exchange = ExpressExchange(self, protocol, pool, connection, headers, forwarded, match.group(0),
                                    data[head_end:], shown)
         protocol.exchange = exchange
         connection.exchange = exchange
@@ -171,11 +174,13 @@ class ExpressExchange:
     """One express request, sent upstream whole, waiting for its response: the http server
     connection's exchange and the upstream connection's at once."""
 
-    __slots__ = ("protocol", "pool", "connection", "headers", "forwarded", "raw_head", "body", "shown",
+    __slots__ = ("lane", "protocol", "pool", "connection", "headers", "forwarded", "raw_head", "body", "shown",
                  "reactor", "started", "promoted", "server_end")
 
-    def __init__(self, protocol: "HttpServerProtocol", pool: UpstreamPool, connection: UpstreamConnection,
-                 headers: dict[str, str], forwarded: HttpHead, raw_head: bytes, body: bytes, shown: str):
+    def __init__(self, lane: ExpressLane, protocol: "HttpServerProtocol", pool: UpstreamPool,
+                 connection: UpstreamConnection, headers: dict[str, str], forwarded: HttpHead, raw_head: bytes,
+                 body: bytes, shown: str):
+        self.lane = lane
         self.protocol = protocol
         self.pool = pool
         self.connection = connection
@@ -259,6 +264,7 @@ class ExpressExchange:
         if self.promoted is not None:
             return self.promoted
         protocol, headers = self.protocol, self.headers
+        self.lane.promoted += 1
         length = self.forwarded.length or 0
         fields = {name: value for name, value in headers.items() if not name.startswith(":")}
         request = Request(headers[":method"], headers[":path"], (1, 1), fields, self.raw_head)
