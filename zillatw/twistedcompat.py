@@ -113,10 +113,9 @@ def _idle(transport: Any) -> bool:
             and not transport._writeDisconnecting and not transport.TLS)
 
 
-def nothing_buffered(transport: Any) -> bool:
-    """Whether `transport` is a plain TCP one, open, with no write waiting: a write now goes
-    straight to its socket (zillatw.bindings.http.express takes a request only then)."""
-    return _idle(transport)
+# Whether `transport` is a plain TCP one, open, with no write waiting: a write now goes
+# straight to its socket (zillatw.bindings.http.express takes a request only then).
+nothing_buffered = _idle
 
 
 def write(transport: Any, data: bytes) -> None:

@@ -80,7 +80,7 @@ class Recorder(Protocol):
 
 
 class RecorderFactory(Factory):  # type: ignore[type-arg]
-    protocol = Recorder
+    protocol = Recorder  # type: ignore[assignment]
 
     def __init__(self) -> None:
         self.connections: list[Recorder] = []
@@ -91,12 +91,14 @@ class RecorderFactory(Factory):  # type: ignore[type-arg]
 
 class ExpressCase(unittest.TestCase):
     @defer.inlineCallbacks
-    def serve(self, express: bool = True, server_options: dict[str, Any] | None = None) -> Any:
+    def serve(self, express: bool = True, server_options: dict[str, Any] | None = None, edit: Any = None) -> Any:
         self.upstream = RecorderFactory()
-        listening: Any = reactor.listenTCP(0, self.upstream, interface="127.0.0.1")  # type: ignore[attr-defined]
+        listening: Any = reactor.listenTCP(0, self.upstream, interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
         self.addCleanup(listening.stopListening)
         self.addCleanup(lambda: [c.transport.loseConnection() for c in self.upstream.connections])
         config = proxy_chain(listening.getHost().port, server_options=server_options)
+        if edit is not None:
+            edit(config)
         self.gateway, self.port = yield start_gateway(self, config)
         self.lane = self.gateway.binding("http0").express
         if not express:
@@ -204,6 +206,20 @@ class LaneTests(ExpressCase):
         # the first by the general path; the second, alone in what is left once the first
         # is answered, is the lane's
         self.assertEqual(self.lane.served, 1)
+
+    @defer.inlineCallbacks
+    def test_a_server_routing_by_header_takes_the_general_path(self):
+        def by_path(config: dict[str, Any]) -> None:
+            server = config["bindings"]["http0"]
+            del server["exit"]
+            server["routes"] = [{"when": [{"headers": {":path": "/plain*"}}], "exit": "http_client0"}]
+        yield self.serve(edit=by_path)
+        client = yield self.client()
+        yield self.warm(client)
+        client.send(request("GET", "/plain"))
+        replies = yield client.responses(2)
+        self.assertEqual(replies[1].body, b"hello")
+        self.assertEqual((self.lane.served, self.lane.plan()), (0, None))
 
     @defer.inlineCallbacks
     def test_guarded_or_overriding_servers_have_no_lane(self):

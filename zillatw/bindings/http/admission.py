@@ -86,6 +86,8 @@ def routed(factory: "HttpServer", headers: dict[str, str], authorization: Author
 
 def emit_accepted(factory: "HttpServer", trace_id: int, method: str, shown_target: str,
                   headers: Mapping[str, str], session: Session | None) -> None:
+    if not factory.events.enabled:
+        return  # no exporter: not even the line is made (every plain request passes here)
     identity = session.identity if session is not None and session.identity is not None else "-"
     factory.events.emit(factory.namespace, factory.name, trace_id, "BINDING_HTTP_REQUEST_ACCEPTED",
                         f"{identity} {method} {headers[':scheme']}://{headers.get(':authority', '')}{shown_target}",

@@ -111,9 +111,9 @@ class HttpClient:
                  *, reactor: Any = None, events: Events | None = None, namespace: str = "default",
                  limits: ClientLimits | None = None, versions: tuple[str, ...] = DEFAULT_VERSIONS):
         self.name = name
-        self._routes = HeaderRoutes(routes)
+        self.routes = HeaderRoutes(routes)
         self.overrides = dict(overrides or {})
-        self.forwarder = Forwarder(name, namespace, self._routes.route, self.overrides, reactor,
+        self.forwarder = Forwarder(name, namespace, self.routes.route, self.overrides, reactor,
                                    events or Events(), limits or ClientLimits(), versions)
 
     def open_request(self, head: HttpHead, peer: IHttpExchangeEnd, trace_id: int) -> IHttpExchangeEnd:
@@ -135,7 +135,7 @@ class HttpClient:
         return {**headers, **self.overrides}
 
     def connect(self, factory: Any, headers: dict[str, str], timeout: float) -> Any:
-        exit_ = self._routes.route(headers)
+        exit_ = self.routes.route(headers)
         if exit_ is None:
             return fail(StreamRefused(502, f"http client {self.name} has no route for {headers.get(':authority')}"))
         return exit_.connect(factory, headers.get(":authority"), timeout)
@@ -171,7 +171,8 @@ class HttpServer(Factory):
         self.head_timeout = head_timeout
         self.max_header_bytes = max_header_bytes
         self.reactor = reactor  # the graph's: head timeouts and session expiry run on it
-        self.route = HeaderRoutes(routes, namespace).route
+        self.routes = HeaderRoutes(routes, namespace)
+        self.route = self.routes.route
         self.authorization = authorization
         # query parameters whose values are never logged nor answered
         self.secret_params = authorization.secret_params if authorization is not None else CONVENTIONAL_SECRETS

@@ -15,11 +15,13 @@ bytes:
   HEAD, CONNECT and TRACE, an origin-form target, HTTP/1.1, fields of token names and field
   characters, within the parser's limits), a valid Host, no Transfer-Encoding, Expect,
   Connection, Upgrade or Origin (each of those changes what the general path does);
-- the server: no guard of its own, no `overrides`, its route's exit a bare http client (a
-  measured or validating exit must see each request) that speaks HTTP/1.1 to this upstream,
-  with no `overrides` nor response checks;
+- the server: no guard of its own, no `overrides`, and one route every request takes (no
+  `when`, no guard) to a bare http client (a measured or validating exit must see each
+  request) with no `overrides` nor response checks, itself with one such route to its tcp
+  client, speaking HTTP/1.1 to this upstream;
 - the sockets: both plain TCP with nothing buffered (so two writes cannot outrun
-  back-pressure), and an idle pooled upstream connection to take.
+  back-pressure; a plain TCP connection carries no x509 session), and an idle pooled
+  upstream connection to take.
 
 The response takes the lane back only when it too is simple: one read holding a 2xx
 (not 204) HTTP/1.1 head, strictly well formed, with a Content-Length body whole and nothing
@@ -39,15 +41,13 @@ from twisted.python.failure import Failure
 
 from zillatw.bindings.http import admission
 from zillatw.bindings.http.auth import redact_target
-from zillatw.bindings.http.client import UpstreamExchange, request_bytes
+from zillatw.bindings.http.client import UpstreamExchange
 from zillatw.bindings.http.plain import PHRASES, ServerExchange, request_head
 from zillatw.bindings.http.upstreamconnection import UpstreamConnection
 from zillatw.bindings.http.upstreampool import UpstreamPool
-from zillatw.guards import connection_authorization
-from zillatw.stream import HttpHead
 from zillatw.twistedcompat import nothing_buffered, write, write_sequence
 from zillatw.wire.http1 import Request, valid_host
-from zillatw.wire.http1body import BodyDecoder, Framing, end_to_end_headers
+from zillatw.wire.http1body import HOP_BY_HOP, BodyDecoder, Framing
 
 if TYPE_CHECKING:
     from zillatw.bindings.http.binding import HttpServer, HttpServerProtocol
@@ -61,6 +61,11 @@ _REQUEST_DETOURS = frozenset({"transfer-encoding", "expect", "connection", "upgr
 _RESPONSE_DETOURS = frozenset({"transfer-encoding", "connection"})
 MAX_REQUEST_LINE = 8192  # the request parser's (zillatw.wire.http1.RequestHeadParser)
 MAX_HEADERS = 100
+MAX_HOSTS = 256  # Host values whose check is remembered (a lane's cache, emptied when full)
+_BODY_METHODS = ("POST", "PUT", "PATCH")  # a Content-Length even when 0 (client.request_bytes)
+# as ServerExchange.exchange_head writes a status line
+_STATUS_LINES = {status: f"HTTP/1.1 {status} {PHRASES.get(status, 'Unknown')}" for status in range(200, 300)}
+_UNPLANNED = object()
 
 
 def _fields(block: bytes) -> dict[str, str] | None:
@@ -96,14 +101,32 @@ class ExpressLane:
         self.client_type = client_type  # HttpClient: only the bare client (no wrapper) takes the lane
         self.served = 0    # requests it took (tests, and docs/http.md's figures, count them)
         self.promoted = 0  # of those, the ones handed to the general path
+        self._plan: Any = _UNPLANNED
+        self._authorities: dict[str, str] = {}  # a valid Host -> its :authority
 
     @staticmethod
     def possible(server: "HttpServer") -> bool:
         return server.authorization is None and not server.overrides
 
+    def plan(self) -> tuple[Any, Any] | None:
+        """(the http client's forwarder, its tcp client) when every request takes the same
+        routes there; None: this server's requests take the general path. Decided at the
+        first request, once the graph is whole."""
+        if self._plan is _UNPLANNED:
+            self._plan = None
+            client: Any = self.server.routes.unconditional()
+            if type(client) is self.client_type and not client.overrides and client.forwarder.responses is None:
+                upstream_exit = client.routes.unconditional()
+                if upstream_exit is not None:
+                    self._plan = (client.forwarder, upstream_exit)
+        return self._plan  # type: ignore[no-any-return]
+
     def serve(self, protocol: "HttpServerProtocol", data: bytes) -> bool:  # noqa: C901 - one pass of checks
         """Serve `data`, the whole of a read on an idle kept-alive connection, if it is one
         express request; False (nothing changed) leaves it to the general path."""
+        plan = self._plan if self._plan is not _UNPLANNED else self.plan()
+        if plan is None:
+            return False
         transport = protocol.transport
         if not nothing_buffered(transport):
             return False
@@ -119,29 +142,19 @@ class ExpressLane:
             return False
         host = fields.get("host")
         length = _length(fields.get("content-length"))
-        if host is None or length is None or len(data) != head_end + length or not valid_host(host):
+        if host is None or length is None or len(data) != head_end + length:
             return False
         if server.max_request_body is not None and length > server.max_request_body:
             return False
-        method = match.group(1).decode("ascii")
-        target = match.group(2).decode("ascii")
-        headers = dict(fields)
-        headers[":authority"] = admission.authority_with_port(host, protocol.secure)
-        headers[":method"] = method
-        headers[":scheme"] = "https" if protocol.secure else "http"
-        headers[":path"] = target
-        authorization = connection_authorization(transport)
-        client: Any = server.route(headers, authorization.session)
-        if type(client) is not self.client_type:
-            return False
-        forwarder = client.forwarder
-        if client.overrides or forwarder.responses is not None:
-            return False
-        forwarded = request_head(headers, length)
-        upstream_exit = forwarder.route(forwarded.headers)
-        if upstream_exit is None:
-            return False
-        key = (id(upstream_exit), headers[":authority"])
+        authority = self._authorities.get(host)
+        if authority is None:
+            if not valid_host(host):
+                return False
+            if len(self._authorities) >= MAX_HOSTS:
+                self._authorities.clear()
+            authority = self._authorities[host] = admission.authority_with_port(host, False)
+        forwarder, upstream_exit = plan
+        key = (id(upstream_exit), authority)
         if (forwarder.version or forwarder.spoken.get(key)) != "http/1.1":
             return False
         pool = forwarder.pools.get(key)
@@ -155,14 +168,23 @@ class ExpressLane:
         pool.idle.pop()
         connection.leave_idle()
         protocol.serving_plain()
+        method = match.group(1).decode("ascii")
+        target = match.group(2).decode("ascii")
         shown = redact_target(target, server.secret_params) if "?" in target else target
-        admission.emit_accepted(server, protocol.trace_id, method, shown, headers, authorization.session)
-        exchange = ExpressExchange(self, protocol, pool, connection, headers, forwarded, match.group(0),
-                                   data[head_end:], shown)
+        if server.events.enabled:
+            admission.emit_accepted(server, protocol.trace_id, method, shown,
+                                    {":scheme": "http", ":authority": authority}, None)
+        exchange = ExpressExchange(self, protocol, pool, connection, method, target, authority, fields, length,
+                                   match.group(0), data[head_end:], shown)
         protocol.exchange = exchange
         connection.exchange = exchange
-        connection.watch(exchange.reactor, exchange.started + pool.limits.response_timeout)
-        head = request_bytes(forwarded)
+        connection.watch(forwarder.reactor, exchange.started + pool.limits.response_timeout)
+        # as client.request_bytes writes plain.request_head's (no Connection nor Expect here)
+        lines = [f"{method} {target} HTTP/1.1", f"host: {authority}"]
+        lines += [f"{name}: {value}" for name, value in fields.items() if name not in HOP_BY_HOP]
+        if length or method in _BODY_METHODS:
+            lines.append(f"content-length: {length}")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         if length:
             write_sequence(connection.transport, [head, exchange.body])
         else:
@@ -174,51 +196,50 @@ class ExpressExchange:
     """One express request, sent upstream whole, waiting for its response: the http server
     connection's exchange and the upstream connection's at once."""
 
-    __slots__ = ("lane", "protocol", "pool", "connection", "headers", "forwarded", "raw_head", "body", "shown",
-                 "reactor", "started", "promoted", "server_end")
+    __slots__ = ("lane", "protocol", "pool", "connection", "method", "target", "authority", "fields", "length",
+                 "raw_head", "body", "shown", "started", "promoted", "server_end")
 
     def __init__(self, lane: ExpressLane, protocol: "HttpServerProtocol", pool: UpstreamPool,
-                 connection: UpstreamConnection, headers: dict[str, str], forwarded: HttpHead, raw_head: bytes,
-                 body: bytes, shown: str):
+                 connection: UpstreamConnection, method: str, target: str, authority: str,
+                 fields: dict[str, str], length: int, raw_head: bytes, body: bytes, shown: str):
         self.lane = lane
         self.protocol = protocol
         self.pool = pool
         self.connection = connection
-        self.headers = headers
-        self.forwarded = forwarded
+        self.method, self.target, self.authority = method, target, authority
+        self.fields, self.length = fields, length
         self.raw_head = raw_head
         self.body = body
         self.shown = shown
-        self.reactor = pool.forwarder.reactor
-        self.started = self.reactor.seconds()
+        self.started = pool.forwarder.reactor.seconds()
         self.promoted: UpstreamExchange | None = None
         self.server_end: ServerExchange | None = None
 
     # ---- the upstream connection's calls
 
     def upstream_data(self, data: bytes) -> None:
-        if self.promoted is None and not self._answer(data):
+        """A simple whole response is written to the client and the exchange ends; any
+        other goes to the general path."""
+        if self.promoted is None:
+            match = _RESPONSE.match(data)
+            if match is not None:
+                fields = _fields(match.group(2))
+                # without a length the body runs until the upstream closes
+                if fields is not None and _RESPONSE_DETOURS.isdisjoint(fields) and "content-length" in fields:
+                    length = _length(fields["content-length"])
+                    head_end = match.end()
+                    if length is not None and len(data) == head_end + length:
+                        self._answer(int(match.group(1)), fields, length, data, head_end)
+                        return
             self._promote()
-        if self.promoted is not None:
-            self.promoted.upstream_data(data)
+        assert self.promoted is not None
+        self.promoted.upstream_data(data)
 
-    def _answer(self, data: bytes) -> bool:
-        """Write a simple whole response to the client and end the exchange; False when
-        the response is not simple (nothing done: the general path reads it)."""
-        match = _RESPONSE.match(data)
-        if match is None:
-            return False
-        fields = _fields(match.group(2))
-        if fields is None or not _RESPONSE_DETOURS.isdisjoint(fields) or "content-length" not in fields:
-            return False  # without a length the body runs until the upstream closes
-        length = _length(fields["content-length"])
-        head_end = match.end()
-        if length is None or len(data) != head_end + length:
-            return False
-        status = int(match.group(1))
+    def _answer(self, status: int, fields: dict[str, str], length: int, data: bytes, head_end: int) -> None:
         # as ServerExchange.exchange_head writes it: the end-to-end headers, then the length
-        lines = [f"HTTP/1.1 {status} {PHRASES.get(status, 'Unknown')}"]
-        lines += [f"{name}: {value}" for name, value in end_to_end_headers(fields).items()]
+        # (no Connection header here to name more)
+        lines = [_STATUS_LINES[status]]
+        lines += [f"{name}: {value}" for name, value in fields.items() if name not in HOP_BY_HOP]
         lines.append(f"Content-Length: {length}")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         protocol, connection = self.protocol, self.connection
@@ -230,7 +251,6 @@ class ExpressExchange:
         self.pool.release(connection, reusable=True)
         protocol.exchange = None
         protocol.request_done(False, b"")
-        return True
 
     def upstream_lost(self, reason: Failure | None) -> None:
         self._promote().upstream_lost(reason)
@@ -263,11 +283,11 @@ class ExpressExchange:
         in: the request read whole and sent, its response awaited."""
         if self.promoted is not None:
             return self.promoted
-        protocol, headers = self.protocol, self.headers
         self.lane.promoted += 1
-        length = self.forwarded.length or 0
-        fields = {name: value for name, value in headers.items() if not name.startswith(":")}
-        request = Request(headers[":method"], headers[":path"], (1, 1), fields, self.raw_head)
+        protocol, length = self.protocol, self.length
+        headers = {**self.fields, ":authority": self.authority, ":method": self.method, ":scheme": "http",
+                   ":path": self.target}  # routes.pseudo_headers' view of it
+        request = Request(self.method, self.target, (1, 1), self.fields, self.raw_head)
         request.shown_target = self.shown
         kind = Framing.LENGTH if length else Framing.NONE
         request.framing = (kind, length)
@@ -276,7 +296,7 @@ class ExpressExchange:
         if length:
             decoder.feed(self.body)
         server_end.request_ended = True
-        upstream = UpstreamExchange(self.pool, self.forwarded, server_end)
+        upstream = UpstreamExchange(self.pool, request_head(headers, length), server_end)
         upstream._started = upstream._last = self.started
         upstream.connection, upstream.reused = self.connection, True
         upstream.request_done = upstream.body_sent = True
@@ -285,4 +305,3 @@ class ExpressExchange:
         protocol.exchange = self.server_end = server_end
         self.promoted = upstream
         return upstream
-

@@ -48,6 +48,13 @@ class HeaderRoutes:
                              for name, pattern in (w.get("headers") or {}).items()] for w in route.when]
             self._routes.append((alternatives, exit_, route.guarded))
 
+    def unconditional(self) -> Any | None:
+        """The exit every request goes to, when the first route has no conditions and no
+        guard; else None (the request decides)."""
+        if self._routes and not self._routes[0][0] and not self._routes[0][2]:
+            return self._routes[0][1]
+        return None
+
     def route(self, headers: dict[str, str], session: Session | None = None) -> Any | None:
         """The first route's exit whose headers match and whose guards the session satisfies."""
         for alternatives, exit_, guarded in self._routes:
