@@ -151,6 +151,8 @@ def write_sequence(transport: Any, chunks: Sequence[bytes]) -> None:
     except OSError:  # the connection is failing: Twisted's own write finds out and reports it
         transport.writeSequence(chunks)
         return
+    if len(chunks) == 2 and sent == len(chunks[0]) + len(chunks[1]):
+        return  # the usual case (a head and its payload), without the loop
     for index, chunk in enumerate(chunks):
         if sent < len(chunk):
             transport.writeSequence([chunk[sent:], *chunks[index + 1:]] if sent else list(chunks[index:]))

@@ -410,6 +410,8 @@ class HttpServerProtocol(Protocol):
         if self._idle_timer is None:
             # One idle timer per connection, re-armed only when it fires (not per request)
             self._idle_timer = factory.reactor.callLater(factory.idle_timeout, self._idle_check)
+        if not pipelined and not self._queued:
+            return  # nothing waits (the usual case): no loop to enter
         self._queued += pipelined
         if self._feeding:
             return

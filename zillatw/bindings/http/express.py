@@ -64,7 +64,7 @@ MAX_HEADERS = 100
 MAX_HOSTS = 256  # Host values whose check is remembered (a lane's cache, emptied when full)
 _BODY_METHODS = ("POST", "PUT", "PATCH")  # a Content-Length even when 0 (client.request_bytes)
 # as ServerExchange.exchange_head writes a status line
-_STATUS_LINES = {status: f"HTTP/1.1 {status} {PHRASES.get(status, 'Unknown')}" for status in range(200, 300)}
+_STATUS_LINES = {b"%d" % status: f"HTTP/1.1 {status} {PHRASES.get(status, 'Unknown')}" for status in range(200, 300)}
 _UNPLANNED = object()
 
 
@@ -85,11 +85,9 @@ def _fields(block: bytes) -> dict[str, str] | None:
     return headers
 
 
-def _length(value: str | None) -> int | None:
+def _length(value: str) -> int | None:
     """A Content-Length the body decoder takes as it is (else None: the general path
-    decides); no header, 0."""
-    if value is None:
-        return 0
+    decides)."""
     return int(value) if value.isdigit() and len(value) <= 18 and value.isascii() else None
 
 
@@ -141,7 +139,7 @@ class ExpressLane:
         if fields is None or not _REQUEST_DETOURS.isdisjoint(fields):
             return False
         host = fields.get("host")
-        length = _length(fields.get("content-length"))
+        length = _length(fields.get("content-length", "0"))
         if host is None or length is None or len(data) != head_end + length:
             return False
         if server.max_request_body is not None and length > server.max_request_body:
@@ -222,35 +220,31 @@ class ExpressExchange:
         other goes to the general path."""
         if self.promoted is None:
             match = _RESPONSE.match(data)
-            if match is not None:
-                fields = _fields(match.group(2))
-                # without a length the body runs until the upstream closes
-                if fields is not None and _RESPONSE_DETOURS.isdisjoint(fields) and "content-length" in fields:
-                    length = _length(fields["content-length"])
-                    head_end = match.end()
-                    if length is not None and len(data) == head_end + length:
-                        self._answer(int(match.group(1)), fields, length, data, head_end)
-                        return
+            fields = _fields(match.group(2)) if match is not None else None
+            # without a length the body runs until the upstream closes
+            if fields is not None and _RESPONSE_DETOURS.isdisjoint(fields) and "content-length" in fields:
+                length = _length(fields["content-length"])
+                head_end = match.end()  # type: ignore[union-attr]  # fields come from a match
+                if length is not None and len(data) == head_end + length:
+                    # as ServerExchange.exchange_head writes it: the end-to-end headers, then
+                    # the length (no Connection header here to name more)
+                    lines = [_STATUS_LINES[match.group(1)]]  # type: ignore[union-attr]
+                    lines += [f"{name}: {value}" for name, value in fields.items() if name not in HOP_BY_HOP]
+                    lines.append(f"Content-Length: {length}")
+                    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+                    protocol, connection = self.protocol, self.connection
+                    if length:
+                        write_sequence(protocol.transport, [head, data[head_end:]])
+                    else:
+                        write(protocol.transport, head)
+                    connection.exchange = None
+                    self.pool.release(connection, reusable=True)
+                    protocol.exchange = None
+                    protocol.request_done(False, b"")
+                    return
             self._promote()
         assert self.promoted is not None
         self.promoted.upstream_data(data)
-
-    def _answer(self, status: int, fields: dict[str, str], length: int, data: bytes, head_end: int) -> None:
-        # as ServerExchange.exchange_head writes it: the end-to-end headers, then the length
-        # (no Connection header here to name more)
-        lines = [_STATUS_LINES[status]]
-        lines += [f"{name}: {value}" for name, value in fields.items() if name not in HOP_BY_HOP]
-        lines.append(f"Content-Length: {length}")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        protocol, connection = self.protocol, self.connection
-        if length:
-            write_sequence(protocol.transport, [head, data[head_end:]])
-        else:
-            write(protocol.transport, head)
-        connection.exchange = None
-        self.pool.release(connection, reusable=True)
-        protocol.exchange = None
-        protocol.request_done(False, b"")
 
     def upstream_lost(self, reason: Failure | None) -> None:
         self._promote().upstream_lost(reason)
