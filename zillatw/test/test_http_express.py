@@ -208,7 +208,9 @@ class LaneTests(ExpressCase):
         self.assertEqual(self.lane.served, 1)
 
     @defer.inlineCallbacks
-    def test_a_server_routing_by_header_takes_the_general_path(self):
+    def test_a_server_routing_by_header(self):
+        """Its routes pick the exit per request: a request they send to the client takes the
+        lane, one no route takes gets the general path's 404."""
         def by_path(config: dict[str, Any]) -> None:
             server = config["bindings"]["http0"]
             del server["exit"]
@@ -216,10 +218,13 @@ class LaneTests(ExpressCase):
         yield self.serve(edit=by_path)
         client = yield self.client()
         yield self.warm(client)
-        client.send(request("GET", "/plain"))
+        client.send(request("GET", "/plain?x=1"))
         replies = yield client.responses(2)
-        self.assertEqual(replies[1].body, b"hello")
-        self.assertEqual((self.lane.served, self.lane.plan()), (0, None))
+        self.assertEqual((replies[1].body, self.lane.served), (b"hello", 1))
+        client.send(request("GET", "/other"))
+        yield client.closed
+        self.assertIn(b"HTTP/1.1 404 Not Found", client.raw)
+        self.assertEqual(self.lane.served, 1)
 
     @defer.inlineCallbacks
     def test_guarded_or_overriding_servers_have_no_lane(self):

@@ -15,10 +15,11 @@ bytes:
   HEAD, CONNECT and TRACE, an origin-form target, HTTP/1.1, fields of token names and field
   characters, within the parser's limits), a valid Host, no Transfer-Encoding, Expect,
   Connection, Upgrade or Origin (each of those changes what the general path does);
-- the server: no guard of its own, no `overrides`, and one route every request takes (no
-  `when`, no guard) to a bare http client (a measured or validating exit must see each
-  request) with no `overrides` nor response checks, itself with one such route to its tcp
-  client, speaking HTTP/1.1 to this upstream;
+- the server: no guard of its own, no `overrides`; its routes (as they take the request,
+  with no session: none comes on plain TCP) pick a bare http client (a measured or
+  validating exit must see each request) with no `overrides` nor response checks, which
+  has one route every request takes (no `when`, no guard) to its tcp client and speaks
+  HTTP/1.1 to this upstream;
 - the sockets: both plain TCP with nothing buffered (so two writes cannot outrun
   back-pressure; a plain TCP connection carries no x509 session), and an idle pooled
   upstream connection to take.
@@ -66,6 +67,7 @@ _BODY_METHODS = ("POST", "PUT", "PATCH")  # a Content-Length even when 0 (client
 # as ServerExchange.exchange_head writes a status line
 _STATUS_LINES = {b"%d" % status: f"HTTP/1.1 {status} {PHRASES.get(status, 'Unknown')}" for status in range(200, 300)}
 _UNPLANNED = object()
+_ROUTED = object()  # the server's routes decide per request
 
 
 def _fields(block: bytes) -> dict[str, str] | None:
@@ -100,24 +102,35 @@ class ExpressLane:
         self.served = 0    # requests it took (tests, and docs/http.md's figures, count them)
         self.promoted = 0  # of those, the ones handed to the general path
         self._plan: Any = _UNPLANNED
+        self._client_plans: dict[Any, tuple[Any, Any] | None] = {}  # an exit of the server's -> its plan
         self._authorities: dict[str, str] = {}  # a valid Host -> its :authority
 
     @staticmethod
     def possible(server: "HttpServer") -> bool:
         return server.authorization is None and not server.overrides
 
-    def plan(self) -> tuple[Any, Any] | None:
-        """(the http client's forwarder, its tcp client) when every request takes the same
-        routes there; None: this server's requests take the general path. Decided at the
-        first request, once the graph is whole."""
+    def plan(self) -> Any:
+        """The server's plan: `client_plan` of the exit every request goes to, or _ROUTED
+        when its routes decide per request. Decided at the first request, once the graph
+        is whole."""
         if self._plan is _UNPLANNED:
-            self._plan = None
-            client: Any = self.server.routes.unconditional()
-            if type(client) is self.client_type and not client.overrides and client.forwarder.responses is None:
-                upstream_exit = client.routes.unconditional()
+            exit_ = self.server.routes.unconditional()
+            self._plan = self.client_plan(exit_) if exit_ is not None else _ROUTED
+        return self._plan
+
+    def client_plan(self, exit_: Any) -> tuple[Any, Any] | None:
+        """(its forwarder, its tcp client) when `exit_` is a bare http client with no
+        `overrides` nor response checks that sends every request to one tcp client; else
+        None (its requests take the general path)."""
+        plan = self._client_plans.get(exit_, _UNPLANNED)
+        if plan is _UNPLANNED:
+            plan = None
+            if type(exit_) is self.client_type and not exit_.overrides and exit_.forwarder.responses is None:
+                upstream_exit = exit_.routes.unconditional()
                 if upstream_exit is not None:
-                    self._plan = (client.forwarder, upstream_exit)
-        return self._plan  # type: ignore[no-any-return]
+                    plan = (exit_.forwarder, upstream_exit)
+            self._client_plans[exit_] = plan
+        return plan  # type: ignore[return-value]
 
     def serve(self, protocol: "HttpServerProtocol", data: bytes) -> bool:  # noqa: C901 - one pass of checks
         """Serve `data`, the whole of a read on an idle kept-alive connection, if it is one
@@ -151,6 +164,14 @@ class ExpressLane:
             if len(self._authorities) >= MAX_HOSTS:
                 self._authorities.clear()
             authority = self._authorities[host] = admission.authority_with_port(host, False)
+        method = match.group(1).decode("ascii")
+        target = match.group(2).decode("ascii")
+        headers: dict[str, str] | None = None
+        if plan is _ROUTED:  # routes.pseudo_headers' view of it, for the routes (no session on plain TCP)
+            headers = {**fields, ":authority": authority, ":method": method, ":scheme": "http", ":path": target}
+            plan = self.client_plan(server.route(headers, None))
+            if plan is None:
+                return False
         forwarder, upstream_exit = plan
         key = (id(upstream_exit), authority)
         if (forwarder.version or forwarder.spoken.get(key)) != "http/1.1":
@@ -166,12 +187,10 @@ class ExpressLane:
         pool.idle.pop()
         connection.leave_idle()
         protocol.serving_plain()
-        method = match.group(1).decode("ascii")
-        target = match.group(2).decode("ascii")
         shown = redact_target(target, server.secret_params) if "?" in target else target
         if server.events.enabled:
             admission.emit_accepted(server, protocol.trace_id, method, shown,
-                                    {":scheme": "http", ":authority": authority}, None)
+                                    headers or {":scheme": "http", ":authority": authority}, None)
         exchange = ExpressExchange(self, protocol, pool, connection, method, target, authority, fields, length,
                                    match.group(0), data[head_end:], shown)
         protocol.exchange = exchange
