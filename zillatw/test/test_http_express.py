@@ -163,6 +163,50 @@ class SameBytesTests(ExpressCase):
         self.assertIn(b"HTTP/1.1 201 Created\r\nx-dup: a, b\r\nContent-Length: 2\r\n\r\nok", express[1])
 
 
+# Requests the general path refuses: the lane must leave each to it (same answer with it on).
+REFUSED_REQUESTS = [
+    b"POST /plain HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+    b"POST /plain HTTP/1.1\r\nHost: localhost\r\nContent-Length: +3\r\n\r\nabc",
+    b"POST /plain HTTP/1.1\r\nHost: localhost\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc",
+    b"GET /plain HTTP/1.1\r\nHost: localhost\r\nHost: elsewhere\r\n\r\n",
+    b"GET /plain HTTP/1.1\r\nHost : localhost\r\n\r\n",
+    b"GET /plain HTTP/1.1\r\nHost: localhost\r\nX-Folded: a\r\n b\r\n\r\n",
+    b"GET /plain#frag HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET http://elsewhere/plain HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /plain HTTP/1.1\r\nHost: user@localhost\r\n\r\n",
+    b"GET /plain HTTP/1.1\r\nHost: localhost\r\nX-Long: " + b"x" * 9000 + b"\r\n\r\n",
+    b"GET /plain HTTP/1.1\r\nHost: localhost\r\n" + b"X-Many: 1\r\n" * 101 + b"\r\n",
+    b"GET /plain HTTP/1.1\r\n\r\n",
+    b"BREW /plain HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /plain HTTP/1.1\r\nHost: localhost\r\nX-Ctl: a\x01b\r\n\r\n",
+]
+
+
+class RefusalTests(ExpressCase):
+    @defer.inlineCallbacks
+    def answers(self, express: bool) -> Any:
+        yield self.serve(express)
+        answers, served = [], 0
+        for raw in REFUSED_REQUESTS:
+            client = yield self.client()
+            yield self.warm(client)  # the lane's, after the first: the pool has a connection
+            before = self.lane.served
+            client.send(raw)
+            yield client.closed
+            served += self.lane.served - before
+            answers.append(client.raw.split(b"hello", 1)[1].split(b"\r\n")[0])
+        return answers, served
+
+    @defer.inlineCallbacks
+    def test_what_the_general_path_refuses_is_left_to_it(self):
+        with_lane, served = yield self.answers(True)
+        without, _ = yield self.answers(False)
+        self.assertEqual(with_lane, without)
+        self.assertEqual(served, 0)
+        self.assertTrue(all(line.startswith(b"HTTP/1.1 4") or line.startswith(b"HTTP/1.1 5") for line in with_lane),
+                        with_lane)
+
+
 class LaneTests(ExpressCase):
     @defer.inlineCallbacks
     def test_only_simple_requests_take_the_lane(self):
