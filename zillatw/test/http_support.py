@@ -467,7 +467,19 @@ def proxy_chain(upstream_port: int, client_options: dict[str, Any] | None = None
     }, "telemetry": {"exporters": {"stdout": {"type": "stdout"}}}}
 
 
-class ProxyCase(unittest.TestCase):
+class GatewayCase(unittest.TestCase):
+    """A test of a gateway on `self.port` (set by the case's serve) with raw HTTP clients."""
+
+    port: int
+
+    @defer.inlineCallbacks
+    def client(self) -> Any:
+        client = yield connect_http(self.port)
+        self.addCleanup(lambda: client.transport.loseConnection() if not client.is_closed else None)
+        return client
+
+
+class ProxyCase(GatewayCase):
     @defer.inlineCallbacks
     def serve(self, client_options: dict[str, Any] | None = None,
               server_options: dict[str, Any] | None = None, edit: Any = None) -> Any:
@@ -481,12 +493,6 @@ class ProxyCase(unittest.TestCase):
             edit(config)
         self.gateway, self.port = yield start_gateway(self, config)
         return self.port
-
-    @defer.inlineCallbacks
-    def client(self) -> Any:
-        client = yield connect_http(self.port)
-        self.addCleanup(lambda: client.transport.loseConnection() if not client.is_closed else None)
-        return client
 
     def cleanup_upstreams(self) -> None:
         connection: Any

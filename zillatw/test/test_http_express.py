@@ -12,9 +12,8 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.trial import unittest
 
-from zillatw.test.http_support import connect_http, proxy_chain, request
+from zillatw.test.http_support import GatewayCase, proxy_chain, request
 from zillatw.test.support import eventually, start_gateway
 
 # What the recording upstream answers, by path (each a whole response in one write).
@@ -89,7 +88,7 @@ class RecorderFactory(Factory):  # type: ignore[type-arg]
         self.split_sent: defer.Deferred = defer.Deferred()
 
 
-class ExpressCase(unittest.TestCase):
+class ExpressCase(GatewayCase):
     @defer.inlineCallbacks
     def serve(self, express: bool = True, server_options: dict[str, Any] | None = None, edit: Any = None) -> Any:
         self.upstream = RecorderFactory()
@@ -104,12 +103,6 @@ class ExpressCase(unittest.TestCase):
         if not express:
             self.gateway.binding("http0").express = None
         return self.port
-
-    @defer.inlineCallbacks
-    def client(self) -> Any:
-        client = yield connect_http(self.port)
-        self.addCleanup(lambda: client.transport.loseConnection() if not client.is_closed else None)
-        return client
 
     @defer.inlineCallbacks
     def warm(self, client: Any) -> Any:

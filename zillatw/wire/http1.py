@@ -97,7 +97,7 @@ _WELL_FORMED_FIELDS = re.compile(rb"(?:%s)*" % _FIELD)
 _WELL_FORMED_FIELDS_AND_BLANK = re.compile(rb"(?:%s)*\r?\n" % _FIELD)
 
 
-def _well_formed_fields(text: str, max_headers: int) -> dict[str, str] | None:
+def well_formed_fields(text: str, max_headers: int) -> dict[str, str] | None:
     """header_fields' answer for lines known well formed (`text`: latin-1, LF-split, the
     trailing entries dropped); None when there are too many (header_fields says so)."""
     lines = text.split("\n")
@@ -119,7 +119,7 @@ def _fields_at_once(raw_head: bytes, start: int, pattern: re.Pattern[bytes],
     if not pattern.fullmatch(raw_head, start):
         return None
     fields = raw_head[start:].decode("latin-1").rstrip("\r\n")  # the blank line, if any, is not a field
-    return _well_formed_fields(fields, max_headers) if fields else {}
+    return well_formed_fields(fields, max_headers) if fields else {}
 
 
 def _split_off(buffer: bytearray, head_length: int, rest_start: int) -> tuple[bytes, bytes]:

@@ -47,7 +47,7 @@ from zillatw.bindings.http.plain import PHRASES, ServerExchange, request_head
 from zillatw.bindings.http.upstreamconnection import UpstreamConnection
 from zillatw.bindings.http.upstreampool import UpstreamPool
 from zillatw.twistedcompat import nothing_buffered, write, write_sequence
-from zillatw.wire.http1 import Request, valid_host
+from zillatw.wire.http1 import Request, valid_host, well_formed_fields
 from zillatw.wire.http1body import HOP_BY_HOP, BodyDecoder, Framing
 
 if TYPE_CHECKING:
@@ -73,18 +73,7 @@ _ROUTED = object()  # the server's routes decide per request
 def _fields(block: bytes) -> dict[str, str] | None:
     """A strictly well-formed field block (CRLF lines, the last CRLF included) as the
     parsers split one: names lower-cased, values trimmed, duplicates joined with ", "."""
-    if not block:
-        return {}
-    lines = block[:-2].decode("latin-1").split("\r\n")
-    if len(lines) > MAX_HEADERS:
-        return None  # the parser's 431
-    headers: dict[str, str] = {}
-    for line in lines:
-        name, _, value = line.partition(":")
-        key = name.lower()
-        value = value.strip(" \t")
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    return headers
+    return well_formed_fields(block[:-2].decode("latin-1"), MAX_HEADERS) if block else {}
 
 
 def _length(value: str) -> int | None:
