@@ -168,6 +168,8 @@ REFUSED_REQUESTS = [
     b"GET http://elsewhere/plain HTTP/1.1\r\nHost: localhost\r\n\r\n",
     b"GET /plain HTTP/1.1\r\nHost: user@localhost\r\n\r\n",
     b"GET /plain HTTP/1.1\r\nHost: localhost\r\nX-Long: " + b"x" * 9000 + b"\r\n\r\n",
+    b"GET /" + b"a" * 8178 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",  # its LF one past the line limit: 414
+    b"GET /plain HTTP/1.1\r\nHost: localhost\r\nX-Long: " + b"x" * (8192 - 25) + b"\r\n\r\n",  # one past: 431
     b"GET /plain HTTP/1.1\r\nHost: localhost\r\n" + b"X-Many: 1\r\n" * 101 + b"\r\n",
     b"GET /plain HTTP/1.1\r\n\r\n",
     b"BREW /plain HTTP/1.1\r\nHost: localhost\r\n\r\n",

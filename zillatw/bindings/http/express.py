@@ -135,7 +135,9 @@ class ExpressLane:
             return False
         fields_start, head_end = match.start(3), match.end()
         server = self.server
-        if fields_start - 2 > MAX_REQUEST_LINE or head_end - 4 - (fields_start - 1) > server.max_header_bytes:
+        # as the parser measures them: the request line to its LF, the fields to the blank line
+        line_end = fields_start - 1
+        if line_end > MAX_REQUEST_LINE or head_end - 4 - line_end > server.max_header_bytes:
             return False
         fields = _fields(match.group(3))
         if fields is None or not _REQUEST_DETOURS.isdisjoint(fields):
