@@ -48,7 +48,7 @@ from zillatw.bindings.http.upstreamconnection import UpstreamConnection
 from zillatw.bindings.http.upstreampool import UpstreamPool
 from zillatw.twistedcompat import nothing_buffered, write, write_sequence
 from zillatw.wire.http1 import Request, valid_host, well_formed_fields
-from zillatw.wire.http1body import HOP_BY_HOP, BodyDecoder, Framing
+from zillatw.wire.http1body import HOP_BY_HOP, BodyDecoder, Framing, one_decimal_length
 
 if TYPE_CHECKING:
     from zillatw.bindings.http.binding import HttpServer, HttpServerProtocol
@@ -74,12 +74,6 @@ def _fields(block: bytes) -> dict[str, str] | None:
     """A strictly well-formed field block (CRLF lines, the last CRLF included) as the
     parsers split one: names lower-cased, values trimmed, duplicates joined with ", "."""
     return well_formed_fields(block[:-2].decode("latin-1"), MAX_HEADERS) if block else {}
-
-
-def _length(value: str) -> int | None:
-    """A Content-Length the body decoder takes as it is (else None: the general path
-    decides)."""
-    return int(value) if value.isdigit() and len(value) <= 18 and value.isascii() else None
 
 
 class ExpressLane:
@@ -143,7 +137,7 @@ class ExpressLane:
         if fields is None or not _REQUEST_DETOURS.isdisjoint(fields):
             return False
         host = fields.get("host")
-        length = _length(fields.get("content-length", "0"))
+        length = one_decimal_length(fields.get("content-length", "0"))
         if host is None or length is None or len(data) != head_end + length:
             return False
         if server.max_request_body is not None and length > server.max_request_body:
@@ -233,7 +227,7 @@ class ExpressExchange:
             fields = _fields(match.group(2)) if match is not None else None
             # without a length the body runs until the upstream closes
             if fields is not None and _RESPONSE_DETOURS.isdisjoint(fields) and "content-length" in fields:
-                length = _length(fields["content-length"])
+                length = one_decimal_length(fields["content-length"])
                 head_end = match.end()  # type: ignore[union-attr]  # fields come from a match
                 if length is not None and len(data) == head_end + length:
                     # as ServerExchange.exchange_head writes it: the end-to-end headers, then
